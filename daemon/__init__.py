@@ -1,0 +1,1 @@
+"""The writer daemon: commit pipeline, announcement server, admin API, build jobs."""

@@ -1,0 +1,1 @@
+"""The reader library used inside inference workers (never imports the daemon)."""
