@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,7 @@ from .validation import (
 )
 
 Array = npt.NDArray[Any]
-WeightsLike = Union[Mapping[str, Any], Sequence[Any], Array]
+WeightsLike = Mapping[str, Any] | Sequence[Any] | Array
 
 
 def _is_immutable(array: Array) -> bool:
@@ -109,8 +109,8 @@ class Context:
     ) -> Context:
         """Build from parts that are already validated and frozen (the store's read path)."""
         ctx = cls.__new__(cls)
-        ctx._weights = weights if isinstance(weights, MappingProxyType) else MappingProxyType(
-            dict(weights)
+        ctx._weights = (
+            weights if isinstance(weights, MappingProxyType) else MappingProxyType(dict(weights))
         )
         ctx._config = config
         ctx._metadata = metadata
@@ -203,9 +203,7 @@ class Context:
         return Context._trusted(self._weights, freeze_mapping(config, "config"), self._metadata)
 
     def set_metadata(self, metadata: Mapping[str, Any]) -> Context:
-        return Context._trusted(
-            self._weights, self._config, freeze_mapping(metadata, "metadata")
-        )
+        return Context._trusted(self._weights, self._config, freeze_mapping(metadata, "metadata"))
 
     def bind(self, slot: int, version: int) -> Context:
         """The same context, marked as stored at (slot, version)."""

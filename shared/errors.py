@@ -114,7 +114,6 @@ class WaitTimeoutError(CtxStoreError, TimeoutError):
     kind = "timeout"
 
 
-
 __all__ = [
     "ClosedError",
     "ConflictError",

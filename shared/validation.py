@@ -146,7 +146,9 @@ def _freeze(value: object, path: str, depth: int, counter: list[int]) -> Any:
             frozen[key] = _freeze(item, f"{path}.{key}", depth + 1, counter)
         return MappingProxyType(frozen)
     if isinstance(value, list | tuple):
-        return tuple(_freeze(item, f"{path}[{i}]", depth + 1, counter) for i, item in enumerate(value))
+        return tuple(
+            _freeze(item, f"{path}[{i}]", depth + 1, counter) for i, item in enumerate(value)
+        )
     raise InvalidInputError(
         f"{path}: {type(value).__name__} is not plain JSON-like data "
         "(use None, bool, int, float, str, list or dict with string keys)"
