@@ -1,0 +1,67 @@
+"""Pure path functions for the store layout; readers import these too.
+
+<root>/index.db                 SQLite index (WAL)
+<root>/slots/<slot>/<version>/  one .npy per tensor, named by position
+<root>/wal/<txid>/              staging for a version being committed
+<root>/LOCK                     flock held by the one writer
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+INDEX_NAME = "index.db"
+SLOTS_DIR = "slots"
+WAL_DIR = "wal"
+LOCK_NAME = "LOCK"
+
+
+def index_path(root: Path) -> Path:
+    return root / INDEX_NAME
+
+
+def lock_path(root: Path) -> Path:
+    return root / LOCK_NAME
+
+
+def slots_dir(root: Path) -> Path:
+    return root / SLOTS_DIR
+
+
+def wal_dir(root: Path) -> Path:
+    return root / WAL_DIR
+
+
+def slot_dir(root: Path, slot: int) -> Path:
+    return root / SLOTS_DIR / str(slot)
+
+
+def version_dir(root: Path, slot: int, version: int) -> Path:
+    return root / SLOTS_DIR / str(slot) / str(version)
+
+
+def tensor_file_name(position: int) -> str:
+    return f"{position}.npy"
+
+
+def tensor_path_str(root: str, slot: int, version: int, position: int) -> str:
+    """The hot-path form: plain string formatting, no Path objects."""
+    return f"{root}/{SLOTS_DIR}/{slot}/{version}/{position}.npy"
+
+
+def parse_int_name(name: str) -> int | None:
+    """The integer a slot or version directory is named by, or None for anything else."""
+    if not name.isdigit() or (len(name) > 1 and name[0] == "0"):
+        return None
+    return int(name)
+
+
+def default_store_dir() -> Path:
+    """CTXSTORE_HOME, else $STATE_DIRECTORY (systemd), else the user's state directory."""
+    for var in ("CTXSTORE_HOME", "STATE_DIRECTORY"):
+        value = os.environ.get(var)
+        if value:
+            return Path(value.split(":")[0])
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state_home) / "ctxstore"

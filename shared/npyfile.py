@@ -1,0 +1,96 @@
+"""The .npy format as ctxstore writes and maps it.
+
+Every stored tensor is a standard .npy file (``np.load`` opens it anywhere),
+always C-ordered, its header padded so the data starts 64-byte aligned. The
+index records dtype, shape and the data offset, so the read path maps a file
+with ``os.open`` + ``mmap`` + ``np.ndarray(buffer=, offset=)`` and never parses
+a header (about 4 us a file, against about 100 us for ``np.load(mmap_mode="r")``).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import mmap
+import os
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import IntegrityError, NotFoundError
+
+Array = npt.NDArray[Any]
+
+
+def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """The .npy header for a C-ordered array of ``dtype`` and ``shape`` (format 1.0, else 2.0)."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, header)
+    except ValueError:  # header longer than 64 KiB: structured dtypes with many fields
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue()
+
+
+def dtype_to_text(dtype: np.dtype[Any]) -> str:
+    """How a dtype is recorded in the index: the repr of its .npy descr."""
+    return repr(np.lib.format.dtype_to_descr(dtype))
+
+
+@lru_cache(maxsize=4096)
+def dtype_from_text(text: str) -> np.dtype[Any]:
+    """Inverse of :func:`dtype_to_text`, cached: the read path sees few distinct dtypes."""
+    try:
+        descr = ast.literal_eval(text)
+        dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise IntegrityError(f"index records an unreadable dtype {text!r:.80}") from exc
+    return dtype
+
+
+def shape_to_text(shape: tuple[int, ...]) -> str:
+    return ",".join(map(str, shape))
+
+
+def shape_from_text(text: str) -> tuple[int, ...]:
+    return tuple(map(int, text.split(","))) if text else ()
+
+
+def contiguous_bytes(array: Array) -> memoryview:
+    """A flat byte view of ``array``'s data in C order (copies only if it is not C-contiguous)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return memoryview(flat.view(np.uint8).data)
+
+
+def map_array(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int) -> Array:
+    """Map a stored tensor read-only, checking the file size against dtype and shape.
+
+    Raises NotFoundError when the file is gone and IntegrityError when its size
+    disagrees with the record: a wrong-sized array is never returned.
+    """
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"tensor file {path} does not exist") from None
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except ValueError:  # an empty file cannot be mapped
+        raise IntegrityError(f"tensor file {path} is empty") from None
+    finally:
+        os.close(fd)
+    if len(mm) != offset + nbytes:
+        size = len(mm)
+        mm.close()
+        raise IntegrityError(
+            f"tensor file {path} has {size} bytes, its record says {offset + nbytes}"
+        )
+    return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset)

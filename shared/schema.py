@@ -1,0 +1,107 @@
+"""The index schema and its migrations, versioned by SQLite's user_version.
+
+Each migration is a list of statements that takes the schema from version
+``n - 1`` to ``n``; a writer applies the missing ones in one transaction at
+open. A store written by a newer ctxstore is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from .db import transaction
+from .errors import IntegrityError
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE slots (
+            slot INTEGER PRIMARY KEY CHECK (slot >= 0),
+            model_type TEXT,
+            current_version INTEGER,
+            next_version INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE versions (
+            slot INTEGER NOT NULL REFERENCES slots(slot),
+            version INTEGER NOT NULL CHECK (version >= 1),
+            created_at REAL NOT NULL,
+            config TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            n_tensors INTEGER NOT NULL,
+            nbytes INTEGER NOT NULL,
+            pinned INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (slot, version)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE tensors (
+            slot INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            dtype TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            data_offset INTEGER NOT NULL,
+            nbytes INTEGER NOT NULL,
+            checksum TEXT NOT NULL,
+            PRIMARY KEY (slot, version, position),
+            FOREIGN KEY (slot, version) REFERENCES versions(slot, version) ON DELETE CASCADE
+        ) WITHOUT ROWID""",
+        "CREATE INDEX tensors_by_checksum ON tensors(checksum)",
+        """CREATE TABLE aliases (
+            slot INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            PRIMARY KEY (slot, name),
+            FOREIGN KEY (slot, version) REFERENCES versions(slot, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX aliases_by_version ON aliases(slot, version)",
+        """CREATE TABLE hierarchy (
+            slot INTEGER PRIMARY KEY CHECK (slot >= 0),
+            parent INTEGER REFERENCES hierarchy(slot)
+        )""",
+        "CREATE INDEX hierarchy_by_parent ON hierarchy(parent)",
+        """CREATE TABLE group_members (
+            name TEXT NOT NULL,
+            slot INTEGER NOT NULL,
+            PRIMARY KEY (name, slot)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX group_members_by_slot ON group_members(slot, name)",
+    ),
+}
+
+LATEST = max(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the index to :data:`LATEST`; returns the version it started at."""
+    with transaction(conn):
+        start = schema_version(conn)
+        if start > LATEST:
+            raise IntegrityError(
+                f"store index has schema version {start}; this ctxstore reads up to {LATEST} "
+                "(upgrade ctxstore)"
+            )
+        for target in range(start + 1, LATEST + 1):
+            for statement in MIGRATIONS[target]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+    return start
+
+
+def check_readable(conn: sqlite3.Connection) -> None:
+    """A read-only opener's check: the schema must be exactly one it understands."""
+    version = schema_version(conn)
+    if version == 0:
+        raise IntegrityError("store index is empty: no writer has initialised this store")
+    if version != LATEST:
+        raise IntegrityError(
+            f"store index has schema version {version}, this ctxstore expects {LATEST}: "
+            "open it once with a writer of this version to migrate it"
+            if version < LATEST
+            else f"store index has schema version {version}; upgrade ctxstore"
+        )

@@ -1,0 +1,751 @@
+"""PersistentStore: versions committed atomically to SQLite + .npy files, mapped zero-copy.
+
+The commit protocol, in this order and only here (DESIGN.md):
+
+1. validate the context;
+2. write each new tensor into ``wal/<txid>/`` (or hard-link an identical stored
+   one), fsync each file and the directory;
+3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync the parents;
+4. one SQLite transaction inserts the version and its tensors and moves the
+   slot's current pointer: its COMMIT is the commit point;
+5. warm the files, apply retention (rows first, then unlink).
+
+A crash before 4 leaves a directory with no row, which recovery deletes; a crash
+after 4 leaves a whole version. Readers only ever follow rows, so they see whole
+versions or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Set
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from . import layout
+from .checksum import checksum_parts
+from .context import Array, Context
+from .db import connect, transaction, translate_sqlite_error
+from .durable import fsync_dir, hard_link, make_dir, remove_tree, rename_dir, write_new_file
+from .errors import (
+    ClosedError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ReadOnlyError,
+    StorageError,
+)
+from .faults import crash_point
+from .hierarchy import NodeHierarchy
+from .lock import WriterLock
+from .npyfile import (
+    contiguous_bytes,
+    dtype_from_text,
+    dtype_to_text,
+    map_array,
+    npy_header,
+    shape_from_text,
+    shape_to_text,
+)
+from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
+from .schema import check_readable, migrate
+from .validation import (
+    check_alias,
+    check_label,
+    check_slot,
+    check_version,
+    freeze_mapping,
+    thaw_json,
+)
+from .verify import find_orphans, verify_store
+
+DEFAULT_RETENTION = 5
+
+VersionRef = int | str | None
+PreCommitHook = Callable[[int, Context], None]
+ProtectedVersions = Callable[[int], Set[int]]
+
+
+class PersistentStore:
+    """One store directory: a writer (holding the LOCK) or a read-only view of it."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        readonly: bool = False,
+        *,
+        retention: int = DEFAULT_RETENTION,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if retention < 1:
+            raise InvalidInputError(f"retention must keep at least 1 version, got {retention}")
+        self.root = Path(path).absolute()
+        self._root_str = str(self.root)
+        self.readonly = readonly
+        self.retention = retention
+        self._clock = clock
+        self._pid = os.getpid()
+        self._closed = False
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._read_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._lock: WriterLock | None = None
+        self._conn: sqlite3.Connection | None = None
+        #: checks run before every commit; each raises to reject (issue: hooks)
+        self.pre_commit_hooks: list[PreCommitHook] = []
+        #: versions that retention must keep besides its own rules (readers still holding them)
+        self.protected_versions: ProtectedVersions | None = None
+        #: what recovery found at open that it could not mend (rows whose files are gone)
+        self.recovery_problems: list[Problem] = []
+        if readonly:
+            self._open_readonly()
+        else:
+            self._open_writer()
+        self.hierarchy = NodeHierarchy(self._reader, None if readonly else self._transaction)
+
+    # -- opening, closing -----------------------------------------------------------------
+
+    def _open_readonly(self) -> None:
+        if not layout.index_path(self.root).exists():
+            raise NotFoundError(f"no ctxstore store at {self.root} (no {layout.INDEX_NAME})")
+        check_readable(self._reader())
+
+    def _open_writer(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot create store {self.root}: {exc}") from exc
+        self._lock = WriterLock(layout.lock_path(self.root))
+        self._lock.acquire()
+        try:
+            make_dir(layout.slots_dir(self.root))
+            make_dir(layout.wal_dir(self.root))
+            self._conn = connect(layout.index_path(self.root), readonly=False)
+            migrate(self._conn)
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def _recover(self) -> None:
+        """Undo what a crash left before a commit point; report what it cannot mend."""
+        wal = layout.wal_dir(self.root)
+        for entry in os.listdir(wal):
+            remove_tree(wal / entry)
+        conn = self._writer_conn()
+        for problem in find_orphans(self.root, conn, None):
+            if problem.kind == "orphan" and problem.slot is not None:
+                if problem.version is not None:
+                    remove_tree(layout.version_dir(self.root, problem.slot, problem.version))
+            else:
+                self.recovery_problems.append(problem)
+        fsync_dir(wal)
+        for slot, version in conn.execute("SELECT slot, version FROM versions"):
+            if not layout.version_dir(self.root, slot, version).is_dir():
+                self.recovery_problems.append(
+                    Problem("missing_version_dir", "recorded version has no files", slot, version)
+                )
+
+    def close(self) -> None:
+        """Close connections and release the writer lock; idempotent."""
+        self._closed = True
+        with self._conns_lock:
+            conns, self._read_conns = self._read_conns, []
+        if os.getpid() == self._pid:
+            for conn in conns:
+                conn.close()
+            if self._conn is not None:
+                self._conn.close()
+        self._conn = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> PersistentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.readonly else "writer"
+        return f"<PersistentStore {self.root} {mode}{' closed' if self._closed else ''}>"
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (reopened after fork)."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and local.pid == os.getpid():
+            return conn
+        if self._closed:
+            raise ClosedError(f"store {self.root} is closed")
+        conn = connect(layout.index_path(self.root), readonly=True)
+        local.conn, local.pid = conn, os.getpid()
+        with self._conns_lock:
+            self._read_conns.append(conn)
+        return conn
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.root} is open read-only")
+        if self._closed or self._conn is None:
+            raise ClosedError(f"store {self.root} is closed")
+        if os.getpid() != self._pid:
+            raise ReadOnlyError(
+                f"store {self.root} was opened for writing by pid {self._pid}; "
+                "a forked child must open its own store"
+            )
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock, transaction(self._writer_conn()) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _read_snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Several SELECTs that see one consistent state of the index."""
+        conn = self._reader()
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.DatabaseError as exc:
+            raise translate_sqlite_error(exc) from exc
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            raise translate_sqlite_error(exc) from exc
+        finally:
+            conn.execute("COMMIT")
+
+    # -- commit ---------------------------------------------------------------------------
+
+    def save_context(
+        self,
+        slot_id: int,
+        context: Context,
+        *,
+        model_type: str | None = None,
+        aliases: tuple[str, ...] = (),
+        pin: bool = False,
+    ) -> int:
+        """Commit ``context`` as the next version of ``slot_id`` and make it current."""
+        slot = check_slot(slot_id)
+        if not isinstance(context, Context):
+            raise InvalidInputError(f"expected a Context, got {type(context).__name__}")
+        if model_type is not None:
+            check_label(model_type, "model type")
+        aliases = tuple(check_alias(a) for a in aliases)
+        for hook in self.pre_commit_hooks:
+            hook(slot, context)
+        with self._write_lock:
+            conn = self._writer_conn()
+            row = conn.execute(
+                "SELECT model_type, next_version FROM slots WHERE slot = ?", (slot,)
+            ).fetchone()
+            if row and model_type and row[0] and row[0] != model_type:
+                raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
+            version = row[1] if row else 1
+            tensors = self._stage_and_place(slot, version, context)
+            self._commit_rows(
+                conn,
+                slot,
+                version,
+                context,
+                model_type=model_type,
+                aliases=aliases,
+                pin=pin,
+                tensors=tensors,
+            )
+            crash_point("committed")
+            self._warm(slot, version, len(tensors))
+            self._retain(slot)
+        return version
+
+    def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
+        """Steps 2 and 3: files written durably, then renamed into place as one directory."""
+        txid = f"{slot}-{version}-{os.getpid()}-{secrets.token_hex(4)}"
+        wal = layout.wal_dir(self.root)
+        staging = wal / txid
+        make_dir(staging)
+        try:
+            rows = self._stage(staging, context)
+            fsync_dir(staging)
+            crash_point("staged")
+            make_dir(layout.slot_dir(self.root, slot))
+            rename_dir(staging, layout.version_dir(self.root, slot, version))
+        except BaseException:
+            remove_tree(staging)
+            raise
+        fsync_dir(layout.slot_dir(self.root, slot))
+        fsync_dir(wal)
+        crash_point("renamed")
+        return rows
+
+    def _stage(self, staging: Path, context: Context) -> list[TensorRow]:
+        rows: list[TensorRow] = []
+        staged: dict[str, Path] = {}
+        for position, (name, array) in enumerate(context.weights.items()):
+            header = npy_header(array.dtype, array.shape)
+            data = contiguous_bytes(array)
+            checksum = checksum_parts((header, data))
+            path = staging / layout.tensor_file_name(position)
+            source = staged.get(checksum) or self._stored_duplicate(checksum, header, data)
+            if source is None or not hard_link(source, path):
+                write_new_file(path, (header, data))
+            staged.setdefault(checksum, path)
+            rows.append(
+                (
+                    position,
+                    name,
+                    dtype_to_text(array.dtype),
+                    shape_to_text(array.shape),
+                    len(header),
+                    data.nbytes,
+                    checksum,
+                )
+            )
+            crash_point("staging")
+        return rows
+
+    def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> Path | None:
+        """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
+        candidates = self._writer_conn().execute(
+            "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
+        )
+        for slot, version, position in candidates:
+            path = layout.version_dir(self.root, slot, version) / layout.tensor_file_name(position)
+            if _same_bytes(path, header, data):
+                return path
+        return None
+
+    def _commit_rows(
+        self,
+        conn: sqlite3.Connection,
+        slot: int,
+        version: int,
+        context: Context,
+        *,
+        model_type: str | None,
+        aliases: tuple[str, ...],
+        pin: bool,
+        tensors: list[TensorRow],
+    ) -> None:
+        """Step 4: the one transaction whose COMMIT makes the version visible."""
+        now = self._clock()
+        try:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT INTO slots(slot, model_type, current_version, next_version, "
+                    "created_at, updated_at) VALUES (?1, ?2, ?3, ?3 + 1, ?4, ?4) "
+                    "ON CONFLICT(slot) DO UPDATE SET current_version = ?3, next_version = ?3 + 1, "
+                    "model_type = COALESCE(?2, model_type), updated_at = ?4",
+                    (slot, model_type, version, now),
+                )
+                conn.execute(
+                    "INSERT INTO versions(slot, version, created_at, config, metadata, "
+                    "n_tensors, nbytes, pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        slot,
+                        version,
+                        now,
+                        _dump_json(context.config),
+                        _dump_json(context.metadata),
+                        len(tensors),
+                        sum(row[5] for row in tensors),
+                        int(pin),
+                    ),
+                )
+                conn.executemany(
+                    "INSERT INTO tensors(slot, version, position, name, dtype, shape, "
+                    "data_offset, nbytes, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(slot, version, *row) for row in tensors],
+                )
+                conn.executemany(
+                    "INSERT INTO aliases(slot, name, version) VALUES (?, ?, ?) "
+                    "ON CONFLICT(slot, name) DO UPDATE SET version = excluded.version",
+                    [(slot, alias, version) for alias in aliases],
+                )
+                crash_point("in_transaction")
+        except BaseException:
+            if not self._version_recorded(conn, slot, version):
+                remove_tree(layout.version_dir(self.root, slot, version))
+            raise
+
+    def _version_recorded(self, conn: sqlite3.Connection, slot: int, version: int) -> bool:
+        """After a failed COMMIT, ask the index what actually happened."""
+        try:
+            row = conn.execute(
+                "SELECT 1 FROM versions WHERE slot = ? AND version = ?", (slot, version)
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return True  # cannot tell: keep the files; recovery at next open decides
+        return row is not None
+
+    def _warm(self, slot: int, version: int, n_files: int) -> None:
+        """Ask the kernel to read the new version's files ahead, so readers map warm pages."""
+        for position in range(n_files):
+            path = layout.tensor_path_str(self._root_str, slot, version, position)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # advisory only; verify reports missing files
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def resolve(self, slot_id: int, version: VersionRef = None) -> int:
+        """The version number ``version`` names: None = current, 'latest', an alias or an int."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            return _resolve(conn, slot, version)
+
+    def load_context(self, slot_id: int, version: VersionRef = None) -> Context:
+        """The context at ``version`` (default: current), its arrays mapped read-only."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            number = _resolve(conn, slot, version)
+            record = conn.execute(
+                "SELECT config, metadata FROM versions WHERE slot = ? AND version = ?",
+                (slot, number),
+            ).fetchone()
+            tensors = conn.execute(
+                "SELECT position, name, dtype, shape, data_offset FROM tensors "
+                "WHERE slot = ? AND version = ? ORDER BY position",
+                (slot, number),
+            ).fetchall()
+        if record is None:
+            raise NotFoundError(f"slot {slot} has no version {number}")
+        try:
+            weights = self._map_tensors(slot, number, tensors)
+        except NotFoundError:
+            if self._version_exists(slot, number):
+                raise IntegrityError(
+                    f"slot {slot} version {number} is recorded but its files are missing"
+                ) from None
+            raise NotFoundError(f"slot {slot} version {number} was retired") from None
+        return Context._trusted(
+            MappingProxyType(weights),
+            _load_json(record[0], "config"),
+            _load_json(record[1], "metadata"),
+            slot,
+            number,
+        )
+
+    def _map_tensors(
+        self, slot: int, version: int, tensors: list[tuple[int, str, str, str, int]]
+    ) -> dict[str, Array]:
+        root = self._root_str
+        return {
+            name: map_array(
+                layout.tensor_path_str(root, slot, version, position),
+                dtype_from_text(dtype),
+                shape_from_text(shape),
+                offset,
+            )
+            for position, name, dtype, shape, offset in tensors
+        }
+
+    def _version_exists(self, slot: int, version: int) -> bool:
+        row = (
+            self._reader()
+            .execute("SELECT 1 FROM versions WHERE slot = ? AND version = ?", (slot, version))
+            .fetchone()
+        )
+        return row is not None
+
+    def current_version(self, slot_id: int) -> int | None:
+        """The slot's current version, or None when the slot has none."""
+        row = (
+            self._reader()
+            .execute("SELECT current_version FROM slots WHERE slot = ?", (check_slot(slot_id),))
+            .fetchone()
+        )
+        return None if row is None else row[0]
+
+    def current_versions(self) -> dict[int, int]:
+        """Every slot's current version (the daemon's snapshot for the version table)."""
+        rows = self._reader().execute(
+            "SELECT slot, current_version FROM slots WHERE current_version IS NOT NULL"
+        )
+        return dict(rows)
+
+    def get_metadata(
+        self, slot_id: int, version: VersionRef = None, *, tensors: bool = True
+    ) -> ContextMetadata:
+        """A version's model type, config, metadata and tensor table; opens no array file."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            number = _resolve(conn, slot, version)
+            row = conn.execute(
+                "SELECT s.model_type, s.current_version, v.created_at, v.config, v.metadata, "
+                "v.pinned FROM versions v JOIN slots s ON s.slot = v.slot "
+                "WHERE v.slot = ? AND v.version = ?",
+                (slot, number),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"slot {slot} has no version {number}")
+            aliases = tuple(
+                name
+                for (name,) in conn.execute(
+                    "SELECT name FROM aliases WHERE slot = ? AND version = ? ORDER BY name",
+                    (slot, number),
+                )
+            )
+            table = _tensor_table(conn, slot, number) if tensors else None
+        return ContextMetadata(
+            slot=slot,
+            version=number,
+            model_type=row[0],
+            current_version=row[1],
+            created_at=row[2],
+            config=_load_json(row[3], "config"),
+            metadata=_load_json(row[4], "metadata"),
+            pinned=bool(row[5]),
+            aliases=aliases,
+            tensors=table,
+        )
+
+    def list_slots(self, model_type: str | None = None, group: str | None = None) -> list[SlotInfo]:
+        """Every slot with versions, optionally only one model type and/or one group."""
+        if model_type is not None:
+            check_label(model_type, "model type")
+        if group is not None:
+            check_label(group, "group")
+        rows = self._reader().execute(
+            "SELECT s.slot, s.model_type, s.current_version, "
+            "(SELECT MAX(version) FROM versions v WHERE v.slot = s.slot), "
+            "(SELECT COUNT(*) FROM versions v WHERE v.slot = s.slot), s.created_at, s.updated_at "
+            "FROM slots s WHERE (?1 IS NULL OR s.model_type = ?1) AND (?2 IS NULL OR EXISTS "
+            "(SELECT 1 FROM group_members g WHERE g.name = ?2 AND g.slot = s.slot)) "
+            "ORDER BY s.slot",
+            (model_type, group),
+        )
+        return [SlotInfo(*row) for row in rows]
+
+    def list_versions(self, slot_id: int) -> list[VersionInfo]:
+        """The slot's stored versions, oldest first; NotFoundError for an unknown slot."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            _require_slot(conn, slot)
+            aliases: dict[int, list[str]] = {}
+            for name, version in conn.execute(
+                "SELECT name, version FROM aliases WHERE slot = ? ORDER BY name", (slot,)
+            ):
+                aliases.setdefault(version, []).append(name)
+            rows = conn.execute(
+                "SELECT version, created_at, n_tensors, nbytes, pinned FROM versions "
+                "WHERE slot = ? ORDER BY version",
+                (slot,),
+            ).fetchall()
+        return [
+            VersionInfo(slot, v, created, n, size, bool(pinned), tuple(aliases.get(v, ())))
+            for v, created, n, size, pinned in rows
+        ]
+
+    def get_aliases(self, slot_id: int) -> dict[str, int]:
+        """The slot's aliases (``latest`` included) and the versions they name."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            _require_slot(conn, slot)
+            aliases = dict(
+                conn.execute(
+                    "SELECT name, version FROM aliases WHERE slot = ? ORDER BY name", (slot,)
+                )
+            )
+            aliases["latest"] = _resolve(conn, slot, "latest")
+        return aliases
+
+    # -- pointers: aliases, rollback, pins --------------------------------------------------
+
+    def set_alias(self, slot_id: int, name: str, version: VersionRef) -> int:
+        """Point alias ``name`` at ``version``; returns the version number."""
+        slot, alias = check_slot(slot_id), check_alias(name)
+        with self._transaction() as conn:
+            number = _resolve(conn, slot, version)
+            conn.execute(
+                "INSERT INTO aliases(slot, name, version) VALUES (?, ?, ?) "
+                "ON CONFLICT(slot, name) DO UPDATE SET version = excluded.version",
+                (slot, alias, number),
+            )
+        return number
+
+    def delete_alias(self, slot_id: int, name: str) -> None:
+        slot, alias = check_slot(slot_id), check_alias(name)
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM aliases WHERE slot = ? AND name = ?", (slot, alias))
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"slot {slot} has no alias {alias!r}")
+
+    def rollback(self, slot_id: int, version: VersionRef = None) -> int:
+        """Move the current pointer to ``version`` (default: the one before current)."""
+        slot = check_slot(slot_id)
+        with self._transaction() as conn:
+            if version is None:
+                current = _resolve(conn, slot, None)
+                row = conn.execute(
+                    "SELECT MAX(version) FROM versions WHERE slot = ? AND version < ?",
+                    (slot, current),
+                ).fetchone()
+                if row[0] is None:
+                    raise NotFoundError(f"slot {slot} has no version older than {current}")
+                number = int(row[0])
+            else:
+                number = _resolve(conn, slot, version)
+            conn.execute(
+                "UPDATE slots SET current_version = ?, updated_at = ? WHERE slot = ?",
+                (number, self._clock(), slot),
+            )
+        return number
+
+    def pin(self, slot_id: int, version: VersionRef) -> int:
+        """Keep ``version`` through retention until unpinned."""
+        return self._set_pinned(slot_id, version, True)
+
+    def unpin(self, slot_id: int, version: VersionRef) -> int:
+        return self._set_pinned(slot_id, version, False)
+
+    def _set_pinned(self, slot_id: int, version: VersionRef, pinned: bool) -> int:
+        slot = check_slot(slot_id)
+        with self._transaction() as conn:
+            number = _resolve(conn, slot, version)
+            conn.execute(
+                "UPDATE versions SET pinned = ? WHERE slot = ? AND version = ?",
+                (int(pinned), slot, number),
+            )
+        return number
+
+    # -- retention ------------------------------------------------------------------------
+
+    def apply_retention(self, slot_id: int | None = None) -> list[tuple[int, int]]:
+        """Remove versions beyond the newest ``retention`` that nothing else keeps."""
+        with self._write_lock:
+            conn = self._writer_conn()
+            if slot_id is None:
+                slots = [row[0] for row in conn.execute("SELECT slot FROM slots")]
+            else:
+                slots = [check_slot(slot_id)]
+            removed: list[tuple[int, int]] = []
+            for slot in slots:
+                removed += self._retain(slot)
+        return removed
+
+    def _retain(self, slot: int) -> list[tuple[int, int]]:
+        conn = self._writer_conn()
+        protected = set(self.protected_versions(slot)) if self.protected_versions else set()
+        doomed = [
+            (slot, version)
+            for (version,) in conn.execute(
+                "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
+                "WHERE v.slot = ?1 AND v.pinned = 0 AND v.version != s.current_version "
+                "AND NOT EXISTS (SELECT 1 FROM aliases a "
+                "WHERE a.slot = ?1 AND a.version = v.version) "
+                "AND v.version NOT IN (SELECT version FROM versions WHERE slot = ?1 "
+                "ORDER BY version DESC LIMIT ?2)",
+                (slot, self.retention),
+            )
+            if version not in protected
+        ]
+        if not doomed:
+            return []
+        with transaction(conn):
+            conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", doomed)
+        crash_point("retiring")
+        for s, v in doomed:
+            remove_tree(layout.version_dir(self.root, s, v))
+        return doomed
+
+    # -- integrity ------------------------------------------------------------------------
+
+    def verify(self, slot_id: int | None = None, *, rehash: bool = True) -> list[Problem]:
+        """Re-check rows against files and checksums; an empty list means all is well."""
+        slot = None if slot_id is None else check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            return verify_store(self.root, conn, slot, rehash=rehash)
+
+
+TensorRow = tuple[int, str, str, str, int, int, str]
+
+
+def _resolve(conn: sqlite3.Connection, slot: int, version: VersionRef) -> int:
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if version is None or version == "current":
+        row = conn.execute("SELECT current_version FROM slots WHERE slot = ?", (slot,)).fetchone()
+        if row is None or row[0] is None:
+            raise NotFoundError(f"slot {slot} has no versions")
+        return int(row[0])
+    if version == "latest":
+        row = conn.execute("SELECT MAX(version) FROM versions WHERE slot = ?", (slot,)).fetchone()
+        if row[0] is None:
+            raise NotFoundError(f"slot {slot} has no versions")
+        return int(row[0])
+    if isinstance(version, str):
+        alias = check_alias(version)
+        row = conn.execute(
+            "SELECT version FROM aliases WHERE slot = ? AND name = ?", (slot, alias)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"slot {slot} has no alias {alias!r}")
+        return int(row[0])
+    number = check_version(version)
+    row = conn.execute(
+        "SELECT 1 FROM versions WHERE slot = ? AND version = ?", (slot, number)
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"slot {slot} has no version {number}")
+    return number
+
+
+def _require_slot(conn: sqlite3.Connection, slot: int) -> None:
+    if conn.execute("SELECT 1 FROM slots WHERE slot = ?", (slot,)).fetchone() is None:
+        raise NotFoundError(f"slot {slot} does not exist")
+
+
+def _tensor_table(conn: sqlite3.Connection, slot: int, version: int) -> tuple[TensorInfo, ...]:
+    rows = conn.execute(
+        "SELECT position, name, dtype, shape, nbytes, checksum FROM tensors "
+        "WHERE slot = ? AND version = ? ORDER BY position",
+        (slot, version),
+    )
+    return tuple(
+        TensorInfo(position, name, str(dtype_from_text(dtype)), shape_from_text(shape), n, digest)
+        for position, name, dtype, shape, n, digest in rows
+    )
+
+
+def _dump_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(thaw_json(value), separators=(",", ":"), allow_nan=False)
+
+
+def _load_json(text: str, what: str) -> Mapping[str, Any]:
+    try:
+        return freeze_mapping(json.loads(text), what)
+    except (ValueError, InvalidInputError) as exc:
+        raise IntegrityError(f"stored {what} is unreadable: {exc}") from exc
+
+
+def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:
+    """True when the file at ``path`` holds exactly ``header`` + ``data``."""
+    try:
+        stored = map_array(str(path), np.dtype(np.uint8), (len(header) + data.nbytes,), 0)
+    except (NotFoundError, IntegrityError):
+        return False
+    if stored[: len(header)].tobytes() != header:
+        return False
+    return bool(np.array_equal(stored[len(header) :], np.frombuffer(data, dtype=np.uint8)))
