@@ -13,6 +13,7 @@ import ast
 import io
 import mmap
 import os
+import struct
 from functools import lru_cache
 from typing import Any
 
@@ -31,13 +32,28 @@ def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
         "fortran_order": False,
         "shape": shape,
     }
-    buf = io.BytesIO()
     try:
-        np.lib.format.write_array_header_1_0(buf, header)
-    except ValueError:  # header longer than 64 KiB: structured dtypes with many fields
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_2_0(buf, header)
+        return _header_bytes(np.lib.format.write_array_header_1_0, header)
+    except UnicodeEncodeError:  # non-latin-1 field names need format 3.0 (UTF-8 header)
+        return _header_bytes(_write_header_3_0, header)
+    except ValueError:  # longer than 64 KiB: structured dtypes with many fields
+        return _header_bytes(np.lib.format.write_array_header_2_0, header)
+
+
+def _header_bytes(writer: Any, header: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    writer(buf, header)
     return buf.getvalue()
+
+
+def _write_header_3_0(buf: io.BytesIO, header: dict[str, Any]) -> None:
+    """Format 3.0: as 2.0 with a UTF-8 header (numpy reads it, but only writes it privately)."""
+    text = "{" + "".join(f"{key!r}: {header[key]!r}, " for key in sorted(header)) + "}"
+    prefix = 6 + 2 + 4  # magic, version, uint32 header length
+    body = text.encode("utf-8")
+    padding = -(prefix + len(body) + 1) % 64
+    body += b" " * padding + b"\n"
+    buf.write(b"\x93NUMPY\x03\x00" + struct.pack("<I", len(body)) + body)
 
 
 def dtype_to_text(dtype: np.dtype[Any]) -> str:
