@@ -223,7 +223,7 @@ class VersionTable:
         except BaseException:
             shm_map.close()
             raise
-        return cls(name, shm_map, (stat.st_dev, stat.st_ino), capacity)
+        return VersionTable(name, shm_map, (stat.st_dev, stat.st_ino), capacity)  # read-only
 
     @classmethod
     def create(
