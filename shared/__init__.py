@@ -18,6 +18,8 @@ from .errors import (
     WaitTimeoutError,
     WriterLockedError,
 )
+from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
+from .store import PersistentStore
 
 __version__ = "0.1.0"
 
@@ -25,17 +27,23 @@ __all__ = [
     "ClosedError",
     "ConflictError",
     "Context",
+    "ContextMetadata",
     "CtxStoreError",
     "DaemonUnavailableError",
     "IntegrityError",
     "InvalidInputError",
     "LocalProtocolError",
     "NotFoundError",
+    "PersistentStore",
+    "Problem",
     "ProtocolError",
     "ReadOnlyError",
     "RemoteError",
     "RemoteProtocolError",
+    "SlotInfo",
     "StorageError",
+    "TensorInfo",
+    "VersionInfo",
     "WaitTimeoutError",
     "WriterLockedError",
     "__version__",

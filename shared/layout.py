@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 INDEX_NAME = "index.db"
@@ -55,13 +54,3 @@ def parse_int_name(name: str) -> int | None:
     if not name.isdigit() or (len(name) > 1 and name[0] == "0"):
         return None
     return int(name)
-
-
-def default_store_dir() -> Path:
-    """CTXSTORE_HOME, else $STATE_DIRECTORY (systemd), else the user's state directory."""
-    for var in ("CTXSTORE_HOME", "STATE_DIRECTORY"):
-        value = os.environ.get(var)
-        if value:
-            return Path(value.split(":")[0])
-    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state_home) / "ctxstore"
