@@ -1,0 +1,562 @@
+"""File importers: a context from a weights file that nobody vouches for.
+
+Supported: ``.npy`` (one tensor, named by the file stem), ``.npz`` (one tensor
+per ``.npy`` member) and ``.safetensors``. The files may come from anywhere, so
+the readers here trust nothing in them:
+
+- nothing is ever unpickled: object dtypes are refused from the header, before
+  any data is read, and headers are parsed as literals / JSON, never executed;
+- every size a header declares is checked against what the file really holds
+  before memory is allocated for it: a truncated or padded file, a header that
+  runs past the end, a zip member that claims more than deflate can produce, or
+  members that overlap (zip bombs) are refused;
+- safetensors headers must be exact: bounded length (100 MB, the format's own
+  cap), known keys, offsets inside the file, contiguous, non-overlapping, and
+  each span matching dtype x shape. The safetensors library writes the files
+  the tests import and is the reference the tests compare against; the reader
+  here parses the header itself so every refusal says precisely what was wrong,
+  and reads each tensor once into immutable memory (no second copy);
+- only regular files are opened (a FIFO or device would block or never end).
+
+Every refusal is an InvalidInputError naming the file and the problem; a file
+that does not exist is a NotFoundError.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import math
+import os
+import stat
+import struct
+import unicodedata
+import zipfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import IO, Any, ClassVar
+
+import numpy as np
+
+from ..context import Array, Context
+from ..errors import InvalidInputError, NotFoundError
+from ..validation import MAX_TENSORS, check_label, check_tensor_name
+from .base import Node, Param, choice, integer
+
+FORMATS = ("npy", "npz", "safetensors")
+SUFFIXES = MappingProxyType({".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"})
+DEFAULT_MAX_IMPORT_BYTES = 64 * 2**30
+"""Default cap on the tensor bytes one import may load into memory."""
+MAX_NPY_HEADER = 64 * 1024
+MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_SOURCE_METADATA = 64 * 1024
+MAX_PATH_BYTES = 4096
+_MAX_NDIM = 64
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_VERSIONS = frozenset({(1, 0), (2, 0), (3, 0)})
+_DEFLATE_MAX_RATIO = 1100  # deflate cannot expand beyond ~1032:1; more is a lie or a bomb
+_ZIP_LOCAL_HEADER = 30
+
+_ST_DTYPES = MappingProxyType(
+    {
+        "BOOL": np.dtype("|b1"),
+        "U8": np.dtype("|u1"),
+        "I8": np.dtype("|i1"),
+        "U16": np.dtype("<u2"),
+        "I16": np.dtype("<i2"),
+        "U32": np.dtype("<u4"),
+        "I32": np.dtype("<i4"),
+        "U64": np.dtype("<u8"),
+        "I64": np.dtype("<i8"),
+        "F16": np.dtype("<f2"),
+        "F32": np.dtype("<f4"),
+        "F64": np.dtype("<f8"),
+        "C64": np.dtype("<c8"),
+    }
+)
+_ST_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsFile:
+    """What an importer read: the tensors, in file order, and where they came from."""
+
+    path: str
+    format: str
+    size: int
+    weights: dict[str, Array]
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The import format named by the file's suffix, or InvalidInputError."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in SUFFIXES:
+        raise InvalidInputError(
+            f"weights file {os.fspath(path)!r}: unknown suffix {suffix!r}; "
+            f"expected one of {', '.join(SUFFIXES)}"
+        )
+    return SUFFIXES[suffix]
+
+
+def load_weights_file(
+    path: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+) -> dict[str, Array]:
+    """The named, read-only tensors of a .npy / .npz / .safetensors file."""
+    return read_weights_file(path, format=format, max_bytes=max_bytes).weights
+
+
+def read_weights_file(
+    path: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+) -> WeightsFile:
+    """Like :func:`load_weights_file`, also returning the format, size and file metadata."""
+    name = os.fspath(path)
+    fmt = detect_format(name) if format == "auto" else choice(*FORMATS)("format", format)
+    where = f"weights file {name!r}"
+    with _open_regular(name, where) as f:
+        size = os.fstat(f.fileno()).st_size
+        if fmt != "npz" and size > max_bytes:
+            raise InvalidInputError(f"{where} has {size} bytes, more than the limit of {max_bytes}")
+        try:
+            if fmt == "npy":
+                stem = os.path.splitext(os.path.basename(name))[0]
+                tensor = _name_or_refuse(stem or "0", where)
+                return WeightsFile(name, fmt, size, {tensor: _read_npy(f, size, where)})
+            if fmt == "npz":
+                return WeightsFile(name, fmt, size, _read_npz(f, size, where, max_bytes))
+            weights, metadata = _read_safetensors(f, size, where)
+            return WeightsFile(name, fmt, size, weights, metadata)
+        except OSError as exc:
+            raise InvalidInputError(f"{where} cannot be read: {exc}") from exc
+
+
+def _open_regular(path: str, where: str) -> IO[bytes]:
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotFoundError(f"{where} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{where} cannot be opened: {exc}") from None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise InvalidInputError(f"{where} is not a regular file")
+
+
+def _read_exact(stream: IO[bytes], n: int, where: str, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise InvalidInputError(
+            f"{where} ends early: expected {n} bytes of {what}, got {len(data)}"
+        )
+    return data
+
+
+def _name_or_refuse(name: str, where: str) -> str:
+    try:
+        return check_tensor_name(name)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
+
+
+# -- .npy ---------------------------------------------------------------------------------------
+
+
+def _read_npy(stream: IO[bytes], size: int, where: str) -> Array:
+    """One array from a stream of exactly ``size`` bytes holding a .npy file."""
+    prefix = _read_exact(stream, 8, where, "the .npy magic")
+    version = (prefix[6], prefix[7])
+    if prefix[:6] != _NPY_MAGIC:
+        raise InvalidInputError(f"{where} is not a .npy file (bad magic {prefix[:6]!r})")
+    if version not in _NPY_VERSIONS:
+        raise InvalidInputError(f"{where}: unsupported .npy format version {version}")
+    length_size = 2 if version[0] == 1 else 4
+    header_len = int.from_bytes(_read_exact(stream, length_size, where, "header length"), "little")
+    start = 8 + length_size + header_len
+    if header_len > MAX_NPY_HEADER:
+        raise InvalidInputError(
+            f"{where}: .npy header of {header_len} bytes exceeds the limit of {MAX_NPY_HEADER}"
+        )
+    if start > size:
+        raise InvalidInputError(
+            f"{where}: .npy header runs past the end of the data ({size} bytes)"
+        )
+    raw = _read_exact(stream, header_len, where, "the .npy header")
+    dtype, shape, fortran = _parse_npy_header(raw, "utf-8" if version[0] == 3 else "latin-1", where)
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    available = size - start
+    if nbytes > available:
+        raise InvalidInputError(
+            f"{where} is truncated: its header declares {nbytes} bytes of data "
+            f"(dtype {dtype}, shape {shape}) but only {available} follow"
+        )
+    if nbytes < available:
+        raise InvalidInputError(
+            f"{where} has {available - nbytes} unexpected bytes after its array data"
+        )
+    array = np.frombuffer(_read_exact(stream, nbytes, where, "array data"), dtype, count)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _parse_npy_header(
+    raw: bytes, encoding: str, where: str
+) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
+    try:
+        # a literal, never code; a hostile header can only fail to parse
+        header = ast.literal_eval(raw.decode(encoding))
+    except (UnicodeDecodeError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise InvalidInputError(f"{where}: .npy header is not a valid header literal") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise InvalidInputError(
+            f"{where}: .npy header must be a dict with exactly the keys descr, fortran_order "
+            f"and shape, got {header!r:.120}"
+        )
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(fortran, bool):
+        raise InvalidInputError(f"{where}: .npy fortran_order must be a bool, got {fortran!r:.40}")
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) <= _MAX_NDIM
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise InvalidInputError(
+            f"{where}: .npy shape must be a tuple of at most {_MAX_NDIM} non-negative integers, "
+            f"got {shape!r:.80}"
+        )
+    return _npy_dtype(header["descr"], where), shape, fortran
+
+
+def _npy_dtype(descr: object, where: str) -> np.dtype[Any]:
+    try:
+        dtype = np.lib.format.descr_to_dtype(descr)  # type: ignore[arg-type]
+    except Exception:  # numpy's descr parser may fail in many ways on hostile input
+        raise InvalidInputError(f"{where}: .npy descr {descr!r:.80} is not a valid dtype") from None
+    if not isinstance(dtype, np.dtype):
+        raise InvalidInputError(f"{where}: .npy descr {descr!r:.80} is not a valid dtype")
+    if dtype.hasobject:
+        raise InvalidInputError(
+            f"{where}: dtype {dtype} holds Python objects (pickle); untrusted files are never "
+            "unpickled, so object arrays are refused"
+        )
+    if dtype.subdtype is not None or dtype.itemsize == 0:
+        raise InvalidInputError(f"{where}: dtype {dtype} cannot be the element type of an array")
+    return dtype
+
+
+# -- .npz ---------------------------------------------------------------------------------------
+
+
+def _read_npz(f: IO[bytes], size: int, where: str, max_bytes: int) -> dict[str, Array]:
+    try:
+        archive = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, EOFError, ValueError, struct.error) as exc:
+        raise InvalidInputError(f"{where} is not a valid .npz (zip) archive: {exc}") from None
+    with archive:
+        infos = archive.infolist()
+        names = _check_members(infos, size, where, max_bytes)
+        weights: dict[str, Array] = {}
+        for info, name in zip(infos, names, strict=True):
+            member = f"{where} member {info.filename!r:.80}"
+            try:
+                weights[name] = _read_member(archive, info, member)
+            except InvalidInputError:
+                raise
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                EOFError,
+                NotImplementedError,
+                RuntimeError,
+                ValueError,
+                struct.error,
+            ) as exc:
+                raise InvalidInputError(f"{member} cannot be read: {exc}") from None
+        return weights
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, member: str) -> Array:
+    with archive.open(info) as stream:
+        array = _read_npy(stream, info.file_size, member)
+        if stream.read(1):  # reading to the end also makes zipfile check the CRC
+            raise InvalidInputError(f"{member} holds more bytes than it declares")
+    return array
+
+
+def _check_members(
+    infos: list[zipfile.ZipInfo], size: int, where: str, max_bytes: int
+) -> list[str]:
+    """Tensor names of the members, after refusing anything but plain, honest .npy members."""
+    if len(infos) > MAX_TENSORS:
+        raise InvalidInputError(f"{where} has {len(infos)} members, more than {MAX_TENSORS}")
+    names: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        member = f"{where} member {info.filename!r:.80}"
+        if info.is_dir() or not info.filename.endswith(".npy"):
+            raise InvalidInputError(f"{member} is not a .npy file; a .npz holds only .npy members")
+        if info.flag_bits & 0x1:
+            raise InvalidInputError(f"{member} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InvalidInputError(
+                f"{member} uses compression method {info.compress_type}; "
+                "only stored and deflated members (what numpy writes) are read"
+            )
+        _check_member_sizes(info, member, size)
+        name = _name_or_refuse(info.filename[: -len(".npy")], member)
+        if name in seen:
+            raise InvalidInputError(f"{where} holds tensor {name!r} twice")
+        seen.add(name)
+        names.append(name)
+        total += info.file_size
+        if total > max_bytes:
+            raise InvalidInputError(
+                f"{where}: members declare more than the limit of {max_bytes} bytes"
+            )
+    _check_no_overlap(infos, where)
+    return names
+
+
+def _check_member_sizes(info: zipfile.ZipInfo, member: str, size: int) -> None:
+    if info.header_offset + _ZIP_LOCAL_HEADER + info.compress_size > size:
+        raise InvalidInputError(f"{member} runs past the end of the archive")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise InvalidInputError(
+            f"{member} is stored uncompressed but declares {info.file_size} bytes "
+            f"and holds {info.compress_size}"
+        )
+    if info.file_size > info.compress_size * _DEFLATE_MAX_RATIO + 1024:
+        raise InvalidInputError(
+            f"{member} declares {info.file_size} bytes from {info.compress_size} compressed "
+            "bytes, more than deflate can produce (a zip bomb?)"
+        )
+
+
+def _check_no_overlap(infos: list[zipfile.ZipInfo], where: str) -> None:
+    """Members that share compressed bytes are how non-recursive zip bombs multiply."""
+    ordered = sorted(infos, key=lambda i: i.header_offset)
+    for prev, nxt in itertools.pairwise(ordered):
+        if prev.header_offset + _ZIP_LOCAL_HEADER + prev.compress_size > nxt.header_offset:
+            raise InvalidInputError(
+                f"{where}: members {prev.filename!r:.80} and {nxt.filename!r:.80} overlap"
+            )
+
+
+# -- .safetensors -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_safetensors(
+    f: IO[bytes], size: int, where: str
+) -> tuple[dict[str, Array], dict[str, str]]:
+    if size < 8:
+        raise InvalidInputError(f"{where} is too short ({size} bytes) to be a safetensors file")
+    header_len = int.from_bytes(_read_exact(f, 8, where, "the header length"), "little")
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise InvalidInputError(
+            f"{where}: safetensors header length {header_len} exceeds the format's limit "
+            f"of {MAX_SAFETENSORS_HEADER} bytes"
+        )
+    if header_len > size - 8:
+        raise InvalidInputError(
+            f"{where}: safetensors header length {header_len} runs past the end of the "
+            f"file ({size} bytes)"
+        )
+    header = _parse_st_header(_read_exact(f, header_len, where, "the header"), where)
+    metadata = _st_metadata(header.pop("__metadata__", None), where)
+    data_len = size - 8 - header_len
+    spans = [_st_span(name, spec, data_len, where) for name, spec in header.items()]
+    _check_layout(spans, data_len, where)
+    arrays: dict[str, Array] = {}
+    for span in sorted(spans, key=lambda s: (s.begin, s.end)):
+        f.seek(8 + header_len + span.begin)
+        data = _read_exact(f, span.end - span.begin, where, f"tensor {span.name!r}")
+        arrays[span.name] = np.frombuffer(data, span.dtype).reshape(span.shape)
+    return {span.name: arrays[span.name] for span in spans}, metadata
+
+
+def _parse_st_header(raw: bytes, where: str) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise InvalidInputError(f"{where}: safetensors header repeats a key")
+        return out
+
+    if not raw.startswith(b"{"):
+        raise InvalidInputError(f"{where}: safetensors header does not start with '{{'")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except InvalidInputError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        raise InvalidInputError(f"{where}: safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidInputError(f"{where}: safetensors header is not a JSON object")
+    return header
+
+
+def _st_metadata(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidInputError(f"{where}: safetensors __metadata__ must map strings to strings")
+    if len(json.dumps(value)) > MAX_SOURCE_METADATA:
+        return {"__omitted__": f"metadata larger than {MAX_SOURCE_METADATA} bytes"}
+    return value
+
+
+def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
+    tensor = f"{where} tensor {name!r:.80}"
+    _name_or_refuse(name, where)
+    if not isinstance(spec, dict) or set(spec) != _ST_KEYS:
+        raise InvalidInputError(
+            f"{tensor}: entry must have exactly the keys dtype, shape and data_offsets, "
+            f"got {spec!r:.120}"
+        )
+    dtype = _st_dtype(spec["dtype"], tensor)
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if not (
+        isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_count(n) for n in shape)
+    ):
+        raise InvalidInputError(
+            f"{tensor}: shape must be a list of non-negative ints, got {shape!r:.80}"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise InvalidInputError(
+            f"{tensor}: data_offsets must be [begin, end] non-negative ints, got {offsets!r:.80}"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise InvalidInputError(f"{tensor}: data_offsets [{begin}, {end}] end before they begin")
+    if end > data_len:
+        raise InvalidInputError(
+            f"{tensor}: data_offsets [{begin}, {end}] run past the end of the file "
+            f"(the data section has {data_len} bytes)"
+        )
+    need = math.prod(shape) * dtype.itemsize
+    if end - begin != need:
+        raise InvalidInputError(
+            f"{tensor}: data_offsets span {end - begin} bytes but dtype {spec['dtype']} "
+            f"and shape {shape} need {need}"
+        )
+    return _Span(name, dtype, tuple(shape), begin, end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _st_dtype(value: object, tensor: str) -> np.dtype[Any]:
+    if isinstance(value, str) and value in _ST_DTYPES:
+        return _ST_DTYPES[value]
+    why = (
+        "numpy has no bfloat16; convert the file to F16 or F32"
+        if value == "BF16"
+        else (f"supported: {', '.join(_ST_DTYPES)}")
+    )
+    raise InvalidInputError(f"{tensor}: dtype {value!r:.40} is not supported ({why})")
+
+
+def _check_layout(spans: list[_Span], data_len: int, where: str) -> None:
+    """Tensors must tile the data section exactly: contiguous, no overlap, no gap, no tail."""
+    covered = 0
+    previous = None
+    for span in sorted(spans, key=lambda s: (s.begin, s.end)):
+        if span.begin < covered:
+            raise InvalidInputError(
+                f"{where}: tensors {previous!r:.80} and {span.name!r:.80} overlap "
+                f"(bytes {span.begin} to {covered})"
+            )
+        if span.begin > covered:
+            raise InvalidInputError(
+                f"{where}: bytes {covered} to {span.begin} of the data section belong to no tensor"
+            )
+        covered, previous = span.end, span.name
+    if covered != data_len:
+        raise InvalidInputError(
+            f"{where}: tensors cover {covered} bytes of a {data_len}-byte data section"
+        )
+
+
+# -- the node -----------------------------------------------------------------------------------
+
+
+def _path(what: str, value: object) -> str:
+    if value is None:
+        raise InvalidInputError(f"{what} is required: the weights file to import")
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{what} must be a non-empty string, got {value!r:.80}")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidInputError(f"{what} is longer than {MAX_PATH_BYTES} bytes")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise InvalidInputError(f"{what} {value!r:.80} contains a control character")
+    return value
+
+
+def _model_type(what: str, value: object) -> str:
+    return check_label(value, what)
+
+
+class FileNode(Node):
+    """A context imported from a .npy, .npz or .safetensors file (config ``path``)."""
+
+    node_type: ClassVar[str] = "file"
+    model_type = "file"
+    params: ClassVar[Mapping[str, Param]] = MappingProxyType(
+        {
+            "path": Param(None, _path, "the weights file to import"),
+            "format": Param("auto", choice("auto", *FORMATS), "auto: from the suffix"),
+            "max_bytes": Param(DEFAULT_MAX_IMPORT_BYTES, integer(0, 2**62), "tensor bytes cap"),
+            "model_type": Param("file", _model_type, "label stored with the slot"),
+        }
+    )
+
+    def __init__(self, slot: int, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(slot, config)
+        self.model_type = self.config["model_type"]
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        if config["format"] == "auto":
+            detect_format(config["path"])
+
+    def read(self) -> WeightsFile:
+        c = self.config
+        return read_weights_file(c["path"], format=c["format"], max_bytes=c["max_bytes"])
+
+    def build_weights(self) -> dict[str, Array]:
+        return self.read().weights
+
+    def build_context(self) -> Context:
+        loaded = self.read()
+        source: dict[str, Any] = {
+            "path": os.path.abspath(loaded.path),
+            "format": loaded.format,
+            "size": loaded.size,
+        }
+        if loaded.metadata:
+            source["metadata"] = loaded.metadata
+        return self.make_context(loaded.weights, source=source)
