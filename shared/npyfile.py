@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import io
+import math
 import mmap
 import os
 import struct
@@ -86,13 +87,17 @@ def contiguous_bytes(array: Array) -> memoryview:
     return memoryview(flat.view(np.uint8).data)
 
 
-def map_array(path: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int) -> Array:
-    """Map a stored tensor read-only, checking the file size against dtype and shape.
+def map_array(
+    path: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int
+) -> Array:
+    """Map a stored tensor read-only, checking the file size against its record.
 
-    Raises NotFoundError when the file is gone and IntegrityError when its size
-    disagrees with the record: a wrong-sized array is never returned.
+    ``nbytes`` is the recorded data size (dtype.itemsize times the element
+    count). Raises NotFoundError when the file is gone and IntegrityError when
+    its size disagrees with the record: a wrong-sized array is never returned.
     """
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if nbytes != dtype.itemsize * math.prod(shape):
+        raise IntegrityError(f"index records {nbytes} bytes for {dtype}{list(shape)} ({path})")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

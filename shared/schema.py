@@ -31,6 +31,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             n_tensors INTEGER NOT NULL,
             nbytes INTEGER NOT NULL,
             pinned INTEGER NOT NULL DEFAULT 0,
+            manifest BLOB NOT NULL,
             PRIMARY KEY (slot, version)
         ) WITHOUT ROWID""",
         """CREATE TABLE tensors (

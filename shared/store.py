@@ -48,6 +48,7 @@ from .errors import (
 from .faults import crash_point
 from .hierarchy import NodeHierarchy
 from .lock import WriterLock
+from .manifest import Manifest, pack_manifest, unpack_manifest
 from .npyfile import (
     contiguous_bytes,
     dtype_from_text,
@@ -356,7 +357,7 @@ class PersistentStore:
                 )
                 conn.execute(
                     "INSERT INTO versions(slot, version, created_at, config, metadata, "
-                    "n_tensors, nbytes, pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "n_tensors, nbytes, pinned, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         slot,
                         version,
@@ -366,6 +367,7 @@ class PersistentStore:
                         len(tensors),
                         sum(row[5] for row in tensors),
                         int(pin),
+                        pack_manifest(tensors),
                     ),
                 )
                 conn.executemany(
@@ -421,18 +423,13 @@ class PersistentStore:
         with self._read_snapshot() as conn:
             number = _resolve(conn, slot, version)
             record = conn.execute(
-                "SELECT config, metadata FROM versions WHERE slot = ? AND version = ?",
+                "SELECT config, metadata, manifest FROM versions WHERE slot = ? AND version = ?",
                 (slot, number),
             ).fetchone()
-            tensors = conn.execute(
-                "SELECT position, name, dtype, shape, data_offset FROM tensors "
-                "WHERE slot = ? AND version = ? ORDER BY position",
-                (slot, number),
-            ).fetchall()
         if record is None:
             raise NotFoundError(f"slot {slot} has no version {number}")
         try:
-            weights = self._map_tensors(slot, number, tensors)
+            weights = self._map_tensors(slot, number, unpack_manifest(record[2]))
         except NotFoundError:
             if self._version_exists(slot, number):
                 raise IntegrityError(
@@ -447,18 +444,17 @@ class PersistentStore:
             number,
         )
 
-    def _map_tensors(
-        self, slot: int, version: int, tensors: list[tuple[int, str, str, str, int]]
-    ) -> dict[str, Array]:
+    def _map_tensors(self, slot: int, version: int, manifest: Manifest) -> dict[str, Array]:
         root = self._root_str
         return {
             name: map_array(
                 layout.tensor_path_str(root, slot, version, position),
                 dtype_from_text(dtype),
-                shape_from_text(shape),
+                tuple(shape),
                 offset,
+                nbytes,
             )
-            for position, name, dtype, shape, offset in tensors
+            for position, (name, dtype, shape, offset, nbytes) in enumerate(manifest)
         }
 
     def _version_exists(self, slot: int, version: int) -> bool:
@@ -743,7 +739,8 @@ def _load_json(text: str, what: str) -> Mapping[str, Any]:
 def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:
     """True when the file at ``path`` holds exactly ``header`` + ``data``."""
     try:
-        stored = map_array(str(path), np.dtype(np.uint8), (len(header) + data.nbytes,), 0)
+        size = len(header) + data.nbytes
+        stored = map_array(str(path), np.dtype(np.uint8), (size,), 0, size)
     except (NotFoundError, IntegrityError):
         return False
     if stored[: len(header)].tobytes() != header:

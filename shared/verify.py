@@ -13,6 +13,8 @@ from pathlib import Path
 
 from . import layout
 from .checksum import checksum_file
+from .errors import IntegrityError
+from .manifest import unpack_manifest
 from .records import Problem
 
 
@@ -48,10 +50,17 @@ def check_versions(
         problem = _check_file(str(path), offset + nbytes, checksum if rehash else None)
         if problem:
             problems.append(Problem(problem[0], problem[1], s, v, name))
+    expected: dict[tuple[int, int], list[tuple[str, int, int]]] = defaultdict(list)
+    for s, v, _, name, offset, nbytes, _ in rows:
+        expected[(s, v)].append((name, offset, nbytes))
     version_rows = conn.execute(
-        "SELECT slot, version FROM versions WHERE (?1 IS NULL OR slot = ?1)", (slot,)
+        "SELECT slot, version, manifest FROM versions WHERE (?1 IS NULL OR slot = ?1)", (slot,)
     ).fetchall()
-    for s, v in version_rows:
+    for s, v, blob in version_rows:
+        if _manifest_entries(blob) != expected.get((s, v), []):
+            problems.append(
+                Problem("manifest_mismatch", "tensor manifest disagrees with tensor rows", s, v)
+            )
         directory = layout.version_dir(root, s, v)
         if not directory.is_dir():
             problems.append(Problem("missing_version_dir", f"{directory} does not exist", s, v))
@@ -60,6 +69,13 @@ def check_versions(
         for name in sorted(stray):
             problems.append(Problem("stray_file", f"{directory / name} is not in the index", s, v))
     return problems
+
+
+def _manifest_entries(blob: bytes) -> list[tuple[str, int, int]] | None:
+    try:
+        return [(name, offset, nbytes) for name, _, _, offset, nbytes in unpack_manifest(blob)]
+    except (IntegrityError, ValueError, TypeError):
+        return None
 
 
 def _check_file(path: str, size: int, checksum: str | None) -> tuple[str, str] | None:
