@@ -57,7 +57,9 @@ def verify_problems(unit_text: str, name: str, directory: Path) -> list[str]:
     path.chmod(0o644)
     done = _run(_tool("systemd-analyze"), "verify", "--man=no", "--recursive-errors=no", str(path))
     output = (done.stdout + done.stderr).splitlines()
-    problems = [line for line in output if name in line or str(path) in line]
+    # systemd names a template after a made-up instance ("x@.service" -> "x@i.service").
+    stem = name.partition("@")[0] + "@" if "@" in name else name
+    problems = [line for line in output if stem in line or str(path) in line]
     if done.returncode != 0:
         problems.append(f"exit status {done.returncode}: {output}")
     return problems
@@ -148,23 +150,25 @@ def test_reader_template_instance_verifies(tmp_path: Path) -> None:
     assert verify_problems(text, "ctxstore-reader@7.service", tmp_path) == []
 
 
+# Each breakage is (text to find, replacement); "[Service]\n" inserts a line.
 BREAKAGES = {
     "misspelled directive": ("ProtectSystem=strict", "ProtectSystm=strict"),
-    "unknown service type": ("Type=notify", "Type=notifyy"),
-    "unparsable time span": ("WatchdogSec=30s", "WatchdogSec=thirty"),
-    "unknown address family": ("AF_UNIX AF_INET", "AF_UNIX AF_BOGUS"),
+    "unknown service type": ("[Service]\n", "[Service]\nType=notifyy\n"),
+    "unparsable time span": ("[Service]\n", "[Service]\nRestartSec=thirty\n"),
+    "unknown address family": ("[Service]\n", "[Service]\nRestrictAddressFamilies=AF_BOGUS\n"),
     "missing executable": ("ExecStart=/usr/bin/env", "ExecStart=/nonexistent/env"),
     "executable not on systemd's path": ("ExecStart=/usr/bin/env ctxstore", "ExecStart=ctxstorez"),
     "no ExecStart": ("ExecStart=", "#ExecStart="),
 }
 
 
+@pytest.mark.parametrize("name", UNITS)
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_a_broken_unit_fails_verification(breakage: str, tmp_path: Path) -> None:
+def test_a_broken_unit_fails_verification(name: str, breakage: str, tmp_path: Path) -> None:
     old, new = BREAKAGES[breakage]
-    text = (SYSTEMD_DIR / DAEMON_UNIT).read_text()
-    assert old in text, f"the breakage {breakage!r} no longer applies to {DAEMON_UNIT}"
-    assert verify_problems(text.replace(old, new), DAEMON_UNIT, tmp_path) != []
+    text = (SYSTEMD_DIR / name).read_text()
+    assert old in text, f"the breakage {breakage!r} no longer applies to {name}"
+    assert verify_problems(text.replace(old, new), name, tmp_path) != []
 
 
 # --- security exposure ---------------------------------------------------------------------
