@@ -154,6 +154,44 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ctxstore.daemon.main import config_from_args
+    from ctxstore.daemon.main import main as daemon_main
+
+    return daemon_main(config_from_args(args, store_dir(args), socket_path(args)))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .client import publish
+
+    version = publish(
+        args.slot, args.file, socket=socket_path(args), model_type=args.type, alias=args.alias
+    )
+    print(f"slot {args.slot}: published version {version}")
+    return 0
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, bools), else text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .client import build
+
+    version = build(
+        args.slot, args.type, dict(args.set), socket=socket_path(args), alias=args.alias
+    )
+    print(f"slot {args.slot}: built and published version {version}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -181,6 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo, "build, publish and read contexts in a temporary store")
     p.add_argument("--versions", type=int, default=3, help="versions per slot (default 3)")
+
+    p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
+    p.add_argument("--socket-group", default=None, help="group that may use the socket")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed")
+    p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer gid allowed")
+    p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+    p = command("publish", cmd_publish, "commit a .npy/.npz/.safetensors file through the daemon")
+    p.add_argument("slot", type=slot_arg)
+    p.add_argument("file", type=Path)
+    p.add_argument("--type", default=None, help="model type of the slot")
+    p.add_argument("--alias", default=None, help="point this alias at the new version")
+
+    p = command("build", cmd_build, "build a context with a node type and commit it")
+    p.add_argument("slot", type=slot_arg)
+    p.add_argument("--type", required=True, help="node type: llm, cnn, file or a plugin's")
+    p.add_argument(
+        "--set",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value (repeat)",
+    )
+    p.add_argument("--alias", default=None)
 
     p = command("slots", cmd_slots, "list slots")
     p.add_argument("--type", default=None, help="only this model type")

@@ -1,0 +1,81 @@
+"""Who is connected and what they hold: the daemon's view of its readers.
+
+Updated on the event loop from hello, ack and heartbeat frames; read by the
+commit thread (retention must keep every version a connected reader holds)
+and by status. A lock makes those cross-thread reads safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(slots=True)
+class ReaderState:
+    session: int
+    pid: int
+    name: str
+    uid: int
+    role: str
+    connected_at: float
+    last_seen: float
+    held: dict[int, int] = field(default_factory=dict)
+    uss: int = 0
+    pss: int = 0
+    acks: int = 0
+
+
+class Fleet:
+    """The connected peers, keyed by session id."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._readers: dict[int, ReaderState] = {}
+
+    def join(self, session: int, *, pid: int, name: str, uid: int, role: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self._readers[session] = ReaderState(session, pid, name, uid, role, now, now)
+
+    def leave(self, session: int) -> None:
+        with self._lock:
+            self._readers.pop(session, None)
+
+    def seen(self, session: int) -> None:
+        with self._lock:
+            state = self._readers.get(session)
+            if state is not None:
+                state.last_seen = self._clock()
+
+    def ack(self, session: int, slot: int, version: int) -> None:
+        with self._lock:
+            state = self._readers.get(session)
+            if state is not None:
+                state.held[slot] = version
+                state.acks += 1
+                state.last_seen = self._clock()
+
+    def heartbeat(self, session: int, held: Iterable[tuple[int, int]], uss: int, pss: int) -> None:
+        with self._lock:
+            state = self._readers.get(session)
+            if state is not None:
+                state.held = dict(held)
+                state.uss, state.pss = uss, pss
+                state.last_seen = self._clock()
+
+    def held_versions(self, slot: int) -> set[int]:
+        """Versions of ``slot`` that some connected reader holds (retention keeps them)."""
+        with self._lock:
+            return {r.held[slot] for r in self._readers.values() if slot in r.held}
+
+    def snapshot(self) -> list[ReaderState]:
+        with self._lock:
+            return [replace(r, held=dict(r.held)) for r in self._readers.values()]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._readers)

@@ -1,0 +1,142 @@
+"""The daemon's Unix socket: bound safely, never stolen, gated by peer credentials.
+
+The socket lives on a filesystem path (never the abstract namespace) with mode
+0660 and an optional group. A file already at the path is replaced only when
+it is a socket nobody answers on (left by a crashed daemon), and only by a
+caller that holds the store's writer lock; a live daemon's socket is never
+touched, and a path that is not a socket is never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxstore.errors import ConflictError, InvalidInputError, StorageError
+
+log = logging.getLogger("ctxstore.daemon")
+
+SOCKET_MODE = 0o660
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class BoundSocket:
+    """A listening socket and the identity of the file it created, for a safe unlink later."""
+
+    sock: socket.socket
+    path: Path
+    inode: int
+
+    def remove(self) -> None:
+        """Unlink the socket file only if it is still ours (a successor may have replaced it)."""
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+
+def bind_socket(path: Path, *, group: str | None = None, backlog: int = 512) -> BoundSocket:
+    """A listening socket at ``path`` with mode 0660 (and ``group``), replacing a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # the socket is never reachable with looser permissions
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise StorageError(exc.errno, f"cannot bind socket {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            os.chown(path, -1, _group_id(group))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    sock.setblocking(False)
+    return BoundSocket(sock, path, os.lstat(path).st_ino)
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidInputError(f"socket group {group!r} does not exist") from None
+
+
+def _clear_stale(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConflictError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.warning("replacing stale socket %s left by a daemon that is gone", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise ConflictError(f"cannot tell whether socket {path} is live: {exc}") from exc
+    finally:
+        probe.close()
+    raise ConflictError(f"another daemon is listening on {path}; refusing to steal its socket")
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """SO_PEERCRED of a connected Unix socket, plus the peer's supplementary groups."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid, _supplementary_groups(pid) | {gid})
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPolicy:
+    """Who may connect: everyone the file mode lets in, or only listed uids / gids."""
+
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+
+    def permits(self, peer: PeerCredentials) -> bool:
+        if not self.allow_uids and not self.allow_gids:
+            return True
+        if peer.uid in self.allow_uids or peer.uid == os.getuid():
+            return True
+        return bool(peer.groups & self.allow_gids)

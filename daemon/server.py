@@ -1,0 +1,270 @@
+"""The writer daemon: one asyncio loop serving the socket, committing, announcing.
+
+Start order: writer lock (by opening the store), version table (reclaiming a
+stale one), socket (replacing only a stale one), then READY. Stop order on
+SIGTERM / SIGINT: stop accepting, let the commit in flight finish, say
+goodbye to every peer, remove the socket and the segment, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+from ctxstore.errors import CtxStoreError, InvalidInputError
+from ctxstore.messages import (
+    Ack,
+    Announce,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    PublishBuild,
+    Published,
+    PublishFile,
+    PublishShm,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Welcome,
+    error_for,
+)
+from ctxstore.store import PersistentStore
+from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
+
+from .committer import Committer, Requester
+from .config import DaemonConfig
+from .fleet import Fleet
+from .listener import BoundSocket, PeerPolicy, bind_socket, peer_credentials
+from .notify import Notifier, watchdog_loop
+from .subscriber import Subscriber
+
+log = logging.getLogger("ctxstore.daemon")
+
+PublishRequest = PublishFile | PublishBuild | PublishShm
+
+
+class Daemon:
+    """The long-running writer process (see module docstring for the lifecycle)."""
+
+    def __init__(self, config: DaemonConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.fleet = Fleet()
+        self.subscribers: dict[int, Subscriber] = {}
+        self.policy = PeerPolicy(config.allow_uids, config.allow_gids)
+        self._sessions = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.store: PersistentStore | None = None
+        self.table: VersionTableWriter | None = None
+        self.committer: Committer | None = None
+        self._bound: BoundSocket | None = None
+        self._server: asyncio.Server | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        self.store = PersistentStore(config.store, retention=config.retention)
+        for problem in self.store.recovery_problems:
+            log.error("store recovery found: %s", problem)
+        self.store.protected_versions = self.fleet.held_versions
+        self.table = VersionTable.create(
+            segment_name(self.store.root), capacity=config.table_capacity
+        )
+        self.table.set_many(self.store.current_versions())
+        self.committer = Committer(self.store, self.table, self.announce)
+        self._bound = bind_socket(config.socket, group=config.socket_group)
+        self._server = await asyncio.start_unix_server(self._accept, sock=self._bound.sock)
+        log.info(
+            "ctxstore daemon pid %d: store %s, socket %s, %d slots",
+            os.getpid(),
+            self.store.root,
+            config.socket,
+            len(self.store.current_versions()),
+        )
+        self.notifier.ready(f"serving {config.socket}")
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._spawn(watchdog_loop(self.notifier, interval, lambda: not self._stop.is_set()))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self._stop.wait()
+        await self.stop("daemon shutting down")
+
+    async def stop(self, reason: str) -> None:
+        self.notifier.stopping(reason)
+        if self._server is not None:
+            self._server.close()
+        if self.committer is not None:
+            await self.committer.drain()
+        for subscriber in list(self.subscribers.values()):
+            subscriber.goodbye(reason)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._bound is not None:
+            self._bound.sock.close()
+            self._bound.remove()
+        if self.table is not None:
+            self.table.close()
+            self.table.unlink()
+        if self.store is not None:
+            self.store.close()
+        log.info("ctxstore daemon stopped: %s", reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connections ------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = peer_credentials(sock)
+        session = next(self._sessions)
+        log.info(
+            "session %d: connection from pid %d uid %d gid %d",
+            session,
+            peer.pid,
+            peer.uid,
+            peer.gid,
+        )
+        subscriber = Subscriber(
+            session,
+            reader,
+            writer,
+            peer,
+            max_frame_size=self.config.max_frame_size,
+            stuck_timeout=self.config.stuck_timeout,
+            silent_timeout=self.config.silent_timeout,
+        )
+        if not self.policy.permits(peer) or self._stop.is_set():
+            why = "shutting down" if self._stop.is_set() else f"uid {peer.uid} is not allowed"
+            log.warning("session %d: refused: %s", session, why)
+            subscriber.fail(Error(kind="forbidden", message=why, fatal=True))
+            return
+        self.subscribers[session] = subscriber
+        flusher = self._spawn(subscriber.flush_loop())
+        try:
+            await subscriber.receive_loop(self._handle)
+        finally:
+            subscriber.close(subscriber.close_reason or "connection ended")
+            flusher.cancel()
+            self.subscribers.pop(session, None)
+            self.fleet.leave(session)
+            log.info(
+                "session %d (%s): closed: %s", session, subscriber.name, subscriber.close_reason
+            )
+
+    async def _handle(self, sub: Subscriber, message: Message) -> None:
+        self.fleet.seen(sub.session)
+        match message:
+            case Hello(name=name, pid=pid, role=role):
+                sub.name = f"{name or 'anonymous'} (pid {pid})"
+                self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
+                sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions={}))
+            case Subscribe():
+                sub.subscriptions.slots.update(message.slots)
+                sub.subscriptions.groups.update(message.groups)
+                sub.subscriptions.everything |= message.all
+                versions = self._snapshot(message.slots, message.groups, message.all)
+                sub.send(Subscribed(request_id=message.request_id, versions=versions))
+            case Unsubscribe():
+                sub.subscriptions.slots.difference_update(message.slots)
+                sub.subscriptions.groups.difference_update(message.groups)
+                if message.all:
+                    sub.subscriptions.everything = False
+            case Ack(slot=slot, version=version):
+                self.fleet.ack(sub.session, slot, version)
+            case Heartbeat(held=held, uss=uss, pss=pss):
+                self.fleet.heartbeat(sub.session, held, uss, pss)
+            case PublishFile() | PublishBuild() | PublishShm():
+                self._spawn(self._publish(sub, message))
+            case Ping(nonce=nonce):
+                sub.send(Pong(nonce=nonce))
+            case Pong() | Error():
+                pass
+            case Goodbye(reason=reason):
+                sub.close(f"peer said goodbye: {reason}")
+            case _:
+                raise InvalidInputError(f"unexpected {type(message).__name__} from a client")
+
+    async def _publish(
+        self, sub: Subscriber, request: PublishFile | PublishBuild | PublishShm
+    ) -> None:
+        assert self.committer is not None
+        who = Requester(sub.peer.uid)
+        try:
+            match request:
+                case PublishFile():
+                    version = await self.committer.publish_file(request, who)
+                case PublishBuild():
+                    version = await self.committer.publish_build(request)
+                case PublishShm():
+                    version = await self.committer.publish_shm(request, who)
+        except CtxStoreError as exc:
+            log.warning(
+                "session %d: publish to slot %d refused: %s", sub.session, request.slot, exc
+            )
+            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
+            return
+        except Exception as exc:
+            log.exception("session %d: publish to slot %d failed", sub.session, request.slot)
+            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
+            return
+        sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
+
+    def _snapshot(
+        self, slots: Iterable[int], groups: Iterable[str], everything: bool
+    ) -> dict[int, int]:
+        assert self.store is not None
+        current = self.store.current_versions()
+        if everything:
+            return current
+        wanted = set(slots)
+        for group in groups:
+            wanted.update(self.store.hierarchy.list_by_group(group))
+        return {slot: current[slot] for slot in wanted if slot in current}
+
+    # -- announcing -------------------------------------------------------------------------
+
+    def announce(self, announce: Announce) -> None:
+        """Offer ``announce`` to every subscriber that covers its slot; never waits."""
+        assert self.store is not None
+        groups = frozenset(self.store.hierarchy.get_groups(announce.slot))
+        for subscriber in list(self.subscribers.values()):
+            if subscriber.subscriptions.covers(announce.slot, groups):
+                subscriber.offer(announce)
+
+
+async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    daemon = Daemon(config, notifier)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, daemon.request_stop)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop("start failed")
+        raise
+    await daemon.serve_until_stopped()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,190 @@
+"""One connected peer: its protocol state, its subscriptions and its outbox.
+
+The daemon never waits on a reader. An announcement is written straight to
+the socket when nothing is queued for that reader; otherwise it replaces any
+older announcement for the same slot in the reader's outbox (coalescing to
+the newest version per slot), and the reader's own flush task drains it. A
+reader whose backlog does not drain within ``stuck_timeout``, or that sends
+nothing for ``silent_timeout``, is disconnected with a logged reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ctxstore.errors import CtxStoreError, RemoteProtocolError
+from ctxstore.messages import Announce, Error, Goodbye, Message
+from ctxstore.protocol import NEED_DATA, Connection, Role, Signal, error_frame_for
+
+from .listener import PeerCredentials
+
+log = logging.getLogger("ctxstore.daemon")
+
+READ_CHUNK = 256 << 10
+MAX_CONTROL_BACKLOG = 256
+
+
+@dataclass(slots=True)
+class Subscriptions:
+    slots: set[int] = field(default_factory=set)
+    groups: set[str] = field(default_factory=set)
+    everything: bool = False
+
+    def covers(self, slot: int, groups: frozenset[str]) -> bool:
+        return self.everything or slot in self.slots or not self.groups.isdisjoint(groups)
+
+
+Handler = Callable[["Subscriber", Message], Awaitable[None]]
+
+
+class Subscriber:
+    """Moves bytes between one socket and its protocol Connection; never blocks the daemon."""
+
+    def __init__(
+        self,
+        session: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: PeerCredentials,
+        *,
+        max_frame_size: int,
+        stuck_timeout: float,
+        silent_timeout: float,
+    ) -> None:
+        self.session = session
+        self.peer = peer
+        self.name = f"pid {peer.pid}"
+        self.subscriptions = Subscriptions()
+        self._reader = reader
+        self._writer = writer
+        self._conn = Connection(Role.SERVER, max_frame_size=max_frame_size)
+        self._stuck_timeout = stuck_timeout
+        self._silent_timeout = silent_timeout
+        self._pending: dict[int, Announce] = {}
+        self._control: deque[Message] = deque()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.close_reason: str | None = None
+        self.dropped_announcements = 0
+
+    # -- outgoing ---------------------------------------------------------------------------
+
+    def offer(self, announce: Announce) -> None:
+        """Queue (or write at once) an announcement; never waits."""
+        if self._closed:
+            return
+        if not self._pending and not self._control and self._buffered() == 0:
+            self._write(announce)
+            return
+        if announce.slot in self._pending:
+            self.dropped_announcements += 1
+        self._pending[announce.slot] = announce
+        self._wake.set()
+
+    def send(self, message: Message) -> None:
+        """Queue a reply (welcome, subscribed, published, error...); bounded."""
+        if self._closed:
+            return
+        if not self._pending and not self._control and self._buffered() == 0:
+            self._write(message)
+            return
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            self.close(f"more than {MAX_CONTROL_BACKLOG} replies queued: reader is not reading")
+            return
+        self._control.append(message)
+        self._wake.set()
+
+    def _buffered(self) -> int:
+        return self._writer.transport.get_write_buffer_size()
+
+    def _write(self, message: Message) -> None:
+        try:
+            self._writer.write(self._conn.send(message))
+        except CtxStoreError:
+            log.exception("session %d: cannot send %s", self.session, type(message).__name__)
+
+    async def flush_loop(self) -> None:
+        """Drain the outbox; disconnect a reader whose backlog stays stuck."""
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while (self._control or self._pending) and not self._closed:
+                while self._control:
+                    self._write(self._control.popleft())
+                batch, self._pending = self._pending, {}
+                for announce in batch.values():
+                    self._write(announce)
+                try:
+                    await asyncio.wait_for(self._writer.drain(), self._stuck_timeout)
+                except TimeoutError:
+                    self.close(f"stuck: its backlog did not drain in {self._stuck_timeout:g}s")
+                except (ConnectionError, RuntimeError):
+                    self.close("connection lost while writing")
+
+    # -- incoming ---------------------------------------------------------------------------
+
+    async def receive_loop(self, handle: Handler) -> None:
+        """Read frames until EOF, a protocol violation, silence past the limit, or close."""
+        while not self._closed:
+            try:
+                data = await asyncio.wait_for(self._reader.read(READ_CHUNK), self._silent_timeout)
+            except TimeoutError:
+                self.close(f"silent for {self._silent_timeout:g}s (no heartbeat)")
+                return
+            except ConnectionError:
+                self.close("connection reset")
+                return
+            try:
+                self._conn.receive_data(data)
+                while True:
+                    event = self._conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, Signal):  # CLOSED
+                        self.close("peer closed the connection")
+                        return
+                    await handle(self, event)
+            except RemoteProtocolError as exc:
+                log.warning("session %d (%s): protocol error: %s", self.session, self.name, exc)
+                with contextlib.suppress(Exception):
+                    self._writer.write(error_frame_for(exc))
+                self.close(f"protocol error: {exc}")
+                return
+            if not data:
+                self.close("peer closed the connection")
+                return
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def goodbye(self, reason: str) -> None:
+        """Tell the peer we are going (daemon shutdown), then close."""
+        if not self._closed:
+            self._write_quietly(Goodbye(reason=reason))
+        self.close(reason)
+
+    def fail(self, error: Error) -> None:
+        """Send a fatal error and close."""
+        if not self._closed:
+            self._write_quietly(error)
+        self.close(error.message)
+
+    def _write_quietly(self, message: Message) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.write(self._conn.send(message))
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        self._wake.set()
+        self._writer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,222 @@
+"""A small blocking client of the daemon's socket, for publishing from training code.
+
+``publish(slot, context_or_path)`` returns the committed version. A file path
+travels as a path (the daemon imports it); a Context's tensors never travel as
+socket frames: they are staged in a POSIX shared-memory segment that the
+daemon maps read-only, commits from, and the client removes afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import posix_ipc
+
+from .context import Context
+from .errors import (
+    DaemonUnavailableError,
+    InvalidInputError,
+    RemoteError,
+    StorageError,
+    WaitTimeoutError,
+)
+from .messages import (
+    Error,
+    Goodbye,
+    Hello,
+    Message,
+    PublishBuild,
+    Published,
+    PublishFile,
+    PublishShm,
+    TensorSpec,
+    Welcome,
+)
+from .npyfile import contiguous_bytes
+from .paths import default_socket_path
+from .protocol import NEED_DATA, Connection, Role, Signal
+from .validation import check_slot
+
+SHM_PREFIX = "/ctxstore-pub-"
+_ALIGN = 64
+
+
+class DaemonClient:
+    """One connection to the daemon that sends requests and waits for their answers."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        name: str = "ctxstore-client",
+        role: str = "publisher",
+        timeout: float = 60.0,
+    ) -> None:
+        self.path = Path(socket_path) if socket_path else default_socket_path()
+        self._conn = Connection(Role.CLIENT)
+        self._ids = itertools.count(1)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.path))
+        except OSError as exc:
+            self._sock.close()
+            raise DaemonUnavailableError(
+                f"cannot reach the ctxstore daemon at {self.path}: {exc.strerror or exc}"
+            ) from exc
+        self._send(Hello(role=role, name=name, pid=os.getpid()))
+        welcome = self._receive()
+        if not isinstance(welcome, Welcome):
+            raise DaemonUnavailableError(f"daemon answered hello with {type(welcome).__name__}")
+        self.daemon_pid = welcome.daemon_pid
+
+    def _send(self, message: Message) -> None:
+        self._sock.sendall(self._conn.send(message))
+
+    def _receive(self) -> Message:
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = self._sock.recv(1 << 16)
+                except TimeoutError:
+                    raise WaitTimeoutError("the daemon did not answer in time") from None
+                self._conn.receive_data(data)
+                continue
+            if isinstance(event, Signal):
+                raise DaemonUnavailableError("the daemon closed the connection")
+            if isinstance(event, Goodbye):
+                raise DaemonUnavailableError(f"the daemon is going away: {event.reason}")
+            return event
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def request(self, message: Message, request_id: int) -> Message:
+        """Send ``message`` and return the answer carrying ``request_id``; errors raise."""
+        self._send(message)
+        while True:
+            reply = self._receive()
+            if isinstance(reply, Error) and (reply.request_id in (None, request_id)):
+                raise RemoteError(reply.kind, reply.message)
+            if getattr(reply, "request_id", None) == request_id:
+                return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._send(Goodbye(reason="client done"))
+        self._sock.close()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _expect_published(reply: Message) -> int:
+    if not isinstance(reply, Published):
+        raise DaemonUnavailableError(f"unexpected answer {type(reply).__name__}")
+    return reply.version
+
+
+def publish(
+    slot: int,
+    source: Context | str | os.PathLike[str],
+    *,
+    socket: str | os.PathLike[str] | None = None,
+    model_type: str | None = None,
+    alias: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    timeout: float = 600.0,
+) -> int:
+    """Ask the daemon to commit ``source`` as the next version of ``slot``; returns it."""
+    slot = check_slot(slot)
+    with DaemonClient(socket, timeout=timeout) as client:
+        rid = client.next_request_id()
+        if isinstance(source, Context):
+            if metadata:
+                source = source.set_metadata({**source.get_metadata(), **metadata})
+            return _publish_context(client, rid, slot, source, model_type=model_type, alias=alias)
+        request = PublishFile(
+            request_id=rid,
+            slot=slot,
+            path=str(Path(source).absolute()),
+            model_type=model_type,
+            alias=alias,
+            metadata=dict(metadata or {}),
+        )
+        return _expect_published(client.request(request, rid))
+
+
+def build(
+    slot: int,
+    node_type: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    socket: str | os.PathLike[str] | None = None,
+    alias: str | None = None,
+    timeout: float = 600.0,
+) -> int:
+    """Ask the daemon to build a context with a registered node type and commit it."""
+    slot = check_slot(slot)
+    with DaemonClient(socket, timeout=timeout) as client:
+        rid = client.next_request_id()
+        request = PublishBuild(
+            request_id=rid, slot=slot, node_type=node_type, config=dict(config or {}), alias=alias
+        )
+        return _expect_published(client.request(request, rid))
+
+
+def _publish_context(
+    client: DaemonClient,
+    rid: int,
+    slot: int,
+    context: Context,
+    *,
+    model_type: str | None,
+    alias: str | None,
+) -> int:
+    specs: list[TensorSpec] = []
+    offset = 0
+    for name, array in context.weights.items():
+        if array.dtype.fields is not None or array.dtype.subdtype is not None:
+            raise InvalidInputError(
+                f"tensor {name!r}: structured dtype {array.dtype} cannot be published through "
+                "the daemon; save it with PersistentStore or publish a .npy file"
+            )
+        offset = -(-offset // _ALIGN) * _ALIGN
+        specs.append(TensorSpec(name, array.dtype.str, tuple(array.shape), offset, array.nbytes))
+        offset += array.nbytes
+    name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    try:
+        segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=max(offset, 1))
+    except (posix_ipc.Error, OSError) as exc:
+        raise StorageError(f"cannot create shared-memory segment {name}: {exc}") from exc
+    try:
+        with mmap.mmap(segment.fd, max(offset, 1)) as mm:
+            segment.close_fd()
+            for spec, array in zip(specs, context.weights.values(), strict=True):
+                mm[spec.offset : spec.offset + spec.nbytes] = contiguous_bytes(array)
+        request = PublishShm(
+            request_id=rid,
+            slot=slot,
+            shm_name=name,
+            manifest=tuple(specs),
+            config=context.get_config(),
+            metadata=context.get_metadata(),
+            model_type=model_type,
+            alias=alias,
+        )
+        return _expect_published(client.request(request, rid))
+    finally:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(name)
