@@ -109,22 +109,27 @@ def _clear_stale(path: Path) -> None:
     raise ConflictError(f"another daemon is listening on {path}; refusing to steal its socket")
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+_MAX_GROUPS_BYTES = 4 * 1024
+
+
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """SO_PEERCRED of a connected Unix socket, plus the peer's supplementary groups."""
+    """SO_PEERCRED of a connected Unix socket, plus the peer's supplementary groups.
+
+    Groups come from SO_PEERGROUPS, the kernel's record taken at connect time,
+    not from /proc (hidden from the daemon by ProtectProc=invisible).
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return PeerCredentials(pid, uid, gid, _supplementary_groups(pid) | {gid})
+    return PeerCredentials(pid, uid, gid, _peer_groups(sock) | {gid})
 
 
-def _supplementary_groups(pid: int) -> frozenset[int]:
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS_BYTES)
     except OSError:
-        pass
-    return frozenset()
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,8 @@ from .validation import (
 from .verify import find_orphans, verify_store
 
 DEFAULT_RETENTION = 5
+#: how often load_context resolves a moving reference again after losing a race with retention
+_LOAD_ATTEMPTS = 8
 
 VersionRef = int | str | None
 PreCommitHook = Callable[[int, Context], None]
@@ -167,6 +169,10 @@ class PersistentStore:
             for conn in conns:
                 conn.close()
             if self._conn is not None:
+                # leave the index in rollback-journal mode so read-only users of another uid
+                # can open it while no writer runs (WAL needs a writable -shm for that)
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA journal_mode = DELETE")
                 self._conn.close()
         self._conn = None
         if self._lock is not None:
@@ -418,8 +424,24 @@ class PersistentStore:
             return _resolve(conn, slot, version)
 
     def load_context(self, slot_id: int, version: VersionRef = None) -> Context:
-        """The context at ``version`` (default: current), its arrays mapped read-only."""
+        """The context at ``version`` (default: current), its arrays mapped read-only.
+
+        Retention may retire the version between the index read and the mapping of
+        its files. A reference that moves (current, latest, an alias) is then
+        resolved again; a numbered version that was retired is NotFoundError.
+        """
         slot = check_slot(slot_id)
+        moving = not isinstance(version, int) and not (
+            isinstance(version, str) and version.isdigit()
+        )
+        for _ in range(_LOAD_ATTEMPTS if moving else 1):
+            number, context = self._load_once(slot, version)
+            if context is not None:
+                return context
+        raise NotFoundError(f"slot {slot} version {number} was retired")
+
+    def _load_once(self, slot: int, version: VersionRef) -> tuple[int, Context | None]:
+        """The resolved version number and its context, or None when it was retired meanwhile."""
         with self._read_snapshot() as conn:
             number = _resolve(conn, slot, version)
             record = conn.execute(
@@ -435,8 +457,8 @@ class PersistentStore:
                 raise IntegrityError(
                     f"slot {slot} version {number} is recorded but its files are missing"
                 ) from None
-            raise NotFoundError(f"slot {slot} version {number} was retired") from None
-        return Context._trusted(
+            return number, None
+        return number, Context._trusted(
             MappingProxyType(weights),
             _load_json(record[0], "config"),
             _load_json(record[1], "metadata"),
