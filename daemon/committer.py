@@ -159,13 +159,21 @@ def _context_from_file(path: str, who: Requester) -> Context:
             raise InvalidInputError(
                 f"weights file {path!r} belongs to uid {owner}, not to the requesting uid {who.uid}"
             )
-        loaded = read_weights_file(f"/proc/self/fd/{fd}", format=fmt)
+        fd_path = f"/proc/self/fd/{fd}"
+        try:
+            loaded = read_weights_file(fd_path, format=fmt)
+        except InvalidInputError as exc:  # name the file the user gave, not our descriptor
+            raise InvalidInputError(str(exc).replace(fd_path, path)) from None
     finally:
         os.close(fd)
+    weights = loaded.weights
+    if fmt == "npy":  # the importer names a lone tensor by the file stem: use the real one
+        stem = os.path.splitext(os.path.basename(path))[0] or "0"
+        weights = {stem: next(iter(weights.values()))}
     metadata: dict[str, Any] = {"source": {"path": path, "format": fmt, "bytes": loaded.size}}
     if loaded.metadata:
         metadata["file_metadata"] = loaded.metadata
-    return Context(loaded.weights, None, metadata)
+    return Context(weights, None, metadata)
 
 
 @contextlib.contextmanager

@@ -25,9 +25,12 @@ def config_from_args(args: argparse.Namespace, store: Path, socket: Path) -> Dae
         allow_gids=frozenset(args.allow_gid),
         log_level=args.log_level.upper(),
     )
-    if args.retention is not None:
-        config = config.replace(retention=args.retention)
-    return config
+    overrides = {
+        key: getattr(args, key)
+        for key in ("retention", "silent_timeout", "stuck_timeout")
+        if getattr(args, key, None) is not None
+    }
+    return config.replace(**overrides) if overrides else config
 
 
 def main(config: DaemonConfig) -> int:

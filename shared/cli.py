@@ -201,6 +201,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _daemon_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket-group", default=None, help="group that may use the socket")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed")
+    p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer gid allowed")
+    p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--silent-timeout", type=float, default=None, help="drop readers silent this long (s)"
+    )
+    p.add_argument(
+        "--stuck-timeout", type=float, default=None, help="drop readers whose backlog is stuck (s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxstore",
@@ -221,11 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versions", type=int, default=3, help="versions per slot (default 3)")
 
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
-    p.add_argument("--socket-group", default=None, help="group that may use the socket")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed")
-    p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer gid allowed")
-    p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    _daemon_flags(p)
 
     p = command("publish", cmd_publish, "commit a .npy/.npz/.safetensors file through the daemon")
     p.add_argument("slot", type=slot_arg)

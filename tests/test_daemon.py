@@ -1,0 +1,302 @@
+"""The writer daemon as a real process: lifecycle, publishing, announcing, refusing bad peers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_notify import NotifySink
+
+from ctxstore import Context, RemoteError
+from ctxstore.client import build, publish
+from ctxstore.messages import Announce, Error, Hello, Subscribe, Subscribed, Welcome
+from ctxstore.protocol import NEED_DATA, Connection, Role
+from ctxstore.store import PersistentStore
+from ctxstore.versiontable import VersionTable, segment_name
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    store: Path
+    socket: Path
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_daemon(
+    tmp: Path, store: Path, sock: Path, sink: NotifySink | None = None, *extra: str
+) -> DaemonProcess:
+    env = dict(os.environ)
+    if sink is not None:
+        env["NOTIFY_SOCKET"] = str(sink.address)
+    log = tmp / f"daemon-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(store),
+             "--socket", str(sock), *extra],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    return DaemonProcess(proc, store, sock, log)
+
+
+def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "daemon exited during start"
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(sock))
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError(f"daemon socket {sock} never accepted a connection")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock", None,
+                        "--silent-timeout", "2", "--stuck-timeout", "2")  # fmt: skip
+    try:
+        wait_for_socket(proc.socket, proc.proc)
+        yield proc
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+        table = segment_name(proc.store)
+        if Path("/dev/shm" + table).exists():
+            os.unlink("/dev/shm" + table)
+
+
+_OPEN_PEERS: list[RawPeer] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_peers() -> Iterator[None]:
+    yield
+    while _OPEN_PEERS:
+        _OPEN_PEERS.pop().close()
+
+
+class RawPeer:
+    """A protocol client over a blocking socket, for tests that need to see every frame."""
+
+    def __init__(self, path: Path, name: str = "raw") -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        _OPEN_PEERS.append(self)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.conn = Connection(Role.CLIENT)
+        self.send(Hello(role="reader", name=name, pid=os.getpid()))
+        assert isinstance(self.next(), Welcome)
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(self.conn.send(message))  # type: ignore[arg-type]
+
+    def next(self) -> object:
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.conn.receive_data(self.sock.recv(65536))
+                continue
+            return event
+
+    def subscribe(self, **what: object) -> Subscribed:
+        self.send(Subscribe(request_id=1, **what))  # type: ignore[arg-type]
+        reply = self.next()
+        assert isinstance(reply, Subscribed)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_ready_only_when_socket_listens_and_clean_stop(tmp_path: Path) -> None:
+    sink = NotifySink()
+    try:
+        proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", sink)
+        ready = sink.wait_for("READY", timeout=30)
+        assert ready is not None
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(str(tmp_path / "ctx.sock"))  # READY implies accepting
+        probe.close()
+        mode = stat.S_IMODE(os.stat(tmp_path / "ctx.sock").st_mode)
+        assert mode == 0o660
+        assert Path("/dev/shm" + segment_name(tmp_path / "store")).exists()
+        assert proc.stop() == 0
+        sink.wait_for("STOPPING", timeout=10)
+        assert not (tmp_path / "ctx.sock").exists()
+        assert not Path("/dev/shm" + segment_name(tmp_path / "store")).exists()
+    finally:
+        sink.close()
+
+
+def test_publish_build_and_file_then_read_from_store(daemon: DaemonProcess) -> None:
+    ctx = Context({"w": np.arange(100.0), "b": np.ones(3, "f4")}, {"lr": 0.1}, {"loss": 2.0})
+    assert publish(1, ctx, socket=daemon.socket, model_type="mlp", alias="best") == 1
+    assert build(2, "llm", {"seed": 1, "n_layers": 1}, socket=daemon.socket) == 1
+    path = daemon.store.parent / "weights.npy"
+    np.save(path, np.full(5, 7.0))
+    assert publish(3, path, socket=daemon.socket) == 1
+    with PersistentStore(daemon.store, readonly=True) as store:
+        back = store.load_context(1, "best")
+        assert back.equals(ctx)
+        assert store.get_metadata(1).model_type == "mlp"
+        assert store.get_metadata(2).model_type == "llm"
+        assert np.array_equal(store.load_context(3)["weights"], np.full(5, 7.0))
+        assert store.verify() == []
+    with VersionTable.attach(segment_name(daemon.store)) as table:
+        assert (table.get(1), table.get(2), table.get(3)) == (1, 1, 1)
+
+
+def test_publish_errors_are_clear_and_the_daemon_carries_on(daemon: DaemonProcess) -> None:
+    with pytest.raises(RemoteError, match="does not exist"):
+        publish(1, daemon.store.parent / "missing.npy", socket=daemon.socket)
+    with pytest.raises(RemoteError, match="unknown"):
+        build(1, "nope", {}, socket=daemon.socket)
+    with pytest.raises(RemoteError, match="top_p"):
+        build(1, "llm", {"top_p": 2.0}, socket=daemon.socket)
+    bad = daemon.store.parent / "evil.npy"
+    bad.write_bytes(b"\x93NUMPY\x01\x00" + b"garbage" * 10)
+    with pytest.raises(RemoteError, match="evil.npy"):
+        publish(1, bad, socket=daemon.socket)
+    assert build(1, "cnn", {"seed": 3}, socket=daemon.socket) == 1
+
+
+def test_subscribers_get_announcements_in_order(daemon: DaemonProcess) -> None:
+    everything, one_slot, other = (
+        RawPeer(daemon.socket),
+        RawPeer(daemon.socket),
+        RawPeer(daemon.socket),
+    )
+    everything.subscribe(all=True)
+    one_slot.subscribe(slots=(2,))
+    other.subscribe(slots=(99,))
+    for i in range(3):
+        publish(2, Context({"w": np.full(4, i)}), socket=daemon.socket)
+    publish(5, Context({"w": np.zeros(1)}), socket=daemon.socket)
+    seen = [everything.next() for _ in range(4)]
+    assert [(a.slot, a.version) for a in seen] == [(2, 1), (2, 2), (2, 3), (5, 1)]  # type: ignore[attr-defined]
+    seqs = [a.seq for a in seen]  # type: ignore[attr-defined]
+    assert seqs == sorted(seqs)
+    got = [one_slot.next() for _ in range(3)]
+    assert all(isinstance(a, Announce) and a.slot == 2 for a in got)
+    snapshot = RawPeer(daemon.socket).subscribe(slots=(2, 5, 99))
+    assert dict(snapshot.versions) == {2: 3, 5: 1}
+    other.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        other.next()
+
+
+def test_malformed_frames_get_an_error_and_others_are_served(daemon: DaemonProcess) -> None:
+    good = RawPeer(daemon.socket)
+    good.subscribe(all=True)
+    for junk in (
+        b"\xff\xff\xff\xff",  # absurd length
+        b"\x00\x00\x00\x05\xdd\xff\xff\xff\xff",  # array32 of 4 billion elements
+        b"\x00\x00\x00\x02\x81\xa0",  # truncated map
+        b"\x00\x00\x00\x01\xc1",  # never-used msgpack byte
+    ):
+        bad = socket.socket(socket.AF_UNIX)
+        bad.settimeout(10)
+        bad.connect(str(daemon.socket))
+        bad.sendall(junk)
+        conn = Connection(Role.CLIENT)
+        reply = b""
+        while chunk := bad.recv(65536):
+            reply += chunk
+        bad.close()
+        assert reply, "no error frame before close"
+        assert reply[4:].find(b"error") != -1
+        del conn
+    publish(1, Context({"w": np.zeros(2)}), socket=daemon.socket)
+    announce = good.next()
+    assert isinstance(announce, Announce)
+    assert announce.version == 1
+
+
+def test_second_daemon_is_refused_naming_the_first(daemon: DaemonProcess, tmp_path: Path) -> None:
+    second = start_daemon(tmp_path, daemon.store, tmp_path / "other.sock")
+    assert second.proc.wait(30) == 1
+    assert f"locked by pid {daemon.proc.pid}" in second.log_text()
+    third = start_daemon(tmp_path, tmp_path / "store2", daemon.socket)
+    assert third.proc.wait(30) == 1
+    assert "another daemon is listening" in third.log_text()
+    assert RawPeer(daemon.socket).subscribe(all=True) is not None  # the live socket survived
+
+
+def test_stale_socket_and_segment_are_reclaimed_after_sigkill(tmp_path: Path) -> None:
+    store, sock = tmp_path / "store", tmp_path / "ctx.sock"
+    first = start_daemon(tmp_path, store, sock)
+    wait_for_socket(sock, first.proc)
+    publish(1, Context({"w": np.ones(3)}), socket=sock)
+    first.stop(signal.SIGKILL)
+    assert sock.exists()
+    assert Path("/dev/shm" + segment_name(store)).exists()
+    second = start_daemon(tmp_path, store, sock)
+    try:
+        wait_for_socket(sock, second.proc)
+        assert publish(1, Context({"w": np.zeros(3)}), socket=sock) == 2
+        with VersionTable.attach(segment_name(store)) as table:
+            assert table.get(1) == 2
+            assert table.daemon_pid == second.proc.pid
+        assert "replacing stale socket" in second.log_text()
+    finally:
+        assert second.stop() == 0
+    assert not Path("/dev/shm" + segment_name(store)).exists()
+
+
+def test_a_stopped_reader_does_not_slow_commits_and_is_dropped(daemon: DaemonProcess) -> None:
+    """A peer that stops reading is disconnected; others keep getting every version."""
+    stuck = RawPeer(daemon.socket, "stuck")
+    stuck.subscribe(all=True)
+    healthy = RawPeer(daemon.socket, "healthy")
+    healthy.subscribe(all=True)
+    for i in range(20):
+        publish(1, Context({"w": np.full(8, i)}), socket=daemon.socket)
+        assert healthy.next().version == i + 1  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while "stuck (pid" not in daemon.log_text() or "silent for" not in daemon.log_text():
+        assert time.monotonic() < deadline, daemon.log_text()[-2000:]
+        time.sleep(0.1)
+    leftover = b""
+    stuck.sock.settimeout(5)
+    while chunk := stuck.sock.recv(65536):
+        leftover += chunk
+    assert leftover  # the queued announcements, then EOF: the daemon closed it
+
+
+def test_refused_peer_gets_forbidden(tmp_path: Path) -> None:
+    store, sock = tmp_path / "store", tmp_path / "ctx.sock"
+    proc = start_daemon(tmp_path, store, sock, None, "--allow-uid", "4242")
+    try:
+        wait_for_socket(sock, proc.proc)
+        if os.getuid() != 0:
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(str(sock))
+            assert peer.recv(65536)
+        # the daemon's own uid is always allowed
+        assert publish(1, Context({"w": np.zeros(1)}), socket=sock) == 1
+    finally:
+        assert proc.stop() == 0
+    assert isinstance(Error(kind="forbidden", message="x"), Error)
