@@ -178,7 +178,7 @@ def test_publish_errors_are_clear_and_the_daemon_carries_on(daemon: DaemonProces
         build(1, "llm", {"top_p": 2.0}, socket=daemon.socket)
     bad = daemon.store.parent / "evil.npy"
     bad.write_bytes(b"\x93NUMPY\x01\x00" + b"garbage" * 10)
-    with pytest.raises(RemoteError, match="evil.npy"):
+    with pytest.raises(RemoteError, match=r"evil\.npy"):
         publish(1, bad, socket=daemon.socket)
     assert build(1, "cnn", {"seed": 3}, socket=daemon.socket) == 1
 
