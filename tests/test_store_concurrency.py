@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from crash_writer import MODEL_TYPE, check_context, make_context, read_loop
 
-from ctxstore import Context, ReadOnlyError, WriterLockedError
+from ctxstore import Context, NotFoundError, ReadOnlyError, WriterLockedError
 from ctxstore.store import PersistentStore
 
 CHILD = Path(__file__).with_name("crash_writer.py")
@@ -156,6 +156,36 @@ def test_readers_only_ever_see_whole_versions(tmp_path: Path, retention: int) ->
             assert seen[slot][0] == 1
             assert seen[slot][-1] == final[slot]
             assert seen[slot] == sorted(set(seen[slot]))
+
+
+def test_load_survives_retention_between_index_read_and_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the reader test above hits now and then, made deterministic: the writer
+    retires the version a load has just resolved before the load maps its files.
+    load_context(slot) resolves the current version again; a numbered load says retired."""
+    with (
+        PersistentStore(tmp_path / "store", retention=1) as writer,
+        PersistentStore(tmp_path / "store", readonly=True) as reader,
+    ):
+        writer.save_context(0, make_context(0, 1))
+        map_tensors = reader._map_tensors
+        mapped: list[int] = []
+        race = [True]
+
+        def commit_first(slot: int, version: int, manifest: Any) -> Any:
+            if race and race.pop():
+                writer.save_context(0, make_context(0, version + 1))  # retires `version`
+            mapped.append(version)
+            return map_tensors(slot, version, manifest)
+
+        monkeypatch.setattr(reader, "_map_tensors", commit_first)
+        check_context(reader.load_context(0), 0, 2)
+        assert mapped == [1, 2]
+        race.append(True)
+        with pytest.raises(NotFoundError, match="version 2 was retired"):
+            reader.load_context(0, 2)
+        check_context(reader.load_context(0, "latest"), 0, 3)
 
 
 # -- the writer lock ------------------------------------------------------------------------------
