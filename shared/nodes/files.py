@@ -431,10 +431,9 @@ def _st_metadata(value: object, where: str) -> dict[str, str]:
 def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
     tensor = f"{where} tensor {name!r:.80}"
     _name_or_refuse(name, where)
-    if not isinstance(spec, dict) or set(spec) != _ST_KEYS:
+    if not isinstance(spec, dict) or not spec.keys() >= _ST_KEYS:
         raise InvalidInputError(
-            f"{tensor}: entry must have exactly the keys dtype, shape and data_offsets, "
-            f"got {spec!r:.120}"
+            f"{tensor}: entry must have the keys dtype, shape and data_offsets, got {spec!r:.120}"
         )
     dtype = _st_dtype(spec["dtype"], tensor)
     shape, offsets = spec["shape"], spec["data_offsets"]
