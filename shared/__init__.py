@@ -1,5 +1,6 @@
 """ctxstore: versioned model contexts from one writer to many zero-copy readers."""
 
+from .cache import CacheStats, ContextCache
 from .context import Context
 from .errors import (
     ClosedError,
@@ -18,12 +19,22 @@ from .errors import (
     WaitTimeoutError,
     WriterLockedError,
 )
+from .nodes import CNNNode, FileNode, LLMNode, Node, create_node, load_weights_file, node_types
 from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
 from .store import PersistentStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNNNode",
+    "CacheStats",
+    "ContextCache",
+    "FileNode",
+    "LLMNode",
+    "Node",
+    "create_node",
+    "load_weights_file",
+    "node_types",
     "ClosedError",
     "ConflictError",
     "Context",
