@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
 from ctxstore import (
     ConflictError,
     Context,
@@ -16,9 +20,6 @@ from ctxstore import (
     ReadOnlyError,
 )
 from ctxstore.store import PersistentStore
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 DTYPES = st.one_of(
     hnp.boolean_dtypes(),

@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import posix_ipc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ctxstore.errors import (
     ClosedError,
     ConflictError,
@@ -37,8 +40,6 @@ from ctxstore.versiontable import (
     VersionTableWriter,
     segment_name,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 CHILD_TIMEOUT = 60.0
 DEV_SHM = Path("/dev/shm")
