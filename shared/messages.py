@@ -650,6 +650,8 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
 _FIELD_NAMES: Final = {
     name: frozenset(f.name for f in fields(cls)) for name, cls in MESSAGE_TYPES.items()
 }
+#: the most entries a frame body's map can have ("type" + the longest record's fields)
+MAX_ENTRIES: Final = 1 + max(len(names) for names in _FIELD_NAMES.values())
 
 
 # -- bodies ----------------------------------------------------------------------------------
@@ -663,9 +665,8 @@ def encode_body(message: Message) -> bytes:
 
 def decode_body(body: bytes | bytearray) -> Message:
     """Parse and validate one frame body, or raise RemoteProtocolError saying what was wrong."""
+    _check_outer_map(body)
     raw = _unpack(body)
-    if not isinstance(raw, dict):
-        raise RemoteProtocolError(f"frame body must be a map, got {_wire_type(raw)}")
     name = raw.pop("type", None)
     if not isinstance(name, str):
         what = "no 'type' field" if name is None else f"a {_wire_type(name)} 'type'"
@@ -685,20 +686,73 @@ def decode_body(body: bytes | bytearray) -> Message:
         raise RemoteProtocolError(f"bad {name!r} frame: {exc}") from exc
 
 
-def _unpack(body: bytes | bytearray) -> Any:
+def _check_outer_map(body: bytes | bytearray) -> None:
+    """Refuse, from its first bytes, a body that is not a map of at most MAX_ENTRIES entries.
+
+    This costs nothing, where decoding a 1 MiB array of empty containers
+    first would cost a tenth of a second.
+    """
+    if not body:
+        raise RemoteProtocolError("frame body is empty")
+    first = body[0]
+    if 0x80 <= first <= 0x8F:
+        entries = first & 0x0F
+    elif first in (0xDE, 0xDF):
+        end = 3 if first == 0xDE else 5
+        if len(body) < end:
+            raise RemoteProtocolError("frame body is a truncated map header")
+        entries = int.from_bytes(body[1:end], "big")
+    else:
+        raise RemoteProtocolError(f"frame body must be a map, got {_FIRST_BYTE[first]}")
+    if entries > MAX_ENTRIES:
+        raise RemoteProtocolError(
+            f"frame body is a map of {entries} entries; no message has more than {MAX_ENTRIES}"
+        )
+
+
+def _first_byte_names() -> tuple[str, ...]:
+    """What each msgpack lead byte starts (for error messages)."""
+    names = ["an extension value"] * 256
+    spans = [
+        (0x00, 0x7F, "integer"),
+        (0xCC, 0xD3, "integer"),
+        (0xE0, 0xFF, "integer"),
+        (0x80, 0x8F, "map"),
+        (0xDE, 0xDF, "map"),
+        (0x90, 0x9F, "array"),
+        (0xDC, 0xDD, "array"),
+        (0xA0, 0xBF, "string"),
+        (0xD9, 0xDB, "string"),
+        (0xC4, 0xC6, "binary"),
+        (0xC0, 0xC0, "nil"),
+        (0xC1, 0xC1, "the reserved byte 0xc1"),
+        (0xC2, 0xC3, "boolean"),
+        (0xCA, 0xCB, "float"),
+    ]
+    for low, high, name in spans:
+        names[low : high + 1] = [name] * (high - low + 1)
+    return tuple(names)
+
+
+_FIRST_BYTE: Final = _first_byte_names()
+
+
+def _unpack(body: bytes | bytearray) -> dict[str, Any]:
     """msgpack.unpackb with every limit tied to the body's real size.
 
     A container's declared length can never exceed the bytes that would hold
     its elements, so a 5-byte body announcing 4 billion elements is refused
     before anything is allocated. No binary or extension types are used.
+    Arrays decode as tuples: the validators take any sequence, and tuples
+    spare the garbage collector (empty ones are free).
     """
     size = len(body)
     try:
-        return msgpack.unpackb(
+        raw: dict[str, Any] = msgpack.unpackb(
             body,
             raw=False,
             strict_map_key=True,
-            use_list=True,
+            use_list=False,
             max_str_len=size,
             max_bin_len=0,
             max_array_len=size,
@@ -717,6 +771,7 @@ def _unpack(body: bytes | bytearray) -> Any:
     except Exception as exc:  # msgpack reports other malformed input with assorted types
         detail = str(exc) or type(exc).__name__
         raise RemoteProtocolError(f"frame body is not valid msgpack: {detail:.200}") from None
+    return raw
 
 
 def _map_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -738,7 +793,7 @@ def _field_mismatch(name: str, expected: frozenset[str], got: set[str]) -> str:
 
 
 def _wire_type(value: object) -> str:
-    names = {dict: "map", list: "array", str: "string", bytes: "binary", NoneType: "nil"}
+    names = {dict: "map", tuple: "array", str: "string", bytes: "binary", NoneType: "nil"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -765,6 +820,7 @@ def _clean(text: str) -> str:
 
 
 __all__ = [
+    "MAX_ENTRIES",
     "MAX_PATH_BYTES",
     "MAX_REASON_BYTES",
     "MAX_TEXT_BYTES",

@@ -385,6 +385,7 @@ def raw_body(body: bytes) -> bytes:
 
 
 ACK_MSG = Ack(slot=1, version=1)
+TYPE_KEY = b"\x81\xa4type"  # a map of one entry, then the key "type": its value follows
 DUPLICATE_KEY = b"\x84\xa4type\xa3ack\xa4slot\x01\xa7version\x01\xa4slot\x02"
 
 
@@ -461,7 +462,16 @@ REMOTE_VIOLATIONS: list[tuple[str, Callable[[], Connection], bytes, str]] = [
     ("empty frame", server_fresh, b"\0\0\0\0", "empty frame"),
     ("oversized header", server_fresh, HEADER.pack(DEFAULT_MAX_FRAME_SIZE + 1), "limit is"),
     ("body is an array", server_ready, raw([1, 2]), "must be a map, got array"),
-    ("body is an int", server_ready, raw(5), "must be a map, got int"),
+    ("body is an int", server_ready, raw(5), "must be a map, got integer"),
+    ("body is a string", server_ready, raw("hello"), "must be a map, got string"),
+    ("too many entries", server_ready, raw({str(i): i for i in range(20)}), "map of 20 entries"),
+    ("map16 header cut", server_ready, raw_body(b"\xde\x00"), "truncated map header"),
+    (
+        "map16 of one entry",
+        server_ready,
+        raw_body(b"\xde\x00\x01\xa4type\xa1x"),
+        "unknown frame type 'x'",
+    ),
     ("no type", server_ready, raw({"slot": 1}), "no 'type' field"),
     ("type is an int", server_ready, raw({"type": 1}), "int 'type'"),
     ("unknown type", server_ready, raw({"type": "launch"}), "unknown frame type 'launch'"),
@@ -497,14 +507,17 @@ REMOTE_VIOLATIONS: list[tuple[str, Callable[[], Connection], bytes, str]] = [
     ("repeated key", server_ready, raw_body(DUPLICATE_KEY), "repeated key"),
     ("trailing bytes", server_ready, raw_body(msgpack.packb(ACK) + b"\xc0"), "bytes after"),
     ("invalid utf-8", server_ready, raw_body(b"\x81\xa4type\xa2\xff\xfe"), "not valid msgpack"),
-    ("reserved byte", server_ready, raw_body(b"\xc1"), "not valid msgpack"),
+    ("reserved byte", server_ready, raw_body(b"\xc1"), "got the reserved byte"),
+    ("reserved byte inside", server_ready, raw_body(TYPE_KEY + b"\xc1"), "not valid msgpack"),
     ("truncated body", server_ready, raw_body(b"\x83\xa4type\xa3ack"), "not valid msgpack"),
     ("binary value", server_ready, raw({**ACK, "slot": b"\x01"}), "not valid msgpack"),
     ("extension value", server_ready, raw_body(b"\x81\xa4type\xd4\x01\x00"), "not valid msgpack"),
     ("int map key", server_ready, raw_body(b"\x81\x01\x02"), "not valid msgpack"),
-    ("huge array", server_ready, raw_body(b"\xdd\xff\xff\xff\xff"), "exceeds max_array_len"),
-    ("huge map", server_ready, raw_body(b"\xdf\xff\xff\xff\xff"), "exceeds max_map_len"),
-    ("nested too deep", server_ready, raw_body(b"\x91" * 2000 + b"\x01"), "more than 1024"),
+    ("huge array body", server_ready, raw_body(b"\xdd\xff\xff\xff\xff"), "got array"),
+    ("huge map body", server_ready, raw_body(b"\xdf\xff\xff\xff\xff"), "4294967295 entries"),
+    ("huge array", server_ready, raw_body(TYPE_KEY + b"\xdd\xff\xff\xff\xff"), "max_array_len"),
+    ("huge map", server_ready, raw_body(TYPE_KEY + b"\xdf\xff\xff\xff\xff"), "max_map_len"),
+    ("nested too deep", server_ready, raw_body(TYPE_KEY + b"\x91" * 2000 + b"\x01"), "1024"),
 ]
 
 

@@ -351,3 +351,22 @@ def test_valid_streams_survive_any_chunking(role: str, cut: list[int]) -> None:
     events, error = check_any_chunking(make, stream, cut)
     assert error is None
     assert events[:-1] == STREAMS[role][1]
+
+
+LONG = settings(FUZZ, max_examples=20_000)
+
+
+@pytest.mark.slow
+@LONG
+@given(st.data(), roles, cuts)
+def test_mutated_valid_streams_long(data: st.DataObject, role: str, cut: list[int]) -> None:
+    make, stream = ROLES[role]
+    check_any_chunking(make, data.draw(mutated(stream)), cut)
+
+
+@pytest.mark.slow
+@LONG
+@given(st.data(), st.sampled_from(CLIENT_MESSAGES + SERVER_MESSAGES), msgpack_values)
+def test_wrong_field_types_long(data: st.DataObject, message: Message, value: Any) -> None:
+    wire = message.to_wire()
+    decodes_or_refuses({**wire, data.draw(st.sampled_from(sorted(wire))): value})
