@@ -1,0 +1,899 @@
+"""Reader: zero-copy contexts inside inference workers, kept current by the daemon.
+
+A Reader opens the store read-only, maps contexts with
+:meth:`PersistentStore.load_context` (read-only arrays over mmapped files, the
+page cache shared with every other reader), and learns of new versions two
+ways: the daemon's shared-memory version table, checked on every :meth:`get`
+in well under a microsecond, and announcements on the daemon's socket, read by
+a background thread (:mod:`ctxstore.readers.client`).
+
+The hot path (``get(slot)``, context cached and still current) is a dict
+lookup and one seqlocked read of shared memory: no lock shared with other
+processes, no socket round trip, no SQL, no syscall. Everything else (a miss,
+an explicit version, an alias) goes through the store.
+
+Versions and adoption: the reader keeps, per slot, a *current pointer* to the
+context it serves. It *adopts* a version when that pointer moves there: on a
+``get()`` that finds a newer version in the table (or the store), or when the
+daemon announces a new version of a slot the reader serves (it maps it at
+once, so the next ``get()`` is a hit). Each adoption is acknowledged to the
+daemon; heartbeats report every version held and the process's USS/PSS.
+A superseded current version leaves the cache at once (the reader stops
+holding it, so retention may reclaim it); explicitly requested versions stay
+until the LRU evicts them.
+
+Daemon down: reads go on from the store, freshness from SQL (the table may be
+frozen or stale); the client reconnects with backoff, re-attaches the table if
+a new daemon recreated it, resubscribes and resynchronises from the daemon's
+snapshot.
+
+Fork: a child notices (a pid stamp compared on every ``get()``, kept current
+by an at-fork hook, so no syscall) and reopens its own store, table, cache and
+socket; the parent's subscriptions stay with the parent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Final, Protocol, Self
+
+from ctxstore.cache import CacheStats, ContextCache
+from ctxstore.context import Context
+from ctxstore.errors import (
+    ClosedError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    WaitTimeoutError,
+)
+from ctxstore.messages import (
+    Ack,
+    Announce,
+    Error,
+    Heartbeat,
+    Message,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Welcome,
+)
+from ctxstore.paths import default_socket_path, default_store_dir
+from ctxstore.store import PersistentStore
+from ctxstore.validation import check_label, check_slot, check_version
+from ctxstore.versiontable import VersionTable, segment_name
+
+from .client import Backoff, DaemonClient
+from .memory import MemorySampler
+
+log = logging.getLogger("ctxstore.readers")
+
+POLL_INTERVAL: Final = 0.05  # wait_for re-checks the table/store this often between wake-ups
+CLOSE_TIMEOUT: Final = 2.0
+
+_pid = os.getpid()
+_fork_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _pid, _fork_lock  # noqa: PLW0603 - per-process state, reset in the child
+    _pid = os.getpid()
+    _fork_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _no_table(slot: int) -> int | None:
+    """Stands in for VersionTable.get while the table is unavailable: "ask the store"."""
+    return None
+
+
+def _default_name() -> str:
+    return f"reader-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEvent:
+    """A subscribed slot's current version, as the daemon told us.
+
+    ``source`` is ``"announce"`` for a new commit or rollback, ``"snapshot"`` for
+    the state reported when a subscription starts or after a reconnect (only
+    versions this subscription had not seen yet). ``previous`` is the version
+    this subscription saw before, if any.
+    """
+
+    slot: int
+    version: int
+    previous: int | None
+    source: str
+    committed_at: float | None = None
+    model_type: str | None = None
+    aliases: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class EventSink(Protocol):
+    """Where a subscription's events go besides its callback (the asyncio streams)."""
+
+    def push(self, event: VersionEvent) -> None:
+        """Called on the socket thread: must not block."""
+
+    def close(self) -> None:
+        """The subscription ended (unsubscribed or reader closed)."""
+
+
+Callback = Callable[[VersionEvent], object]
+
+
+class Subscription:
+    """A standing interest in some slots' versions; cancel() it (or leave its ``with``)."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        *,
+        slots: frozenset[int],
+        groups: frozenset[str],
+        all_slots: bool,
+        callback: Callback | None,
+        sink: EventSink | None,
+    ) -> None:
+        self.slots = slots
+        self.groups = groups
+        self.all = all_slots
+        self.callback = callback
+        self._reader = reader
+        self._sink = sink
+        self._seen: dict[int, int] = {}  # socket thread only
+        self._covered: set[int] = set()  # slots the daemon told us this subscription covers
+        self.active = True
+
+    def matches(self, slot: int, groups_of: Callable[[int], Collection[str]]) -> bool:
+        if self.all or slot in self.slots or slot in self._covered:
+            return True
+        if self.groups and not self.groups.isdisjoint(groups_of(slot)):
+            self._covered.add(slot)
+            return True
+        return False
+
+    def request(self, request_id: int) -> Subscribe:
+        return Subscribe(
+            request_id=request_id,
+            slots=tuple(sorted(self.slots)),
+            groups=tuple(sorted(self.groups)),
+            all=self.all,
+        )
+
+    def cancel(self) -> None:
+        """Stop receiving events (idempotent)."""
+        self._reader.unsubscribe(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        what = "all" if self.all else f"slots={sorted(self.slots)} groups={sorted(self.groups)}"
+        return f"<Subscription {what}{'' if self.active else ' cancelled'}>"
+
+
+class _Dispatcher:
+    """Runs subscription callbacks, in order, on a thread of their own.
+
+    A slow callback delays the next callbacks, never the socket thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callback, VersionEvent] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"ctxstore-callbacks-{name}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def submit(self, callback: Callback, event: VersionEvent) -> None:
+        self._queue.put((callback, event))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            callback, event = item
+            try:
+                callback(event)
+            except Exception:
+                log.exception("subscription callback %r failed on %r", callback, event)
+
+    def close(self, timeout: float) -> None:
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("a subscription callback is still running after %.1f s", timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderStats:
+    """Counters of one Reader (in this process)."""
+
+    hits: int  # get() served from memory
+    misses: int  # contexts mapped from the store
+    adoptions: int  # current pointers moved to a new version
+    announcements: int  # announce frames received
+    sessions: int  # daemon sessions established
+    reconnects: int  # sessions after the first
+    connected: bool
+    version_table: bool  # whether get() checks freshness in shared memory right now
+    following: int  # slots kept current from announcements
+    subscriptions: int
+    last_error: str | None
+    cache: CacheStats
+
+
+class Reader:
+    """Maps contexts zero-copy and keeps them current; one per process (or more), thread-safe."""
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | None = None,
+        socket: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        *,
+        cache_items: int = 64,
+        cache_bytes: int | None = None,
+        heartbeat_interval: float = 1.0,
+        connect: bool = True,
+        reconnect_backoff: tuple[float, float] = (0.05, 5.0),
+        follow: bool = True,
+    ) -> None:
+        """Open ``store`` read-only and (with ``connect``) start following the daemon at ``socket``.
+
+        ``cache_items`` / ``cache_bytes`` bound the per-process LRU (a context
+        larger than ``cache_bytes`` is never cached: each get() maps it anew).
+        ``follow``: slots read with ``get(slot)`` are subscribed to, so their
+        new versions are mapped and acknowledged as soon as they are announced.
+        """
+        if isinstance(heartbeat_interval, bool) or not isinstance(heartbeat_interval, int | float):
+            raise InvalidInputError("heartbeat_interval must be a number of seconds")
+        if not (0 < heartbeat_interval < math.inf):
+            raise InvalidInputError(f"heartbeat_interval must be > 0, got {heartbeat_interval}")
+        try:
+            initial, maximum = reconnect_backoff
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"reconnect_backoff must be (initial, maximum) seconds, got {reconnect_backoff!r}"
+            ) from None
+        self._backoff = Backoff(initial, maximum)
+        ContextCache(cache_items, cache_bytes)  # validates the bounds with the cache's own words
+        self._store_path = Path(store) if store is not None else default_store_dir()
+        self._socket_path = Path(socket) if socket is not None else default_socket_path()
+        self._name_given = name is not None
+        self._name = check_label(name, "reader name") if name is not None else _default_name()
+        self._cache_items = cache_items
+        self._cache_bytes = cache_bytes
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._connect = connect
+        self._follow_enabled = follow
+        self._closed = False
+        self._open()
+
+    def _open(self) -> None:
+        """Everything that belongs to one process: made at start and again in a forked child."""
+        self._lock = threading.RLock()
+        self._adopted_cond = threading.Condition(self._lock)
+        self._cache = ContextCache(self._cache_items, self._cache_bytes)
+        self._current: dict[int, tuple[int, Context]] = {}
+        self._current_get = self._current.get
+        self._adopted: dict[int, int] = {}
+        self._keys: set[tuple[int, int]] = set()  # every key inserted in the cache, pruned lazily
+        self._explicit: set[tuple[int, int]] = set()
+        self._followed: set[int] = set()
+        self._subscriptions: list[Subscription] = []
+        self._requests: dict[int, Subscription | None] = {}  # None: the follow subscription
+        self._request_ids = itertools.count(1)
+        self._adoption_listeners: list[Callable[[int, int], None]] = []
+        self._dispatcher: _Dispatcher | None = None
+        self._memory = MemorySampler(max(5 * self._heartbeat_interval, 1.0))
+        self._hits = self._misses = self._adoptions = self._announcements = 0
+        self._table_get: Callable[[int], int | None] = _no_table
+        self._table: VersionTable | None = None
+        self._store = PersistentStore(self._store_path, readonly=True)
+        self._client: DaemonClient | None = None
+        if self._connect:
+            self._client = DaemonClient(
+                self._socket_path,
+                name=self._name,
+                handler=self,
+                heartbeat_interval=self._heartbeat_interval,
+                backoff=self._backoff,
+            )
+        else:
+            self._attach_table()
+        self._pid = _pid  # last: another thread sees a half-built reader as "not ours yet"
+        if self._client is not None:
+            self._client.start()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, slot: int, version: int | str | None = None) -> Context:
+        """The context of ``slot``: current (default), a version number, or an alias.
+
+        The arrays are read-only views over the store's mmapped files. Raises
+        NotFoundError when the slot, version or alias does not exist,
+        InvalidInputError for a bad slot or version, ClosedError after close().
+        """
+        if version is None and type(slot) is int and self._pid == _pid:
+            entry = self._current_get(slot)
+            if entry is not None and entry[0] == self._table_get(slot):
+                self._hits += 1
+                return entry[1]
+        return self._get_slow(slot, version)
+
+    def _peek(self, slot: int) -> Context | None:
+        """The hot path alone: the current context if cached and fresh, else None (no I/O)."""
+        if type(slot) is int and self._pid == _pid and not self._closed:
+            entry = self._current_get(slot)
+            if entry is not None and entry[0] == self._table_get(slot):
+                self._hits += 1
+                return entry[1]
+        return None
+
+    def _get_slow(self, slot: int, version: int | str | None) -> Context:
+        self._check_open()
+        slot = check_slot(slot)
+        if version is None:
+            return self._get_current(slot)
+        return self._get_version(slot, version)
+
+    def _get_current(self, slot: int) -> Context:
+        number = self._table_get(slot)
+        if number is None:
+            number = self._store.current_version(slot)
+            if number is None:
+                raise NotFoundError(f"slot {slot} has no versions")
+        entry = self._current.get(slot)
+        if entry is not None and entry[0] == number:
+            self._hits += 1
+            return entry[1]
+        try:
+            ctx = self._load(slot, number)
+        except NotFoundError:
+            # The table named a version the store no longer has (retired, or a stale table):
+            # serve what the store calls current rather than fail.
+            current = self._store.current_version(slot)
+            if current is None or current == number:
+                raise
+            ctx = self._load(slot, current)
+        self._adopt(slot, ctx)
+        self._follow(slot)
+        return ctx
+
+    def _get_version(self, slot: int, version: int | str) -> Context:
+        if isinstance(version, str):
+            number = self._store.resolve(slot, version)
+        else:
+            number = check_version(version)
+        entry = self._current.get(slot)
+        if entry is not None and entry[0] == number:
+            self._hits += 1
+            return entry[1]
+        ctx = self._load(slot, number)
+        with self._lock:
+            if (slot, number) in self._cache:
+                self._explicit.add((slot, number))
+        return ctx
+
+    def _load(self, slot: int, version: int) -> Context:
+        key = (slot, version)
+        ctx = self._cache.get_cached_context(key)
+        if ctx is not None:
+            self._hits += 1
+            return ctx
+        ctx = self._store.load_context(slot, version)
+        self._misses += 1
+        self._insert(key, ctx)
+        return ctx
+
+    def _insert(self, key: tuple[int, int], ctx: Context) -> None:
+        """Cache ``ctx``; current contexts are refreshed first, so older explicit ones go first."""
+        with self._lock:
+            if self._closed:
+                return
+            for slot, (number, _ctx) in self._current.items():
+                if (slot, number) != key:
+                    self._cache.get_cached_context((slot, number))
+            self._cache.cache_context(key, ctx)
+            self._keys.add(key)
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget keys the LRU evicted; a current pointer never outlives its cache entry."""
+        cache = self._cache
+        self._keys = {key for key in self._keys if key in cache}
+        self._explicit &= self._keys
+        for slot, (number, _ctx) in list(self._current.items()):
+            if (slot, number) not in self._keys:
+                del self._current[slot]
+
+    def _adopt(self, slot: int, ctx: Context) -> bool:
+        """Move ``slot``'s current pointer to ``ctx`` unless a newer version is already current."""
+        number = _version_of(ctx)
+        with self._lock:
+            if self._closed:
+                return False
+            truth = self._table_get(slot)
+            if truth is not None and truth != number:
+                return False  # superseded while we mapped it: the next get() or announce moves on
+            old = self._current.get(slot)
+            if (slot, number) in self._cache:
+                self._current[slot] = (number, ctx)
+            else:
+                self._current.pop(slot, None)  # too large to cache: mapped again on each get()
+            if self._adopted.get(slot) == number:
+                return False
+            self._adopted[slot] = number
+            self._adoptions += 1
+            if old is not None and old[0] != number and (slot, old[0]) not in self._explicit:
+                self._cache.pop((slot, old[0]))
+                self._keys.discard((slot, old[0]))
+            self._adopted_cond.notify_all()
+            listeners = list(self._adoption_listeners)
+        if self._client is not None:
+            self._client.post(Ack(slot=slot, version=number))
+        for listener in listeners:
+            try:
+                listener(slot, number)
+            except Exception:
+                log.exception("adoption listener failed")
+        return True
+
+    def _follow(self, slot: int) -> None:
+        """Subscribe to ``slot`` for our own use: its announcements are adopted at once."""
+        if not self._follow_enabled or slot in self._followed:
+            return
+        with self._lock:
+            if slot in self._followed or self._closed:
+                return
+            self._followed.add(slot)
+            client = self._client
+            if client is not None and client.connected:
+                request_id = next(self._request_ids)
+                self._requests[request_id] = None
+                client.post(Subscribe(request_id=request_id, slots=(slot,)))
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def wait_for(self, slot: int, version: int, timeout: float | None = None) -> Context:
+        """Block until this reader has adopted ``version`` of ``slot`` or a newer one.
+
+        Returns the current context (its version >= ``version``). Works whether
+        the announcement came before or after the call, and while the daemon
+        is down (the store is polled). Raises WaitTimeoutError after ``timeout``
+        seconds (None: wait forever), ClosedError if the reader is closed.
+        """
+        slot = check_slot(slot)
+        version = check_version(version)
+        deadline = _deadline(timeout)
+        while True:
+            ctx = self._reached(slot, version)
+            if ctx is not None:
+                return ctx
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeoutError(
+                    f"slot {slot} did not reach version {version} within {timeout} s "
+                    f"(this reader is at {self._adopted.get(slot)})"
+                )
+            with self._adopted_cond:
+                if self._adopted.get(slot, 0) < version and not self._closed:
+                    self._adopted_cond.wait(min(remaining, POLL_INTERVAL))
+
+    def _reached(self, slot: int, version: int) -> Context | None:
+        """The current context if it is at least ``version`` (adopting what is newer)."""
+        self._check_open()
+        self._follow(slot)
+        try:
+            ctx = self.get(slot)
+        except NotFoundError:
+            return None
+        return ctx if _version_of(ctx) >= version else None
+
+    def _add_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
+        with self._lock:
+            self._adoption_listeners.append(listener)
+
+    def _remove_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
+        with self._lock:
+            if listener in self._adoption_listeners:
+                self._adoption_listeners.remove(listener)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        slots: int | Iterable[int] | None = None,
+        groups: str | Iterable[str] | None = None,
+        callback: Callback | None = None,
+        all: bool = False,
+    ) -> Subscription:
+        """Receive a :class:`VersionEvent` for each new current version of these slots.
+
+        ``callback(event)`` runs on the reader's callback thread, never on the
+        socket thread. The first events after subscribing (and after each
+        reconnect) report versions this subscription has not seen yet.
+        """
+        return self._subscribe(slots, groups, all, callback, None)
+
+    def _subscribe(
+        self,
+        slots: int | Iterable[int] | None,
+        groups: str | Iterable[str] | None,
+        all_slots: bool,
+        callback: Callback | None,
+        sink: EventSink | None,
+    ) -> Subscription:
+        slot_set = _slot_set(slots)
+        group_set = _group_set(groups)
+        if not isinstance(all_slots, bool):
+            raise InvalidInputError(f"all must be True or False, got {all_slots!r:.40}")
+        if not (slot_set or group_set or all_slots):
+            raise InvalidInputError("subscribe needs slots, groups or all=True")
+        if callback is not None and not callable(callback):
+            raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
+        subscription = Subscription(
+            self,
+            slots=slot_set,
+            groups=group_set,
+            all_slots=all_slots,
+            callback=callback,
+            sink=sink,
+        )
+        with self._lock:
+            self._check_open()
+            self._subscriptions.append(subscription)
+            client = self._client
+            if client is not None and client.connected:
+                request_id = next(self._request_ids)
+                self._requests[request_id] = subscription
+                client.post(subscription.request(request_id))
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """End ``subscription`` (idempotent); the daemon stops sending what nobody wants."""
+        with self._lock:
+            if subscription not in self._subscriptions:
+                return
+            self._subscriptions.remove(subscription)
+            subscription.active = False
+            client = self._client
+            if client is not None and client.connected:
+                for message in self._unsubscribe_messages(subscription):
+                    client.post(message)
+        if subscription._sink is not None:
+            subscription._sink.close()
+
+    def _unsubscribe_messages(self, gone: Subscription) -> list[Message]:
+        rest = self._subscriptions
+        slots = gone.slots - self._followed - {s for sub in rest for s in sub.slots}
+        groups = gone.groups - {g for sub in rest for g in sub.groups}
+        messages: list[Message] = []
+        if slots or groups:
+            messages.append(Unsubscribe(slots=tuple(sorted(slots)), groups=tuple(sorted(groups))))
+        if gone.all and not any(sub.all for sub in rest):
+            # Whether the daemon drops only the "all" flag or everything, restating the
+            # rest leaves it subscribed to exactly what is still wanted.
+            messages.append(Unsubscribe(all=True))
+            messages.extend(self._subscribe_messages())
+        return messages
+
+    def _subscribe_messages(self) -> list[Message]:
+        messages: list[Message] = []
+        if self._followed:
+            request_id = next(self._request_ids)
+            self._requests[request_id] = None
+            messages.append(Subscribe(request_id=request_id, slots=tuple(sorted(self._followed))))
+        for subscription in self._subscriptions:
+            request_id = next(self._request_ids)
+            self._requests[request_id] = subscription
+            messages.append(subscription.request(request_id))
+        return messages
+
+    # -- the client thread's side (SessionHandler) -------------------------------------------
+
+    def session_started(self, welcome: Welcome) -> list[Message]:
+        with self._lock:
+            if self._closed:
+                return []
+            self._attach_table()
+            self._requests = {}
+            messages = self._subscribe_messages()
+            messages.extend(Ack(slot=s, version=v) for s, v in sorted(self._adopted.items()))
+        for slot, number in welcome.versions.items():
+            if slot in self._followed and self._adopted.get(slot) != number:
+                self._adopt_announced(slot, number)
+        return messages
+
+    def session_ended(self, reason: str) -> None:
+        with self._lock:
+            # The table may freeze now: the store is the truth until we are back.
+            self._table_get = _no_table
+            self._requests = {}
+            self._adopted_cond.notify_all()
+
+    def message_received(self, message: Message) -> None:
+        match message:
+            case Announce():
+                self._on_announce(message)
+            case Subscribed():
+                self._on_subscribed(message)
+            case Error():
+                log.warning("ctxstore daemon reported %s: %s", message.kind, message.message)
+            case _:
+                log.debug("reader ignores a %r message", message.TYPE)
+
+    def heartbeat(self) -> Heartbeat:
+        uss, pss = self._memory.sample()
+        return Heartbeat(
+            pid=os.getpid(), name=self._name, held=tuple(self.versions_held()), uss=uss, pss=pss
+        )
+
+    def _attach_table(self) -> None:
+        """Use the daemon's version table, attaching it again if a new daemon recreated it."""
+        table = self._table
+        try:
+            if table is None or not table.is_current():
+                table = VersionTable.attach(segment_name(self._store_path))
+        except (NotFoundError, IntegrityError, StorageError) as exc:
+            log.debug("no version table for %s (%s): freshness comes from the store", self, exc)
+            table = None
+        if table is not None and table.closed:
+            table = None
+        self._table = table
+        self._table_get = table.get if table is not None else _no_table
+
+    def _on_announce(self, announce: Announce) -> None:
+        self._announcements += 1
+        if announce.slot in self._followed:
+            self._adopt_announced(announce.slot, announce.version)
+        self._deliver(announce.slot, announce.version, "announce", announce)
+
+    def _on_subscribed(self, answer: Subscribed) -> None:
+        subscription = self._requests.pop(answer.request_id, None)
+        for slot, number in answer.versions.items():
+            if slot in self._followed and self._adopted.get(slot) != number:
+                self._adopt_announced(slot, number)
+        if subscription is not None and subscription.active:
+            subscription._covered.update(answer.versions)
+            for slot, number in answer.versions.items():
+                self._deliver_to(subscription, slot, number, "snapshot", None)
+
+    def _adopt_announced(self, slot: int, version: int) -> None:
+        """Map and adopt an announced version now, so the next get() is a hit."""
+        if self._closed or (self._adopted.get(slot) == version and slot in self._current):
+            return
+        truth = self._table_get(slot)
+        if truth is not None and truth != version:
+            return  # something newer is current already; its announcement follows
+        try:
+            ctx = self._load(slot, version)
+        except (NotFoundError, IntegrityError, StorageError, ClosedError) as exc:
+            log.warning("cannot map announced slot %d version %d: %s", slot, version, exc)
+            return
+        self._adopt(slot, ctx)
+
+    def _deliver(self, slot: int, version: int, source: str, announce: Announce | None) -> None:
+        groups: list[Collection[str]] = []
+
+        def groups_of(s: int) -> Collection[str]:
+            if not groups:
+                try:
+                    groups.append(frozenset(self._store.hierarchy.get_groups(s)))
+                except (NotFoundError, StorageError, ClosedError):
+                    groups.append(frozenset())
+            return groups[0]
+
+        for subscription in list(self._subscriptions):
+            if subscription.matches(slot, groups_of):
+                self._deliver_to(subscription, slot, version, source, announce)
+
+    def _deliver_to(
+        self,
+        subscription: Subscription,
+        slot: int,
+        version: int,
+        source: str,
+        announce: Announce | None,
+    ) -> None:
+        previous = subscription._seen.get(slot)
+        if previous == version:
+            return
+        subscription._seen[slot] = version
+        event = VersionEvent(
+            slot=slot,
+            version=version,
+            previous=previous,
+            source=source,
+            committed_at=announce.committed_at if announce else None,
+            model_type=announce.model_type if announce else None,
+            aliases=announce.aliases if announce else MappingProxyType({}),
+        )
+        if subscription.callback is not None:
+            self._callbacks().submit(subscription.callback, event)
+        if subscription._sink is not None:
+            subscription._sink.push(event)
+
+    def _callbacks(self) -> _Dispatcher:
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    self._dispatcher = _Dispatcher(self._name)
+                dispatcher = self._dispatcher
+        return dispatcher
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def versions_held(self) -> list[tuple[int, int]]:
+        """Every (slot, version) in this reader's cache (current pointers included), sorted.
+
+        The heartbeat reports this list; the daemon's retention keeps these versions.
+        """
+        with self._lock:
+            self._prune()
+            return sorted(self._keys)
+
+    def stats(self) -> ReaderStats:
+        client = self._client
+        with self._lock:
+            following = len(self._followed)
+            subscriptions = len(self._subscriptions)
+            table = self._table_get is not _no_table
+        return ReaderStats(
+            hits=self._hits,
+            misses=self._misses,
+            adoptions=self._adoptions,
+            announcements=self._announcements,
+            sessions=client.sessions if client else 0,
+            reconnects=client.reconnects if client else 0,
+            connected=bool(client and client.connected),
+            version_table=table,
+            following=following,
+            subscriptions=subscriptions,
+            last_error=client.last_error if client else None,
+            cache=self._cache.stats(),
+        )
+
+    @property
+    def connected(self) -> bool:
+        """Whether a daemon session is up right now."""
+        client = self._client
+        return bool(client and client.connected)
+
+    @property
+    def store(self) -> PersistentStore:
+        """The read-only store (for listings, metadata, aliases)."""
+        self._check_open()
+        return self._store
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def store_path(self) -> Path:
+        return self._store_path
+
+    @property
+    def socket_path(self) -> Path:
+        return self._socket_path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"reader {self._name} is closed")
+        if self._pid != _pid:
+            self._reopen_after_fork()
+
+    def _reopen_after_fork(self) -> None:
+        """In a forked child: our own store, table, cache and socket; the parent keeps its own."""
+        with _fork_lock:
+            if self._pid == _pid:
+                return
+            if self._client is not None:
+                self._client.abandon()
+            self._store.close()  # only marks it closed: its connections belong to the parent
+            if not self._name_given:
+                self._name = _default_name()
+            log.debug("reader %s reopening after fork", self._name)
+            self._open()
+
+    def close(self) -> None:
+        """Say goodbye to the daemon, stop the threads, drop the cache (idempotent)."""
+        if self._pid != _pid:  # a child that never used the reader: leave the parent's alone
+            self._closed = True
+            if self._client is not None:
+                self._client.abandon()
+            self._store.close()
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._table_get = _no_table
+            self._current.clear()
+            self._adopted_cond.notify_all()
+            subscriptions, self._subscriptions = self._subscriptions, []
+        if self._client is not None:
+            self._client.close(CLOSE_TIMEOUT)
+        for subscription in subscriptions:
+            subscription.active = False
+            if subscription._sink is not None:
+                subscription._sink.close()
+        if self._dispatcher is not None:
+            self._dispatcher.close(CLOSE_TIMEOUT)
+        self._cache.clear()
+        self._store.close()
+        if self._table is not None:
+            self._table.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self.connected else "offline")
+        return f"<Reader {self._name} {self._store_path} {state}>"
+
+
+def _version_of(ctx: Context) -> int:
+    version = ctx.version
+    if version is None:  # pragma: no cover - the store always binds its contexts
+        raise IntegrityError("the store returned a context without a version")
+    return version
+
+
+def _deadline(timeout: float | None) -> float:
+    if timeout is None:
+        return math.inf
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+        raise InvalidInputError(f"timeout must be None or a number of seconds, got {timeout!r:.40}")
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _slot_set(slots: int | Iterable[int] | None) -> frozenset[int]:
+    if slots is None:
+        return frozenset()
+    if isinstance(slots, Iterable) and not isinstance(slots, str | bytes):
+        return frozenset(check_slot(s) for s in slots)
+    return frozenset({check_slot(slots)})
+
+
+def _group_set(groups: str | Iterable[str] | None) -> frozenset[str]:
+    if groups is None:
+        return frozenset()
+    if isinstance(groups, str):
+        return frozenset({check_label(groups, "group")})
+    if not isinstance(groups, Iterable):
+        raise InvalidInputError(f"groups must be a name or names, got {type(groups).__name__}")
+    return frozenset(check_label(g, "group") for g in groups)

@@ -1,0 +1,804 @@
+"""The reader library against a fake daemon: a threading Unix server speaking the protocol.
+
+Each test gets a real store (a writer in the test, readers read-only), a real
+shared-memory version table (unlinked afterwards) and, where it needs one, a
+:class:`FakeDaemon` that records every frame readers send and announces on
+demand. Waits are bounded by deadlines; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import timeit
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import posix_ipc
+import psutil
+import pytest
+
+from ctxstore.context import Context
+from ctxstore.errors import (
+    ClosedError,
+    InvalidInputError,
+    NotFoundError,
+    ProtocolError,
+    WaitTimeoutError,
+)
+from ctxstore.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Ack,
+    Announce,
+    Connection,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Role,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Welcome,
+)
+from ctxstore.readers import Backoff, Reader, VersionEvent, memory, process_memory
+from ctxstore.store import PersistentStore
+from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
+
+WAIT = 10.0  # upper bound for anything a test waits for; never reached when things work
+
+
+# -- the fake daemon -------------------------------------------------------------------------
+
+
+class FakeSession:
+    """One accepted connection, served by its own thread with protocol.Connection(SERVER)."""
+
+    def __init__(self, daemon: FakeDaemon, sock: socket.socket, number: int) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.number = number
+        self.conn = Connection(Role.SERVER)
+        self.lock = threading.Lock()
+        self.pid: int | None = None
+        self.seq = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                self.conn.receive_data(data)
+                while True:
+                    event = self.conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if event is CLOSED:
+                        return
+                    self.daemon.record(self, event)
+                    self.handle(event)
+        except (OSError, ProtocolError):
+            return
+        finally:
+            self.daemon.record_end(self)
+
+    def handle(self, message: Message) -> None:
+        match message:
+            case Hello(pid=pid):
+                self.pid = pid
+                self.send(Welcome(session=self.number, daemon_pid=os.getpid()))
+            case Subscribe():
+                versions = self.daemon.snapshot(message)
+                self.send(Subscribed(request_id=message.request_id, versions=versions))
+            case _:
+                pass
+
+    def send(self, message: Message) -> None:
+        with self.lock, contextlib.suppress(OSError, ProtocolError):
+            self.sock.sendall(self.conn.send(message))
+
+    def announce(self, slot: int, version: int, **fields: Any) -> None:
+        with self.lock:
+            self.seq += 1
+            message = Announce(
+                slot=slot, version=version, seq=self.seq, committed_at=time.time(), **fields
+            )
+            with contextlib.suppress(OSError, ProtocolError):
+                self.sock.sendall(self.conn.send(message))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(WAIT)
+        self.sock.close()
+
+
+class FakeDaemon:
+    """A Unix-socket server that speaks the daemon's side and records every frame it gets."""
+
+    def __init__(self, path: Path, store: PersistentStore) -> None:
+        self.path = path
+        self.store = store
+        self.cond = threading.Condition()
+        self.log: list[tuple[FakeSession, Message]] = []
+        self.sessions: list[FakeSession] = []
+        self.ended: list[FakeSession] = []
+        self.stopping = False
+        self.nonces = itertools.count(1000)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self.listener.settimeout(0.02)
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
+        self.thread.start()
+
+    def accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            with self.cond:
+                self.sessions.append(FakeSession(self, sock, len(self.sessions) + 1))
+
+    def record(self, session: FakeSession, message: Message) -> None:
+        with self.cond:
+            self.log.append((session, message))
+            self.cond.notify_all()
+
+    def record_end(self, session: FakeSession) -> None:
+        with self.cond:
+            self.ended.append(session)
+            self.cond.notify_all()
+
+    def snapshot(self, request: Subscribe) -> dict[int, int]:
+        if request.all:
+            return self.store.current_versions()
+        slots = set(request.slots)
+        for group in request.groups:
+            slots.update(self.store.hierarchy.list_by_group(group))
+        versions = {slot: self.store.current_version(slot) for slot in slots}
+        return {slot: v for slot, v in versions.items() if v is not None}
+
+    def wait(
+        self, predicate: Callable[[FakeSession, Message], bool], what: str = "a message"
+    ) -> tuple[FakeSession, Message]:
+        """The first logged frame matching ``predicate``, waiting for it if need be."""
+        deadline = time.monotonic() + WAIT
+        with self.cond:
+            while True:
+                for session, message in self.log:
+                    if predicate(session, message):
+                        return session, message
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    kinds = [m.TYPE for _, m in self.log]
+                    raise AssertionError(f"the fake daemon never received {what}; got {kinds}")
+                self.cond.wait(remaining)
+
+    def wait_ack(self, slot: int, version: int, pid: int | None = None) -> None:
+        self.wait(
+            lambda s, m: m == Ack(slot=slot, version=version) and (pid is None or s.pid == pid),
+            f"ack {slot}/{version}",
+        )
+
+    def wait_heartbeat(self, predicate: Callable[[Heartbeat], bool]) -> Heartbeat:
+        _, message = self.wait(
+            lambda s, m: isinstance(m, Heartbeat) and predicate(m), "a matching heartbeat"
+        )
+        assert isinstance(message, Heartbeat)
+        return message
+
+    def messages(self, kind: type[Message]) -> list[Message]:
+        with self.cond:
+            return [m for _, m in self.log if isinstance(m, kind)]
+
+    def live_sessions(self) -> list[FakeSession]:
+        with self.cond:
+            return [s for s in self.sessions if s not in self.ended and s.pid is not None]
+
+    def announce(self, slot: int, version: int, **fields: Any) -> None:
+        for session in self.live_sessions():
+            session.announce(slot, version, **fields)
+
+    def barrier(self) -> None:
+        """Return once every reader handled what we sent before and sent what it had posted.
+
+        Two ping round trips: the reader's loop drains its outbox between them.
+        """
+        for _ in range(2):
+            nonce = next(self.nonces)
+            self.send_all(Ping(nonce=nonce))
+            self.wait(lambda s, m, n=nonce: m == Pong(nonce=n), f"pong {nonce}")
+
+    def send_all(self, message: Message) -> None:
+        for session in self.live_sessions():
+            session.send(message)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.listener.close()
+        self.thread.join(WAIT)
+        with self.cond:
+            sessions = list(self.sessions)
+        for session in sessions:
+            session.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    store_dir: Path
+    sock: Path
+    writer: PersistentStore
+    table: VersionTableWriter
+    daemons: list[FakeDaemon] = field(default_factory=list)
+    readers: list[Reader] = field(default_factory=list)
+
+    def publish(self, slot: int, value: float = 0.0, *, table: bool = True, **kw: Any) -> int:
+        ctx = Context({"w": np.full(8, value, dtype=np.float32)}, {"value": value})
+        version = self.writer.save_context(slot, ctx, **kw)
+        if table:
+            self.table.set(slot, version)
+        return version
+
+    def daemon(self) -> FakeDaemon:
+        fake = FakeDaemon(self.sock, self.writer)
+        self.daemons.append(fake)
+        return fake
+
+    def reader(self, **options: Any) -> Reader:
+        options.setdefault("name", "test-reader")
+        options.setdefault("heartbeat_interval", 0.05)
+        options.setdefault("reconnect_backoff", (0.01, 0.05))
+        reader = Reader(self.store_dir, self.sock, **options)
+        self.readers.append(reader)
+        return reader
+
+    def new_table(self) -> VersionTableWriter:
+        """What a restarted daemon does: reclaim the segment with a new incarnation."""
+        self.table.close()
+        self.table.unlink()
+        self.table = VersionTable.create(segment_name(self.store_dir), 64)
+        self.table.set_many(self.writer.current_versions())
+        return self.table
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    sock_dir = Path(tempfile.mkdtemp(prefix="ctxr-", dir="/tmp"))  # AF_UNIX paths are short
+    store_dir = tmp_path / "store"
+    writer = PersistentStore(store_dir)
+    table = VersionTable.create(segment_name(store_dir), 64)
+    environment = Env(store_dir, sock_dir / "d.sock", writer, table)
+    environment.publish(1, 1.0)
+    try:
+        yield environment
+    finally:
+        for reader in environment.readers:
+            reader.close()
+        for fake in environment.daemons:
+            fake.stop()
+        environment.table.close()
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(segment_name(store_dir))
+        writer.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) for state another thread changes; polls a few times per millisecond."""
+    deadline = time.monotonic() + WAIT
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        pause.wait(0.002)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def test_get_returns_current_and_follows_the_table(env: Env) -> None:
+    reader = env.reader(connect=False)
+    first = reader.get(1)
+    assert first.version == 1 and float(first["w"][0]) == 1.0
+    assert reader.get(1) is first  # a hit hands back the cached object
+    env.publish(1, 2.0)
+    second = reader.get(1)
+    assert second.version == 2 and float(second["w"][0]) == 2.0
+    assert reader.get(1) is second
+    assert reader.versions_held() == [(1, 2)]  # the superseded current version is let go
+    stats = reader.stats()
+    assert stats.misses == 2 and stats.hits >= 2 and stats.version_table
+    assert stats.adoptions == 2
+
+
+def test_arrays_are_read_only_views_over_mmapped_files(env: Env) -> None:
+    reader = env.reader(connect=False)
+    array = reader.get(1)["w"]
+    assert not array.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = 5.0
+    base: Any = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert isinstance(base, mmap.mmap)
+
+
+def test_explicit_versions_and_aliases_resolve_through_the_store(env: Env) -> None:
+    env.publish(1, 2.0, aliases=("best",))
+    env.publish(1, 3.0)
+    reader = env.reader(connect=False)
+    assert reader.get(1).version == 3
+    assert reader.get(1, 1).version == 1
+    assert reader.get(1, "best").version == 2
+    assert reader.get(1, "2").version == 2
+    assert reader.get(1, 1) is reader.get(1, 1)
+    assert reader.versions_held() == [(1, 1), (1, 2), (1, 3)]
+    env.publish(1, 4.0)
+    assert reader.get(1).version == 4
+    assert reader.versions_held() == [(1, 1), (1, 2), (1, 4)]  # explicit ones stay cached
+    with pytest.raises(NotFoundError):
+        reader.get(1, 99)
+    with pytest.raises(NotFoundError):
+        reader.get(1, "nosuch")
+    with pytest.raises(NotFoundError):
+        reader.get(7)
+
+
+def test_a_retired_or_unknown_table_version_falls_back_to_the_store(env: Env) -> None:
+    reader = env.reader(connect=False)
+    env.table.set(1, 99)  # a version the store does not have
+    assert reader.get(1).version == 1
+    assert reader.get(1).version == 1
+
+
+def test_cache_bounds_evict_least_recently_used_contexts(env: Env) -> None:
+    for slot in (2, 3):
+        env.publish(slot, float(slot))
+    reader = env.reader(connect=False, cache_items=2)
+    for slot in (1, 2, 3):
+        assert reader.get(slot).version == 1
+    held = reader.versions_held()
+    assert len(held) == 2 and (3, 1) in held
+    assert reader.stats().cache.evictions == 1
+    assert reader.get(1).version == 1  # evicted: mapped again, still correct
+
+
+def test_bad_input_gets_clear_errors(env: Env) -> None:
+    reader = env.reader(connect=False)
+    with pytest.raises(InvalidInputError, match="slot"):
+        reader.get("1")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="slot"):
+        reader.get(-1)
+    with pytest.raises(InvalidInputError, match="version"):
+        reader.get(1, 1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="subscribe needs"):
+        reader.subscribe()
+    with pytest.raises(InvalidInputError, match="timeout"):
+        reader.wait_for(1, 1, timeout="soon")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="reader name"):
+        Reader(env.store_dir, env.sock, "no spaces allowed", connect=False)
+    with pytest.raises(InvalidInputError, match="heartbeat_interval"):
+        Reader(env.store_dir, env.sock, heartbeat_interval=0, connect=False)
+    with pytest.raises(InvalidInputError, match="backoff"):
+        Reader(env.store_dir, env.sock, reconnect_backoff=(1.0, 0.5), connect=False)
+    with pytest.raises(InvalidInputError, match="max_items"):
+        Reader(env.store_dir, env.sock, cache_items=0, connect=False)
+    with pytest.raises(NotFoundError, match="no ctxstore store"):
+        Reader(env.store_dir / "missing", env.sock, connect=False)
+
+
+def test_close_stops_threads_and_refuses_further_use(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    reader.get(1)
+    daemon.wait_ack(1, 1)
+    client_thread = reader._client._thread if reader._client else None
+    reader.close()
+    reader.close()  # idempotent
+    assert client_thread is not None and not client_thread.is_alive()
+    daemon.wait(lambda s, m: isinstance(m, Goodbye), "the reader's goodbye")
+    with pytest.raises(ClosedError):
+        reader.get(1)
+    with pytest.raises(ClosedError):
+        reader.subscribe(slots=[1])
+    with pytest.raises(ClosedError):
+        reader.wait_for(1, 1, timeout=1)
+
+
+def test_get_hit_cost_is_printed(env: Env) -> None:
+    reader = env.reader(connect=False)
+    reader.get(1)
+    assert reader.stats().version_table
+    number = 20_000
+    runs = timeit.repeat("get(1)", globals={"get": reader.get}, number=number, repeat=15)
+    per_call = sorted(run / number * 1e9 for run in runs)
+    print(
+        f"\nReader.get() hit, freshness check included: p50 {statistics.median(per_call):.0f} ns, "
+        f"best {per_call[0]:.0f} ns (goal <= 2000 ns)"
+    )
+
+
+# -- the daemon session ----------------------------------------------------------------------
+
+
+def test_acks_and_heartbeats_reach_the_daemon(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    reader.get(1)
+    daemon.wait_ack(1, 1, pid=os.getpid())
+    beat = daemon.wait_heartbeat(lambda h: (1, 1) in h.held)
+    assert beat.pid == os.getpid() and beat.name == "test-reader"
+    assert beat.uss > 0 and beat.pss > 0
+    hello = daemon.messages(Hello)[0]
+    assert isinstance(hello, Hello) and hello.role == "reader" and hello.pid == os.getpid()
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and m.slots == (1,), "the follow subscribe")
+    eventually(lambda: reader.stats().connected, "connected")
+
+
+def test_announced_versions_are_mapped_and_acked_before_the_next_get(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    reader.get(1)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 1 in m.slots, "follow of slot 1")
+    version = env.publish(1, 2.0)
+    daemon.announce(1, version)
+    daemon.wait_ack(1, version)
+    misses = reader.stats().misses
+    assert reader.get(1).version == version
+    assert reader.stats().misses == misses  # adopted on the socket thread: this get was a hit
+    assert reader.stats().announcements == 1
+    daemon.wait_heartbeat(lambda h: h.held == ((1, version),))
+
+
+def test_a_rollback_announcement_moves_the_pointer_back(env: Env) -> None:
+    daemon = env.daemon()
+    env.publish(1, 2.0)
+    reader = env.reader()
+    assert reader.get(1).version == 2
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 1 in m.slots, "follow of slot 1")
+    env.writer.rollback(1, 1)
+    env.table.set(1, 1)
+    daemon.announce(1, 1)
+    daemon.wait_ack(1, 1)
+    assert reader.get(1).version == 1
+
+
+def test_ping_is_answered(env: Env) -> None:
+    daemon = env.daemon()
+    env.reader()
+    daemon.wait(lambda s, m: isinstance(m, (Subscribe, Heartbeat)), "a frame")
+    daemon.send_all(Ping(nonce=42))
+    daemon.wait(lambda s, m: m == Pong(nonce=42), "the pong")
+
+
+def test_subscription_callbacks_run_off_the_socket_thread(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    events: list[tuple[VersionEvent, int]] = []
+    got = threading.Condition()
+    release = threading.Event()
+
+    def callback(event: VersionEvent) -> None:
+        release.wait(WAIT)  # a slow callback must not hold up the socket thread
+        with got:
+            events.append((event, threading.get_ident()))
+            got.notify_all()
+
+    subscription = reader.subscribe(slots=[1], callback=callback)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and m.slots == (1,), "the subscribe")
+    reader.get(1)
+    version = env.publish(1, 2.0)
+    daemon.announce(1, version, model_type="llm", aliases={"best": version})
+    daemon.wait_ack(1, version)  # adopted and acked while the callback is still blocked
+    release.set()
+    with got:
+        assert got.wait_for(lambda: len(events) == 2, WAIT)
+    (snapshot, first_thread), (announced, second_thread) = events
+    assert (snapshot.slot, snapshot.version, snapshot.source) == (1, 1, "snapshot")
+    assert (announced.version, announced.previous, announced.source) == (version, 1, "announce")
+    assert announced.model_type == "llm" and dict(announced.aliases) == {"best": version}
+    socket_thread = reader._client.thread_ident if reader._client else None
+    assert first_thread == second_thread
+    assert first_thread not in (socket_thread, threading.get_ident())
+    assert subscription.active
+    subscription.cancel()
+    assert not subscription.active
+    daemon.barrier()
+    assert daemon.messages(Unsubscribe) == []  # the reader still follows slot 1 for get()
+
+
+def test_unsubscribed_and_unrelated_slots_fire_no_callbacks(env: Env) -> None:
+    env.writer.hierarchy.add_to_group(2, "vision")
+    env.publish(2, 2.0)
+    env.publish(3, 3.0)
+    daemon = env.daemon()
+    reader = env.reader()
+    events: list[VersionEvent] = []
+    got = threading.Condition()
+
+    def callback(event: VersionEvent) -> None:
+        with got:
+            events.append(event)
+            got.notify_all()
+
+    subscription = reader.subscribe(groups="vision", callback=callback)
+    with got:
+        assert got.wait_for(lambda: len(events) == 1, WAIT)
+    assert (events[0].slot, events[0].version) == (2, 1)
+    for slot in (3, 2):  # the fake daemon announces to everyone; the reader filters
+        daemon.announce(slot, env.publish(slot, 9.0))
+    with got:
+        assert got.wait_for(lambda: len(events) == 2, WAIT)
+    assert [(e.slot, e.version) for e in events] == [(2, 1), (2, 2)]
+    subscription.cancel()
+    _, message = daemon.wait(lambda s, m: isinstance(m, Unsubscribe), "the unsubscribe")
+    assert message == Unsubscribe(groups=("vision",))
+    reader.subscribe(slots=3, callback=callback)  # its events come after any for slot 2
+    with got:
+        assert got.wait_for(lambda: len(events) == 3, WAIT)
+    daemon.announce(2, env.publish(2, 10.0))
+    daemon.announce(3, env.publish(3, 10.0))
+    with got:
+        assert got.wait_for(lambda: len(events) == 4, WAIT)
+    assert [(e.slot, e.version) for e in events[2:]] == [(3, 2), (3, 3)]
+
+
+def test_wait_for_a_version_announced_before_the_call(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    reader.get(1)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 1 in m.slots, "follow of slot 1")
+    version = env.publish(1, 2.0)
+    daemon.announce(1, version)
+    daemon.wait_ack(1, version)
+    assert reader.wait_for(1, version, timeout=WAIT).version == version
+    assert reader.wait_for(1, 1, timeout=0).version == version  # older: already there
+
+
+def test_wait_for_a_version_announced_after_the_call(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    result: list[Context | BaseException] = []
+
+    def waiter() -> None:
+        try:
+            result.append(reader.wait_for(5, 1, timeout=WAIT))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    # The waiter follows slot 5 as it starts waiting: once its subscribe is here, it waits.
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 5 in m.slots, "follow of slot 5")
+    version = env.publish(5, 5.0)
+    daemon.announce(5, version)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    (ctx,) = result
+    assert isinstance(ctx, Context) and (ctx.slot, ctx.version) == (5, version)
+
+
+def test_wait_for_times_out(env: Env) -> None:
+    reader = env.reader(connect=False)
+    with pytest.raises(WaitTimeoutError, match="did not reach version 5"):
+        reader.wait_for(1, 5, timeout=0.05)
+
+
+def test_reads_work_without_any_daemon(env: Env) -> None:
+    reader = env.reader()  # nobody listens on the socket
+    assert reader.get(1).version == 1
+    version = env.publish(1, 2.0, table=False)  # only the store knows
+    assert reader.get(1).version == version
+    assert reader.wait_for(1, version, timeout=WAIT).version == version
+    stats = reader.stats()
+    assert not stats.connected and not stats.version_table
+    assert stats.last_error is not None and "cannot connect" in stats.last_error
+
+
+def test_reconnect_after_daemon_restart_resubscribes_and_resyncs(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    events: list[VersionEvent] = []
+    got = threading.Condition()
+
+    def callback(event: VersionEvent) -> None:
+        with got:
+            events.append(event)
+            got.notify_all()
+
+    reader.subscribe(slots=[1], callback=callback)
+    assert reader.get(1).version == 1
+    daemon.wait_ack(1, 1)
+    daemon.stop()
+    eventually(lambda: not reader.connected, "the reader notices the daemon is gone")
+
+    # Daemon down: the table is frozen, the store moves on; reads follow the store.
+    v2 = env.publish(1, 2.0, table=False)
+    assert reader.get(1).version == v2
+    assert not reader.stats().version_table
+
+    # A new daemon reclaims the segment, commits once more, and starts listening.
+    env.new_table()
+    v3 = env.publish(1, 3.0)
+    second = env.daemon()
+    eventually(lambda: reader.connected, "the reader reconnects")
+    second.wait(lambda s, m: isinstance(m, Subscribe) and m.slots == (1,), "resubscribe")
+    second.wait_ack(1, v3)  # resynchronised from the snapshot
+    with got:
+        assert got.wait_for(lambda: any(e.version == v3 for e in events), WAIT)
+    assert [e.version for e in events] == [1, v3]  # v2 was never announced to anyone
+    assert events[-1].source == "snapshot"
+
+    # The reader uses the new daemon's table: a bump there is seen on the next get().
+    stats = reader.stats()
+    assert stats.reconnects == 1 and stats.version_table
+    v4 = env.publish(1, 4.0)
+    assert reader.get(1).version == v4
+
+
+def test_goodbye_and_fatal_errors_lead_to_a_reconnect(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+
+    def hellos() -> int:
+        return len(daemon.messages(Hello))
+
+    eventually(lambda: reader.connected, "first session")
+    daemon.send_all(Goodbye(reason="restarting"))
+    eventually(lambda: hellos() == 2, "a new hello after the goodbye")
+    eventually(lambda: len(daemon.live_sessions()) == 1 and reader.connected, "second session")
+    daemon.send_all(Error(kind="internal", message="boom", fatal=True))
+    eventually(lambda: hellos() == 3, "a new hello after the fatal error")
+    eventually(lambda: reader.stats().reconnects == 2, "third session")
+    assert reader.get(1).version == 1
+
+
+def test_a_protocol_violation_ends_the_session_and_reconnects(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    eventually(lambda: reader.connected, "first session")
+    for session in daemon.live_sessions():
+        session.sock.sendall(b"\x00\x00\x00\x03abc")  # not msgpack
+    eventually(lambda: len(daemon.messages(Hello)) == 2, "a new hello")
+    error = daemon.wait(lambda s, m: isinstance(m, Error), "the reader's error frame")[1]
+    assert isinstance(error, Error) and error.kind == "remote_protocol"
+
+
+def test_forked_child_reopens_its_own_store_table_and_socket(env: Env) -> None:
+    daemon = env.daemon()
+    reader = env.reader()
+    assert reader.get(1).version == 1
+    daemon.wait_ack(1, 1, pid=os.getpid())
+    parent_store = reader._store
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            ctx = reader.get(1)
+            code = 2
+            if ctx.version == 1 and reader._store is not parent_store:
+                code = 3
+                deadline = time.monotonic() + WAIT
+                while not reader.connected and time.monotonic() < deadline:
+                    threading.Event().wait(0.005)
+                if reader.connected:
+                    reader.close()
+                    code = 0
+        finally:
+            os._exit(code)
+    status = _wait_child(pid)
+    assert os.waitstatus_to_exitcode(status) == 0
+    daemon.wait(lambda s, m: isinstance(m, Hello) and m.pid == pid, "the child's hello")
+    daemon.wait_ack(1, 1, pid=pid)
+    # The parent's session went on untouched.
+    before = len(daemon.messages(Heartbeat))
+    eventually(lambda: len(daemon.messages(Heartbeat)) > before, "parent heartbeats")
+    assert reader.connected and reader.get(1).version == 1
+
+
+def _wait_child(pid: int) -> int:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        threading.Event().wait(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not finish")
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    backoff = Backoff(0.1, 1.0)
+    assert backoff.delay(0, lambda: 1.0) == pytest.approx(0.1)
+    assert backoff.delay(3, lambda: 1.0) == pytest.approx(0.8)
+    assert backoff.delay(10, lambda: 1.0) == pytest.approx(1.0)
+    assert backoff.delay(10, lambda: 0.0) == pytest.approx(0.5)
+    assert backoff.delay(10_000, lambda: 0.5) == pytest.approx(0.75)
+    with pytest.raises(InvalidInputError):
+        Backoff(0, 1)
+    with pytest.raises(InvalidInputError):
+        Backoff(1, float("inf"))
+
+
+def test_process_memory_reports_uss_and_pss() -> None:
+    uss, pss = process_memory()
+    assert uss > 0 and pss > 0
+
+
+def test_process_memory_falls_back_to_zero_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(self: psutil.Process) -> Any:
+        raise psutil.AccessDenied(os.getpid())
+
+    monkeypatch.setattr(psutil.Process, "memory_full_info", refuse)
+    monkeypatch.setattr(memory, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="ctxstore.readers"):
+        assert process_memory() == (0, 0)
+        assert process_memory() == (0, 0)
+    assert len([r for r in caplog.records if "USS/PSS" in r.getMessage()]) == 1
+
+
+def test_memory_sampler_reads_at_most_once_per_interval() -> None:
+    now = [0.0]
+    calls: list[float] = []
+
+    def probe() -> tuple[int, int]:
+        calls.append(now[0])
+        return len(calls), len(calls)
+
+    sampler = memory.MemorySampler(5.0, clock=lambda: now[0], probe=probe)
+    assert sampler.sample() == (1, 1)
+    now[0] = 4.9
+    assert sampler.sample() == (1, 1)
+    now[0] = 5.0
+    assert sampler.sample() == (2, 2)
+    assert calls == [0.0, 5.0]
+
+
+def test_the_reader_package_never_imports_the_daemon() -> None:
+    code = (
+        "import sys, ctxstore.readers; "
+        "bad = sorted(m for m in sys.modules if m.startswith('ctxstore.daemon')); "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
