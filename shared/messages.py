@@ -665,8 +665,10 @@ def encode_body(message: Message) -> bytes:
 
 def decode_body(body: bytes | bytearray) -> Message:
     """Parse and validate one frame body, or raise RemoteProtocolError saying what was wrong."""
-    _check_outer_map(body)
+    entries = _check_outer_map(body)
     raw = _unpack(body)
+    if len(raw) != entries:
+        raise RemoteProtocolError("frame body has a map with a repeated key")
     name = raw.pop("type", None)
     if not isinstance(name, str):
         what = "no 'type' field" if name is None else f"a {_wire_type(name)} 'type'"
@@ -686,8 +688,8 @@ def decode_body(body: bytes | bytearray) -> Message:
         raise RemoteProtocolError(f"bad {name!r} frame: {exc}") from exc
 
 
-def _check_outer_map(body: bytes | bytearray) -> None:
-    """Refuse, from its first bytes, a body that is not a map of at most MAX_ENTRIES entries.
+def _check_outer_map(body: bytes | bytearray) -> int:
+    """The entry count of the body's map, read from its first bytes; refuse anything else.
 
     This costs nothing, where decoding a 1 MiB array of empty containers
     first would cost a tenth of a second.
@@ -708,6 +710,7 @@ def _check_outer_map(body: bytes | bytearray) -> None:
         raise RemoteProtocolError(
             f"frame body is a map of {entries} entries; no message has more than {MAX_ENTRIES}"
         )
+    return entries
 
 
 def _first_byte_names() -> tuple[str, ...]:
@@ -744,7 +747,9 @@ def _unpack(body: bytes | bytearray) -> dict[str, Any]:
     its elements, so a 5-byte body announcing 4 billion elements is refused
     before anything is allocated. No binary or extension types are used.
     Arrays decode as tuples: the validators take any sequence, and tuples
-    spare the garbage collector (empty ones are free).
+    spare the garbage collector (empty ones are free). Inside config and
+    metadata a repeated key keeps its last value, as JSON parsers do; the
+    outer map's repeated keys are caught by counting its entries.
     """
     size = len(body)
     try:
@@ -758,7 +763,6 @@ def _unpack(body: bytes | bytearray) -> dict[str, Any]:
             max_array_len=size,
             max_map_len=size // 2,
             max_ext_len=0,
-            object_pairs_hook=_map_without_duplicates,
         )
     except RemoteProtocolError:
         raise
@@ -772,13 +776,6 @@ def _unpack(body: bytes | bytearray) -> dict[str, Any]:
         detail = str(exc) or type(exc).__name__
         raise RemoteProtocolError(f"frame body is not valid msgpack: {detail:.200}") from None
     return raw
-
-
-def _map_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise RemoteProtocolError("frame body has a map with a repeated key")
-    return result
 
 
 def _field_mismatch(name: str, expected: frozenset[str], got: set[str]) -> str:
