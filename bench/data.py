@@ -1,0 +1,135 @@
+"""Synthetic tensors, page-cache control and disk accounting shared by the scenarios."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+
+PAGE = mmap.PAGESIZE
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def layer_weights(
+    count: int, rng: np.random.Generator, *, min_bytes: int = KIB, max_bytes: int = 64 * KIB
+) -> dict[str, Array]:
+    """``count`` float32 tensors of ``min_bytes``..``max_bytes`` each, named like model layers."""
+    sizes = rng.integers(min_bytes // 4, max_bytes // 4, size=count, endpoint=True)
+    return {
+        f"layers.{i}.weight": rng.standard_normal(int(n), dtype=np.float32)
+        for i, n in enumerate(sizes)
+    }
+
+
+def unique_bytes(nbytes: int, rng: np.random.Generator) -> Array:
+    """A writable uint8 array of random bytes (callers stamp a counter to keep commits distinct)."""
+    return np.frombuffer(bytearray(rng.bytes(nbytes)), dtype=np.uint8)
+
+
+def stamp(array: Array, counter: int) -> None:
+    """Write ``counter`` into the first 8 bytes so no two commits share a checksum."""
+    array[:8] = np.frombuffer(counter.to_bytes(8, "little"), dtype=np.uint8)[: min(8, array.size)]
+
+
+def weights_nbytes(weights: Mapping[str, Array]) -> int:
+    return sum(a.nbytes for a in weights.values())
+
+
+def touch(arrays: Iterable[Array]) -> int:
+    """Read one byte in every page of every array (and its last byte): fault all of it in."""
+    total = 0
+    for array in arrays:
+        flat = array.reshape(-1).view(np.uint8)
+        if flat.size:
+            total += int(flat[::PAGE].sum()) + int(flat[-1])
+    return total
+
+
+# -- page cache ---------------------------------------------------------------------------
+
+
+def drop_page_cache(paths: Iterable[str]) -> None:
+    """Ask the kernel to drop each file's clean pages (POSIX_FADV_DONTNEED).
+
+    Pages that are dirty or mapped by a process stay; callers sync once after
+    writing and release every mapping first. :func:`resident_fraction` checks
+    that the drop worked.
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_pages(path: str) -> tuple[int, int] | None:
+    """(resident, total) pages of ``path`` in the page cache, via mincore(2); None if unknown."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return (0, 0)
+        # a private mapping, never written: mincore reports the file's page-cache pages
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    pages = (size + PAGE - 1) // PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+    finally:
+        del anchor
+        mm.close()
+    if rc != 0:
+        return None
+    return sum(b & 1 for b in vec), pages
+
+
+def resident_fraction(paths: Iterable[str]) -> float | None:
+    """Share of the files' pages in the page cache (0.0 = fully cold); None if unknown."""
+    resident = total = 0
+    for path in paths:
+        counts = resident_pages(path)
+        if counts is None:
+            return None
+        resident += counts[0]
+        total += counts[1]
+    return resident / total if total else 0.0
+
+
+# -- disk accounting ----------------------------------------------------------------------
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(dirpath) / name
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes allocated under ``root``, each inode counted once (hard links share blocks), as du."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in (".", *files):
+            st = os.lstat(os.path.join(dirpath, name))
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+    return total

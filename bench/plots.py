@@ -1,0 +1,121 @@
+"""PNG plots drawn from scenario results with matplotlib (no pyplot: no global state, no display).
+
+Each function takes one scenario's result and the output directory and returns
+the file it wrote. Scenarios list theirs in ``Scenario.plots``; the fan-out
+(latency vs N) and memory (total PSS vs N) plots join when those scenarios do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure as Canvas
+
+from .harness import Figure, ScenarioResult, format_bytes
+
+MARKERS = "osD^v<>ph*"
+
+
+def _series(
+    figures: Iterable[Figure], x_param: str, *, roles: tuple[str, ...] | None = None
+) -> dict[str, list[tuple[float, float]]]:
+    """label -> [(x, median)] over figures, x read from each figure's params."""
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for figure in figures:
+        x = float(figure.params[x_param])
+        for m in figure.measurements:
+            if roles is None or m.role in roles:
+                series[m.label].append((x, m.stats.median))
+    return {label: sorted(points) for label, points in series.items()}
+
+
+def _draw(axes: Axes, series: dict[str, list[tuple[float, float]]], scale: float = 1.0) -> None:
+    for i, (label, points) in enumerate(series.items()):
+        xs = [p[0] for p in points]
+        ys = [p[1] * scale for p in points]
+        bold = label.startswith("ctxstore")
+        axes.plot(
+            xs,
+            ys,
+            marker=MARKERS[i % len(MARKERS)],
+            linewidth=2.5 if bold else 1.2,
+            label=label,
+        )
+    axes.grid(True, which="both", alpha=0.3)
+
+
+def _save(canvas: Canvas, out: Path, name: str) -> Path:
+    path = out / name
+    canvas.tight_layout()
+    canvas.savefig(path, dpi=110)
+    return path
+
+
+def open_latency(result: ScenarioResult, out: Path) -> Path:
+    """Open latency (median) against tensor count, one panel per page-cache state."""
+    modes = {
+        "warm": "open, warm page cache",
+        "cold": "open, cold page cache",
+        "cold+read": "open and read every page, cold",
+    }
+    canvas = Canvas(figsize=(16, 5.2))
+    axes_list = canvas.subplots(1, len(modes), sharey=True)
+    for axes, (mode, title) in zip(axes_list, modes.items(), strict=True):
+        figures = [f for f in result.figures if f.params.get("cache") == mode]
+        _draw(axes, _series(figures, "tensors"), scale=1e-3)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_title(title)
+        axes.set_xlabel("tensors in the context")
+    axes_list[0].set_ylabel("median latency (us)")
+    axes_list[0].legend(fontsize=7)
+    return _save(canvas, out, "open_latency.png")
+
+
+def commit_throughput(result: ScenarioResult, out: Path) -> Path:
+    """Commit throughput (MB/s at the median) against context size, beside the durable floor."""
+    canvas = Canvas(figsize=(8, 5))
+    axes = canvas.subplots()
+    figures = [f for f in result.figures if "bytes" in f.params]
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for figure in figures:
+        nbytes = float(figure.params["bytes"])
+        for m in figure.measurements:
+            series[m.label].append((nbytes, nbytes / m.stats.median * 1e3))  # bytes/ns -> MB/s
+    _draw(axes, {k: sorted(v) for k, v in series.items()})
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    sizes = sorted({float(f.params["bytes"]) for f in figures})
+    axes.set_xticks(sizes, [format_bytes(s) for s in sizes])
+    axes.set_xlabel("context size")
+    axes.set_ylabel("throughput at the median (MB/s)")
+    axes.set_title("durable commit throughput vs the write+fsync+rename+SQLite floor")
+    axes.legend(fontsize=8)
+    return _save(canvas, out, "commit_throughput.png")
+
+
+def scale_cost(result: ScenarioResult, out: Path) -> Path:
+    """Lookup, open and commit latency against versions in a slot and against slots."""
+    dims = (("versions", "versions in one slot"), ("slots", "slots in the store"))
+    canvas = Canvas(figsize=(13, 5))
+    axes_list = canvas.subplots(1, 2, sharey=True)
+    for axes, (dim, xlabel) in zip(axes_list, dims, strict=True):
+        series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for figure in result.figures:
+            if figure.params.get("dimension") != dim:
+                continue
+            for m in figure.measurements:
+                if m.x is not None and m.role == "ctxstore":
+                    label = str(figure.params.get("operation", m.label))
+                    series[label].append((m.x, m.stats.median * 1e-3))
+        _draw(axes, {k: sorted(v) for k, v in series.items()})
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_title(f"cost vs {xlabel}")
+        axes.legend(fontsize=8)
+    axes_list[0].set_ylabel("median latency (us)")
+    return _save(canvas, out, "scale.png")

@@ -1,0 +1,74 @@
+"""Run scenarios one after another, each in its own data directory; then report and plot."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import machine, report
+from .harness import ScenarioResult
+from .progress import Progress
+from .report import RunResult
+from .scenario import RunContext, Scenario
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench"
+#: default parent of the data directory: inside the repo (same filesystem), ignored by git
+DEFAULT_DATA_PARENT = REPO / "bench" / "out"
+
+
+def run(
+    scenarios: Sequence[Scenario],
+    *,
+    quick: bool,
+    out: Path,
+    data_parent: Path | None,
+    progress: bool,
+    command: str,
+    pending: dict[str, str],
+) -> RunResult:
+    """Run ``scenarios``, write RESULTS.md, results.json and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    parent = data_parent or DEFAULT_DATA_PARENT
+    parent.mkdir(parents=True, exist_ok=True)
+    data = Path(tempfile.mkdtemp(prefix="ctxstore-bench-", dir=parent))
+    started = time.perf_counter()
+    result = RunResult(
+        quick=quick,
+        command=command,
+        machine=machine.describe(data, REPO),
+        pending=pending,
+    )
+    try:
+        with Progress(len(scenarios), enabled=progress) as bars:
+            for scenario in scenarios:
+                result.scenarios.append((scenario, _run_one(scenario, quick, data, bars, out)))
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    result.elapsed_s = time.perf_counter() - started
+    result.machine = {**result.machine, "load average at end": machine.load_average()}
+    report.write(result, out)
+    return result
+
+
+def _run_one(
+    scenario: Scenario, quick: bool, data: Path, bars: Progress, out: Path
+) -> ScenarioResult:
+    scenario_dir = data / scenario.name
+    scenario_dir.mkdir()
+    bars.begin(scenario.name)
+    started = time.perf_counter()
+    outcome = scenario.run(RunContext(quick=quick, data_dir=scenario_dir, progress=bars))
+    outcome.elapsed_s = time.perf_counter() - started
+    for plot in scenario.plots:
+        outcome.plots.append(str(plot(outcome, out)))
+    bars.end(scenario.name)
+    print(
+        f"{scenario.name}: {len(outcome.figures)} figures in {outcome.elapsed_s:.1f} s",
+        file=sys.stderr,
+    )
+    return outcome

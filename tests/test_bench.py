@@ -1,0 +1,315 @@
+"""The benchmark harness: the quick run produces every registered scenario's results and plots.
+
+No timing is asserted anywhere (machines are noisy); only that every scenario
+ran, reported its figures with alternatives, and drew its plots. The harness's
+own pieces (statistics, interleaving, goals, disk accounting, the report) are
+checked on small fixed inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: the bench extra: without these the harness cannot run, and these tests fail (never skip)
+BENCH_DEPENDENCIES = ("matplotlib", "lmdb", "rich")
+QUICK_RUN_TIMEOUT_S = 300
+
+
+def _require_bench_dependencies() -> None:
+    missing = [name for name in BENCH_DEPENDENCIES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(
+            f"the benchmark harness needs {', '.join(missing)}: "
+            "install the bench extra (pip install -e '.[bench]' or '.[test]')",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The ``bench`` package, imported from the repository (it is not installed)."""
+    _require_bench_dependencies()
+    monkeypatch.syspath_prepend(str(REPO))
+    import bench
+    import bench.scenarios
+
+    return bench
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``python -m bench --quick`` run for the whole module; returns its output directory."""
+    _require_bench_dependencies()
+    out = tmp_path_factory.mktemp("bench-out")
+    data = tmp_path_factory.mktemp("bench-data")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--dir",
+            str(data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, f"quick run failed:\n{proc.stdout}\n{proc.stderr}"
+    assert list(data.iterdir()) == [], "the run left its data directory behind"
+    return out
+
+
+# -- the quick run ---------------------------------------------------------------------------
+
+
+def test_quick_run_reports_every_registered_scenario(quick_run: Path, bench: Any) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    registered = [s.name for s in bench.scenarios.SCENARIOS]
+    assert results["quick"] is True
+    assert list(results["scenarios"]) == registered
+    for name, scenario in results["scenarios"].items():
+        assert scenario["figures"], f"scenario {name} produced no figure"
+        for figure in scenario["figures"]:
+            assert figure["measurements"], f"{name}: figure {figure['title']!r} is empty"
+            roles = {m["role"] for m in figure["measurements"]}
+            assert "ctxstore" in roles, f"{name}: {figure['title']!r} has no ctxstore result"
+            for m in figure["measurements"]:
+                assert m["stats"]["n"] >= 1
+                assert m["stats"]["median"] >= 0
+
+
+def test_quick_run_compares_with_alternatives_and_floors(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    figures = {f["key"]: f for s in results["scenarios"].values() for f in s["figures"]}
+    labels = {m["label"] for m in figures["open.warm.1"]["measurements"]}
+    for alternative in ("np.load(mmap_mode='r')", "safetensors", "LMDB", "pickle"):
+        assert any(alternative in label for label in labels), alternative
+    for key in ("commit.4096", "metadata.lookup"):
+        assert "floor" in {m["role"] for m in figures[key]["measurements"]}, key
+    assert "alternative" in {m["role"] for m in figures["hotget.hit"]["measurements"]}
+    assert figures["commit.dedup"]["measurements"][0]["unit"] == "bytes"
+
+
+def test_quick_run_judges_goals(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    judged = [
+        f
+        for s in results["scenarios"].values()
+        for f in s["figures"]
+        if f["goal"] is not None and f["verdict"] is not None
+    ]
+    assert judged
+    for figure in judged:
+        assert isinstance(figure["verdict"]["met"], bool)
+        assert figure["goal"]["source"]
+
+
+def test_quick_run_writes_results_md_with_machine_and_every_figure(quick_run: Path) -> None:
+    text = (quick_run / "RESULTS.md").read_text()
+    results = json.loads((quick_run / "results.json").read_text())
+    for heading in ("## Machine", "## Goals", "## Not measured yet"):
+        assert heading in text
+    for field in (
+        "CPU",
+        "cores",
+        "memory",
+        "bench directory filesystem",
+        "kernel",
+        "Python",
+        "SQLite",
+        "numpy",
+        "date (UTC)",
+    ):
+        assert f"| {field} |" in text, field
+    for scenario in results["scenarios"].values():
+        assert scenario["title"] in text
+        for figure in scenario["figures"]:
+            assert f"### {figure['title']}" in text
+    assert "met" in text or "MISSED" in text
+
+
+def test_quick_run_draws_the_plots(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    plots = [p for s in results["scenarios"].values() for p in s["plots"]]
+    assert {"open_latency.png", "commit_throughput.png", "scale.png"} <= set(plots)
+    text = (quick_run / "RESULTS.md").read_text()
+    for name in plots:
+        data = (quick_run / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert len(data) > 10_000, name
+        assert f"]({name})" in text
+
+
+def test_only_runs_the_named_scenario_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    _require_bench_dependencies()
+    argv = [sys.executable, "-m", "bench", "--quick", "--no-progress"]
+    proc = subprocess.run(
+        [*argv, "--only", "metadata", "--out", str(tmp_path), "--dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["scenarios"]) == ["metadata"]
+    bad = subprocess.run(
+        [*argv, "--only", "nonesuch"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "unknown scenario" in bad.stderr and "nonesuch" in bad.stderr
+
+
+# -- harness pieces ---------------------------------------------------------------------------
+
+
+def test_stats_median_and_nearest_rank_p99(bench: Any) -> None:
+    from bench.harness import Stats, nearest_rank
+
+    samples = [float(v) for v in range(1, 101)]
+    stats = Stats.of(list(reversed(samples)))
+    assert stats.median == 50.5
+    assert stats.p99 == 99.0
+    assert stats.minimum == 1.0
+    assert stats.n == 100
+    assert nearest_rank([1.0, 2.0, 3.0], 0.99) == 3.0
+    assert Stats.single(7.0).p99 == 7.0
+
+
+def test_compare_interleaves_rounds_and_runs_hooks_untimed(bench: Any) -> None:
+    from bench.harness import Budget, Candidate, compare
+
+    calls: list[str] = []
+
+    def candidate(label: str) -> Any:
+        return Candidate(
+            label,
+            lambda: calls.append(label),
+            before=lambda: calls.append(f"before {label}"),
+            after=lambda _result: calls.append(f"after {label}"),
+        )
+
+    budget = Budget(seconds=0.0, min_reps=4, max_reps=4, warmup=1, rewarm=0)
+    stats = compare([candidate("a"), candidate("b")], budget, rounds=2)
+    assert stats["a"].n == 4 and stats["b"].n == 4
+    ops = [c for c in calls if c in ("a", "b")]
+    # warm-up + 2 timed for a, then b; round 2 starts with b (rotated order)
+    assert ops == ["a", "a", "a", "b", "b", "b", "b", "b", "a", "a"]
+    assert calls.count("before a") == calls.count("a")
+    assert calls.count("after b") == calls.count("b")
+
+
+def test_batched_samples_are_per_call(bench: Any) -> None:
+    from bench.harness import Budget, measure
+
+    counter = [0]
+
+    def op() -> None:
+        counter[0] += 1
+
+    stats = measure(op, Budget(0.0, 3, 3, warmup=0), batch=10)
+    assert counter[0] == 30
+    assert stats.batch == 10 and stats.n == 3
+
+
+def test_goals_judge_the_ctxstore_measurement(bench: Any) -> None:
+    from bench.harness import (
+        AtMost,
+        Figure,
+        Flat,
+        RatioAtMost,
+        Stats,
+        ThroughputAtLeast,
+    )
+
+    figure = Figure("k", "t", reference="floor")
+    figure.add("ours", "ctxstore", Stats.single(150.0))
+    figure.add("floor", "floor", Stats.single(100.0))
+    assert AtMost(200.0, "test").judge(figure).met
+    assert not AtMost(100.0, "test").judge(figure).met
+    assert RatioAtMost("floor", 1.5, "test").judge(figure).met
+    assert not RatioAtMost("floor", 1.4, "test").judge(figure).met
+    verdict = ThroughputAtLeast("floor", 0.8, "test").judge(figure)
+    assert verdict is not None and not verdict.met and verdict.ratio == pytest.approx(2 / 3)
+    assert RatioAtMost("missing", 1.5, "test").judge(figure) is None
+
+    scaling = Figure("s", "scale")
+    for x, value in ((1, 10.0), (10, 30.0), (100, 12.0)):
+        scaling.add(f"@{x}", "ctxstore", Stats.single(value), x=x)
+    assert Flat(1.5, "test").judge(scaling).met
+    assert Figure("e", "empty", goal=Flat(1.5, "test")).verdict() is None
+
+
+def test_disk_usage_counts_hard_links_once(bench: Any, tmp_path: Path) -> None:
+    from bench.data import disk_usage
+
+    (tmp_path / "a").write_bytes(b"x" * 100_000)
+    base = disk_usage(tmp_path)
+    os.link(tmp_path / "a", tmp_path / "b")
+    assert disk_usage(tmp_path) == base
+    (tmp_path / "c").write_bytes(b"y" * 100_000)
+    assert disk_usage(tmp_path) > base
+
+
+def test_dropped_file_is_not_resident(bench: Any, tmp_path: Path) -> None:
+    from bench.data import drop_page_cache, resident_pages
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    counts = resident_pages(str(path))
+    assert counts is not None and counts[1] == (1 << 20) // os.sysconf("SC_PAGE_SIZE")
+    drop_page_cache([str(path)])
+    after = resident_pages(str(path))
+    assert after is not None and after[0] <= counts[0]
+
+
+def test_report_marks_missed_goals_and_lists_pending_scenarios(bench: Any) -> None:
+    from bench.harness import AtMost, Figure, ScenarioResult, Stats
+    from bench.report import RunResult, as_json, markdown
+    from bench.scenario import Scenario
+
+    figure = Figure("x.y", "a figure", goal=AtMost(10.0, "issue 2"), reference="alt")
+    figure.add("ours", "ctxstore", Stats.of([20.0, 20.0]))
+    figure.add("alt", "alternative", Stats.of([40.0, 40.0]))
+    scenario = Scenario("x", "Scenario X", "What X measures.", lambda _ctx: ScenarioResult())
+    run = RunResult(
+        quick=True,
+        command="python -m bench --quick",
+        machine={"CPU": "test"},
+        scenarios=[(scenario, ScenarioResult(figures=[figure]))],
+        pending={"fanout": "waits for the daemon"},
+    )
+    text = markdown(run)
+    assert "**MISSED**" in text
+    assert "| CPU | test |" in text
+    assert "**fanout**: waits for the daemon" in text
+    assert "0.50x" in text  # ours / alt in the goal table
+    data = as_json(run)
+    assert data["scenarios"]["x"]["figures"][0]["verdict"]["met"] is False
+    json.dumps(data)
