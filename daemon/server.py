@@ -178,7 +178,9 @@ class Daemon:
             case Hello(name=name, pid=pid, role=role):
                 sub.name = f"{name or 'anonymous'} (pid {pid})"
                 self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
-                sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions={}))
+                assert self.store is not None
+                current = self.store.current_versions()
+                sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions=current))
             case Subscribe():
                 sub.subscriptions.slots.update(message.slots)
                 sub.subscriptions.groups.update(message.groups)

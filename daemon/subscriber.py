@@ -81,9 +81,9 @@ class Subscriber:
         if not self._pending and not self._control and self._buffered() == 0:
             self._write(announce)
             return
-        if announce.slot in self._pending:
+        if self._pending.pop(announce.slot, None) is not None:
             self.dropped_announcements += 1
-        self._pending[announce.slot] = announce
+        self._pending[announce.slot] = announce  # at the back: batches go out in seq order
         self._wake.set()
 
     def send(self, message: Message) -> None:

@@ -300,3 +300,55 @@ def test_refused_peer_gets_forbidden(tmp_path: Path) -> None:
     finally:
         assert proc.stop() == 0
     assert isinstance(Error(kind="forbidden", message="x"), Error)
+
+
+def test_coalesced_announcements_keep_seq_order() -> None:
+    """A replaced announcement moves to the back, so a batch never goes out of seq order."""
+    import asyncio
+
+    from ctxstore.daemon.listener import PeerCredentials
+    from ctxstore.daemon.subscriber import Subscriber
+
+    class Transport:
+        def __init__(self) -> None:
+            self.buffered = 1  # pretend the socket is busy: everything is queued
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+    class Writer:
+        def __init__(self) -> None:
+            self.transport = Transport()
+            self.frames: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.frames.append(data)
+
+        async def drain(self) -> None:
+            return None
+
+        def close(self) -> None:
+            return None
+
+    async def scenario() -> list[tuple[int, int]]:
+        writer = Writer()
+        sub = Subscriber(1, asyncio.StreamReader(), writer, PeerCredentials(1, 0, 0, frozenset()),  # type: ignore[arg-type]
+                         max_frame_size=1 << 20, stuck_timeout=5, silent_timeout=5)  # fmt: skip
+        sub._conn.receive_data(Connection(Role.CLIENT).send(Hello(role="reader", name="t", pid=1)))
+        sub._conn.next_event()
+        sub._write(Welcome(session=1, daemon_pid=1, versions={}))
+        for seq, (slot, version) in enumerate([(1, 1), (2, 1), (1, 2)], start=1):
+            sub.offer(Announce(slot=slot, version=version, seq=seq, committed_at=0.0))
+        flusher = asyncio.ensure_future(sub.flush_loop())
+        await asyncio.sleep(0.05)
+        sub.close("done")
+        await flusher
+        client = Connection(Role.CLIENT)
+        client.send(Hello(role="reader", name="t", pid=1))
+        client.receive_data(b"".join(writer.frames))
+        events = []
+        while (event := client.next_event()) is not NEED_DATA:
+            events.append(event)
+        return [(e.slot, e.version) for e in events if isinstance(e, Announce)]
+
+    assert asyncio.run(scenario()) == [(2, 1), (1, 2)]
