@@ -101,6 +101,16 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP (systemctl reload): re-read what can change live; never drops readers.
+
+        Nothing is live-reloadable yet (configuration files arrive with the admin
+        API); the reload is acknowledged to systemd so `systemctl reload` succeeds.
+        """
+        self.notifier.reloading("reloading")
+        log.info("SIGHUP: reload requested; %d peers stay connected", len(self.subscribers))
+        self.notifier.ready("reloaded")
+
     async def serve_until_stopped(self) -> None:
         await self._stop.wait()
         await self.stop("daemon shutting down")
@@ -261,12 +271,13 @@ async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.start()
     except BaseException:
         await daemon.stop("start failed")
         raise
     await daemon.serve_until_stopped()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signum)

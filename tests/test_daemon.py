@@ -352,3 +352,41 @@ def test_coalesced_announcements_keep_seq_order() -> None:
         return [(e.slot, e.version) for e in events if isinstance(e, Announce)]
 
     assert asyncio.run(scenario()) == [(2, 1), (1, 2)]
+
+
+def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> None:
+    """With $STATE_DIRECTORY and $RUNTIME_DIRECTORY set (and no flags), nothing else is used."""
+    state, runtime = tmp_path / "state", tmp_path / "runtime"
+    state.mkdir()
+    runtime.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXSTORE_", "XDG_"))}
+    env |= {
+        "STATE_DIRECTORY": str(state),
+        "RUNTIME_DIRECTORY": str(runtime),
+        "HOME": str(tmp_path / "home"),
+    }
+    sink = NotifySink()
+    env["NOTIFY_SOCKET"] = str(sink.address)
+    proc = subprocess.Popen([sys.executable, "-m", "ctxstore.cli", "daemon"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        sink.wait_for("READY", timeout=30)
+        sock = runtime / "ctxstore.sock"
+        peer = RawPeer(sock)
+        peer.subscribe(all=True)
+        assert publish(1, Context({"w": np.zeros(2)}), socket=sock) == 1
+        assert (state / "index.db").exists()
+        assert (state / "slots" / "1" / "1" / "0.npy").exists()
+        assert not (tmp_path / "home").exists()
+        proc.send_signal(signal.SIGHUP)
+        sink.wait_for("RELOADING", timeout=10)
+        sink.wait_for("READY", timeout=10)
+        assert publish(1, Context({"w": np.ones(2)}), socket=sock) == 2
+        announce = peer.next()
+        assert isinstance(announce, Announce)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        sink.close()
+    assert not (runtime / "ctxstore.sock").exists()
