@@ -390,3 +390,21 @@ def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> 
         assert proc.wait(20) == 0
         sink.close()
     assert not (runtime / "ctxstore.sock").exists()
+
+
+def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
+    sink = NotifySink()
+    env = dict(os.environ, NOTIFY_SOCKET=str(sink.address), WATCHDOG_USEC="400000")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"),
+         "--socket", str(tmp_path / "ctx.sock")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        sink.wait_for("READY", timeout=30)
+        for _ in range(3):  # half of WatchdogSec: several pings while it runs
+            sink.wait_for("WATCHDOG", timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        sink.close()
