@@ -7,7 +7,8 @@ its face for asyncio servers.
 from .aio import AnnouncementStream, AsyncReader
 from .client import Backoff
 from .memory import process_memory
-from .reader import Reader, ReaderStats, Subscription, VersionEvent
+from .reader import Reader, ReaderStats
+from .subscriptions import Subscription, VersionEvent
 
 __all__ = [
     "AnnouncementStream",

@@ -27,7 +27,8 @@ from ctxstore.context import Context
 from ctxstore.errors import ClosedError, WaitTimeoutError
 from ctxstore.validation import check_slot, check_version
 
-from .reader import POLL_INTERVAL, Reader, Subscription, VersionEvent, _deadline
+from .reader import POLL_INTERVAL, Reader, _deadline
+from .subscriptions import Subscription, VersionEvent
 
 
 class AsyncReader:

@@ -38,14 +38,13 @@ import itertools
 import logging
 import math
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Final, Protocol, Self
+from typing import Final, Self
 
 from ctxstore.cache import CacheStats, ContextCache
 from ctxstore.context import Context
@@ -75,6 +74,15 @@ from ctxstore.versiontable import VersionTable, segment_name
 
 from .client import Backoff, DaemonClient
 from .memory import MemorySampler
+from .subscriptions import (
+    Callback,
+    Dispatcher,
+    EventSink,
+    Subscription,
+    VersionEvent,
+    group_set,
+    slot_set,
+)
 
 log = logging.getLogger("ctxstore.readers")
 
@@ -104,128 +112,6 @@ def _default_name() -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class VersionEvent:
-    """A subscribed slot's current version, as the daemon told us.
-
-    ``source`` is ``"announce"`` for a new commit or rollback, ``"snapshot"`` for
-    the state reported when a subscription starts or after a reconnect (only
-    versions this subscription had not seen yet). ``previous`` is the version
-    this subscription saw before, if any.
-    """
-
-    slot: int
-    version: int
-    previous: int | None
-    source: str
-    committed_at: float | None = None
-    model_type: str | None = None
-    aliases: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-
-class EventSink(Protocol):
-    """Where a subscription's events go besides its callback (the asyncio streams)."""
-
-    def push(self, event: VersionEvent) -> None:
-        """Called on the socket thread: must not block."""
-
-    def close(self) -> None:
-        """The subscription ended (unsubscribed or reader closed)."""
-
-
-Callback = Callable[[VersionEvent], object]
-
-
-class Subscription:
-    """A standing interest in some slots' versions; cancel() it (or leave its ``with``)."""
-
-    def __init__(
-        self,
-        reader: Reader,
-        *,
-        slots: frozenset[int],
-        groups: frozenset[str],
-        all_slots: bool,
-        callback: Callback | None,
-        sink: EventSink | None,
-    ) -> None:
-        self.slots = slots
-        self.groups = groups
-        self.all = all_slots
-        self.callback = callback
-        self._reader = reader
-        self._sink = sink
-        self._seen: dict[int, int] = {}  # socket thread only
-        self._covered: set[int] = set()  # slots the daemon told us this subscription covers
-        self.active = True
-
-    def matches(self, slot: int, groups_of: Callable[[int], Collection[str]]) -> bool:
-        if self.all or slot in self.slots or slot in self._covered:
-            return True
-        if self.groups and not self.groups.isdisjoint(groups_of(slot)):
-            self._covered.add(slot)
-            return True
-        return False
-
-    def request(self, request_id: int) -> Subscribe:
-        return Subscribe(
-            request_id=request_id,
-            slots=tuple(sorted(self.slots)),
-            groups=tuple(sorted(self.groups)),
-            all=self.all,
-        )
-
-    def cancel(self) -> None:
-        """Stop receiving events (idempotent)."""
-        self._reader.unsubscribe(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def __repr__(self) -> str:
-        what = "all" if self.all else f"slots={sorted(self.slots)} groups={sorted(self.groups)}"
-        return f"<Subscription {what}{'' if self.active else ' cancelled'}>"
-
-
-class _Dispatcher:
-    """Runs subscription callbacks, in order, on a thread of their own.
-
-    A slow callback delays the next callbacks, never the socket thread.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callback, VersionEvent] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, name=f"ctxstore-callbacks-{name}", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def ident(self) -> int | None:
-        return self._thread.ident
-
-    def submit(self, callback: Callback, event: VersionEvent) -> None:
-        self._queue.put((callback, event))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            callback, event = item
-            try:
-                callback(event)
-            except Exception:
-                log.exception("subscription callback %r failed on %r", callback, event)
-
-    def close(self, timeout: float) -> None:
-        self._queue.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("a subscription callback is still running after %.1f s", timeout)
-
-
-@dataclass(frozen=True, slots=True)
 class ReaderStats:
     """Counters of one Reader (in this process)."""
 
@@ -240,7 +126,7 @@ class ReaderStats:
     following: int  # slots kept current from announcements
     subscriptions: int
     last_error: str | None
-    cache: CacheStats
+    cache: CacheStats  # the LRU's size and evictions (its hit count includes internal refreshes)
 
 
 class Reader:
@@ -265,6 +151,9 @@ class Reader:
         larger than ``cache_bytes`` is never cached: each get() maps it anew).
         ``follow``: slots read with ``get(slot)`` are subscribed to, so their
         new versions are mapped and acknowledged as soon as they are announced.
+        ``connect=False``: no socket; freshness comes from the version table as
+        attached now (or from the store when there is none). Such a reader does
+        not notice a daemon restart: readers that must, connect.
         """
         if isinstance(heartbeat_interval, bool) or not isinstance(heartbeat_interval, int | float):
             raise InvalidInputError("heartbeat_interval must be a number of seconds")
@@ -305,7 +194,7 @@ class Reader:
         self._requests: dict[int, Subscription | None] = {}  # None: the follow subscription
         self._request_ids = itertools.count(1)
         self._adoption_listeners: list[Callable[[int, int], None]] = []
-        self._dispatcher: _Dispatcher | None = None
+        self._dispatcher: Dispatcher | None = None
         self._memory = MemorySampler(max(5 * self._heartbeat_interval, 1.0))
         self._hits = self._misses = self._adoptions = self._announcements = 0
         self._table_get: Callable[[int], int | None] = _no_table
@@ -545,18 +434,18 @@ class Reader:
         callback: Callback | None,
         sink: EventSink | None,
     ) -> Subscription:
-        slot_set = _slot_set(slots)
-        group_set = _group_set(groups)
+        wanted_slots = slot_set(slots)
+        wanted_groups = group_set(groups)
         if not isinstance(all_slots, bool):
             raise InvalidInputError(f"all must be True or False, got {all_slots!r:.40}")
-        if not (slot_set or group_set or all_slots):
+        if not (wanted_slots or wanted_groups or all_slots):
             raise InvalidInputError("subscribe needs slots, groups or all=True")
         if callback is not None and not callable(callback):
             raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
         subscription = Subscription(
             self,
-            slots=slot_set,
-            groups=group_set,
+            slots=wanted_slots,
+            groups=wanted_groups,
             all_slots=all_slots,
             callback=callback,
             sink=sink,
@@ -735,12 +624,12 @@ class Reader:
         if subscription._sink is not None:
             subscription._sink.push(event)
 
-    def _callbacks(self) -> _Dispatcher:
+    def _callbacks(self) -> Dispatcher:
         dispatcher = self._dispatcher
         if dispatcher is None:
             with self._lock:
                 if self._dispatcher is None:
-                    self._dispatcher = _Dispatcher(self._name)
+                    self._dispatcher = Dispatcher(self._name)
                 dispatcher = self._dispatcher
         return dispatcher
 
@@ -879,21 +768,3 @@ def _deadline(timeout: float | None) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
         raise InvalidInputError(f"timeout must be None or a number of seconds, got {timeout!r:.40}")
     return time.monotonic() + max(0.0, timeout)
-
-
-def _slot_set(slots: int | Iterable[int] | None) -> frozenset[int]:
-    if slots is None:
-        return frozenset()
-    if isinstance(slots, Iterable) and not isinstance(slots, str | bytes):
-        return frozenset(check_slot(s) for s in slots)
-    return frozenset({check_slot(slots)})
-
-
-def _group_set(groups: str | Iterable[str] | None) -> frozenset[str]:
-    if groups is None:
-        return frozenset()
-    if isinstance(groups, str):
-        return frozenset({check_label(groups, "group")})
-    if not isinstance(groups, Iterable):
-        raise InvalidInputError(f"groups must be a name or names, got {type(groups).__name__}")
-    return frozenset(check_label(g, "group") for g in groups)

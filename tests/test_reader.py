@@ -291,8 +291,9 @@ class Env:
         return self.table
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@contextlib.contextmanager
+def make_env(tmp_path: Path) -> Iterator[Env]:
+    """A store with slot 1 at version 1, its version table, and a short socket path."""
     sock_dir = Path(tempfile.mkdtemp(prefix="ctxr-", dir="/tmp"))  # AF_UNIX paths are short
     store_dir = tmp_path / "store"
     writer = PersistentStore(store_dir)
@@ -311,6 +312,12 @@ def env(tmp_path: Path) -> Iterator[Env]:
             posix_ipc.unlink_shared_memory(segment_name(store_dir))
         writer.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    with make_env(tmp_path) as environment:
+        yield environment
 
 
 def eventually(predicate: Callable[[], bool], what: str) -> None:
