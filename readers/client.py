@@ -161,7 +161,8 @@ class DaemonClient:
         """Queue ``message`` for the daemon; dropped when not connected. Never blocks."""
         if self._connected:
             self._outbox.append(message)
-            self._wake()
+            if threading.get_ident() != self._thread.ident:
+                self._wake()  # the loop itself drains the outbox before it next waits
 
     def close(self, timeout: float = 2.0) -> bool:
         """Say goodbye, stop the thread and release the fds; True if the thread stopped in time."""
@@ -298,7 +299,8 @@ class _Session:
         handshake_deadline = client._clock() + client._connect_timeout
         with selectors.DefaultSelector() as sel:
             sel.register(client._wake_r, selectors.EVENT_READ, "wake")
-            sel.register(self.sock, selectors.EVENT_READ, "sock")
+            mask = selectors.EVENT_READ
+            sel.register(self.sock, mask, "sock")
             while True:
                 if client._stop.is_set():
                     self.say_goodbye()
@@ -306,8 +308,10 @@ class _Session:
                 if self.established:
                     self.drain_outbox()
                 self.flush()
-                mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.unsent else 0)
-                sel.modify(self.sock, mask, "sock")
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.unsent else 0)
+                if wanted != mask:
+                    mask = wanted
+                    sel.modify(self.sock, mask, "sock")
                 now = client._clock()
                 if not self.established and now >= handshake_deadline:
                     raise _SessionEndedError("the daemon did not answer the hello in time")

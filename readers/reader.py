@@ -528,7 +528,9 @@ class Reader:
                 self._on_announce(message)
             case Subscribed():
                 self._on_subscribed(message)
-            case Error():
+            case Error(request_id=request_id):
+                if request_id is not None:
+                    self._requests.pop(request_id, None)  # a refused subscribe gets no answer
                 log.warning("ctxstore daemon reported %s: %s", message.kind, message.message)
             case _:
                 log.debug("reader ignores a %r message", message.TYPE)

@@ -150,6 +150,7 @@ class Dispatcher:
 
 
 def slot_set(slots: int | Iterable[int] | None) -> frozenset[int]:
+    """One slot or several, validated."""
     if slots is None:
         return frozenset()
     if isinstance(slots, Iterable) and not isinstance(slots, str | bytes):
@@ -158,6 +159,7 @@ def slot_set(slots: int | Iterable[int] | None) -> frozenset[int]:
 
 
 def group_set(groups: str | Iterable[str] | None) -> frozenset[str]:
+    """One group name or several, validated."""
     if groups is None:
         return frozenset()
     if isinstance(groups, str):

@@ -400,6 +400,14 @@ def test_cache_bounds_evict_least_recently_used_contexts(env: Env) -> None:
     assert reader.get(1).version == 1  # evicted: mapped again, still correct
 
 
+def test_a_context_larger_than_the_byte_bound_is_served_but_never_cached(env: Env) -> None:
+    reader = env.reader(connect=False, cache_bytes=8)  # the context holds 32 bytes
+    first, second = reader.get(1), reader.get(1)
+    assert first.version == second.version == 1 and first is not second
+    assert reader.versions_held() == []
+    assert reader.stats().cache.rejected == 2
+
+
 def test_bad_input_gets_clear_errors(env: Env) -> None:
     reader = env.reader(connect=False)
     with pytest.raises(InvalidInputError, match="slot"):
