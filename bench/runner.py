@@ -13,7 +13,7 @@ from . import machine, report
 from .harness import ScenarioResult
 from .progress import Progress
 from .report import RunResult
-from .scenario import RunContext, Scenario
+from .scenario import FULL_RUN_BUDGET_S, QUICK_RUN_BUDGET_S, RunContext, Scenario
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench"
@@ -37,6 +37,7 @@ def run(
     parent.mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp(prefix="ctxstore-bench-", dir=parent))
     started = time.perf_counter()
+    deadline = time.monotonic() + (QUICK_RUN_BUDGET_S if quick else FULL_RUN_BUDGET_S)
     result = RunResult(
         quick=quick,
         command=command,
@@ -46,7 +47,8 @@ def run(
     try:
         with Progress(len(scenarios), enabled=progress) as bars:
             for scenario in scenarios:
-                result.scenarios.append((scenario, _run_one(scenario, quick, data, bars, out)))
+                context = RunContext(quick, data / scenario.name, bars, deadline=deadline)
+                result.scenarios.append((scenario, _run_one(scenario, context, out, bars)))
     finally:
         shutil.rmtree(data, ignore_errors=True)
     result.elapsed_s = time.perf_counter() - started
@@ -55,14 +57,11 @@ def run(
     return result
 
 
-def _run_one(
-    scenario: Scenario, quick: bool, data: Path, bars: Progress, out: Path
-) -> ScenarioResult:
-    scenario_dir = data / scenario.name
-    scenario_dir.mkdir()
+def _run_one(scenario: Scenario, context: RunContext, out: Path, bars: Progress) -> ScenarioResult:
+    context.data_dir.mkdir()
     bars.begin(scenario.name)
     started = time.perf_counter()
-    outcome = scenario.run(RunContext(quick=quick, data_dir=scenario_dir, progress=bars))
+    outcome = scenario.run(context)
     outcome.elapsed_s = time.perf_counter() - started
     for plot in scenario.plots:
         outcome.plots.append(str(plot(outcome, out)))

@@ -15,9 +15,9 @@ How the stores are filled (the documented shortcut): every version is a real,
 durable ``save_context`` commit of a 64-byte tensor with distinct bytes, but
 the retention pass that follows each commit is skipped while filling (with
 retention raised to keep everything, it would only scan the slot's versions
-and remove nothing). The timed commits run it. Filling has a time budget; a
-checkpoint that would not fit in what is left at the rate measured so far is
-not built, and the notes below say which one was the last.
+and remove nothing). The timed commits run it. Filling gets what is left of
+the run's 14-minute budget; a checkpoint that would not fit in it at the rate
+measured so far is not built, and the notes below say which one was the last.
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ FULL_VERSIONS = (1, 10, 100, 1_000, 10_000, 100_000)
 FULL_SLOTS = (1, 10, 100, 1_000, 10_000)
 QUICK_VERSIONS = (1, 10, 100, 1_000)
 QUICK_SLOTS = (1, 10, 100, 1_000)
-#: seconds of filling allowed per dimension in the full run (the 15-minute run budget)
-FULL_FILL_BUDGET_S = {"versions": 420.0, "slots": 90.0}
-QUICK_FILL_BUDGET_S = {"versions": 20.0, "slots": 20.0}
+#: seconds kept back from the run's deadline for measuring and cleaning up after filling
+FULL_RESERVE_S = {"slots": 120.0, "versions": 60.0}
+QUICK_RESERVE_S = {"slots": 10.0, "versions": 5.0}
+#: the slots stores (11,111 commits) are filled first, in at most this long
+SLOTS_FILL_CAP_S = 180.0
 KEEP_EVERYTHING = 10**9
 #: timed commits per store, one per interleaved round
 COMMIT_REPS = 5
@@ -118,15 +120,18 @@ class Filler:
 
 def run(ctx: RunContext) -> ScenarioResult:
     result = ScenarioResult()
-    budgets = QUICK_FILL_BUDGET_S if ctx.quick else FULL_FILL_BUDGET_S
+    reserve = QUICK_RESERVE_S if ctx.quick else FULL_RESERVE_S
     plan = (
-        ("versions", QUICK_VERSIONS if ctx.quick else FULL_VERSIONS),
         ("slots", QUICK_SLOTS if ctx.quick else FULL_SLOTS),
+        ("versions", QUICK_VERSIONS if ctx.quick else FULL_VERSIONS),
     )
     ctx.progress.expect(3 * len(plan) + sum(len(c) for _, c in plan))
     try:
         for dimension, targets in plan:
-            filler = Filler(budgets[dimension])
+            budget = ctx.seconds_left() - reserve[dimension]
+            if dimension == "slots":
+                budget = min(budget, SLOTS_FILL_CAP_S)
+            filler = Filler(max(budget, 1.0))
             checkpoints: list[Checkpoint] = []
             try:
                 for n in targets:
@@ -214,8 +219,8 @@ def _fill_note(
     )
     if reached < targets[-1]:
         note += (
-            f"; the {targets[-1]:,} checkpoint did not fit the {filler.budget_s:.0f} s "
-            "filling budget at that rate, so it was not measured"
+            f"; the next checkpoint did not fit the {filler.budget_s:.0f} s left for filling "
+            "in the run's 14-minute budget at that rate, so it was not built or measured"
         )
     return note
 

@@ -8,6 +8,8 @@ title and a method paragraph for RESULTS.md, a ``run`` function that returns a
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ PlotFn = Callable[[ScenarioResult, Path], Path]
 
 #: --quick shrinks every time budget by this factor (sizes are chosen by each scenario)
 QUICK_TIME_SCALE = 0.02
+#: the issue's limit for a full run is 15 minutes on 2 cores; the runner aims below it
+FULL_RUN_BUDGET_S = 14 * 60
+QUICK_RUN_BUDGET_S = 50
 #: interleaved rounds per comparison (see bench.harness.compare)
 FULL_ROUNDS = 5
 QUICK_ROUNDS = 2
@@ -43,6 +48,11 @@ class RunContext:
     data_dir: Path
     progress: Progress
     seed: int = 20240601
+    #: time.monotonic() by which the whole run should be done (scenarios that grow, shrink)
+    deadline: float = math.inf
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
 
     def budget(
         self,
