@@ -5,7 +5,9 @@ check a loaded context without knowing how it was written:
 ``check_context(ctx, slot, version)`` fails on a torn file, on tensors from two
 versions mixed, or on config/metadata that belong to another version.
 
-Run as a script it is one of two children:
+The crash tests run the writer as a forkserver child (``forked_writer``), which
+starts in milliseconds; the other tests run this file as a script, a fresh
+interpreter each time, as one of these children:
 
 ``python tests/crash_writer.py write STORE LOG [options]``
     opens STORE as the writer (recovery runs), prints ``ready``, then commits
@@ -31,18 +33,23 @@ Run as a script it is one of two children:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
+import sqlite3
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctxstore import Context, NotFoundError, WriterLockedError
+from ctxstore import Context, NotFoundError, WriterLockedError, faults
 from ctxstore.store import PersistentStore
 
 Array = np.ndarray[Any, Any]
@@ -137,21 +144,79 @@ def append_durably(fd: int, line: str) -> None:
     os.fsync(fd)
 
 
+@dataclass(frozen=True)
+class WriterPlan:
+    """What one writer child does: where, how many commits, to which slots."""
+
+    store: str
+    log: str
+    seed: int = 0
+    slots: int = 3
+    retention: int = 2
+    commits: int = 500
+
+
+def write_loop(plan: WriterPlan, ready: Callable[[], None]) -> None:
+    """Open the store (recovery runs), call ready(), commit and log up to plan.commits versions."""
+    rng = random.Random(plan.seed)
+    log_fd = os.open(plan.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        with PersistentStore(plan.store, retention=plan.retention) as store:
+            ready()
+            for _ in range(plan.commits):
+                slot = rng.randrange(plan.slots)
+                version = next_version(store, slot)
+                ctx = make_context(slot, version)
+                saved = store.save_context(slot, ctx, model_type=MODEL_TYPE)
+                assert saved == version, f"slot {slot}: expected version {version}, got {saved}"
+                append_durably(log_fd, f"{slot} {version}\n")
+    finally:
+        os.close(log_fd)
+
+
 def write_main(args: argparse.Namespace) -> int:
-    rng = random.Random(args.seed)
-    log_fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    with PersistentStore(args.store, retention=args.retention) as store:
-        print("ready", flush=True)
-        for _ in range(args.commits):
-            slot = rng.randrange(args.slots)
-            version = next_version(store, slot)
-            saved = store.save_context(slot, make_context(slot, version), model_type=MODEL_TYPE)
-            if saved != version:
-                print(f"slot {slot}: expected version {version}, got {saved}", file=sys.stderr)
-                return 3
-            append_durably(log_fd, f"{slot} {version}\n")
-    os.close(log_fd)
+    plan = WriterPlan(args.store, args.log, args.seed, args.slots, args.retention, args.commits)
+    write_loop(plan, lambda: print("ready", flush=True))
     return 0
+
+
+def forked_writer(plan: WriterPlan, crash_at: str | None, after: int, channel: Connection) -> None:
+    """write_loop as the target of a forkserver process, armed as a fresh interpreter would be.
+
+    The forkserver imported ctxstore before CTXSTORE_CRASH_AT was set, so the
+    variables are set here and ctxstore.faults is re-executed to read them
+    (the store's crash_point reads that module's globals on every call).
+    Sends "ready" once the store is open, or the traceback if anything fails.
+    """
+    for key in ("CTXSTORE_CRASH_AT", "CTXSTORE_CRASH_AFTER"):
+        os.environ.pop(key, None)
+    if crash_at is not None:
+        os.environ["CTXSTORE_CRASH_AT"] = crash_at
+        os.environ["CTXSTORE_CRASH_AFTER"] = str(after)
+    importlib.reload(faults)
+    try:
+        write_loop(plan, lambda: channel.send("ready"))
+    except BaseException:
+        channel.send(traceback.format_exc())
+        raise
+
+
+def die_in_transaction(index: str, channel: Connection) -> None:
+    """Begin a write transaction on the index, change rows until pages spill to the file,
+    say "ready" and wait to be SIGKILLed: the index is left as a writer killed in the middle
+    of a transaction leaves it, in whatever journal mode the store keeps it in (with a
+    rollback journal: a hot journal; with WAL: uncommitted frames)."""
+    conn = sqlite3.connect(index, isolation_level=None)
+    conn.execute("PRAGMA cache_size = 2")  # spill: the journal is synced and pages written
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE slots SET updated_at = updated_at + 1")
+    conn.execute("CREATE TABLE spill (data BLOB)")
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 256) "
+        "INSERT INTO spill SELECT randomblob(4000) FROM n"
+    )
+    channel.send("ready")
+    time.sleep(600)  # the parent kills us long before
 
 
 # -- the reader (a child process, or a thread of the test) ------------------------------------

@@ -16,25 +16,34 @@ every kill checks, in this order:
    no recovery problems, verify() == [], wal/ empty, every version directory
    has its row, and the rows are exactly those the reader saw.
 
-Two lanes (separate stores) run side by side to use both cores.
+Children are forked from a forkserver that has numpy and ctxstore imported, so a
+kill costs tens of milliseconds, not an interpreter start.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
-from crash_writer import check_context, expected_config
+from crash_writer import (
+    WriterPlan,
+    check_context,
+    die_in_transaction,
+    expected_config,
+    forked_writer,
+)
 
 from ctxstore import NotFoundError, layout
 from ctxstore.faults import COMMIT_POINTS
@@ -43,7 +52,6 @@ from ctxstore.store import PersistentStore
 CHILD = Path(__file__).with_name("crash_writer.py")
 SLOTS = 3
 RETENTION = 2
-LANES = 2
 CHILD_TIMEOUT = 60.0  # seconds; only a hung child ever gets near it
 #: how many passes a point may let through (CTXSTORE_CRASH_AFTER is drawn below this):
 #: "staging" passes once per tensor (9 a commit), the others at most once a commit
@@ -57,8 +65,15 @@ class Observation:
 
     wal_entries: int  # staging directories left in wal/
     orphans: int  # version directories with no row
-    unreported: int  # slots whose newest row is one past the newest logged version
+    unreported: int  # slots whose newest row is newer than the newest logged version
     versions: int  # rows in the index
+
+
+FORKSERVER = multiprocessing.get_context("forkserver")
+# numpy and ctxstore are imported once, by the server; a child then starts in milliseconds.
+# (Only installed modules: Python 3.11's forkserver ignores the sys.path it is handed, so
+# it could not preload crash_writer, which each child imports cheaply on its own.)
+FORKSERVER.set_forkserver_preload(["ctxstore.store"])
 
 
 @dataclass
@@ -71,82 +86,80 @@ class Lane:
     def __post_init__(self) -> None:
         self.store_dir = self.root / "store"
         self.log = self.root / "committed.log"
-        self.stderr = self.root / "child.stderr"
         self.rng = random.Random(self.seed)
         self.children = 0
         with PersistentStore(self.store_dir, retention=RETENTION):
             pass  # the schema exists before the first child, so a reader can always open
 
-    def spawn(self, crash_at: str | None = None, after: int = 0) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CTXSTORE_CRASH")}
-        if crash_at is not None:
-            env["CTXSTORE_CRASH_AT"] = crash_at
-            env["CTXSTORE_CRASH_AFTER"] = str(after)
+    @contextmanager
+    def spawn(
+        self, crash_at: str | None = None, after: int = 0
+    ) -> Iterator[tuple[BaseProcess, Connection]]:
+        """A writer child forked from the forkserver; SIGKILLed and reaped on the way out."""
         self.children += 1
-        argv = [sys.executable, str(CHILD), "write", str(self.store_dir), str(self.log)]
-        argv += ["--seed", str(self.seed * 100_003 + self.children)]
-        argv += ["--slots", str(SLOTS), "--retention", str(RETENTION)]
-        with self.stderr.open("wb") as err:
-            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env)
+        plan = WriterPlan(
+            str(self.store_dir),
+            str(self.log),
+            seed=self.seed * 100_003 + self.children,
+            slots=SLOTS,
+            retention=RETENTION,
+        )
+        channel, child_end = FORKSERVER.Pipe(duplex=False)
+        child = FORKSERVER.Process(
+            target=forked_writer, args=(plan, crash_at, after, child_end), daemon=True
+        )
+        try:
+            child.start()
+            child_end.close()
+            yield child, channel
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join()
+            channel.close()
 
     def kill_at_random(self) -> Observation:
         """SIGKILL a child at a random instant: mostly while committing, sometimes while opening."""
-        child = self.spawn()
-        try:
-            if self.rng.random() < 0.2:
-                delay = self.rng.uniform(0.0, 0.35)  # import, open, recovery, first commits
-            else:
-                self._wait_ready(child)
-                delay = self.rng.uniform(0.0, 0.08)  # a few commits' worth
-            if _exits_within(child, delay):
-                pytest.fail(f"writer child exited before the kill: {self._child_error()}")
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=CHILD_TIMEOUT)
-        finally:
-            _reap(child)
-        self._expect_killed(child, "random SIGKILL")
+        with self.spawn() as (child, channel):
+            if self.rng.random() < 0.8:
+                self._wait_ready(channel)  # then a few commits' worth
+            # else: while it opens the store and recovers, or in its first commits
+            child.join(timeout=self.rng.uniform(0.0, 0.06))
+            if child.exitcode is not None:
+                pytest.fail(f"writer child exited before the kill: {_message(channel)}")
+            child.kill()
+            child.join(CHILD_TIMEOUT)
+            self._expect_killed(child, channel, "random SIGKILL")
         return check_after_kill(self.store_dir, self.log)
 
-    def kill_at_point(self, point: str) -> Observation:
+    def kill_at_point(self, point: str, after: int | None = None) -> Observation:
         """Let the child SIGKILL itself at ``point`` after a random number of passes."""
-        after = self.rng.randrange(MAX_AFTER.get(point, DEFAULT_MAX_AFTER))
-        child = self.spawn(point, after)
-        try:
-            child.wait(timeout=CHILD_TIMEOUT)
-        finally:
-            _reap(child)
-        self._expect_killed(child, f"crash point {point!r} after {after} passes")
+        if after is None:
+            after = self.rng.randrange(MAX_AFTER.get(point, DEFAULT_MAX_AFTER))
+        with self.spawn(point, after) as (child, channel):
+            child.join(CHILD_TIMEOUT)
+            self._expect_killed(child, channel, f"crash point {point!r} after {after} passes")
         return check_after_kill(self.store_dir, self.log)
 
-    def _wait_ready(self, child: subprocess.Popen[bytes]) -> None:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], CHILD_TIMEOUT)
-        line = child.stdout.readline() if ready else b""
-        assert line == b"ready\n", f"writer child did not start: {self._child_error()}"
+    @staticmethod
+    def _wait_ready(channel: Connection) -> None:
+        message = channel.recv() if channel.poll(CHILD_TIMEOUT) else "(nothing in time)"
+        assert message == "ready", f"writer child did not start: {message}"
 
-    def _expect_killed(self, child: subprocess.Popen[bytes], how: str) -> None:
-        assert child.returncode == -signal.SIGKILL, (
-            f"{how}: child exited with {child.returncode}, not SIGKILL: {self._child_error()}"
+    @staticmethod
+    def _expect_killed(child: BaseProcess, channel: Connection, how: str) -> None:
+        assert child.exitcode == -signal.SIGKILL, (
+            f"{how}: child exited with {child.exitcode}, not SIGKILL: {_message(channel)}"
         )
 
-    def _child_error(self) -> str:
-        return self.stderr.read_text(errors="replace")[-2000:] or "(no stderr)"
 
-
-def _exits_within(child: subprocess.Popen[bytes], seconds: float) -> bool:
-    try:
-        child.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
-
-
-def _reap(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.kill()
-        child.wait()
-    if child.stdout is not None:
-        child.stdout.close()
+def _message(channel: Connection) -> str:
+    """The child's last word: 'ready' or the traceback that stopped it."""
+    last = "(no message)"
+    with suppress(EOFError, OSError):
+        while channel.poll(0):
+            last = channel.recv()
+    return str(last)
 
 
 # -- the checks after every kill -------------------------------------------------------------
@@ -201,7 +214,12 @@ def check_after_kill(store_dir: Path, log: Path) -> Observation:
     reported = read_log(log)
     wal = layout.wal_dir(store_dir)
     wal_entries = len(os.listdir(wal))
-    with PersistentStore(store_dir, readonly=True) as reader:
+    try:
+        reader = PersistentStore(store_dir, readonly=True)
+    except Exception as exc:
+        left = sorted(os.listdir(store_dir))
+        pytest.fail(f"a read-only store cannot open after the kill: {exc!r}; store holds {left}")
+    with reader:
         seen = check_visible(reader, reported)
         problems = reader.verify()
     assert all(p.kind == "orphan" and p.version is not None for p in problems), [
@@ -218,23 +236,20 @@ def check_after_kill(store_dir: Path, log: Path) -> Observation:
     return Observation(wal_entries, len(problems), unreported, len(rows))
 
 
-# -- running lanes side by side ---------------------------------------------------------------
+# -- running kills ----------------------------------------------------------------------------
 
 
-def run_lanes(
+def run_kills(
     tmp_path: Path, kills: int, seed: int, kill: Callable[[Lane], Observation]
 ) -> list[Observation]:
-    lanes = [Lane(tmp_path / f"lane{i}", seed * LANES + i) for i in range(LANES)]
-    for lane in lanes:
-        lane.root.mkdir(exist_ok=True)
+    """``kills`` kills, one after another, on one store.
 
-    def run(lane: Lane, count: int) -> list[Observation]:
-        return [kill(lane) for _ in range(count)]
-
-    shares = [kills // LANES + (i < kills % LANES) for i in range(LANES)]
-    with ThreadPoolExecutor(LANES) as pool:
-        futures = [pool.submit(run, lane, n) for lane, n in zip(lanes, shares, strict=True)]
-        return [obs for future in futures for obs in future.result()]
+    One lane, not several in threads: multiprocessing's forkserver Popen is not thread-safe
+    (Process.start() polls every live child, and two threads reading one child's status pipe
+    make one of them see exit code 255).
+    """
+    lane = Lane(tmp_path, seed)
+    return [kill(lane) for _ in range(kills)]
 
 
 # -- the tests --------------------------------------------------------------------------------
@@ -247,7 +262,7 @@ RANDOM_KILLS = [pytest.param(100, id="100"), pytest.param(600, marks=pytest.mark
 @pytest.mark.parametrize("point", COMMIT_POINTS)
 def test_kill_at_each_commit_step(tmp_path: Path, point: str, kills: int) -> None:
     seed = COMMIT_POINTS.index(point)
-    observed = run_lanes(tmp_path, kills, seed, lambda lane: lane.kill_at_point(point))
+    observed = run_kills(tmp_path, kills, seed, lambda lane: lane.kill_at_point(point))
     assert len(observed) == kills
     for obs in observed:
         # the kill left exactly what that step leaves; recovery (checked above) mended it
@@ -264,7 +279,7 @@ def test_kill_at_each_commit_step(tmp_path: Path, point: str, kills: int) -> Non
 
 @pytest.mark.parametrize("kills", RANDOM_KILLS)
 def test_kill_at_random_instants(tmp_path: Path, kills: int) -> None:
-    observed = run_lanes(tmp_path, kills, 1000 + kills, Lane.kill_at_random)
+    observed = run_kills(tmp_path, kills, 1000 + kills, Lane.kill_at_random)
     assert len(observed) == kills
     states = Counter(
         "staging" if o.wal_entries else "orphan" if o.orphans else "clean" for o in observed
@@ -280,12 +295,9 @@ def test_crash_while_retiring_leaves_files_readers_ignore_and_recovery_removes(
     """Killed at 'retiring': the rows are gone, the files are not. A reader does not see
     those versions (verify calls them orphans), and the next writer removes them."""
     lane = Lane(tmp_path, seed=7)
-    child = lane.spawn("retiring", 0)  # the first retention pass of a fresh store
-    try:
-        child.wait(timeout=CHILD_TIMEOUT)
-    finally:
-        _reap(child)
-    lane._expect_killed(child, "crash point 'retiring'")
+    with lane.spawn("retiring", 0) as (child, channel):  # a fresh store's first retention
+        child.join(CHILD_TIMEOUT)
+        lane._expect_killed(child, channel, "crash point 'retiring'")
     with PersistentStore(lane.store_dir, readonly=True) as reader:
         rows = {
             (info.slot, v.version)
@@ -304,3 +316,67 @@ def test_crash_while_retiring_leaves_files_readers_ignore_and_recovery_removes(
         assert writer.recovery_problems == []
         assert writer.verify() == []
     assert version_dirs(lane.store_dir) == rows
+
+
+def test_reader_opens_after_a_writer_died_mid_transaction(tmp_path: Path) -> None:
+    """The index as the store leaves it after a clean close, then a writer SIGKILLed inside
+    a write transaction (as in its open: the journal-mode switch, a migration). A reader
+    must open it and see whole versions without any writer running recovery first."""
+    lane = Lane(tmp_path, seed=17)
+    lane.kill_at_point("committed", after=3)  # some versions; then a clean writer close
+    index = str(layout.index_path(lane.store_dir))
+    channel, child_end = FORKSERVER.Pipe(duplex=False)
+    child = FORKSERVER.Process(target=die_in_transaction, args=(index, child_end), daemon=True)
+    try:
+        child.start()
+        child_end.close()
+        Lane._wait_ready(channel)
+        child.kill()
+        child.join(CHILD_TIMEOUT)
+        Lane._expect_killed(child, channel, "SIGKILL inside a write transaction")
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        channel.close()
+    check_after_kill(lane.store_dir, lane.log)
+
+
+OPEN_KILLS = 40
+
+
+def test_reader_opens_after_a_writer_killed_while_opening(tmp_path: Path) -> None:
+    """Writers killed within their first milliseconds: while the forkserver starts them,
+    while they take the lock, convert the index back to WAL (a clean close leaves it in
+    rollback-journal mode) and recover. Each time a reader opens and sees whole versions
+    before any writer has run recovery, and the next writer mends everything."""
+    lane = Lane(tmp_path, seed=13)
+    lane.kill_at_point("committed", after=3)  # some versions to read
+    for _ in range(OPEN_KILLS):
+        with lane.spawn() as (child, channel):
+            child.join(timeout=lane.rng.uniform(0.0, 0.04))
+            if child.exitcode is not None:
+                pytest.fail(f"writer child exited before the kill: {_message(channel)}")
+            child.kill()
+            child.join(CHILD_TIMEOUT)
+            lane._expect_killed(child, channel, "SIGKILL while opening")
+        check_after_kill(lane.store_dir, lane.log)
+
+
+@pytest.mark.parametrize("point", ["staged", "in_transaction"])
+def test_fresh_interpreter_reads_the_crash_point_from_its_environment(
+    tmp_path: Path, point: str
+) -> None:
+    """The same kill with a plain `python tests/crash_writer.py write` child, which reads
+    CTXSTORE_CRASH_AT at import like any process would (the forkserver children above
+    re-read it instead), and a writer whose lock died with it."""
+    lane = Lane(tmp_path, seed=11)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXSTORE_CRASH")}
+    env |= {"CTXSTORE_CRASH_AT": point, "CTXSTORE_CRASH_AFTER": "2"}
+    argv = [sys.executable, str(CHILD), "write", str(lane.store_dir), str(lane.log)]
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=CHILD_TIMEOUT, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode(errors="replace")
+    assert done.stdout == b"ready\n"
+    obs = check_after_kill(lane.store_dir, lane.log)
+    assert (obs.wal_entries, obs.orphans) == ((1, 0) if point == "staged" else (0, 1))
+    assert len(lane.log.read_text().splitlines()) == 2  # two commits let through, then killed
