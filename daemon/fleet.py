@@ -22,7 +22,8 @@ class ReaderState:
     role: str
     connected_at: float
     last_seen: float
-    held: dict[int, int] = field(default_factory=dict)
+    #: (slot, version) pairs: a reader may hold several versions of one slot
+    held: set[tuple[int, int]] = field(default_factory=set)
     uss: int = 0
     pss: int = 0
     acks: int = 0
@@ -55,7 +56,7 @@ class Fleet:
         with self._lock:
             state = self._readers.get(session)
             if state is not None:
-                state.held[slot] = version
+                state.held.add((slot, version))
                 state.acks += 1
                 state.last_seen = self._clock()
 
@@ -63,18 +64,18 @@ class Fleet:
         with self._lock:
             state = self._readers.get(session)
             if state is not None:
-                state.held = dict(held)
+                state.held = set(held)
                 state.uss, state.pss = uss, pss
                 state.last_seen = self._clock()
 
     def held_versions(self, slot: int) -> set[int]:
         """Versions of ``slot`` that some connected reader holds (retention keeps them)."""
         with self._lock:
-            return {r.held[slot] for r in self._readers.values() if slot in r.held}
+            return {v for r in self._readers.values() for s, v in r.held if s == slot}
 
     def snapshot(self) -> list[ReaderState]:
         with self._lock:
-            return [replace(r, held=dict(r.held)) for r in self._readers.values()]
+            return [replace(r, held=set(r.held)) for r in self._readers.values()]
 
     def __len__(self) -> int:
         with self._lock:

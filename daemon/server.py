@@ -187,6 +187,7 @@ class Daemon:
         match message:
             case Hello(name=name, pid=pid, role=role):
                 sub.name = f"{name or 'anonymous'} (pid {pid})"
+                log.info("session %d: hello from %s as %s", sub.session, sub.name, role)
                 self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
                 assert self.store is not None
                 current = self.store.current_versions()
@@ -203,6 +204,7 @@ class Daemon:
                 if message.all:
                     sub.subscriptions.everything = False
             case Ack(slot=slot, version=version):
+                log.debug("session %d: ack slot %d version %d", sub.session, slot, version)
                 self.fleet.ack(sub.session, slot, version)
             case Heartbeat(held=held, uss=uss, pss=pss):
                 self.fleet.heartbeat(sub.session, held, uss, pss)
