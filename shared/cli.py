@@ -193,9 +193,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.embedded:
+        from .demo import run_demo
 
-    return run_demo(versions=args.versions)
+        return run_demo(versions=args.versions)
+    from ctxstore.daemon.demo import run_demo as run_fleet_demo
+
+    return run_fleet_demo(versions=args.versions)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -233,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo, "build, publish and read contexts in a temporary store")
     p.add_argument("--versions", type=int, default=3, help="versions per slot (default 3)")
+    p.add_argument(
+        "--embedded", action="store_true", help="no daemon: one process commits and reads back"
+    )
 
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
     _daemon_flags(p)

@@ -14,7 +14,8 @@ import mmap
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,31 @@ class DaemonClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_until_listening(
+    path: str | os.PathLike[str],
+    timeout: float,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Block until something accepts connections on ``path`` (a daemon starting up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            raise DaemonUnavailableError(f"the daemon for {path} exited while starting")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fspath(path))
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise DaemonUnavailableError(
+                    f"nothing listens on {path} after {timeout:g}s"
+                ) from None
+            time.sleep(0.02)
+        else:
+            return
+        finally:
+            probe.close()
 
 
 def _expect_published(reply: Message) -> int:
