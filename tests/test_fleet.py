@@ -8,6 +8,7 @@ stamp (no torn context) and versions never go backwards while publishing.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -285,3 +286,28 @@ def _wait_for_log(daemon: DaemonProcess, text: str, timeout: float = 20) -> None
     while text not in daemon.log_text():
         assert time.monotonic() < deadline, daemon.log_text()[-2000:]
         time.sleep(0.02)
+
+
+def test_a_sigstopped_reader_is_dropped_and_catches_up_after_sigcont(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", None,
+                          "--silent-timeout", "2", "--stuck-timeout", "2")  # fmt: skip
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        publish(SLOT, stamped(1), socket=daemon.socket)
+        stopped, healthy = start_readers(daemon, 2, final=30, deadline=120)
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            for version in range(2, 21):
+                assert publish(SLOT, stamped(version), socket=daemon.socket) == version
+            _wait_for_log(daemon, "silent for 2s")  # dropped after the limit
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        for version in range(21, 31):
+            publish(SLOT, stamped(version), socket=daemon.socket)
+        results = collect([stopped, healthy])
+    finally:
+        assert daemon.stop() == 0
+    for result in results:
+        assert result["last"] == 30, result
+        assert result["torn"] == 0, result
+        assert result["n_errors"] == 0, result
