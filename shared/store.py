@@ -122,7 +122,14 @@ class PersistentStore:
     def _open_readonly(self) -> None:
         if not layout.index_path(self.root).exists():
             raise NotFoundError(f"no ctxstore store at {self.root} (no {layout.INDEX_NAME})")
-        check_readable(self._reader())
+        try:
+            check_readable(self._reader())
+        except sqlite3.OperationalError as exc:
+            raise StorageError(
+                f"cannot open store {self.root} read-only: {exc}; SQLite needs its -wal and "
+                "-shm files, which only a writer can create or recover: start the daemon "
+                "(or give this user write access to the store directory) and retry"
+            ) from exc
 
     def _open_writer(self) -> None:
         try:
@@ -169,10 +176,9 @@ class PersistentStore:
             for conn in conns:
                 conn.close()
             if self._conn is not None:
-                # leave the index in rollback-journal mode so read-only users of another uid
-                # can open it while no writer runs (WAL needs a writable -shm for that)
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("PRAGMA journal_mode = DELETE")
+                # The index stays in WAL mode: switching journal modes at close and open
+                # leaves a window where a killed writer's hot journal locks out every
+                # read-only opener until a writer returns (found by the crash tests).
                 self._conn.close()
         self._conn = None
         if self._lock is not None:
