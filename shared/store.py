@@ -155,10 +155,13 @@ class PersistentStore:
             remove_tree(wal / entry)
         conn = self._writer_conn()
         for problem in find_orphans(self.root, conn, None):
-            if problem.kind == "orphan" and problem.slot is not None:
-                if problem.version is not None:
-                    remove_tree(layout.version_dir(self.root, problem.slot, problem.version))
-            else:
+            if (
+                problem.kind == "orphan"
+                and problem.slot is not None
+                and problem.version is not None
+            ):
+                remove_tree(layout.version_dir(self.root, problem.slot, problem.version))
+            else:  # not ours to delete (a foreign name): report it
                 self.recovery_problems.append(problem)
         fsync_dir(wal)
         for slot, version in conn.execute("SELECT slot, version FROM versions"):
@@ -210,6 +213,13 @@ class PersistentStore:
         with self._conns_lock:
             self._read_conns.append(conn)
         return conn
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """One read statement on this thread's connection, sqlite errors translated."""
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise translate_sqlite_error(exc) from exc
 
     def _writer_conn(self) -> sqlite3.Connection:
         if self.readonly:
@@ -504,7 +514,7 @@ class PersistentStore:
 
     def current_versions(self) -> dict[int, int]:
         """Every slot's current version (the daemon's snapshot for the version table)."""
-        rows = self._reader().execute(
+        rows = self._query(
             "SELECT slot, current_version FROM slots WHERE current_version IS NOT NULL"
         )
         return dict(rows)
@@ -551,7 +561,7 @@ class PersistentStore:
             check_label(model_type, "model type")
         if group is not None:
             check_label(group, "group")
-        rows = self._reader().execute(
+        rows = self._query(
             "SELECT s.slot, s.model_type, s.current_version, "
             "(SELECT MAX(version) FROM versions v WHERE v.slot = s.slot), "
             "(SELECT COUNT(*) FROM versions v WHERE v.slot = s.slot), s.created_at, s.updated_at "

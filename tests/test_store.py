@@ -353,3 +353,14 @@ def test_store_written_by_a_newer_schema_is_refused(store_dir: Path) -> None:
 def test_retention_below_one_is_refused(store_dir: Path) -> None:
     with pytest.raises(InvalidInputError, match="at least 1"):
         PersistentStore(store_dir, retention=0)
+
+
+def test_recovery_reports_foreign_entries_it_will_not_delete(store_dir: Path) -> None:
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.zeros(1)}))
+    (store_dir / "slots/1/notes.txt").write_text("someone's file")
+    with PersistentStore(store_dir) as store:
+        assert [(p.kind, p.slot, p.version) for p in store.recovery_problems] == [
+            ("orphan", 1, None)
+        ]
+    assert (store_dir / "slots/1/notes.txt").exists()
