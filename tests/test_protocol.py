@@ -45,6 +45,8 @@ from ctxstore.protocol import (
     PublishShm,
     Role,
     State,
+    Status,
+    StatusRequest,
     Subscribe,
     Subscribed,
     TensorSpec,
@@ -334,6 +336,14 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         alias=_optional_aliases,
     ),
     Published: st.builds(Published, request_id=_ids, slot=_slots, version=_versions),
+    StatusRequest: st.builds(StatusRequest, request_id=_ids),
+    Status: st.builds(
+        Status,
+        request_id=_ids,
+        daemon=_json_maps,
+        readers=st.lists(_json_maps, max_size=3).map(tuple),
+        slots=st.lists(_json_maps, max_size=3).map(tuple),
+    ),
     Error: st.builds(
         Error,
         kind=_labels,
@@ -427,6 +437,7 @@ PUBLISH_FILE = PublishFile(request_id=1, slot=1, path="/w.npy")
 PUBLISH_BUILD = PublishBuild(request_id=1, slot=1, node_type="llm")
 PUBLISH_SHM = PublishShm(request_id=1, slot=1, shm_name="/a", manifest=())
 WELCOME = Welcome(session=1, daemon_pid=1)
+STATUS = Status(request_id=1, daemon={"pid": 1}, slots=({"slot": 1},))
 
 
 def bad(message: Message, **changes: Any) -> bytes:
@@ -502,6 +513,11 @@ REMOTE_VIOLATIONS: list[tuple[str, Callable[[], Connection], bytes, str]] = [
         bad(PUBLISH_SHM, manifest=[["w", "|u1", [], 0, 1]] * 2),
         "twice",
     ),
+    ("status from a client", server_ready, frame(STATUS), "client never sends 'status'"),
+    ("status request from the server", client_ready, frame(StatusRequest(request_id=1)), "never"),
+    ("status row not a map", client_ready, bad(STATUS, readers=[1]), r"status.readers: \[0\]"),
+    ("status rows", client_ready, bad(STATUS, slots=[{}] * 10_001), "limit is 10000"),
+    ("status nan", client_ready, bad(STATUS, daemon={"up": math.inf}), "status.daemon"),
     ("slot twice", client_waiting, bad(WELCOME, versions=[[1, 1], [1, 2]]), "names a slot twice"),
     ("nan timestamp", client_ready, bad(ANNOUNCE, committed_at=math.nan), "finite"),
     ("repeated key", server_ready, raw_body(DUPLICATE_KEY), "repeated key"),
