@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -32,12 +33,15 @@ from ctxstore.messages import (
     Published,
     PublishFile,
     PublishShm,
+    Status,
+    StatusRequest,
     Subscribe,
     Subscribed,
     Unsubscribe,
     Welcome,
     error_for,
 )
+from ctxstore.status import build_status, process_uptime, reader_rows, slot_rows
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
@@ -210,6 +214,8 @@ class Daemon:
                 self.fleet.heartbeat(sub.session, held, uss, pss)
             case PublishFile() | PublishBuild() | PublishShm():
                 self._spawn(self._publish(sub, message))
+            case StatusRequest(request_id=request_id):
+                self._spawn(self._send_status(sub, request_id))
             case Ping(nonce=nonce):
                 sub.send(Pong(nonce=nonce))
             case Pong() | Error():
@@ -243,6 +249,36 @@ class Daemon:
             sub.send(error_for(exc, request_id=request.request_id, fatal=False))
             return
         sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
+
+    async def _send_status(self, sub: Subscriber, request_id: int) -> None:
+        """Answer StatusRequest: the process, every peer, every slot (SQL off the loop)."""
+        assert self.store is not None and self.committer is not None
+        store = self.store
+        daemon = {
+            "pid": os.getpid(),
+            "uptime_s": round(process_uptime(), 3),
+            "store": str(store.root),
+            "socket": str(self.config.socket),
+            "commits": self.committer.commits,
+            "subscribers": len(self.subscribers),
+            "version_table": segment_name(store.root),
+        }
+        fleet, max_frame_size = self.fleet, self.config.max_frame_size
+
+        def build() -> Status:  # in a worker thread: SQL, and rows that may number 10,000
+            slots, total = slot_rows(store)
+            readers = reader_rows(fleet.snapshot(), store.current_versions(), time.time())
+            return build_status(
+                request_id, daemon, readers, slots, slots_total=total, max_frame_size=max_frame_size
+            )
+
+        try:
+            status = await asyncio.to_thread(build)
+        except Exception as exc:
+            log.exception("session %d: status failed", sub.session)
+            sub.send(error_for(exc, request_id=request_id, fatal=False))
+            return
+        sub.send(status)
 
     def _snapshot(
         self, slots: Iterable[int], groups: Iterable[str], everything: bool
