@@ -12,13 +12,19 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CtxStoreError, InvalidInputError
 from .paths import default_socket_path, default_store_dir
 from .records import Problem
 from .store import PersistentStore
 from .table import print_table
+
+if TYPE_CHECKING:
+    from ctxstore.readers import Reader, VersionEvent
+
+    from .client import DaemonClient
+    from .messages import Status
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -202,6 +208,201 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_fleet_demo(versions=args.versions)
 
 
+# -- monitoring commands: status and watch ----------------------------------------------------
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """argparse type for counts and durations that must be > 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _fetch_status(client: DaemonClient) -> Status:
+    """One StatusRequest round trip on ``client``; a lost socket says so."""
+    from .errors import DaemonUnavailableError
+    from .messages import Status, StatusRequest
+
+    request_id = client.next_request_id()
+    try:
+        reply = client.request(StatusRequest(request_id=request_id), request_id)
+    except CtxStoreError:
+        raise
+    except OSError as exc:
+        raise DaemonUnavailableError(f"lost the ctxstore daemon at {client.path}: {exc}") from exc
+    if not isinstance(reply, Status):
+        raise DaemonUnavailableError(f"the daemon answered status with {reply.TYPE!r}")
+    return reply
+
+
+def _status_text(args: argparse.Namespace, status: Status) -> str:
+    import os
+
+    from .status import format_status
+    from .validation import thaw_json
+
+    if not args.json:
+        return format_status(status, own_pid=os.getpid())
+    body = {
+        "daemon": thaw_json(status.daemon),
+        "readers": [thaw_json(row) for row in status.readers],
+        "slots": [thaw_json(row) for row in status.slots],
+    }
+    return json.dumps(body, indent=None if args.watch else 2, sort_keys=True)
+
+
+def _show_status(args: argparse.Namespace, text: str, *, first: bool) -> None:
+    """Print one refresh: with --watch, a header and a cleared screen (on a terminal)."""
+    import time
+
+    from .status import CLEAR_SCREEN
+
+    if args.watch and not args.json:
+        header = f"ctxstore status at {time.strftime('%H:%M:%S')}, every {args.interval:g}s"
+        if sys.stdout.isatty():
+            text = f"{CLEAR_SCREEN}{header} (Ctrl-C stops)\n{text}"
+        else:
+            text = f"{header}\n{text}" if first else f"\n{header}\n{text}"
+    print(text, flush=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the daemon, its readers and the slots; ``--watch`` refreshes until Ctrl-C."""
+    import time
+
+    from .client import DaemonClient
+
+    client: DaemonClient | None = None
+    try:
+        for n in range(args.count if args.watch else 1):
+            if n:
+                time.sleep(args.interval)
+            try:
+                client = client or DaemonClient(
+                    socket_path(args), name="ctxstore-status", role="admin", timeout=10.0
+                )
+                text = _status_text(args, _fetch_status(client))
+            except CtxStoreError as exc:
+                if not args.watch:
+                    raise
+                if client is not None:
+                    client.close()
+                client = None
+                text = f"ctxstore status: {exc} (retrying every {args.interval:g}s)"
+            _show_status(args, text, first=n == 0)
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Print each announcement of the watched slots as it arrives (a Reader that follows)."""
+    import queue
+    import time
+
+    from ctxstore.readers import Reader
+
+    from .status import event_json, format_event
+
+    events: queue.SimpleQueue[tuple[VersionEvent, float]] = queue.SimpleQueue()
+    everything = not (args.slots or args.group)
+    what = "every slot" if everything else _watched(args.slots, args.group)
+    started = time.monotonic()
+    deadline = started + args.timeout if args.timeout is not None else float("inf")
+    announced = 0
+    with Reader(store=store_dir(args), socket=socket_path(args), name="ctxstore-watch") as reader:
+        reader.subscribe(
+            slots=args.slots or None,
+            groups=args.group or None,
+            all=everything,
+            callback=lambda event: events.put((event, time.time())),
+        )
+        print(f"ctxstore watch: {what} at {reader.socket_path}", file=sys.stderr, flush=True)
+        online: bool | None = None
+        while args.count is None or announced < args.count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _watch_timed_out(args, announced)
+            if reader.connected != online and (reader.connected or time.monotonic() > started + 1):
+                online = reader.connected
+                state = "connected" if online else "daemon unreachable, retrying"
+                print(f"ctxstore watch: {state}", file=sys.stderr, flush=True)
+            try:
+                event, received = events.get(timeout=min(remaining, 0.25))
+            except queue.Empty:
+                continue
+            if event.source != "announce":
+                event = _described(reader, event)
+            line = json.dumps(event_json(event, received)) if args.json else None
+            print(line or format_event(event, received), flush=True)
+            announced += event.source == "announce"
+    return 0
+
+
+def _described(reader: Reader, event: VersionEvent) -> VersionEvent:
+    """A snapshot event (no announcement behind it) with its model type and aliases filled in."""
+    import dataclasses
+    from types import MappingProxyType
+
+    try:
+        meta = reader.store.get_metadata(event.slot, event.version, tensors=False)
+    except CtxStoreError:
+        return event
+    aliases = MappingProxyType(dict.fromkeys(meta.aliases, event.version))
+    return dataclasses.replace(event, model_type=meta.model_type, aliases=aliases)
+
+
+def _watched(slots: Sequence[int], groups: Sequence[str]) -> str:
+    parts = [f"slot {', '.join(map(str, slots))}"] if slots else []
+    parts += [f"group {', '.join(groups)}"] if groups else []
+    return " and ".join(parts)
+
+
+def _watch_timed_out(args: argparse.Namespace, announced: int) -> int:
+    if args.count is None:
+        return 0
+    print(
+        f"ctxstore watch: {announced} of {args.count} announcements in {args.timeout:g}s",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _monitor_commands(command: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    p = command("status", cmd_status, "the daemon, its readers (versions, lag, memory), slots")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument(
+        "--interval", type=_positive(float), default=2.0, help="seconds between refreshes"
+    )
+    p.add_argument(
+        "--count", type=_positive(int), default=2**62, help="stop after N refreshes (--watch)"
+    )
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    p = command("watch", cmd_watch, "print announcements as they arrive")
+    p.add_argument("slots", type=slot_arg, nargs="*", help="slots to watch (default: all)")
+    p.add_argument("--group", action="append", default=[], help="watch a group (repeat)")
+    p.add_argument(
+        "--count", type=_positive(int), default=None, help="exit 0 after N announcements"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=None,
+        help="stop after S seconds: exit 0, or 1 if --count was not reached",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -293,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", default=None)
     p.add_argument("--unpin", action="store_true")
 
+    _monitor_commands(command)
     return parser
 
 
