@@ -59,15 +59,16 @@ def fsync_dir(path: Path) -> None:
         raise StorageError(exc.errno, f"cannot fsync directory {path}: {exc.strerror}") from exc
 
 
-def make_dir(path: Path) -> bool:
-    """Create ``path`` if missing and fsync its parent; True when it was created."""
+def make_dir(path: Path, *, durable: bool = True) -> bool:
+    """Create ``path`` if missing (and fsync its parent when ``durable``); True if created."""
     try:
         os.mkdir(path, DIR_MODE)
     except FileExistsError:
         return False
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot create directory {path}: {exc.strerror}") from exc
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return True
 
 

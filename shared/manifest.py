@@ -17,8 +17,8 @@ import msgpack
 from .errors import IntegrityError
 from .npyfile import shape_from_text
 
-#: per tensor, in position order: name, dtype text, shape, data offset, data bytes
-ManifestEntry = tuple[str, str, list[int], int, int]
+#: per tensor, in position order: name, dtype text, shape, data offset, data bytes, checksum
+ManifestEntry = tuple[str, str, list[int], int, int, str]
 Manifest = list[ManifestEntry]
 
 _LIMITS: dict[str, Any] = {
@@ -33,8 +33,8 @@ _LIMITS: dict[str, Any] = {
 def pack_manifest(rows: Sequence[tuple[int, str, str, str, int, int, str]]) -> bytes:
     """From the commit path's tensor rows (position, name, dtype, shape, offset, nbytes, sum)."""
     entries = [
-        [name, dtype, list(shape_from_text(shape)), offset, nbytes]
-        for _, name, dtype, shape, offset, nbytes, _ in rows
+        [name, dtype, list(shape_from_text(shape)), offset, nbytes, checksum]
+        for _, name, dtype, shape, offset, nbytes, checksum in rows
     ]
     packed: bytes = msgpack.packb(entries, use_bin_type=True)
     return packed

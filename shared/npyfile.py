@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import io
-import math
 import mmap
 import os
 import struct
@@ -73,6 +72,12 @@ def dtype_from_text(text: str) -> np.dtype[Any]:
     return dtype
 
 
+@lru_cache(maxsize=4096)
+def dtype_name(text: str) -> str:
+    """The readable name of a recorded dtype (``float32``, ``>i8``...)."""
+    return str(dtype_from_text(text))
+
+
 def shape_to_text(shape: tuple[int, ...]) -> str:
     return ",".join(map(str, shape))
 
@@ -96,8 +101,6 @@ def map_array(
     count). Raises NotFoundError when the file is gone and IntegrityError when
     its size disagrees with the record: a wrong-sized array is never returned.
     """
-    if nbytes != dtype.itemsize * math.prod(shape):
-        raise IntegrityError(f"index records {nbytes} bytes for {dtype}{list(shape)} ({path})")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -114,4 +117,10 @@ def map_array(
         raise IntegrityError(
             f"tensor file {path} has {size} bytes, its record says {offset + nbytes}"
         )
-    return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset)
+    try:
+        return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset)
+    except (TypeError, ValueError):  # the record's shape needs more bytes than it says
+        mm.close()
+        raise IntegrityError(
+            f"tensor file {path}: record {dtype}{list(shape)} does not fit {nbytes} bytes"
+        ) from None

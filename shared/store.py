@@ -52,10 +52,10 @@ from .manifest import Manifest, pack_manifest, unpack_manifest
 from .npyfile import (
     contiguous_bytes,
     dtype_from_text,
+    dtype_name,
     dtype_to_text,
     map_array,
     npy_header,
-    shape_from_text,
     shape_to_text,
 )
 from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
@@ -298,11 +298,17 @@ class PersistentStore:
         return version
 
     def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
-        """Steps 2 and 3: files written durably, then renamed into place as one directory."""
+        """Steps 2 and 3: files written durably, then renamed into place as one directory.
+
+        fsyncs: every new file, the staging directory (its entries), and the slot
+        directory after the rename (the new entry), all before COMMIT. The staging
+        directory's own creation and its removal from wal/ need not be durable:
+        recovery deletes whatever wal/ holds, and the rename is one metadata
+        transaction of the filesystem journal.
+        """
         txid = f"{slot}-{version}-{os.getpid()}-{secrets.token_hex(4)}"
-        wal = layout.wal_dir(self.root)
-        staging = wal / txid
-        make_dir(staging)
+        staging = layout.wal_dir(self.root) / txid
+        make_dir(staging, durable=False)
         try:
             rows = self._stage(staging, context)
             fsync_dir(staging)
@@ -313,7 +319,6 @@ class PersistentStore:
             remove_tree(staging)
             raise
         fsync_dir(layout.slot_dir(self.root, slot))
-        fsync_dir(wal)
         crash_point("renamed")
         return rows
 
@@ -483,16 +488,16 @@ class PersistentStore:
         )
 
     def _map_tensors(self, slot: int, version: int, manifest: Manifest) -> dict[str, Array]:
-        root = self._root_str
+        prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
         return {
-            name: map_array(
-                layout.tensor_path_str(root, slot, version, position),
-                dtype_from_text(dtype),
-                tuple(shape),
-                offset,
-                nbytes,
+            entry[0]: map_array(
+                f"{prefix}{position}.npy",
+                dtype_from_text(entry[1]),
+                tuple(entry[2]),
+                entry[3],
+                entry[4],
             )
-            for position, (name, dtype, shape, offset, nbytes) in enumerate(manifest)
+            for position, entry in enumerate(manifest)
         }
 
     def _version_exists(self, slot: int, version: int) -> bool:
@@ -522,37 +527,38 @@ class PersistentStore:
     def get_metadata(
         self, slot_id: int, version: VersionRef = None, *, tensors: bool = True
     ) -> ContextMetadata:
-        """A version's model type, config, metadata and tensor table; opens no array file."""
+        """A version's model type, config, metadata and tensor table; opens no array file.
+
+        The current version or a numbered one is one SQL statement; aliases and
+        ``latest`` resolve first, in the same read snapshot.
+        """
         slot = check_slot(slot_id)
-        with self._read_snapshot() as conn:
-            number = _resolve(conn, slot, version)
-            row = conn.execute(
-                "SELECT s.model_type, s.current_version, v.created_at, v.config, v.metadata, "
-                "v.pinned FROM versions v JOIN slots s ON s.slot = v.slot "
-                "WHERE v.slot = ? AND v.version = ?",
-                (slot, number),
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"slot {slot} has no version {number}")
-            aliases = tuple(
-                name
-                for (name,) in conn.execute(
-                    "SELECT name FROM aliases WHERE slot = ? AND version = ? ORDER BY name",
-                    (slot, number),
-                )
-            )
-            table = _tensor_table(conn, slot, number) if tensors else None
+        if isinstance(version, str) and version.isdigit():
+            version = int(version)
+        if version is None or version == "current":
+            rows = self._query(_METADATA_SQL + "s.current_version", (slot,))
+        elif isinstance(version, int):
+            rows = self._query(_METADATA_SQL + "?2", (slot, check_version(version)))
+        else:
+            with self._read_snapshot() as conn:
+                number = _resolve(conn, slot, version)
+                rows = conn.execute(_METADATA_SQL + "?2", (slot, number)).fetchall()
+        if not rows:
+            with self._read_snapshot() as conn:  # say precisely what is missing
+                number = _resolve(conn, slot, version)
+            raise NotFoundError(f"slot {slot} has no version {number}")
+        number, model_type, current, created, config, metadata, pinned, aliases, blob = rows[0]
         return ContextMetadata(
             slot=slot,
             version=number,
-            model_type=row[0],
-            current_version=row[1],
-            created_at=row[2],
-            config=_load_json(row[3], "config"),
-            metadata=_load_json(row[4], "metadata"),
-            pinned=bool(row[5]),
-            aliases=aliases,
-            tensors=table,
+            model_type=model_type,
+            current_version=current,
+            created_at=created,
+            config=_load_json(config, "config"),
+            metadata=_load_json(metadata, "metadata"),
+            pinned=bool(pinned),
+            aliases=tuple(aliases.split(",")) if aliases else (),
+            tensors=_tensor_table(unpack_manifest(blob)) if tensors else None,
         )
 
     def list_slots(self, model_type: str | None = None, group: str | None = None) -> list[SlotInfo]:
@@ -715,6 +721,14 @@ class PersistentStore:
 
 TensorRow = tuple[int, str, str, str, int, int, str]
 
+#: one version's record, its slot's pointer and its aliases; completed by the version clause
+_METADATA_SQL = (
+    "SELECT v.version, s.model_type, s.current_version, v.created_at, v.config, v.metadata, "
+    "v.pinned, (SELECT group_concat(name, ',') FROM (SELECT name FROM aliases a "
+    "WHERE a.slot = v.slot AND a.version = v.version ORDER BY name)), v.manifest "
+    "FROM slots s JOIN versions v ON v.slot = s.slot WHERE s.slot = ?1 AND v.version = "
+)
+
 
 def _resolve(conn: sqlite3.Connection, slot: int, version: VersionRef) -> int:
     if isinstance(version, str) and version.isdigit():
@@ -751,15 +765,10 @@ def _require_slot(conn: sqlite3.Connection, slot: int) -> None:
         raise NotFoundError(f"slot {slot} does not exist")
 
 
-def _tensor_table(conn: sqlite3.Connection, slot: int, version: int) -> tuple[TensorInfo, ...]:
-    rows = conn.execute(
-        "SELECT position, name, dtype, shape, nbytes, checksum FROM tensors "
-        "WHERE slot = ? AND version = ? ORDER BY position",
-        (slot, version),
-    )
+def _tensor_table(manifest: Manifest) -> tuple[TensorInfo, ...]:
     return tuple(
-        TensorInfo(position, name, str(dtype_from_text(dtype)), shape_from_text(shape), n, digest)
-        for position, name, dtype, shape, n, digest in rows
+        TensorInfo(position, name, dtype_name(dtype), tuple(shape), nbytes, checksum)
+        for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(manifest)
     )
 
 

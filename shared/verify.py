@@ -50,9 +50,9 @@ def check_versions(
         problem = _check_file(str(path), offset + nbytes, checksum if rehash else None)
         if problem:
             problems.append(Problem(problem[0], problem[1], s, v, name))
-    expected: dict[tuple[int, int], list[tuple[str, int, int]]] = defaultdict(list)
-    for s, v, _, name, offset, nbytes, _ in rows:
-        expected[(s, v)].append((name, offset, nbytes))
+    expected: dict[tuple[int, int], list[tuple[str, int, int, str]]] = defaultdict(list)
+    for s, v, _, name, offset, nbytes, checksum in rows:
+        expected[(s, v)].append((name, offset, nbytes, checksum))
     version_rows = conn.execute(
         "SELECT slot, version, manifest FROM versions WHERE (?1 IS NULL OR slot = ?1)", (slot,)
     ).fetchall()
@@ -71,10 +71,10 @@ def check_versions(
     return problems
 
 
-def _manifest_entries(blob: bytes) -> list[tuple[str, int, int]] | None:
+def _manifest_entries(blob: bytes) -> list[tuple[str, int, int, str]] | None:
     try:
-        return [(name, offset, nbytes) for name, _, _, offset, nbytes in unpack_manifest(blob)]
-    except (IntegrityError, ValueError, TypeError):
+        return [(e[0], e[3], e[4], e[5]) for e in unpack_manifest(blob)]
+    except (IntegrityError, ValueError, TypeError, IndexError):
         return None
 
 
