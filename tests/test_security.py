@@ -1,0 +1,143 @@
+"""Who gets in and what gets refused, on the socket and the command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+
+from ctxstore import Context
+from ctxstore.client import publish
+from ctxstore.messages import Error
+from ctxstore.protocol import HEADER
+from ctxstore.versiontable import segment_name
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[DaemonProcess]:
+    # pytest's own temp root is 0700: the socket goes where a dropped-privilege child can reach
+    run = Path(tempfile.mkdtemp(prefix="ctxstore-sec-"))
+    run.chmod(0o755)
+    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
+                          "--allow-uid", "4242")  # fmt: skip
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        yield daemon
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+        shm = Path("/dev/shm" + segment_name(daemon.store))
+        if shm.exists():
+            shm.unlink()
+
+
+def test_socket_is_0660(guarded: DaemonProcess) -> None:
+    assert guarded.socket.stat().st_mode & 0o777 == 0o660
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid in a child")
+def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None:
+    """uid 65534 with the socket's group passes the file mode but not the daemon's allowlist."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody, keep group 0 (the socket's group)
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(0)
+            os.setuid(65534)
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(str(guarded.socket))
+            data = b""
+            while chunk := peer.recv(65536):
+                data += chunk
+            os.write(write_end, data[:4096])
+        except BaseException as exc:
+            os.write(write_end, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        received = pipe.read()
+    os.waitpid(pid, 0)
+    assert b"forbidden" in received, received
+    assert "uid 65534 is not allowed" in guarded.log_text()
+    # the daemon's own uid (root here) is still served
+    assert publish(1, Context({"w": np.zeros(1)}), socket=guarded.socket) == 1
+
+
+def _frame(body: dict[str, object]) -> bytes:
+    packed = msgpack.packb(body)
+    return HEADER.pack(len(packed)) + packed
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"type": "publish_file", "request_id": 1, "slot": -1, "path": "/tmp/x.npy"},
+        {"type": "publish_file", "request_id": 1, "slot": 2**40, "path": "/tmp/x.npy"},
+        {"type": "publish_file", "request_id": 1, "slot": 1, "path": "relative/../x.npy"},
+        {"type": "publish_file", "request_id": 1, "slot": 1, "path": "/tmp/x\x00.npy"},
+        {"type": "publish_build", "request_id": 1, "slot": 1, "node_type": "../evil"},
+        {
+            "type": "publish_file",
+            "request_id": 1,
+            "slot": 1,
+            "path": "/tmp/x.npy",
+            "alias": "../../etc",
+        },
+        {"type": "ack", "slot": 1, "version": -5},
+    ],
+)
+def test_hostile_identifiers_on_the_socket_are_refused(
+    tmp_path: Path, request_fields: dict[str, object]
+) -> None:
+    daemon = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock")
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        peer = RawPeer(daemon.socket)
+        peer.sock.sendall(_frame(request_fields))
+        reply = peer.next()
+        assert isinstance(reply, Error)
+        assert reply.kind in {"remote_protocol", "invalid_input"}
+        peer.close()
+        assert publish(1, Context({"w": np.zeros(1)}), socket=daemon.socket) == 1  # carries on
+        assert not (tmp_path / "store" / "slots" / "-1").exists()
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["versions", "-1"],
+        ["versions", "99999999999"],
+        ["versions", "1/../2"],
+        ["show", "abc"],
+        ["alias", "1", "../../etc", "1"],
+        ["build", "1", "--type", "llm", "--set", "novalue"],
+    ],
+)
+def test_hostile_identifiers_on_the_command_line_are_refused(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ctxstore.cli", *argv, "--store", str(tmp_path / "s"),
+         "--socket", str(tmp_path / "none.sock")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "error" in result.stderr.lower()
