@@ -1,0 +1,171 @@
+"""The commit protocol's order, checked over the calls a real commit makes.
+
+A recorder wraps os.fsync / os.rename / os.link, SQLite's statement
+trace and the daemon's announcer, then an ordering check asserts DESIGN.md's
+protocol: every new tensor file fsynced and the staging directory fsynced
+before the rename, the slot directory fsynced after it and before COMMIT,
+the announcement after COMMIT. The check is proven by deliberately broken
+builds that it must catch (a check that passes everything proves nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctxstore import Context, PersistentStore
+from ctxstore.daemon.committer import Committer
+
+
+@dataclass
+class Recorder:
+    events: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, kind: str, what: str) -> None:
+        self.events.append((kind, what))
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    rec = Recorder()
+    real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
+
+    def rec_fsync(fd: int) -> None:
+        real_fsync(fd)
+        rec.add("fsync", os.readlink(f"/proc/self/fd/{fd}"))
+
+    def rec_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_rename(src, dst)
+        rec.add("rename", f"{os.fspath(src)} -> {os.fspath(dst)}")
+
+    def rec_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_link(src, dst)  # a link to an already durable file needs no fsync of its own
+        rec.add("linked", os.fspath(dst))
+
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "rename", rec_rename)
+    monkeypatch.setattr(os, "link", rec_link)
+    return rec
+
+
+def check_commit_order(events: list[tuple[str, str]]) -> list[str]:
+    """Every way ``events`` (one commit) breaks the protocol; empty when it is followed."""
+    problems: list[str] = []
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    commits = [i for i, (kind, what) in enumerate(events) if kind == "sql" and what == "COMMIT"]
+    announces = [i for i, (kind, _) in enumerate(events) if kind == "announce"]
+    if len(renames) != 1:
+        return [f"expected one rename of the staged version, saw {len(renames)}"]
+    rename = renames[0]
+    staging, target = events[rename][1].split(" -> ")
+    version_commit = next((i for i in commits if i > rename), None)
+    if version_commit is None:
+        return ["no COMMIT after the rename"]
+    fsynced_before = {what for kind, what in events[:rename] if kind == "fsync"}
+    linked = {what for kind, what in events[:rename] if kind == "linked"}
+    for name in sorted(os.listdir(target)):  # every file the committed version holds
+        staged = f"{staging}/{name}"
+        if staged not in linked and staged not in fsynced_before:
+            problems.append(f"{staged} was not fsynced before the rename")
+    if staging not in fsynced_before:
+        problems.append(f"staging directory {staging} was not fsynced before the rename")
+    slot_dir = os.path.dirname(target)
+    between = {what for kind, what in events[rename:version_commit] if kind == "fsync"}
+    if slot_dir not in between:
+        problems.append(f"slot directory {slot_dir} was not fsynced between rename and COMMIT")
+    if any(i < version_commit for i in announces):
+        problems.append("announced before COMMIT")
+    if not announces:
+        problems.append("never announced")
+    return problems
+
+
+def commit_once(
+    store: PersistentStore, recorder: Recorder, context: Context, announce_first: bool = False
+) -> list[tuple[str, str]]:
+    recorder.events.clear()
+    assert store._conn is not None
+    store._conn.set_trace_callback(lambda sql: recorder.add("sql", sql.strip()))
+
+    def announce(_: object) -> None:
+        recorder.add("announce", "")
+
+    committer = Committer(store, None, announce)
+    if announce_first:  # a broken build: tells readers before the version is durable
+        real_save = store.save_context
+
+        def save_announcing_first(*args: object, **kw: object) -> int:
+            announce(None)
+            return real_save(*args, **kw)  # type: ignore[arg-type]
+
+        store.save_context = save_announcing_first  # type: ignore[method-assign]
+    try:
+        asyncio.run(committer.commit(1, context))
+    finally:
+        store._conn.set_trace_callback(None)
+        store.__dict__.pop("save_context", None)
+    return list(recorder.events)
+
+
+def ctx(seed: int) -> Context:
+    rng = np.random.default_rng(seed)
+    return Context({"a": rng.standard_normal(64), "b": rng.standard_normal(8), "same": np.ones(4)})
+
+
+def test_real_commits_follow_the_protocol(tmp_path: Path, recorder: Recorder) -> None:
+    with PersistentStore(tmp_path / "store") as store:
+        for seed in range(3):  # later commits hard-link the unchanged tensor
+            events = commit_once(store, recorder, ctx(seed))
+            assert check_commit_order(events) == [], events
+
+
+Breakage = Callable[[pytest.MonkeyPatch], None]
+
+
+def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctxstore.durable as durable
+
+    def write_without_fsync(path: Path, chunks: object) -> None:
+        with open(path, "xb") as f:
+            for chunk in chunks:  # type: ignore[attr-defined]
+                f.write(chunk)
+
+    monkeypatch.setattr(durable, "write_new_file", write_without_fsync)
+    import ctxstore.store as store_module
+
+    monkeypatch.setattr(store_module, "write_new_file", write_without_fsync)
+
+
+def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctxstore.store as store_module
+
+    monkeypatch.setattr(store_module, "fsync_dir", lambda path: None)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (_skip_file_fsync, "was not fsynced before the rename"),
+        (_skip_dir_fsyncs, "directory"),
+    ],
+)
+def test_the_check_catches_a_build_that_skips_an_fsync(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch,
+    breakage: Breakage, expected: str,
+) -> None:  # fmt: skip
+    with PersistentStore(tmp_path / "store") as store:
+        breakage(monkeypatch)
+        problems = check_commit_order(commit_once(store, recorder, ctx(7)))
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_check_catches_announcing_before_commit(tmp_path: Path, recorder: Recorder) -> None:
+    with PersistentStore(tmp_path / "store") as store:
+        problems = check_commit_order(commit_once(store, recorder, ctx(1), announce_first=True))
+    assert "announced before COMMIT" in problems
