@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,3 +41,34 @@ def store(store_dir: Path) -> Iterator[PersistentStore]:
     with PersistentStore(store_dir) as s:
         yield s
         assert s.verify() == [], "store left inconsistent by the test"
+
+
+_apt_updated: list[bool] = []
+
+
+def ensure_os_tool(path_or_binary: str, package: str) -> str:
+    """The path of an OS tool the tests need, installing its Debian package when we can.
+
+    The README's `pytest` must work on a fresh machine, so a missing tool is
+    installed with apt-get when running as root; elsewhere the test fails with
+    the command that installs it (a missing tool is never a silent skip).
+    """
+
+    def find() -> str | None:
+        if os.path.isabs(path_or_binary):
+            return path_or_binary if os.path.exists(path_or_binary) else None
+        return shutil.which(path_or_binary)
+
+    found = find()
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if not _apt_updated:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
+                           timeout=600, check=False)  # fmt: skip
+            _apt_updated.append(True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env,
+                       capture_output=True, timeout=900, check=False)  # fmt: skip
+        found = find()
+    if found is None:
+        pytest.fail(f"{path_or_binary} is missing: install it with `apt-get install -y {package}`")
+    return found

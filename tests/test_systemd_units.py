@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from conftest import ensure_os_tool
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 DAEMON_UNIT = "ctxstore.service"
@@ -29,13 +29,7 @@ Unit = dict[str, dict[str, list[str]]]
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(
-            f"{name} not found: these tests need systemd's tools "
-            "(Debian/Ubuntu: `apt-get install -y systemd`)"
-        )
-    return path
+    return ensure_os_tool(name, "systemd")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

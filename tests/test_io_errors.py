@@ -1,0 +1,87 @@
+"""I/O errors injected with libfiu: fsync, fdatasync (SQLite's commit), rename and write fail
+with EIO once or persistently. A failed commit is never reported successful, the store stays
+consistent, and commits work again once the fault clears.
+
+The writer runs in a child under libfiu's POSIX preload library; it switches failure points on
+and off through libfiu's C API, so the store opens normally and only the commits see faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ensure_os_tool
+
+from ctxstore import PersistentStore
+
+PRELOADS = ("/usr/lib/fiu/fiu_run_preload.so", "/usr/lib/fiu/fiu_posix_preload.so")
+
+WRITER = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    import numpy as np
+    from ctxstore import Context, PersistentStore, CtxStoreError
+
+    store_path, point, mode = sys.argv[1:4]
+    fiu = ctypes.CDLL("libfiu.so.0")
+    EIO, ONETIME = 5, 1
+    attempts = []
+    with PersistentStore(store_path, retention=20) as store:
+        store.save_context(1, Context({"w": np.full(64, 1.0)}))
+        fiu.fiu_enable(point.encode(), 1, ctypes.c_void_p(EIO), ONETIME if mode == "once" else 0)
+        for value in (2.0, 3.0, 4.0):
+            try:
+                version = store.save_context(1, Context({"w": np.full(64, value)}))
+                attempts.append(["ok", version, value])
+            except CtxStoreError as exc:
+                attempts.append(["refused", type(exc).__name__, str(exc)])
+        fiu.fiu_disable(point.encode())
+        after = store.save_context(1, Context({"w": np.full(64, 5.0)}))
+        attempts.append(["ok", after, 5.0])
+    print(json.dumps(attempts))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["posix/io/sync/fsync", "posix/io/sync/fdatasync", "posix/io/dir/rename", "posix/io/rw/write"],
+)
+@pytest.mark.parametrize("mode", ["once", "persistent"])
+def test_commit_under_io_errors(tmp_path: Path, point: str, mode: str) -> None:
+    for library in PRELOADS:
+        ensure_os_tool(library, "fiu-utils")
+    env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
+    store_path = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-c", WRITER, str(store_path), point, mode],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    attempts = json.loads(result.stdout.strip().splitlines()[-1])
+    refused = [a for a in attempts if a[0] == "refused"]
+    reported = {a[1]: a[2] for a in attempts if a[0] == "ok"}
+    assert refused, f"{point} {mode}: no commit saw the fault: {attempts}"
+    if mode == "persistent":
+        assert len(refused) == 3, attempts
+    for outcome in refused:
+        assert outcome[1] in {"StorageError", "IntegrityError"}, outcome
+    with PersistentStore(store_path) as store:  # recovery, then the checks
+        assert store.verify() == []
+        assert store.recovery_problems == []
+        assert os.listdir(store_path / "wal") == []
+        stored = {v.version for v in store.list_versions(1)}
+        # every commit reported successful is there with its own bytes...
+        for version, value in reported.items():
+            assert version in stored
+            assert np.array_equal(store.load_context(1, version)["w"], np.full(64, value))
+        # ...and nothing that was refused became visible
+        assert stored == {1, *reported}
+        assert store.load_context(1).version == max(reported)
