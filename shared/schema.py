@@ -68,6 +68,33 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX group_members_by_slot ON group_members(slot, name)",
     ),
+    # 2: the daemon's persistent build-job queue (ctxstore.daemon.jobs)
+    2: (
+        """CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            slot INTEGER NOT NULL CHECK (slot >= 0),
+            node_type TEXT NOT NULL,
+            config TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL
+                CHECK (state IN ('pending', 'processing', 'done', 'failed', 'cancelled')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+            progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+            error TEXT,
+            version INTEGER,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            next_attempt_at REAL
+        )""",
+        # the queue order: highest priority first, then first submitted
+        "CREATE INDEX jobs_by_state ON jobs(state, priority DESC, id)",
+        # the earliest retry a sleeping worker waits for
+        "CREATE INDEX jobs_pending_retry ON jobs(next_attempt_at) WHERE state = 'pending'",
+        # pruning of old finished jobs, newest kept
+        "CREATE INDEX jobs_finished ON jobs(id) "
+        "WHERE state IN ('done', 'failed', 'cancelled')",
+    ),
 }
 
 LATEST = max(MIGRATIONS)

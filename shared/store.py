@@ -238,6 +238,19 @@ class PersistentStore:
         with self._write_lock, transaction(self._writer_conn()) as conn:
             yield conn
 
+    def write_transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer connection, under the store's write lock.
+
+        For the index's own tables that live beside the versions (the daemon's
+        job queue). Nothing is visible unless COMMIT returns; sqlite errors are
+        translated. ReadOnlyError on a read-only store, ClosedError after close().
+        """
+        return self._transaction()
+
+    def read_query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """The rows of one read statement on this thread's read connection, errors translated."""
+        return self._query(sql, args)
+
     @contextlib.contextmanager
     def _read_snapshot(self) -> Iterator[sqlite3.Connection]:
         """Several SELECTs that see one consistent state of the index."""
