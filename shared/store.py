@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Set
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -457,8 +459,15 @@ class PersistentStore:
         with self._read_snapshot() as conn:
             return _resolve(conn, slot, version)
 
-    def load_context(self, slot_id: int, version: VersionRef = None) -> Context:
+    def load_context(
+        self, slot_id: int, version: VersionRef = None, *, verify: bool = False
+    ) -> Context:
         """The context at ``version`` (default: current), its arrays mapped read-only.
+
+        File sizes are always checked against the record. With ``verify`` every
+        file is also re-hashed against its recorded xxh3-128 (about 60 ms a GiB,
+        and it reads the pages in), so a flipped byte is an IntegrityError, never
+        wrong numbers: readers verify each version once, when they adopt it.
 
         Retention may retire the version between the index read and the mapping of
         its files. A reference that moves (current, latest, an alias) is then
@@ -469,12 +478,14 @@ class PersistentStore:
             isinstance(version, str) and version.isdigit()
         )
         for _ in range(_LOAD_ATTEMPTS if moving else 1):
-            number, context = self._load_once(slot, version)
+            number, context = self._load_once(slot, version, verify)
             if context is not None:
                 return context
         raise NotFoundError(f"slot {slot} version {number} was retired")
 
-    def _load_once(self, slot: int, version: VersionRef) -> tuple[int, Context | None]:
+    def _load_once(
+        self, slot: int, version: VersionRef, verify: bool
+    ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
         with self._read_snapshot() as conn:
             number = _resolve(conn, slot, version)
@@ -484,14 +495,17 @@ class PersistentStore:
             ).fetchone()
         if record is None:
             raise NotFoundError(f"slot {slot} has no version {number}")
+        manifest = unpack_manifest(record[2])
         try:
-            weights = self._map_tensors(slot, number, unpack_manifest(record[2]))
+            weights = self._map_tensors(slot, number, manifest)
         except NotFoundError:
             if self._version_exists(slot, number):
                 raise IntegrityError(
                     f"slot {slot} version {number} is recorded but its files are missing"
                 ) from None
             return number, None
+        if verify:
+            _verify_mapped(slot, number, manifest, weights)
         return number, Context._trusted(
             MappingProxyType(weights),
             _load_json(record[0], "config"),
@@ -731,8 +745,45 @@ class PersistentStore:
         with self._read_snapshot() as conn:
             return verify_store(self.root, conn, slot, rehash=rehash)
 
+    def repair(self, slot_id: int | None = None) -> list[Repair]:
+        """Move every slot whose current version is damaged back to its newest intact one.
+
+        Damaged versions stay where they are (``verify`` keeps naming them) but
+        stop being served. A slot with no intact version is reported and left.
+        The caller announces the moves (the daemon does; see ``ctxstore verify``).
+        """
+        problems = self.verify(slot_id)
+        damaged: dict[int, set[int]] = {}
+        for problem in problems:
+            if problem.slot is not None and problem.version is not None:
+                damaged.setdefault(problem.slot, set()).add(problem.version)
+        repairs: list[Repair] = []
+        for slot, bad in sorted(damaged.items()):
+            current = self.current_version(slot)
+            if current is None or current not in bad:
+                continue
+            intact = [v.version for v in self.list_versions(slot) if v.version not in bad]
+            target = max((v for v in intact if v < current), default=None)
+            if target is None:
+                repairs.append(Repair(slot, current, None, sorted(bad)))
+                continue
+            self.rollback(slot, target)
+            repairs.append(Repair(slot, current, target, sorted(bad)))
+        return repairs
+
 
 TensorRow = tuple[int, str, str, str, int, int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What ``repair`` did to one slot: its pointer moved (or could not), and why."""
+
+    slot: int
+    from_version: int
+    to_version: int | None
+    damaged: list[int]
+
 
 #: one version's record, its slot's pointer and its aliases; completed by the version clause
 _METADATA_SQL = (
@@ -783,6 +834,23 @@ def _tensor_table(manifest: Manifest) -> tuple[TensorInfo, ...]:
         TensorInfo(position, name, dtype_name(dtype), tuple(shape), nbytes, checksum)
         for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(manifest)
     )
+
+
+def _verify_mapped(
+    slot: int, version: int, manifest: Manifest, weights: Mapping[str, Array]
+) -> None:
+    """Re-hash each mapped file (header and data: the whole map) against the manifest."""
+    for entry in manifest:
+        mapped: object = weights[entry[0]].base
+        matches = False
+        if isinstance(mapped, mmap.mmap):
+            with memoryview(mapped) as view:
+                matches = checksum_parts((view,)) == entry[5]
+        if not matches:
+            raise IntegrityError(
+                f"slot {slot} version {version} tensor {entry[0]!r} does not match its "
+                "recorded checksum (run `ctxstore verify`)"
+            )
 
 
 def _dump_json(value: Mapping[str, Any]) -> str:

@@ -364,3 +364,51 @@ def test_recovery_reports_foreign_entries_it_will_not_delete(store_dir: Path) ->
             ("orphan", 1, None)
         ]
     assert (store_dir / "slots/1/notes.txt").exists()
+
+
+def _flip_byte(path: Path, at: int = 200) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_repair_moves_damaged_current_pointers_to_the_newest_intact_version(
+    store_dir: Path,
+) -> None:
+    with PersistentStore(store_dir, retention=10) as store:
+        for v in range(1, 5):
+            store.save_context(1, Context({"w": np.arange(100.0) + v}))
+        store.save_context(2, Context({"w": np.arange(100.0) - 1}))
+        store.save_context(3, Context({"w": np.arange(100.0) - 2}))
+        _flip_byte(store_dir / "slots/1/4/0.npy")  # current of slot 1
+        os.unlink(store_dir / "slots/1/3/0.npy")  # the one before it too
+        _flip_byte(store_dir / "slots/2/1/0.npy")  # slot 2 has nothing older
+        repairs = store.repair()
+        assert [(r.slot, r.from_version, r.to_version, r.damaged) for r in repairs] == [
+            (1, 4, 2, [3, 4]),
+            (2, 1, None, [1]),
+        ]
+        assert store.current_version(1) == 2
+        assert np.array_equal(store.load_context(1)["w"], np.arange(100.0) + 2)
+        assert store.current_version(3) == 1
+        with pytest.raises(IntegrityError, match="does not match its recorded checksum"):
+            store.load_context(1, 4, verify=True)  # a flipped byte: never wrong numbers
+        assert store.load_context(1, 2, verify=True).version == 2
+        assert store.repair() == [
+            type(repairs[1])(2, 1, None, [1])
+        ]  # idempotent: only what cannot be mended is left
+
+
+def test_a_reader_gets_integrity_errors_not_wrong_numbers(store_dir: Path) -> None:
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.arange(1000.0)}))
+    os.chmod(store_dir / "slots/1/1/0.npy", 0o644)
+    os.truncate(store_dir / "slots/1/1/0.npy", 300)
+    with (
+        PersistentStore(store_dir, readonly=True) as reader,
+        pytest.raises(IntegrityError, match="has 300 bytes"),
+    ):
+        reader.load_context(1)
