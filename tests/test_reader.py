@@ -817,3 +817,24 @@ def test_the_reader_package_never_imports_the_daemon() -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_damaged_version_is_an_integrity_error_never_wrong_numbers(tmp_path: Path) -> None:
+    import numpy as np
+
+    from ctxstore import Context, IntegrityError, PersistentStore
+
+    store_dir = tmp_path / "verified-store"
+    with PersistentStore(store_dir) as writer:
+        writer.save_context(1, Context({"w": np.arange(1000.0)}))
+    damaged = store_dir / "slots/1/1/0.npy"
+    damaged.chmod(0o644)
+    with open(damaged, "r+b") as f:  # same size, one byte different
+        f.seek(500)
+        f.write(b"\xff")
+    reader = Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
+    with reader, pytest.raises(IntegrityError, match="recorded checksum"):
+        reader.get(1)
+    with Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False,
+                verify_checksums=False) as trusting:  # fmt: skip
+        assert trusting.get(1).version == 1  # opting out trades the check for speed
