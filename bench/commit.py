@@ -17,6 +17,14 @@ built before the timer starts.
   directory, and one SQLite commit of a small row (WAL, synchronous=FULL), the
   least any durable publish of those bytes does.
 
+Every repetition starts after an untimed ``sync()``: without it, work the
+filesystem defers (journal commits, and on a ``discard``-mounted ext4 the
+discard of blocks freed by an unlink) lands on the next fsync, whichever
+implementation issues it, and the interleaved comparison would charge one
+implementation's clean-up to another. The ctxstore figures therefore contain
+the retention pass's DELETE and unlinks but not the deferred discard of the
+freed blocks.
+
 Throughput is bytes / median time. Dedup: a context of 10 tensors is
 committed, then a second version in which 1 tensor changed; the disk the
 second version adds under ``slots/`` (blocks of distinct inodes, as du counts
@@ -153,6 +161,7 @@ def _commit_figure(ctx: RunContext, size: int, rng: np.random.Generator) -> Figu
     def next_context() -> None:
         stamp(data, next(counter))
         pending.append(Context(weights={"w": data}))
+        os.sync()
 
     def drop(_version: object) -> None:
         pending.clear()
@@ -168,6 +177,7 @@ def _commit_figure(ctx: RunContext, size: int, rng: np.random.Generator) -> Figu
 
     def stamp_only() -> None:
         stamp(data, next(counter))
+        os.sync()
 
     def remove(path: Path) -> None:
         path.unlink()
