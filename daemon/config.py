@@ -1,19 +1,267 @@
-"""The daemon's settings, with the embedded defaults it runs on when nothing is given."""
+"""The daemon's settings: built-in defaults, one TOML file, CTXSTORE_* variables, flags.
+
+Precedence, lowest first: defaults < the configuration file < ``CTXSTORE_*``
+environment variables < command-line flags. The file is ``--config FILE``, else
+``$CTXSTORE_CONFIG``, else ``$CONFIGURATION_DIRECTORY/ctxstore.toml`` when it
+exists (systemd's ``ConfigurationDirectory=``). docs/configuration.md shows the
+file layout, every key, its variable and flag, and what SIGHUP reloads.
+
+``KEYS`` is the one table of settings: field, key in the file, variable, flag,
+check and whether a reload applies it live. Every value, wherever it comes
+from, goes through its key's check; a refused value is reported with where it
+came from, the key and the value.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
 
 from ctxstore.errors import InvalidInputError
 from ctxstore.paths import default_socket_path, default_store_dir
 from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from ctxstore.store import DEFAULT_RETENTION
+from ctxstore.validation import freeze_mapping, thaw_json
+from ctxstore.versiontable import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY
+
+from .logs import LOG_FORMATS, LOG_LEVELS
+
+__all__ = [
+    "CONFIG_FILE_NAME",
+    "KEYS",
+    "ConfigLoader",
+    "DaemonConfig",
+    "HookSpec",
+    "Key",
+    "LoadedConfig",
+    "Origin",
+    "ReloadPlan",
+    "plan_reload",
+    "read_token",
+]
+
+CONFIG_FILE_NAME = "ctxstore.toml"
+#: a bearer token shorter than this is refused: it could be guessed
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_BYTES = 4096
+_MAX_ID = 2**32 - 2  # uid/gid: (uid_t)-1 means "no change" to the kernel
+_MAX_SECONDS = 86400.0
+_BACKOFF_INITIAL = 1.0
+_BACKOFF_MAX = 60.0
+
+Check = Callable[[Any], Any]
+
+
+# -- value checks: return the canonical value or raise InvalidInputError(reason) -----------------
+
+
+def _kind(value: object) -> str:
+    names = {bool: "a boolean", str: "a string", float: "a float", int: "an integer"}
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return names.get(type(value), type(value).__name__)
+
+
+def _int_in(low: int, high: int) -> Check:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInputError(f"must be an integer, not {_kind(value)}")
+        if not low <= value <= high:
+            raise InvalidInputError(f"must be between {low} and {high}")
+        return value
+
+    return check
+
+
+def _power_of_two(low: int, high: int) -> Check:
+    def check(value: object) -> int:
+        number: int = _int_in(low, high)(value)
+        if number & (number - 1):
+            raise InvalidInputError("must be a power of two")
+        return number
+
+    return check
+
+
+def _seconds(high: float) -> Check:
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"must be a number of seconds, not {_kind(value)}")
+        if not 0 < value <= high:
+            raise InvalidInputError(f"must be more than 0 and at most {high:g} seconds")
+        return float(value)
+
+    return check
+
+
+def _choice(options: tuple[str, ...], fold: Callable[[str], str]) -> Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or fold(value) not in options:
+            raise InvalidInputError(f"must be one of {', '.join(options)}")
+        return fold(value)
+
+    return check
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"must be a string, not {_kind(value)}")
+    if not value or len(value) > 256 or not value.isprintable():
+        raise InvalidInputError("must be 1 to 256 printable characters")
+    return value
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidInputError(f"must be a path, not {_kind(value)}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidInputError("must be a non-empty path")
+    return Path(os.path.expanduser(text))
+
+
+def _optional(check: Check) -> Check:
+    def optional(value: object) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _ids(value: object) -> frozenset[int]:
+    if not isinstance(value, list | tuple | set | frozenset):
+        raise InvalidInputError(f"must be an array of ids, not {_kind(value)}")
+    check = _int_in(0, _MAX_ID)
+    return frozenset(check(item) for item in value)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?")
+
+
+def _split_http(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise InvalidInputError('must be HOST:PORT (e.g. "127.0.0.1:8470") or "off"')
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise InvalidInputError(f"{host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise InvalidInputError("an IPv6 address goes in brackets: [::1]:8470")
+    elif not _HOSTNAME.fullmatch(host):
+        raise InvalidInputError(f"{host!r} is not a host name or an IPv4 address")
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise InvalidInputError(f"port {port!r} is not a number from 0 to 65535")
+    return host, int(port)
+
+
+def _http(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f'must be "HOST:PORT" or "off", not {_kind(value)}')
+    value = value.strip()
+    if value.lower() == "off":
+        return "off"
+    _split_http(value)
+    return value
+
+
+_TARGET = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_ENTRY_POINT = re.compile(r"entrypoint:([A-Za-z0-9][A-Za-z0-9_.-]*)")
+_HOOK_FIELDS = ("target", "priority", "options")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """One configured hook: where its callable lives, its priority, its options.
+
+    ``target`` is ``"package.module:attribute"`` (imported) or
+    ``"entrypoint:NAME"`` (an entry point in the ``ctxstore.hooks`` group).
+    ``options`` is read-only JSON-like data handed to the hook.
+    """
+
+    target: str
+    priority: int = 0
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not (
+            _ENTRY_POINT.fullmatch(self.target) or _TARGET.fullmatch(self.target)
+        ):
+            raise InvalidInputError(
+                f"hook target {self.target!r} must be 'package.module:attribute' "
+                "or 'entrypoint:NAME'"
+            )
+        try:
+            _int_in(-(2**31), 2**31 - 1)(self.priority)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"hook priority {self.priority!r} {exc}") from None
+        object.__setattr__(self, "options", freeze_mapping(self.options, "hook options"))
+
+    @property
+    def entry_point(self) -> str | None:
+        """The entry point name for ``entrypoint:NAME`` targets, else None."""
+        match = _ENTRY_POINT.fullmatch(self.target)
+        return match.group(1) if match else None
+
+    def as_json(self) -> dict[str, Any]:
+        options = thaw_json(self.options)
+        return {"target": self.target, "priority": self.priority, "options": options}
+
+
+def _hook(value: object) -> HookSpec:
+    if isinstance(value, HookSpec):
+        return value
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(f"must be a table with a target, not {_kind(value)}")
+    unknown = sorted(set(value) - set(_HOOK_FIELDS))
+    if unknown:
+        known = ", ".join(_HOOK_FIELDS)
+        raise InvalidInputError(f"unknown key {unknown[0]!r} (a hook has {known})")
+    if "target" not in value:
+        raise InvalidInputError("has no target")
+    priority = value.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidInputError(f"priority must be an integer, not {_kind(priority)}")
+    return HookSpec(value["target"], priority, value.get("options", {}))
+
+
+def _hooks(value: object) -> tuple[HookSpec, ...]:
+    if not isinstance(value, list | tuple):
+        raise InvalidInputError(f"must be an array of tables, not {_kind(value)}")
+    hooks = []
+    for index, item in enumerate(value):
+        try:
+            hooks.append(_hook(item))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"hook #{index + 1}: {exc}") from None
+    return tuple(hooks)
+
+
+# -- the settings ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
+    """Everything the daemon runs with; each value checked (see ``KEYS``) when it is built."""
+
     store: Path = field(default_factory=default_store_dir)
     socket: Path = field(default_factory=default_socket_path)
     socket_group: str | None = None
@@ -25,21 +273,410 @@ class DaemonConfig:
     stuck_timeout: float = 5.0
     #: a reader that sends nothing (not even a heartbeat) for this long is disconnected
     silent_timeout: float = 10.0
-    table_capacity: int = 65536
+    table_capacity: int = DEFAULT_CAPACITY
     log_level: str = "INFO"
+    log_format: str = "text"
+    #: "HOST:PORT" for the HTTP admin API, or "off"
+    http: str = "127.0.0.1:8470"
+    #: a file holding the bearer token that mutating HTTP calls must present
+    token_file: Path | None = None
+    max_body_bytes: int = 1 << 20
+    #: /ready fails when the store's file system has less free space than this
+    ready_min_free_bytes: int = 256 << 20
+    jobs_concurrency: int = 2
+    jobs_max_attempts: int = 3
+    jobs_backoff_initial: float = _BACKOFF_INITIAL
+    jobs_backoff_max: float = _BACKOFF_MAX
+    pre_commit_hooks: tuple[HookSpec, ...] = ()
+    post_commit_hooks: tuple[HookSpec, ...] = ()
+    post_commit_timeout: float = 10.0
+    #: reject commits whose float tensors hold NaN or infinity
+    check_finite: bool = False
+    #: the metadata metric the built-in tracker follows to move alias "best"
+    best_metric: str | None = None
+    best_mode: str = "min"
+    #: how to read this configuration again on SIGHUP (None: it was built in code)
+    loader: ConfigLoader | None = field(default=None, compare=False, repr=False)
+    _token: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.retention < 1:
-            raise InvalidInputError(f"retention must be at least 1, got {self.retention}")
-        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE:
-            raise InvalidInputError(
-                f"max_frame_size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE}], "
-                f"got {self.max_frame_size}"
-            )
-        for name in ("stuck_timeout", "silent_timeout"):
-            value = getattr(self, name)
-            if not 0 < value <= 3600:
-                raise InvalidInputError(f"{name} must be in (0, 3600] seconds, got {value}")
+        for key in KEYS:
+            value = getattr(self, key.field)
+            try:
+                canonical = key.check(value)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{key.path} = {_shown(value)}: {exc}") from None
+            object.__setattr__(self, key.field, canonical)
+        problem = _backoff_problem(self.jobs_backoff_initial, self.jobs_backoff_max)
+        if problem:
+            raise InvalidInputError(problem)
 
     def replace(self, **changes: object) -> DaemonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) to bind the HTTP API to, or None when ``http`` is "off"."""
+        return None if self.http == "off" else _split_http(self.http)
+
+    def token(self) -> str | None:
+        """The bearer token from ``token_file``, or None when no file is set.
+
+        The file is read on the first call and the token kept by this object:
+        the daemon reads it at start, and a SIGHUP builds a new configuration
+        that reads it again. Raises InvalidInputError when the file is bad.
+        """
+        if self.token_file is None:
+            return None
+        if self._token is None:
+            object.__setattr__(self, "_token", read_token(self.token_file))
+        return self._token
+
+    def reload(self) -> DaemonConfig:
+        """This configuration read again from the same file and environment, flags kept."""
+        return self if self.loader is None else self.loader.load().config
+
+    def values(self) -> dict[str, Any]:
+        """Every setting by field name (not the loader)."""
+        return {key.field: getattr(self, key.field) for key in KEYS}
+
+
+def _backoff_problem(initial: float, maximum: float) -> str | None:
+    if initial <= maximum:
+        return None
+    return f"jobs.backoff_initial = {initial:g} must not exceed jobs.backoff_max = {maximum:g}"
+
+
+def read_token(path: Path) -> str:
+    """The stripped bearer token in ``path``; refuses files others may read, empty or weak ones."""
+    where = f"token_file {path}"
+    try:  # O_NONBLOCK: a FIFO must not hang the daemon; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InvalidInputError(f"{where}: cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInputError(f"{where}: is not a regular file")
+        if info.st_mode & 0o077:
+            raise InvalidInputError(
+                f"{where}: mode {stat.S_IMODE(info.st_mode):04o} lets group or others use it; "
+                f"run: chmod 600 {path}"
+            )
+        data = b""
+        while len(data) <= MAX_TOKEN_BYTES and (chunk := os.read(fd, MAX_TOKEN_BYTES + 1)):
+            data += chunk
+    finally:
+        os.close(fd)
+    token = data.strip()
+    if not token:
+        raise InvalidInputError(f"{where}: is empty")
+    if len(data) > MAX_TOKEN_BYTES or not all(0x21 <= byte < 0x7F for byte in token):
+        raise InvalidInputError(
+            f"{where}: the token must be one line of printable ASCII without spaces, "
+            f"at most {MAX_TOKEN_BYTES} bytes"
+        )
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise InvalidInputError(
+            f"{where}: the token has {len(token)} characters, at least {MIN_TOKEN_LENGTH} "
+            "are required (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token.decode("ascii")
+
+
+# -- where each setting lives: file key, variable, flag -------------------------------------------
+
+
+def _env_int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise InvalidInputError("must be an integer") from None
+
+
+def _env_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInputError("must be a number") from None
+
+
+def _env_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError("must be true or false (also 1/0, yes/no, on/off)")
+
+
+def _env_ids(text: str) -> list[int]:
+    return [_env_int(part) for part in re.split(r"[,\s]+", text.strip()) if part]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its field, its key in the file, its variable and flag, its check."""
+
+    field: str
+    path: str
+    check: Check
+    env: str | None = None
+    from_env: Callable[[str], Any] = str
+    flag: str | None = None
+    #: whether SIGHUP applies a new value (False: it waits for a restart)
+    live: bool = True
+    #: an empty variable means "none" (the key is optional)
+    optional: bool = False
+    #: a relative path in the file is taken from the file's directory
+    is_path: bool = False
+
+
+def _key(field: str, path: str, check: Check, parse: Callable[[str], Any] = str, **kw: Any) -> Key:
+    env = kw.pop("env", "CTXSTORE_" + field.upper())
+    optional = kw.get("optional", False)
+    return Key(field, path, _optional(check) if optional else check, env, parse, **kw)
+
+
+_FRAME_SIZE = _int_in(MIN_FRAME_SIZE, MAX_FRAME_SIZE)
+_CAPACITY = _power_of_two(MIN_CAPACITY, MAX_CAPACITY)
+
+KEYS: tuple[Key, ...] = (
+    _key("store", "store", _path, env="CTXSTORE_HOME", flag="--store", live=False, is_path=True),
+    _key("socket", "socket", _path, flag="--socket", live=False, is_path=True),
+    _key("socket_group", "socket_group", _text, flag="--socket-group", live=False, optional=True),
+    _key("allow_uids", "allow_uids", _ids, _env_ids, flag="--allow-uid"),
+    _key("allow_gids", "allow_gids", _ids, _env_ids, flag="--allow-gid"),
+    _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention"),
+    _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
+    _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),
+    _key("silent_timeout", "silent_timeout", _seconds(3600), _env_float, flag="--silent-timeout"),
+    _key("table_capacity", "table_capacity", _CAPACITY, _env_int, live=False),
+    _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level"),
+    _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format"),
+    _key("http", "http", _http, flag="--http", live=False),
+    _key("token_file", "token_file", _path, flag="--token-file", optional=True, is_path=True),
+    _key("max_body_bytes", "max_body_bytes", _int_in(1024, 1 << 30), _env_int, live=False),
+    _key("ready_min_free_bytes", "ready_min_free_bytes", _int_in(0, 2**63 - 1), _env_int),
+    _key("jobs_concurrency", "jobs.concurrency", _int_in(1, 256), _env_int, live=False),
+    _key("jobs_max_attempts", "jobs.max_attempts", _int_in(1, 1000), _env_int),
+    _key("jobs_backoff_initial", "jobs.backoff_initial", _seconds(_MAX_SECONDS), _env_float),
+    _key("jobs_backoff_max", "jobs.backoff_max", _seconds(_MAX_SECONDS), _env_float),
+    _key("pre_commit_hooks", "hooks.pre_commit", _hooks, env=None),
+    _key("post_commit_hooks", "hooks.post_commit", _hooks, env=None),
+    _key("post_commit_timeout", "hooks.post_commit_timeout", _seconds(3600), _env_float),
+    _key("check_finite", "hooks.check_finite", _bool, _env_bool),
+    _key("best_metric", "hooks.best_metric", _text, optional=True),
+    _key("best_mode", "hooks.best_mode", _choice(("min", "max"), str.lower)),
+)
+_BY_PATH = {key.path: key for key in KEYS}
+_TABLES = frozenset(path.split(".")[0] for path in _BY_PATH if "." in path)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from."""
+
+    kind: Literal["default", "file", "env", "flag"]
+    name: str = ""  # the file, the variable or the flag
+
+    def __str__(self) -> str:
+        what = {"file": "config file", "env": "environment variable", "flag": "flag"}
+        return "default" if self.kind == "default" else f"{what[self.kind]} {self.name}"
+
+
+_DEFAULT = Origin("default")
+
+
+def _shown(value: object) -> str:
+    text = repr(os.fspath(value) if isinstance(value, Path) else value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _checked(key: Key, value: object, origin: Origin, base: Path | None = None) -> Any:
+    """``value`` through ``key``'s check; a refusal names the origin, the key and the value."""
+    try:
+        checked = key.check(value)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{origin}: {key.path} = {_shown(value)}: {exc}") from None
+    if key.is_path and base is not None and checked is not None and not checked.is_absolute():
+        checked = base / checked
+    return checked
+
+
+def _unknown(path: str, origin: Origin) -> InvalidInputError:
+    close = difflib.get_close_matches(path, list(_BY_PATH), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return InvalidInputError(f"{origin}: unknown key {path!r}{hint} (see docs/configuration.md)")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's settings by field name, checked; unknown keys and bad TOML are refused."""
+    origin = Origin("file", str(path))
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise InvalidInputError(f"{origin}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"{origin}: not valid TOML: {exc}") from None
+    values = {}
+    for name, value in _flatten(data, origin):
+        key = _BY_PATH.get(name)
+        if key is None:
+            raise _unknown(name, origin)
+        values[key.field] = _checked(key, value, origin, base=path.parent)
+    return values
+
+
+def _flatten(data: Mapping[str, Any], origin: Origin) -> Iterator[tuple[str, Any]]:
+    for name, value in data.items():
+        if name not in _TABLES:
+            yield name, value
+        elif not isinstance(value, Mapping):
+            raise InvalidInputError(f"{origin}: {name} = {_shown(value)}: must be a table [{name}]")
+        else:
+            for sub, item in value.items():
+                yield f"{name}.{sub}", item
+
+
+# -- loading: the layers in order -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedConfig:
+    """A configuration with the file it read and each setting's origin (``config show``)."""
+
+    config: DaemonConfig
+    file: Path | None
+    origins: Mapping[str, Origin]
+
+    def settings(self) -> list[dict[str, Any]]:
+        """One row per key: key, value (JSON-ready), source, from, reload ("live"/"restart")."""
+        return [
+            {
+                "key": key.path,
+                "value": _json_value(getattr(self.config, key.field)),
+                "source": self.origins.get(key.field, _DEFAULT).kind,
+                "from": self.origins.get(key.field, _DEFAULT).name or None,
+                "reload": "live" if key.live else "restart",
+            }
+            for key in KEYS
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        rows = self.settings()
+        return {
+            "config_file": None if self.file is None else str(self.file),
+            "settings": {row.pop("key"): row for row in rows},
+        }
+
+
+def _json_value(value: object) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return [hook.as_json() if isinstance(hook, HookSpec) else hook for hook in value]
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class ConfigLoader:
+    """Reads the layers in order; kept by the config it made, to read them again on SIGHUP.
+
+    ``file`` is ``--config`` (None: look in the environment); ``flags`` maps a
+    field name to the flag and value given on the command line.
+    """
+
+    file: Path | None = None
+    flags: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
+
+    def config_file(self, environ: Mapping[str, str]) -> Path | None:
+        """--config, else $CTXSTORE_CONFIG, else $CONFIGURATION_DIRECTORY/ctxstore.toml if any."""
+        if self.file is not None:
+            return self.file.absolute()
+        if environ.get("CTXSTORE_CONFIG"):
+            return Path(environ["CTXSTORE_CONFIG"]).absolute()
+        directory = environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+        candidate = Path(directory) / CONFIG_FILE_NAME
+        return candidate if directory and candidate.is_file() else None
+
+    def load(self, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        origins: dict[str, Origin] = {}
+        path = self.config_file(environ)
+        if path is not None:
+            file_values = read_config_file(path)
+            values |= file_values
+            origins |= dict.fromkeys(file_values, Origin("file", str(path)))
+        for key in KEYS:
+            if key.env is not None and key.env in environ:
+                origins[key.field] = Origin("env", key.env)
+                values[key.field] = _from_env(key, environ[key.env], origins[key.field])
+        by_field = {key.field: key for key in KEYS}
+        for name, (flag, value) in self.flags.items():
+            origins[name] = Origin("flag", flag)
+            values[name] = _checked(by_field[name], value, origins[name])
+        _check_backoff(values, origins)
+        config = DaemonConfig(**values, loader=self)
+        return LoadedConfig(config, path, MappingProxyType(origins))
+
+
+def _from_env(key: Key, text: str, origin: Origin) -> Any:
+    if not text.strip() and key.optional:
+        return None
+    try:
+        value = key.from_env(text.strip())
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{origin}: {key.path} = {text!r}: {exc}") from None
+    return _checked(key, value, origin)
+
+
+def _check_backoff(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> None:
+    initial = values.get("jobs_backoff_initial", _BACKOFF_INITIAL)
+    maximum = values.get("jobs_backoff_max", _BACKOFF_MAX)
+    problem = _backoff_problem(initial, maximum)
+    if problem:
+        first = origins.get("jobs_backoff_initial", _DEFAULT)
+        second = origins.get("jobs_backoff_max", _DEFAULT)
+        raise InvalidInputError(f"{problem} (from {first} and {second})")
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload does: the config to run with now and what waits for a restart."""
+
+    config: DaemonConfig
+    #: keys whose new value takes effect now
+    changed: tuple[str, ...]
+    #: (key, running value, configured value) for settings bound at start
+    pending: tuple[tuple[str, Any, Any], ...]
+
+
+def plan_reload(running: DaemonConfig) -> ReloadPlan:
+    """Read the configuration again and split it into live changes and restart-only ones.
+
+    Raises InvalidInputError (naming source, key and value) when the new
+    configuration or its token file is bad; the caller then keeps ``running``.
+    """
+    fresh = running.reload()
+    fresh.token()
+    keep: dict[str, Any] = {}
+    changed: list[str] = []
+    pending: list[tuple[str, Any, Any]] = []
+    for key in KEYS:
+        old, new = getattr(running, key.field), getattr(fresh, key.field)
+        if old == new:
+            continue
+        if key.live:
+            changed.append(key.path)
+        else:
+            pending.append((key.path, old, new))
+            keep[key.field] = old
+    config = fresh.replace(**keep) if keep else fresh
+    return ReloadPlan(config, tuple(changed), tuple(pending))

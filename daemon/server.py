@@ -106,13 +106,56 @@ class Daemon:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP (systemctl reload): re-read what can change live; never drops readers.
+        """SIGHUP (systemctl reload): re-read the configuration, apply what can change live.
 
-        Nothing is live-reloadable yet (configuration files arrive with the admin
-        API); the reload is acknowledged to systemd so `systemctl reload` succeeds.
+        The file and the CTXSTORE_* variables are read again; flags stay as given.
+        Applied now: log level and format, retention, the peer allowlists and reader
+        timeouts (for new connections), and the token file (read again). Everything
+        else live (hooks, job retries, the /ready threshold) is read from
+        ``self.config`` by its owner, or handed to each ``on_reload(old, new)``
+        callback when the daemon has such a list. Settings bound at start (store,
+        socket, HTTP address, ...) are logged and wait for a restart. A bad
+        configuration is logged and the running one stays; no reader is dropped.
         """
-        self.notifier.reloading("reloading")
-        log.info("SIGHUP: reload requested; %d peers stay connected", len(self.subscribers))
+        from .config import plan_reload
+        from .logs import setup_logging
+
+        self.notifier.reloading("reloading configuration")
+        old = self.config
+        try:
+            plan = plan_reload(old)
+        except CtxStoreError as exc:
+            log.error("SIGHUP: configuration not reloaded, the running one stays: %s", exc)
+            self.notifier.ready("reload failed; running configuration kept")
+            return
+        except Exception:
+            log.exception("SIGHUP: configuration not reloaded, the running one stays")
+            self.notifier.ready("reload failed; running configuration kept")
+            return
+        new = plan.config
+        for key, running, configured in plan.pending:
+            log.warning(
+                "SIGHUP: %s changed (%s -> %s); it takes effect at the next restart",
+                key,
+                running,
+                configured,
+            )
+        setup_logging(new.log_level, new.log_format)
+        if self.store is not None:
+            self.store.retention = new.retention
+        self.policy = PeerPolicy(new.allow_uids, new.allow_gids)
+        self.config = new
+        for callback in getattr(self, "on_reload", ()):
+            try:
+                callback(old, new)
+            except Exception:
+                log.exception("SIGHUP: reload callback %r failed", callback)
+        log.info(
+            "SIGHUP: configuration reloaded (changed: %s); %d peers stay connected",
+            ", ".join(plan.changed) or "nothing",
+            len(self.subscribers),
+        )
+        log.debug("SIGHUP: running with %s", new)
         self.notifier.ready("reloaded")
 
     async def serve_until_stopped(self) -> None:

@@ -164,7 +164,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from ctxstore.daemon.main import config_from_args
     from ctxstore.daemon.main import main as daemon_main
 
-    return daemon_main(config_from_args(args, store_dir(args), socket_path(args)))
+    return daemon_main(config_from_args(args))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The daemon's effective configuration (same sources, same flags), with each value's source."""
+    from ctxstore.daemon.main import loader_from_args
+
+    loaded = loader_from_args(args).load()
+    if args.json:
+        print(json.dumps(loaded.as_json(), indent=2))
+        return 0
+    print(f"configuration file: {loaded.file or 'none'}")
+    rows = [
+        (row["key"], json.dumps(row["value"]), " ".join(filter(None, (row["source"], row["from"]))),
+         row["reload"])
+        for row in loaded.settings()
+    ]  # fmt: skip
+    print_table(("key", "value", "source", "on SIGHUP"), rows)
+    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -407,17 +425,50 @@ def _monitor_commands(command: Callable[[str, Handler, str], argparse.ArgumentPa
 
 
 def _daemon_flags(p: argparse.ArgumentParser) -> None:
+    """The daemon's flags; each overrides the config file and CTXSTORE_* (docs/configuration.md)."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML file (default: $CTXSTORE_CONFIG, else $CONFIGURATION_DIRECTORY/ctxstore.toml)",
+    )
     p.add_argument("--socket-group", default=None, help="group that may use the socket")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed")
-    p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer gid allowed")
+    p.add_argument("--allow-uid", type=int, action="append", default=None, help="peer uid allowed")
+    p.add_argument("--allow-gid", type=int, action="append", default=None, help="peer gid allowed")
     p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    p.add_argument("--log-format", default=None, help="text (default) or json: one object a line")
     p.add_argument(
         "--silent-timeout", type=float, default=None, help="drop readers silent this long (s)"
     )
     p.add_argument(
         "--stuck-timeout", type=float, default=None, help="drop readers whose backlog is stuck (s)"
     )
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT|off",
+        help="admin HTTP API address (default 127.0.0.1:8470), or off",
+    )
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="bearer token that mutating HTTP calls must send (file mode 0600)",
+    )
+
+
+def _config_commands(sub: Any) -> None:
+    """``ctxstore config show``: takes the daemon's flags, so it previews a daemon command line."""
+    p = sub.add_parser("config", help="the daemon's configuration", description="see ACTION")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    help_text = "print the effective configuration and where each value comes from"
+    show = actions.add_parser("show", help=help_text, description=help_text)
+    _store_options(show)
+    _daemon_flags(show)
+    show.add_argument("--json", action="store_true", help="print it as JSON")
+    show.set_defaults(handler=cmd_config_show)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpin", action="store_true")
 
     _monitor_commands(command)
+    _config_commands(sub)
     return parser
 
 
