@@ -118,9 +118,37 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repair:
+        return _repair(args)
     with _open(args) as store:
         problems = store.verify(args.slot, rehash=not args.quick)
     return report_problems(problems)
+
+
+def _repair(args: argparse.Namespace) -> int:
+    """Roll damaged current versions back to intact ones (needs the writer lock)."""
+    from .errors import WriterLockedError
+
+    try:
+        store = _open(args, write=True)
+    except WriterLockedError as exc:
+        raise WriterLockedError(
+            f"{exc}. A running daemon must do the repair so its readers are told: "
+            "POST /verify?repair=true on its admin API, or stop it and run this again",
+            exc.holder_pid,
+        ) from None
+    with store:
+        problems = store.verify(args.slot)
+        repairs = store.repair(args.slot)
+    status = report_problems(problems)
+    for repair in repairs:
+        if repair.to_version is None:
+            print(f"slot {repair.slot}: no intact version to fall back to; left at "
+                  f"{repair.from_version}")  # fmt: skip
+        else:
+            print(f"slot {repair.slot}: current version {repair.from_version} -> "
+                  f"{repair.to_version} (damaged: {repair.damaged})")  # fmt: skip
+    return status
 
 
 def report_problems(problems: Sequence[Problem]) -> int:
@@ -529,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("verify", cmd_verify, "check files against the index; exit 1 on damage")
     p.add_argument("slot", type=slot_arg, nargs="?", default=None)
     p.add_argument("--quick", action="store_true", help="sizes only, no re-hashing")
+    p.add_argument(
+        "--repair", action="store_true",
+        help="move damaged current versions back to the newest intact ones (no daemon running)",
+    )  # fmt: skip
 
     p = command("alias", cmd_alias, "set (or --delete) an alias")
     p.add_argument("slot", type=slot_arg)
