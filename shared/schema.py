@@ -92,8 +92,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # the earliest retry a sleeping worker waits for
         "CREATE INDEX jobs_pending_retry ON jobs(next_attempt_at) WHERE state = 'pending'",
         # pruning of old finished jobs, newest kept
-        "CREATE INDEX jobs_finished ON jobs(id) "
-        "WHERE state IN ('done', 'failed', 'cancelled')",
+        "CREATE INDEX jobs_finished ON jobs(id) WHERE state IN ('done', 'failed', 'cancelled')",
     ),
 }
 
