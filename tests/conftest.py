@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_peers() -> Iterator[None]:
+    """RawPeer sockets (tests/test_daemon.py) opened by any test module are closed after it."""
+    yield
+    module = sys.modules.get("test_daemon")
+    peers = getattr(module, "_OPEN_PEERS", None)
+    while peers:
+        peers.pop().close()
 
 
 @pytest.fixture

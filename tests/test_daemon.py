@@ -47,6 +47,8 @@ def start_daemon(
     env = dict(os.environ)
     if sink is not None:
         env["NOTIFY_SOCKET"] = str(sink.address)
+    if not any(arg.startswith("--http") for arg in extra):
+        extra = (*extra, "--http", "off")  # test daemons never fight over the default port
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -89,13 +91,6 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 
 
 _OPEN_PEERS: list[RawPeer] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_peers() -> Iterator[None]:
-    yield
-    while _OPEN_PEERS:
-        _OPEN_PEERS.pop().close()
 
 
 class RawPeer:

@@ -37,6 +37,8 @@ READER = textwrap.dedent(
     deadline = time.monotonic() + float(deadline_s)
     seen, errors, last, torn, backwards = set(), [], 0, 0, 0
     with Reader(store=store, socket=sock, name=name) as reader:
+        while not reader.connected and time.monotonic() < deadline:
+            time.sleep(0.005)  # ready means connected: tests may stop us right after
         print("ready", flush=True)
         while time.monotonic() < deadline:
             try:
