@@ -46,6 +46,8 @@ class Requester:
 
 
 Announcer = Callable[[Announce], None]
+#: called in the commit thread after each commit: (slot, version, seconds the store took)
+CommitObserver = Callable[[int, int, float], None]
 
 
 class Committer:
@@ -65,6 +67,8 @@ class Committer:
         self._lock = asyncio.Lock()
         self._seq = 0
         self.commits = 0
+        #: metrics hook; its failures are logged and never fail a commit
+        self.on_commit: CommitObserver | None = None
 
     @property
     def busy(self) -> bool:
@@ -85,11 +89,22 @@ class Committer:
     ) -> int:
         aliases = (alias,) if alias else ()
         async with self._lock:
-            version = await asyncio.to_thread(
-                self.store.save_context, slot, context, model_type=model_type, aliases=aliases
-            )
+            version = await asyncio.to_thread(self._save, slot, context, model_type, aliases)
             self.commits += 1
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
+        return version
+
+    def _save(
+        self, slot: int, context: Context, model_type: str | None, aliases: tuple[str, ...]
+    ) -> int:
+        started = time.perf_counter()
+        version = self.store.save_context(slot, context, model_type=model_type, aliases=aliases)
+        observer = self.on_commit
+        if observer is not None:
+            try:
+                observer(slot, version, time.perf_counter() - started)
+            except Exception:
+                log.exception("commit observer failed for slot %d version %d", slot, version)
         return version
 
     async def move_pointer(self, slot: int, version: int | str | None) -> int:
@@ -98,6 +113,26 @@ class Committer:
             number = await asyncio.to_thread(self.store.rollback, slot, version)
             self._publish_pointer(slot, number, None, {})
         return number
+
+    def announce_aliases(self, slot: int, aliases: dict[str, int]) -> None:
+        """Tell subscribers that aliases of ``slot`` moved (the current version is unchanged).
+
+        Called after the alias change is committed. Readers adopt nothing new from
+        it (the version is the one they hold); watchers and /events see the move.
+        """
+        current = self.store.current_version(slot)
+        if current is None:
+            return
+        self._seq += 1
+        self._announce(
+            Announce(
+                slot=slot,
+                version=current,
+                seq=self._seq,
+                committed_at=self._clock(),
+                aliases=aliases,
+            )
+        )
 
     def _publish_pointer(
         self, slot: int, version: int, model_type: str | None, aliases: dict[str, int]

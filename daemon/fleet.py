@@ -29,6 +29,9 @@ class ReaderState:
     acks: int = 0
 
 
+AckObserver = Callable[[int, int, int], None]
+
+
 class Fleet:
     """The connected peers, keyed by session id."""
 
@@ -36,6 +39,8 @@ class Fleet:
         self._clock = clock
         self._lock = threading.Lock()
         self._readers: dict[int, ReaderState] = {}
+        #: metrics hook, called as (session, slot, version) for every ack of a known peer
+        self.on_ack: AckObserver | None = None
 
     def join(self, session: int, *, pid: int, name: str, uid: int, role: str) -> None:
         now = self._clock()
@@ -59,6 +64,8 @@ class Fleet:
                 state.held.add((slot, version))
                 state.acks += 1
                 state.last_seen = self._clock()
+        if state is not None and self.on_ack is not None:
+            self.on_ack(session, slot, version)
 
     def heartbeat(self, session: int, held: Iterable[tuple[int, int]], uss: int, pss: int) -> None:
         with self._lock:
