@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctxstore.errors import CtxStoreError, InvalidInputError
 from ctxstore.messages import (
@@ -52,6 +52,9 @@ from .listener import BoundSocket, PeerPolicy, bind_socket, peer_credentials
 from .notify import Notifier, watchdog_loop
 from .subscriber import Subscriber
 
+if TYPE_CHECKING:
+    from .api_server import ApiServer
+
 log = logging.getLogger("ctxstore.daemon")
 
 PublishRequest = PublishFile | PublishBuild | PublishShm
@@ -79,6 +82,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        self.api: ApiServer | None = None
         self.store = PersistentStore(config.store, retention=config.retention)
         for problem in self.store.recovery_problems:
             log.error("store recovery found: %s", problem)
@@ -88,8 +92,18 @@ class Daemon:
         )
         self.table.set_many(self.store.current_versions())
         self.committer = Committer(self.store, self.table, self.announce)
+        address = config.http_address()
+        if address is not None:  # bound before the socket: a taken port stops us before peers
+            from .api_server import ApiServer  # the HTTP stack loads only when it is used
+
+            self.api = ApiServer(self, *address)
+            self.api.bind()
+            self.committer.on_commit = self.api.metrics.observe_commit
+            self.fleet.on_ack = self.api.metrics.observe_ack
         self._bound = bind_socket(config.socket, group=config.socket_group)
         self._server = await asyncio.start_unix_server(self._accept, sock=self._bound.sock)
+        if self.api is not None:
+            await self.api.start()
         log.info(
             "ctxstore daemon pid %d: store %s, socket %s, %d slots",
             os.getpid(),
@@ -164,6 +178,9 @@ class Daemon:
 
     async def stop(self, reason: str) -> None:
         self.notifier.stopping(reason)
+        api = getattr(self, "api", None)
+        if api is not None:
+            await api.stop()
         if self._server is not None:
             self._server.close()
         if self.committer is not None:
@@ -341,9 +358,13 @@ class Daemon:
         """Offer ``announce`` to every subscriber that covers its slot; never waits."""
         assert self.store is not None
         groups = frozenset(self.store.hierarchy.get_groups(announce.slot))
+        told = []
         for subscriber in list(self.subscribers.values()):
             if subscriber.subscriptions.covers(announce.slot, groups):
                 subscriber.offer(announce)
+                told.append(subscriber.session)
+        if self.api is not None:
+            self.api.announced(announce, told)
 
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:

@@ -1,0 +1,92 @@
+"""Build-job endpoints over the daemon's job queue (``daemon.jobs``).
+
+The queue lives on the daemon's event loop; its methods may be plain or
+coroutines, and both are awaited here. Without a queue every endpoint is a
+503 that says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, status
+
+from ctxstore.errors import ConflictError, DaemonUnavailableError, NotFoundError
+
+from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute, errors
+from .api_models import MAX_API_ID, JobBody, JobOut, JobsOut
+
+router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
+TAG = "jobs"
+JobId = Annotated[int, Path(ge=1, le=MAX_API_ID, description="job id")]
+JobStateName = Literal["pending", "processing", "done", "failed", "cancelled"]
+
+
+def _queue(ctx: ApiContext) -> Any:
+    jobs = getattr(ctx.daemon, "jobs", None)
+    if jobs is None:
+        raise DaemonUnavailableError("build jobs are not available: the job queue is not running")
+    return jobs
+
+
+async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    result = method(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
+    if job is None:
+        raise NotFoundError(f"job {job_id} does not exist")
+    plain = job.as_dict() if hasattr(job, "as_dict") else job
+    return dict(plain)
+
+
+@router.post(
+    "/jobs",
+    tags=[TAG],
+    response_model=JobOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(404, 409),
+    summary="Queue a build: node_type with config, for slot",
+)
+async def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
+    queue = _queue(ctx)
+    job = await _call(queue.submit, body.slot, body.node_type, body.config, body.priority)
+    return JobOut(job=_as_dict(job))
+
+
+@router.get("/jobs", tags=[TAG], response_model=JobsOut, summary="Jobs, newest first")
+async def list_jobs(
+    ctx: Ctx,
+    state: JobStateName | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> JobsOut:
+    jobs = await _call(_queue(ctx).list, state=state, limit=limit)
+    return JobsOut(jobs=[_as_dict(job) for job in jobs])
+
+
+@router.get(
+    "/jobs/{job_id}", tags=[TAG], response_model=JobOut, responses=errors(404), summary="One job"
+)
+async def get_job(job_id: JobId, ctx: Ctx) -> JobOut:
+    job = await _call(_queue(ctx).get, job_id)
+    return JobOut(job=_as_dict(job, job_id))
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    tags=[TAG],
+    response_model=JobOut,
+    responses=errors(404, 409),
+    summary="Cancel a pending job (409 once it runs or ended)",
+)
+async def cancel_job(job_id: JobId, ctx: Ctx) -> JobOut:
+    queue = _queue(ctx)
+    result = await _call(queue.cancel, job_id)
+    if result is False:
+        raise ConflictError(f"job {job_id} is not pending and cannot be cancelled")
+    job = result if hasattr(result, "as_dict") else await _call(queue.get, job_id)
+    return JobOut(job=_as_dict(job, job_id))

@@ -1,0 +1,177 @@
+"""The admin API's HTTP server: uvicorn, inside the daemon's own event loop.
+
+We bind the listening socket ourselves, so a busy or forbidden address is a
+clear error at start (the daemon exits 1) rather than uvicorn calling
+``sys.exit`` from inside our loop, and so the real port of ``HOST:0`` is
+known at once. uvicorn must not touch signals: the daemon owns SIGTERM,
+SIGINT and SIGHUP, so :class:`EmbeddedServer` turns ``capture_signals`` into
+a no-op. Stopping ends every ``/events`` stream first, then asks uvicorn to
+exit and waits for it, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import uvicorn
+from fastapi import FastAPI
+
+from ctxstore.errors import ConflictError, InvalidInputError
+from ctxstore.messages import Announce
+
+from .api import LOOPBACK_HOSTS, create_app
+from .events import DEFAULT_HEARTBEAT, EventBroadcaster
+from .metrics import DaemonMetrics
+
+if TYPE_CHECKING:
+    from .server import Daemon
+
+log = logging.getLogger("ctxstore.daemon")
+
+OFF = "off"
+#: seconds uvicorn may spend finishing requests in flight at shutdown
+GRACEFUL_SECONDS = 3.0
+BACKLOG = 128
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); None for ``off``."""
+    text = address.strip()
+    if text.lower() == OFF:
+        return None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InvalidInputError(
+            f"http address {address!r:.80} must be HOST:PORT (port 0-65535), [IPV6]:PORT or off"
+        )
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket; ConflictError when the address is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidInputError(f"http host {host!r} cannot be resolved: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConflictError(
+                f"http address {where} is already in use (choose another with --http "
+                "HOST:PORT, or --http off)"
+            ) from exc
+        raise InvalidInputError(f"http cannot listen on {where}: {exc.strerror}") from exc
+    return sock
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the daemon's loop owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiServer:
+    """The admin API app, its metrics and event streams, served on one TCP address."""
+
+    def __init__(
+        self, daemon: Daemon, host: str, port: int, *, heartbeat: float = DEFAULT_HEARTBEAT
+    ) -> None:
+        self.host, self.port = host, port
+        self.metrics = DaemonMetrics(daemon)
+        self.events = EventBroadcaster(heartbeat=heartbeat)
+        trusted = LOOPBACK_HOSTS | {host} if is_loopback(host) else None
+        self.app: FastAPI = create_app(
+            daemon, metrics=self.metrics, events=self.events, trusted_hosts=trusted
+        )
+        self._server: EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Take the address now (ConflictError when it is in use); serving starts in start()."""
+        if self._sock is None:
+            self._sock = bind(self.host, self.port)
+            self.port = self._sock.getsockname()[1]
+
+    async def start(self) -> None:
+        self.bind()
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            ws="none",
+            timeout_graceful_shutdown=int(GRACEFUL_SECONDS),
+        )
+        self._server = EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ctxstore-http")
+        self._task.add_done_callback(_report_end)
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        log.info("http listening on %s:%d", shown, self.port)
+
+    def announced(self, announce: Announce, sessions: list[int]) -> None:
+        """Feed an announcement to /events and to the ack-latency metric; never blocks."""
+        self.events.publish(announce)
+        self.metrics.announced(announce, sessions)
+
+    async def stop(self) -> None:
+        self.events.close()
+        if self._sock is not None:  # bound, never served
+            self._sock.close()
+            self._sock = None
+        server, task = self._server, self._task
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), GRACEFUL_SECONDS + 2)
+        except TimeoutError:
+            log.warning("http server did not stop in time; closing its connections")
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        except Exception as exc:  # _report_end logged it with its traceback
+            log.debug("http server ended with %r", exc)
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("http server failed: %s", exc, exc_info=exc)
