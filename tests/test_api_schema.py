@@ -1,0 +1,151 @@
+"""schemathesis against the live OpenAPI schema of a real daemon: no 5xx, no off-schema answers.
+
+The daemon runs in a background thread with its own event loop and serves
+its API with uvicorn on an ephemeral port; schemathesis reads
+``/openapi.json`` from it and sends generated requests (valid and invalid)
+to every operation except the endless ``/events`` stream, which
+test_api.py covers. The default run is bounded (``MAX_EXAMPLES`` per
+operation); ``pytest --long`` runs many more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from test_api import TOKEN, FakeQueue
+
+from ctxstore import Context
+from ctxstore.daemon.config import DaemonConfig
+from ctxstore.daemon.server import Daemon
+
+MAX_EXAMPLES = 20
+LONG_EXAMPLES = 300
+T = TypeVar("T")
+
+
+class BackgroundDaemon:
+    """A Daemon on its own loop in a thread, as the real process runs it."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.daemon = Daemon(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="daemon", daemon=True)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.call(self.daemon.start())
+
+    def stop(self) -> None:
+        try:
+            self.call(self.daemon.stop("test over"))
+            self.call(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
+
+
+async def _seed(daemon: Daemon) -> None:
+    """Slots 0-3 with versions, an alias, a small tree and a group: something to find."""
+    assert daemon.committer is not None and daemon.store is not None
+    for slot in range(4):
+        for version in range(1, 3):
+            weights = {"w": np.full(8, slot + version, dtype=np.float32)}
+            context = Context(weights, {"layers": slot}, {"loss": 1.0 / version})
+            await daemon.committer.commit(slot, context, model_type="llm")
+    daemon.store.set_alias(1, "best", 1)
+    daemon.store.hierarchy.set_parent(1, 0)
+    daemon.store.hierarchy.set_parent(2, 1)
+    daemon.store.hierarchy.add_to_group(3, "vision")
+
+
+@pytest.fixture(scope="module")
+def live_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundDaemon]:
+    tmp = tmp_path_factory.mktemp("schema")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    os.chmod(token_file, 0o600)
+    config = DaemonConfig(
+        store=tmp / "store",
+        socket=tmp / "ctx.sock",
+        http="127.0.0.1:0",
+        token_file=token_file,
+        ready_min_free_bytes=0,
+    )
+    background = BackgroundDaemon(config)
+    background.start()
+    try:
+        if getattr(background.daemon, "jobs", None) is None:  # until the daemon runs its queue
+            background.daemon.jobs = FakeQueue()  # type: ignore[attr-defined]
+        background.call(_seed(background.daemon))
+        yield background
+    finally:
+        background.stop()
+
+
+@pytest.fixture(scope="module")
+def http_session() -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.trust_env = False  # no proxy between us and 127.0.0.1
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_daemon: BackgroundDaemon) -> Any:
+    api = live_daemon.daemon.api
+    assert api is not None
+    url = f"http://127.0.0.1:{api.port}/openapi.json"
+    return schemathesis.openapi.from_url(url)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/events")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+def test_api_conforms_to_its_schema(case: Any, http_session: requests.Session) -> None:
+    case.call_and_validate(session=http_session)
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(
+    max_examples=LONG_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+def test_api_conforms_to_its_schema_long(case: Any, http_session: requests.Session) -> None:
+    case.call_and_validate(session=http_session)
+
+
+def test_schema_covers_every_operation(live_daemon: BackgroundDaemon) -> None:
+    api = live_daemon.daemon.api
+    assert api is not None
+    session = requests.Session()
+    session.trust_env = False
+    try:
+        paths = session.get(f"http://127.0.0.1:{api.port}/openapi.json", timeout=10).json()["paths"]
+    finally:
+        session.close()
+    operations = sum(len(methods) for methods in paths.values())
+    assert operations >= 30  # and every one of them but /events is fuzzed above
