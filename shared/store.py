@@ -297,7 +297,7 @@ class PersistentStore:
                 raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
             version = row[1] if row else 1
             tensors = self._stage_and_place(slot, version, context)
-            self._commit_rows(
+            retired = self._commit_rows(
                 conn,
                 slot,
                 version,
@@ -309,7 +309,7 @@ class PersistentStore:
             )
             crash_point("committed")
             self._warm(slot, version, len(tensors))
-            self._retain(slot)
+            self._retire_files(retired)
         return version
 
     def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
@@ -385,8 +385,12 @@ class PersistentStore:
         aliases: tuple[str, ...],
         pin: bool,
         tensors: list[TensorRow],
-    ) -> None:
-        """Step 4: the one transaction whose COMMIT makes the version visible."""
+    ) -> list[tuple[int, int]]:
+        """Step 4: the one transaction whose COMMIT makes the version visible.
+
+        Retention's row deletions ride in the same transaction (one synchronous
+        COMMIT per commit); their files are unlinked after it. Returns them.
+        """
         now = self._clock()
         try:
             with transaction(conn):
@@ -422,11 +426,14 @@ class PersistentStore:
                     "ON CONFLICT(slot, name) DO UPDATE SET version = excluded.version",
                     [(slot, alias, version) for alias in aliases],
                 )
+                retired = self._retain(slot)
+                conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", retired)
                 crash_point("in_transaction")
         except BaseException:
             if not self._version_recorded(conn, slot, version):
                 remove_tree(layout.version_dir(self.root, slot, version))
             raise
+        return retired
 
     def _version_recorded(self, conn: sqlite3.Connection, slot: int, version: int) -> bool:
         """After a failed COMMIT, ask the index what actually happened."""
@@ -707,35 +714,52 @@ class PersistentStore:
                 slots = [row[0] for row in conn.execute("SELECT slot FROM slots")]
             else:
                 slots = [check_slot(slot_id)]
-            removed: list[tuple[int, int]] = []
-            for slot in slots:
-                removed += self._retain(slot)
-        return removed
+            with transaction(conn):
+                doomed = [pair for slot in slots for pair in self._retain(slot)]
+                conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", doomed)
+            self._retire_files(doomed)
+        return doomed
 
     def _retain(self, slot: int) -> list[tuple[int, int]]:
+        """The versions of ``slot`` retention removes now (a query; the caller deletes them).
+
+        Kept: the newest ``retention``, the current one, pinned and aliased ones,
+        and whatever a connected reader holds. O(log n) when the slot's versions
+        span no more than ``retention``, else O(retention) to find the cutoff.
+        """
         conn = self._writer_conn()
+        low, high = conn.execute(
+            "SELECT MIN(version), MAX(version) FROM versions WHERE slot = ?", (slot,)
+        ).fetchone()
+        if high is None or high - low + 1 <= self.retention:
+            return []
+        row = conn.execute(
+            "SELECT version FROM versions WHERE slot = ? ORDER BY version DESC LIMIT 1 OFFSET ?",
+            (slot, self.retention - 1),
+        ).fetchone()
+        if row is None:
+            return []
         protected = set(self.protected_versions(slot)) if self.protected_versions else set()
-        doomed = [
+        return [
             (slot, version)
             for (version,) in conn.execute(
                 "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
-                "WHERE v.slot = ?1 AND v.pinned = 0 AND v.version != s.current_version "
-                "AND NOT EXISTS (SELECT 1 FROM aliases a "
-                "WHERE a.slot = ?1 AND a.version = v.version) "
-                "AND v.version NOT IN (SELECT version FROM versions WHERE slot = ?1 "
-                "ORDER BY version DESC LIMIT ?2)",
-                (slot, self.retention),
+                "WHERE v.slot = ?1 AND v.version < ?2 AND v.pinned = 0 "
+                "AND v.version != s.current_version AND NOT EXISTS (SELECT 1 FROM aliases a "
+                "WHERE a.slot = ?1 AND a.version = v.version)",
+                (slot, row[0]),
             )
             if version not in protected
         ]
+
+    def _retire_files(self, doomed: list[tuple[int, int]]) -> None:
+        """After the COMMIT that removed their rows: a crash before this leaves orphans
+        that recovery deletes, and a reader still mapping the files keeps its pages."""
         if not doomed:
-            return []
-        with transaction(conn):
-            conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", doomed)
+            return
         crash_point("retiring")
         for s, v in doomed:
             remove_tree(layout.version_dir(self.root, s, v))
-        return doomed
 
     # -- integrity ------------------------------------------------------------------------
 

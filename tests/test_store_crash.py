@@ -271,7 +271,8 @@ def test_kill_at_each_commit_step(tmp_path: Path, point: str, kills: int) -> Non
         elif point in ("renamed", "in_transaction"):
             assert obs.wal_entries == 0 and obs.orphans == 1 and obs.unreported == 0, obs
         elif point == "committed":
-            assert obs.wal_entries == 0 and obs.orphans == 0 and obs.unreported >= 1, obs
+            # retention's rows went in the same COMMIT; their files (if any) await unlinking
+            assert obs.wal_entries == 0 and obs.unreported >= 1, obs
         else:  # retiring: rows gone, files still there; the new version is committed
             assert point == "retiring"
             assert obs.wal_entries == 0 and obs.orphans >= 1 and obs.unreported >= 1, obs
