@@ -16,7 +16,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,8 @@ class Requester:
 
 
 Announcer = Callable[[Announce], None]
+#: (slot, version, bound context, model type) -> aliases the stage moved
+PostCommit = Callable[[int, int, Context, str | None], Awaitable[Mapping[str, int]]]
 #: called in the commit thread after each commit: (slot, version, seconds the store took)
 CommitObserver = Callable[[int, int, float], None]
 
@@ -69,15 +71,22 @@ class Committer:
         self.commits = 0
         #: metrics hook; its failures are logged and never fail a commit
         self.on_commit: CommitObserver | None = None
+        #: post-commit stage (hooks), run after the announcement, one commit at a time,
+        #: outside the commit lock so a slow hook never delays the next commit
+        self.post_commit: PostCommit | None = None
+        self._post_lock = asyncio.Lock()
+        self._post_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def busy(self) -> bool:
         return self._lock.locked()
 
     async def drain(self) -> None:
-        """Wait for the commit in flight, if any (shutdown)."""
+        """Wait for the commit in flight and its post-commit stage, if any (shutdown)."""
         async with self._lock:
             pass
+        if self._post_tasks:
+            await asyncio.gather(*self._post_tasks, return_exceptions=True)
 
     async def commit(
         self,
@@ -92,7 +101,25 @@ class Committer:
             version = await asyncio.to_thread(self._save, slot, context, model_type, aliases)
             self.commits += 1
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
+        if self.post_commit is not None:
+            task = asyncio.ensure_future(
+                self._after_commit(self.post_commit, slot, version, context, model_type)
+            )
+            self._post_tasks.add(task)
+            task.add_done_callback(self._post_tasks.discard)
         return version
+
+    async def _after_commit(
+        self, stage: PostCommit, slot: int, version: int, context: Context, model_type: str | None
+    ) -> None:
+        async with self._post_lock:
+            try:
+                moved = await stage(slot, version, context.bind(slot, version), model_type)
+            except Exception:
+                log.exception("post-commit stage failed for slot %d version %d", slot, version)
+                return
+        if moved:
+            self.announce_aliases(slot, dict(moved))
 
     def _save(
         self, slot: int, context: Context, model_type: str | None, aliases: tuple[str, ...]

@@ -105,7 +105,7 @@ def _start_daemon(store: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]
     with open(log, "wb") as out:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(store),
-             "--socket", str(sock)],
+             "--socket", str(sock), "--http", "off"],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

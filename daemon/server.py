@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ctxstore.context import Context
 from ctxstore.errors import CtxStoreError, InvalidInputError
 from ctxstore.messages import (
     Ack,
@@ -48,8 +49,11 @@ from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 from .committer import Committer, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
+from .hooks import Hooks
+from .jobs import JobQueue
 from .listener import BoundSocket, PeerPolicy, bind_socket, peer_credentials
 from .notify import Notifier, watchdog_loop
+from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -58,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ctxstore.daemon")
 
 PublishRequest = PublishFile | PublishBuild | PublishShm
+#: how long SIGTERM lets build jobs in flight finish before they go back to pending
+JOB_STOP_TIMEOUT_S = 30.0
 
 
 class Daemon:
@@ -77,6 +83,9 @@ class Daemon:
         self.committer: Committer | None = None
         self._bound: BoundSocket | None = None
         self._server: asyncio.Server | None = None
+        self.hooks = Hooks()
+        self.jobs: JobQueue | None = None
+        self.on_reload: list[Callable[[DaemonConfig, DaemonConfig], None]] = [self._reload_work]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -92,6 +101,17 @@ class Daemon:
         )
         self.table.set_many(self.store.current_versions())
         self.committer = Committer(self.store, self.table, self.announce)
+        self.hooks = load_hooks(config)
+        self.store.pre_commit_hooks.append(self._pre_commit)
+        self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
+        self.jobs = JobQueue(
+            self.store,
+            job_runner(self.committer, lambda: self.jobs),
+            concurrency=config.jobs_concurrency,
+            max_attempts=config.jobs_max_attempts,
+            backoff_initial=config.jobs_backoff_initial,
+            backoff_max=config.jobs_backoff_max,
+        )
         address = config.http_address()
         if address is not None:  # bound before the socket: a taken port stops us before peers
             from .api_server import ApiServer  # the HTTP stack loads only when it is used
@@ -104,6 +124,7 @@ class Daemon:
         self._server = await asyncio.start_unix_server(self._accept, sock=self._bound.sock)
         if self.api is not None:
             await self.api.start()
+        await self.jobs.start()
         log.info(
             "ctxstore daemon pid %d: store %s, socket %s, %d slots",
             os.getpid(),
@@ -172,6 +193,22 @@ class Daemon:
         log.debug("SIGHUP: running with %s", new)
         self.notifier.ready("reloaded")
 
+    def _pre_commit(self, slot: int, context: Context) -> None:
+        """The hooks in force now (SIGHUP may have replaced them) vet each commit."""
+        self.hooks.pre_commit(slot, context)
+
+    def _reload_work(self, old: DaemonConfig, new: DaemonConfig) -> None:
+        """SIGHUP: hooks and job retries follow the new configuration."""
+        if hooks_changed(old, new):
+            try:
+                self.hooks = load_hooks(new)
+            except CtxStoreError as exc:
+                log.error("SIGHUP: hooks not reloaded, the running ones stay: %s", exc)
+            else:
+                log.info("SIGHUP: hooks now %s", self.hooks.names)
+        if self.jobs is not None:
+            apply_job_settings(self.jobs, new)
+
     async def serve_until_stopped(self) -> None:
         await self._stop.wait()
         await self.stop("daemon shutting down")
@@ -183,6 +220,8 @@ class Daemon:
             await api.stop()
         if self._server is not None:
             self._server.close()
+        if self.jobs is not None:
+            await self.jobs.stop(timeout=JOB_STOP_TIMEOUT_S)
         if self.committer is not None:
             await self.committer.drain()
         for subscriber in list(self.subscribers.values()):

@@ -520,6 +520,9 @@ class FakeQueue:
 
     jobs: dict[int, FakeJob] = field(default_factory=dict)
 
+    async def stop(self, timeout: float | None = None) -> None:
+        """The daemon stops its queue at shutdown; the stand-in has nothing running."""
+
     def submit(self, slot: int, node_type: str, config: Any, priority: int) -> FakeJob:
         if node_type != "llm":
             raise NotFoundError(f"unknown node type {node_type!r}")

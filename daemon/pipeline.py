@@ -1,0 +1,82 @@
+"""What runs around a commit in the daemon: hooks from the configuration and build jobs.
+
+Small glue between the configuration, the hook machinery, the job queue and
+the committer, so the server only wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from ctxstore.context import Context
+from ctxstore.nodes import create_node
+from ctxstore.store import PersistentStore
+
+from .committer import Committer
+from .config import DaemonConfig
+from .hooks import CommitEvent, Hooks
+from .jobs import Job, JobQueue
+
+log = logging.getLogger("ctxstore.daemon")
+
+#: fraction of a job's progress reached when its context is built and the commit starts
+BUILT = 0.8
+
+
+def load_hooks(config: DaemonConfig) -> Hooks:
+    """The hooks the configuration names; InvalidInputError names a hook that cannot load."""
+    return Hooks.load(
+        config.pre_commit_hooks,
+        config.post_commit_hooks,
+        post_timeout=config.post_commit_timeout,
+        check_finite=config.check_finite,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+    )
+
+
+def hooks_changed(old: DaemonConfig, new: DaemonConfig) -> bool:
+    keys = ("pre_commit_hooks", "post_commit_hooks", "post_commit_timeout", "check_finite",
+            "best_metric", "best_mode")  # fmt: skip
+    return any(getattr(old, key) != getattr(new, key) for key in keys)
+
+
+def post_commit_stage(
+    hooks: Callable[[], Hooks], store: PersistentStore
+) -> Callable[[int, int, Context, str | None], Awaitable[Mapping[str, int]]]:
+    """The committer's post-commit stage: run the current hooks, return the aliases they moved."""
+
+    async def stage(
+        slot: int, version: int, context: Context, model_type: str | None
+    ) -> Mapping[str, int]:
+        outcomes = await hooks().post_commit(CommitEvent(slot, version, context, model_type, store))
+        moved: dict[str, int] = {}
+        for outcome in outcomes:
+            moved.update(outcome.aliases)
+        return moved
+
+    return stage
+
+
+def job_runner(
+    committer: Committer, jobs: Callable[[], JobQueue | None]
+) -> Callable[[Job], Awaitable[int]]:
+    """How a queued build job runs: build off the loop, then commit like any publish."""
+
+    async def run(job: Job) -> int:
+        node = create_node(job.node_type, job.slot, dict(job.config))
+        context = await node.async_build_context()
+        queue = jobs()
+        if queue is not None:
+            queue.set_progress(job.id, BUILT)
+        return await committer.commit(job.slot, context, model_type=node.model_type)
+
+    return run
+
+
+def apply_job_settings(jobs: JobQueue, config: DaemonConfig) -> None:
+    """Retry settings change live (SIGHUP); concurrency waits for a restart."""
+    jobs.max_attempts = config.jobs_max_attempts
+    jobs.backoff_initial = config.jobs_backoff_initial
+    jobs.backoff_max = config.jobs_backoff_max
