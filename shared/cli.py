@@ -254,6 +254,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_fleet_demo(versions=args.versions)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from ctxstore.daemon.soak import run_soak
+
+    return run_soak(
+        args.minutes, readers=args.readers, interval=args.interval, json_path=args.json,
+        store=args.store,
+    )  # fmt: skip
+
+
 # -- monitoring commands: status and watch ----------------------------------------------------
 
 
@@ -452,6 +461,14 @@ def _monitor_commands(command: Callable[[str, Handler, str], argparse.ArgumentPa
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _soak_command(command: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    p = command("soak", cmd_soak, "commit continuously under N readers; report resources over time")
+    p.add_argument("--minutes", type=_positive(float), default=1.0, help="how long (default 1)")
+    p.add_argument("--readers", type=_positive(int), default=16, help="reader processes (16)")
+    p.add_argument("--interval", type=_positive(float), default=5.0, help="seconds per sample")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the run as JSON")
+
+
 def _daemon_flags(p: argparse.ArgumentParser) -> None:
     """The daemon's flags; each overrides the config file and CTXSTORE_* (docs/configuration.md)."""
     p.add_argument(
@@ -521,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedded", action="store_true", help="no daemon: one process commits and reads back"
     )
 
+    _soak_command(command)
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
     _daemon_flags(p)
 
