@@ -514,6 +514,13 @@ class FakeJob:
         }
 
 
+async def _replace_jobs(daemon: Daemon, stand_in: FakeQueue) -> None:
+    """Swap the daemon's real job queue (stopped first) for the stand-in."""
+    if daemon.jobs is not None:
+        await daemon.jobs.stop()
+    daemon.jobs = stand_in  # type: ignore[assignment]
+
+
 @dataclass
 class FakeQueue:
     """The JobQueue surface the API uses (submit, get, list, cancel, depth, counts)."""
@@ -556,7 +563,9 @@ class FakeQueue:
 
 def test_jobs_without_a_queue_are_503(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
-        daemon.jobs = None  # type: ignore[attr-defined]
+        if daemon.jobs is not None:
+            await daemon.jobs.stop()
+        daemon.jobs = None
         body = {"slot": 1, "node_type": "llm"}
         for response in (
             await http.post("/jobs", json=body),
@@ -571,8 +580,7 @@ def test_jobs_without_a_queue_are_503(tmp_path: Path) -> None:
 
 def test_jobs_submit_list_get_cancel(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
-        queue = FakeQueue()
-        daemon.jobs = queue  # type: ignore[attr-defined]
+        await _replace_jobs(daemon, FakeQueue())
         created = await http.post(
             "/jobs", json={"slot": 4, "node_type": "llm", "config": {"n": 2}, "priority": 5}
         )
@@ -704,7 +712,7 @@ def test_token_guards_every_mutating_endpoint(tmp_path: Path) -> None:
                 assert response.headers["www-authenticate"].startswith("Bearer")
         assert (await http.get("/slots/1")).status_code == 200  # reads stay open
         assert (await http.get("/metrics")).status_code == 200
-        daemon.jobs = FakeQueue()  # type: ignore[attr-defined]
+        await _replace_jobs(daemon, FakeQueue())
         auth = {"authorization": f"Bearer {TOKEN}"}
         for method, path, body in mutating:
             response = await http.request(method, path, json=body, headers=auth)
