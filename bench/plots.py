@@ -1,8 +1,7 @@
 """PNG plots drawn from scenario results with matplotlib (no pyplot: no global state, no display).
 
 Each function takes one scenario's result and the output directory and returns
-the file it wrote. Scenarios list theirs in ``Scenario.plots``; the fan-out
-(latency vs N) and memory (total PSS vs N) plots join when those scenarios do.
+the file it wrote. Scenarios list theirs in ``Scenario.plots``.
 """
 
 from __future__ import annotations
@@ -20,15 +19,19 @@ MARKERS = "osD^v<>ph*"
 
 
 def _series(
-    figures: Iterable[Figure], x_param: str, *, roles: tuple[str, ...] | None = None
+    figures: Iterable[Figure],
+    x_param: str,
+    *,
+    roles: tuple[str, ...] | None = None,
+    stat: str = "median",
 ) -> dict[str, list[tuple[float, float]]]:
-    """label -> [(x, median)] over figures, x read from each figure's params."""
+    """label -> [(x, median or p99)] over figures, x read from each figure's params."""
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for figure in figures:
         x = float(figure.params[x_param])
         for m in figure.measurements:
             if roles is None or m.role in roles:
-                series[m.label].append((x, m.stats.median))
+                series[m.label].append((x, m.stats.p99 if stat == "p99" else m.stats.median))
     return {label: sorted(points) for label, points in series.items()}
 
 
@@ -119,3 +122,77 @@ def scale_cost(result: ScenarioResult, out: Path) -> Path:
         axes.legend(fontsize=8)
     axes_list[0].set_ylabel("median latency (us)")
     return _save(canvas, out, "scale.png")
+
+
+def fanout_latency(result: ScenarioResult, out: Path) -> Path:
+    """Commit to all N notified / acknowledged (p50 solid, p99 dashed) and readers' CPU vs N."""
+    canvas = Canvas(figsize=(18, 5.4))
+    axes_list = canvas.subplots(1, 3)
+    panels = (
+        ("notified", "commit to all N readers notified"),
+        ("acked", "commit to all N readers acknowledged"),
+    )
+    readers = sorted({float(f.params["readers"]) for f in result.figures})
+    for axes, (event, title) in zip(axes_list, panels, strict=False):
+        figures = [f for f in result.figures if f.params.get("event") == event]
+        p99 = _series(figures, "readers", stat="p99")
+        for i, (label, points) in enumerate(_series(figures, "readers").items()):
+            color, bold = f"C{i}", label.startswith("ctxstore")
+            xs, ys = [p[0] for p in points], [p[1] * 1e-6 for p in points]
+            axes.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], color=color,
+                      linewidth=2.5 if bold else 1.2, label=f"{label} (p50)")  # fmt: skip
+            tail = p99.get(label, [])
+            axes.plot([p[0] for p in tail], [p[1] * 1e-6 for p in tail], linestyle="--",
+                      color=color, linewidth=1.5 if bold else 0.8)  # fmt: skip
+        goals = [(n, ns * 1e-6) for n, ns in ((16, 1e6), (64, 3e6)) if n in readers]
+        if goals:
+            axes.scatter([g[0] for g in goals], [g[1] for g in goals], marker="*", s=160,
+                         color="red", zorder=5, label="issue 3 goal (p99)")  # fmt: skip
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xticks(readers, [f"{n:g}" for n in readers])
+        axes.set_xlabel("readers (N)")
+        axes.set_ylabel("latency (ms); solid p50, dashed p99")
+        axes.set_title(title)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    cpu_axes = axes_list[2]
+    cpu = [f for f in result.figures if f.params.get("event") == "cpu"]
+    _draw(cpu_axes, _series(cpu, "readers"), scale=1e-7)  # ns of CPU per s -> % of one core
+    cpu_axes.set_xscale("log", base=2)
+    cpu_axes.set_yscale("log")
+    cpu_axes.set_xticks(readers, [f"{n:g}" for n in readers])
+    cpu_axes.set_xlabel("readers (N)")
+    cpu_axes.set_ylabel("CPU of all readers (% of one core)")
+    cpu_axes.set_title("readers' CPU while following")
+    cpu_axes.legend(fontsize=7)
+    return _save(canvas, out, "fanout_latency.png")
+
+
+def memory_pss(result: ScenarioResult, out: Path) -> Path:
+    """Total PSS (and USS) of N readers of one context against N, beside private copies."""
+    canvas = Canvas(figsize=(13, 5.2))
+    axes_list = canvas.subplots(1, 2, sharey=True)
+    labels = list(dict.fromkeys(m.label for f in result.figures for m in f.measurements))
+    for axes, kind in zip(axes_list, ("PSS", "USS"), strict=True):
+        figures = [f for f in result.figures if f.params.get("measure") == kind]
+        for label, points in _series(figures, "readers").items():
+            i = labels.index(label)  # one color and marker per label in both panels
+            axes.plot(
+                [p[0] for p in points],
+                [p[1] / (1 << 20) for p in points],
+                marker=MARKERS[i % len(MARKERS)],
+                color=f"C{i}",
+                linewidth=2.5 if label.startswith("ctxstore") else 1.2,
+                label=label,
+            )
+        readers = sorted({float(f.params["readers"]) for f in figures})
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xticks(readers, [f"{n:g}" for n in readers])
+        axes.set_xlabel("readers (N)")
+        axes.set_title(f"total {kind} of N readers of one context")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    axes_list[0].set_ylabel("MiB (sum over the reader processes)")
+    return _save(canvas, out, "memory_pss.png")

@@ -1,0 +1,641 @@
+"""Fan-out: from commit to all N readers notified, and to all N acknowledged (N = 1, 4, 16, 64).
+
+One real daemon (``ctxstore daemon``, ``--http off``) and N reader processes,
+each a ``ctxstore.readers.Reader``. This process publishes versions of a
+4-tensor, 64 KiB context with ``ctxstore.client.publish``, one at a time: the
+next one once every reader has it (and, when they follow the slot, has
+acknowledged it and run its callback), after a random 3-10 ms pause. The
+first versions of each stage are warm-up and not counted. The same reader
+processes run two stages:
+
+1. subscribed only: ``subscribe(slot, callback)`` and nothing else, so an
+   announcement costs a reader no more than decoding it and calling back;
+2. following (the ctxstore figures): the reader has also ``get()`` the slot,
+   as an inference worker does, so on each announcement it maps the new
+   version (checksums verified), adopts it, acknowledges it to the daemon,
+   then runs the callback.
+
+What is measured, per version, from the same clock in every process
+(``time.time()``, see ``bench/peers.py``):
+
+* commit: when the store's SQLite COMMIT returned in the daemon (a probe at the
+  ``committed`` crash point, right after it). Before the announcement the
+  daemon still warms the new files (``posix_fadvise``), runs retention, hands
+  the commit thread's result to its event loop and bumps the version table:
+  all of that is inside the figures.
+* notified: the last of the N readers decoded the announcement (the frame
+  handed to ``Reader.message_received``, stamped first thing there).
+* acknowledged: the daemon's ``Fleet.ack`` received the last reader's ack (a
+  probe in the daemon): the version is mapped, adopted and acked by all.
+* callback (variant): the last reader's ``subscribe()`` callback ran; for a
+  followed slot the reader maps and acks before it calls back.
+
+Floor, same run: this process as a bare server writing an 8-byte frame to N
+connected client processes (``socket.send`` in a loop; Python, like the
+daemon), each blocked in ``recv``, stamping on receipt and sending the 8 bytes
+back; "acknowledged" is when the server has read all N answers.
+Alternatives, same run and same daemon commits: N processes polling
+``SELECT current_version`` on the store's SQLite index (read-only
+connection) with a 1 ms and a 10 ms sleep between polls.
+
+Readers' CPU: the scheduler's account of the N reader processes (every
+thread, ns resolution) over the measured versions, per second of wall time:
+what keeping up costs each approach at this publication rate (the notes say
+how many versions a second that was). Approaches run in a rotated order for
+each N. Goals (issue 3): N=16 p99 <= 1 ms, N=64 p99 <= 3 ms, and p50 within
+1.3x of the floor, judged on notified and acknowledged alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from ctxstore import Context
+from ctxstore.client import publish, wait_until_listening
+from ctxstore.versiontable import segment_name
+
+from . import plots
+from .harness import (
+    AtMost,
+    Figure,
+    Goal,
+    RatioAtMost,
+    ScenarioResult,
+    Stats,
+    Verdict,
+    format_ns,
+)
+from .peers import (
+    ACKED,
+    ANNOUNCE_END,
+    ANNOUNCE_START,
+    CALLBACK,
+    COMMIT,
+    CONTROL,
+    FOLLOWING,
+    READY,
+    RECEIVED,
+    STOP,
+    Stamps,
+)
+from .scenario import RunContext, Scenario
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_READERS = (1, 4, 16, 64)
+QUICK_READERS = (1, 4)
+FULL_VERSIONS = 200
+QUICK_VERSIONS = 8
+FULL_WARMUP = 5
+QUICK_WARMUP = 2
+GAP_S = (0.003, 0.010)
+VERSION_TIMEOUT_S = 3.0
+START_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 20.0
+TENSORS, TENSOR_BYTES = 4, 16 << 10
+#: p99 goals of issue 3 by N
+P99_GOALS_NS = {16: 1e6, 64: 3e6}
+FLOOR_FACTOR = 1.3
+
+CTX_NOTIFIED = "ctxstore: every Reader received the announcement"
+CTX_CALLBACK = "ctxstore: every subscribe() callback ran (mapped + acked first)"
+CTX_ACKED = "ctxstore: the daemon received every reader's ack"
+CTX_SUBSCRIBED = "ctxstore: subscribe()-only Readers received it (nothing mapped or acked)"
+CTX_CPU = "ctxstore Readers following the slot"
+CTX_SUBSCRIBED_CPU = "ctxstore Readers subscribed only (callback, no get())"
+FLOOR_NOTIFIED = "floor: bare Unix-socket fan-out (8-byte frame)"
+FLOOR_ACKED = "floor: bare fan-out + 8-byte answer read back"
+FLOOR_CPU = "floor clients (recv + answer)"
+POLL = {0.001: "SQLite polling every 1 ms", 0.010: "SQLite polling every 10 ms"}
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    """Every one of ``goals`` (issue 3 sets a p99 limit and a floor ratio on one figure)."""
+
+    goals: tuple[Goal, ...]
+    source: str
+
+    @property
+    def text(self) -> str:
+        return " and ".join(g.text for g in self.goals)
+
+    def judge(self, figure: Figure) -> Verdict | None:
+        verdicts = [g.judge(figure) for g in self.goals]
+        if any(v is None for v in verdicts):
+            return None
+        shown = "; ".join(v.shown for v in verdicts if v is not None)
+        return Verdict(shown, all(v.met for v in verdicts if v is not None))
+
+
+def goal_for(readers: int, floor: str) -> Goal:
+    ratio = RatioAtMost(floor, FLOOR_FACTOR, "issue 3")
+    limit = P99_GOALS_NS.get(readers)
+    if limit is None:
+        return ratio
+    return AllOf((AtMost(limit, "issue 3", stat="p99"), ratio), "issue 3")
+
+
+@dataclass
+class Phase:
+    """One approach with N readers: per-version latencies (ns) and the readers' CPU."""
+
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ns_per_s: float = 0.0
+    versions_per_s: float = 0.0
+    missing: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def run(ctx: RunContext) -> ScenarioResult:
+    readers = QUICK_READERS if ctx.quick else FULL_READERS
+    versions = QUICK_VERSIONS if ctx.quick else FULL_VERSIONS
+    warmup = QUICK_WARMUP if ctx.quick else FULL_WARMUP
+    result = ScenarioResult()
+    skew_before = time.time() - time.monotonic()
+    ctx.progress.expect(len(readers) * (2 + len(POLL)))
+    with Bench(ctx, versions, warmup) as bench:
+        for i, n in enumerate(readers):
+            phases: list[tuple[str, Callable[[int], dict[str, Phase]]]] = [
+                ("ctxstore", bench.ctxstore),
+                ("floor", lambda n: {"floor": bench.floor(n)}),
+                *((POLL[s], _poll_phase(bench, s)) for s in POLL),
+            ]
+            done: dict[str, Phase] = {}
+            for name, measure in phases[i % len(phases) :] + phases[: i % len(phases)]:
+                ctx.progress.step(f"fan-out N={n}: {name}")
+                done.update(measure(n))
+            result.figures += figures(n, done)
+        result.notes += bench.notes
+    skew = (time.time() - time.monotonic()) - skew_before
+    if abs(skew) > 1e-3:
+        result.notes.append(
+            f"the wall clock moved {skew * 1e3:+.1f} ms against CLOCK_MONOTONIC during the "
+            "scenario (a clock step): cross-process latencies may be off by as much"
+        )
+    return result
+
+
+def _poll_phase(bench: Bench, interval: float) -> Callable[[int], dict[str, Phase]]:
+    return lambda n: {POLL[interval]: bench.polling(n, interval)}
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
+def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
+    ours, subscribed, floor = phases["ctxstore"], phases["subscribed"], phases["floor"]
+    notified = Figure(
+        f"fanout.notified.{n}",
+        f"commit to all {n} readers notified",
+        params={"readers": n, "event": "notified"},
+        goal=goal_for(n, FLOOR_NOTIFIED),
+        reference=FLOOR_NOTIFIED,
+    )
+    _add(notified, CTX_NOTIFIED, "ctxstore", ours, "notified")
+    _add(notified, CTX_CALLBACK, "variant", ours, "callback")
+    _add(notified, CTX_SUBSCRIBED, "variant", subscribed, "notified")
+    _add(notified, FLOOR_NOTIFIED, "floor", floor, "notified")
+    for label in POLL.values():
+        _add(notified, label, "alternative", phases[label], "notified")
+    notified.notes += ours.notes + subscribed.notes + floor.notes
+    for label in POLL.values():
+        notified.notes += phases[label].notes
+    acked = Figure(
+        f"fanout.acked.{n}",
+        f"commit to all {n} readers acknowledged",
+        params={"readers": n, "event": "acked"},
+        goal=goal_for(n, FLOOR_ACKED),
+        reference=FLOOR_ACKED,
+    )
+    _add(acked, CTX_ACKED, "ctxstore", ours, "acked")
+    _add(acked, FLOOR_ACKED, "floor", floor, "acked")
+    cpu = Figure(
+        f"fanout.cpu.{n}",
+        f"CPU time of the {n} readers per second of wall time",
+        params={"readers": n, "event": "cpu"},
+        reference=FLOOR_CPU,
+    )
+    entries = [
+        (CTX_CPU, "ctxstore", ours),
+        (CTX_SUBSCRIBED_CPU, "variant", subscribed),
+        (FLOOR_CPU, "floor", floor),
+    ]
+    entries += [(label, "alternative", phases[label]) for label in POLL.values()]
+    for label, role, phase in entries:
+        cpu.add(
+            label,
+            role,  # type: ignore[arg-type]
+            Stats.single(phase.cpu_ns_per_s),
+            note=f"{phase.cpu_ns_per_s / 1e7:.1f}% of one core, "
+            f"{phase.versions_per_s:.0f} versions/s",
+        )
+    return [notified, acked, cpu]
+
+
+def _add(figure: Figure, label: str, role: str, phase: Phase, what: str) -> None:
+    samples = phase.latencies.get(what)
+    if samples:
+        figure.add(label, role, Stats.of(samples))  # type: ignore[arg-type]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+class Bench:
+    """The probed daemon, a temporary directory for sockets and stamps, and every child process."""
+
+    def __init__(self, ctx: RunContext, versions: int, warmup: int) -> None:
+        self.ctx = ctx
+        self.versions = versions
+        self.warmup = warmup
+        self.notes: list[str] = []
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.rng = random.Random(ctx.seed)
+        self.weights = {
+            f"layers.{i}.weight": np.random.default_rng(ctx.seed + i).standard_normal(
+                TENSOR_BYTES // 4, dtype=np.float32
+            )
+            for i in range(TENSORS)
+        }
+        self._slots = iter(range(1, 1_000_000))
+
+    def __enter__(self) -> Bench:
+        shm = Path("/dev/shm")
+        self.tmp = Path(tempfile.mkdtemp(prefix="ctxfan-", dir=shm if shm.is_dir() else None))
+        self.store = self.ctx.data_dir / "store"
+        self.sock = self.tmp / "ctx.sock"
+        self.log = (self.ctx.data_dir / "daemon.log").open("wb")
+        self.daemon = self._spawn(
+            ["daemon", str(self.store), str(self.sock), str(self.tmp)], stdout=self.log
+        )
+        try:
+            wait_until_listening(self.sock, 60.0, alive=lambda: self.daemon.poll() is None)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.children:
+            if child is not self.daemon and child.poll() is None:
+                child.kill()
+        if self.daemon.poll() is None:
+            self.daemon.terminate()  # a clean stop removes its socket and version table
+            try:
+                self.daemon.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+        with contextlib.suppress(OSError):
+            os.unlink("/dev/shm" + segment_name(self.store))
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(STOP_TIMEOUT_S)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _spawn(
+        self, args: Sequence[str], *, stdin: int | None = None, stdout: object = None
+    ) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bench.peers", *args],
+            cwd=REPO,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT if stdout is not None else None,
+        )
+        self.children.append(child)
+        return child
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def _stamps(self, slot: int, readers: int, *, stages: int = 1) -> Stamps:
+        versions = 2 + stages * (self.warmup + self.versions)
+        return Stamps.create(self.tmp / f"{slot}.stamps", readers, versions)
+
+    def _publish(self, slot: int, k: int) -> int:
+        weights = dict(self.weights)
+        first = next(iter(weights))
+        weights[first] = weights[first].copy()
+        weights[first][0] = k  # a new tensor per version; the others are hard-linked
+        return publish(slot, Context(weights), socket=self.sock, timeout=60.0)
+
+    def ctxstore(self, n: int) -> dict[str, Phase]:
+        """N Readers: first subscribed only, then (same processes) following the slot."""
+        slot = next(self._slots)
+        stamps = self._stamps(slot, n, stages=2)
+        self._publish(slot, 1)
+        procs = [
+            self._spawn(
+                ["reader", str(self.store), str(self.sock), str(slot), str(i), str(stamps.path)],
+                stdin=subprocess.PIPE,
+            )
+            for i in range(n)
+        ]
+        stage_a, stage_b = self._stage(0), self._stage(1)
+
+        def heard(k: int) -> bool:
+            return stamps.count(RECEIVED, k) == n and stamps.count(CALLBACK, k) == n
+
+        def acked(k: int) -> bool:
+            return stamps.count(ACKED, k) == n and stamps.count(CALLBACK, k) == n
+
+        try:
+            self._wait_flag(stamps, procs, READY)
+            with _cpu(procs) as cpu_a:
+                wall_a, missing_a = self._publish_versions(slot, stage_a, heard)
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(b"follow\n")
+                proc.stdin.flush()
+            self._wait_flag(stamps, procs, FOLLOWING)
+            with _cpu(procs) as cpu_b, _cpu([self.daemon]) as daemon_cpu:
+                wall_b, missing_b = self._publish_versions(slot, stage_b, acked)
+        finally:
+            for proc in procs:
+                if proc.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.close()
+            _reap(procs)
+        subscribed = self._phase(stamps, stage_a, ("notified", RECEIVED))
+        subscribed.missing = missing_a
+        _set_cpu(subscribed, cpu_a.seconds, wall_a, self.versions)
+        following = self._phase(
+            stamps, stage_b, ("notified", RECEIVED), ("callback", CALLBACK), ("acked", ACKED)
+        )
+        following.missing = missing_b
+        _set_cpu(following, cpu_b.seconds, wall_b, self.versions)
+        following.notes += _breakdown(stamps, self._measured(stage_b), n)
+        following.notes.append(
+            f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / self.versions * 1e9)} of "
+            "CPU per version (publish request, commit, announce, acks, heartbeats)"
+        )
+        for what, phase in (("subscribed only", subscribed), ("following", following)):
+            if phase.missing:
+                phase.notes.append(f"N={n} ctxstore {what}: {phase.missing} versions timed out")
+        stamps.close()
+        return {"ctxstore": following, "subscribed": subscribed}
+
+    def polling(self, n: int, interval: float) -> Phase:
+        slot = next(self._slots)
+        stamps = self._stamps(slot, n)
+        self._publish(slot, 1)
+        db = str(self.store / "index.db")
+        procs = [
+            self._spawn(["poller", db, str(slot), str(i), str(interval), str(stamps.path)])
+            for i in range(n)
+        ]
+        stage = self._stage(0)
+        try:
+            self._wait_flag(stamps, procs, READY)
+            with _cpu(procs) as readers_cpu:
+                wall, missing = self._publish_versions(
+                    slot, stage, lambda k: stamps.count(RECEIVED, k) == n
+                )
+        finally:
+            stamps.put(CONTROL, 0, STOP, 1.0)
+            _reap(procs)
+        phase = self._phase(stamps, stage, ("notified", RECEIVED))
+        phase.missing = missing
+        _set_cpu(phase, readers_cpu.seconds, wall, self.versions)
+        if missing:
+            phase.notes.append(f"N={n} {POLL[interval]}: {missing} versions timed out")
+        stamps.close()
+        return phase
+
+    def floor(self, n: int) -> Phase:
+        slot = next(self._slots)  # only names the stamps file
+        stamps = self._stamps(slot, n)
+        stage = self._stage(0)
+        path = self.tmp / f"floor-{slot}.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(n)
+            server.settimeout(START_TIMEOUT_S)
+            procs = [
+                self._spawn(["floor-client", str(path), str(i), str(stamps.path)]) for i in range(n)
+            ]
+            conns: list[tuple[socket.socket, int]] = []
+            try:
+                for _ in range(n):
+                    conn, _addr = server.accept()
+                    conn.settimeout(START_TIMEOUT_S)
+                    conns.append((conn, int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")))
+                with _cpu(procs) as readers_cpu:
+                    wall, missing = self._floor_versions(stamps, stage, conns)
+            finally:
+                for conn, _index in conns:
+                    conn.close()
+                _reap(procs)
+        phase = self._phase(stamps, stage, ("notified", RECEIVED), ("acked", ACKED))
+        phase.missing = missing
+        _set_cpu(phase, readers_cpu.seconds, wall, self.versions)
+        sends = [
+            stamps.get(ANNOUNCE_END, 0, k) - stamps.get(COMMIT, 0, k) for k in self._measured(stage)
+        ]
+        phase.notes.append(
+            f"N={n} floor: the server's {n} sends take {format_ns(statistics.median(sends) * 1e9)}"
+            " (p50)"
+        )
+        stamps.close()
+        return phase
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _stage(self, i: int) -> range:
+        """Version numbers published in stage ``i`` of a phase (version 1 is there before)."""
+        first = 2 + i * (self.warmup + self.versions)
+        return range(first, first + self.warmup + self.versions)
+
+    def _measured(self, stage: range) -> range:
+        return stage[self.warmup :]
+
+    def _wait_flag(self, stamps: Stamps, procs: list[subprocess.Popen[bytes]], flag: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while stamps.count(CONTROL, flag) < len(procs):
+            dead = [p.pid for p in procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"fan-out child processes {dead} exited while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fan-out readers not ready after {START_TIMEOUT_S:g} s")
+            time.sleep(0.01)
+
+    def _publish_versions(
+        self, slot: int, stage: range, done: Callable[[int], bool]
+    ) -> tuple[float, int]:
+        """Publish a stage's versions one by one; returns (wall s of the measured ones, missed)."""
+        missing = 0
+        started = 0.0
+        for k in stage:
+            if k == stage[self.warmup]:
+                started = time.perf_counter()
+            version = self._publish(slot, k)
+            if version != k:
+                raise RuntimeError(f"slot {slot}: published version {version}, expected {k}")
+            if not _wait_until(functools.partial(done, k), VERSION_TIMEOUT_S):
+                missing += 1
+            time.sleep(self.rng.uniform(*GAP_S))
+        return time.perf_counter() - started, missing
+
+    def _floor_versions(
+        self, stamps: Stamps, stage: range, conns: list[tuple[socket.socket, int]]
+    ) -> tuple[float, int]:
+        missing = 0
+        started = 0.0
+        with selectors.DefaultSelector() as sel:
+            for conn, index in conns:
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ, index)
+            for k in stage:
+                if k == stage[self.warmup]:
+                    started = time.perf_counter()
+                frame = k.to_bytes(8, "little")
+                stamps.put(COMMIT, 0, k, time.time())
+                for conn, _index in conns:
+                    conn.send(frame)
+                stamps.put(ANNOUNCE_END, 0, k, time.time())
+                if not _read_answers(sel, stamps, k, len(conns)):
+                    missing += 1
+                time.sleep(self.rng.uniform(*GAP_S))
+        return time.perf_counter() - started, missing
+
+    def _phase(self, stamps: Stamps, stage: range, *events: tuple[str, int]) -> Phase:
+        commit = stamps.plane(COMMIT)[0]
+        phase = Phase()
+        for what, plane in events:
+            rows = stamps.plane(plane)
+            samples = []
+            for k in self._measured(stage):
+                times = [row[k] for row in rows]
+                if commit[k] and all(times):
+                    samples.append((max(times) - commit[k]) * 1e9)
+            phase.latencies[what] = samples
+        return phase
+
+
+def _read_answers(sel: selectors.BaseSelector, stamps: Stamps, k: int, n: int) -> bool:
+    answered = 0
+    deadline = time.monotonic() + VERSION_TIMEOUT_S
+    while answered < n:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return False
+        for key, _mask in sel.select(timeout):
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            data = conn.recv(8)
+            received = time.time()
+            if len(data) == 8:
+                stamps.put(ACKED, key.data, int.from_bytes(data, "little"), received)
+                answered += 1
+    return True
+
+
+def _breakdown(stamps: Stamps, versions: range, n: int) -> list[str]:
+    """Where the time goes from COMMIT to the last ack (medians over the measured versions)."""
+    commit, start, end = (stamps.plane(p)[0] for p in (COMMIT, ANNOUNCE_START, ANNOUNCE_END))
+    received, acked = stamps.plane(RECEIVED), stamps.plane(ACKED)
+    steps = (
+        "COMMIT -> announce begins (warm, retention, thread to loop, version table)",
+        f"announce() itself ({n} subscribers)",
+        "announce begins -> first reader decoded it",
+        "announce begins -> last reader decoded it",
+        "one reader: decoded -> its ack read by the daemon",
+        "last reader decoded -> last ack read by the daemon",
+    )
+    parts: dict[str, list[float]] = {step: [] for step in steps}
+    for k in versions:
+        got = [row[k] for row in received]
+        acks = [row[k] for row in acked]
+        if not (commit[k] and all(got) and all(acks)):
+            continue
+        parts[steps[0]].append(start[k] - commit[k])
+        parts[steps[1]].append(end[k] - start[k])
+        parts[steps[2]].append(min(got) - start[k])
+        parts[steps[3]].append(max(got) - start[k])
+        parts[steps[4]] += [a - g for a, g in zip(acks, got, strict=True)]
+        parts[steps[5]].append(max(acks) - max(got))
+    shown = [f"{step}: {format_ns(statistics.median(v) * 1e9)}" for step, v in parts.items() if v]
+    return [f"N={n} ctxstore, where the time goes (p50 of each step): " + "; ".join(shown)]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
+def _set_cpu(phase: Phase, cpu_s: float, wall_s: float, versions: int) -> None:
+    phase.cpu_ns_per_s = cpu_s / wall_s * 1e9 if wall_s > 0 else 0.0
+    phase.versions_per_s = versions / wall_s if wall_s > 0 else 0.0
+
+
+@dataclass
+class _CpuWindow:
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _cpu(procs: Sequence[subprocess.Popen[bytes]]) -> Iterator[_CpuWindow]:
+    """CPU seconds (user + system, every thread) the processes used inside the ``with`` block."""
+    before = [cpu_seconds(p.pid) for p in procs]
+    window = _CpuWindow()
+    yield window
+    window.seconds = sum(cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True))
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, summed over its threads, in ns resolution where possible.
+
+    psutil's ``cpu_times`` counts clock ticks (10 ms here): too coarse for a
+    reader that spends tens of microseconds per version. The scheduler's own
+    account (``/proc/<pid>/task/<tid>/schedstat``, first field: ns on CPU) is
+    exact; psutil is the fallback where it is missing.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+    return total / 1e9
+
+
+def _reap(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT_S)
+
+
+SCENARIO = Scenario(
+    name="fanout",
+    title="Fan-out: commit to N readers notified and acknowledged",
+    method=__doc__ or "",
+    run=run,
+    plots=(plots.fanout_latency,),
+)
