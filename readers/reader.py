@@ -50,6 +50,7 @@ from ctxstore.cache import CacheStats, ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import (
     ClosedError,
+    CtxStoreError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -327,12 +328,19 @@ class Reader:
     def _adopt(self, slot: int, ctx: Context) -> bool:
         """Move ``slot``'s current pointer to ``ctx`` unless a newer version is already current."""
         number = _version_of(ctx)
+        truth = self._table_get(slot)
+        if truth is None:  # no daemon session: the store says what is current
+            try:
+                truth = self._store.current_version(slot)
+            except CtxStoreError:
+                truth = None
         with self._lock:
             if self._closed:
                 return False
-            truth = self._table_get(slot)
             if truth is not None and truth != number:
-                return False  # superseded while we mapped it: the next get() or announce moves on
+                # superseded while we mapped it (or a late announcement from a daemon that
+                # died): never move back; the next get() or announcement moves on
+                return False
             old = self._current.get(slot)
             if (slot, number) in self._cache:
                 self._current[slot] = (number, ctx)

@@ -838,3 +838,22 @@ def test_a_damaged_version_is_an_integrity_error_never_wrong_numbers(tmp_path: P
     with Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False,
                 verify_checksums=False) as trusting:  # fmt: skip
         assert trusting.get(1).version == 1  # opting out trades the check for speed
+
+
+def test_a_late_adoption_never_moves_the_pointer_back(tmp_path: Path) -> None:
+    """With no daemon session (no version table), the store decides what is current: an
+    announcement of an older version whose mapping finishes late is not adopted."""
+    import numpy as np
+
+    from ctxstore import Context, PersistentStore
+
+    store_dir = tmp_path / "late-store"
+    with PersistentStore(store_dir) as writer:
+        writer.save_context(1, Context({"w": np.zeros(4)}))
+        writer.save_context(1, Context({"w": np.ones(4)}))
+    reader = Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
+    with reader:
+        assert reader.get(1).version == 2
+        older = reader.store.load_context(1, 1)
+        assert reader._adopt(1, older) is False  # the late announcement's adoption
+        assert reader.get(1).version == 2
