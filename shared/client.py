@@ -73,14 +73,24 @@ class DaemonClient:
             raise DaemonUnavailableError(
                 f"cannot reach the ctxstore daemon at {self.path}: {exc.strerror or exc}"
             ) from exc
+        try:
+            self.daemon_pid = self._handshake(role, name)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _handshake(self, role: str, name: str) -> int:
         self._send(Hello(role=role, name=name, pid=os.getpid()))
         welcome = self._receive()
         if not isinstance(welcome, Welcome):
             raise DaemonUnavailableError(f"daemon answered hello with {type(welcome).__name__}")
-        self.daemon_pid = welcome.daemon_pid
+        return welcome.daemon_pid
 
     def _send(self, message: Message) -> None:
-        self._sock.sendall(self._conn.send(message))
+        try:
+            self._sock.sendall(self._conn.send(message))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise DaemonUnavailableError(f"the daemon closed the connection: {exc}") from exc
 
     def _receive(self) -> Message:
         while True:
@@ -90,6 +100,10 @@ class DaemonClient:
                     data = self._sock.recv(1 << 16)
                 except TimeoutError:
                     raise WaitTimeoutError("the daemon did not answer in time") from None
+                except ConnectionResetError as exc:
+                    raise DaemonUnavailableError(
+                        f"the daemon closed the connection: {exc}"
+                    ) from exc
                 self._conn.receive_data(data)
                 continue
             if isinstance(event, Signal):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +19,8 @@ import numpy as np
 import pytest
 from test_notify import NotifySink
 
-from ctxstore import Context, RemoteError
-from ctxstore.client import build, publish
+from ctxstore import Context, CtxStoreError, RemoteError
+from ctxstore.client import DaemonClient, build, publish
 from ctxstore.messages import Announce, Error, Hello, Subscribe, Subscribed, Welcome
 from ctxstore.protocol import NEED_DATA, Connection, Role
 from ctxstore.store import PersistentStore
@@ -403,3 +405,32 @@ def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         sink.close()
+
+
+@pytest.mark.parametrize("reply", [b"", b"\x00\x00\x00\x05junk!"])
+def test_client_against_a_peer_that_hangs_up_says_so_and_leaks_nothing(
+    tmp_path: Path, reply: bytes
+) -> None:
+    """A daemon that dies during the handshake: a clear error, and the socket is closed."""
+    path = tmp_path / "dying.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def hang_up() -> None:
+        peer, _ = server.accept()
+        with peer:
+            peer.recv(1 << 16)
+            if reply:
+                peer.sendall(reply)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(CtxStoreError) as caught:
+            DaemonClient(path, timeout=5)
+        assert "daemon" in str(caught.value) or "frame" in str(caught.value)
+        thread.join(5)
+        gc.collect()  # an unclosed socket would raise ResourceWarning here (warnings are errors)
+    finally:
+        server.close()
