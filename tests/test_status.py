@@ -272,7 +272,8 @@ def test_status_shows_readers_lag_and_slots(
 
         def caught_up() -> dict[str, Any] | None:
             rows = [r for r in _status(daemon).readers if r["name"] == "worker-1"]
-            if rows and rows[0]["held"] == {"3": 2} and rows[0]["pss"] > 0:
+            # a heartbeat sent between the two get()s above reports no older version yet
+            if rows and rows[0]["held"] == {"3": 2} and rows[0]["older"] and rows[0]["pss"] > 0:
                 return dict(rows[0])
             return None
 
