@@ -4,9 +4,10 @@ One real daemon (``ctxstore daemon``, ``--http off``) and N reader processes,
 each a ``ctxstore.readers.Reader``. This process publishes versions of a
 4-tensor, 64 KiB context with ``ctxstore.client.publish``, one at a time: the
 next one once every reader has it (and, when they follow the slot, has
-acknowledged it and run its callback), after a random 3-10 ms pause. The
-first versions of each stage are warm-up and not counted. The same reader
-processes run two stages:
+acknowledged it and run its callback), after a random 3-10 ms pause. Each
+stage publishes 5 warm-up versions, then measures 200, or stops at 10 s once
+it has 100 (a saturated machine commits slowly: 64 processes polling SQLite
+every millisecond take both cores). The same reader processes run two stages:
 
 1. subscribed only: ``subscribe(slot, callback)`` and nothing else, so an
    announcement costs a reader no more than decoding it and calling back;
@@ -100,8 +101,9 @@ from .scenario import RunContext, Scenario
 REPO = Path(__file__).resolve().parent.parent
 FULL_READERS = (1, 4, 16, 64)
 QUICK_READERS = (1, 4)
-FULL_VERSIONS = 200
-QUICK_VERSIONS = 8
+#: measured versions per stage: up to FULL_VERSIONS, fewer (not under MIN) past the stage budget
+FULL_VERSIONS, FULL_MIN_VERSIONS, FULL_STAGE_BUDGET_S = 200, 100, 10.0
+QUICK_VERSIONS, QUICK_MIN_VERSIONS, QUICK_STAGE_BUDGET_S = 8, 8, 1.0
 FULL_WARMUP = 5
 QUICK_WARMUP = 2
 GAP_S = (0.003, 0.010)
@@ -165,12 +167,10 @@ class Phase:
 
 def run(ctx: RunContext) -> ScenarioResult:
     readers = QUICK_READERS if ctx.quick else FULL_READERS
-    versions = QUICK_VERSIONS if ctx.quick else FULL_VERSIONS
-    warmup = QUICK_WARMUP if ctx.quick else FULL_WARMUP
     result = ScenarioResult()
     skew_before = time.time() - time.monotonic()
     ctx.progress.expect(len(readers) * (2 + len(POLL)))
-    with Bench(ctx, versions, warmup) as bench:
+    with Bench(ctx) as bench:
         for i, n in enumerate(readers):
             phases: list[tuple[str, Callable[[int], dict[str, Phase]]]] = [
                 ("ctxstore", bench.ctxstore),
@@ -261,10 +261,12 @@ def _add(figure: Figure, label: str, role: str, phase: Phase, what: str) -> None
 class Bench:
     """The probed daemon, a temporary directory for sockets and stamps, and every child process."""
 
-    def __init__(self, ctx: RunContext, versions: int, warmup: int) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self.versions = versions
-        self.warmup = warmup
+        self.versions = QUICK_VERSIONS if ctx.quick else FULL_VERSIONS
+        self.min_versions = QUICK_MIN_VERSIONS if ctx.quick else FULL_MIN_VERSIONS
+        self.stage_budget_s = QUICK_STAGE_BUDGET_S if ctx.quick else FULL_STAGE_BUDGET_S
+        self.warmup = QUICK_WARMUP if ctx.quick else FULL_WARMUP
         self.notes: list[str] = []
         self.children: list[subprocess.Popen[bytes]] = []
         self.rng = random.Random(ctx.seed)
@@ -348,7 +350,6 @@ class Bench:
             )
             for i in range(n)
         ]
-        stage_a, stage_b = self._stage(0), self._stage(1)
 
         def heard(k: int) -> bool:
             return stamps.count(RECEIVED, k) == n and stamps.count(CALLBACK, k) == n
@@ -359,36 +360,36 @@ class Bench:
         try:
             self._wait_flag(stamps, procs, READY)
             with _cpu(procs) as cpu_a:
-                wall_a, missing_a = self._publish_versions(slot, stage_a, heard)
+                stage_a = self._publish_versions(slot, 2, heard)
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(b"follow\n")
                 proc.stdin.flush()
             self._wait_flag(stamps, procs, FOLLOWING)
             with _cpu(procs) as cpu_b, _cpu([self.daemon]) as daemon_cpu:
-                wall_b, missing_b = self._publish_versions(slot, stage_b, acked)
+                stage_b = self._publish_versions(slot, stage_a.next, acked)
         finally:
             for proc in procs:
                 if proc.stdin is not None:
                     with contextlib.suppress(OSError):
                         proc.stdin.close()
             _reap(procs)
-        subscribed = self._phase(stamps, stage_a, ("notified", RECEIVED))
-        subscribed.missing = missing_a
-        _set_cpu(subscribed, cpu_a.seconds, wall_a, self.versions)
-        following = self._phase(
-            stamps, stage_b, ("notified", RECEIVED), ("callback", CALLBACK), ("acked", ACKED)
+        subscribed = _phase(stamps, stage_a, cpu_a.seconds, ("notified", RECEIVED))
+        following = _phase(
+            stamps,
+            stage_b,
+            cpu_b.seconds,
+            ("notified", RECEIVED),
+            ("callback", CALLBACK),
+            ("acked", ACKED),
         )
-        following.missing = missing_b
-        _set_cpu(following, cpu_b.seconds, wall_b, self.versions)
-        following.notes += _breakdown(stamps, self._measured(stage_b), n)
+        following.notes += _breakdown(stamps, stage_b.measured, n)
         following.notes.append(
-            f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / self.versions * 1e9)} of "
+            f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / stage_b.count * 1e9)} of "
             "CPU per version (publish request, commit, announce, acks, heartbeats)"
         )
-        for what, phase in (("subscribed only", subscribed), ("following", following)):
-            if phase.missing:
-                phase.notes.append(f"N={n} ctxstore {what}: {phase.missing} versions timed out")
+        _note_missing(subscribed, f"N={n} ctxstore subscribed only")
+        _note_missing(following, f"N={n} ctxstore following")
         stamps.close()
         return {"ctxstore": following, "subscribed": subscribed}
 
@@ -401,28 +402,21 @@ class Bench:
             self._spawn(["poller", db, str(slot), str(i), str(interval), str(stamps.path)])
             for i in range(n)
         ]
-        stage = self._stage(0)
         try:
             self._wait_flag(stamps, procs, READY)
             with _cpu(procs) as readers_cpu:
-                wall, missing = self._publish_versions(
-                    slot, stage, lambda k: stamps.count(RECEIVED, k) == n
-                )
+                stage = self._publish_versions(slot, 2, lambda k: stamps.count(RECEIVED, k) == n)
         finally:
             stamps.put(CONTROL, 0, STOP, 1.0)
             _reap(procs)
-        phase = self._phase(stamps, stage, ("notified", RECEIVED))
-        phase.missing = missing
-        _set_cpu(phase, readers_cpu.seconds, wall, self.versions)
-        if missing:
-            phase.notes.append(f"N={n} {POLL[interval]}: {missing} versions timed out")
+        phase = _phase(stamps, stage, readers_cpu.seconds, ("notified", RECEIVED))
+        _note_missing(phase, f"N={n} {POLL[interval]}")
         stamps.close()
         return phase
 
     def floor(self, n: int) -> Phase:
         slot = next(self._slots)  # only names the stamps file
         stamps = self._stamps(slot, n)
-        stage = self._stage(0)
         path = self.tmp / f"floor-{slot}.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.bind(str(path))
@@ -438,17 +432,14 @@ class Bench:
                     conn.settimeout(START_TIMEOUT_S)
                     conns.append((conn, int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")))
                 with _cpu(procs) as readers_cpu:
-                    wall, missing = self._floor_versions(stamps, stage, conns)
+                    stage = self._floor_versions(stamps, conns)
             finally:
                 for conn, _index in conns:
                     conn.close()
                 _reap(procs)
-        phase = self._phase(stamps, stage, ("notified", RECEIVED), ("acked", ACKED))
-        phase.missing = missing
-        _set_cpu(phase, readers_cpu.seconds, wall, self.versions)
-        sends = [
-            stamps.get(ANNOUNCE_END, 0, k) - stamps.get(COMMIT, 0, k) for k in self._measured(stage)
-        ]
+        phase = _phase(stamps, stage, readers_cpu.seconds, ("notified", RECEIVED), ("acked", ACKED))
+        _note_missing(phase, f"N={n} floor")
+        sends = [stamps.get(ANNOUNCE_END, 0, k) - stamps.get(COMMIT, 0, k) for k in stage.measured]
         phase.notes.append(
             f"N={n} floor: the server's {n} sends take {format_ns(statistics.median(sends) * 1e9)}"
             " (p50)"
@@ -457,14 +448,6 @@ class Bench:
         return phase
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _stage(self, i: int) -> range:
-        """Version numbers published in stage ``i`` of a phase (version 1 is there before)."""
-        first = 2 + i * (self.warmup + self.versions)
-        return range(first, first + self.warmup + self.versions)
-
-    def _measured(self, stage: range) -> range:
-        return stage[self.warmup :]
 
     def _wait_flag(self, stamps: Stamps, procs: list[subprocess.Popen[bytes]], flag: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -476,57 +459,90 @@ class Bench:
                 raise TimeoutError(f"fan-out readers not ready after {START_TIMEOUT_S:g} s")
             time.sleep(0.01)
 
-    def _publish_versions(
-        self, slot: int, stage: range, done: Callable[[int], bool]
-    ) -> tuple[float, int]:
-        """Publish a stage's versions one by one; returns (wall s of the measured ones, missed)."""
-        missing = 0
-        started = 0.0
-        for k in stage:
-            if k == stage[self.warmup]:
-                started = time.perf_counter()
+    def _versions(self, first: int, send: Callable[[int], bool]) -> Stage:
+        """Warm-up, then measured versions from ``first`` until enough or the stage's time is up.
+
+        ``send(k)`` publishes version k and waits until it arrived; False if it timed out.
+        """
+        stage = Stage(measured=[], next=first)
+        for _ in range(self.warmup):
+            send(stage.next)
+            stage.next += 1
+            time.sleep(self.rng.uniform(*GAP_S))
+        started = time.perf_counter()
+        while stage.count < self.versions:
+            elapsed = time.perf_counter() - started
+            if stage.count >= self.min_versions and elapsed > self.stage_budget_s:
+                break
+            if not send(stage.next):
+                stage.missing += 1
+            stage.measured.append(stage.next)
+            stage.next += 1
+            time.sleep(self.rng.uniform(*GAP_S))
+        stage.wall_s = time.perf_counter() - started
+        return stage
+
+    def _publish_versions(self, slot: int, first: int, done: Callable[[int], bool]) -> Stage:
+        def send(k: int) -> bool:
             version = self._publish(slot, k)
             if version != k:
                 raise RuntimeError(f"slot {slot}: published version {version}, expected {k}")
-            if not _wait_until(functools.partial(done, k), VERSION_TIMEOUT_S):
-                missing += 1
-            time.sleep(self.rng.uniform(*GAP_S))
-        return time.perf_counter() - started, missing
+            return _wait_until(functools.partial(done, k), VERSION_TIMEOUT_S)
 
-    def _floor_versions(
-        self, stamps: Stamps, stage: range, conns: list[tuple[socket.socket, int]]
-    ) -> tuple[float, int]:
-        missing = 0
-        started = 0.0
+        return self._versions(first, send)
+
+    def _floor_versions(self, stamps: Stamps, conns: list[tuple[socket.socket, int]]) -> Stage:
         with selectors.DefaultSelector() as sel:
             for conn, index in conns:
                 conn.setblocking(False)
                 sel.register(conn, selectors.EVENT_READ, index)
-            for k in stage:
-                if k == stage[self.warmup]:
-                    started = time.perf_counter()
+
+            def send(k: int) -> bool:
                 frame = k.to_bytes(8, "little")
                 stamps.put(COMMIT, 0, k, time.time())
                 for conn, _index in conns:
                     conn.send(frame)
                 stamps.put(ANNOUNCE_END, 0, k, time.time())
-                if not _read_answers(sel, stamps, k, len(conns)):
-                    missing += 1
-                time.sleep(self.rng.uniform(*GAP_S))
-        return time.perf_counter() - started, missing
+                return _read_answers(sel, stamps, k, len(conns))
 
-    def _phase(self, stamps: Stamps, stage: range, *events: tuple[str, int]) -> Phase:
-        commit = stamps.plane(COMMIT)[0]
-        phase = Phase()
-        for what, plane in events:
-            rows = stamps.plane(plane)
-            samples = []
-            for k in self._measured(stage):
-                times = [row[k] for row in rows]
-                if commit[k] and all(times):
-                    samples.append((max(times) - commit[k]) * 1e9)
-            phase.latencies[what] = samples
-        return phase
+            return self._versions(2, send)
+
+
+@dataclass
+class Stage:
+    """The versions one stage published and measured."""
+
+    measured: list[int]
+    next: int
+    wall_s: float = 0.0
+    missing: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.measured)
+
+
+def _phase(stamps: Stamps, stage: Stage, cpu_s: float, *events: tuple[str, int]) -> Phase:
+    """Per version: the last reader's stamp in each event's plane minus the commit stamp."""
+    commit = stamps.plane(COMMIT)[0]
+    phase = Phase(missing=stage.missing)
+    for what, plane in events:
+        rows = stamps.plane(plane)
+        samples = []
+        for k in stage.measured:
+            times = [row[k] for row in rows]
+            if commit[k] and all(times):
+                samples.append((max(times) - commit[k]) * 1e9)
+        phase.latencies[what] = samples
+    if stage.wall_s > 0:
+        phase.cpu_ns_per_s = cpu_s / stage.wall_s * 1e9
+        phase.versions_per_s = stage.count / stage.wall_s
+    return phase
+
+
+def _note_missing(phase: Phase, what: str) -> None:
+    if phase.missing:
+        phase.notes.append(f"{what}: {phase.missing} versions timed out (not counted)")
 
 
 def _read_answers(sel: selectors.BaseSelector, stamps: Stamps, k: int, n: int) -> bool:
@@ -547,7 +563,7 @@ def _read_answers(sel: selectors.BaseSelector, stamps: Stamps, k: int, n: int) -
     return True
 
 
-def _breakdown(stamps: Stamps, versions: range, n: int) -> list[str]:
+def _breakdown(stamps: Stamps, versions: Sequence[int], n: int) -> list[str]:
     """Where the time goes from COMMIT to the last ack (medians over the measured versions)."""
     commit, start, end = (stamps.plane(p)[0] for p in (COMMIT, ANNOUNCE_START, ANNOUNCE_END))
     received, acked = stamps.plane(RECEIVED), stamps.plane(ACKED)
@@ -582,11 +598,6 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.0005)
     return True
-
-
-def _set_cpu(phase: Phase, cpu_s: float, wall_s: float, versions: int) -> None:
-    phase.cpu_ns_per_s = cpu_s / wall_s * 1e9 if wall_s > 0 else 0.0
-    phase.versions_per_s = versions / wall_s if wall_s > 0 else 0.0
 
 
 @dataclass
