@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CtxStoreError, InvalidInputError
+from .errors import CtxStoreError, InvalidInputError, NotFoundError
 from .paths import default_socket_path, default_store_dir
 from .records import Problem
 from .store import PersistentStore
@@ -263,6 +263,39 @@ def cmd_soak(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
 
+def find_bench_checkout(starts: Sequence[Path] | None = None) -> Path:
+    """The source checkout whose ``bench/`` harness ``ctxstore bench`` runs.
+
+    The harness is not part of the installed package: it lives in the
+    repository. Looked for in the working directory and its parents, then
+    beside the package itself (an editable install).
+    """
+    from . import __file__ as package_file
+
+    if starts is None:
+        here = Path.cwd()
+        starts = [here, *here.parents, Path(package_file).resolve().parent.parent]
+    for root in starts:
+        if (root / "bench" / "__main__.py").is_file() and (root / "pyproject.toml").is_file():
+            return root
+    raise NotFoundError(
+        "ctxstore bench runs the harness in bench/ of a ctxstore source checkout, which "
+        "`pip install .` does not install: run it inside the clone (or pip install -e it)"
+    )
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """``ctxstore bench ARGS``: ``python -m bench ARGS`` in the checkout; its exit code."""
+    import subprocess
+
+    try:
+        root = find_bench_checkout()
+    except CtxStoreError as exc:
+        print(f"ctxstore bench: error: {exc}", file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, "-m", "bench", *argv], cwd=root)
+
+
 # -- monitoring commands: status and watch ----------------------------------------------------
 
 
@@ -461,7 +494,11 @@ def _monitor_commands(command: Callable[[str, Handler, str], argparse.ArgumentPa
 # -- parser -----------------------------------------------------------------------------------
 
 
-def _soak_command(command: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+def _measuring_commands(
+    sub: Any, command: Callable[[str, Handler, str], argparse.ArgumentParser]
+) -> None:
+    """``soak``, and ``bench`` (listed for --help: main() hands it to the harness unparsed)."""
+    sub.add_parser("bench", help="run the benchmark harness: python -m bench (--help: its flags)")
     p = command("soak", cmd_soak, "commit continuously under N readers; report resources over time")
     p.add_argument("--minutes", type=_positive(float), default=1.0, help="how long (default 1)")
     p.add_argument("--readers", type=_positive(int), default=16, help="reader processes (16)")
@@ -538,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedded", action="store_true", help="no daemon: one process commits and reads back"
     )
 
-    _soak_command(command)
+    _measuring_commands(sub, command)
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
     _daemon_flags(p)
 
@@ -601,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every argument, --help included, belongs to the harness
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -424,3 +424,30 @@ def test_report_marks_missed_goals_and_lists_pending_scenarios(bench: Any) -> No
     data = as_json(run)
     assert data["scenarios"]["x"]["figures"][0]["verdict"]["met"] is False
     json.dumps(data)
+
+
+def test_ctxstore_bench_runs_the_harness_of_the_checkout(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctxstore.cli import find_bench_checkout, main
+
+    monkeypatch.chdir(tmp_path)  # found beside the (editable) package, wherever we stand
+    assert find_bench_checkout() == REPO
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxstore.cli", "bench", "--list"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert {"open", "commit", "fanout", "memory", "scale"} <= {
+        line.split()[0] for line in proc.stdout.splitlines() if line.strip()
+    }
+    assert main(["bench", "--only", "no-such-scenario"]) != 0
+
+
+def test_ctxstore_bench_outside_a_checkout_says_where_to_run_it(tmp_path: Path) -> None:
+    from ctxstore.cli import find_bench_checkout
+    from ctxstore.errors import NotFoundError
+
+    (tmp_path / "bench").mkdir()  # a bench/ folder that is not our harness
+    with pytest.raises(NotFoundError, match="source checkout"):
+        find_bench_checkout([tmp_path, tmp_path.parent])
