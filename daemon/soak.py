@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from ctxstore import layout
 from ctxstore.client import SHM_PREFIX, publish, wait_until_listening
 from ctxstore.context import Context
 from ctxstore.errors import DaemonUnavailableError
@@ -90,6 +91,8 @@ class Sample:
     readers_pss: int
     shm_bytes: int
     disk_bytes: int
+    index_bytes: int = 0  # of disk_bytes: index.db with its -wal and -shm
+    versions: int = 0  # version directories on disk (retention's own plus reader-held ones)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,22 @@ def disk_usage(root: Path) -> int:
     return total
 
 
+def _index_bytes(store: Path) -> int:
+    index = layout.index_path(store)
+    total = 0
+    for path in (index, index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def _version_dirs(store: Path) -> int:
+    slots = layout.slots_dir(store)
+    with contextlib.suppress(OSError):
+        return sum(len(os.listdir(slots / slot)) for slot in os.listdir(slots))
+    return 0
+
+
 def _memory(pids: Sequence[int]) -> tuple[int, int]:
     rss = pss = 0
     for pid in pids:
@@ -189,17 +208,22 @@ def take_sample(t: float, commits: int, daemon: int, readers: Sequence[int], sto
         readers_pss=readers_pss,
         shm_bytes=_shm_bytes(store),
         disk_bytes=disk_usage(store),
+        index_bytes=_index_bytes(store),
+        versions=_version_dirs(store),
     )
 
 
 def _row(s: Sample) -> list[str]:
-    mib = [f"{v / MiB:.1f}" for v in (s.daemon_rss, s.readers_rss, s.readers_pss, s.disk_bytes)]
+    mib = [
+        f"{v / MiB:.1f}"
+        for v in (s.daemon_rss, s.readers_rss, s.readers_pss, s.disk_bytes, s.index_bytes)
+    ]
     return [f"{s.t:.0f}", str(s.commits), mib[0], str(s.daemon_fds), mib[1], mib[2],
-            f"{s.shm_bytes >> 10}", mib[3]]  # fmt: skip
+            f"{s.shm_bytes >> 10}", mib[3], mib[4], str(s.versions)]  # fmt: skip
 
 
 HEADERS = ("t s", "commits", "daemon RSS MiB", "daemon fds", "readers RSS MiB",
-           "readers PSS MiB", "shm KiB", "disk MiB")  # fmt: skip
+           "readers PSS MiB", "shm KiB", "disk MiB", "index MiB", "versions")  # fmt: skip
 
 
 # -- the fleet --------------------------------------------------------------------------------
