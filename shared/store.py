@@ -25,6 +25,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +177,8 @@ class PersistentStore:
         """Close connections and release the writer lock; idempotent."""
         self._closed = True
         with self._conns_lock:
-            conns, self._read_conns = self._read_conns, []
+            conns = list(self._read_conns)
+            self._read_conns.clear()  # in place: the threads' finalizers see it
         if os.getpid() == self._pid:
             for conn in conns:
                 conn.close()
@@ -203,17 +205,19 @@ class PersistentStore:
     # -- connections ----------------------------------------------------------------------
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read connection (reopened after fork)."""
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
-            return conn
+        """This thread's read connection (reopened after fork, closed when the thread ends)."""
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        if held is not None and held.pid == os.getpid():
+            return held.conn
         if self._closed:
             raise ClosedError(f"store {self.root} is closed")
         conn = connect(layout.index_path(self.root), readonly=True)
-        local.conn, local.pid = conn, os.getpid()
+        self._local.held = held = _ThreadConnection(conn, os.getpid())
         with self._conns_lock:
             self._read_conns.append(conn)
+        # A thread's locals die with it: short-lived threads (hooks) must not leave fds behind.
+        weakref.finalize(held, _forget_connection, held.conn, held.pid, self._read_conns,
+                         self._conns_lock)  # fmt: skip
         return conn
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
@@ -898,3 +902,31 @@ def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:
     if stored[: len(header)].tobytes() != header:
         return False
     return bool(np.array_equal(stored[len(header) :], np.frombuffer(data, dtype=np.uint8)))
+
+
+class _ThreadConnection:
+    """One thread's read connection; its thread-local slot is the only strong reference."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+
+def _forget_connection(
+    conn: sqlite3.Connection, pid: int, conns: list[sqlite3.Connection], lock: threading.Lock
+) -> None:
+    """Close a dead thread's read connection unless close() took it or we are a forked child.
+
+    A child must never close its parent's SQLite connection (it could release
+    the parent's locks or checkpoint under it); it just forgets it.
+    """
+    if os.getpid() != pid:
+        return
+    with lock:
+        if not any(c is conn for c in conns):
+            return
+        conns[:] = [c for c in conns if c is not conn]
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()

@@ -341,3 +341,42 @@ def test_context_is_a_value_the_store_does_not_share(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="read-only"):
         ctx.weights["stamp"][0] = 0
     check_context(ctx, 0, 1)
+
+
+def _index_fds(store: PersistentStore) -> int:
+    index = str(store.root / "index.db")
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd).startswith(index)
+        except OSError:
+            continue  # closed while we listed
+    return count
+
+
+def test_a_threads_read_connection_closes_when_the_thread_ends(tmp_path: Path) -> None:
+    """Short-lived threads (commit hooks run in one each) leave no SQLite connection behind.
+
+    SQLite keeps one closed descriptor aside while another connection of the
+    process holds locks on the file (and reuses it): so the count is taken
+    after a first thread, and must not grow with the number of threads.
+    """
+
+    def in_a_thread() -> None:
+        seen: list[int | None] = []
+        thread = threading.Thread(target=lambda: seen.append(store.current_version(1)))
+        thread.start()
+        thread.join()
+        assert seen == [1]
+
+    with PersistentStore(tmp_path / "store") as store:
+        store.save_context(1, Context({"w": np.zeros(4)}))
+        assert store.current_version(1) == 1  # this thread's connection, kept
+        in_a_thread()
+        before = _index_fds(store)
+        for _ in range(20):
+            in_a_thread()
+        assert _index_fds(store) == before
+        assert store.current_version(1) == 1
+    assert _index_fds(store) == 0
