@@ -314,23 +314,6 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _fetch_status(client: DaemonClient) -> Status:
-    """One StatusRequest round trip on ``client``; a lost socket says so."""
-    from .errors import DaemonUnavailableError
-    from .messages import Status, StatusRequest
-
-    request_id = client.next_request_id()
-    try:
-        reply = client.request(StatusRequest(request_id=request_id), request_id)
-    except CtxStoreError:
-        raise
-    except OSError as exc:
-        raise DaemonUnavailableError(f"lost the ctxstore daemon at {client.path}: {exc}") from exc
-    if not isinstance(reply, Status):
-        raise DaemonUnavailableError(f"the daemon answered status with {reply.TYPE!r}")
-    return reply
-
-
 def _status_text(args: argparse.Namespace, status: Status) -> str:
     import os
 
@@ -377,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 client = client or DaemonClient(
                     socket_path(args), name="ctxstore-status", role="admin", timeout=10.0
                 )
-                text = _status_text(args, _fetch_status(client))
+                text = _status_text(args, client.status())
             except CtxStoreError as exc:
                 if not args.watch:
                     raise

@@ -38,6 +38,8 @@ from .messages import (
     Published,
     PublishFile,
     PublishShm,
+    Status,
+    StatusRequest,
     TensorSpec,
     Welcome,
 )
@@ -124,6 +126,17 @@ class DaemonClient:
                 raise RemoteError(reply.kind, reply.message)
             if getattr(reply, "request_id", None) == request_id:
                 return reply
+
+    def status(self) -> Status:
+        """The daemon's Status: itself, its connected peers and its slots (one round trip)."""
+        request_id = self.next_request_id()
+        try:
+            reply = self.request(StatusRequest(request_id=request_id), request_id)
+        except OSError as exc:
+            raise DaemonUnavailableError(f"lost the ctxstore daemon at {self.path}: {exc}") from exc
+        if not isinstance(reply, Status):
+            raise DaemonUnavailableError(f"the daemon answered status with {reply.TYPE!r}")
+        return reply
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
