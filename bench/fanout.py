@@ -74,13 +74,13 @@ from ctxstore.versiontable import segment_name
 
 from . import plots
 from .harness import (
+    AllOf,
     AtMost,
     Figure,
     Goal,
     RatioAtMost,
     ScenarioResult,
     Stats,
-    Verdict,
     format_ns,
 )
 from .peers import (
@@ -125,25 +125,6 @@ FLOOR_NOTIFIED = "floor: bare Unix-socket fan-out (8-byte frame)"
 FLOOR_ACKED = "floor: bare fan-out + 8-byte answer read back"
 FLOOR_CPU = "floor clients (recv + answer)"
 POLL = {0.001: "SQLite polling every 1 ms", 0.010: "SQLite polling every 10 ms"}
-
-
-@dataclass(frozen=True, slots=True)
-class AllOf:
-    """Every one of ``goals`` (issue 3 sets a p99 limit and a floor ratio on one figure)."""
-
-    goals: tuple[Goal, ...]
-    source: str
-
-    @property
-    def text(self) -> str:
-        return " and ".join(g.text for g in self.goals)
-
-    def judge(self, figure: Figure) -> Verdict | None:
-        verdicts = [g.judge(figure) for g in self.goals]
-        if any(v is None for v in verdicts):
-            return None
-        shown = "; ".join(v.shown for v in verdicts if v is not None)
-        return Verdict(shown, all(v.met for v in verdicts if v is not None))
 
 
 def goal_for(readers: int, floor: str) -> Goal:
@@ -278,13 +259,17 @@ class Bench:
         }
         self._slots = iter(range(1, 1_000_000))
 
+    def next_slot(self) -> int:
+        """A slot no phase has used yet (each phase publishes to its own)."""
+        return next(self._slots)
+
     def __enter__(self) -> Bench:
         shm = Path("/dev/shm")
         self.tmp = Path(tempfile.mkdtemp(prefix="ctxfan-", dir=shm if shm.is_dir() else None))
         self.store = self.ctx.data_dir / "store"
         self.sock = self.tmp / "ctx.sock"
         self.log = (self.ctx.data_dir / "daemon.log").open("wb")
-        self.daemon = self._spawn(
+        self.daemon = self.spawn(
             ["daemon", str(self.store), str(self.sock), str(self.tmp)], stdout=self.log
         )
         try:
@@ -312,7 +297,7 @@ class Bench:
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _spawn(
+    def spawn(
         self, args: Sequence[str], *, stdin: int | None = None, stdout: object = None
     ) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(
@@ -327,11 +312,11 @@ class Bench:
 
     # -- phases ------------------------------------------------------------------------------
 
-    def _stamps(self, slot: int, readers: int, *, stages: int = 1) -> Stamps:
+    def stamps_for(self, slot: int, readers: int, *, stages: int = 1) -> Stamps:
         versions = 2 + stages * (self.warmup + self.versions)
         return Stamps.create(self.tmp / f"{slot}.stamps", readers, versions)
 
-    def _publish(self, slot: int, k: int) -> int:
+    def publish(self, slot: int, k: int) -> int:
         weights = dict(self.weights)
         first = next(iter(weights))
         weights[first] = weights[first].copy()
@@ -340,11 +325,11 @@ class Bench:
 
     def ctxstore(self, n: int) -> dict[str, Phase]:
         """N Readers: first subscribed only, then (same processes) following the slot."""
-        slot = next(self._slots)
-        stamps = self._stamps(slot, n, stages=2)
-        self._publish(slot, 1)
+        slot = self.next_slot()
+        stamps = self.stamps_for(slot, n, stages=2)
+        self.publish(slot, 1)
         procs = [
-            self._spawn(
+            self.spawn(
                 ["reader", str(self.store), str(self.sock), str(slot), str(i), str(stamps.path)],
                 stdin=subprocess.PIPE,
             )
@@ -358,14 +343,14 @@ class Bench:
             return stamps.count(ACKED, k) == n and stamps.count(CALLBACK, k) == n
 
         try:
-            self._wait_flag(stamps, procs, READY)
+            self.wait_flag(stamps, procs, READY)
             with _cpu(procs) as cpu_a:
                 stage_a = self._publish_versions(slot, 2, heard)
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(b"follow\n")
                 proc.stdin.flush()
-            self._wait_flag(stamps, procs, FOLLOWING)
+            self.wait_flag(stamps, procs, FOLLOWING)
             with _cpu(procs) as cpu_b, _cpu([self.daemon]) as daemon_cpu:
                 stage_b = self._publish_versions(slot, stage_a.next, acked)
         finally:
@@ -373,9 +358,9 @@ class Bench:
                 if proc.stdin is not None:
                     with contextlib.suppress(OSError):
                         proc.stdin.close()
-            _reap(procs)
-        subscribed = _phase(stamps, stage_a, cpu_a.seconds, ("notified", RECEIVED))
-        following = _phase(
+            reap(procs)
+        subscribed = phase_of(stamps, stage_a, cpu_a.seconds, ("notified", RECEIVED))
+        following = phase_of(
             stamps,
             stage_b,
             cpu_b.seconds,
@@ -394,36 +379,36 @@ class Bench:
         return {"ctxstore": following, "subscribed": subscribed}
 
     def polling(self, n: int, interval: float) -> Phase:
-        slot = next(self._slots)
-        stamps = self._stamps(slot, n)
-        self._publish(slot, 1)
+        slot = self.next_slot()
+        stamps = self.stamps_for(slot, n)
+        self.publish(slot, 1)
         db = str(self.store / "index.db")
         procs = [
-            self._spawn(["poller", db, str(slot), str(i), str(interval), str(stamps.path)])
+            self.spawn(["poller", db, str(slot), str(i), str(interval), str(stamps.path)])
             for i in range(n)
         ]
         try:
-            self._wait_flag(stamps, procs, READY)
+            self.wait_flag(stamps, procs, READY)
             with _cpu(procs) as readers_cpu:
                 stage = self._publish_versions(slot, 2, lambda k: stamps.count(RECEIVED, k) == n)
         finally:
             stamps.put(CONTROL, 0, STOP, 1.0)
-            _reap(procs)
-        phase = _phase(stamps, stage, readers_cpu.seconds, ("notified", RECEIVED))
+            reap(procs)
+        phase = phase_of(stamps, stage, readers_cpu.seconds, ("notified", RECEIVED))
         _note_missing(phase, f"N={n} {POLL[interval]}")
         stamps.close()
         return phase
 
     def floor(self, n: int) -> Phase:
-        slot = next(self._slots)  # only names the stamps file
-        stamps = self._stamps(slot, n)
+        slot = self.next_slot()  # only names the stamps file
+        stamps = self.stamps_for(slot, n)
         path = self.tmp / f"floor-{slot}.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.bind(str(path))
             server.listen(n)
             server.settimeout(START_TIMEOUT_S)
             procs = [
-                self._spawn(["floor-client", str(path), str(i), str(stamps.path)]) for i in range(n)
+                self.spawn(["floor-client", str(path), str(i), str(stamps.path)]) for i in range(n)
             ]
             conns: list[tuple[socket.socket, int]] = []
             try:
@@ -436,8 +421,10 @@ class Bench:
             finally:
                 for conn, _index in conns:
                     conn.close()
-                _reap(procs)
-        phase = _phase(stamps, stage, readers_cpu.seconds, ("notified", RECEIVED), ("acked", ACKED))
+                reap(procs)
+        phase = phase_of(
+            stamps, stage, readers_cpu.seconds, ("notified", RECEIVED), ("acked", ACKED)
+        )
         _note_missing(phase, f"N={n} floor")
         sends = [stamps.get(ANNOUNCE_END, 0, k) - stamps.get(COMMIT, 0, k) for k in stage.measured]
         phase.notes.append(
@@ -449,7 +436,7 @@ class Bench:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _wait_flag(self, stamps: Stamps, procs: list[subprocess.Popen[bytes]], flag: int) -> None:
+    def wait_flag(self, stamps: Stamps, procs: list[subprocess.Popen[bytes]], flag: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while stamps.count(CONTROL, flag) < len(procs):
             dead = [p.pid for p in procs if p.poll() is not None]
@@ -459,7 +446,7 @@ class Bench:
                 raise TimeoutError(f"fan-out readers not ready after {START_TIMEOUT_S:g} s")
             time.sleep(0.01)
 
-    def _versions(self, first: int, send: Callable[[int], bool]) -> Stage:
+    def versions_until(self, first: int, send: Callable[[int], bool]) -> Stage:
         """Warm-up, then measured versions from ``first`` until enough or the stage's time is up.
 
         ``send(k)`` publishes version k and waits until it arrived; False if it timed out.
@@ -484,12 +471,12 @@ class Bench:
 
     def _publish_versions(self, slot: int, first: int, done: Callable[[int], bool]) -> Stage:
         def send(k: int) -> bool:
-            version = self._publish(slot, k)
+            version = self.publish(slot, k)
             if version != k:
                 raise RuntimeError(f"slot {slot}: published version {version}, expected {k}")
-            return _wait_until(functools.partial(done, k), VERSION_TIMEOUT_S)
+            return wait_until(functools.partial(done, k), VERSION_TIMEOUT_S)
 
-        return self._versions(first, send)
+        return self.versions_until(first, send)
 
     def _floor_versions(self, stamps: Stamps, conns: list[tuple[socket.socket, int]]) -> Stage:
         with selectors.DefaultSelector() as sel:
@@ -505,7 +492,7 @@ class Bench:
                 stamps.put(ANNOUNCE_END, 0, k, time.time())
                 return _read_answers(sel, stamps, k, len(conns))
 
-            return self._versions(2, send)
+            return self.versions_until(2, send)
 
 
 @dataclass
@@ -522,12 +509,23 @@ class Stage:
         return len(self.measured)
 
 
-def _phase(stamps: Stamps, stage: Stage, cpu_s: float, *events: tuple[str, int]) -> Phase:
-    """Per version: the last reader's stamp in each event's plane minus the commit stamp."""
+def phase_of(
+    stamps: Stamps,
+    stage: Stage,
+    cpu_s: float,
+    *events: tuple[str, int],
+    readers: Sequence[int] | None = None,
+) -> Phase:
+    """Per version: the last reader's stamp in each event's plane minus the commit stamp.
+
+    ``readers`` limits "the last reader" to those readers (default: all).
+    """
     commit = stamps.plane(COMMIT)[0]
     phase = Phase(missing=stage.missing)
     for what, plane in events:
         rows = stamps.plane(plane)
+        if readers is not None:
+            rows = [rows[i] for i in readers]
         samples = []
         for k in stage.measured:
             times = [row[k] for row in rows]
@@ -591,7 +589,7 @@ def _breakdown(stamps: Stamps, versions: Sequence[int], n: int) -> list[str]:
     return [f"N={n} ctxstore, where the time goes (p50 of each step): " + "; ".join(shown)]
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -633,7 +631,7 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def _reap(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def reap(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for proc in procs:
         try:

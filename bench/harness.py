@@ -321,22 +321,44 @@ class AtMost:
 
 @dataclass(frozen=True, slots=True)
 class RatioAtMost:
-    """ctxstore's median at most ``factor`` times the ``reference`` measurement's."""
+    """ctxstore's median (or p99) at most ``factor`` times the ``reference`` measurement's."""
 
     reference: str
     factor: float
     source: str
+    stat: Literal["median", "p99"] = "median"
 
     @property
     def text(self) -> str:
-        return f"<= {self.factor:g}x {self.reference}"
+        which = "" if self.stat == "median" else "p99 "
+        return f"{which}<= {self.factor:g}x {self.reference}"
 
     def judge(self, figure: Figure) -> Verdict | None:
         m, ref = figure.ctxstore, figure.get(self.reference)
         if m is None or ref is None:
             return None
-        ratio = m.stats.median / ref.stats.median
-        return Verdict(f"{ratio:.2f}x", ratio <= self.factor, ratio)
+        ratio = _stat(m, self.stat) / _stat(ref, self.stat)
+        which = "" if self.stat == "median" else "p99 "
+        return Verdict(f"{which}{ratio:.2f}x", ratio <= self.factor, ratio)
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    """Every one of ``goals`` (an issue may set a p99 limit and a ratio on one figure)."""
+
+    goals: tuple[Goal, ...]
+    source: str
+
+    @property
+    def text(self) -> str:
+        return " and ".join(g.text for g in self.goals)
+
+    def judge(self, figure: Figure) -> Verdict | None:
+        verdicts = [g.judge(figure) for g in self.goals]
+        if any(v is None for v in verdicts):
+            return None
+        shown = "; ".join(v.shown for v in verdicts if v is not None)
+        return Verdict(shown, all(v.met for v in verdicts if v is not None))
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,11 @@
   every ``--interval`` seconds and stamps when it sees a new version.
 * ``floor-client``: a bare Unix-socket client: blocks in ``recv``, stamps the
   frame, sends 8 bytes back.
+* ``idle``: a Reader attached to the daemon that never reads a context (it
+  answers heartbeats, nothing else); says ``ready``, exits when stdin closes.
+* ``mute``: a raw socket that says hello and subscribes to one slot, then
+  never reads its socket again (announcements pile up in its buffer); says
+  ``ready``, exits when stdin closes.
 * ``memory``: opens a Reader (mapping nothing), says ``bare``; on ``load`` it
   loads a context one of four ways (``ctxstore``, ``private``, ``shm``, ``none``)
   and touches every page, then says ``loaded``; it exits when stdin closes.
@@ -278,6 +283,41 @@ def run_floor_client(sock_path: str, index: int, stamps_path: Path) -> int:
     return 0
 
 
+# -- peers that never read --------------------------------------------------------------------
+
+
+def run_idle(store: str, sock: str) -> int:
+    """An attached Reader that never calls get(): it costs the daemon a session, nothing more."""
+    from ctxstore.readers import Reader
+
+    with Reader(store=store, socket=sock, name=f"idle-{os.getpid()}") as reader:
+        _wait(lambda: reader.connected, 60.0, "connect to the daemon")
+        _say("ready")
+        sys.stdin.read()
+    return 0
+
+
+def run_mute(sock_path: str, slot: int) -> int:
+    """Hello, the welcome, Subscribe(slot), then never a read: the daemon's frames pile up."""
+    import socket
+
+    from ctxstore.messages import Hello, Subscribe, Welcome
+    from ctxstore.protocol import NEED_DATA, Connection, Role
+
+    conn = Connection(Role.CLIENT)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.connect(sock_path)
+        peer.sendall(conn.send(Hello(role="reader", name=f"mute-{os.getpid()}", pid=os.getpid())))
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(peer.recv(1 << 16))
+        if not isinstance(event, Welcome):
+            raise RuntimeError(f"the daemon answered hello with {event!r}")
+        peer.sendall(conn.send(Subscribe(request_id=1, slots=(slot,))))
+        _say("ready")
+        sys.stdin.read()
+    return 0
+
+
 # -- memory readers ----------------------------------------------------------------------------
 
 
@@ -374,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("socket")
     p.add_argument("index", type=int)
     p.add_argument("stamps", type=Path)
+    p = sub.add_parser("idle")
+    p.add_argument("store")
+    p.add_argument("socket")
+    p = sub.add_parser("mute")
+    p.add_argument("socket")
+    p.add_argument("slot", type=int)
     p = sub.add_parser("memory")
     p.add_argument("how", choices=("ctxstore", "private", "shm", "none"))
     p.add_argument("store")
@@ -391,6 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_poller(args.db, args.slot, args.index, args.interval, args.stamps)
         case "floor-client":
             return run_floor_client(args.socket, args.index, args.stamps)
+        case "idle":
+            return run_idle(args.store, args.socket)
+        case "mute":
+            return run_mute(args.socket, args.slot)
         case _:
             return run_memory(
                 args.how, args.store, args.socket, args.slot, args.version_dir, args.shm_name

@@ -196,3 +196,22 @@ def memory_pss(result: ScenarioResult, out: Path) -> Path:
         axes.legend(fontsize=7)
     axes_list[0].set_ylabel("MiB (sum over the reader processes)")
     return _save(canvas, out, "memory_pss.png")
+
+
+def disturbed_latency(result: ScenarioResult, out: Path) -> Path:
+    """p50 and p99 of publish and of commit-to-acked, undisturbed beside disturbed, as bars."""
+    figures = [f for f in result.figures if f.params.get("event") in ("publish", "acked")]
+    canvas = Canvas(figsize=(11, 5))
+    axes_list = canvas.subplots(1, len(figures), squeeze=False)[0]
+    for axes, figure in zip(axes_list, figures, strict=True):
+        ordered = sorted(figure.measurements, key=lambda m: m.role != "variant")  # calm first
+        for i, m in enumerate(ordered):
+            values = [m.stats.median * 1e-6, m.stats.p99 * 1e-6]
+            axes.bar([j + i * 0.4 for j in range(2)], values, width=0.4, color=f"C{i}",
+                     label=m.label)  # fmt: skip
+        axes.set_xticks([0.2, 1.2], ["p50", "p99"])
+        axes.set_ylabel("ms")
+        axes.set_title(figure.title, fontsize=10)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize=7)
+    return _save(canvas, out, "disturbed_latency.png")

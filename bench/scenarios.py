@@ -13,7 +13,7 @@ time budget, so it adapts to the time the others took.
 
 from __future__ import annotations
 
-from . import commit, fanout, hotget, memory, metadata, scale
+from . import commit, disturbed, fanout, hotget, memory, metadata, scale
 from . import open as open_context
 from .scenario import Scenario
 
@@ -23,6 +23,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     metadata.SCENARIO,
     commit.SCENARIO,
     fanout.SCENARIO,
+    disturbed.SCENARIO,
     memory.SCENARIO,
     scale.SCENARIO,
 )

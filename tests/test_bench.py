@@ -147,6 +147,22 @@ def test_quick_run_fans_out_to_reader_processes_beside_floor_and_polling(quick_r
     assert "where the time goes" in notes
 
 
+def test_quick_run_measures_disturbed_readers_beside_an_undisturbed_run(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    scenario = results["scenarios"]["disturbed"]
+    figures = {f["key"]: f for f in scenario["figures"]}
+    assert set(figures) == {"disturbed.publish", "disturbed.acked", "disturbed.daemon_rss"}
+    for figure in figures.values():
+        roles = {m["label"]: m["role"] for m in figure["measurements"]}
+        assert sorted(roles.values()) == ["ctxstore", "variant"]
+        assert roles[figure["reference"]] == "variant"
+        assert figure["goal"]["source"] == "issue 7"
+        assert isinstance(figure["verdict"]["met"], bool)
+    assert figures["disturbed.daemon_rss"]["measurements"][0]["unit"] == "bytes"
+    notes = " ".join(scenario["notes"])
+    assert "SIGKILLed reader was gone from status" in notes
+
+
 def test_quick_run_sums_reader_memory_beside_private_copies_and_shm(quick_run: Path) -> None:
     results = json.loads((quick_run / "results.json").read_text())
     figures = {f["key"]: f for f in results["scenarios"]["memory"]["figures"]}
