@@ -7,6 +7,7 @@ stamp (no torn context) and versions never go backwards while publishing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,15 +15,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, start_daemon, wait_for_socket
+from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
 
 from ctxstore import Context
-from ctxstore.client import publish
+from ctxstore.client import DaemonClient, publish
 from ctxstore.versiontable import segment_name
 
 SLOT = 7
@@ -312,4 +313,85 @@ def test_a_sigstopped_reader_is_dropped_and_catches_up_after_sigcont(tmp_path: P
     for result in results:
         assert result["last"] == 30, result
         assert result["torn"] == 0, result
+        assert result["n_errors"] == 0, result
+
+
+def _reader_pids(daemon: DaemonProcess) -> set[int]:
+    with DaemonClient(daemon.socket, name="fleet-status", role="admin", timeout=10) as client:
+        return {row["pid"] for row in client.status().readers if row.get("role") == "reader"}
+
+
+def _open_sockets(pid: int) -> int:
+    """The process's socket descriptors: each connected peer costs the daemon one."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed while we listed
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def test_stopped_killed_and_never_reading_peers_hold_up_no_one(tmp_path: Path) -> None:
+    """1 reader SIGSTOPped, 1 SIGKILLed mid-read, 1 peer that never reads its socket.
+
+    The healthy readers get every version, whole; the dead reader leaves the
+    daemon's status at once, the silent ones once past the limit; when all are
+    gone the daemon holds no socket more than before they came.
+    """
+    daemon = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", None,
+                          "--silent-timeout", "2", "--stuck-timeout", "2")  # fmt: skip
+    procs: list[subprocess.Popen[str]] = []
+    mute: RawPeer | None = None
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        publish(SLOT, stamped(1), socket=daemon.socket)
+        assert _reader_pids(daemon) == set()
+        sockets_before = _open_sockets(daemon.proc.pid)
+        procs = start_readers(daemon, 4, final=40, deadline=120)
+        stopped, killed, healthy = procs[0], procs[1], procs[2:]
+        mute = RawPeer(daemon.socket, "mute")
+        mute.subscribe(slots=(SLOT,))  # and never reads its socket again
+        os.kill(stopped.pid, signal.SIGSTOP)
+        for version in range(2, 41):
+            assert publish(SLOT, stamped(version), socket=daemon.socket) == version
+            if version == 20:
+                killed.kill()  # the announcement is on its way: the reader is mapping it
+        _wait_for(lambda: killed.pid not in _reader_pids(daemon), "the killed reader leaves")
+        _wait_for_log(daemon, f"(reader-0 (pid {stopped.pid})): closed: silent for 2s")
+        _wait_for_log(daemon, f"(mute (pid {os.getpid()})): closed: silent for 2s")
+        gone = f"(reader-1 (pid {killed.pid})): closed: "
+        assert f"{gone}peer closed the connection" in daemon.log_text() or (
+            f"{gone}connection reset" in daemon.log_text()
+        )  # gone at its EOF, not at a timeout
+        assert not {stopped.pid, killed.pid, os.getpid()} & _reader_pids(daemon)
+        results = collect(healthy)
+        os.kill(stopped.pid, signal.SIGCONT)
+        assert collect([stopped])[0]["last"] == 40  # it reconnects and catches up
+        killed.communicate(timeout=10)
+        assert killed.returncode == -signal.SIGKILL
+        mute.close()
+        _wait_for(lambda: _reader_pids(daemon) == set(), "every peer is gone")
+        _wait_for(
+            lambda: _open_sockets(daemon.proc.pid) <= sockets_before,
+            "the daemon holds no socket of a gone peer",
+        )
+    finally:
+        if mute is not None:
+            mute.close()
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.communicate(timeout=10)
+        assert daemon.stop() == 0
+    for result in results:
+        assert result["last"] == 40, result
+        assert result["torn"] == 0, result
+        assert result["backwards"] == 0, result
         assert result["n_errors"] == 0, result
