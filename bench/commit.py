@@ -54,11 +54,12 @@ import numpy as np
 
 from ctxstore import Context
 from ctxstore import layout as store_layout
+from ctxstore.daemon.soak import disk_usage
 from ctxstore.npyfile import npy_header
 from ctxstore.store import PersistentStore
 
 from . import plots
-from .data import GIB, KIB, MIB, disk_usage, drop_page_cache, stamp, unique_bytes
+from .data import GIB, KIB, MIB, drop_page_cache, stamp, unique_bytes
 from .harness import (
     Budget,
     Candidate,

@@ -388,17 +388,6 @@ def test_fanout_goal_needs_every_part(bench: Any) -> None:
     assert both.judge(Figure("e", "empty")) is None
 
 
-def test_disk_usage_counts_hard_links_once(bench: Any, tmp_path: Path) -> None:
-    from bench.data import disk_usage
-
-    (tmp_path / "a").write_bytes(b"x" * 100_000)
-    base = disk_usage(tmp_path)
-    os.link(tmp_path / "a", tmp_path / "b")
-    assert disk_usage(tmp_path) == base
-    (tmp_path / "c").write_bytes(b"y" * 100_000)
-    assert disk_usage(tmp_path) > base
-
-
 def test_dropped_file_is_not_resident(bench: Any, tmp_path: Path) -> None:
     from bench.data import drop_page_cache, resident_pages
 

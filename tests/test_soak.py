@@ -8,9 +8,12 @@ checks that verdict and the figures in its JSON report.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from ctxstore.daemon.soak import disk_usage
 
 MiB = 1 << 20
 
@@ -38,3 +41,13 @@ def test_one_minute_soak_with_16_readers_stays_flat(tmp_path: Path) -> None:
     assert steady[-1]["daemon_rss"] - steady[0]["daemon_rss"] < 32 * MiB
     assert steady[-1]["shm_bytes"] == steady[0]["shm_bytes"]
     assert run["daemon_exit"] == 0 and run["leftovers"] == [] and run["problems"] == []
+
+
+def test_disk_usage_counts_hard_links_once(tmp_path: Path) -> None:
+    """Versions hard-link unchanged tensors: a link adds no bytes, a new file does."""
+    (tmp_path / "a").write_bytes(b"x" * 100_000)
+    base = disk_usage(tmp_path)
+    os.link(tmp_path / "a", tmp_path / "b")
+    assert disk_usage(tmp_path) == base
+    (tmp_path / "c").write_bytes(b"y" * 100_000)
+    assert disk_usage(tmp_path) > base
