@@ -771,6 +771,39 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         Backoff(1, float("inf"))
 
 
+def test_heartbeats_are_jittered_so_readers_started_together_drift_apart() -> None:
+    """The next heartbeat is due after the interval times a factor in [0.75, 1.25]."""
+    from ctxstore.readers.client import HEARTBEAT_JITTER, DaemonClient, _Session
+
+    class Beats:
+        def heartbeat(self) -> Heartbeat:
+            return Heartbeat(pid=os.getpid(), name="t")
+
+    draws = iter([0.0, 1.0, 0.5])
+    client = DaemonClient("/nonexistent.sock", name="t", handler=Beats(),  # type: ignore[arg-type]
+                          heartbeat_interval=2.0, rand=lambda: next(draws))  # fmt: skip
+    daemon = Connection(Role.SERVER)
+    a, b = socket.socketpair()
+    try:
+        session = _Session(client, a)
+        daemon.receive_data(session.conn.send(Hello(role="reader", name="t", pid=os.getpid())))
+        assert isinstance(daemon.next_event(), Hello)
+        session.conn.receive_data(daemon.send(Welcome(session=1, daemon_pid=os.getpid())))
+        assert isinstance(session.conn.next_event(), Welcome)
+        due = []
+        for now in (100.0, 200.0, 300.0):
+            session.send_heartbeat(now)
+            due.append(session.next_heartbeat - now)
+        low, high = 2.0 * (1 - HEARTBEAT_JITTER), 2.0 * (1 + HEARTBEAT_JITTER)
+        assert due == pytest.approx([low, high, 2.0])
+        daemon.receive_data(bytes(session.unsent))
+        assert [type(daemon.next_event()) for _ in range(3)] == [Heartbeat] * 3
+    finally:
+        a.close()
+        b.close()
+        assert client.close()  # never started: releases its wake pipe
+
+
 def test_process_memory_reports_uss_and_pss() -> None:
     uss, pss = process_memory()
     assert uss > 0 and pss > 0
