@@ -312,8 +312,9 @@ class Bench:
 
     # -- phases ------------------------------------------------------------------------------
 
-    def stamps_for(self, slot: int, readers: int, *, stages: int = 1) -> Stamps:
-        versions = 2 + stages * (self.warmup + self.versions)
+    def stamps_for(self, slot: int, readers: int, *, stages: int = 1, extra: int = 0) -> Stamps:
+        """A stamps grid for ``stages`` stages of this run's size, plus ``extra`` versions."""
+        versions = 2 + stages * (self.warmup + self.versions) + extra
         return Stamps.create(self.tmp / f"{slot}.stamps", readers, versions)
 
     def publish(self, slot: int, k: int) -> int:
@@ -446,10 +447,13 @@ class Bench:
                 raise TimeoutError(f"fan-out readers not ready after {START_TIMEOUT_S:g} s")
             time.sleep(0.01)
 
-    def versions_until(self, first: int, send: Callable[[int], bool]) -> Stage:
+    def versions_until(
+        self, first: int, send: Callable[[int], bool], *, min_seconds: float = 0.0
+    ) -> Stage:
         """Warm-up, then measured versions from ``first`` until enough or the stage's time is up.
 
         ``send(k)`` publishes version k and waits until it arrived; False if it timed out.
+        With ``min_seconds`` the stage goes on for at least that long, however many versions.
         """
         stage = Stage(measured=[], next=first)
         for _ in range(self.warmup):
@@ -457,9 +461,12 @@ class Bench:
             stage.next += 1
             time.sleep(self.rng.uniform(*GAP_S))
         started = time.perf_counter()
-        while stage.count < self.versions:
+        while True:
             elapsed = time.perf_counter() - started
-            if stage.count >= self.min_versions and elapsed > self.stage_budget_s:
+            if elapsed >= min_seconds and (
+                stage.count >= self.versions
+                or (stage.count >= self.min_versions and elapsed > self.stage_budget_s)
+            ):
                 break
             if not send(stage.next):
                 stage.missing += 1
