@@ -23,6 +23,7 @@ import posix_ipc
 
 from .context import Context
 from .errors import (
+    CtxStoreError,
     DaemonUnavailableError,
     InvalidInputError,
     RemoteError,
@@ -132,6 +133,8 @@ class DaemonClient:
         request_id = self.next_request_id()
         try:
             reply = self.request(StatusRequest(request_id=request_id), request_id)
+        except CtxStoreError:
+            raise  # ours are OSErrors too (timeouts, unavailable): they already say what happened
         except OSError as exc:
             raise DaemonUnavailableError(f"lost the ctxstore daemon at {self.path}: {exc}") from exc
         if not isinstance(reply, Status):

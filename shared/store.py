@@ -209,16 +209,25 @@ class PersistentStore:
         held: _ThreadConnection | None = getattr(self._local, "held", None)
         if held is not None and held.pid == os.getpid():
             return held.conn
+        self._refuse_if_closed()
+        conn = connect(layout.index_path(self.root), readonly=True)
+        with self._conns_lock:
+            try:
+                self._refuse_if_closed()  # close() may have run while we connected
+            except ClosedError:
+                conn.close()
+                raise
+            self._read_conns.append(conn)
+        self._local.held = held = _ThreadConnection(conn, os.getpid())
+        # A thread's locals die with it: short-lived threads (hooks) must not leave fds behind.
+        finalizer = weakref.finalize(held, _forget_connection, held.conn, held.pid,
+                                     self._read_conns, self._conns_lock)  # fmt: skip
+        finalizer.atexit = False  # at exit a live thread may still be using it
+        return conn
+
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise ClosedError(f"store {self.root} is closed")
-        conn = connect(layout.index_path(self.root), readonly=True)
-        self._local.held = held = _ThreadConnection(conn, os.getpid())
-        with self._conns_lock:
-            self._read_conns.append(conn)
-        # A thread's locals die with it: short-lived threads (hooks) must not leave fds behind.
-        weakref.finalize(held, _forget_connection, held.conn, held.pid, self._read_conns,
-                         self._conns_lock)  # fmt: skip
-        return conn
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         """One read statement on this thread's connection, sqlite errors translated."""
