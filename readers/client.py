@@ -54,7 +54,7 @@ RECV_SIZE: Final = 256 * 1024
 MAX_OUTBOX: Final = 65536  # messages waiting for the loop; the oldest go first beyond this
 MAX_UNSENT: Final = 8 << 20  # bytes the daemon has not read yet before we give up on it
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-#: heartbeats go out every interval times a random factor in [1 - this, 1 + this]
+#: heartbeats go out every interval times a random factor in [1 - this, 1]
 HEARTBEAT_JITTER: Final = 0.25
 
 
@@ -390,7 +390,9 @@ class _Session:
             self.queue(message)
 
     def send_heartbeat(self, now: float) -> None:
-        """Send one; the next goes out after the interval times a jitter in [0.75, 1.25].
+        """Send one; the next goes out after the interval times a jitter in [0.75, 1].
+
+        Never later than the interval, so the daemon's silence limit keeps its margin.
 
         Readers started together would otherwise beat in step forever, and N
         heartbeats landing on the daemon in the same millisecond stall the
@@ -398,7 +400,7 @@ class _Session:
         version fell on the 1 s grid of 16 readers' heartbeats).
         """
         client = self.client
-        jitter = 1.0 + HEARTBEAT_JITTER * (2.0 * client._rand() - 1.0)
+        jitter = 1.0 - HEARTBEAT_JITTER * min(1.0, max(0.0, client._rand()))
         self.next_heartbeat = now + client._heartbeat_interval * jitter
         try:
             beat = client._handler.heartbeat()

@@ -772,14 +772,14 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
 
 
 def test_heartbeats_are_jittered_so_readers_started_together_drift_apart() -> None:
-    """The next heartbeat is due after the interval times a factor in [0.75, 1.25]."""
+    """The next heartbeat is due after the interval times a factor in [0.75, 1], never later."""
     from ctxstore.readers.client import HEARTBEAT_JITTER, DaemonClient, _Session
 
     class Beats:
         def heartbeat(self) -> Heartbeat:
             return Heartbeat(pid=os.getpid(), name="t")
 
-    draws = iter([0.0, 1.0, 0.5])
+    draws = iter([0.0, 1.0, 0.5, 7.0])  # a bad rand() is clamped
     client = DaemonClient("/nonexistent.sock", name="t", handler=Beats(),  # type: ignore[arg-type]
                           heartbeat_interval=2.0, rand=lambda: next(draws))  # fmt: skip
     daemon = Connection(Role.SERVER)
@@ -791,13 +791,13 @@ def test_heartbeats_are_jittered_so_readers_started_together_drift_apart() -> No
         session.conn.receive_data(daemon.send(Welcome(session=1, daemon_pid=os.getpid())))
         assert isinstance(session.conn.next_event(), Welcome)
         due = []
-        for now in (100.0, 200.0, 300.0):
+        for now in (100.0, 200.0, 300.0, 400.0):
             session.send_heartbeat(now)
             due.append(session.next_heartbeat - now)
-        low, high = 2.0 * (1 - HEARTBEAT_JITTER), 2.0 * (1 + HEARTBEAT_JITTER)
-        assert due == pytest.approx([low, high, 2.0])
+        low = 2.0 * (1 - HEARTBEAT_JITTER)
+        assert due == pytest.approx([2.0, low, 2.0 * (1 - HEARTBEAT_JITTER / 2), low])
         daemon.receive_data(bytes(session.unsent))
-        assert [type(daemon.next_event()) for _ in range(3)] == [Heartbeat] * 3
+        assert [type(daemon.next_event()) for _ in range(4)] == [Heartbeat] * 4
     finally:
         a.close()
         b.close()
