@@ -156,6 +156,8 @@ class Disturbance:
         self.stamps = bench.stamps_for(self.slot, n, stages=4, extra=longest)
         self.daemon = psutil.Process(bench.daemon.pid)
         self.readers: list[subprocess.Popen[bytes]] = []
+        #: readers replaced by a fresh one (the killed one), reaped at the end
+        self.replaced: list[subprocess.Popen[bytes]] = []
 
     def run(self) -> tuple[Outcome, Outcome]:
         """Undisturbed, disturbed, undisturbed again (drift is not charged to one side)."""
@@ -167,7 +169,7 @@ class Disturbance:
             self._follow(range(self.n))
             bench.ctx.progress.step(f"disturbed readers: {self.n} undisturbed")
             before = self._stage(everyone, 2, disturb=None)
-            peers = self._never_reading_peers()
+            self._never_reading_peers(peers)
             os.kill(self.readers[STOPPED].pid, signal.SIGSTOP)
             bench.ctx.progress.step(f"disturbed readers: {self.n} with 1 stopped, 1 killed")
             rough = self._stage(
@@ -184,10 +186,14 @@ class Disturbance:
             for proc in self.readers:
                 if proc.poll() is None:
                     os.kill(proc.pid, signal.SIGCONT)
-            for proc in self.readers + peers:
+            everybody = self.readers + self.replaced + peers
+            for proc in everybody:
                 if proc.stdin is not None and not proc.stdin.closed:
                     proc.stdin.close()
-            reap(self.readers + peers)
+            reap(everybody)
+            for proc in everybody:
+                if proc.stdout is not None:
+                    proc.stdout.close()
             self.stamps.close()
         calm = before.outcome
         calm.publish_ns += after.outcome.publish_ns
@@ -230,6 +236,7 @@ class Disturbance:
         reap(peers)
         for flag in (READY, FOLLOWING):
             self.stamps.put(CONTROL, KILLED, flag, 0.0)
+        self.replaced.append(self.readers[KILLED])
         self.readers[KILLED] = self._reader(KILLED)
         self._follow([KILLED])
         self.bench.publish(self.slot, version)
@@ -244,9 +251,10 @@ class Disturbance:
             )
         return version + 1
 
-    def _never_reading_peers(self) -> list[subprocess.Popen[bytes]]:
+    def _never_reading_peers(self, peers: list[subprocess.Popen[bytes]]) -> None:
+        """Start an idle Reader and a mute socket into ``peers`` (the caller reaps them)."""
         bench = self.bench
-        peers = [
+        peers += [
             bench.spawn(
                 ["idle", str(bench.store), str(bench.sock)],
                 stdin=subprocess.PIPE,
@@ -262,7 +270,6 @@ class Disturbance:
             assert peer.stdout is not None
             if peer.stdout.readline().strip() != b"ready":
                 raise RuntimeError(f"a never-reading peer (pid {peer.pid}) did not start")
-        return peers
 
     def _stage(
         self,
@@ -303,7 +310,7 @@ class Disturbance:
         if stage.missing:
             run.outcome.notes.append(
                 f"{len(healthy)} healthy readers: {stage.missing} versions not acked by all "
-                "within 3 s (left out of the figures)"
+                "within 3 s (counted if acked later, left out if never)"
             )
         run.outcome.rss = self.daemon.memory_info().rss
         run.outcome.fds = self.daemon.num_fds()

@@ -306,6 +306,7 @@ def run_mute(sock_path: str, slot: int) -> int:
 
     conn = Connection(Role.CLIENT)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.settimeout(60.0)  # a daemon that never welcomes us must not hang the bench
         peer.connect(sock_path)
         peer.sendall(conn.send(Hello(role="reader", name=f"mute-{os.getpid()}", pid=os.getpid())))
         while (event := conn.next_event()) is NEED_DATA:

@@ -330,6 +330,19 @@ def _open_sockets(pid: int) -> int:
     return count
 
 
+def _settled(read: Callable[[], int], timeout: float = 20) -> int:
+    """``read()`` once two readings 0.2 s apart agree (the daemon has closed what it will)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the count never settled (last {last})")
+
+
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -345,14 +358,14 @@ def test_stopped_killed_and_never_reading_peers_hold_up_no_one(tmp_path: Path) -
     gone the daemon holds no socket more than before they came.
     """
     daemon = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", None,
-                          "--silent-timeout", "2", "--stuck-timeout", "2")  # fmt: skip
+                          "--silent-timeout", "3", "--stuck-timeout", "3")  # fmt: skip
     procs: list[subprocess.Popen[str]] = []
     mute: RawPeer | None = None
     try:
         wait_for_socket(daemon.socket, daemon.proc)
         publish(SLOT, stamped(1), socket=daemon.socket)
         assert _reader_pids(daemon) == set()
-        sockets_before = _open_sockets(daemon.proc.pid)
+        sockets_before = _settled(lambda: _open_sockets(daemon.proc.pid))  # clients gone
         procs = start_readers(daemon, 4, final=40, deadline=120)
         stopped, killed, healthy = procs[0], procs[1], procs[2:]
         mute = RawPeer(daemon.socket, "mute")
@@ -363,12 +376,11 @@ def test_stopped_killed_and_never_reading_peers_hold_up_no_one(tmp_path: Path) -
             if version == 20:
                 killed.kill()  # the announcement is on its way: the reader is mapping it
         _wait_for(lambda: killed.pid not in _reader_pids(daemon), "the killed reader leaves")
-        _wait_for_log(daemon, f"(reader-0 (pid {stopped.pid})): closed: silent for 2s")
-        _wait_for_log(daemon, f"(mute (pid {os.getpid()})): closed: silent for 2s")
+        _wait_for_log(daemon, f"(reader-0 (pid {stopped.pid})): closed: silent for 3s")
+        _wait_for_log(daemon, f"(mute (pid {os.getpid()})): closed: silent for 3s")
         gone = f"(reader-1 (pid {killed.pid})): closed: "
-        assert f"{gone}peer closed the connection" in daemon.log_text() or (
-            f"{gone}connection reset" in daemon.log_text()
-        )  # gone at its EOF, not at a timeout
+        reason = next(line for line in daemon.log_text().splitlines() if gone in line)
+        assert "silent" not in reason and "stuck" not in reason, reason  # at its EOF
         assert not {stopped.pid, killed.pid, os.getpid()} & _reader_pids(daemon)
         results = collect(healthy)
         os.kill(stopped.pid, signal.SIGCONT)
