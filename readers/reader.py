@@ -339,7 +339,13 @@ class Reader:
                 return False
             if truth is not None and truth != number:
                 # superseded while we mapped it (or a late announcement from a daemon that
-                # died): never move back; the next get() or announcement moves on
+                # died): never move back; the next get() or announcement moves on. Nor keep
+                # it cached: a held version is one retention may not reclaim.
+                key = (slot, number)
+                current = self._current.get(slot)
+                if key not in self._explicit and (current is None or current[0] != number):
+                    self._cache.pop(key)
+                    self._keys.discard(key)
                 return False
             old = self._current.get(slot)
             if (slot, number) in self._cache:

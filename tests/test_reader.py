@@ -890,3 +890,25 @@ def test_a_late_adoption_never_moves_the_pointer_back(tmp_path: Path) -> None:
         older = reader.store.load_context(1, 1)
         assert reader._adopt(1, older) is False  # the late announcement's adoption
         assert reader.get(1).version == 2
+
+
+def test_a_version_superseded_while_mapped_is_not_held(tmp_path: Path) -> None:
+    """get() maps the version the table named; if a newer one became current meanwhile, the
+    caller still gets what it asked for, but the reader does not keep holding it (a held
+    version is one the daemon's retention must keep: the soak's disk grew from these)."""
+    import numpy as np
+
+    from ctxstore import Context, PersistentStore
+
+    store_dir = tmp_path / "race-store"
+    with PersistentStore(store_dir) as writer:
+        writer.save_context(1, Context({"w": np.zeros(4)}))
+        writer.save_context(1, Context({"w": np.ones(4)}))
+    reader = Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
+    with reader:
+        answers = iter([1, 2])  # the table: version 1 when get() looks, 2 once it has mapped
+        reader._table_get = lambda slot: next(answers, 2)  # type: ignore[method-assign]
+        assert reader.get(1).version == 1
+        assert (1, 1) not in reader.versions_held()
+        assert reader.get(1).version == 2
+        assert reader.versions_held() == [(1, 2)]
