@@ -160,7 +160,7 @@ def test_quick_run_measures_disturbed_readers_beside_an_undisturbed_run(quick_ru
         assert isinstance(figure["verdict"]["met"], bool)
     assert figures["disturbed.daemon_rss"]["measurements"][0]["unit"] == "bytes"
     notes = " ".join(scenario["notes"])
-    assert "SIGKILLed reader was gone from status" in notes
+    assert "the SIGKILLed reader left the daemon's status" in notes
 
 
 def test_quick_run_sums_reader_memory_beside_private_copies_and_shm(quick_run: Path) -> None:
