@@ -290,7 +290,11 @@ def finish(rig: Rig) -> None:
     """The end of a run: readers saw only whole contexts, a clean stop leaves nothing behind."""
     reports = rig.stop()
     for report in reports:
-        assert report["torn"] == 0 and report["backwards"] == 0, report
+        assert report["torn"] == 0 and report["backwards"] == 0, (
+            f"reader {report['name']}: torn {report['torn']}, backwards {report['backwards']}, "
+            f"went back (slot, from, to, unix time): {report['went_back']}; "
+            f"match the times against {rig.root / 'daemons.log'}"
+        )
         assert report["n_errors"] == 0, report
         assert int(report["reads"]) > 0, report  # type: ignore[call-overload]
     assert not rig.sock.exists(), "SIGTERM left the socket"
