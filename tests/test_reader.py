@@ -873,19 +873,19 @@ def test_a_damaged_version_is_an_integrity_error_never_wrong_numbers(tmp_path: P
         assert trusting.get(1).version == 1  # opting out trades the check for speed
 
 
-def test_a_late_adoption_never_moves_the_pointer_back(tmp_path: Path) -> None:
-    """With no daemon session (no version table), the store decides what is current: an
-    announcement of an older version whose mapping finishes late is not adopted."""
-    import numpy as np
-
-    from ctxstore import Context, PersistentStore
-
-    store_dir = tmp_path / "late-store"
+def _offline_reader_of_two_versions(tmp_path: Path) -> Reader:
+    """A Reader with no daemon over a store whose slot 1 has versions 1 and 2 (current)."""
+    store_dir = tmp_path / "two-versions"
     with PersistentStore(store_dir) as writer:
         writer.save_context(1, Context({"w": np.zeros(4)}))
         writer.save_context(1, Context({"w": np.ones(4)}))
-    reader = Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
-    with reader:
+    return Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
+
+
+def test_a_late_adoption_never_moves_the_pointer_back(tmp_path: Path) -> None:
+    """With no daemon session (no version table), the store decides what is current: an
+    announcement of an older version whose mapping finishes late is not adopted."""
+    with _offline_reader_of_two_versions(tmp_path) as reader:
         assert reader.get(1).version == 2
         older = reader.store.load_context(1, 1)
         assert reader._adopt(1, older) is False  # the late announcement's adoption
@@ -896,16 +896,7 @@ def test_a_version_superseded_while_mapped_is_not_held(tmp_path: Path) -> None:
     """get() maps the version the table named; if a newer one became current meanwhile, the
     caller still gets what it asked for, but the reader does not keep holding it (a held
     version is one the daemon's retention must keep: the soak's disk grew from these)."""
-    import numpy as np
-
-    from ctxstore import Context, PersistentStore
-
-    store_dir = tmp_path / "race-store"
-    with PersistentStore(store_dir) as writer:
-        writer.save_context(1, Context({"w": np.zeros(4)}))
-        writer.save_context(1, Context({"w": np.ones(4)}))
-    reader = Reader(store=store_dir, socket=tmp_path / "none.sock", connect=False)
-    with reader:
+    with _offline_reader_of_two_versions(tmp_path) as reader:
         answers = iter([1, 2])  # the table: version 1 when get() looks, 2 once it has mapped
         reader._table_get = lambda slot: next(answers, 2)  # type: ignore[method-assign]
         assert reader.get(1).version == 1
