@@ -49,7 +49,16 @@ from ctxstore.client import DaemonClient
 from ctxstore.daemon.config import DaemonConfig
 
 from . import plots
-from .fanout import GAP_S, START_TIMEOUT_S, Bench, Stage, phase_of, reap, wait_until
+from .fanout import (
+    GAP_S,
+    START_TIMEOUT_S,
+    VERSION_TIMEOUT_S,
+    Bench,
+    Stage,
+    phase_of,
+    reap,
+    wait_until,
+)
 from .harness import (
     AllOf,
     Figure,
@@ -97,7 +106,7 @@ class Outcome:
 
 def run(ctx: RunContext) -> ScenarioResult:
     n = QUICK_READERS if ctx.quick else FULL_READERS
-    ctx.progress.expect(2)
+    ctx.progress.expect(3)  # undisturbed, disturbed, undisturbed again
     with Bench(ctx) as bench:
         calm, rough = Disturbance(bench, n).run()
     return ScenarioResult(figures=figures(n, calm, rough), notes=calm.notes + rough.notes)
@@ -174,12 +183,12 @@ class Disturbance:
             bench.ctx.progress.step(f"disturbed readers: {self.n} with 1 stopped, 1 killed")
             rough = self._stage(
                 everyone - {STOPPED, KILLED},
-                before.next_version,
+                before.stage.next,
                 disturb=self.readers[KILLED],
                 min_seconds=self.rough_seconds,
             )
             self._note_stopped(rough)
-            next_version = self._restore(peers, rough.next_version)
+            next_version = self._restore(peers, rough.stage.next)
             bench.ctx.progress.step(f"disturbed readers: {self.n} undisturbed again")
             after = self._stage(everyone, next_version, disturb=None)
         finally:
@@ -299,18 +308,17 @@ class Disturbance:
             if disturb is not None and k == kill_at:
                 disturb.kill()  # the announcement is on its way: the reader is mapping it
                 run.gone_after_s = self._time_until_gone(disturb.pid)
-            return wait_until(lambda: acked(k), 3.0)
+            return wait_until(lambda: acked(k), VERSION_TIMEOUT_S)
 
         stage = bench.versions_until(first, send, min_seconds=min_seconds)
         run.stage = stage
-        run.next_version = stage.next
         run.outcome.publish_ns = [run.publish_ns[k] for k in stage.measured]
         phase = phase_of(stamps, stage, 0.0, ("acked", ACKED), readers=sorted(healthy))
         run.outcome.acked_ns = phase.latencies["acked"]
         if stage.missing:
             run.outcome.notes.append(
                 f"{len(healthy)} healthy readers: {stage.missing} versions not acked by all "
-                "within 3 s (counted if acked later, left out if never)"
+                f"within {VERSION_TIMEOUT_S:g} s (counted if acked later, left out if never)"
             )
         run.outcome.rss = self.daemon.memory_info().rss
         run.outcome.fds = self.daemon.num_fds()
@@ -321,11 +329,14 @@ class Disturbance:
         )
         return run
 
+    def _status_client(self) -> DaemonClient:
+        return DaemonClient(self.bench.sock, name="bench-status", role="admin")
+
     def _time_until_gone(self, pid: int) -> float:
         """Seconds from now (just after the kill) until ``pid`` is no longer in the status."""
         killed = time.monotonic()
-        with DaemonClient(self.bench.sock, name="bench-status", role="admin") as client:
-            while pid in {row.get("pid") for row in client.status().readers}:
+        with self._status_client() as client:
+            while pid in _reader_pids(client):
                 if time.monotonic() - killed > GONE_TIMEOUT_S:
                     raise RuntimeError(
                         f"the SIGKILLed reader (pid {pid}) is still in the daemon's status "
@@ -336,8 +347,8 @@ class Disturbance:
 
     def _note_stopped(self, rough: _StageRun) -> None:
         """Note when the killed reader left the status, and whether the stopped one had."""
-        with DaemonClient(self.bench.sock, name="bench-status", role="admin") as client:
-            pids = {row.get("pid") for row in client.status().readers}
+        with self._status_client() as client:
+            pids = _reader_pids(client)
         stopped = "still listed" if self.readers[STOPPED].pid in pids else "dropped"
         rough.outcome.notes.append(
             f"the SIGKILLed reader left the daemon's status {format_ns(rough.gone_after_s * 1e9)}"
@@ -347,12 +358,15 @@ class Disturbance:
         )
 
 
+def _reader_pids(client: DaemonClient) -> set[object]:
+    return {row.get("pid") for row in client.status().readers}
+
+
 @dataclass
 class _StageRun:
     publish_ns: dict[int, float] = field(default_factory=dict)
     outcome: Outcome = field(default_factory=Outcome)
     stage: Stage = field(default_factory=lambda: Stage(measured=[], next=0))
-    next_version: int = 0
     gone_after_s: float = 0.0
 
 
