@@ -392,12 +392,11 @@ class _Session:
     def send_heartbeat(self, now: float) -> None:
         """Send one; the next goes out after the interval times a jitter in [0.75, 1].
 
-        Never later than the interval, so the daemon's silence limit keeps its margin.
-
         Readers started together would otherwise beat in step forever, and N
         heartbeats landing on the daemon in the same millisecond stall the
         commits around them (measured by bench/disturbed.py: every slow
-        version fell on the 1 s grid of 16 readers' heartbeats).
+        version fell on the 1 s grid of 16 readers' heartbeats). Never later
+        than the interval, so the daemon's silence limit keeps its margin.
         """
         client = self.client
         jitter = 1.0 - HEARTBEAT_JITTER * min(1.0, max(0.0, client._rand()))
