@@ -89,6 +89,9 @@ log = logging.getLogger("ctxstore.readers")
 
 POLL_INTERVAL: Final = 0.05  # wait_for re-checks the table/store this often between wake-ups
 CLOSE_TIMEOUT: Final = 2.0
+#: get() maps the current version again at most this often when each one is superseded
+#: while it is being mapped; the last is adopted regardless (it was current when chosen)
+ADOPT_TRIES: Final = 4
 
 _pid = os.getpid()
 _fork_lock = threading.Lock()
@@ -256,25 +259,36 @@ class Reader:
         return self._get_version(slot, version)
 
     def _get_current(self, slot: int) -> Context:
-        number = self._table_get(slot)
-        if number is None:
-            number = self._store.current_version(slot)
-            if number is None:
-                raise NotFoundError(f"slot {slot} has no versions")
-        entry = self._current.get(slot)
-        if entry is not None and entry[0] == number:
-            self._hits += 1
-            return entry[1]
-        try:
-            ctx = self._load(slot, number)
-        except NotFoundError:
-            # The table named a version the store no longer has (retired, or a stale table):
-            # serve what the store calls current rather than fail.
-            current = self._store.current_version(slot)
-            if current is None or current == number:
-                raise
-            ctx = self._load(slot, current)
-        self._adopt(slot, ctx)
+        for attempt in range(ADOPT_TRIES):
+            floor = self._adopted.get(slot)
+            number = self._table_get(slot)
+            if number is None or (floor is not None and number < floor):
+                # No table, or one behind what this reader already adopted: a table lags
+                # the store from each commit until its publication, and freezes when its
+                # daemon dies. The store decides, and only the store moves a reader back.
+                number = self._store.current_version(slot)
+                if number is None:
+                    raise NotFoundError(f"slot {slot} has no versions")
+            entry = self._current.get(slot)
+            if entry is not None and entry[0] == number:
+                self._hits += 1
+                return entry[1]
+            try:
+                ctx = self._load(slot, number)
+            except NotFoundError:
+                # The table named a version the store no longer has (retired, or a stale
+                # table): serve what the store calls current rather than fail.
+                current = self._store.current_version(slot)
+                if current is None or current == number:
+                    raise
+                ctx = self._load(slot, current)
+            if self._adopt(slot, ctx, trusted=attempt == ADOPT_TRIES - 1):
+                break
+            # superseded while we mapped it: take what is current now
+        else:  # another thread adopted a version meanwhile: serve its choice
+            entry = self._current.get(slot)
+            if entry is not None:
+                ctx = entry[1]
         self._follow(slot)
         return ctx
 
@@ -325,35 +339,39 @@ class Reader:
             if (slot, number) not in self._keys:
                 del self._current[slot]
 
-    def _adopt(self, slot: int, ctx: Context) -> bool:
-        """Move ``slot``'s current pointer to ``ctx`` unless a newer version is already current."""
+    def _adopt(self, slot: int, ctx: Context, *, trusted: bool = False) -> bool:
+        """Move ``slot``'s current pointer to ``ctx`` if its version is current; True if it is.
+
+        A version is current when the table names it and it is not older than what
+        this reader adopted before, or else when the store names it (the table lags
+        the store and freezes with a dead daemon, so an older version is adopted only
+        on the store's word: a rollback). ``trusted``: the caller chose the version
+        from the table or store a moment ago; adopt it unless another adoption came
+        first. Acknowledges each newly adopted version to the daemon.
+        """
         number = _version_of(ctx)
-        truth = self._table_get(slot)
-        if truth is None:  # no daemon session: the store says what is current
-            try:
-                truth = self._store.current_version(slot)
-            except CtxStoreError:
-                truth = None
+        floor = self._adopted.get(slot)
+        current = trusted or self._is_current(slot, number, floor)
         with self._lock:
             if self._closed:
                 return False
-            if truth is not None and truth != number:
-                # superseded while we mapped it (or a late announcement from a daemon that
-                # died): never move back; the next get() or announcement moves on. Nor keep
-                # it cached: a held version is one retention may not reclaim.
+            if not current or self._adopted.get(slot) != floor:
+                # superseded while we mapped it, a late announcement, or another thread
+                # adopted meanwhile: never move back on a stale word. Nor keep it cached:
+                # a held version is one retention may not reclaim.
                 key = (slot, number)
-                current = self._current.get(slot)
-                if key not in self._explicit and (current is None or current[0] != number):
+                pointer = self._current.get(slot)
+                if key not in self._explicit and (pointer is None or pointer[0] != number):
                     self._cache.pop(key)
                     self._keys.discard(key)
-                return False
+                return self._adopted.get(slot) == number
             old = self._current.get(slot)
             if (slot, number) in self._cache:
                 self._current[slot] = (number, ctx)
             else:
                 self._current.pop(slot, None)  # too large to cache: mapped again on each get()
-            if self._adopted.get(slot) == number:
-                return False
+            if floor == number:
+                return True
             self._adopted[slot] = number
             self._adoptions += 1
             if old is not None and old[0] != number and (slot, old[0]) not in self._explicit:
@@ -369,6 +387,15 @@ class Reader:
             except Exception:
                 log.exception("adoption listener failed")
         return True
+
+    def _is_current(self, slot: int, number: int, floor: int | None) -> bool:
+        """Whether ``number`` may be adopted: the table's word going forward, else the store's."""
+        if self._table_get(slot) == number and (floor is None or number >= floor):
+            return True
+        try:
+            return self._store.current_version(slot) == number
+        except CtxStoreError:
+            return False
 
     def _follow(self, slot: int) -> None:
         """Subscribe to ``slot`` for our own use: its announcements are adopted at once."""

@@ -894,12 +894,52 @@ def test_a_late_adoption_never_moves_the_pointer_back(tmp_path: Path) -> None:
 
 def test_a_version_superseded_while_mapped_is_not_held(tmp_path: Path) -> None:
     """get() maps the version the table named; if a newer one became current meanwhile, the
-    caller still gets what it asked for, but the reader does not keep holding it (a held
-    version is one the daemon's retention must keep: the soak's disk grew from these)."""
+    caller gets the newer one and the reader does not keep holding the older (a held version
+    is one the daemon's retention must keep: the soak's disk grew from these)."""
     with _offline_reader_of_two_versions(tmp_path) as reader:
         answers = iter([1, 2])  # the table: version 1 when get() looks, 2 once it has mapped
         reader._table_get = lambda slot: next(answers, 2)  # type: ignore[method-assign]
-        assert reader.get(1).version == 1
-        assert (1, 1) not in reader.versions_held()
         assert reader.get(1).version == 2
         assert reader.versions_held() == [(1, 2)]
+        assert reader.stats().adoptions == 1
+
+
+def test_a_table_behind_the_store_never_moves_the_reader_back(env: Env) -> None:
+    """The CI failure of the daemon crash test, step by step. With the daemon down the reader
+    serves what the store calls current; the next daemon's table lags the store while a
+    commit is in flight (or froze when that daemon died). Attaching that table must not take
+    the reader back to the version it names, nor may a late announcement of it."""
+    first = env.daemon()
+    reader = env.reader()
+    assert reader.get(1).version == 1
+    first.stop()
+    eventually(lambda: not reader.connected, "the reader notices the daemon is gone")
+
+    env.new_table()  # the next daemon starts: its table names version 1 ...
+    v2 = env.publish(1, 2.0, table=False)  # ... and it commits v2, not yet in its table
+    assert reader.get(1).version == v2  # daemon down: the store decides
+    second = env.daemon()
+    eventually(lambda: reader.connected and reader.stats().version_table, "the reader reattaches")
+    second.wait(lambda s, m: isinstance(m, Subscribe) and m.slots == (1,), "resubscribe")
+    assert reader.get(1).version == v2  # the table's 1 is behind what the reader adopted
+    second.announce(1, 1)  # a late announcement of the older version
+    second.barrier()
+    assert reader.get(1).version == v2
+    assert Ack(slot=1, version=1) not in [m for s, m in second.log if s is second.sessions[0]]
+
+    env.table.set(1, v2)  # the commit is published: the table catches up
+    assert reader.get(1).version == v2
+    v3 = env.publish(1, 3.0)
+    assert reader.get(1).version == v3
+    assert reader.versions_held() == [(1, v3)]
+
+
+def test_a_rollback_in_the_table_moves_the_reader_back_on_the_stores_word(env: Env) -> None:
+    reader = env.reader(connect=False)
+    v2 = env.publish(1, 2.0)
+    assert reader.get(1).version == v2
+    env.table.set(1, 1)  # the table says 1, the store still says 2: the table is not followed
+    assert reader.get(1).version == v2
+    env.writer.rollback(1, 1)  # now the store says 1 too
+    assert reader.get(1).version == 1
+    assert reader.versions_held() == [(1, 1)]
