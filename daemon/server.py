@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -396,10 +397,10 @@ class Daemon:
     def announce(self, announce: Announce) -> None:
         """Offer ``announce`` to every subscriber that covers its slot; never waits."""
         assert self.store is not None
-        groups = frozenset(self.store.hierarchy.get_groups(announce.slot))
+        groups_of = functools.cache(self.store.hierarchy.get_groups)
         told = []
         for subscriber in list(self.subscribers.values()):
-            if subscriber.subscriptions.covers(announce.slot, groups):
+            if subscriber.subscriptions.covers(announce.slot, groups_of):
                 subscriber.offer(announce)
                 told.append(subscriber.session)
         if self.api is not None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from ctxstore.errors import CtxStoreError, RemoteProtocolError
@@ -35,8 +35,11 @@ class Subscriptions:
     groups: set[str] = field(default_factory=set)
     everything: bool = False
 
-    def covers(self, slot: int, groups: frozenset[str]) -> bool:
-        return self.everything or slot in self.slots or not self.groups.isdisjoint(groups)
+    def covers(self, slot: int, groups_of: Callable[[int], Collection[str]]) -> bool:
+        """Whether ``slot`` is subscribed to; ``groups_of`` (a query) is asked only if need be."""
+        if self.everything or slot in self.slots:
+            return True
+        return bool(self.groups) and not self.groups.isdisjoint(groups_of(slot))
 
 
 Handler = Callable[["Subscriber", Message], Awaitable[None]]

@@ -205,6 +205,35 @@ def test_subscribers_get_announcements_in_order(daemon: DaemonProcess) -> None:
         other.next()
 
 
+def test_group_subscribers_get_the_slots_of_their_groups(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with PersistentStore(store) as writer:
+        for slot in (5, 6, 7):
+            writer.save_context(slot, Context({"w": np.zeros(1)}))
+        writer.hierarchy.add_to_group(5, "vision")
+        writer.hierarchy.add_to_group(7, "vision")
+    running = start_daemon(tmp_path, store, tmp_path / "run" / "ctx.sock")
+    try:
+        wait_for_socket(running.socket, running.proc)
+        vision, mixed = RawPeer(running.socket), RawPeer(running.socket)
+        assert dict(vision.subscribe(groups=("vision",)).versions) == {5: 1, 7: 1}
+        mixed.subscribe(slots=(6,), groups=("vision",))
+        for slot in (6, 5, 7):
+            publish(slot, Context({"w": np.ones(1)}), socket=running.socket)
+        got = [vision.next() for _ in range(2)]
+        assert [(a.slot, a.version) for a in got] == [(5, 2), (7, 2)]  # type: ignore[attr-defined]
+        got = [mixed.next() for _ in range(3)]
+        assert [(a.slot, a.version) for a in got] == [(6, 2), (5, 2), (7, 2)]  # type: ignore[attr-defined]
+        vision.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            vision.next()  # slot 6 is in no group of theirs
+        assert running.stop() == 0
+    finally:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait(10)
+
+
 def test_malformed_frames_get_an_error_and_others_are_served(daemon: DaemonProcess) -> None:
     good = RawPeer(daemon.socket)
     good.subscribe(all=True)
