@@ -20,7 +20,10 @@ once, so the next ``get()`` is a hit). Each adoption is acknowledged to the
 daemon; heartbeats report every version held and the process's USS/PSS.
 A superseded current version leaves the cache at once (the reader stops
 holding it, so retention may reclaim it); explicitly requested versions stay
-until the LRU evicts them.
+until the LRU evicts them. The pointer never moves back on the table's word
+alone: the table lags the store from each commit until its publication and
+freezes when its daemon dies, so an older version is adopted only when the
+store names it (a rollback).
 
 Daemon down: reads go on from the store, freshness from SQL (the table may be
 frozen or stale); the client reconnects with backoff, re-attaches the table if
