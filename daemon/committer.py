@@ -26,7 +26,7 @@ import posix_ipc
 from ctxstore.context import Context
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
-from ctxstore.nodes import create_node, detect_format, read_weights_file
+from ctxstore.nodes import FileNode, create_node, detect_format, read_weights_file
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTableWriter
 
@@ -43,6 +43,13 @@ class Requester:
 
     def may_read(self, owner_uid: int) -> bool:
         return self.uid in (0, os.getuid(), owner_uid)
+
+    def check_file(self, status: os.stat_result, where: str) -> None:
+        """Refuse a file the requester does not own (an importer's FileCheck)."""
+        if not self.may_read(status.st_uid):
+            raise InvalidInputError(
+                f"{where} belongs to uid {status.st_uid}, not to the requesting uid {self.uid}"
+            )
 
 
 Announcer = Callable[[Announce], None]
@@ -188,8 +195,10 @@ class Committer:
             request.slot, context, model_type=request.model_type, alias=request.alias
         )
 
-    async def publish_build(self, request: PublishBuild) -> int:
+    async def publish_build(self, request: PublishBuild, who: Requester) -> int:
         node = create_node(request.node_type, request.slot, dict(request.config))
+        if isinstance(node, FileNode):  # the same rule as publish_file: the peer's own files
+            node.file_check = who.check_file
         context = await node.async_build_context()
         return await self.commit(
             request.slot, context, model_type=node.model_type, alias=request.alias
@@ -209,33 +218,11 @@ class Committer:
 
 def _context_from_file(path: str, who: Requester) -> Context:
     fmt = detect_format(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFoundError(f"weights file {path!r} does not exist") from None
-    except OSError as exc:
-        raise InvalidInputError(f"weights file {path!r} cannot be opened: {exc.strerror}") from exc
-    try:
-        owner = os.fstat(fd).st_uid
-        if not who.may_read(owner):
-            raise InvalidInputError(
-                f"weights file {path!r} belongs to uid {owner}, not to the requesting uid {who.uid}"
-            )
-        fd_path = f"/proc/self/fd/{fd}"
-        try:
-            loaded = read_weights_file(fd_path, format=fmt)
-        except InvalidInputError as exc:  # name the file the user gave, not our descriptor
-            raise InvalidInputError(str(exc).replace(fd_path, path)) from None
-    finally:
-        os.close(fd)
-    weights = loaded.weights
-    if fmt == "npy":  # the importer names a lone tensor by the file stem: use the real one
-        stem = os.path.splitext(os.path.basename(path))[0] or "0"
-        weights = {stem: next(iter(weights.values()))}
+    loaded = read_weights_file(path, format=fmt, check=who.check_file)
     metadata: dict[str, Any] = {"source": {"path": path, "format": fmt, "bytes": loaded.size}}
     if loaded.metadata:
         metadata["file_metadata"] = loaded.metadata
-    return Context(weights, None, metadata)
+    return Context(loaded.weights, None, metadata)
 
 
 @contextlib.contextmanager

@@ -335,7 +335,7 @@ class Daemon:
                 case PublishFile():
                     version = await self.committer.publish_file(request, who)
                 case PublishBuild():
-                    version = await self.committer.publish_build(request)
+                    version = await self.committer.publish_build(request, who)
                 case PublishShm():
                     version = await self.committer.publish_shm(request, who)
         except CtxStoreError as exc:

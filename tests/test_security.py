@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -16,10 +17,11 @@ import numpy as np
 import pytest
 from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
 
-from ctxstore import Context
-from ctxstore.client import publish
+from ctxstore import Context, CtxStoreError
+from ctxstore.client import build, publish
 from ctxstore.messages import Error
 from ctxstore.protocol import HEADER
+from ctxstore.store import PersistentStore
 from ctxstore.versiontable import segment_name
 
 
@@ -76,6 +78,65 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
     assert "uid 65534 is not allowed" in guarded.log_text()
     # the daemon's own uid (root here) is still served
     assert publish(1, Context({"w": np.zeros(1)}), socket=guarded.socket) == 1
+
+
+PEER_UID = 4242  # on the guarded daemon's allowlist
+
+def _as_other_uid(calls: dict[str, Callable[[], int]]) -> dict[str, str]:
+    """Run each call in a forked child that dropped to PEER_UID (group 0, the socket's);
+    the child imports nothing new (the interpreter's files may be unreadable to that uid)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(0)
+            os.setuid(PEER_UID)
+            answers = {}
+            for what, call in calls.items():
+                try:
+                    answers[what] = f"version {call()}"
+                except CtxStoreError as exc:
+                    answers[what] = str(exc)
+            os.write(write_end, json.dumps(answers).encode())
+        except BaseException as exc:
+            os.write(write_end, json.dumps({"child": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        received = pipe.read()
+    os.waitpid(pid, 0)
+    answers: dict[str, str] = json.loads(received)
+    return answers
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
+def test_a_peer_cannot_import_a_file_it_does_not_own(guarded: DaemonProcess) -> None:
+    """The daemon reads files for a peer only if the peer owns them, whichever request names
+    them: a publish_file, or a publish_build of node type "file" (which once slipped by)."""
+    run = guarded.socket.parent
+    secret = run / "secret.npy"
+    np.save(secret, np.full(3, 7.0, dtype="f4"))
+    secret.chmod(0o600)  # root's: the peer cannot read it, the daemon (root here) can
+    own = run / "own.npy"
+    np.save(own, np.ones(3, dtype="f4"))
+    os.chown(own, PEER_UID, 0)
+    sock = guarded.socket
+    got = _as_other_uid(
+        {
+            "file": lambda: publish(1, secret, socket=sock),
+            "build": lambda: build(1, "file", {"path": str(secret)}, socket=sock),
+            "own": lambda: publish(1, own, socket=sock),
+        }
+    )
+    refusal = f"belongs to uid 0, not to the requesting uid {PEER_UID}"
+    assert refusal in got.get("file", "") and refusal in got.get("build", ""), got
+    assert got["own"] == "version 1", got  # nothing was committed before its own file
+    with PersistentStore(guarded.store, readonly=True) as store:
+        assert [v.version for v in store.list_versions(1)] == [1]
+        assert float(store.load_context(1)["own"][0]) == 1.0
 
 
 def _frame(body: dict[str, object]) -> bytes:

@@ -34,7 +34,7 @@ import struct
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import IO, Any, ClassVar
@@ -57,6 +57,9 @@ MAX_PATH_BYTES = 4096
 _MAX_NDIM = 64
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_VERSIONS = frozenset({(1, 0), (2, 0), (3, 0)})
+#: called with the opened file's status and its description before a byte is read; raises
+#: InvalidInputError to refuse the file (the daemon's check that the requester owns it)
+FileCheck = Callable[[os.stat_result, str], None]
 _DEFLATE_MAX_RATIO = 1100  # deflate cannot expand beyond ~1032:1; more is a lie or a bomb
 _ZIP_LOCAL_HEADER = 30
 
@@ -117,13 +120,21 @@ def read_weights_file(
     *,
     format: str = "auto",
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+    check: FileCheck | None = None,
 ) -> WeightsFile:
-    """Like :func:`load_weights_file`, also returning the format, size and file metadata."""
+    """Like :func:`load_weights_file`, also returning the format, size and file metadata.
+
+    ``check`` sees the opened file's status first: what it vouches for is the
+    file that is then read, even if the path is swapped meanwhile.
+    """
     name = os.fspath(path)
     fmt = detect_format(name) if format == "auto" else choice(*FORMATS)("format", format)
     where = f"weights file {name!r}"
     with _open_regular(name, where) as f:
-        size = os.fstat(f.fileno()).st_size
+        status = os.fstat(f.fileno())
+        if check is not None:
+            check(status, where)
+        size = status.st_size
         if fmt != "npz" and size > max_bytes:
             raise InvalidInputError(f"{where} has {size} bytes, more than the limit of {max_bytes}")
         try:
@@ -536,6 +547,8 @@ class FileNode(Node):
     def __init__(self, slot: int, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(slot, config)
         self.model_type = self.config["model_type"]
+        #: set by the daemon for a build asked over the socket: the peer must own the file
+        self.file_check: FileCheck | None = None
 
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
@@ -544,7 +557,9 @@ class FileNode(Node):
 
     def read(self) -> WeightsFile:
         c = self.config
-        return read_weights_file(c["path"], format=c["format"], max_bytes=c["max_bytes"])
+        return read_weights_file(
+            c["path"], format=c["format"], max_bytes=c["max_bytes"], check=self.file_check
+        )
 
     def build_weights(self) -> dict[str, Array]:
         return self.read().weights
