@@ -82,6 +82,7 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
 
 PEER_UID = 4242  # on the guarded daemon's allowlist
 
+
 def _as_other_uid(calls: dict[str, Callable[[], int]]) -> dict[str, str]:
     """Run each call in a forked child that dropped to PEER_UID (group 0, the socket's);
     the child imports nothing new (the interpreter's files may be unreadable to that uid)."""
