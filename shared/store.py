@@ -68,7 +68,7 @@ from .validation import (
     check_label,
     check_slot,
     check_version,
-    freeze_mapping,
+    freeze_trusted_json,
     thaw_json,
 )
 from .verify import find_orphans, verify_store
@@ -895,10 +895,25 @@ def _dump_json(value: Mapping[str, Any]) -> str:
 
 
 def _load_json(text: str, what: str) -> Mapping[str, Any]:
+    """A stored config or metadata document, frozen (validated when it was committed)."""
     try:
-        return freeze_mapping(json.loads(text), what)
-    except (ValueError, InvalidInputError) as exc:
+        value = _DECODER.decode(text)
+    except (ValueError, TypeError) as exc:
         raise IntegrityError(f"stored {what} is unreadable: {exc}") from exc
+    if value is None:
+        return _EMPTY
+    if type(value) is not dict:
+        raise IntegrityError(f"stored {what} is a {type(value).__name__}, not a JSON object")
+    frozen: Mapping[str, Any] = freeze_trusted_json(value)
+    return frozen
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a finite number")
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per json.loads
 
 
 def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:

@@ -20,6 +20,7 @@ from ctxstore import (
     ReadOnlyError,
 )
 from ctxstore.store import PersistentStore
+from ctxstore.validation import thaw_json
 
 DTYPES = st.one_of(
     hnp.boolean_dtypes(),
@@ -105,6 +106,45 @@ def test_config_metadata_and_model_type_are_stored(store: PersistentStore) -> No
     assert store.get_metadata(3, tensors=False).tensors is None
     with pytest.raises(ConflictError, match="holds model type 'llm'"):
         store.save_context(3, ctx, model_type="cnn")
+
+
+def test_loaded_config_and_metadata_are_immutable_all_the_way_down(
+    store: PersistentStore,
+) -> None:
+    config = {"model": {"layers": [1, {"heads": [8, 8]}], "name": "x"}, "on": True, "n": None}
+    store.save_context(3, Context({"w": np.zeros(2)}, config, {"tags": ["a"]}))
+    for loaded in (store.load_context(3).config, store.get_metadata(3).config):
+        assert loaded == {"model": {"layers": (1, {"heads": (8, 8)}), "name": "x"},
+                          "on": True, "n": None}  # fmt: skip
+        with pytest.raises(TypeError):
+            loaded["model"]["name"] = "y"  # type: ignore[index]
+        with pytest.raises(TypeError):
+            loaded["model"]["layers"][1]["heads"] = ()  # type: ignore[index]
+        assert thaw_json(loaded) == config
+    assert store.load_context(3).metadata["tags"] == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [("{not json", "config is unreadable"), ('{"lr": NaN}', "NaN is not a finite number"),
+     ("[1, 2]", "config is a list, not a JSON object")],
+)  # fmt: skip
+def test_a_damaged_stored_document_is_an_integrity_error(
+    store_dir: Path, stored: str, message: str
+) -> None:
+    import sqlite3
+
+    with PersistentStore(store_dir) as writer:
+        writer.save_context(1, Context({"w": np.zeros(2)}, {"lr": 0.1}))
+    conn = sqlite3.connect(store_dir / "index.db")
+    with conn:
+        conn.execute("UPDATE versions SET config = ?", (stored,))
+    conn.close()
+    with PersistentStore(store_dir, readonly=True) as reader:
+        with pytest.raises(IntegrityError, match=message):
+            reader.load_context(1)
+        with pytest.raises(IntegrityError, match=message):
+            reader.get_metadata(1)
 
 
 def test_aliases_latest_and_rollback(store: PersistentStore) -> None:
