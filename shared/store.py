@@ -507,14 +507,27 @@ class PersistentStore:
         self, slot: int, version: VersionRef, verify: bool
     ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
-        with self._read_snapshot() as conn:
-            number = _resolve(conn, slot, version)
-            record = conn.execute(
-                "SELECT config, metadata, manifest FROM versions WHERE slot = ? AND version = ?",
-                (slot, number),
-            ).fetchone()
-        if record is None:
-            raise NotFoundError(f"slot {slot} has no version {number}")
+        if isinstance(version, str) and version.isdigit():
+            version = int(version)
+        if version is None or version == "current" or isinstance(version, int):
+            # one statement, so no snapshot: the common case of every reader's adoption
+            rows = (
+                self._query(_RECORD_SQL + "s.current_version", (slot,))
+                if version is None or version == "current"
+                else self._query(_RECORD_SQL + "?2", (slot, check_version(version)))
+            )
+            if not rows:
+                with self._read_snapshot() as conn:  # say precisely what is missing
+                    number = _resolve(conn, slot, version)
+                raise NotFoundError(f"slot {slot} has no version {number}")
+            number, *record = rows[0]
+        else:
+            with self._read_snapshot() as conn:
+                number = _resolve(conn, slot, version)
+                row = conn.execute(_RECORD_SQL + "?2", (slot, number)).fetchone()
+            if row is None:
+                raise NotFoundError(f"slot {slot} has no version {number}")
+            record = row[1:]
         manifest = unpack_manifest(record[2])
         try:
             weights = self._map_tensors(slot, number, manifest)
@@ -823,6 +836,10 @@ class Repair:
 
 
 #: one version's record, its slot's pointer and its aliases; completed by the version clause
+_RECORD_SQL = (  # + the version: "s.current_version" or "?2"
+    "SELECT v.version, v.config, v.metadata, v.manifest FROM slots s JOIN versions v "
+    "ON v.slot = s.slot WHERE s.slot = ?1 AND v.version = "
+)
 _METADATA_SQL = (
     "SELECT v.version, s.model_type, s.current_version, v.created_at, v.config, v.metadata, "
     "v.pinned, (SELECT group_concat(name, ',') FROM (SELECT name FROM aliases a "
