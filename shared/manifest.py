@@ -18,8 +18,8 @@ from .errors import IntegrityError
 from .npyfile import shape_from_text
 
 #: per tensor, in position order: name, dtype text, shape, data offset, data bytes, checksum
-ManifestEntry = tuple[str, str, list[int], int, int, str]
-Manifest = list[ManifestEntry]
+ManifestEntry = tuple[str, str, tuple[int, ...], int, int, str]
+Manifest = tuple[ManifestEntry, ...]
 
 _LIMITS: dict[str, Any] = {
     "max_str_len": 1 << 16,
@@ -42,9 +42,9 @@ def pack_manifest(rows: Sequence[tuple[int, str, str, str, int, int, str]]) -> b
 
 def unpack_manifest(blob: bytes) -> Manifest:
     try:
-        manifest: Manifest = msgpack.unpackb(blob, raw=False, use_list=True, **_LIMITS)
+        manifest: Manifest = msgpack.unpackb(blob, raw=False, use_list=False, **_LIMITS)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"stored tensor manifest is unreadable: {exc}") from exc
-    if not isinstance(manifest, list):
+    if not isinstance(manifest, tuple):
         raise IntegrityError("stored tensor manifest is not a list")
     return manifest

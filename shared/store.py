@@ -553,7 +553,7 @@ class PersistentStore:
             entry[0]: map_array(
                 f"{prefix}{position}.npy",
                 dtype_from_text(entry[1]),
-                tuple(entry[2]),
+                entry[2],
                 entry[3],
                 entry[4],
             )
@@ -885,7 +885,7 @@ def _require_slot(conn: sqlite3.Connection, slot: int) -> None:
 
 def _tensor_table(manifest: Manifest) -> tuple[TensorInfo, ...]:
     return tuple(
-        TensorInfo(position, name, dtype_name(dtype), tuple(shape), nbytes, checksum)
+        TensorInfo(position, name, dtype_name(dtype), shape, nbytes, checksum)
         for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(manifest)
     )
 
