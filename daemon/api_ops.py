@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -43,11 +43,9 @@ async def ready(ctx: Ctx) -> JSONResponse:
 def readiness(ctx: ApiContext) -> tuple[list[str], int | None]:
     """What keeps the daemon from being ready (nothing: ready), and the free bytes."""
     daemon, reasons = ctx.daemon, []
-    stopping: Any = getattr(daemon, "_stop", None)
-    if stopping is not None and stopping.is_set():
+    if daemon.stopping:
         reasons.append("the daemon is stopping")
-    server: Any = getattr(daemon, "_server", None)
-    if server is None or not server.is_serving():
+    if not daemon.listening:
         reasons.append(f"the socket {daemon.config.socket} is not listening")
     store = daemon.store
     if store is None:

@@ -141,6 +141,16 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (SIGTERM, SIGINT): new peers are refused."""
+        return self._stop.is_set()
+
+    @property
+    def listening(self) -> bool:
+        """The socket accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
     def reload(self) -> None:
         """SIGHUP (systemctl reload): re-read the configuration, apply what can change live.
 
