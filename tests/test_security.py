@@ -49,23 +49,19 @@ def test_socket_is_0660(guarded: DaemonProcess) -> None:
     assert guarded.socket.stat().st_mode & 0o777 == 0o660
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid in a child")
-def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None:
-    """uid 65534 with the socket's group passes the file mode but not the daemon's allowlist."""
+def _as_uid(uid: int, work: Callable[[], bytes]) -> bytes:
+    """What ``work`` returns when run in a forked child that dropped to ``uid`` (keeping
+    group 0, the socket's), or the repr of what it raised. The child imports nothing new:
+    the interpreter's files may be unreadable to that uid."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: drop to nobody, keep group 0 (the socket's group)
+    if pid == 0:
         try:
             os.close(read_end)
             os.setgroups([])
             os.setgid(0)
-            os.setuid(65534)
-            peer = socket.socket(socket.AF_UNIX)
-            peer.connect(str(guarded.socket))
-            data = b""
-            while chunk := peer.recv(65536):
-                data += chunk
-            os.write(write_end, data[:4096])
+            os.setuid(uid)
+            os.write(write_end, work())
         except BaseException as exc:
             os.write(write_end, repr(exc).encode())
         finally:
@@ -74,6 +70,22 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
     with os.fdopen(read_end, "rb") as pipe:
         received = pipe.read()
     os.waitpid(pid, 0)
+    return received
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid in a child")
+def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None:
+    """uid 65534 with the socket's group passes the file mode but not the daemon's allowlist."""
+
+    def connect_and_read() -> bytes:
+        peer = socket.socket(socket.AF_UNIX)
+        peer.connect(str(guarded.socket))
+        data = b""
+        while chunk := peer.recv(65536):
+            data += chunk
+        return data[:4096]
+
+    received = _as_uid(65534, connect_and_read)
     assert b"forbidden" in received, received
     assert "uid 65534 is not allowed" in guarded.log_text()
     # the daemon's own uid (root here) is still served
@@ -81,36 +93,6 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
 
 
 PEER_UID = 4242  # on the guarded daemon's allowlist
-
-
-def _as_other_uid(calls: dict[str, Callable[[], int]]) -> dict[str, str]:
-    """Run each call in a forked child that dropped to PEER_UID (group 0, the socket's);
-    the child imports nothing new (the interpreter's files may be unreadable to that uid)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(0)
-            os.setuid(PEER_UID)
-            answers = {}
-            for what, call in calls.items():
-                try:
-                    answers[what] = f"version {call()}"
-                except CtxStoreError as exc:
-                    answers[what] = str(exc)
-            os.write(write_end, json.dumps(answers).encode())
-        except BaseException as exc:
-            os.write(write_end, json.dumps({"child": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        received = pipe.read()
-    os.waitpid(pid, 0)
-    answers: dict[str, str] = json.loads(received)
-    return answers
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
@@ -125,13 +107,23 @@ def test_a_peer_cannot_import_a_file_it_does_not_own(guarded: DaemonProcess) -> 
     np.save(own, np.ones(3, dtype="f4"))
     os.chown(own, PEER_UID, 0)
     sock = guarded.socket
-    got = _as_other_uid(
-        {
-            "file": lambda: publish(1, secret, socket=sock),
-            "build": lambda: build(1, "file", {"path": str(secret)}, socket=sock),
-            "own": lambda: publish(1, own, socket=sock),
-        }
-    )
+    calls: dict[str, Callable[[], int]] = {
+        "file": lambda: publish(1, secret, socket=sock),
+        "build": lambda: build(1, "file", {"path": str(secret)}, socket=sock),
+        "own": lambda: publish(1, own, socket=sock),
+    }
+
+    def publish_each() -> bytes:
+        answers = {}
+        for what, call in calls.items():
+            try:
+                answers[what] = f"version {call()}"
+            except CtxStoreError as exc:
+                answers[what] = str(exc)
+        return json.dumps(answers).encode()
+
+    received = _as_uid(PEER_UID, publish_each)
+    got = json.loads(received) if received.startswith(b"{") else {"child": received.decode()}
     refusal = f"belongs to uid 0, not to the requesting uid {PEER_UID}"
     assert refusal in got.get("file", "") and refusal in got.get("build", ""), got
     assert got["own"] == "version 1", got  # nothing was committed before its own file
