@@ -507,27 +507,7 @@ class PersistentStore:
         self, slot: int, version: VersionRef, verify: bool
     ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
-        if isinstance(version, str) and version.isdigit():
-            version = int(version)
-        if version is None or version == "current" or isinstance(version, int):
-            # one statement, so no snapshot: the common case of every reader's adoption
-            rows = (
-                self._query(_RECORD_SQL + "s.current_version", (slot,))
-                if version is None or version == "current"
-                else self._query(_RECORD_SQL + "?2", (slot, check_version(version)))
-            )
-            if not rows:
-                with self._read_snapshot() as conn:  # say precisely what is missing
-                    number = _resolve(conn, slot, version)
-                raise NotFoundError(f"slot {slot} has no version {number}")
-            number, *record = rows[0]
-        else:
-            with self._read_snapshot() as conn:
-                number = _resolve(conn, slot, version)
-                row = conn.execute(_RECORD_SQL + "?2", (slot, number)).fetchone()
-            if row is None:
-                raise NotFoundError(f"slot {slot} has no version {number}")
-            record = row[1:]
+        number, *record = self._version_row(_RECORD_SQL, slot, version)
         manifest = unpack_manifest(record[2])
         try:
             weights = self._map_tensors(slot, number, manifest)
@@ -584,6 +564,29 @@ class PersistentStore:
         )
         return dict(rows)
 
+    def _version_row(self, sql: str, slot: int, version: VersionRef) -> tuple[Any, ...]:
+        """The row ``sql`` (ending in "v.version = ") selects for ``version`` of ``slot``.
+
+        The current or a numbered version is one statement, consistent without a
+        snapshot; aliases and ``latest`` resolve first, in the same read snapshot.
+        """
+        if isinstance(version, str) and version.isdigit():
+            version = int(version)
+        if version is None or version == "current":
+            rows = self._query(sql + "s.current_version", (slot,))
+        elif isinstance(version, int):
+            rows = self._query(sql + "?2", (slot, check_version(version)))
+        else:
+            with self._read_snapshot() as conn:
+                number = _resolve(conn, slot, version)
+                rows = conn.execute(sql + "?2", (slot, number)).fetchall()
+        if not rows:
+            with self._read_snapshot() as conn:  # say precisely what is missing
+                number = _resolve(conn, slot, version)
+            raise NotFoundError(f"slot {slot} has no version {number}")
+        row: tuple[Any, ...] = rows[0]
+        return row
+
     def get_metadata(
         self, slot_id: int, version: VersionRef = None, *, tensors: bool = True
     ) -> ContextMetadata:
@@ -593,21 +596,8 @@ class PersistentStore:
         ``latest`` resolve first, in the same read snapshot.
         """
         slot = check_slot(slot_id)
-        if isinstance(version, str) and version.isdigit():
-            version = int(version)
-        if version is None or version == "current":
-            rows = self._query(_METADATA_SQL + "s.current_version", (slot,))
-        elif isinstance(version, int):
-            rows = self._query(_METADATA_SQL + "?2", (slot, check_version(version)))
-        else:
-            with self._read_snapshot() as conn:
-                number = _resolve(conn, slot, version)
-                rows = conn.execute(_METADATA_SQL + "?2", (slot, number)).fetchall()
-        if not rows:
-            with self._read_snapshot() as conn:  # say precisely what is missing
-                number = _resolve(conn, slot, version)
-            raise NotFoundError(f"slot {slot} has no version {number}")
-        number, model_type, current, created, config, metadata, pinned, aliases, blob = rows[0]
+        row = self._version_row(_METADATA_SQL, slot, version)
+        number, model_type, current, created, config, metadata, pinned, aliases, blob = row
         return ContextMetadata(
             slot=slot,
             version=number,
@@ -835,11 +825,12 @@ class Repair:
     damaged: list[int]
 
 
-#: one version's record, its slot's pointer and its aliases; completed by the version clause
-_RECORD_SQL = (  # + the version: "s.current_version" or "?2"
+#: what load_context needs of one version; completed by the version clause
+_RECORD_SQL = (
     "SELECT v.version, v.config, v.metadata, v.manifest FROM slots s JOIN versions v "
     "ON v.slot = s.slot WHERE s.slot = ?1 AND v.version = "
 )
+#: one version's record, its slot's pointer and its aliases; completed by the version clause
 _METADATA_SQL = (
     "SELECT v.version, s.model_type, s.current_version, v.created_at, v.config, v.metadata, "
     "v.pinned, (SELECT group_concat(name, ',') FROM (SELECT name FROM aliases a "
