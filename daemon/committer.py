@@ -26,7 +26,7 @@ import posix_ipc
 from ctxstore.context import Context
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
-from ctxstore.nodes import FileNode, create_node, detect_format, read_weights_file
+from ctxstore.nodes import FileNode, create_node, read_weights_file
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTableWriter
 
@@ -217,9 +217,9 @@ class Committer:
 
 
 def _context_from_file(path: str, who: Requester) -> Context:
-    fmt = detect_format(path)
-    loaded = read_weights_file(path, format=fmt, check=who.check_file)
-    metadata: dict[str, Any] = {"source": {"path": path, "format": fmt, "bytes": loaded.size}}
+    loaded = read_weights_file(path, check=who.check_file)
+    source = {"path": path, "format": loaded.format, "bytes": loaded.size}
+    metadata: dict[str, Any] = {"source": source}
     if loaded.metadata:
         metadata["file_metadata"] = loaded.metadata
     return Context(loaded.weights, None, metadata)
