@@ -4,6 +4,10 @@ Published files are write-once: created with O_EXCL, written fully, fsynced,
 created read-only. A failed write or fsync raises StorageError and removes the
 partial file; it is never retried as if it had succeeded (after a failed fsync
 the kernel may already have dropped the dirty pages).
+
+A commit writes all its files first and then syncs them together
+(:func:`fsync_all`): fsyncs issued at once share the filesystem's journal
+commits, where one after another each file pays for its own.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import StorageError
@@ -20,6 +26,8 @@ from .errors import StorageError
 FILE_MODE = 0o444
 DIR_MODE = 0o755
 WRITE_CHUNK = 64 << 20
+#: fsyncs in flight at once beside the caller's own
+SYNC_THREADS = 8
 
 
 def write_all(fd: int, data: memoryview | bytes) -> None:
@@ -30,8 +38,12 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
-def write_new_file(path: Path, chunks: Iterable[memoryview | bytes]) -> None:
-    """Create ``path`` (it must not exist), write ``chunks``, fsync, leave it read-only."""
+def write_new_file(path: Path, chunks: Iterable[memoryview | bytes], *, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist), write ``chunks``, leave it read-only.
+
+    With ``sync=False`` the caller owes the file an fsync (:func:`fsync_all`)
+    before anything that depends on its contents becomes durable.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
@@ -39,7 +51,8 @@ def write_new_file(path: Path, chunks: Iterable[memoryview | bytes]) -> None:
     try:
         for chunk in chunks:
             write_all(fd, chunk)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         _unlink_quietly(path)
@@ -49,14 +62,64 @@ def write_new_file(path: Path, chunks: Iterable[memoryview | bytes]) -> None:
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory so the entries created or renamed in it are durable."""
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync the file or directory at ``path`` (opened read-only: Linux syncs it all the same)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
-        raise StorageError(exc.errno, f"cannot fsync directory {path}: {exc.strerror}") from exc
+        raise StorageError(exc.errno, f"cannot fsync {path}: {exc.strerror}") from exc
+
+
+def fsync_all(paths: Sequence[Path]) -> None:
+    """fsync every path, at once; raises the first failure after all have finished.
+
+    Nothing is retried: a path whose fsync failed is reported even if the
+    others succeeded, and the caller abandons what depended on it.
+    """
+    if len(paths) <= 1:
+        for path in paths:
+            fsync_path(path)
+        return
+    pool = _sync_pool()
+    futures: list[Future[None]] = [pool.submit(fsync_path, path) for path in paths[1:]]
+    failures: list[BaseException] = []
+    try:
+        fsync_path(paths[0])
+    except StorageError as exc:
+        failures.append(exc)
+    failures.extend(e for e in (f.exception() for f in futures) if e is not None)
+    if failures:
+        raise failures[0]
+
+
+class _SyncPool:
+    """The fsync threads, started on first use; a forked child starts its own."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def __call__(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    SYNC_THREADS, thread_name_prefix="ctxstore-fsync"
+                )
+            return self._executor
+
+    def _forget(self) -> None:
+        self._executor, self._lock = None, threading.Lock()
+
+
+_sync_pool = _SyncPool()
 
 
 def make_dir(path: Path, *, durable: bool = True) -> bool:

@@ -3,6 +3,7 @@
 <root>/index.db                 SQLite index (WAL)
 <root>/slots/<slot>/<version>/  one .npy per tensor, named by position
 <root>/wal/<txid>/              staging for a version being committed
+<root>/wal/retired-<...>/       a retired version awaiting deletion in the background
 <root>/LOCK                     flock held by the one writer
 """
 
@@ -30,6 +31,14 @@ def slots_dir(root: Path) -> Path:
 
 def wal_dir(root: Path) -> Path:
     return root / WAL_DIR
+
+
+RETIRED_PREFIX = "retired-"
+
+
+def retired_dir(root: Path, slot: int, version: int, token: str) -> Path:
+    """Where a retired version directory waits for deletion (recovery clears wal/)."""
+    return root / WAL_DIR / f"{RETIRED_PREFIX}{slot}-{version}-{token}"
 
 
 def slot_dir(root: Path, slot: int) -> Path:

@@ -28,9 +28,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,7 +39,15 @@ from . import layout
 from .checksum import checksum_parts
 from .context import Array, Context
 from .db import connect, transaction, translate_sqlite_error
-from .durable import fsync_dir, hard_link, make_dir, remove_tree, rename_dir, write_new_file
+from .durable import (
+    fsync_all,
+    fsync_dir,
+    hard_link,
+    make_dir,
+    remove_tree,
+    rename_dir,
+    write_new_file,
+)
 from .errors import (
     ClosedError,
     ConflictError,
@@ -61,6 +70,7 @@ from .npyfile import (
     npy_header,
     shape_to_text,
 )
+from .reaper import Reaper
 from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
 from .schema import check_readable, migrate
 from .validation import (
@@ -74,6 +84,8 @@ from .validation import (
 from .verify import find_orphans, verify_store
 
 DEFAULT_RETENTION = 5
+#: retired versions at least this large are deleted by a background thread
+REAP_IN_BACKGROUND_BYTES = 64 << 20
 #: how often load_context resolves a moving reference again after losing a race with retention
 _LOAD_ATTEMPTS = 8
 
@@ -108,6 +120,7 @@ class PersistentStore:
         self._conns_lock = threading.Lock()
         self._lock: WriterLock | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reaper: Reaper | None = None
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
         #: versions that retention must keep besides its own rules (readers still holding them)
@@ -176,6 +189,9 @@ class PersistentStore:
     def close(self) -> None:
         """Close connections and release the writer lock; idempotent."""
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.close()  # while we still hold the lock: recovery owns wal/ after us
+            self._reaper = None
         with self._conns_lock:
             conns = list(self._read_conns)
             self._read_conns.clear()  # in place: the threads' finalizers see it
@@ -328,18 +344,19 @@ class PersistentStore:
     def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
         """Steps 2 and 3: files written durably, then renamed into place as one directory.
 
-        fsyncs: every new file, the staging directory (its entries), and the slot
-        directory after the rename (the new entry), all before COMMIT. The staging
-        directory's own creation and its removal from wal/ need not be durable:
-        recovery deletes whatever wal/ holds, and the rename is one metadata
-        transaction of the filesystem journal.
+        fsyncs: every new file and the staging directory (its entries), issued
+        together once all are written, then the slot directory after the rename
+        (the new entry), all before COMMIT. The staging directory's own creation
+        and its removal from wal/ need not be durable: recovery deletes whatever
+        wal/ holds, and the rename is one metadata transaction of the filesystem
+        journal.
         """
         txid = f"{slot}-{version}-{os.getpid()}-{secrets.token_hex(4)}"
         staging = layout.wal_dir(self.root) / txid
         make_dir(staging, durable=False)
         try:
-            rows = self._stage(staging, context)
-            fsync_dir(staging)
+            rows, written = self._stage(staging, context)
+            fsync_all([*written, staging])
             crash_point("staged")
             make_dir(layout.slot_dir(self.root, slot))
             rename_dir(staging, layout.version_dir(self.root, slot, version))
@@ -350,8 +367,10 @@ class PersistentStore:
         crash_point("renamed")
         return rows
 
-    def _stage(self, staging: Path, context: Context) -> list[TensorRow]:
+    def _stage(self, staging: Path, context: Context) -> tuple[list[TensorRow], list[Path]]:
+        """Write (or link) every tensor into ``staging``; the rows and the files still to sync."""
         rows: list[TensorRow] = []
+        written: list[Path] = []
         staged: dict[str, Path] = {}
         for position, (name, array) in enumerate(context.weights.items()):
             header = npy_header(array.dtype, array.shape)
@@ -360,7 +379,8 @@ class PersistentStore:
             path = staging / layout.tensor_file_name(position)
             source = staged.get(checksum) or self._stored_duplicate(checksum, header, data)
             if source is None or not hard_link(source, path):
-                write_new_file(path, (header, data))
+                write_new_file(path, (header, data), sync=False)
+                written.append(path)
             staged.setdefault(checksum, path)
             rows.append(
                 (
@@ -374,7 +394,7 @@ class PersistentStore:
                 )
             )
             crash_point("staging")
-        return rows
+        return rows, written
 
     def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> Path | None:
         """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
@@ -398,7 +418,7 @@ class PersistentStore:
         aliases: tuple[str, ...],
         pin: bool,
         tensors: list[TensorRow],
-    ) -> list[tuple[int, int]]:
+    ) -> list[_Retired]:
         """Step 4: the one transaction whose COMMIT makes the version visible.
 
         Retention's row deletions ride in the same transaction (one synchronous
@@ -440,7 +460,7 @@ class PersistentStore:
                     [(slot, alias, version) for alias in aliases],
                 )
                 retired = self._retain(slot)
-                conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", retired)
+                conn.executemany(_DELETE_VERSION_SQL, [(r.slot, r.version) for r in retired])
                 crash_point("in_transaction")
         except BaseException:
             if not self._version_recorded(conn, slot, version):
@@ -508,9 +528,9 @@ class PersistentStore:
     ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
         number, *record = self._version_row(_RECORD_SQL, slot, version)
-        manifest = unpack_manifest(record[2])
+        manifest, plan = _read_plan(record[2])
         try:
-            weights = self._map_tensors(slot, number, manifest)
+            weights = self._map_tensors(slot, number, plan)
         except NotFoundError:
             if self._version_exists(slot, number):
                 raise IntegrityError(
@@ -527,17 +547,11 @@ class PersistentStore:
             number,
         )
 
-    def _map_tensors(self, slot: int, version: int, manifest: Manifest) -> dict[str, Array]:
+    def _map_tensors(self, slot: int, version: int, plan: _ReadPlan) -> dict[str, Array]:
         prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
         return {
-            entry[0]: map_array(
-                f"{prefix}{position}.npy",
-                dtype_from_text(entry[1]),
-                entry[2],
-                entry[3],
-                entry[4],
-            )
-            for position, entry in enumerate(manifest)
+            name: map_array(f"{prefix}{file_name}", dtype, shape, offset, nbytes)
+            for name, file_name, dtype, shape, offset, nbytes in plan
         }
 
     def _version_exists(self, slot: int, version: int) -> bool:
@@ -608,7 +622,7 @@ class PersistentStore:
             metadata=_load_json(metadata, "metadata"),
             pinned=bool(pinned),
             aliases=tuple(aliases.split(",")) if aliases else (),
-            tensors=_tensor_table(unpack_manifest(blob)) if tensors else None,
+            tensors=_tensor_table(blob) if tensors else None,
         )
 
     def list_slots(self, model_type: str | None = None, group: str | None = None) -> list[SlotInfo]:
@@ -731,12 +745,12 @@ class PersistentStore:
             else:
                 slots = [check_slot(slot_id)]
             with transaction(conn):
-                doomed = [pair for slot in slots for pair in self._retain(slot)]
-                conn.executemany("DELETE FROM versions WHERE slot = ? AND version = ?", doomed)
+                doomed = [retired for slot in slots for retired in self._retain(slot)]
+                conn.executemany(_DELETE_VERSION_SQL, [(r.slot, r.version) for r in doomed])
             self._retire_files(doomed)
-        return doomed
+        return [(r.slot, r.version) for r in doomed]
 
-    def _retain(self, slot: int) -> list[tuple[int, int]]:
+    def _retain(self, slot: int) -> list[_Retired]:
         """The versions of ``slot`` retention removes now (a query; the caller deletes them).
 
         Kept: the newest ``retention``, the current one, pinned and aliased ones,
@@ -757,9 +771,9 @@ class PersistentStore:
             return []
         protected = set(self.protected_versions(slot)) if self.protected_versions else set()
         return [
-            (slot, version)
-            for (version,) in conn.execute(
-                "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
+            _Retired(slot, version, nbytes)
+            for version, nbytes in conn.execute(
+                "SELECT v.version, v.nbytes FROM versions v JOIN slots s ON s.slot = v.slot "
                 "WHERE v.slot = ?1 AND v.version < ?2 AND v.pinned = 0 "
                 "AND v.version != s.current_version AND NOT EXISTS (SELECT 1 FROM aliases a "
                 "WHERE a.slot = ?1 AND a.version = v.version)",
@@ -768,14 +782,42 @@ class PersistentStore:
             if version not in protected
         ]
 
-    def _retire_files(self, doomed: list[tuple[int, int]]) -> None:
+    def _retire_files(self, doomed: list[_Retired]) -> None:
         """After the COMMIT that removed their rows: a crash before this leaves orphans
-        that recovery deletes, and a reader still mapping the files keeps its pages."""
+        that recovery deletes, and a reader still mapping the files keeps its pages.
+
+        Freeing a large version's blocks and cached pages takes a while (about
+        0.25 s per GiB here), so those move into wal/ now and the reaper thread
+        deletes them: the commit does not wait. Small ones go at once.
+        """
         if not doomed:
             return
         crash_point("retiring")
-        for s, v in doomed:
-            remove_tree(layout.version_dir(self.root, s, v))
+        for slot, version, nbytes in doomed:
+            place = layout.version_dir(self.root, slot, version)
+            if nbytes < REAP_IN_BACKGROUND_BYTES:
+                remove_tree(place)
+                continue
+            aside = layout.retired_dir(self.root, slot, version, secrets.token_hex(4))
+            try:
+                os.rename(place, aside)
+            except FileNotFoundError:
+                continue
+            except OSError:  # cannot move it aside: delete it in place, now
+                remove_tree(place)
+                continue
+            self._reaper_thread().remove(aside)
+
+    def _reaper_thread(self) -> Reaper:
+        reaper = self._reaper
+        if reaper is None or not reaper.usable:
+            reaper = self._reaper = Reaper()
+        return reaper
+
+    def wait_retired(self) -> None:
+        """Block until the files of every version retired so far are deleted."""
+        if self._reaper is not None:
+            self._reaper.drain()
 
     # -- integrity ------------------------------------------------------------------------
 
@@ -874,11 +916,57 @@ def _require_slot(conn: sqlite3.Connection, slot: int) -> None:
         raise NotFoundError(f"slot {slot} does not exist")
 
 
-def _tensor_table(manifest: Manifest) -> tuple[TensorInfo, ...]:
-    return tuple(
-        TensorInfo(position, name, dtype_name(dtype), shape, nbytes, checksum)
-        for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(manifest)
-    )
+#: what the read path derives from one manifest: per tensor, in position order,
+#: name, file name, dtype, shape, data offset, data bytes
+_ReadPlan = tuple[tuple[str, str, np.dtype[Any], tuple[int, ...], int, int], ...]
+
+
+# Stored documents are immutable and the same few versions are read over and
+# over, so what is decoded from them is memoized by their exact bytes: no key
+# can go stale, and a hit costs a hash instead of a decode. Oversized documents
+# are decoded each time rather than kept.
+_MEMO_ENTRIES = 256
+_MEMO_MAX_LEN = 256 << 10
+
+
+@lru_cache(maxsize=_MEMO_ENTRIES)
+def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
+    manifest = unpack_manifest(blob)
+    try:
+        plan = tuple(
+            (name, layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
+            for position, (name, dtype, shape, offset, nbytes, _) in enumerate(manifest)
+        )
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"stored tensor manifest is malformed: {exc}") from exc
+    return manifest, plan
+
+
+def _read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
+    """A version's manifest and how to map it, memoized by the manifest's bytes."""
+    if len(blob) > _MEMO_MAX_LEN:
+        return _memo_read_plan.__wrapped__(blob)
+    return _memo_read_plan(blob)
+
+
+@lru_cache(maxsize=_MEMO_ENTRIES)
+def _memo_tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
+    try:
+        return tuple(
+            TensorInfo(position, name, dtype_name(dtype), shape, nbytes, checksum)
+            for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(
+                unpack_manifest(blob)
+            )
+        )
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"stored tensor manifest is malformed: {exc}") from exc
+
+
+def _tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
+    """A version's tensor table, memoized by its manifest's bytes."""
+    if len(blob) > _MEMO_MAX_LEN:
+        return _memo_tensor_table.__wrapped__(blob)
+    return _memo_tensor_table(blob)
 
 
 def _verify_mapped(
@@ -903,7 +991,14 @@ def _dump_json(value: Mapping[str, Any]) -> str:
 
 
 def _load_json(text: str, what: str) -> Mapping[str, Any]:
-    """A stored config or metadata document, frozen (validated when it was committed)."""
+    """A stored config or metadata document, frozen, memoized by its text."""
+    if len(text) > _MEMO_MAX_LEN:
+        return _decode_json(text, what)
+    return _memo_json(text, what)
+
+
+def _decode_json(text: str, what: str) -> Mapping[str, Any]:
+    """Decode and freeze a stored document (it was validated when it was committed)."""
     try:
         value = _DECODER.decode(text)
     except (ValueError, TypeError) as exc:
@@ -920,7 +1015,19 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
 
 
+_memo_json = lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_DELETE_VERSION_SQL = "DELETE FROM versions WHERE slot = ? AND version = ?"
+
+
+class _Retired(NamedTuple):
+    """A version retention removes, and its size (which decides who deletes its files)."""
+
+    slot: int
+    version: int
+    nbytes: int
+
+
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per json.loads
 
 

@@ -129,23 +129,22 @@ Breakage = Callable[[pytest.MonkeyPatch], None]
 
 
 def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctxstore.durable as durable
-
-    def write_without_fsync(path: Path, chunks: object) -> None:
-        with open(path, "xb") as f:
-            for chunk in chunks:  # type: ignore[attr-defined]
-                f.write(chunk)
-
-    monkeypatch.setattr(durable, "write_new_file", write_without_fsync)
     import ctxstore.store as store_module
 
-    monkeypatch.setattr(store_module, "write_new_file", write_without_fsync)
+    real = store_module.fsync_all
+    monkeypatch.setattr(
+        store_module, "fsync_all", lambda paths: real([p for p in paths if p.is_dir()])
+    )
 
 
 def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     import ctxstore.store as store_module
 
+    real = store_module.fsync_all
     monkeypatch.setattr(store_module, "fsync_dir", lambda path: None)
+    monkeypatch.setattr(
+        store_module, "fsync_all", lambda paths: real([p for p in paths if not p.is_dir()])
+    )
 
 
 @pytest.mark.parametrize(

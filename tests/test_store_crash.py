@@ -64,6 +64,7 @@ class Observation:
     """What one kill left behind, as seen before recovery."""
 
     wal_entries: int  # staging directories left in wal/
+    retired_waiting: int  # retired version directories moved into wal/, not yet deleted
     orphans: int  # version directories with no row
     unreported: int  # slots whose newest row is newer than the newest logged version
     versions: int  # rows in the index
@@ -213,7 +214,9 @@ def version_dirs(store_dir: Path) -> set[tuple[int, int]]:
 def check_after_kill(store_dir: Path, log: Path) -> Observation:
     reported = read_log(log)
     wal = layout.wal_dir(store_dir)
-    wal_entries = len(os.listdir(wal))
+    entries = os.listdir(wal)
+    retired_waiting = sum(name.startswith(layout.RETIRED_PREFIX) for name in entries)
+    wal_entries = len(entries) - retired_waiting
     try:
         reader = PersistentStore(store_dir, readonly=True)
     except Exception as exc:
@@ -233,7 +236,7 @@ def check_after_kill(store_dir: Path, log: Path) -> Observation:
     rows = {(slot, v) for slot, versions in seen.items() for v in versions}
     assert version_dirs(store_dir) == rows, "version directories and rows disagree"
     unreported = sum(versions[-1] > reported.get(slot, 0) for slot, versions in seen.items())
-    return Observation(wal_entries, len(problems), unreported, len(rows))
+    return Observation(wal_entries, retired_waiting, len(problems), unreported, len(rows))
 
 
 # -- running kills ----------------------------------------------------------------------------

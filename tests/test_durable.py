@@ -1,0 +1,90 @@
+"""The commit path's file-system primitives: syncing many paths at once, and the reaper."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ctxstore.durable as durable
+import ctxstore.reaper as reaper_module
+import ctxstore.store as store_module
+from ctxstore import Context, PersistentStore, StorageError, layout
+
+
+def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [tmp_path / f"f{i}" for i in range(12)]
+    for path in paths:
+        path.write_bytes(b"x")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("/f7"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+        synced.append(name)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError, match=r"cannot fsync .*/f7: Input/output error"):
+        durable.fsync_all([*paths, tmp_path])
+    # the failure did not cut the others short: every other path was synced
+    assert sorted(synced) == sorted(str(p) for p in [*paths, tmp_path] if p.name != "f7")
+    durable.fsync_all([])  # nothing to do is not an error
+
+
+def test_a_large_retired_version_is_moved_aside_and_deleted_in_the_background(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "REAP_IN_BACKGROUND_BYTES", 1)
+    gate = threading.Event()
+    real_remove = reaper_module.remove_tree
+
+    def slow_remove(path: Path) -> None:
+        assert gate.wait(30), "the test never opened the gate"
+        real_remove(path)
+
+    monkeypatch.setattr(reaper_module, "remove_tree", slow_remove)
+    wal = layout.wal_dir(store_dir)
+    with PersistentStore(store_dir, retention=1) as store:
+        store.save_context(1, Context({"w": np.full(16, 1.0)}))
+        held = store.load_context(1, 1)["w"]
+        store.save_context(1, Context({"w": np.full(16, 2.0)}))
+        # version 1 is retired: its row is gone at once, its files wait aside in wal/
+        assert [v.version for v in store.list_versions(1)] == [2]
+        assert not layout.version_dir(store_dir, 1, 1).exists()
+        waiting = [n for n in os.listdir(wal) if n.startswith(layout.RETIRED_PREFIX)]
+        assert len(waiting) == 1
+        store.save_context(1, Context({"w": np.full(16, 3.0)}))  # commits do not wait for it
+        assert np.array_equal(held, np.full(16, 1.0))  # a mapped array keeps its pages
+        gate.set()
+        store.wait_retired()
+        assert os.listdir(wal) == []
+        assert [v.version for v in store.list_versions(1)] == [3]
+
+
+def test_close_finishes_the_background_deletions(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "REAP_IN_BACKGROUND_BYTES", 1)
+    store = PersistentStore(store_dir, retention=1)
+    for value in range(5):
+        store.save_context(1, Context({"w": np.full(16, float(value))}))
+    store.close()
+    assert os.listdir(layout.wal_dir(store_dir)) == []
+    assert sorted(os.listdir(layout.slot_dir(store_dir, 1))) == ["5"]
+
+
+def test_a_small_retired_version_is_deleted_before_the_commit_returns(store_dir: Path) -> None:
+    with PersistentStore(store_dir, retention=1) as store:
+        store.save_context(1, Context({"w": np.full(16, 1.0)}))
+        store.save_context(1, Context({"w": np.full(16, 2.0)}))
+        assert sorted(os.listdir(layout.slot_dir(store_dir, 1))) == ["2"]
+        assert os.listdir(layout.wal_dir(store_dir)) == []
