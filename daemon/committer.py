@@ -76,6 +76,8 @@ class Committer:
         self._lock = asyncio.Lock()
         self._seq = 0
         self.commits = 0
+        #: (slot, version) of the newest commit since start, for status lines
+        self.last_commit: tuple[int, int] | None = None
         #: metrics hook; its failures are logged and never fail a commit
         self.on_commit: CommitObserver | None = None
         #: post-commit stage (hooks), run after the announcement, one commit at a time,
@@ -107,6 +109,7 @@ class Committer:
         async with self._lock:
             version = await asyncio.to_thread(self._save, slot, context, model_type, aliases)
             self.commits += 1
+            self.last_commit = (slot, version)
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
         if self.post_commit is not None:
             task = asyncio.ensure_future(

@@ -67,6 +67,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
+#: how often the daemon's STATUS= line is brought up to date (when it changed)
+STATUS_INTERVAL = 2.0
+
+
 class Notifier:
     """Sends sd_notify messages for this process; a no-op outside systemd.
 
@@ -220,3 +224,29 @@ def _check(is_healthy: Callable[[], bool]) -> bool:
     except Exception:
         log.exception("health check raised; counting the daemon as unhealthy")
         return False
+
+
+async def status_loop(
+    notifier: Notifier,
+    describe: Callable[[], str],
+    interval: float = STATUS_INTERVAL,
+    *,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Publish ``describe()`` as STATUS= whenever it changed, checking every ``interval`` s.
+
+    What ``systemctl status`` shows stays current (readers, slots, the last
+    commit) without a datagram per commit. Runs until cancelled; a failing
+    ``describe`` is logged and skipped.
+    """
+    shown: str | None = None
+    while True:
+        try:
+            text = describe()
+        except Exception:
+            log.exception("cannot describe the daemon for systemd's STATUS=")
+        else:
+            if text != shown:
+                notifier.status(text)
+                shown = text
+        await sleep(interval)

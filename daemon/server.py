@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ctxstore.context import Context
-from ctxstore.errors import CtxStoreError, InvalidInputError
+from ctxstore.errors import CtxStoreError, InvalidInputError, PermissionDeniedError
 from ctxstore.messages import (
     Ack,
     Announce,
@@ -43,7 +43,7 @@ from ctxstore.messages import (
     Welcome,
     error_for,
 )
-from ctxstore.status import build_status, process_uptime, reader_rows, slot_rows
+from ctxstore.status import build_status, reader_rows, slot_rows
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
@@ -53,7 +53,7 @@ from .fleet import Fleet
 from .hooks import Hooks
 from .jobs import JobQueue
 from .listener import BoundSocket, PeerPolicy, bind_socket, peer_credentials
-from .notify import Notifier, watchdog_loop
+from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .subscriber import Subscriber
 
@@ -65,6 +65,8 @@ log = logging.getLogger("ctxstore.daemon")
 PublishRequest = PublishFile | PublishBuild | PublishShm
 #: how long SIGTERM lets build jobs in flight finish before they go back to pending
 JOB_STOP_TIMEOUT_S = 30.0
+#: extra start-up time asked of systemd while the store opens (recovery of a big store)
+STORE_OPEN_ALLOWANCE = 300.0
 
 
 class Daemon:
@@ -76,6 +78,7 @@ class Daemon:
         self.fleet = Fleet()
         self.subscribers: dict[int, Subscriber] = {}
         self.policy = PeerPolicy(config.allow_uids, config.allow_gids)
+        self.publishers = PeerPolicy(config.publish_uids, config.publish_gids)
         self._sessions = itertools.count(1)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,13 +90,20 @@ class Daemon:
         self.hooks = Hooks()
         self.jobs: JobQueue | None = None
         self.on_reload: list[Callable[[DaemonConfig, DaemonConfig], None]] = [self._reload_work]
+        #: when this daemon was made, on the monotonic clock (its uptime needs no /proc/stat,
+        #: which systemd's ProcSubset=pid hides)
+        self.created_monotonic = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
         self.api: ApiServer | None = None
+        # Recovery of a large store can outlast systemd's start timeout: ask for more.
+        self.notifier.status(f"opening store {config.store} (recovery)")
+        self.notifier.extend_timeout(STORE_OPEN_ALLOWANCE)
         self.store = PersistentStore(config.store, retention=config.retention)
+        self.notifier.status(f"store open; binding {config.socket}")
         for problem in self.store.recovery_problems:
             log.error("store recovery found: %s", problem)
         self.store.protected_versions = self.fleet.held_versions
@@ -137,6 +147,21 @@ class Daemon:
         interval = self.notifier.watchdog_interval()
         if interval:
             self._spawn(watchdog_loop(self.notifier, interval, lambda: not self._stop.is_set()))
+        if self.notifier.enabled:
+            self._spawn(status_loop(self.notifier, self.describe))
+
+    def describe(self) -> str:
+        """One line for ``systemctl status``: peers, commits, the last commit."""
+        committer = self.committer
+        commits = committer.commits if committer is not None else 0
+        text = (
+            f"serving {self.config.socket}: {len(self.subscribers)} peers, "
+            f"{commits} commits since start"
+        )
+        last = committer.last_commit if committer is not None else None
+        if last is not None:
+            text += f"; last: slot {last[0]} version {last[1]}"
+        return text
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -190,6 +215,7 @@ class Daemon:
         if self.store is not None:
             self.store.retention = new.retention
         self.policy = PeerPolicy(new.allow_uids, new.allow_gids)
+        self.publishers = PeerPolicy(new.publish_uids, new.publish_gids)
         self.config = new
         for callback in getattr(self, "on_reload", ()):
             try:
@@ -341,6 +367,7 @@ class Daemon:
         assert self.committer is not None
         who = Requester(sub.peer.uid)
         try:
+            self._check_publisher(sub)
             match request:
                 case PublishFile():
                     version = await self.committer.publish_file(request, who)
@@ -360,13 +387,20 @@ class Daemon:
             return
         sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
 
+    def _check_publisher(self, sub: Subscriber) -> None:
+        if not self.publishers.permits(sub.peer):
+            raise PermissionDeniedError(
+                f"uid {sub.peer.uid} may not publish to this daemon (see publish_uids and "
+                "publish_gids in its configuration)"
+            )
+
     async def _send_status(self, sub: Subscriber, request_id: int) -> None:
         """Answer StatusRequest: the process, every peer, every slot (SQL off the loop)."""
         assert self.store is not None and self.committer is not None
         store = self.store
         daemon = {
             "pid": os.getpid(),
-            "uptime_s": round(process_uptime(), 3),
+            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
             "store": str(store.root),
             "socket": str(self.config.socket),
             "commits": self.committer.commits,
@@ -376,6 +410,8 @@ class Daemon:
         fleet, max_frame_size = self.fleet, self.config.max_frame_size
 
         def build() -> Status:  # in a worker thread: SQL, and rows that may number 10,000
+            # Anything that fails in here is answered with an error frame: a status request
+            # is never left unanswered.
             slots, total = slot_rows(store)
             readers = reader_rows(fleet.snapshot(), store.current_versions(), time.time())
             return build_status(

@@ -22,7 +22,6 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import msgpack
-import psutil
 
 from .errors import NotFoundError
 from .messages import MAX_STATUS_ROWS, Status, encode_body
@@ -133,11 +132,6 @@ def slot_rows(
             }
         )
     return rows, len(slots)
-
-
-def process_uptime() -> float:
-    """Seconds since this process started (as the kernel counts it)."""
-    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def build_status(
@@ -415,7 +409,6 @@ __all__ = [
     "lag_text",
     "latency_ms",
     "mib",
-    "process_uptime",
     "reader_rows",
     "slot_rows",
 ]

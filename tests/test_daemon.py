@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import itertools
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -11,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,9 @@ from test_notify import NotifySink
 
 from ctxstore import Context, CtxStoreError, RemoteError
 from ctxstore.client import DaemonClient, build, publish
+from ctxstore.daemon.config import DaemonConfig
+from ctxstore.daemon.notify import Notifier
+from ctxstore.daemon.server import Daemon
 from ctxstore.messages import Announce, Error, Hello, Subscribe, Subscribed, Welcome
 from ctxstore.protocol import NEED_DATA, Connection, Role
 from ctxstore.store import PersistentStore
@@ -383,17 +390,23 @@ def test_coalesced_announcements_keep_seq_order() -> None:
 def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> None:
     """With $STATE_DIRECTORY and $RUNTIME_DIRECTORY set (and no flags), nothing else is used."""
     state, runtime = tmp_path / "state", tmp_path / "runtime"
-    state.mkdir()
-    runtime.mkdir()
+    # everywhere else a daemon might put things; each must stay empty
+    elsewhere = {name: tmp_path / name for name in ("cwd", "tmp", "xdg-state", "xdg-runtime")}
+    for path in (state, runtime, *elsewhere.values()):
+        path.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXSTORE_", "XDG_"))}
     env |= {
         "STATE_DIRECTORY": str(state),
         "RUNTIME_DIRECTORY": str(runtime),
         "HOME": str(tmp_path / "home"),
+        "TMPDIR": str(elsewhere["tmp"]),
+        "XDG_STATE_HOME": str(elsewhere["xdg-state"]),
+        "XDG_RUNTIME_DIR": str(elsewhere["xdg-runtime"]),
     }
     sink = NotifySink()
     env["NOTIFY_SOCKET"] = str(sink.address)
-    proc = subprocess.Popen([sys.executable, "-m", "ctxstore.cli", "daemon"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ctxstore.cli", "daemon", "--http", "off"],
+                            env=env, cwd=elsewhere["cwd"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         sink.wait_for("READY", timeout=30)
@@ -416,24 +429,127 @@ def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> 
         assert proc.wait(20) == 0
         sink.close()
     assert not (runtime / "ctxstore.sock").exists()
+    assert not (tmp_path / "home").exists()
+    assert {name: os.listdir(path) for name, path in elsewhere.items()} == {
+        name: [] for name in elsewhere
+    }
 
 
 def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
+    """WATCHDOG=1 every half WatchdogSec: never faster, and never so late systemd would kill."""
     sink = NotifySink()
-    env = dict(os.environ, NOTIFY_SOCKET=str(sink.address), WATCHDOG_USEC="400000")
+    env = dict(os.environ, NOTIFY_SOCKET=str(sink.address), WATCHDOG_USEC="1000000")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"),
-         "--socket", str(tmp_path / "ctx.sock")],
+         "--socket", str(tmp_path / "ctx.sock"), "--http", "off"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         sink.wait_for("READY", timeout=30)
-        for _ in range(3):  # half of WatchdogSec: several pings while it runs
+        arrivals = []
+        for _ in range(6):
             sink.wait_for("WATCHDOG", timeout=10)
+            arrivals.append(time.monotonic())
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         sink.close()
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
+    # the cadence is 0.5 s; a ping can be late on a busy machine, but not early, and the
+    # typical gap stays well inside the 1 s after which systemd would restart the daemon
+    assert gaps[0] >= 0.35, gaps
+    assert gaps[len(gaps) // 2] < 0.9, gaps
+
+
+def test_ready_is_sent_only_once_the_socket_accepts(tmp_path: Path) -> None:
+    """The notifier itself connects when READY goes out: the socket must already accept."""
+    sock = tmp_path / "ctx.sock"
+    seen: list[str] = []
+
+    class ProbingNotifier(Notifier):
+        def ready(self, status: str | None = None) -> bool:
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(sock))
+                seen.append("accepting")
+            except OSError as exc:
+                seen.append(f"refused: {exc}")
+            finally:
+                probe.close()
+            return super().ready(status)
+
+    async def main() -> None:
+        config = DaemonConfig(store=tmp_path / "store", socket=sock, http="off")
+        daemon = Daemon(config, notifier=ProbingNotifier(environ={}))
+        await daemon.start()
+        try:
+            assert seen == ["accepting"]
+        finally:
+            await daemon.stop("test over")
+
+    asyncio.run(main())
+
+
+def test_status_lines_follow_the_daemon(tmp_path: Path) -> None:
+    """STATUS= says what start-up is doing, then peers, commits and the last commit."""
+    sink = NotifySink()
+    try:
+        proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", sink)
+        sink.wait_for("READY", timeout=30)
+        assert publish(3, Context({"w": np.zeros(2)}), socket=tmp_path / "ctx.sock") == 1
+        line = sink.wait_until(lambda m: "last: slot 3 version 1" in m.fields.get("STATUS", ""))
+        assert "1 commits since start" in line.fields["STATUS"]
+        assert proc.stop() == 0
+    finally:
+        sink.close()
+    statuses = [m.fields["STATUS"] for m in sink.received if "STATUS" in m.fields]
+    assert statuses[0].startswith("opening store"), statuses
+    extended = [m for m in sink.received if "EXTEND_TIMEOUT_USEC" in m.fields]
+    assert extended and int(extended[0].fields["EXTEND_TIMEOUT_USEC"]) > 0
+
+
+def test_status_and_metrics_work_with_only_our_own_proc_entries(tmp_path: Path) -> None:
+    """Under ProcSubset=pid (the unit's setting) /proc/stat and friends are hidden."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("needs root and unshare(1) to mount a pid-only /proc, as CI has")
+    sock, port = tmp_path / "ctx.sock", free_port()
+    script = (
+        "mount --make-rprivate / && mount -t proc -o subset=pid proc /proc && "
+        'test ! -e /proc/stat && exec "$@"'
+    )
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m",
+             "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"), "--socket", str(sock),
+             "--http", f"127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_socket(sock, proc)
+        assert publish(1, Context({"w": np.zeros(2)}), socket=sock) == 1
+        with DaemonClient(sock, timeout=10) as client:
+            status = client.status()
+        assert status.daemon["uptime_s"] >= 0 and status.daemon["commits"] == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert "ctxstore_daemon_cpu_seconds_total" in metrics
+        assert "ctxstore_commits_total 1.0" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+        table = "/dev/shm" + segment_name(tmp_path / "store")
+        if os.path.exists(table):
+            os.unlink(table)
+    assert code == 0, log.read_text(errors="replace")[-3000:]
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @pytest.mark.parametrize("reply", [b"", b"\x00\x00\x00\x05junk!"])

@@ -16,7 +16,7 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,17 @@ class NotifySink:
             if message is not None and message.fields.get(key) == value:
                 return message
         pytest.fail(f"no {key}={value} within {timeout}s; got {[m.raw for m in self.received]}")
+
+    def wait_until(
+        self, predicate: Callable[[NotifyMessage], bool], *, timeout: float = 30.0
+    ) -> NotifyMessage:
+        """Receive until a message satisfies ``predicate``; fail the test after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None and predicate(message):
+                return message
+        pytest.fail(f"no matching message within {timeout}s; got {[m.raw for m in self.received]}")
 
     def drain(self) -> list[NotifyMessage]:
         """Every message already queued, without waiting."""
