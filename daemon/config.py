@@ -267,6 +267,9 @@ class DaemonConfig:
     socket_group: str | None = None
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
+    #: who may publish over the socket, among those who may connect (empty: all of them)
+    publish_uids: frozenset[int] = frozenset()
+    publish_gids: frozenset[int] = frozenset()
     retention: int = DEFAULT_RETENTION
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: a reader whose outbox does not drain for this long is disconnected
@@ -446,6 +449,8 @@ KEYS: tuple[Key, ...] = (
     _key("socket_group", "socket_group", _text, flag="--socket-group", live=False, optional=True),
     _key("allow_uids", "allow_uids", _ids, _env_ids, flag="--allow-uid"),
     _key("allow_gids", "allow_gids", _ids, _env_ids, flag="--allow-gid"),
+    _key("publish_uids", "publish_uids", _ids, _env_ids, flag="--publish-uid"),
+    _key("publish_gids", "publish_gids", _ids, _env_ids, flag="--publish-gid"),
     _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention"),
     _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
     _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),

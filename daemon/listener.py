@@ -110,7 +110,9 @@ def _clear_stale(path: Path) -> None:
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-_MAX_GROUPS_BYTES = 4 * 1024
+#: the most CPython's getsockopt() will fetch (its limit): 256 groups. A peer in more groups
+#: is judged by its primary gid alone (ERANGE), which can only refuse, never wrongly admit.
+_MAX_GROUPS_BYTES = 1024
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -127,7 +129,8 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 def _peer_groups(sock: socket.socket) -> frozenset[int]:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS_BYTES)
-    except OSError:
+    except OSError as exc:
+        log.warning("cannot read a peer's supplementary groups (%s): judging by its gid", exc)
         return frozenset()
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 

@@ -501,6 +501,15 @@ def _daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-group", default=None, help="group that may use the socket")
     p.add_argument("--allow-uid", type=int, action="append", default=None, help="peer uid allowed")
     p.add_argument("--allow-gid", type=int, action="append", default=None, help="peer gid allowed")
+    p.add_argument(
+        "--publish-uid",
+        type=int,
+        action="append",
+        default=None,
+        help="uid allowed to publish over the socket (default: every peer)",
+    )
+    p.add_argument("--publish-gid", type=int, action="append", default=None,
+                   help="gid allowed to publish over the socket (default: every peer)")  # fmt: skip
     p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--log-format", default=None, help="text (default) or json: one object a line")

@@ -38,6 +38,12 @@ class ConflictError(CtxStoreError):
     kind = "conflict"
 
 
+class PermissionDeniedError(CtxStoreError, PermissionError):
+    """The caller is known but not allowed to do this (e.g. publish over the socket)."""
+
+    kind = "permission_denied"
+
+
 class IntegrityError(CtxStoreError):
     """Stored data disagrees with its record: checksum, size, missing file, damaged index."""
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
 
-from ctxstore import Context, CtxStoreError
-from ctxstore.client import build, publish
+from ctxstore import Context, CtxStoreError, RemoteError
+from ctxstore.client import DaemonClient, build, publish
 from ctxstore.messages import Error
 from ctxstore.protocol import HEADER
 from ctxstore.store import PersistentStore
@@ -49,16 +49,16 @@ def test_socket_is_0660(guarded: DaemonProcess) -> None:
     assert guarded.socket.stat().st_mode & 0o777 == 0o660
 
 
-def _as_uid(uid: int, work: Callable[[], bytes]) -> bytes:
+def _as_uid(uid: int, work: Callable[[], bytes], groups: tuple[int, ...] = ()) -> bytes:
     """What ``work`` returns when run in a forked child that dropped to ``uid`` (keeping
-    group 0, the socket's), or the repr of what it raised. The child imports nothing new:
-    the interpreter's files may be unreadable to that uid."""
+    group 0, the socket's, plus ``groups``), or the repr of what it raised. The child
+    imports nothing new: the interpreter's files may be unreadable to that uid."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(0)
             os.setuid(uid)
             os.write(write_end, work())
@@ -93,6 +93,7 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
 
 
 PEER_UID = 4242  # on the guarded daemon's allowlist
+PUBLISHERS_GID = 4343  # the group allowed to publish in the publisher-allowlist test
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
@@ -195,3 +196,43 @@ def test_hostile_identifiers_on_the_command_line_are_refused(
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "error" in result.stderr.lower()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid in a child")
+def test_only_listed_publishers_may_publish(tmp_path: Path) -> None:
+    """publish_gids: a peer may connect and read status, but publishes only from the group."""
+    run = Path(tempfile.mkdtemp(prefix="ctxstore-sec-"))
+    run.chmod(0o755)
+    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
+                          "--publish-gid", str(PUBLISHERS_GID))  # fmt: skip
+    sock = daemon.socket
+
+    def try_both() -> bytes:
+        answers = {}
+        with DaemonClient(sock, timeout=10) as client:
+            answers["status"] = f"commits {client.status().daemon['commits']}"
+        for what, call in {
+            "publish": lambda: publish(1, Context({"w": np.ones(2)}), socket=sock),
+            "build": lambda: build(2, "cnn", {"seed": 1}, socket=sock),
+        }.items():
+            try:
+                answers[what] = f"version {call()}"
+            except RemoteError as exc:
+                answers[what] = str(exc)
+        return json.dumps(answers).encode()
+
+    try:
+        wait_for_socket(sock, daemon.proc)
+        outsider = json.loads(_as_uid(PEER_UID, try_both))
+        member = json.loads(_as_uid(PEER_UID, try_both, groups=(PUBLISHERS_GID,)))
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+        daemon.stop()
+        shm = Path("/dev/shm" + segment_name(daemon.store))
+        if shm.exists():
+            shm.unlink()
+    assert outsider["status"] == "commits 0", outsider
+    for what in ("publish", "build"):
+        assert outsider[what].startswith("permission_denied: "), outsider
+        assert f"uid {PEER_UID} may not publish" in outsider[what], outsider
+    assert member == {"status": "commits 0", "publish": "version 1", "build": "version 1"}
