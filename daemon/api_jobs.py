@@ -7,6 +7,7 @@ coroutines, and both are awaited here. Without a queue every endpoint is a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Annotated, Any, Literal
 
@@ -31,10 +32,11 @@ def _queue(ctx: ApiContext) -> Any:
 
 
 async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
-    result = method(*args, **kwargs)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+    """Run a queue method off the event loop: submit and cancel wait for the store's write
+    lock, which a commit holds while it writes and fsyncs, and every read is SQL."""
+    if inspect.iscoroutinefunction(method):
+        return await method(*args, **kwargs)
+    return await asyncio.to_thread(method, *args, **kwargs)
 
 
 def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:

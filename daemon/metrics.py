@@ -106,6 +106,8 @@ class DaemonMetrics:
         self.verify_problems = Counter(
             "ctxstore_verify_problems", "Problems found by verification runs", registry=r
         )
+        for result in ("ok", "failed"):  # both series exist from the start, for alerts
+            self.verify_runs.labels(result=result)
         self._announced: OrderedDict[tuple[int, int], tuple[float, set[int]]] = OrderedDict()
         if daemon is not None:
             r.register(LiveCollector(daemon))

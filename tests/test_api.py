@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 
 from ctxstore import Context
+from ctxstore.client import publish
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.events import EventBroadcaster
 from ctxstore.daemon.server import Daemon
@@ -292,6 +294,9 @@ def test_rollback_moves_pointer_table_and_announces(tmp_path: Path) -> None:
 
 def test_verify_reports_problems_and_counts_failures(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        before = (await http.get("/metrics")).text  # both series exist before any run
+        assert _sample(before, 'ctxstore_verify_runs_total{result="failed"}') == 0
+        assert _sample(before, 'ctxstore_verify_runs_total{result="ok"}') == 0
         await commit(daemon, 1)
         await commit(daemon, 2, 5.0)  # other bytes: not a hard link to slot 1's file
         assert (await http.post("/verify")).json() == {"ok": True, "problems": []}
@@ -613,6 +618,41 @@ def test_jobs_submit_list_get_cancel(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_job_calls_wait_for_a_commit_off_the_event_loop(tmp_path: Path) -> None:
+    """A commit holds the store's write lock while it fsyncs; a POST /jobs that waits for it
+    must not freeze the loop (health checks, readers and /events run on it)."""
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        assert daemon.store is not None
+        taken, release = threading.Event(), threading.Event()
+
+        def hold_the_write_lock() -> None:  # what a long commit does
+            with daemon.store._write_lock:  # type: ignore[union-attr]
+                taken.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_the_write_lock)
+        holder.start()
+        try:
+            assert taken.wait(10)
+            submit = asyncio.ensure_future(
+                http.post("/jobs", json={"slot": 3, "node_type": "cnn", "config": {"seed": 1}})
+            )
+            await asyncio.sleep(0.05)
+            health = await asyncio.wait_for(http.get("/health"), 10)
+            assert health.status_code == 200
+            assert not submit.done()  # still waiting for the lock, yet the loop answered
+        finally:
+            release.set()
+            holder.join(10)
+        created = await asyncio.wait_for(submit, 30)
+        assert created.status_code == 201, created.text
+        job = created.json()["job"]
+        assert (await http.get(f"/jobs/{job['id']}")).json()["job"]["slot"] == 3
+
+    run(tmp_path, scenario)
+
+
 # -- errors, limits, auth -------------------------------------------------------------------------
 
 
@@ -926,6 +966,50 @@ def test_daemon_process_serves_http_and_stops_cleanly(
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # the port is closed again
     finally:
         probe.close()
+
+
+def test_sighup_rotates_the_token_and_applies_retention(
+    tmp_path: Path, cleanup_process: list[subprocess.Popen[bytes]]
+) -> None:
+    """A real SIGHUP: the old token is refused and the new one works, retention changes;
+    a token file that became unsafe makes the reload fail and the running token stays."""
+    token_file = _token_file(tmp_path)
+    config = tmp_path / "ctxstore.toml"
+    config.write_text(f'token_file = "{token_file}"\nretention = 5\n')
+    proc, log = _start_process(tmp_path, "--http", "127.0.0.1:0", "--config", str(config))
+    cleanup_process.append(proc)
+    port = int(_wait_for_log(proc, log, r"http listening on 127\.0\.0\.1:(\d+)")[1])
+    old = {"authorization": f"Bearer {TOKEN}"}
+    new_token = "another-token-abcdefghijklmnop"
+    new = {"authorization": f"Bearer {new_token}"}
+
+    def mutate(http: httpx.Client, headers: dict[str, str]) -> int:
+        return http.post("/nodes/1/parent", json={"parent": None}, headers=headers).status_code
+
+    def reload_until(done: Callable[[], bool]) -> None:
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.05)
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http:
+        for value in range(1, 5):
+            publish(1, ctx(float(value)), socket=tmp_path / "ctx.sock")
+        assert mutate(http, old) == 200 and mutate(http, new) == 401
+        token_file.write_text(new_token + "\n")
+        config.write_text(f'token_file = "{token_file}"\nretention = 2\n')
+        reload_until(lambda: mutate(http, old) == 401)
+        assert mutate(http, new) == 200
+        publish(1, ctx(5.0), socket=tmp_path / "ctx.sock")
+        versions = http.get("/slots/1/versions").json()["versions"]
+        assert [v["version"] for v in versions] == [4, 5]  # retention 2 from now on
+        token_file.chmod(0o644)  # others may read it: unsafe, so this reload is refused
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_log(proc, log, r"configuration not reloaded, the running one stays")
+        assert mutate(http, new) == 200 and mutate(http, old) == 401
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
 
 
 def test_daemon_exits_1_when_the_port_is_taken(
