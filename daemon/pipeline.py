@@ -6,6 +6,7 @@ the committer, so the server only wires them together.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -66,13 +67,19 @@ def job_runner(
 
     async def run(job: Job) -> int:
         node = create_node(job.node_type, job.slot, dict(job.config))
-        context = await node.async_build_context()
         queue = jobs()
+        if queue is not None:  # the build's own progress fills [0, BUILT]
+            node.on_progress = functools.partial(_scaled_progress, queue, job.id)
+        context = await node.async_build_context()
         if queue is not None:
             queue.set_progress(job.id, BUILT)
         return await committer.commit(job.slot, context, model_type=node.model_type)
 
     return run
+
+
+def _scaled_progress(queue: JobQueue, job_id: int, fraction: float) -> None:
+    queue.set_progress(job_id, BUILT * fraction)
 
 
 def apply_job_settings(jobs: JobQueue, config: DaemonConfig) -> None:

@@ -907,3 +907,29 @@ def test_a_read_only_store_cannot_queue_jobs(store: PersistentStore, time: FakeT
             queue.submit(1, "llm", LLM)
     finally:
         reader.close()
+
+
+def test_a_build_job_reports_the_nodes_progress_then_built() -> None:
+    """job_runner: the node's own progress fills [0, BUILT], then BUILT, then the commit."""
+    from ctxstore.daemon.pipeline import BUILT, job_runner
+
+    recorded: list[float] = []
+
+    class RecordingQueue:
+        def set_progress(self, job_id: int, progress: float) -> None:
+            assert job_id == 7
+            recorded.append(progress)
+
+    class RecordingCommitter:
+        async def commit(self, slot: int, context: Any, *, model_type: str | None = None) -> int:
+            recorded.append(-1.0)  # the commit comes after every progress report
+            return 1
+
+    job = Job(id=7, slot=2, node_type="llm", config={"n_layers": 4}, priority=0,
+              state="processing", attempts=1, max_attempts=3, progress=0.0, error=None,
+              version=None, created_at=0.0, updated_at=0.0, next_attempt_at=0.0)  # fmt: skip
+    run = job_runner(RecordingCommitter(), RecordingQueue)  # type: ignore[arg-type]
+    assert asyncio.run(run(job)) == 1
+    steps, (built, committed) = recorded[:-2], recorded[-2:]
+    assert len(steps) >= 4 and steps == sorted(steps) and steps[-1] == BUILT, recorded
+    assert 0.0 <= steps[0] < BUILT and built == BUILT and committed == -1.0, recorded

@@ -556,3 +556,26 @@ def test_builtins_do_not_scan_entry_points(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         monkeypatch.undo()
         refresh_node_types()
+
+
+@pytest.mark.parametrize(
+    ("node_type", "config"),
+    [("llm", {"n_layers": 3, "tie_embeddings": False}), ("cnn", {"channels": [4, 8]})],
+)
+def test_a_build_reports_its_progress_in_order(node_type: str, config: dict[str, Any]) -> None:
+    node = create_node(node_type, 1, config)
+    seen: list[float] = []
+    node.on_progress = seen.append
+    node.build_context()
+    assert len(seen) >= 3, seen
+    assert seen == sorted(seen) and 0.0 <= seen[0] < seen[-1] == 1.0, seen
+
+
+def test_a_failing_progress_listener_never_breaks_a_build() -> None:
+    node = create_node("llm", 1, {"n_layers": 1})
+
+    def broken(fraction: float) -> None:
+        raise RuntimeError("listener trouble")
+
+    node.on_progress = broken
+    assert len(node.build_context().weights) > 0

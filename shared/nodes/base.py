@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ import numpy as np
 from ..context import Array, Context, freeze_array
 from ..errors import InvalidInputError
 from ..validation import check_slot, freeze_mapping, thaw_json
+
+log = logging.getLogger("ctxstore.nodes")
 
 Check = Callable[[str, object], Any]
 """Validate and normalise one config value; the first argument names it in errors."""
@@ -175,6 +178,8 @@ class Node(abc.ABC):
     def __init__(self, slot: int, config: Mapping[str, Any] | None = None) -> None:
         self._slot = check_slot(slot)
         self._config: Mapping[str, Any] = freeze_mapping(self.validate_config(config), "config")
+        #: told how far a build is, 0..1 (a build job sets it); see :meth:`report_progress`
+        self.on_progress: Callable[[float], object] | None = None
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -223,6 +228,20 @@ class Node(abc.ABC):
         """A mutable copy of the validated config (plain dicts and lists)."""
         config: dict[str, Any] = thaw_json(self._config)
         return config
+
+    def report_progress(self, fraction: float) -> None:
+        """For :meth:`build_weights`: ``fraction`` (0..1) of the build is done.
+
+        Optional for subclasses; a build job shows it. A failing listener is
+        logged and ignored: progress never breaks a build.
+        """
+        listener = self.on_progress
+        if listener is None:
+            return
+        try:
+            listener(min(1.0, max(0.0, float(fraction))))
+        except Exception as exc:
+            log.debug("progress listener of %r failed: %s", self, exc)
 
     @abc.abstractmethod
     def build_weights(self) -> Mapping[str, Array]:

@@ -103,6 +103,7 @@ class CNNNode(Node):
         weights: dict[str, Array] = {}
         fan_in = c["in_channels"]
         for i, out in enumerate(c["channels"]):
+            self.report_progress(i / len(c["channels"]))
             name = f"conv.{i}."
             std = math.sqrt(2.0 / (fan_in * k * k))
             weights[name + "weight"] = normal_tensor(
@@ -117,4 +118,5 @@ class CNNNode(Node):
                 seed, "head.weight", (classes, fan_in), std, dtype
             )
             weights["head.bias"] = constant_tensor("head.bias", (classes,), 0.0, dtype)
+        self.report_progress(1.0)
         return weights

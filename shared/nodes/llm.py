@@ -82,7 +82,9 @@ class LLMNode(Node):
         weights = {
             "tok_embeddings": normal_tensor(seed, "tok_embeddings", (vocab, d), _EMBED_STD, dtype)
         }
-        for i in range(c["n_layers"]):
+        layers = c["n_layers"]
+        for i in range(layers):
+            self.report_progress(i / (layers + 1))
             p = f"layers.{i}."
             weights[p + "attention_norm"] = constant_tensor(p + "attention_norm", (d,), 1.0, dtype)
             for proj in ("wq", "wk", "wv", "wo"):
@@ -94,5 +96,7 @@ class LLMNode(Node):
             weights[down] = normal_tensor(seed, down, (d, ff), 1 / math.sqrt(ff), dtype)
         weights["norm"] = constant_tensor("norm", (d,), 1.0, dtype)
         if not c["tie_embeddings"]:
+            self.report_progress(layers / (layers + 1))
             weights["output"] = normal_tensor(seed, "output", (vocab, d), 1 / math.sqrt(d), dtype)
+        self.report_progress(1.0)
         return weights
