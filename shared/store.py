@@ -67,6 +67,7 @@ from .npyfile import (
     dtype_name,
     dtype_to_text,
     map_array,
+    map_arrays,
     npy_header,
     shape_to_text,
 )
@@ -549,10 +550,7 @@ class PersistentStore:
 
     def _map_tensors(self, slot: int, version: int, plan: _ReadPlan) -> dict[str, Array]:
         prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
-        return {
-            name: map_array(f"{prefix}{file_name}", dtype, shape, offset, nbytes)
-            for name, file_name, dtype, shape, offset, nbytes in plan
-        }
+        return dict(zip(plan.names, map_arrays(prefix, plan.specs), strict=True))
 
     def _version_exists(self, slot: int, version: int) -> bool:
         row = (
@@ -916,9 +914,12 @@ def _require_slot(conn: sqlite3.Connection, slot: int) -> None:
         raise NotFoundError(f"slot {slot} does not exist")
 
 
-#: what the read path derives from one manifest: per tensor, in position order,
-#: name, file name, dtype, shape, data offset, data bytes
-_ReadPlan = tuple[tuple[str, str, np.dtype[Any], tuple[int, ...], int, int], ...]
+class _ReadPlan(NamedTuple):
+    """What the read path derives from one manifest, in position order."""
+
+    names: tuple[str, ...]
+    #: per tensor: file name, dtype, shape, data offset, data bytes (map_arrays' specs)
+    specs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]
 
 
 # Stored documents are immutable and the same few versions are read over and
@@ -933,9 +934,12 @@ _MEMO_MAX_LEN = 256 << 10
 def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     manifest = unpack_manifest(blob)
     try:
-        plan = tuple(
-            (name, layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
-            for position, (name, dtype, shape, offset, nbytes, _) in enumerate(manifest)
+        plan = _ReadPlan(
+            tuple(entry[0] for entry in manifest),
+            tuple(
+                (layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
+                for position, (_, dtype, shape, offset, nbytes, _) in enumerate(manifest)
+            ),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored tensor manifest is malformed: {exc}") from exc
