@@ -22,9 +22,12 @@ Every repetition starts after an untimed ``sync()``: without it, work the
 filesystem defers (journal commits, and on a ``discard``-mounted ext4 the
 discard of blocks freed by an unlink) lands on the next fsync, whichever
 implementation issues it, and the interleaved comparison would charge one
-implementation's clean-up to another. The ctxstore figures therefore contain
-the retention pass's DELETE and unlinks but not the deferred discard of the
-freed blocks.
+implementation's clean-up to another. For the same reason the stores'
+background chores (the reaper thread deleting retired versions' files and
+preparing the next staging directory) are finished before that sync. The
+ctxstore figures therefore contain the retention pass's DELETE (in the
+commit's transaction) but not the unlinks, which a commit hands to the
+reaper, nor the deferred discard of the freed blocks.
 
 On a virtual machine whose host backs guest memory lazily, copying into memory
 the guest never touched before is several times slower than into recycled
@@ -172,6 +175,8 @@ def _commit_figure(ctx: RunContext, size: int, rng: np.random.Generator) -> Figu
     def next_context() -> None:
         stamp(data, next(counter))
         pending.append(Context(weights={"w": data}))
+        for store in (steady, keep):  # their background chores, like the kernel's, first
+            store.wait_background()
         os.sync()
 
     def drop(_version: object) -> None:

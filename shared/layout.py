@@ -3,7 +3,7 @@
 <root>/index.db                 SQLite index (WAL)
 <root>/slots/<slot>/<version>/  one .npy per tensor, named by position
 <root>/wal/<txid>/              staging for a version being committed
-<root>/wal/retired-<...>/       a retired version awaiting deletion in the background
+<root>/wal/spare-<token>/       an empty staging directory prepared for the next commit
 <root>/LOCK                     flock held by the one writer
 """
 
@@ -33,12 +33,12 @@ def wal_dir(root: Path) -> Path:
     return root / WAL_DIR
 
 
-RETIRED_PREFIX = "retired-"
+SPARE_PREFIX = "spare-"
 
 
-def retired_dir(root: Path, slot: int, version: int, token: str) -> Path:
-    """Where a retired version directory waits for deletion (recovery clears wal/)."""
-    return root / WAL_DIR / f"{RETIRED_PREFIX}{slot}-{version}-{token}"
+def spare_staging_dir(root: Path, token: str) -> Path:
+    """An empty staging directory made ahead of the commit that will use it."""
+    return root / WAL_DIR / f"{SPARE_PREFIX}{token}"
 
 
 def slot_dir(root: Path, slot: int) -> Path:

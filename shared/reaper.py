@@ -1,10 +1,13 @@
-"""Removes retired version directories off the commit path.
+"""The writer's background chores: removing retired versions, preparing staging.
 
-Unlinking a large version's files (freeing its extents, dropping its cached
-pages) costs time proportional to its size; a commit must not wait for the
-version it replaced to disappear. The writer first moves a retired directory
-into ``wal/`` (one rename, so its old path can be reused at once and a crash
-leaves it where recovery deletes leftovers), then hands it to this thread.
+Unlinking a version's files needs the filesystem journal right after the
+commit's fsyncs engaged it, and freeing a large version's extents and cached
+pages takes time proportional to its size; a commit must not wait for the
+version it replaced to disappear. Its rows are already gone, so nothing
+reaches the directory, and a crash before it is deleted leaves an orphan that
+recovery removes. Likewise the next commit's staging directory is created
+here, after a commit, so its mkdir is not journaled by the next commit's
+first fsync (measured: 0.1 ms of a 4 KiB commit's 0.33 ms file fsync).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .durable import remove_tree
@@ -21,10 +25,11 @@ log = logging.getLogger("ctxstore.store")
 
 
 class Reaper:
-    """One background thread that deletes the directories it is given, in order."""
+    """One background thread for the writer's chores after a commit, run in order:
+    deleting retired directories, preparing the next staging directory."""
 
     def __init__(self, name: str = "ctxstore-reaper") -> None:
-        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -36,27 +41,31 @@ class Reaper:
 
     def remove(self, path: Path) -> None:
         """Delete ``path`` (a directory that nothing reaches any more) soon."""
-        self._queue.put(path)
+        self._queue.put(lambda: remove_tree(path))
+
+    def soon(self, chore: Callable[[], object]) -> None:
+        """Run ``chore`` on the thread; its failure is logged, and nothing waits for it."""
+        self._queue.put(chore)
 
     def drain(self) -> None:
-        """Wait until every directory handed over so far is gone."""
+        """Wait until every chore handed over so far is done."""
         if self.usable:
             self._queue.join()
 
     def close(self) -> None:
-        """Finish the queued removals and stop the thread."""
+        """Finish the queued chores and stop the thread."""
         if self.usable:
             self._queue.put(None)
             self._thread.join()
 
     def _run(self) -> None:
         while True:
-            path = self._queue.get()
+            chore = self._queue.get()
             try:
-                if path is None:
+                if chore is None:
                     return
-                remove_tree(path)
+                chore()
             except Exception:  # never let the thread die; recovery removes what stays
-                log.exception("could not remove retired directory %s", path)
+                log.exception("background store chore failed")
             finally:
                 self._queue.task_done()

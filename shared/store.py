@@ -85,8 +85,6 @@ from .validation import (
 from .verify import find_orphans, verify_store
 
 DEFAULT_RETENTION = 5
-#: retired versions at least this large are deleted by a background thread
-REAP_IN_BACKGROUND_BYTES = 64 << 20
 #: how often load_context resolves a moving reference again after losing a race with retention
 _LOAD_ATTEMPTS = 8
 
@@ -122,6 +120,8 @@ class PersistentStore:
         self._lock: WriterLock | None = None
         self._conn: sqlite3.Connection | None = None
         self._reaper: Reaper | None = None
+        self._spare_staging: Path | None = None
+        self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
         #: versions that retention must keep besides its own rules (readers still holding them)
@@ -193,6 +193,10 @@ class PersistentStore:
         if self._reaper is not None:
             self._reaper.close()  # while we still hold the lock: recovery owns wal/ after us
             self._reaper = None
+        spare = self._take_spare_staging()
+        if spare is not None and os.getpid() == self._pid:
+            with contextlib.suppress(OSError):
+                os.rmdir(spare)
         with self._conns_lock:
             conns = list(self._read_conns)
             self._read_conns.clear()  # in place: the threads' finalizers see it
@@ -340,31 +344,53 @@ class PersistentStore:
             crash_point("committed")
             self._warm(slot, version, len(tensors))
             self._retire_files(retired)
+            self._reaper_thread().soon(self._prepare_spare_staging)
         return version
+
+    def _take_spare_staging(self) -> Path | None:
+        """The empty staging directory prepared after the last commit, if it is ready."""
+        with self._spare_lock:
+            spare, self._spare_staging = self._spare_staging, None
+        return spare
+
+    def _prepare_spare_staging(self) -> None:
+        """Create the next commit's staging directory in wal/ (recovery removes a leftover)."""
+        with self._spare_lock:
+            if self._spare_staging is not None or self._closed:
+                return
+            spare = layout.spare_staging_dir(self.root, f"{os.getpid()}-{secrets.token_hex(6)}")
+            make_dir(spare, durable=False)
+            self._spare_staging = spare
 
     def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
         """Steps 2 and 3: files written durably, then renamed into place as one directory.
 
-        fsyncs: every new file and the staging directory (its entries), issued
-        together once all are written, then the slot directory after the rename
-        (the new entry), all before COMMIT. The staging directory's own creation
-        and its removal from wal/ need not be durable: recovery deletes whatever
-        wal/ holds, and the rename is one metadata transaction of the filesystem
-        journal.
+        Every new file is fsynced (together, once all are written) before the
+        rename. After it, the version directory (its entries: the files) and the
+        slot directory (its new entry) are fsynced together: one journal commit
+        for both, and all of it before COMMIT. Whatever fails first leaves no
+        directory behind. The staging directory's own creation and its removal
+        from wal/ need not be durable: recovery deletes whatever wal/ holds.
         """
-        txid = f"{slot}-{version}-{os.getpid()}-{secrets.token_hex(4)}"
-        staging = layout.wal_dir(self.root) / txid
-        make_dir(staging, durable=False)
+        staging = self._take_spare_staging()
+        if staging is None:
+            staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
+            make_dir(staging, durable=False)
+        target = layout.version_dir(self.root, slot, version)
         try:
             rows, written = self._stage(staging, context)
-            fsync_all([*written, staging])
+            fsync_all(written)
             crash_point("staged")
             make_dir(layout.slot_dir(self.root, slot))
-            rename_dir(staging, layout.version_dir(self.root, slot, version))
+            rename_dir(staging, target)
         except BaseException:
             remove_tree(staging)
             raise
-        fsync_dir(layout.slot_dir(self.root, slot))
+        try:
+            fsync_all([target, layout.slot_dir(self.root, slot)])
+        except BaseException:
+            remove_tree(target)  # no row names it: as if it had never been placed
+            raise
         crash_point("renamed")
         return rows
 
@@ -419,7 +445,7 @@ class PersistentStore:
         aliases: tuple[str, ...],
         pin: bool,
         tensors: list[TensorRow],
-    ) -> list[_Retired]:
+    ) -> list[tuple[int, int]]:
         """Step 4: the one transaction whose COMMIT makes the version visible.
 
         Retention's row deletions ride in the same transaction (one synchronous
@@ -461,7 +487,7 @@ class PersistentStore:
                     [(slot, alias, version) for alias in aliases],
                 )
                 retired = self._retain(slot)
-                conn.executemany(_DELETE_VERSION_SQL, [(r.slot, r.version) for r in retired])
+                conn.executemany(_DELETE_VERSION_SQL, retired)
                 crash_point("in_transaction")
         except BaseException:
             if not self._version_recorded(conn, slot, version):
@@ -743,12 +769,12 @@ class PersistentStore:
             else:
                 slots = [check_slot(slot_id)]
             with transaction(conn):
-                doomed = [retired for slot in slots for retired in self._retain(slot)]
-                conn.executemany(_DELETE_VERSION_SQL, [(r.slot, r.version) for r in doomed])
+                doomed = [pair for slot in slots for pair in self._retain(slot)]
+                conn.executemany(_DELETE_VERSION_SQL, doomed)
             self._retire_files(doomed)
-        return [(r.slot, r.version) for r in doomed]
+        return doomed
 
-    def _retain(self, slot: int) -> list[_Retired]:
+    def _retain(self, slot: int) -> list[tuple[int, int]]:
         """The versions of ``slot`` retention removes now (a query; the caller deletes them).
 
         Kept: the newest ``retention``, the current one, pinned and aliased ones,
@@ -769,9 +795,9 @@ class PersistentStore:
             return []
         protected = set(self.protected_versions(slot)) if self.protected_versions else set()
         return [
-            _Retired(slot, version, nbytes)
-            for version, nbytes in conn.execute(
-                "SELECT v.version, v.nbytes FROM versions v JOIN slots s ON s.slot = v.slot "
+            (slot, version)
+            for (version,) in conn.execute(
+                "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
                 "WHERE v.slot = ?1 AND v.version < ?2 AND v.pinned = 0 "
                 "AND v.version != s.current_version AND NOT EXISTS (SELECT 1 FROM aliases a "
                 "WHERE a.slot = ?1 AND a.version = v.version)",
@@ -780,31 +806,23 @@ class PersistentStore:
             if version not in protected
         ]
 
-    def _retire_files(self, doomed: list[_Retired]) -> None:
-        """After the COMMIT that removed their rows: a crash before this leaves orphans
-        that recovery deletes, and a reader still mapping the files keeps its pages.
+    def _retire_files(self, doomed: list[tuple[int, int]]) -> None:
+        """After the COMMIT that removed their rows: hand their directories to the reaper.
 
-        Freeing a large version's blocks and cached pages takes a while (about
-        0.25 s per GiB here), so those move into wal/ now and the reaper thread
-        deletes them: the commit does not wait. Small ones go at once.
+        Deleting them here would make every commit wait: an unlink needs the
+        filesystem journal that the commit's own fsyncs just engaged (0.2 ms for
+        a 4 KiB version here), and freeing a large version's blocks and cached
+        pages takes 0.25 s per GiB. Version numbers are never reused, so the
+        directories can wait where they are; a crash before the reaper gets to
+        them leaves orphans that recovery deletes, and a reader still mapping
+        the files keeps its pages.
         """
         if not doomed:
             return
         crash_point("retiring")
-        for slot, version, nbytes in doomed:
-            place = layout.version_dir(self.root, slot, version)
-            if nbytes < REAP_IN_BACKGROUND_BYTES:
-                remove_tree(place)
-                continue
-            aside = layout.retired_dir(self.root, slot, version, secrets.token_hex(4))
-            try:
-                os.rename(place, aside)
-            except FileNotFoundError:
-                continue
-            except OSError:  # cannot move it aside: delete it in place, now
-                remove_tree(place)
-                continue
-            self._reaper_thread().remove(aside)
+        reaper = self._reaper_thread()
+        for slot, version in doomed:
+            reaper.remove(layout.version_dir(self.root, slot, version))
 
     def _reaper_thread(self) -> Reaper:
         reaper = self._reaper
@@ -812,8 +830,9 @@ class PersistentStore:
             reaper = self._reaper = Reaper()
         return reaper
 
-    def wait_retired(self) -> None:
-        """Block until the files of every version retired so far are deleted."""
+    def wait_background(self) -> None:
+        """Block until the writer's background chores are done: deleting the files of the
+        versions retired so far, preparing the next staging directory."""
         if self._reaper is not None:
             self._reaper.drain()
 
@@ -822,6 +841,7 @@ class PersistentStore:
     def verify(self, slot_id: int | None = None, *, rehash: bool = True) -> list[Problem]:
         """Re-check rows against files and checksums; an empty list means all is well."""
         slot = None if slot_id is None else check_slot(slot_id)
+        self.wait_background()  # retired directories awaiting the reaper are not orphans
         with self._read_snapshot() as conn:
             return verify_store(self.root, conn, slot, rehash=rehash)
 
@@ -1022,14 +1042,6 @@ def _refuse_constant(name: str) -> None:
 _memo_json = lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _DELETE_VERSION_SQL = "DELETE FROM versions WHERE slot = ? AND version = ?"
-
-
-class _Retired(NamedTuple):
-    """A version retention removes, and its size (which decides who deletes its files)."""
-
-    slot: int
-    version: int
-    nbytes: int
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per json.loads

@@ -83,3 +83,16 @@ def ensure_os_tool(path_or_binary: str, package: str) -> str:
     if found is None:
         pytest.fail(f"{path_or_binary} is missing: install it with `apt-get install -y {package}`")
     return found
+
+
+def wal_leftovers(store_root: Path) -> list[str]:
+    """What wal/ holds besides an empty staging directory a writer prepared ahead of time
+    (one that a commit took and began to fill counts: it is a leftover)."""
+    from ctxstore import layout
+
+    wal = layout.wal_dir(store_root)
+    return sorted(
+        name
+        for name in os.listdir(wal)
+        if not (name.startswith(layout.SPARE_PREFIX) and not os.listdir(wal / name))
+    )

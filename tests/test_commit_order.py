@@ -2,10 +2,11 @@
 
 A recorder wraps os.fsync / os.rename / os.link, SQLite's statement
 trace and the daemon's announcer, then an ordering check asserts DESIGN.md's
-protocol: every new tensor file fsynced and the staging directory fsynced
-before the rename, the slot directory fsynced after it and before COMMIT,
-the announcement after COMMIT. The check is proven by deliberately broken
-builds that it must catch (a check that passes everything proves nothing).
+protocol: every new tensor file fsynced before the rename, the version
+directory (its entries) fsynced before COMMIT, the slot directory fsynced
+after the rename and before COMMIT, the announcement after COMMIT. The check
+is proven by deliberately broken builds that it must catch (a check that
+passes everything proves nothing).
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ def check_commit_order(events: list[tuple[str, str]]) -> list[str]:
         staged = f"{staging}/{name}"
         if staged not in linked and staged not in fsynced_before:
             problems.append(f"{staged} was not fsynced before the rename")
-    if staging not in fsynced_before:
-        problems.append(f"staging directory {staging} was not fsynced before the rename")
     slot_dir = os.path.dirname(target)
     between = {what for kind, what in events[rename:version_commit] if kind == "fsync"}
+    if staging not in fsynced_before and target not in between:
+        problems.append(
+            f"version directory {target} was fsynced neither as {staging} before the rename "
+            "nor between rename and COMMIT"
+        )
     if slot_dir not in between:
         problems.append(f"slot directory {slot_dir} was not fsynced between rename and COMMIT")
     if any(i < version_commit for i in announces):

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wal_leftovers
 from test_daemon import wait_for_socket
 
 from ctxstore import Context, CtxStoreError, layout
@@ -217,8 +218,7 @@ class Rig:
 
     def check_restart(self) -> None:
         """The publisher is paused and the new daemon has run recovery: check everything."""
-        wal = layout.wal_dir(self.store)
-        assert os.listdir(wal) == [], "recovery left staging directories"
+        assert wal_leftovers(self.store) == [], "recovery left staging directories"
         with PersistentStore(self.store, readonly=True) as store:
             assert [str(p) for p in store.verify(rehash=False)] == []
             rows = {(s.slot, v.version) for s in store.list_slots() for v in

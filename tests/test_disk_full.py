@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wal_leftovers
 from test_daemon import wait_for_socket
 
 from ctxstore import Context, PersistentStore, RemoteError, StorageError
@@ -45,7 +45,7 @@ def small_fs() -> Iterator[Path]:
 
 def assert_nothing_partial(store: PersistentStore, expected_versions: list[int]) -> None:
     assert [v.version for v in store.list_versions(1)] == expected_versions
-    assert os.listdir(store.root / "wal") == []
+    assert wal_leftovers(store.root) == []
     assert store.verify() == []
 
 

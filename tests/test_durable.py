@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wal_leftovers
 
 import ctxstore.durable as durable
 import ctxstore.reaper as reaper_module
-import ctxstore.store as store_module
-from ctxstore import Context, PersistentStore, StorageError, layout
+from ctxstore import Context, NotFoundError, PersistentStore, StorageError, layout
 
 
 def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all_finished(
@@ -40,10 +40,9 @@ def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all_finished(
     durable.fsync_all([])  # nothing to do is not an error
 
 
-def test_a_large_retired_version_is_moved_aside_and_deleted_in_the_background(
+def test_a_retired_version_is_deleted_in_the_background(
     store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "REAP_IN_BACKGROUND_BYTES", 1)
     gate = threading.Event()
     real_remove = reaper_module.remove_tree
 
@@ -52,39 +51,40 @@ def test_a_large_retired_version_is_moved_aside_and_deleted_in_the_background(
         real_remove(path)
 
     monkeypatch.setattr(reaper_module, "remove_tree", slow_remove)
-    wal = layout.wal_dir(store_dir)
     with PersistentStore(store_dir, retention=1) as store:
         store.save_context(1, Context({"w": np.full(16, 1.0)}))
         held = store.load_context(1, 1)["w"]
         store.save_context(1, Context({"w": np.full(16, 2.0)}))
-        # version 1 is retired: its row is gone at once, its files wait aside in wal/
+        # version 1 is retired: its row is gone at once, its files wait for the reaper
         assert [v.version for v in store.list_versions(1)] == [2]
-        assert not layout.version_dir(store_dir, 1, 1).exists()
-        waiting = [n for n in os.listdir(wal) if n.startswith(layout.RETIRED_PREFIX)]
-        assert len(waiting) == 1
+        assert layout.version_dir(store_dir, 1, 1).exists()
+        with pytest.raises(NotFoundError):
+            store.load_context(1, 1)
         store.save_context(1, Context({"w": np.full(16, 3.0)}))  # commits do not wait for it
         assert np.array_equal(held, np.full(16, 1.0))  # a mapped array keeps its pages
         gate.set()
-        store.wait_retired()
-        assert os.listdir(wal) == []
-        assert [v.version for v in store.list_versions(1)] == [3]
+        store.wait_background()
+        assert sorted(os.listdir(layout.slot_dir(store_dir, 1))) == ["3"]
+        assert wal_leftovers(store_dir) == []
 
 
-def test_close_finishes_the_background_deletions(
-    store_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "REAP_IN_BACKGROUND_BYTES", 1)
+def test_close_finishes_the_background_deletions(store_dir: Path) -> None:
     store = PersistentStore(store_dir, retention=1)
     for value in range(5):
         store.save_context(1, Context({"w": np.full(16, float(value))}))
     store.close()
-    assert os.listdir(layout.wal_dir(store_dir)) == []
     assert sorted(os.listdir(layout.slot_dir(store_dir, 1))) == ["5"]
 
 
-def test_a_small_retired_version_is_deleted_before_the_commit_returns(store_dir: Path) -> None:
+def test_verify_does_not_mistake_a_pending_deletion_for_an_orphan(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_remove = reaper_module.remove_tree
+    monkeypatch.setattr(reaper_module, "remove_tree", lambda p: (release.wait(30), real_remove(p)))
     with PersistentStore(store_dir, retention=1) as store:
         store.save_context(1, Context({"w": np.full(16, 1.0)}))
         store.save_context(1, Context({"w": np.full(16, 2.0)}))
-        assert sorted(os.listdir(layout.slot_dir(store_dir, 1))) == ["2"]
-        assert os.listdir(layout.wal_dir(store_dir)) == []
+        threading.Timer(0.2, release.set).start()
+        assert store.verify() == []  # it waited for the reaper instead of reporting version 1
+        assert not layout.version_dir(store_dir, 1, 1).exists()

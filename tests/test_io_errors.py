@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ensure_os_tool
+from conftest import ensure_os_tool, wal_leftovers
 
 from ctxstore import PersistentStore
 
@@ -76,7 +76,7 @@ def test_commit_under_io_errors(tmp_path: Path, point: str, mode: str) -> None:
     with PersistentStore(store_path) as store:  # recovery, then the checks
         assert store.verify() == []
         assert store.recovery_problems == []
-        assert os.listdir(store_path / "wal") == []
+        assert wal_leftovers(store_path) == []
         stored = {v.version for v in store.list_versions(1)}
         # every commit reported successful is there with its own bytes...
         for version, value in reported.items():
