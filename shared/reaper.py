@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,12 +25,18 @@ from .durable import remove_tree
 log = logging.getLogger("ctxstore.store")
 
 
+#: how long a chore waits before it runs: a commit's announcement and the readers that
+#: map the new version come first (on 2 cores the chore otherwise ran beside them)
+CHORE_DELAY = 0.01
+
+
 class Reaper:
     """One background thread for the writer's chores after a commit, run in order:
     deleting retired directories, preparing the next staging directory."""
 
-    def __init__(self, name: str = "ctxstore-reaper") -> None:
-        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue()
+    def __init__(self, name: str = "ctxstore-reaper", delay: float = CHORE_DELAY) -> None:
+        self._delay = delay
+        self._queue: queue.Queue[tuple[float, Callable[[], object]] | None] = queue.Queue()
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -41,11 +48,11 @@ class Reaper:
 
     def remove(self, path: Path) -> None:
         """Delete ``path`` (a directory that nothing reaches any more) soon."""
-        self._queue.put(lambda: remove_tree(path))
+        self.soon(lambda: remove_tree(path))
 
     def soon(self, chore: Callable[[], object]) -> None:
         """Run ``chore`` on the thread; its failure is logged, and nothing waits for it."""
-        self._queue.put(chore)
+        self._queue.put((time.monotonic() + self._delay, chore))
 
     def drain(self) -> None:
         """Wait until every chore handed over so far is done."""
@@ -60,10 +67,13 @@ class Reaper:
 
     def _run(self) -> None:
         while True:
-            chore = self._queue.get()
+            item = self._queue.get()
             try:
-                if chore is None:
+                if item is None:
                     return
+                due, chore = item
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
                 chore()
             except Exception:  # never let the thread die; recovery removes what stays
                 log.exception("background store chore failed")

@@ -24,6 +24,7 @@ from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
 
 from ctxstore import Context
 from ctxstore.client import DaemonClient, publish
+from ctxstore.store import PersistentStore
 from ctxstore.versiontable import segment_name
 
 SLOT = 7
@@ -269,13 +270,23 @@ def test_retention_keeps_what_a_connected_reader_holds(tmp_path: Path) -> None:
         assert holder.stdout.readline().split() == ["holding", "1"]
         # the ack may still be in flight: the daemon must have it before retention runs
         _wait_for_log(daemon, f"ack slot {SLOT} version 1")
+
+        def stored() -> list[int]:  # the index says at once what retention kept
+            with PersistentStore(daemon.store, readonly=True) as store:
+                return [v.version for v in store.list_versions(SLOT)]
+
         for version in range(2, 6):
             assert publish(SLOT, stamped(version), socket=daemon.socket) == version
-            assert version_1.exists(), f"version 1 was retired at version {version}"
+            assert 1 in stored(), f"version 1 was retired at version {version}"
+            assert version_1.exists()
         out, err = holder.communicate("\n", timeout=30)
         assert out.split()[-2:] == ["still", "1.0"], err
         _wait_for_log(daemon, "(holder (pid")  # its session closed
         publish(SLOT, stamped(6), socket=daemon.socket)  # nobody holds v1 any more
+        assert 1 not in stored()
+        deadline = time.monotonic() + 10  # its files go in the daemon's background thread
+        while version_1.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not version_1.exists()
     finally:
         if holder is not None and holder.poll() is None:

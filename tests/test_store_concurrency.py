@@ -322,6 +322,7 @@ def test_readonly_store_writes_nothing(tmp_path: Path, writer_open: bool) -> Non
     try:
         if not writer_open:
             writer.close()
+        writer.wait_background()  # the writer's own deletions and staging are not the reader's
         before = snapshot(store_dir)
         with PersistentStore(store_dir, readonly=True) as reader:
             read_everything(reader)
