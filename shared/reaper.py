@@ -55,9 +55,11 @@ class Reaper:
         self._queue.put((time.monotonic() + self._delay, chore))
 
     def drain(self) -> None:
-        """Wait until every chore handed over so far is done."""
+        """Wait until every chore handed over so far is done (not those queued later)."""
         if self.usable:
-            self._queue.join()
+            done = threading.Event()
+            self._queue.put((0.0, done.set))  # chores run in order: the ones before it ran
+            done.wait()
 
     def close(self) -> None:
         """Finish the queued chores and stop the thread."""

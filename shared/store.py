@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import mmap
 import os
 import secrets
@@ -83,6 +85,8 @@ from .validation import (
     thaw_json,
 )
 from .verify import find_orphans, verify_store
+
+log = logging.getLogger("ctxstore.store")
 
 DEFAULT_RETENTION = 5
 #: how often load_context resolves a moving reference again after losing a race with retention
@@ -188,15 +192,23 @@ class PersistentStore:
                 )
 
     def close(self) -> None:
-        """Close connections and release the writer lock; idempotent."""
+        """Close connections and release the writer lock; idempotent.
+
+        A commit in flight in another thread finishes first. In a forked child
+        only this process's handles go: the parent's locks and threads are not
+        its own.
+        """
+        if os.getpid() == self._pid:
+            with self._write_lock:
+                self._closed = True
+                reaper, self._reaper = self._reaper, None
+            if reaper is not None:
+                reaper.close()  # while we still hold the lock: recovery owns wal/ after us
+            spare = self._take_spare_staging()
+            if spare is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(spare)
         self._closed = True
-        if self._reaper is not None:
-            self._reaper.close()  # while we still hold the lock: recovery owns wal/ after us
-            self._reaper = None
-        spare = self._take_spare_staging()
-        if spare is not None and os.getpid() == self._pid:
-            with contextlib.suppress(OSError):
-                os.rmdir(spare)
         with self._conns_lock:
             conns = list(self._read_conns)
             self._read_conns.clear()  # in place: the threads' finalizers see it
@@ -342,9 +354,12 @@ class PersistentStore:
                 tensors=tensors,
             )
             crash_point("committed")
-            self._warm(slot, version, len(tensors))
-            self._retire_files(retired)
-            self._reaper_thread().soon(self._prepare_spare_staging)
+            try:  # the version is committed: what follows must not make this call fail
+                self._warm(slot, version, len(tensors))
+                self._retire_files(retired)
+                self._reaper_thread().soon(self._prepare_spare_staging)
+            except Exception:
+                log.exception("slot %d version %d committed; a later chore failed", slot, version)
         return version
 
     def _take_spare_staging(self) -> Path | None:
@@ -954,6 +969,12 @@ _MEMO_MAX_LEN = 256 << 10
 def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     manifest = unpack_manifest(blob)
     try:
+        for name, dtype, shape, _, nbytes, _ in manifest:
+            if math.prod(shape) * dtype_from_text(dtype).itemsize != nbytes:
+                raise IntegrityError(
+                    f"stored tensor manifest says {name!r:.80} is {dtype_name(dtype)} "
+                    f"{list(shape)} in {nbytes} bytes"
+                )
         plan = _ReadPlan(
             tuple(entry[0] for entry in manifest),
             tuple(

@@ -88,3 +88,31 @@ def test_verify_does_not_mistake_a_pending_deletion_for_an_orphan(
         threading.Timer(0.2, release.set).start()
         assert store.verify() == []  # it waited for the reaper instead of reporting version 1
         assert not layout.version_dir(store_dir, 1, 1).exists()
+
+
+def test_drain_waits_for_what_was_queued_before_it_not_after() -> None:
+    """Commits queue chores all the time; a drain (verify) must not wait for the future."""
+    reaper = reaper_module.Reaper(delay=0.0)
+    try:
+        ran: list[int] = []
+        started, release = threading.Event(), threading.Event()
+        reaper.soon(lambda: ran.append(1))
+        reaper.drain()
+        assert ran == [1]
+
+        def keep_queueing() -> None:  # a chore that queues another as long as it lives
+            started.set()
+            if not release.is_set():
+                reaper.soon(keep_queueing)
+
+        reaper.soon(keep_queueing)
+        assert started.wait(10)
+        done = threading.Event()
+        drainer = threading.Thread(target=lambda: (reaper.drain(), done.set()))
+        drainer.start()
+        assert done.wait(10), "drain() waited for chores queued after it"
+        release.set()
+        drainer.join(10)
+    finally:
+        release.set()
+        reaper.close()

@@ -125,6 +125,40 @@ def test_loaded_config_and_metadata_are_immutable_all_the_way_down(
     assert store.load_context(3).metadata["tags"] == ("a",)
 
 
+def test_a_manifest_whose_sizes_disagree_with_its_shapes_is_refused(store_dir: Path) -> None:
+    """A record that says 16 bytes for 2 float64s and 4 more: never a shorter array."""
+    import sqlite3
+
+    import msgpack
+
+    with PersistentStore(store_dir) as writer:
+        writer.save_context(1, Context({"w": np.zeros(2)}))
+    conn = sqlite3.connect(store_dir / "index.db")
+    (blob,) = conn.execute("SELECT manifest FROM versions").fetchone()
+    entries = msgpack.unpackb(blob)
+    entries[0][2] = [3]  # the shape now needs 24 bytes; the file and the record say 16
+    with conn:
+        conn.execute("UPDATE versions SET manifest = ?", (msgpack.packb(entries),))
+    conn.close()
+    with (
+        PersistentStore(store_dir, readonly=True) as reader,
+        pytest.raises(IntegrityError, match=r"'w' is float64 \[3\] in 16 bytes"),
+    ):
+        reader.load_context(1)
+
+
+def test_a_failing_chore_after_commit_does_not_fail_the_commit(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    with PersistentStore(store_dir) as store:
+        monkeypatch.setattr(store, "_warm", broken)
+        assert store.save_context(1, Context({"w": np.ones(2)})) == 1  # committed: it says so
+        assert store.load_context(1).version == 1
+
+
 @pytest.mark.parametrize(
     ("stored", "message"),
     [("{not json", "config is unreadable"), ('{"lr": NaN}', "NaN is not a finite number"),
