@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, status
 
 from ctxstore.errors import ConflictError, DaemonUnavailableError, NotFoundError
+from ctxstore.nodes import FileNode, get_node_type
 
 from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute, errors
 from .api_models import MAX_API_ID, JobBody, JobOut, JobsOut
+from .import_roots import check_import_path
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "jobs"
@@ -39,6 +42,13 @@ async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(method, *args, **kwargs)
 
 
+def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, Any]) -> None:
+    """A file job outside the import roots is refused now (403), not when it runs."""
+    path = config.get("path")
+    if isinstance(path, str) and issubclass(get_node_type(node_type), FileNode):
+        check_import_path(ctx.daemon.config.import_roots, path)
+
+
 def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
     if job is None:
         raise NotFoundError(f"job {job_id} does not exist")
@@ -51,11 +61,12 @@ def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
     tags=[TAG],
     response_model=JobOut,
     status_code=status.HTTP_201_CREATED,
-    responses=errors(404, 409),
+    responses=errors(403, 404, 409),
     summary="Queue a build: node_type with config, for slot",
 )
 async def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
     queue = _queue(ctx)
+    _check_import_roots(ctx, body.node_type, body.config)
     job = await _call(queue.submit, body.slot, body.node_type, body.config, body.priority)
     return JobOut(job=_as_dict(job))
 

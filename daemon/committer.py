@@ -5,7 +5,8 @@ in a shared-memory segment) and from the API all end here. The order is the
 point: the store commits (its COMMIT is the commit point), the version table
 is bumped, and only then are subscribers told. Inputs named by a peer are
 read only if that peer owns them: the daemon never reads on a client's
-behalf what the client could not read itself.
+behalf what the client could not read itself. Files are read only from
+under the import roots, when they are set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,8 @@ from ctxstore.nodes import FileNode, create_node, read_weights_file
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTableWriter
 
+from .import_roots import check_opened_file
+
 log = logging.getLogger("ctxstore.daemon")
 
 SHM_PREFIX = "/ctxstore-pub-"
@@ -37,19 +41,24 @@ SHM_PREFIX = "/ctxstore-pub-"
 
 @dataclass(frozen=True, slots=True)
 class Requester:
-    """Who asked: the peer's uid decides which files and segments the daemon will read."""
+    """Who asked: the peer's uid decides which files and segments the daemon will read.
+
+    ``import_roots``: the directories files may be imported from (empty: anywhere).
+    """
 
     uid: int
+    import_roots: tuple[Path, ...] = ()
 
     def may_read(self, owner_uid: int) -> bool:
         return self.uid in (0, os.getuid(), owner_uid)
 
-    def check_file(self, status: os.stat_result, where: str) -> None:
-        """Refuse a file the requester does not own (an importer's FileCheck)."""
+    def check_file(self, name: str, status: os.stat_result, where: str) -> None:
+        """Refuse a file the requester does not own, or outside the roots (a FileCheck)."""
         if not self.may_read(status.st_uid):
             raise InvalidInputError(
                 f"{where} belongs to uid {status.st_uid}, not to the requesting uid {self.uid}"
             )
+        check_opened_file(self.import_roots, name, status, where)
 
 
 Announcer = Callable[[Announce], None]

@@ -138,6 +138,20 @@ def _path(value: object) -> Path:
     return Path(os.path.expanduser(text))
 
 
+def _roots(value: object) -> tuple[Path, ...]:
+    if not isinstance(value, list | tuple):
+        raise InvalidInputError(f"must be an array of directories, not {_kind(value)}")
+    roots = tuple(_path(item) for item in value)
+    relative = [os.fspath(root) for root in roots if not root.is_absolute()]
+    if relative:
+        raise InvalidInputError(f"import roots must be absolute paths, not {relative[0]!r}")
+    return tuple(dict.fromkeys(roots))
+
+
+def _env_paths(text: str) -> list[str]:
+    return [part for part in text.split(os.pathsep) if part]
+
+
 def _optional(check: Check) -> Check:
     def optional(value: object) -> Any:
         return None if value is None else check(value)
@@ -270,6 +284,8 @@ class DaemonConfig:
     #: who may publish over the socket, among those who may connect (empty: all of them)
     publish_uids: frozenset[int] = frozenset()
     publish_gids: frozenset[int] = frozenset()
+    #: directories file imports may read from, symlinks resolved (empty: anywhere)
+    import_roots: tuple[Path, ...] = ()
     retention: int = DEFAULT_RETENTION
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: a reader whose outbox does not drain for this long is disconnected
@@ -451,6 +467,7 @@ KEYS: tuple[Key, ...] = (
     _key("allow_gids", "allow_gids", _ids, _env_ids, flag="--allow-gid"),
     _key("publish_uids", "publish_uids", _ids, _env_ids, flag="--publish-uid"),
     _key("publish_gids", "publish_gids", _ids, _env_ids, flag="--publish-gid"),
+    _key("import_roots", "import_roots", _roots, _env_paths, flag="--import-root"),
     _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention"),
     _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
     _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),

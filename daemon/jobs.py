@@ -15,9 +15,9 @@ The queue hands the highest-priority eligible job (then the first submitted)
 to one of ``concurrency`` asyncio workers, which awaits ``run(job)``: the
 daemon's build + commit, returning the committed version. A failed attempt is
 retried after ``min(backoff_max, backoff_initial * 2**(attempt - 1)) * (0.5 +
-jitter / 2)`` seconds until ``max_attempts``; InvalidInputError and
-ConflictError fail the job at once (retrying a bad config or a model-type
-clash cannot help).
+jitter / 2)`` seconds until ``max_attempts``; InvalidInputError,
+ConflictError and PermissionDeniedError fail the job at once (retrying a bad
+config, a model-type clash or a file outside the import roots cannot help).
 
 Every SQL statement runs on the store's connections: writes through
 ``store.write_transaction()``, which shares the commit path's write lock, so
@@ -48,6 +48,7 @@ from ctxstore.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    PermissionDeniedError,
     WaitTimeoutError,
 )
 from ctxstore.nodes import get_node_type
@@ -60,7 +61,11 @@ JobState = Literal["pending", "processing", "done", "failed", "cancelled"]
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 FINISHED_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 #: errors that no retry can mend: the job fails on the attempt that raised them
-PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInputError, ConflictError)
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    InvalidInputError,
+    ConflictError,
+    PermissionDeniedError,
+)
 
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
 MAX_JOB_ID = 2**63 - 1

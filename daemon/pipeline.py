@@ -9,14 +9,16 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 from ctxstore.context import Context
-from ctxstore.nodes import create_node
+from ctxstore.nodes import FileNode, create_node
 from ctxstore.store import PersistentStore
 
 from .committer import Committer
 from .config import DaemonConfig
 from .hooks import CommitEvent, Hooks
+from .import_roots import check_opened_file
 from .jobs import Job, JobQueue
 
 log = logging.getLogger("ctxstore.daemon")
@@ -61,12 +63,20 @@ def post_commit_stage(
 
 
 def job_runner(
-    committer: Committer, jobs: Callable[[], JobQueue | None]
+    committer: Committer,
+    jobs: Callable[[], JobQueue | None],
+    import_roots: Callable[[], tuple[Path, ...]] = tuple,
 ) -> Callable[[Job], Awaitable[int]]:
-    """How a queued build job runs: build off the loop, then commit like any publish."""
+    """How a queued build job runs: build off the loop, then commit like any publish.
+
+    A job that imports a file reads it only from under the import roots in force
+    when it runs (they may have changed since it was queued).
+    """
 
     async def run(job: Job) -> int:
         node = create_node(job.node_type, job.slot, dict(job.config))
+        if isinstance(node, FileNode):
+            node.file_check = functools.partial(check_opened_file, import_roots())
         queue = jobs()
         if queue is not None:  # the build's own progress fills [0, BUILT]
             node.on_progress = functools.partial(_scaled_progress, queue, job.id)

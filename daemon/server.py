@@ -117,7 +117,7 @@ class Daemon:
         self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
         self.jobs = JobQueue(
             self.store,
-            job_runner(self.committer, lambda: self.jobs),
+            job_runner(self.committer, lambda: self.jobs, lambda: self.config.import_roots),
             concurrency=config.jobs_concurrency,
             max_attempts=config.jobs_max_attempts,
             backoff_initial=config.jobs_backoff_initial,
@@ -365,7 +365,7 @@ class Daemon:
         self, sub: Subscriber, request: PublishFile | PublishBuild | PublishShm
     ) -> None:
         assert self.committer is not None
-        who = Requester(sub.peer.uid)
+        who = Requester(sub.peer.uid, self.config.import_roots)
         try:
             self._check_publisher(sub)
             match request:

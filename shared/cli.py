@@ -510,6 +510,8 @@ def _daemon_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--publish-gid", type=int, action="append", default=None,
                    help="gid allowed to publish over the socket (default: every peer)")  # fmt: skip
+    p.add_argument("--import-root", action="append", default=None, metavar="DIR",
+                   help="directory file imports may read from (repeat; default: any)")  # fmt: skip
     p.add_argument("--retention", type=int, default=None, help="versions kept per slot")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--log-format", default=None, help="text (default) or json: one object a line")

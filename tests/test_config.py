@@ -76,6 +76,9 @@ PRECEDENCE = [
      ["--allow-uid", "4", "--allow-uid", "5"], ({1}, {2, 3}, {4, 5})),
     ("socket", "socket", '"/f.sock"', ("CTXSTORE_SOCKET", "/e.sock"), ["--socket", "/a.sock"],
      (Path("/f.sock"), Path("/e.sock"), Path("/a.sock"))),
+    ("import_roots", "import_roots", '["/f", "/f"]', ("CTXSTORE_IMPORT_ROOTS", "/e1:/e2:"),
+     ["--import-root", "/a", "--import-root", "/b"],
+     ((Path("/f"),), (Path("/e1"), Path("/e2")), (Path("/a"), Path("/b")))),
 ]  # fmt: skip
 
 
@@ -193,6 +196,9 @@ BAD_VALUES = [
     ("", 'allow_gids = "1000"', "allow_gids", "'1000'"),
     ("", 'socket_group = ""', "socket_group", "''"),
     ("", 'store = ""', "store", "''"),
+    ("", 'import_roots = "/srv"', "import_roots", "'/srv'"),
+    ("", 'import_roots = ["models"]', "import_roots", "must be absolute paths, not 'models'"),
+    ("", 'import_roots = [""]', "import_roots", "non-empty path"),
     ("jobs", "concurrency = 0", "jobs.concurrency", "0"),
     ("jobs", "max_attempts = 1.5", "jobs.max_attempts", "1.5"),
     ("jobs", "backoff_initial = 0", "jobs.backoff_initial", "0"),

@@ -57,9 +57,10 @@ MAX_PATH_BYTES = 4096
 _MAX_NDIM = 64
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_VERSIONS = frozenset({(1, 0), (2, 0), (3, 0)})
-#: called with the opened file's status and its description before a byte is read; raises
-#: InvalidInputError to refuse the file (the daemon's check that the requester owns it)
-FileCheck = Callable[[os.stat_result, str], None]
+#: called with the path, the opened file's status and its description before a byte is
+#: read; raises a CtxStoreError to refuse the file (the daemon's checks that the requester
+#: owns it and that it lies under the import roots)
+FileCheck = Callable[[str, os.stat_result, str], None]
 _DEFLATE_MAX_RATIO = 1100  # deflate cannot expand beyond ~1032:1; more is a lie or a bomb
 _ZIP_LOCAL_HEADER = 30
 
@@ -133,7 +134,7 @@ def read_weights_file(
     with _open_regular(name, where) as f:
         status = os.fstat(f.fileno())
         if check is not None:
-            check(status, where)
+            check(name, status, where)
         size = status.st_size
         if fmt != "npz" and size > max_bytes:
             raise InvalidInputError(f"{where} has {size} bytes, more than the limit of {max_bytes}")
@@ -547,7 +548,7 @@ class FileNode(Node):
     def __init__(self, slot: int, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(slot, config)
         self.model_type = self.config["model_type"]
-        #: set by the daemon for a build asked over the socket: the peer must own the file
+        #: set by the daemon: the peer must own the file, and it must lie under the roots
         self.file_check: FileCheck | None = None
 
     @classmethod
