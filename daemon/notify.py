@@ -229,6 +229,7 @@ def _check(is_healthy: Callable[[], bool]) -> bool:
 async def status_loop(
     notifier: Notifier,
     describe: Callable[[], str],
+    running: Callable[[], bool],
     interval: float = STATUS_INTERVAL,
     *,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -236,11 +237,12 @@ async def status_loop(
     """Publish ``describe()`` as STATUS= whenever it changed, checking every ``interval`` s.
 
     What ``systemctl status`` shows stays current (readers, slots, the last
-    commit) without a datagram per commit. Runs until cancelled; a failing
-    ``describe`` is logged and skipped.
+    commit) without a datagram per commit. Ends once ``running()`` is false, so
+    the line a shutdown publishes is never overwritten; a failing ``describe``
+    is logged and skipped.
     """
     shown: str | None = None
-    while True:
+    while running():
         try:
             text = describe()
         except Exception:

@@ -148,7 +148,7 @@ class Daemon:
         if interval:
             self._spawn(watchdog_loop(self.notifier, interval, lambda: not self._stop.is_set()))
         if self.notifier.enabled:
-            self._spawn(status_loop(self.notifier, self.describe))
+            self._spawn(status_loop(self.notifier, self.describe, lambda: not self._stop.is_set()))
 
     def describe(self) -> str:
         """One line for ``systemctl status``: peers, commits, the last commit."""
@@ -251,6 +251,7 @@ class Daemon:
         await self.stop("daemon shutting down")
 
     async def stop(self, reason: str) -> None:
+        self._stop.set()  # ends the status loop: nothing overwrites the line sent next
         self.notifier.stopping(reason)
         api = getattr(self, "api", None)
         if api is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxstore.daemon.notify import Notifier, parse_notify_address, watchdog_loop
+from ctxstore.daemon.notify import Notifier, parse_notify_address, status_loop, watchdog_loop
 from ctxstore.errors import InvalidInputError
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -398,3 +398,22 @@ def test_watchdog_loop_rejects_bad_interval(notify_sink: NotifySink, interval: f
 
     with Notifier() as notifier, pytest.raises(InvalidInputError, match="watchdog interval"):
         asyncio.run(main())
+
+
+def test_status_loop_sends_changes_only_and_ends_when_the_daemon_stops(
+    notify_sink: NotifySink,
+) -> None:
+    """Nothing follows the shutdown's own line: the loop checks ``running`` before each send."""
+    texts = iter(["2 peers", "2 peers", "3 peers", "4 peers"])
+    running = iter([True, True, True, False])
+    sleep = _ScriptedSleep(rounds=10)
+    with Notifier() as notifier:
+        asyncio.run(status_loop(notifier, lambda: next(texts), lambda: next(running), sleep=sleep))
+        notifier.stopping("daemon shutting down")
+    sent = [m.fields for m in notify_sink.drain()]
+    assert sent == [
+        {"STATUS": "2 peers"},
+        {"STATUS": "3 peers"},
+        {"STOPPING": "1", "STATUS": "daemon shutting down"},
+    ]
+    assert len(sleep.requested) == 3
