@@ -68,3 +68,22 @@ def lock_holder(path: Path) -> int | None:
         return _read_pid(fd)
     finally:
         os.close(fd)
+
+
+def writer_may_be_running(path: Path) -> bool:
+    """Whether the pid recorded in a lock file is a live process: a writer may be at work.
+
+    Only a hint, taken without touching the lock (a probe with flock could make a
+    starting writer fail): the pid may have been reused, or live in another pid
+    namespace. Good enough to decide whether to wait out a writer's passing states.
+    """
+    pid = lock_holder(path)
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

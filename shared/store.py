@@ -61,7 +61,7 @@ from .errors import (
 )
 from .faults import crash_point
 from .hierarchy import NodeHierarchy
-from .lock import WriterLock
+from .lock import WriterLock, writer_may_be_running
 from .manifest import Manifest, pack_manifest, unpack_manifest
 from .npyfile import (
     contiguous_bytes,
@@ -89,6 +89,8 @@ from .verify import find_orphans, verify_store
 log = logging.getLogger("ctxstore.store")
 
 DEFAULT_RETENTION = 5
+#: seconds before a problem verify found is checked again (a writer's passing states clear)
+VERIFY_SETTLE_S = 0.25
 #: how often load_context resolves a moving reference again after losing a race with retention
 _LOAD_ATTEMPTS = 8
 
@@ -854,9 +856,31 @@ class PersistentStore:
     # -- integrity ------------------------------------------------------------------------
 
     def verify(self, slot_id: int | None = None, *, rehash: bool = True) -> list[Problem]:
-        """Re-check rows against files and checksums; an empty list means all is well."""
+        """Re-check rows against files and checksums; an empty list means all is well.
+
+        A writer at work (a daemon beside a read-only verify, or this store's own
+        commits) shows passing states: a version directory exists before its row
+        commits and after its row is retired, until the files are deleted. So while
+        a writer may be at work, each problem found is checked again after
+        ``VERIFY_SETTLE_S``; only those still there are reported.
+        """
         slot = None if slot_id is None else check_slot(slot_id)
         self.wait_background()  # retired directories awaiting the reaper are not orphans
+        problems = self._verify_once(slot, rehash)
+        quiet = self.readonly and not writer_may_be_running(layout.lock_path(self.root))
+        if not problems or quiet:
+            return problems
+        time.sleep(VERIFY_SETTLE_S)
+        self.wait_background()
+        affected = {problem.slot for problem in problems}
+        slots = sorted(s for s in affected if s is not None)
+        if slot is not None or None in affected:
+            again = set(self._verify_once(slot, rehash))
+        else:
+            again = {p for s in slots for p in self._verify_once(s, rehash)}
+        return [problem for problem in problems if problem in again]
+
+    def _verify_once(self, slot: int | None, rehash: bool) -> list[Problem]:
         with self._read_snapshot() as conn:
             return verify_store(self.root, conn, slot, rehash=rehash)
 

@@ -52,3 +52,41 @@ def test_repair_refuses_while_a_writer_holds_the_store(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "locked by pid" in result.stderr
     assert "POST /verify?repair=true" in result.stderr
+
+
+WRITER = """
+import sys, time
+import numpy as np
+from ctxstore import Context, PersistentStore
+with PersistentStore(sys.argv[1], retention=1) as store:
+    print("ready", flush=True)
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        for slot in (1, 2):
+            store.save_context(slot, Context({"w": np.zeros(64), "b": np.ones(8)}))
+"""
+
+
+def test_read_only_verify_beside_a_busy_writer_reports_nothing_transient(tmp_path: Path) -> None:
+    """A live writer commits (a version directory appears before its row) and retires (the
+    row goes before the files) all the time; a read-only verify must not call those damage."""
+    store_dir = tmp_path / "store"
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.zeros(64)}))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store_dir), "20"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        reports = []
+        with PersistentStore(store_dir, readonly=True) as store:
+            for _ in range(12):
+                reports.append(store.verify(rehash=False))
+    finally:
+        writer.kill()
+        writer.wait(10)
+        if writer.stdout is not None:
+            writer.stdout.close()
+    assert [problems for problems in reports if problems] == []
+    with PersistentStore(store_dir) as store:  # recovery cleans what the kill left
+        assert store.verify() == []

@@ -29,6 +29,7 @@ import pytest
 from crash_writer import MODEL_TYPE, check_context, make_context, read_loop
 
 from ctxstore import Context, NotFoundError, ReadOnlyError, WriterLockedError
+from ctxstore.lock import writer_may_be_running
 from ctxstore.store import PersistentStore
 
 CHILD = Path(__file__).with_name("crash_writer.py")
@@ -382,3 +383,18 @@ def test_a_threads_read_connection_closes_when_the_thread_ends(tmp_path: Path) -
         assert _index_fds(store) == before
         assert store.current_version(1) == 1
     assert _index_fds(store) == 0
+
+
+def test_a_live_writer_is_told_from_a_dead_one_without_touching_the_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "store" / "LOCK"
+    assert not writer_may_be_running(lock)  # no store yet
+    with PersistentStore(tmp_path / "store"):
+        assert writer_may_be_running(lock)
+        with pytest.raises(WriterLockedError):  # the probe took nothing: the lock still holds
+            PersistentStore(tmp_path / "store")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    lock.write_text(f"{dead.pid}\n")  # what a killed writer leaves
+    assert not writer_may_be_running(lock)
+    lock.write_text("1\n")  # init: alive, and not ours to signal
+    assert writer_may_be_running(lock)
