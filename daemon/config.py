@@ -599,7 +599,9 @@ def _json_value(value: object) -> Any:
     if isinstance(value, frozenset):
         return sorted(value)
     if isinstance(value, tuple):
-        return [hook.as_json() if isinstance(hook, HookSpec) else hook for hook in value]
+        return [
+            item.as_json() if isinstance(item, HookSpec) else _json_value(item) for item in value
+        ]
     return value
 
 

@@ -399,7 +399,8 @@ def test_config_show_prints_values_and_sources(
         monkeypatch.delenv(name)
     monkeypatch.setenv("CTXSTORE_LOG_LEVEL", "warning")
     write(toml, 'retention = 3\nhttp = "off"\n[[hooks.pre_commit]]\ntarget = "m:f"\n')
-    assert cli_main(["config", "show", "--config", str(toml), "--retention", "7"]) == 0
+    argv = ["config", "show", "--config", str(toml), "--retention", "7", "--import-root", "/m"]
+    assert cli_main(argv) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
     assert out.splitlines()[0] == f"configuration file: {toml}"
@@ -407,6 +408,7 @@ def test_config_show_prints_values_and_sources(
     assert lines["log_level"] == ["log_level", '"WARNING"', "env", "CTXSTORE_LOG_LEVEL", "live"]
     assert lines["http"] == ["http", '"off"', "file", str(toml), "restart"]
     assert lines["jobs.concurrency"] == ["jobs.concurrency", "2", "default", "restart"]
+    assert lines["import_roots"] == ["import_roots", '["/m"]', "flag", "--import-root", "live"]
     assert len(lines) == len(KEYS)
 
     assert cli_main(["config", "show", "--config", str(toml), "--json"]) == 0
