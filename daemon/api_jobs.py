@@ -42,11 +42,12 @@ async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(method, *args, **kwargs)
 
 
-def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, Any]) -> None:
+async def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, Any]) -> None:
     """A file job outside the import roots is refused now (403), not when it runs."""
     path = config.get("path")
     if isinstance(path, str) and issubclass(get_node_type(node_type), FileNode):
-        check_import_path(ctx.daemon.config.import_roots, path)
+        # resolving symlinks is file-system I/O: off the loop, like the queue's calls
+        await asyncio.to_thread(check_import_path, ctx.daemon.config.import_roots, path)
 
 
 def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
 )
 async def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
     queue = _queue(ctx)
-    _check_import_roots(ctx, body.node_type, body.config)
+    await _check_import_roots(ctx, body.node_type, body.config)
     job = await _call(queue.submit, body.slot, body.node_type, body.config, body.priority)
     return JobOut(job=_as_dict(job))
 

@@ -29,6 +29,7 @@ from ctxstore.context import Context
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, create_node, read_weights_file
+from ctxstore.nodes.files import OpenedFile
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTableWriter
 
@@ -52,13 +53,14 @@ class Requester:
     def may_read(self, owner_uid: int) -> bool:
         return self.uid in (0, os.getuid(), owner_uid)
 
-    def check_file(self, name: str, status: os.stat_result, where: str) -> None:
+    def check_file(self, opened: OpenedFile, where: str) -> None:
         """Refuse a file the requester does not own, or outside the roots (a FileCheck)."""
-        if not self.may_read(status.st_uid):
+        owner = opened.status.st_uid
+        if not self.may_read(owner):
             raise InvalidInputError(
-                f"{where} belongs to uid {status.st_uid}, not to the requesting uid {self.uid}"
+                f"{where} belongs to uid {owner}, not to the requesting uid {self.uid}"
             )
-        check_opened_file(self.import_roots, name, status, where)
+        check_opened_file(self.import_roots, opened, where)
 
 
 Announcer = Callable[[Announce], None]

@@ -89,8 +89,10 @@ from .verify import find_orphans, verify_store
 log = logging.getLogger("ctxstore.store")
 
 DEFAULT_RETENTION = 5
-#: seconds before a problem verify found is checked again (a writer's passing states clear)
-VERIFY_SETTLE_S = 0.25
+#: what a writer's passing states look like to verify: checked again before reporting
+PASSING_KINDS = frozenset({"orphan", "missing_file", "missing_version_dir"})
+#: seconds between those checks, and the most verify waits for them to clear
+VERIFY_SETTLE_S, VERIFY_SETTLE_MAX_S = 0.25, 10.0
 #: how often load_context resolves a moving reference again after losing a race with retention
 _LOAD_ATTEMPTS = 8
 
@@ -860,25 +862,30 @@ class PersistentStore:
 
         A writer at work (a daemon beside a read-only verify, or this store's own
         commits) shows passing states: a version directory exists before its row
-        commits and after its row is retired, until the files are deleted. So while
-        a writer may be at work, each problem found is checked again after
-        ``VERIFY_SETTLE_S``; only those still there are reported.
+        commits and after its row is retired, until its files are deleted (about
+        0.25 s per GiB). So while a writer may be at work, the problems such states
+        look like (orphan, missing file or directory) are checked again every
+        ``VERIFY_SETTLE_S`` for up to ``VERIFY_SETTLE_MAX_S``; those that persist are
+        reported. Every other kind of damage is reported at once.
         """
         slot = None if slot_id is None else check_slot(slot_id)
         self.wait_background()  # retired directories awaiting the reaper are not orphans
         problems = self._verify_once(slot, rehash)
+        passing = [p for p in problems if p.kind in PASSING_KINDS]
         quiet = self.readonly and not writer_may_be_running(layout.lock_path(self.root))
-        if not problems or quiet:
+        if not passing or quiet:
             return problems
-        time.sleep(VERIFY_SETTLE_S)
-        self.wait_background()
-        affected = {problem.slot for problem in problems}
-        slots = sorted(s for s in affected if s is not None)
-        if slot is not None or None in affected:
-            again = set(self._verify_once(slot, rehash))
-        else:
-            again = {p for s in slots for p in self._verify_once(s, rehash)}
-        return [problem for problem in problems if problem in again]
+        settled = [p for p in problems if p.kind not in PASSING_KINDS]
+        deadline = time.monotonic() + VERIFY_SETTLE_MAX_S
+        while passing and time.monotonic() < deadline:
+            time.sleep(VERIFY_SETTLE_S)
+            self.wait_background()
+            again: dict[tuple[object, ...], Problem] = {}
+            for s in sorted({p.slot for p in passing if p.slot is not None}):
+                for problem in self._verify_once(s, False):  # these kinds need no hashing
+                    again[_problem_key(problem)] = problem
+            passing = [again[key] for p in passing if (key := _problem_key(p)) in again]
+        return settled + passing
 
     def _verify_once(self, slot: int | None, rehash: bool) -> list[Problem]:
         with self._read_snapshot() as conn:
@@ -1086,6 +1093,13 @@ def _refuse_constant(name: str) -> None:
 
 _memo_json = lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _problem_key(problem: Problem) -> tuple[object, ...]:
+    """The same problem in two passes of verify (its wording may differ)."""
+    return (problem.kind, problem.slot, problem.version, problem.tensor)
+
+
 _DELETE_VERSION_SQL = "DELETE FROM versions WHERE slot = ? AND version = ?"
 
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+import ctxstore.store as store_module
 from ctxstore import Context, PersistentStore
 
 
@@ -57,6 +59,9 @@ def test_repair_refuses_while_a_writer_holds_the_store(tmp_path: Path) -> None:
 WRITER = """
 import sys, time
 import numpy as np
+import pytest
+
+import ctxstore.store as store_module
 from ctxstore import Context, PersistentStore
 with PersistentStore(sys.argv[1], retention=1) as store:
     print("ready", flush=True)
@@ -90,3 +95,32 @@ def test_read_only_verify_beside_a_busy_writer_reports_nothing_transient(tmp_pat
     assert [problems for problems in reports if problems] == []
     with PersistentStore(store_dir) as store:  # recovery cleans what the kill left
         assert store.verify() == []
+
+
+def test_real_damage_beside_a_busy_writer_is_still_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Damage at once; an orphan the writer never clears, once the wait for it is over."""
+    monkeypatch.setattr(store_module, "VERIFY_SETTLE_MAX_S", 1.0)
+    store_dir = tmp_path / "store"
+    with PersistentStore(store_dir) as store:
+        store.save_context(3, Context({"w": np.arange(64.0)}))  # the writer never touches 3
+    victim = store_dir / "slots/3/1/0.npy"
+    victim.chmod(0o644)
+    with open(victim, "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xfe")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store_dir), "20"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        (store_dir / "slots/3/99").mkdir()  # after the writer's recovery: it stays
+        with PersistentStore(store_dir, readonly=True) as store:
+            found = sorted((p.kind, p.slot, p.version) for p in store.verify())
+    finally:
+        writer.kill()
+        writer.wait(10)
+        if writer.stdout is not None:
+            writer.stdout.close()
+    assert found == [("checksum_mismatch", 3, 1), ("orphan", 3, 99)]

@@ -18,6 +18,7 @@ from ctxstore.client import build, publish
 from ctxstore.daemon.import_roots import check_import_path, check_opened_file
 from ctxstore.daemon.server import Daemon
 from ctxstore.errors import PermissionDeniedError
+from ctxstore.nodes.files import OpenedFile
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import segment_name
 
@@ -36,7 +37,8 @@ def tree(tmp_path: Path) -> Path:
 def _check(roots: tuple[Path, ...], path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        check_opened_file(roots, os.fspath(path), os.fstat(fd), f"weights file {str(path)!r}")
+        opened = OpenedFile(fd, os.fspath(path), os.fstat(fd))
+        check_opened_file(roots, opened, f"weights file {str(path)!r}")
     finally:
         os.close(fd)
 
@@ -62,15 +64,28 @@ def test_only_paths_that_resolve_under_a_root_pass(tree: Path) -> None:
     check_import_path(roots, os.fspath(tree / "models" / "not-yet-written.npy"))
 
 
-def test_a_path_swapped_after_it_was_opened_is_refused(tree: Path) -> None:
-    """The check vouches for the opened file: a path now naming another file is not trusted."""
-    inside = tree / "models" / "a.npy"
-    fd = os.open(tree / "outside" / "b.npy", os.O_RDONLY)  # what a swapped symlink opened
+def test_what_was_opened_decides_not_what_the_path_names_later(tree: Path) -> None:
+    """A directory swapped between open and check (a symlink to outside while the daemon
+    opens, a real directory with a decoy when it looks): the file opened is refused."""
+    root = tree / "models"
+    (root / "d").symlink_to(tree / "outside")
+    path = root / "d" / "b.npy"
+    fd = os.open(path, os.O_RDONLY)  # opens outside/b.npy through the symlink
     try:
-        with pytest.raises(InvalidInputError, match="replaced while it was being opened"):
-            check_opened_file((tree / "models",), os.fspath(inside), os.fstat(fd), "weights file")
+        (root / "d").unlink()
+        (root / "d").mkdir()
+        np.save(root / "d" / "b.npy", np.ones(3, dtype="f4"))  # the decoy the path names now
+        check_import_path((root,), os.fspath(path))  # the path alone looks fine...
+        opened = OpenedFile(fd, os.fspath(path), os.fstat(fd))
+        with pytest.raises(PermissionDeniedError, match="outside the daemon's import roots"):
+            check_opened_file((root,), opened, "weights file")  # ...the opened file does not
     finally:
         os.close(fd)
+
+
+def test_unusable_paths_are_bad_input_not_a_crash(tree: Path) -> None:
+    with pytest.raises(InvalidInputError, match="is not usable"):
+        check_import_path((tree / "models",), "/srv/\x00a.npy")
 
 
 def test_the_socket_imports_only_from_the_roots(tree: Path) -> None:
@@ -113,6 +128,8 @@ def test_http_file_jobs_are_refused_outside_the_roots_when_queued_and_when_run(
         outside = {"slot": 1, "node_type": "file", "config": {"path": str(tree / "outside/b.npy")}}
         message = error_of(await http.post("/jobs", json=outside), 403, "permission_denied")
         assert "outside the daemon's import roots" in message and str(roots[0]) in message
+        nul = {"slot": 1, "node_type": "file", "config": {"path": "/srv/\x00.npy"}}
+        error_of(await http.post("/jobs", json=nul), 400, "invalid_input")
         inside = {"slot": 1, "node_type": "file", "config": {"path": str(tree / "models/a.npy")}}
         done = await _finished(http, (await http.post("/jobs", json=inside)).json()["job"]["id"])
         assert (done["state"], done["version"]) == ("done", 1), done

@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -57,10 +57,21 @@ MAX_PATH_BYTES = 4096
 _MAX_NDIM = 64
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_VERSIONS = frozenset({(1, 0), (2, 0), (3, 0)})
-#: called with the path, the opened file's status and its description before a byte is
-#: read; raises a CtxStoreError to refuse the file (the daemon's checks that the requester
-#: owns it and that it lies under the import roots)
-FileCheck = Callable[[str, os.stat_result, str], None]
+
+
+class OpenedFile(NamedTuple):
+    """A file an importer has opened, as a :data:`FileCheck` sees it before a byte is read."""
+
+    fd: int
+    #: the path as it was named (the file opened may no longer be there)
+    path: str
+    status: os.stat_result
+
+
+#: called with the opened file and its description before a byte is read; raises a
+#: CtxStoreError to refuse it (the daemon's checks that the requester owns it and that
+#: it lies under the import roots)
+FileCheck = Callable[[OpenedFile, str], None]
 _DEFLATE_MAX_RATIO = 1100  # deflate cannot expand beyond ~1032:1; more is a lie or a bomb
 _ZIP_LOCAL_HEADER = 30
 
@@ -134,7 +145,7 @@ def read_weights_file(
     with _open_regular(name, where) as f:
         status = os.fstat(f.fileno())
         if check is not None:
-            check(name, status, where)
+            check(OpenedFile(f.fileno(), name, status), where)
         size = status.st_size
         if fmt != "npz" and size > max_bytes:
             raise InvalidInputError(f"{where} has {size} bytes, more than the limit of {max_bytes}")
