@@ -871,11 +871,11 @@ class PersistentStore:
         slot = None if slot_id is None else check_slot(slot_id)
         self.wait_background()  # retired directories awaiting the reaper are not orphans
         problems = self._verify_once(slot, rehash)
-        passing = [p for p in problems if p.kind in PASSING_KINDS]
+        passing = [p for p in problems if p.kind in PASSING_KINDS and p.slot is not None]
         quiet = self.readonly and not writer_may_be_running(layout.lock_path(self.root))
         if not passing or quiet:
             return problems
-        settled = [p for p in problems if p.kind not in PASSING_KINDS]
+        settled = [p for p in problems if p not in passing]
         deadline = time.monotonic() + VERIFY_SETTLE_MAX_S
         while passing and time.monotonic() < deadline:
             time.sleep(VERIFY_SETTLE_S)
