@@ -36,7 +36,9 @@ class Reaper:
 
     def __init__(self, name: str = "ctxstore-reaper", delay: float = CHORE_DELAY) -> None:
         self._delay = delay
-        self._queue: queue.Queue[tuple[float, Callable[[], object]] | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[float, Callable[[], object]] | None] = (
+            queue.SimpleQueue()
+        )
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -68,16 +70,11 @@ class Reaper:
             self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
+        while (item := self._queue.get()) is not None:
+            due, chore = item
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
             try:
-                if item is None:
-                    return
-                due, chore = item
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)
                 chore()
             except Exception:  # never let the thread die; recovery removes what stays
                 log.exception("background store chore failed")
-            finally:
-                self._queue.task_done()
