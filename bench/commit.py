@@ -7,11 +7,13 @@ stamped into the first 8), so dedup never shortcuts a write; the Context is
 built before the timer starts.
 
 * ctxstore, steady state: retention 2, reached during warm-up, so every timed
-  commit also retires one old version (a DELETE transaction and the unlink of
-  its files) as it does in service. The retention count does not change the
-  per-commit work once versions are being retired.
+  commit also retires one old version, as it does in service: the DELETE of
+  its rows runs in the commit's transaction (timed) and its directory is
+  handed to the reaper thread, whose unlinks are not timed (see below). The
+  retention count does not change the per-commit work once versions are being
+  retired.
 * ctxstore, retention not triggered (variant): a store whose retention keeps
-  every version of the run, so the commit path alone is timed.
+  every version of the run: no DELETE and nothing handed to the reaper.
 * The floor, in the same run on the same filesystem: write the same bytes (the
   .npy header and the data, from a Context built the same way, so the source
   memory is of the same kind) to a new file, fsync it, rename it, fsync the
@@ -27,7 +29,9 @@ background chores (the reaper thread deleting retired versions' files and
 preparing the next staging directory) are finished before that sync. The
 ctxstore figures therefore contain the retention pass's DELETE (in the
 commit's transaction) but not the unlinks, which a commit hands to the
-reaper, nor the deferred discard of the freed blocks.
+reaper, nor the deferred discard of the freed blocks. In service the reaper
+starts 10 ms after a commit, so commits closer together than that share the
+disk with the previous one's unlinks; no figure here times that case.
 
 On a virtual machine whose host backs guest memory lazily, copying into memory
 the guest never touched before is several times slower than into recycled
