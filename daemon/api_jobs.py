@@ -1,14 +1,13 @@
 """Build-job endpoints over the daemon's job queue (``daemon.jobs``).
 
-The queue lives on the daemon's event loop; its methods may be plain or
-coroutines, and both are awaited here. Without a queue every endpoint is a
-503 that says so.
+The handlers are plain functions, so FastAPI runs them in its thread pool:
+submit and cancel wait for the store's write lock, which a commit holds while
+it writes and fsyncs, and every read is SQL; none of it may stall the event
+loop. Without a queue every endpoint is a 503 that says so.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -34,20 +33,11 @@ def _queue(ctx: ApiContext) -> Any:
     return jobs
 
 
-async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a queue method off the event loop: submit and cancel wait for the store's write
-    lock, which a commit holds while it writes and fsyncs, and every read is SQL."""
-    if inspect.iscoroutinefunction(method):
-        return await method(*args, **kwargs)
-    return await asyncio.to_thread(method, *args, **kwargs)
-
-
-async def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, Any]) -> None:
+def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, Any]) -> None:
     """A file job outside the import roots is refused now (403), not when it runs."""
     path = config.get("path")
     if isinstance(path, str) and issubclass(get_node_type(node_type), FileNode):
-        # resolving symlinks is file-system I/O: off the loop, like the queue's calls
-        await asyncio.to_thread(check_import_path, ctx.daemon.config.import_roots, path)
+        check_import_path(ctx.daemon.config.import_roots, path)
 
 
 def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
@@ -65,28 +55,28 @@ def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
     responses=errors(403, 404, 409),
     summary="Queue a build: node_type with config, for slot",
 )
-async def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
+def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
     queue = _queue(ctx)
-    await _check_import_roots(ctx, body.node_type, body.config)
-    job = await _call(queue.submit, body.slot, body.node_type, body.config, body.priority)
+    _check_import_roots(ctx, body.node_type, body.config)
+    job = queue.submit(body.slot, body.node_type, body.config, body.priority)
     return JobOut(job=_as_dict(job))
 
 
 @router.get("/jobs", tags=[TAG], response_model=JobsOut, summary="Jobs, newest first")
-async def list_jobs(
+def list_jobs(
     ctx: Ctx,
     state: JobStateName | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> JobsOut:
-    jobs = await _call(_queue(ctx).list, state=state, limit=limit)
+    jobs = _queue(ctx).list(state=state, limit=limit)
     return JobsOut(jobs=[_as_dict(job) for job in jobs])
 
 
 @router.get(
     "/jobs/{job_id}", tags=[TAG], response_model=JobOut, responses=errors(404), summary="One job"
 )
-async def get_job(job_id: JobId, ctx: Ctx) -> JobOut:
-    job = await _call(_queue(ctx).get, job_id)
+def get_job(job_id: JobId, ctx: Ctx) -> JobOut:
+    job = _queue(ctx).get(job_id)
     return JobOut(job=_as_dict(job, job_id))
 
 
@@ -97,10 +87,10 @@ async def get_job(job_id: JobId, ctx: Ctx) -> JobOut:
     responses=errors(404, 409),
     summary="Cancel a pending job (409 once it runs or ended)",
 )
-async def cancel_job(job_id: JobId, ctx: Ctx) -> JobOut:
+def cancel_job(job_id: JobId, ctx: Ctx) -> JobOut:
     queue = _queue(ctx)
-    result = await _call(queue.cancel, job_id)
+    result = queue.cancel(job_id)
     if result is False:
         raise ConflictError(f"job {job_id} is not pending and cannot be cancelled")
-    job = result if hasattr(result, "as_dict") else await _call(queue.get, job_id)
+    job = result if hasattr(result, "as_dict") else queue.get(job_id)
     return JobOut(job=_as_dict(job, job_id))
