@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import os
 import shutil
 import signal
@@ -436,7 +435,8 @@ def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> 
 
 
 def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
-    """WATCHDOG=1 every half WatchdogSec: never faster, and never so late systemd would kill."""
+    """WATCHDOG_USEC set: the daemon keeps pinging. Its cadence (half the period) is proven
+    without a clock in test_notify.py; here only that pings keep coming from the real one."""
     sink = NotifySink()
     env = dict(os.environ, NOTIFY_SOCKET=str(sink.address), WATCHDOG_USEC="1000000")
     proc = subprocess.Popen(
@@ -446,19 +446,12 @@ def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         sink.wait_for("READY", timeout=30)
-        arrivals = []
         for _ in range(6):
-            sink.wait_for("WATCHDOG", timeout=10)
-            arrivals.append(time.monotonic())
+            sink.wait_for("WATCHDOG", timeout=10)  # fails the test when none comes
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         sink.close()
-    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
-    # the cadence is 0.5 s; a ping can be late on a busy machine, but not early, and the
-    # typical gap stays well inside the 1 s after which systemd would restart the daemon
-    assert gaps[0] >= 0.35, gaps
-    assert gaps[len(gaps) // 2] < 0.9, gaps
 
 
 def test_ready_is_sent_only_once_the_socket_accepts(tmp_path: Path) -> None:

@@ -80,15 +80,16 @@ class NotifySink:
 
         ``timeout`` bounds the whole wait; it is a deadline, not a timing assertion.
         """
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            message = self.receive(remaining)
-            if message is not None and message.fields.get(key) == value:
-                return message
-        pytest.fail(f"no {key}={value} within {timeout}s; got {[m.raw for m in self.received]}")
+        return self.wait_until(
+            lambda m: m.fields.get(key) == value, timeout=timeout, wanted=f"{key}={value}"
+        )
 
     def wait_until(
-        self, predicate: Callable[[NotifyMessage], bool], *, timeout: float = 30.0
+        self,
+        predicate: Callable[[NotifyMessage], bool],
+        *,
+        timeout: float = 30.0,
+        wanted: str = "matching message",
     ) -> NotifyMessage:
         """Receive until a message satisfies ``predicate``; fail the test after ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -96,7 +97,7 @@ class NotifySink:
             message = self.receive(remaining)
             if message is not None and predicate(message):
                 return message
-        pytest.fail(f"no matching message within {timeout}s; got {[m.raw for m in self.received]}")
+        pytest.fail(f"no {wanted} within {timeout}s; got {[m.raw for m in self.received]}")
 
     def drain(self) -> list[NotifyMessage]:
         """Every message already queued, without waiting."""
