@@ -126,11 +126,21 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid, _peer_groups(sock) | {gid})
 
 
+#: errnos of SO_PEERGROUPS already logged as a warning (a kernel without it fails every time)
+_groups_errors_seen: set[int | None] = set()
+
+
 def _peer_groups(sock: socket.socket) -> frozenset[int]:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS_BYTES)
     except OSError as exc:
-        log.warning("cannot read a peer's supplementary groups (%s): judging by its gid", exc)
+        first = exc.errno not in _groups_errors_seen
+        _groups_errors_seen.add(exc.errno)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "cannot read a peer's supplementary groups (%s): judging by its gid",
+            exc,
+        )
         return frozenset()
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 

@@ -77,8 +77,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.fleet = Fleet()
         self.subscribers: dict[int, Subscriber] = {}
-        self.policy = PeerPolicy(config.allow_uids, config.allow_gids)
-        self.publishers = PeerPolicy(config.publish_uids, config.publish_gids)
+        self._apply_policies(config)
         self._sessions = itertools.count(1)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -214,8 +213,7 @@ class Daemon:
         setup_logging(new.log_level, new.log_format)
         if self.store is not None:
             self.store.retention = new.retention
-        self.policy = PeerPolicy(new.allow_uids, new.allow_gids)
-        self.publishers = PeerPolicy(new.publish_uids, new.publish_gids)
+        self._apply_policies(new)
         self.config = new
         for callback in getattr(self, "on_reload", ()):
             try:
@@ -229,6 +227,11 @@ class Daemon:
         )
         log.debug("SIGHUP: running with %s", new)
         self.notifier.ready("reloaded")
+
+    def _apply_policies(self, config: DaemonConfig) -> None:
+        """Who may connect, and who may publish among them (empty lists: everyone)."""
+        self.policy = PeerPolicy(config.allow_uids, config.allow_gids)
+        self.publishers = PeerPolicy(config.publish_uids, config.publish_gids)
 
     def _pre_commit(self, slot: int, context: Context) -> None:
         """The hooks in force now (SIGHUP may have replaced them) vet each commit."""
