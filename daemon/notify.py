@@ -236,7 +236,7 @@ async def status_loop(
 ) -> None:
     """Publish ``describe()`` as STATUS= whenever it changed, checking every ``interval`` s.
 
-    What ``systemctl status`` shows stays current (readers, slots, the last
+    What ``systemctl status`` shows stays current (peers, commits, the last
     commit) without a datagram per commit. Ends once ``running()`` is false, so
     the line a shutdown publishes is never overwritten; a failing ``describe``
     is logged and skipped.
