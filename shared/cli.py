@@ -501,15 +501,10 @@ def _daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-group", default=None, help="group that may use the socket")
     p.add_argument("--allow-uid", type=int, action="append", default=None, help="peer uid allowed")
     p.add_argument("--allow-gid", type=int, action="append", default=None, help="peer gid allowed")
-    p.add_argument(
-        "--publish-uid",
-        type=int,
-        action="append",
-        default=None,
-        help="uid allowed to publish over the socket (default: every peer)",
-    )
+    p.add_argument("--publish-uid", type=int, action="append", default=None,
+                   help="uid that may publish (repeat; default: every peer)")  # fmt: skip
     p.add_argument("--publish-gid", type=int, action="append", default=None,
-                   help="gid allowed to publish over the socket (default: every peer)")  # fmt: skip
+                   help="gid that may publish (repeat; default: every peer)")  # fmt: skip
     p.add_argument("--import-root", action="append", default=None, metavar="DIR",
                    help="directory file imports may read from (repeat; default: any)")  # fmt: skip
     p.add_argument("--retention", type=int, default=None, help="versions kept per slot")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ctxstore import layout
 from ctxstore.store import PersistentStore
 
 
@@ -88,8 +89,6 @@ def ensure_os_tool(path_or_binary: str, package: str) -> str:
 def wal_leftovers(store_root: Path) -> list[str]:
     """What wal/ holds besides an empty staging directory a writer prepared ahead of time
     (one that a commit took and began to fill counts: it is a leftover)."""
-    from ctxstore import layout
-
     wal = layout.wal_dir(store_root)
     return sorted(
         name
