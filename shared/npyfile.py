@@ -26,8 +26,13 @@ from .errors import IntegrityError, NotFoundError
 Array = npt.NDArray[Any]
 
 
+@lru_cache(maxsize=4096)
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
-    """The .npy header for a C-ordered array of ``dtype`` and ``shape`` (format 1.0, else 2.0)."""
+    """The .npy header for a C-ordered array of ``dtype`` and ``shape`` (format 1.0, else 2.0).
+
+    Cached: a model commits the same shapes version after version, and numpy
+    builds each header by formatting and padding a dict's repr.
+    """
     header = {
         "descr": np.lib.format.dtype_to_descr(dtype),
         "fortran_order": False,
@@ -57,8 +62,9 @@ def _write_header_3_0(buf: io.BytesIO, header: dict[str, Any]) -> None:
     buf.write(b"\x93NUMPY\x03\x00" + struct.pack("<I", len(body)) + body)
 
 
+@lru_cache(maxsize=4096)
 def dtype_to_text(dtype: np.dtype[Any]) -> str:
-    """How a dtype is recorded in the index: the repr of its .npy descr."""
+    """How a dtype is recorded in the index: the repr of its .npy descr (cached)."""
     return repr(np.lib.format.dtype_to_descr(dtype))
 
 

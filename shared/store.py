@@ -4,8 +4,8 @@ The commit protocol, in this order and only here (DESIGN.md):
 
 1. validate the context;
 2. write each new tensor into ``wal/<txid>/`` (or hard-link an identical stored
-   one), fsync each file and the directory;
-3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync the parents;
+   one), fsync each file and the directory (its entries);
+3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync ``slots/<slot>``;
 4. one SQLite transaction inserts the version and its tensors and moves the
    slot's current pointer: its COMMIT is the commit point;
 5. warm the files, apply retention (rows first, then unlink).
@@ -128,6 +128,7 @@ class PersistentStore:
         self._lock: WriterLock | None = None
         self._conn: sqlite3.Connection | None = None
         self._reaper: Reaper | None = None
+        self._slot_dirs: set[int] = set()  # slot directories this writer made sure exist
         self._spare_staging: Path | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
@@ -346,20 +347,12 @@ class PersistentStore:
             if row and model_type and row[0] and row[0] != model_type:
                 raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
             version = row[1] if row else 1
-            tensors = self._stage_and_place(slot, version, context)
-            retired = self._commit_rows(
-                conn,
-                slot,
-                version,
-                context,
-                model_type=model_type,
-                aliases=aliases,
-                pin=pin,
-                tensors=tensors,
+            retired = self._commit(
+                conn, slot, version, context, model_type=model_type, aliases=aliases, pin=pin
             )
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
-                self._warm(slot, version, len(tensors))
+                self._warm(slot, version, len(context.weights))
                 self._retire_files(retired)
                 self._reaper_thread().soon(self._prepare_spare_staging)
             except Exception:
@@ -381,37 +374,69 @@ class PersistentStore:
             make_dir(spare, durable=False)
             self._spare_staging = spare
 
-    def _stage_and_place(self, slot: int, version: int, context: Context) -> list[TensorRow]:
-        """Steps 2 and 3: files written durably, then renamed into place as one directory.
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        slot: int,
+        version: int,
+        context: Context,
+        *,
+        model_type: str | None,
+        aliases: tuple[str, ...],
+        pin: bool,
+    ) -> list[tuple[int, int]]:
+        """Steps 2 to 4 of the commit protocol; returns the versions retention retired.
 
-        Every new file is fsynced (together, once all are written) before the
-        rename. After it, the version directory (its entries: the files) and the
-        slot directory (its new entry) are fsynced together: one journal commit
-        for both, and all of it before COMMIT. Whatever fails first leaves no
-        directory behind. The staging directory's own creation and its removal
-        from wal/ need not be durable: recovery deletes whatever wal/ holds.
+        Whatever fails first rolls the transaction back and leaves no directory
+        behind.
         """
         staging = self._take_spare_staging()
         if staging is None:
             staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
             make_dir(staging, durable=False)
-        target = layout.version_dir(self.root, slot, version)
         try:
-            rows, written = self._stage(staging, context)
+            tensors, written = self._stage(staging, context)
             fsync_all(written)
+            # The directory's entries, after the files: their journal commit
+            # covers most of it, where fsyncing it beside the files costs a
+            # thread hand-off and fsyncing it after the rename a second commit.
+            fsync_dir(staging)
             crash_point("staged")
-            make_dir(layout.slot_dir(self.root, slot))
-            rename_dir(staging, target)
+            with transaction(conn):
+                retired = self._insert_version(
+                    conn,
+                    slot,
+                    version,
+                    context,
+                    model_type=model_type,
+                    aliases=aliases,
+                    pin=pin,
+                    tensors=tensors,
+                )
+                self._place(staging, slot, version)
+                crash_point("in_transaction")
         except BaseException:
             remove_tree(staging)
+            self._slot_dirs.discard(slot)  # the next commit makes sure it exists again
+            if not self._version_recorded(conn, slot, version):
+                remove_tree(layout.version_dir(self.root, slot, version))
             raise
-        try:
-            fsync_all([target, layout.slot_dir(self.root, slot)])
-        except BaseException:
-            remove_tree(target)  # no row names it: as if it had never been placed
-            raise
+        return retired
+
+    def _place(self, staging: Path, slot: int, version: int) -> None:
+        """Step 3: rename the staging directory (its files and entries already
+        durable) into place, then fsync the slot directory: its new entry.
+
+        The staging directory's own creation and its removal from wal/ need not
+        be durable: recovery deletes whatever wal/ holds.
+        """
+        slot_dir = layout.slot_dir(self.root, slot)
+        if slot not in self._slot_dirs:
+            make_dir(slot_dir)
+            self._slot_dirs.add(slot)
+        rename_dir(staging, slot_dir / str(version))
+        fsync_dir(slot_dir)
         crash_point("renamed")
-        return rows
 
     def _stage(self, staging: Path, context: Context) -> tuple[list[TensorRow], list[Path]]:
         """Write (or link) every tensor into ``staging``; the rows and the files still to sync."""
@@ -453,7 +478,7 @@ class PersistentStore:
                 return path
         return None
 
-    def _commit_rows(
+    def _insert_version(
         self,
         conn: sqlite3.Connection,
         slot: int,
@@ -465,53 +490,47 @@ class PersistentStore:
         pin: bool,
         tensors: list[TensorRow],
     ) -> list[tuple[int, int]]:
-        """Step 4: the one transaction whose COMMIT makes the version visible.
-
-        Retention's row deletions ride in the same transaction (one synchronous
-        COMMIT per commit); their files are unlinked after it. Returns them.
+        """Step 4's rows, inside the caller's transaction: the version, its tensors, the
+        slot's current pointer and aliases, and retention's deletions (one synchronous
+        COMMIT per commit; their files are unlinked after it). Returns those retired.
         """
         now = self._clock()
-        try:
-            with transaction(conn):
-                conn.execute(
-                    "INSERT INTO slots(slot, model_type, current_version, next_version, "
-                    "created_at, updated_at) VALUES (?1, ?2, ?3, ?3 + 1, ?4, ?4) "
-                    "ON CONFLICT(slot) DO UPDATE SET current_version = ?3, next_version = ?3 + 1, "
-                    "model_type = COALESCE(?2, model_type), updated_at = ?4",
-                    (slot, model_type, version, now),
-                )
-                conn.execute(
-                    "INSERT INTO versions(slot, version, created_at, config, metadata, "
-                    "n_tensors, nbytes, pinned, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        slot,
-                        version,
-                        now,
-                        _dump_json(context.config),
-                        _dump_json(context.metadata),
-                        len(tensors),
-                        sum(row[5] for row in tensors),
-                        int(pin),
-                        pack_manifest(tensors),
-                    ),
-                )
-                conn.executemany(
-                    "INSERT INTO tensors(slot, version, position, name, dtype, shape, "
-                    "data_offset, nbytes, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(slot, version, *row) for row in tensors],
-                )
-                conn.executemany(
-                    "INSERT INTO aliases(slot, name, version) VALUES (?, ?, ?) "
-                    "ON CONFLICT(slot, name) DO UPDATE SET version = excluded.version",
-                    [(slot, alias, version) for alias in aliases],
-                )
-                retired = self._retain(slot)
-                conn.executemany(_DELETE_VERSION_SQL, retired)
-                crash_point("in_transaction")
-        except BaseException:
-            if not self._version_recorded(conn, slot, version):
-                remove_tree(layout.version_dir(self.root, slot, version))
-            raise
+        conn.execute(
+            "INSERT INTO slots(slot, model_type, current_version, next_version, "
+            "created_at, updated_at) VALUES (?1, ?2, ?3, ?3 + 1, ?4, ?4) "
+            "ON CONFLICT(slot) DO UPDATE SET current_version = ?3, next_version = ?3 + 1, "
+            "model_type = COALESCE(?2, model_type), updated_at = ?4",
+            (slot, model_type, version, now),
+        )
+        conn.execute(
+            "INSERT INTO versions(slot, version, created_at, config, metadata, "
+            "n_tensors, nbytes, pinned, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                slot,
+                version,
+                now,
+                _dump_json(context.config),
+                _dump_json(context.metadata),
+                len(tensors),
+                sum(row[5] for row in tensors),
+                int(pin),
+                pack_manifest(tensors),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO tensors(slot, version, position, name, dtype, shape, "
+            "data_offset, nbytes, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(slot, version, *row) for row in tensors],
+        )
+        if aliases:
+            conn.executemany(
+                "INSERT INTO aliases(slot, name, version) VALUES (?, ?, ?) "
+                "ON CONFLICT(slot, name) DO UPDATE SET version = excluded.version",
+                [(slot, alias, version) for alias in aliases],
+            )
+        retired = self._retain(slot)
+        if retired:
+            conn.executemany(_DELETE_VERSION_SQL, retired)
         return retired
 
     def _version_recorded(self, conn: sqlite3.Connection, slot: int, version: int) -> bool:

@@ -19,6 +19,7 @@ from ctxstore import (
     InvalidInputError,
     NotFoundError,
     ReadOnlyError,
+    StorageError,
 )
 from ctxstore.store import PersistentStore
 from ctxstore.validation import thaw_json
@@ -392,6 +393,29 @@ def test_failing_pre_commit_hook_rejects_and_leaves_nothing(store: PersistentSto
     with pytest.raises(NotFoundError):
         store.load_context(1)
     assert not (store.root / "slots/1").exists()
+
+
+def test_a_commit_that_cannot_place_its_directory_fails_whole_and_the_next_one_heals(
+    store_dir: Path,
+) -> None:
+    """The writer remembers which slot directories exist; if one vanishes under it (damage
+    from outside), that commit fails and leaves nothing, and the next commit recreates it."""
+    with PersistentStore(store_dir) as store:
+        assert store.save_context(1, Context({"w": np.arange(3)})) == 1
+        slot_dir = store.root / "slots/1"
+        for entry in slot_dir.iterdir():  # what an outside hand deleting the slot would do
+            for file in entry.iterdir():
+                file.unlink()
+            entry.rmdir()
+        slot_dir.rmdir()
+        with pytest.raises(StorageError, match="cannot rename"):
+            store.save_context(1, Context({"w": np.arange(4)}))
+        assert [v.version for v in store.list_versions(1)] == [1]  # the failure left no row
+        assert wal_leftovers(store.root) == []
+        assert store.save_context(1, Context({"w": np.arange(5)})) == 2
+        np.testing.assert_array_equal(store.load_context(1).weights["w"], np.arange(5))
+        assert sorted(p.name for p in slot_dir.iterdir()) == ["2"]
+        assert {(p.slot, p.version) for p in store.verify()} == {(1, 1)}  # only the damage
 
 
 def test_readonly_store_refuses_writes_and_missing_store(store_dir: Path) -> None:
