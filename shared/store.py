@@ -347,12 +347,12 @@ class PersistentStore:
             if row and model_type and row[0] and row[0] != model_type:
                 raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
             version = row[1] if row else 1
-            retired = self._commit(
+            retired, linked = self._commit(
                 conn, slot, version, context, model_type=model_type, aliases=aliases, pin=pin
             )
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
-                self._warm(slot, version, len(context.weights))
+                self._warm(slot, version, linked)
                 self._retire_files(retired)
                 self._reaper_thread().soon(self._prepare_spare_staging)
             except Exception:
@@ -384,8 +384,9 @@ class PersistentStore:
         model_type: str | None,
         aliases: tuple[str, ...],
         pin: bool,
-    ) -> list[tuple[int, int]]:
-        """Steps 2 to 4 of the commit protocol; returns the versions retention retired.
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """Steps 2 to 4 of the commit protocol; returns the versions retention retired
+        and the positions of the tensors that were hard-linked rather than written.
 
         Whatever fails first rolls the transaction back and leaves no directory
         behind.
@@ -421,7 +422,9 @@ class PersistentStore:
             if not self._version_recorded(conn, slot, version):
                 remove_tree(layout.version_dir(self.root, slot, version))
             raise
-        return retired
+        fresh = {path.name for path in written}
+        linked = [row[0] for row in tensors if layout.tensor_file_name(row[0]) not in fresh]
+        return retired, linked
 
     def _place(self, staging: Path, slot: int, version: int) -> None:
         """Step 3: rename the staging directory (its files and entries already
@@ -543,9 +546,11 @@ class PersistentStore:
             return True  # cannot tell: keep the files; recovery at next open decides
         return row is not None
 
-    def _warm(self, slot: int, version: int, n_files: int) -> None:
-        """Ask the kernel to read the new version's files ahead, so readers map warm pages."""
-        for position in range(n_files):
+    def _warm(self, slot: int, version: int, positions: list[int]) -> None:
+        """Ask the kernel to read these files of the new version ahead, so readers map warm
+        pages: the hard-linked ones, whose pages may have left the cache since they were
+        written (a file this commit wrote went through the page cache)."""
+        for position in positions:
             path = layout.tensor_path_str(self._root_str, slot, version, position)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -816,30 +821,20 @@ class PersistentStore:
         """The versions of ``slot`` retention removes now (a query; the caller deletes them).
 
         Kept: the newest ``retention``, the current one, pinned and aliased ones,
-        and whatever a connected reader holds. O(log n) when the slot's versions
-        span no more than ``retention``, else O(retention) to find the cutoff.
+        and whatever a connected reader holds. One query: the cutoff is the
+        ``retention``-th newest version (none while the slot has fewer), found
+        in O(retention) on the primary key.
         """
-        conn = self._writer_conn()
-        low, high = conn.execute(
-            "SELECT MIN(version), MAX(version) FROM versions WHERE slot = ?", (slot,)
-        ).fetchone()
-        if high is None or high - low + 1 <= self.retention:
-            return []
-        row = conn.execute(
-            "SELECT version FROM versions WHERE slot = ? ORDER BY version DESC LIMIT 1 OFFSET ?",
-            (slot, self.retention - 1),
-        ).fetchone()
-        if row is None:
-            return []
         protected = set(self.protected_versions(slot)) if self.protected_versions else set()
         return [
             (slot, version)
-            for (version,) in conn.execute(
+            for (version,) in self._writer_conn().execute(
                 "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
-                "WHERE v.slot = ?1 AND v.version < ?2 AND v.pinned = 0 "
-                "AND v.version != s.current_version AND NOT EXISTS (SELECT 1 FROM aliases a "
-                "WHERE a.slot = ?1 AND a.version = v.version)",
-                (slot, row[0]),
+                "WHERE v.slot = ?1 AND v.version < (SELECT version FROM versions WHERE slot = ?1 "
+                "ORDER BY version DESC LIMIT 1 OFFSET ?2) "
+                "AND v.pinned = 0 AND v.version != s.current_version AND NOT EXISTS ("
+                "SELECT 1 FROM aliases a WHERE a.slot = ?1 AND a.version = v.version)",
+                (slot, self.retention - 1),
             )
             if version not in protected
         ]

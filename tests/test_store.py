@@ -160,6 +160,24 @@ def test_a_failing_chore_after_commit_does_not_fail_the_commit(
         assert store.load_context(1).version == 1
 
 
+def test_a_commit_warms_the_files_it_linked_not_those_it_just_wrote(
+    store: PersistentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    same = np.arange(1000, dtype=np.float32)
+    store.save_context(1, Context({"same": same, "new": np.zeros(8)}))
+    advised: list[str] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    assert store.save_context(1, Context({"same": same, "new": np.ones(8)})) == 2
+    assert advised == [str(store.root / "slots/1/2/0.npy")]  # "same", hard-linked from v1
+
+
 @pytest.mark.parametrize(
     ("stored", "message"),
     [("{not json", "config is unreadable"), ('{"lr": NaN}', "NaN is not a finite number"),
