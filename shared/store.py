@@ -101,6 +101,17 @@ PreCommitHook = Callable[[int, Context], None]
 ProtectedVersions = Callable[[int], Set[int]]
 
 
+class _NewVersion(NamedTuple):
+    """What one save_context call commits, once its version number is known."""
+
+    slot: int
+    version: int
+    context: Context
+    model_type: str | None
+    aliases: tuple[str, ...]
+    pin: bool
+
+
 class PersistentStore:
     """One store directory: a writer (holding the LOCK) or a read-only view of it."""
 
@@ -347,9 +358,8 @@ class PersistentStore:
             if row and model_type and row[0] and row[0] != model_type:
                 raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
             version = row[1] if row else 1
-            retired, linked = self._commit(
-                conn, slot, version, context, model_type=model_type, aliases=aliases, pin=pin
-            )
+            new = _NewVersion(slot, version, context, model_type, aliases, pin)
+            retired, linked = self._commit(conn, new)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 self._warm(slot, version, linked)
@@ -375,15 +385,7 @@ class PersistentStore:
             self._spare_staging = spare
 
     def _commit(
-        self,
-        conn: sqlite3.Connection,
-        slot: int,
-        version: int,
-        context: Context,
-        *,
-        model_type: str | None,
-        aliases: tuple[str, ...],
-        pin: bool,
+        self, conn: sqlite3.Connection, new: _NewVersion
     ) -> tuple[list[tuple[int, int]], list[int]]:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired
         and the positions of the tensors that were hard-linked rather than written.
@@ -396,7 +398,7 @@ class PersistentStore:
             staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
             make_dir(staging, durable=False)
         try:
-            tensors, written = self._stage(staging, context)
+            tensors, written = self._stage(staging, new.context)
             fsync_all(written)
             # The directory's entries, after the files: their journal commit
             # covers most of it, where fsyncing it beside the files costs a
@@ -404,23 +406,14 @@ class PersistentStore:
             fsync_dir(staging)
             crash_point("staged")
             with transaction(conn):
-                retired = self._insert_version(
-                    conn,
-                    slot,
-                    version,
-                    context,
-                    model_type=model_type,
-                    aliases=aliases,
-                    pin=pin,
-                    tensors=tensors,
-                )
-                self._place(staging, slot, version)
+                retired = self._insert_version(conn, new, tensors)
+                self._place(staging, new.slot, new.version)
                 crash_point("in_transaction")
         except BaseException:
             remove_tree(staging)
-            self._slot_dirs.discard(slot)  # the next commit makes sure it exists again
-            if not self._version_recorded(conn, slot, version):
-                remove_tree(layout.version_dir(self.root, slot, version))
+            self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
+            if not self._version_recorded(conn, new.slot, new.version):
+                remove_tree(layout.version_dir(self.root, new.slot, new.version))
             raise
         fresh = {path.name for path in written}
         linked = [row[0] for row in tensors if layout.tensor_file_name(row[0]) not in fresh]
@@ -482,21 +475,13 @@ class PersistentStore:
         return None
 
     def _insert_version(
-        self,
-        conn: sqlite3.Connection,
-        slot: int,
-        version: int,
-        context: Context,
-        *,
-        model_type: str | None,
-        aliases: tuple[str, ...],
-        pin: bool,
-        tensors: list[TensorRow],
+        self, conn: sqlite3.Connection, new: _NewVersion, tensors: list[TensorRow]
     ) -> list[tuple[int, int]]:
         """Step 4's rows, inside the caller's transaction: the version, its tensors, the
         slot's current pointer and aliases, and retention's deletions (one synchronous
         COMMIT per commit; their files are unlinked after it). Returns those retired.
         """
+        slot, version, context, model_type, aliases, pin = new
         now = self._clock()
         conn.execute(
             "INSERT INTO slots(slot, model_type, current_version, next_version, "
