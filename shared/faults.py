@@ -14,8 +14,8 @@ import signal
 COMMIT_POINTS = (
     "staging",  # some tensor files written into wal/<txid>
     "staged",  # every file and wal/<txid> itself fsynced, before the rename
-    "renamed",  # rows inserted, wal/<txid> renamed into slots/ and that fsynced, before COMMIT
-    "in_transaction",  # the whole transaction written, before COMMIT
+    "renamed",  # wal/<txid> renamed into slots/, before the slot directory's fsync
+    "in_transaction",  # rows inserted, before COMMIT
     "committed",  # after COMMIT, before the post-commit steps
     "retiring",  # retention removed rows, before the files are unlinked
 )

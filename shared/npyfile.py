@@ -26,7 +26,7 @@ from .errors import IntegrityError, NotFoundError
 Array = npt.NDArray[Any]
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)  # bytes each; a structured dtype's can reach 64 KiB and more
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
     """The .npy header for a C-ordered array of ``dtype`` and ``shape`` (format 1.0, else 2.0).
 

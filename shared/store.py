@@ -390,8 +390,7 @@ class PersistentStore:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired
         and the positions of the tensors that were hard-linked rather than written.
 
-        Whatever fails first rolls the transaction back and leaves no directory
-        behind.
+        Whatever fails first leaves no directory behind and no row.
         """
         staging = self._take_spare_staging()
         if staging is None:
@@ -405,9 +404,9 @@ class PersistentStore:
             # thread hand-off and fsyncing it after the rename a second commit.
             fsync_dir(staging)
             crash_point("staged")
+            self._place(staging, new.slot, new.version)
             with transaction(conn):
                 retired = self._insert_version(conn, new, tensors)
-                self._place(staging, new.slot, new.version)
                 crash_point("in_transaction")
         except BaseException:
             remove_tree(staging)
@@ -428,11 +427,15 @@ class PersistentStore:
         """
         slot_dir = layout.slot_dir(self.root, slot)
         if slot not in self._slot_dirs:
-            make_dir(slot_dir)
+            # Its entry in slots/ is made durable once per writer, not only when this
+            # mkdir creates it: a writer killed between a mkdir and its fsync leaves a
+            # directory whose entry nothing else would ever sync.
+            make_dir(slot_dir, durable=False)
+            fsync_dir(slot_dir.parent)
             self._slot_dirs.add(slot)
         rename_dir(staging, slot_dir / str(version))
-        fsync_dir(slot_dir)
         crash_point("renamed")
+        fsync_dir(slot_dir)
 
     def _stage(self, staging: Path, context: Context) -> tuple[list[TensorRow], list[Path]]:
         """Write (or link) every tensor into ``staging``; the rows and the files still to sync."""

@@ -76,10 +76,19 @@ def check_commit_order(events: list[tuple[str, str]]) -> list[str]:
             problems.append(f"{staged} was not fsynced before the rename")
     slot_dir = os.path.dirname(target)
     between = {what for kind, what in events[rename:version_commit] if kind == "fsync"}
-    if staging not in fsynced_before and target not in between:
+    entries_made = [
+        i
+        for i, (kind, what) in enumerate(events[:rename])
+        if kind in ("fsync", "linked") and os.path.dirname(what) == staging
+    ]  # a directory fsynced before its last entry was made does not make that entry durable
+    staging_synced = any(
+        kind == "fsync" and what == staging
+        for kind, what in events[max(entries_made, default=0) : rename]
+    )
+    if not staging_synced and target not in between:
         problems.append(
-            f"version directory {target} was fsynced neither as {staging} before the rename "
-            "nor between rename and COMMIT"
+            f"version directory {target} was fsynced neither as {staging} after its entries "
+            "and before the rename, nor between rename and COMMIT"
         )
     if slot_dir not in between:
         problems.append(f"slot directory {slot_dir} was not fsynced between rename and COMMIT")
@@ -151,11 +160,31 @@ def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging directory fsynced when taken, before its files exist (and not after)."""
+    import ctxstore.store as store_module
+
+    real_take = store_module.PersistentStore._take_spare_staging
+    real_sync_dir = store_module.fsync_dir
+
+    def take(self: PersistentStore) -> Path | None:
+        staging = real_take(self)
+        assert staging is not None, "the checked commit should take the prepared spare"
+        real_sync_dir(staging)
+        return staging
+
+    monkeypatch.setattr(store_module.PersistentStore, "_take_spare_staging", take)
+    monkeypatch.setattr(
+        store_module, "fsync_dir", lambda path: None if "wal" in path.parts else real_sync_dir(path)
+    )
+
+
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
         (_skip_file_fsync, "was not fsynced before the rename"),
         (_skip_dir_fsyncs, "directory"),
+        (_sync_staging_too_early, "after its entries"),
     ],
 )
 def test_the_check_catches_a_build_that_skips_an_fsync(
@@ -163,6 +192,8 @@ def test_the_check_catches_a_build_that_skips_an_fsync(
     breakage: Breakage, expected: str,
 ) -> None:  # fmt: skip
     with PersistentStore(tmp_path / "store") as store:
+        store.save_context(1, ctx(6))  # so the checked commit takes a spare staging directory
+        store.wait_background()
         breakage(monkeypatch)
         problems = check_commit_order(commit_once(store, recorder, ctx(7)))
     assert any(expected in p for p in problems), problems
