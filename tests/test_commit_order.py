@@ -138,7 +138,7 @@ def test_real_commits_follow_the_protocol(tmp_path: Path, recorder: Recorder) ->
             assert check_commit_order(events) == [], events
 
 
-Breakage = Callable[[pytest.MonkeyPatch], None]
+Breakage = Callable[[pytest.MonkeyPatch], object]
 
 
 def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,23 +160,26 @@ def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> None:
+def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The staging directory fsynced when taken, before its files exist (and not after)."""
     import ctxstore.store as store_module
 
     real_take = store_module.PersistentStore._take_spare_staging
     real_sync_dir = store_module.fsync_dir
+    synced_early: list[Path] = []
 
     def take(self: PersistentStore) -> Path | None:
         staging = real_take(self)
         if staging is not None:  # (close() takes it too, to remove it)
             real_sync_dir(staging)
+            synced_early.append(staging)
         return staging
 
     monkeypatch.setattr(store_module.PersistentStore, "_take_spare_staging", take)
     monkeypatch.setattr(
         store_module, "fsync_dir", lambda path: None if "wal" in path.parts else real_sync_dir(path)
     )
+    return synced_early
 
 
 @pytest.mark.parametrize(
@@ -194,8 +197,10 @@ def test_the_check_catches_a_build_that_skips_an_fsync(
     with PersistentStore(tmp_path / "store") as store:
         store.save_context(1, ctx(6))  # so the checked commit takes a spare staging directory
         store.wait_background()
-        breakage(monkeypatch)
+        evidence = breakage(monkeypatch)
         problems = check_commit_order(commit_once(store, recorder, ctx(7)))
+        if evidence is not None:  # the breakage says what it did: it must have done it
+            assert evidence, "the breakage never took effect"
     assert any(expected in p for p in problems), problems
 
 
