@@ -95,8 +95,8 @@ class FakeSession:
                         break
                     if event is CLOSED:
                         return
+                    self.handle(event)  # answered first: whoever waits for it sees the answer sent
                     self.daemon.record(self, event)
-                    self.handle(event)
         except (OSError, ProtocolError):
             return
         finally:
@@ -186,7 +186,11 @@ class FakeDaemon:
     def wait(
         self, predicate: Callable[[FakeSession, Message], bool], what: str = "a message"
     ) -> tuple[FakeSession, Message]:
-        """The first logged frame matching ``predicate``, waiting for it if need be."""
+        """The first logged frame matching ``predicate``, waiting for it if need be.
+
+        A frame is logged once it has been answered (a subscribe's snapshot sent), so
+        what the caller sends next reaches the reader after that answer.
+        """
         deadline = time.monotonic() + WAIT
         with self.cond:
             while True:
