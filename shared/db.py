@@ -67,6 +67,19 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def overwrite_stray_frames(conn: sqlite3.Connection) -> None:
+    """Commit one durable write (the schema version, unchanged).
+
+    SQLite appends it where the WAL's valid frames end, so whatever a failed
+    COMMIT wrote beyond them (frames with a commit marker whose sync failed,
+    invisible now but replayed by the next WAL recovery) is overwritten or cut
+    off from the checksum chain: it can never come back.
+    """
+    with transaction(conn):
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
 def translate_sqlite_error(exc: sqlite3.DatabaseError) -> Exception:
     """Map a sqlite3 error to the ctxstore class that says whose fault it is."""
     text = str(exc)

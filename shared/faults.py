@@ -19,6 +19,10 @@ COMMIT_POINTS = (
     "committed",  # after COMMIT, before the post-commit steps
     "retiring",  # retention removed rows, before the files are unlinked
 )
+#: reached only when a step fails (the I/O-error tests arm them under libfiu)
+FAILURE_POINTS = (
+    "commit_failed",  # COMMIT raised, before the settling write decides the version's fate
+)
 
 _TARGET = os.environ.get("CTXSTORE_CRASH_AT") or None
 _passes = [int(os.environ.get("CTXSTORE_CRASH_AFTER", "0") or 0)]

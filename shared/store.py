@@ -40,7 +40,7 @@ import numpy as np
 from . import layout
 from .checksum import checksum_parts
 from .context import Array, Context
-from .db import connect, transaction, translate_sqlite_error
+from .db import connect, overwrite_stray_frames, transaction, translate_sqlite_error
 from .durable import (
     fsync_all,
     fsync_dir,
@@ -53,6 +53,7 @@ from .durable import (
 from .errors import (
     ClosedError,
     ConflictError,
+    CtxStoreError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -140,6 +141,8 @@ class PersistentStore:
         self._conn: sqlite3.Connection | None = None
         self._reaper: Reaper | None = None
         self._slot_dirs: set[int] = set()  # slot directories this writer made sure exist
+        #: versions whose COMMIT failed: files kept until a durable write settles their fate
+        self._unsettled: set[tuple[int, int]] = set()
         self._spare_staging: Path | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
@@ -191,15 +194,22 @@ class PersistentStore:
         for entry in os.listdir(wal):
             remove_tree(wal / entry)
         conn = self._writer_conn()
+        orphans: list[tuple[int, int]] = []
         for problem in find_orphans(self.root, conn, None):
             if (
                 problem.kind == "orphan"
                 and problem.slot is not None
                 and problem.version is not None
             ):
-                remove_tree(layout.version_dir(self.root, problem.slot, problem.version))
+                orphans.append((problem.slot, problem.version))
             else:  # not ours to delete (a foreign name): report it
                 self.recovery_problems.append(problem)
+        if orphans:
+            # A crash between COMMIT's frames and their sync can leave them in the WAL
+            # behind this connection's view: bury them before deleting their files.
+            overwrite_stray_frames(conn)
+            for slot, version in orphans:
+                remove_tree(layout.version_dir(self.root, slot, version))
         fsync_dir(wal)
         for slot, version in conn.execute("SELECT slot, version FROM versions"):
             if not layout.version_dir(self.root, slot, version).is_dir():
@@ -352,6 +362,8 @@ class PersistentStore:
             hook(slot, context)
         with self._write_lock:
             conn = self._writer_conn()
+            if self._unsettled:
+                self._settle(conn)
             row = conn.execute(
                 "SELECT model_type, next_version FROM slots WHERE slot = ?", (slot,)
             ).fetchone()
@@ -390,7 +402,10 @@ class PersistentStore:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired
         and the positions of the tensors that were hard-linked rather than written.
 
-        Whatever fails first leaves no directory behind and no row.
+        A failure before COMMIT leaves no directory behind and no row. A failed
+        COMMIT leaves the version's files in place: its frames may sit in the WAL
+        with a commit marker that the next WAL recovery would replay, so they go
+        only once a durable write has buried those frames (:meth:`_settle`).
         """
         staging = self._take_spare_staging()
         if staging is None:
@@ -405,16 +420,44 @@ class PersistentStore:
             fsync_dir(staging)
             crash_point("staged")
             self._place(staging, new.slot, new.version)
+        except BaseException:
+            remove_tree(staging)
+            self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
+            remove_tree(layout.version_dir(self.root, new.slot, new.version))
+            raise
+        try:
             with transaction(conn):
                 retired = self._insert_version(conn, new, tensors)
                 crash_point("in_transaction")
         except BaseException:
-            remove_tree(staging)
-            self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
-            if not self._version_recorded(conn, new.slot, new.version):
-                remove_tree(layout.version_dir(self.root, new.slot, new.version))
+            self._slot_dirs.discard(new.slot)
+            self._unsettled.add((new.slot, new.version))
+            crash_point("commit_failed")
+            try:
+                self._settle(conn)
+            except CtxStoreError as exc:
+                log.warning("slot %d version %d: %s", new.slot, new.version, exc)
             raise
         return retired, linked
+
+    def _settle(self, conn: sqlite3.Connection) -> None:
+        """Decide the versions whose COMMIT failed: a durable write first overwrites
+        whatever frames that COMMIT left in the WAL, so none can be replayed later;
+        then a version with a row is committed (files kept), one without is removed.
+
+        Raises StorageError while the index cannot sync: no commit goes ahead then.
+        """
+        try:
+            overwrite_stray_frames(conn)
+        except CtxStoreError as exc:
+            raise StorageError(
+                f"a failed commit is not settled yet (the index cannot sync: {exc}); "
+                "its files are kept until it is"
+            ) from exc
+        for slot, version in sorted(self._unsettled):
+            if not self._version_recorded(conn, slot, version):
+                remove_tree(layout.version_dir(self.root, slot, version))
+            self._unsettled.discard((slot, version))
 
     def _place(self, staging: Path, slot: int, version: int) -> None:
         """Step 3: rename the staging directory (its files and entries already
@@ -529,13 +572,13 @@ class PersistentStore:
         return retired
 
     def _version_recorded(self, conn: sqlite3.Connection, slot: int, version: int) -> bool:
-        """After a failed COMMIT, ask the index what actually happened."""
+        """After a failed COMMIT (and a settling write), ask the index what happened."""
         try:
             row = conn.execute(
                 "SELECT 1 FROM versions WHERE slot = ? AND version = ?", (slot, version)
             ).fetchone()
-        except sqlite3.DatabaseError:
-            return True  # cannot tell: keep the files; recovery at next open decides
+        except sqlite3.DatabaseError as exc:
+            raise translate_sqlite_error(exc) from exc
         return row is not None
 
     def _warm(self, slot: int, version: int, positions: list[int]) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ensure_os_tool, wal_leftovers
 
-from ctxstore import PersistentStore
+from ctxstore import Context, PersistentStore
 
 PRELOADS = ("/usr/lib/fiu/fiu_run_preload.so", "/usr/lib/fiu/fiu_posix_preload.so")
 
@@ -85,3 +85,65 @@ def test_commit_under_io_errors(tmp_path: Path, point: str, mode: str) -> None:
         # ...and nothing that was refused became visible
         assert stored == {1, *reported}
         assert store.load_context(1).version == max(reported)
+
+
+KILLED_AFTER_FAILED_COMMIT = textwrap.dedent(
+    """
+    import ctypes, os, signal, sys
+    import numpy as np
+    from ctxstore import Context, PersistentStore, CtxStoreError
+
+    store_path, mode = sys.argv[1:3]
+    fiu = ctypes.CDLL("libfiu.so.0")
+    EIO, ONETIME = 5, 1
+    store = PersistentStore(store_path)
+    store.save_context(1, Context({"w": np.full(64, 1.0)}))
+    fiu.fiu_enable(b"posix/io/sync/fdatasync", 1, ctypes.c_void_p(EIO),
+                   0 if mode == "persistent" else ONETIME)
+    try:
+        store.save_context(1, Context({"w": np.full(64, 2.0)}))
+    except CtxStoreError as exc:
+        print("refused", type(exc).__name__, exc, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "after_kill"),
+    [
+        ("once", {1}),  # the settling write worked: version 2 is gone for good
+        ("persistent", {1}),  # it failed too, yet its frame cut version 2's off
+        ("unsettled", {1, 2}),  # killed before settling: recovery replays version 2
+    ],
+)
+def test_sigkill_after_a_failed_index_commit(
+    tmp_path: Path, mode: str, after_kill: set[int]
+) -> None:
+    """SQLite's COMMIT wrote its frames but their sync failed: the transaction is not
+    visible, yet its frames sit in the WAL file with a valid commit marker, and the
+    next opener's WAL recovery replays them. The version must then be whole (its files
+    kept) or, if it stays invisible, leave nothing behind: never a row without files."""
+    for library in PRELOADS:
+        ensure_os_tool(library, "fiu-utils")
+    env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
+    if mode == "unsettled":
+        env["CTXSTORE_CRASH_AT"] = "commit_failed"
+    store_path = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FAILED_COMMIT, str(store_path), mode],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == -9, result.stderr[-3000:]
+    if mode != "unsettled":
+        assert result.stdout.startswith("refused StorageError"), result.stdout + result.stderr
+    with PersistentStore(store_path) as store:
+        assert store.recovery_problems == []
+        assert store.verify() == []
+        assert wal_leftovers(store_path) == []
+        stored = {v.version for v in store.list_versions(1)}
+        assert stored == after_kill
+        for version in stored:
+            value = float(version)
+            assert np.array_equal(store.load_context(1, version)["w"], np.full(64, value))
+        assert store.save_context(1, Context({"w": np.full(64, 9.0)})) == max(stored) + 1
