@@ -205,11 +205,14 @@ class PersistentStore:
             else:  # not ours to delete (a foreign name): report it
                 self.recovery_problems.append(problem)
         if orphans:
-            # A crash between COMMIT's frames and their sync can leave them in the WAL
-            # behind this connection's view: bury them before deleting their files.
+            # A failed COMMIT (or a kill between its frames and the index update) can
+            # leave frames in the WAL behind this connection's view, replayed by a later
+            # WAL recovery if another process holds the index open now: bury them first.
             overwrite_stray_frames(conn)
+            still = {(p.slot, p.version) for p in find_orphans(self.root, conn, None)}
             for slot, version in orphans:
-                remove_tree(layout.version_dir(self.root, slot, version))
+                if (slot, version) in still:
+                    remove_tree(layout.version_dir(self.root, slot, version))
         fsync_dir(wal)
         for slot, version in conn.execute("SELECT slot, version FROM versions"):
             if not layout.version_dir(self.root, slot, version).is_dir():
@@ -309,8 +312,12 @@ class PersistentStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock, transaction(self._writer_conn()) as conn:
-            yield conn
+        with self._write_lock:
+            conn = self._writer_conn()
+            if self._unsettled:
+                self._settle(conn)
+            with transaction(conn):
+                yield conn
 
     def write_transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection, under the store's write lock.
@@ -842,6 +849,8 @@ class PersistentStore:
         """Remove versions beyond the newest ``retention`` that nothing else keeps."""
         with self._write_lock:
             conn = self._writer_conn()
+            if self._unsettled:
+                self._settle(conn)
             if slot_id is None:
                 slots = [row[0] for row in conn.execute("SELECT slot FROM slots")]
             else:
@@ -882,7 +891,7 @@ class PersistentStore:
         Deleting them here would make every commit wait: an unlink needs the
         filesystem journal that the commit's own fsyncs just engaged (0.2 ms for
         a 4 KiB version here), and freeing a large version's blocks and cached
-        pages takes 0.25 s per GiB. Version numbers are never reused, so the
+        pages takes 0.25 s per GiB. A committed version's number is never reused, so the
         directories can wait where they are; a crash before the reaper gets to
         them leaves orphans that recovery deletes, and a reader still mapping
         the files keeps its pages.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ensure_os_tool, wal_leftovers
 
-from ctxstore import Context, PersistentStore
+from ctxstore import Context, PersistentStore, layout
 
 PRELOADS = ("/usr/lib/fiu/fiu_run_preload.so", "/usr/lib/fiu/fiu_posix_preload.so")
 
@@ -102,9 +102,21 @@ KILLED_AFTER_FAILED_COMMIT = textwrap.dedent(
                    0 if mode == "persistent" else ONETIME)
     try:
         store.save_context(1, Context({"w": np.full(64, 2.0)}))
+        print("committed", flush=True)
     except CtxStoreError as exc:
         print("refused", type(exc).__name__, exc, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    conn = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+    conn.execute("SELECT count(*) FROM versions").fetchone()
+    print("holding", flush=True)
+    sys.stdin.read()
     """
 )
 
@@ -114,7 +126,8 @@ KILLED_AFTER_FAILED_COMMIT = textwrap.dedent(
     [
         ("once", {1}),  # the settling write worked: version 2 is gone for good
         ("persistent", {1}),  # it failed too, yet its frame cut version 2's off
-        ("unsettled", {1, 2}),  # killed before settling: recovery replays version 2
+        ("unsettled", {1, 2}),  # killed before settling: WAL recovery replays version 2
+        ("held", {1}),  # the same, but a reader holds the index: no WAL recovery at open
     ],
 )
 def test_sigkill_after_a_failed_index_commit(
@@ -122,21 +135,45 @@ def test_sigkill_after_a_failed_index_commit(
 ) -> None:
     """SQLite's COMMIT wrote its frames but their sync failed: the transaction is not
     visible, yet its frames sit in the WAL file with a valid commit marker, and the
-    next opener's WAL recovery replays them. The version must then be whole (its files
-    kept) or, if it stays invisible, leave nothing behind: never a row without files."""
+    next WAL recovery replays them. The version must then be whole (its files kept)
+    or, if it stays invisible, leave nothing behind: never a row without files.
+
+    ``held``: another process keeps the index open across the kill, so the next
+    writer sees version 2 as an orphan with its frames still in the WAL; once the
+    holder goes, a later opener's WAL recovery would replay them unless the first
+    opener buried them before deleting the files."""
     for library in PRELOADS:
         ensure_os_tool(library, "fiu-utils")
     env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
-    if mode == "unsettled":
+    if mode in ("unsettled", "held"):
         env["CTXSTORE_CRASH_AT"] = "commit_failed"
     store_path = tmp_path / "store"
-    result = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_FAILED_COMMIT, str(store_path), mode],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == -9, result.stderr[-3000:]
-    if mode != "unsettled":
-        assert result.stdout.startswith("refused StorageError"), result.stdout + result.stderr
+    holder = None
+    if mode == "held":
+        PersistentStore(store_path).close()
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(layout.index_path(store_path))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    try:
+        if holder is not None:
+            assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        result = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_FAILED_COMMIT, str(store_path), mode],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == -9, result.stderr[-3000:]
+        if mode in ("unsettled", "held"):
+            assert result.stdout == "", "killed at commit_failed, so the commit must have failed"
+        else:
+            assert result.stdout.startswith("refused StorageError"), result.stdout + result.stderr
+        if holder is not None:
+            with PersistentStore(store_path) as store:  # recovery with the frames unseen
+                assert store.recovery_problems == []
+                assert {v.version for v in store.list_versions(1)} == {1}
+    finally:
+        if holder is not None:
+            holder.communicate(timeout=30)  # closes its stdin: it exits, the WAL is replayable
     with PersistentStore(store_path) as store:
         assert store.recovery_problems == []
         assert store.verify() == []
