@@ -418,26 +418,29 @@ class PersistentStore:
         if staging is None:
             staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
             make_dir(staging, durable=False)
+        placed = False
         try:
             tensors, written, linked = self._stage(staging, new.context)
-            fsync_all(written)
-            # The directory's entries, after the files: their journal commit already
-            # carries most of it (measured 0.06 ms here, where syncing the version
-            # directory beside the slot directory after the rename added 0.08 ms).
-            fsync_dir(staging)
-            crash_point("staged")
-            self._place(staging, new.slot, new.version)
-        except BaseException:
-            remove_tree(staging)
-            self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
-            remove_tree(layout.version_dir(self.root, new.slot, new.version))
-            raise
-        try:
             with transaction(conn):
+                # The rows go in while the CPU is still warm from staging (after an
+                # fsync's sleep the same statements took several times longer); none
+                # of them is visible, or durable, before the COMMIT after the fsyncs.
                 retired = self._insert_version(conn, new, tensors)
+                fsync_all(written)
+                # The directory's entries, after the files: their journal commit already
+                # carries most of it (measured 0.06 ms here, where syncing the version
+                # directory beside the slot directory after the rename added 0.08 ms).
+                fsync_dir(staging)
+                crash_point("staged")
+                self._place(staging, new.slot, new.version)
                 crash_point("in_transaction")
+                placed = True
         except BaseException:
-            self._slot_dirs.discard(new.slot)
+            self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
+            if not placed:  # no COMMIT ran: nothing of this version can come back
+                remove_tree(staging)
+                remove_tree(layout.version_dir(self.root, new.slot, new.version))
+                raise
             self._unsettled.add((new.slot, new.version))
             crash_point("commit_failed")
             try:
