@@ -55,6 +55,20 @@ def touch(arrays: Iterable[Array]) -> int:
     return total
 
 
+def recycle_guest_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh anonymous memory, then free it.
+
+    On a virtual machine whose host backs guest memory lazily, the first write
+    to a guest page the host never backed costs a fault in the host, so a 1 GiB
+    write into the page cache takes 0.25 s or 3 s depending on which free pages
+    it draws. Freeing memory just touched puts backed pages at the head of the
+    free lists, so the next large write draws those, whoever issues it: the
+    lottery leaves the comparison without changing what is compared.
+    """
+    scratch = np.ones(nbytes, dtype=np.uint8)  # np.ones writes every page
+    del scratch
+
+
 # -- page cache ---------------------------------------------------------------------------
 
 
