@@ -68,7 +68,7 @@ class Subscriber:
         self._conn = Connection(Role.SERVER, max_frame_size=max_frame_size)
         self._stuck_timeout = stuck_timeout
         self._silent_timeout = silent_timeout
-        self._pending: dict[int, Announce] = {}
+        self._pending: dict[int, tuple[Announce, bytes | None]] = {}
         self._control: deque[Message] = deque()
         self._wake = asyncio.Event()
         self._closed = False
@@ -77,16 +77,19 @@ class Subscriber:
 
     # -- outgoing ---------------------------------------------------------------------------
 
-    def offer(self, announce: Announce) -> None:
-        """Queue (or write at once) an announcement; never waits."""
+    def offer(self, announce: Announce, frame: bytes | None = None) -> None:
+        """Queue (or write at once) an announcement; never waits.
+
+        ``frame``: the announcement already encoded, shared by every subscriber.
+        """
         if self._closed:
             return
         if not self._pending and not self._control and self._buffered() == 0:
-            self._write(announce)
+            self._write(announce, frame)
             return
         if self._pending.pop(announce.slot, None) is not None:
             self.dropped_announcements += 1
-        self._pending[announce.slot] = announce  # at the back: batches go out in seq order
+        self._pending[announce.slot] = (announce, frame)  # at the back: batches go in seq order
         self._wake.set()
 
     def send(self, message: Message) -> None:
@@ -105,9 +108,9 @@ class Subscriber:
     def _buffered(self) -> int:
         return self._writer.transport.get_write_buffer_size()
 
-    def _write(self, message: Message) -> None:
+    def _write(self, message: Message, frame: bytes | None = None) -> None:
         try:
-            self._writer.write(self._conn.send(message))
+            self._writer.write(self._conn.send(message, frame=frame))
         except CtxStoreError:
             log.exception("session %d: cannot send %s", self.session, type(message).__name__)
 
@@ -120,8 +123,8 @@ class Subscriber:
                 while self._control:
                     self._write(self._control.popleft())
                 batch, self._pending = self._pending, {}
-                for announce in batch.values():
-                    self._write(announce)
+                for announce, frame in batch.values():
+                    self._write(announce, frame)
                 try:
                     await asyncio.wait_for(self._writer.drain(), self._stuck_timeout)
                 except TimeoutError:

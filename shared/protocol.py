@@ -258,14 +258,25 @@ class Connection:
             self._fail(exc)
         return message
 
-    def send(self, message: Message) -> bytes:
-        """The frame for ``message``; raises LocalProtocolError if we may not send it now."""
+    def send(self, message: Message, *, frame: bytes | None = None) -> bytes:
+        """The frame for ``message``; raises LocalProtocolError if we may not send it now.
+
+        ``frame``: ``encode_frame(message)`` done once by the caller for many
+        connections (one announcement to every subscriber); it is checked
+        against this connection's state and frame limit like any other.
+        """
         if self._error is not None:
             raise LocalProtocolError(
                 "the connection is in ERROR; write error_frame_for(exc) and close"
             )
         plan = self._plan(self.role, message, LocalProtocolError)
-        frame = encode_frame(message, max_frame_size=self.max_frame_size)
+        if frame is None:
+            frame = encode_frame(message, max_frame_size=self.max_frame_size)
+        elif len(frame) - HEADER.size > self.max_frame_size:
+            raise LocalProtocolError(
+                f"{message.TYPE!r} frame is {len(frame) - HEADER.size} bytes; "
+                f"the limit is {self.max_frame_size}"
+            )
         self._apply(plan, message)
         return frame
 

@@ -794,3 +794,21 @@ def test_docs_describe_every_message_and_state() -> None:
     for state in State:
         assert state.value in text, state
     assert f"PROTOCOL_VERSION = {PROTOCOL_VERSION}" in text
+
+
+def test_a_frame_encoded_once_is_checked_per_connection() -> None:
+    """The daemon encodes an announcement once for all subscribers: each connection
+    still checks its own state, seq order and frame limit, and the bytes are the same."""
+    shared = encode_frame(ANNOUNCE)
+    ready = server_ready()
+    assert ready.send(ANNOUNCE, frame=shared) is shared
+    assert shared == frame(ANNOUNCE)
+    with pytest.raises(LocalProtocolError, match="seq must increase"):
+        ready.send(ANNOUNCE, frame=shared)  # seq 9 again
+    with pytest.raises(LocalProtocolError):
+        server_fresh().send(ANNOUNCE, frame=shared)  # no handshake yet
+    small = ConnectionPair()
+    small.server = Connection(Role.SERVER, max_frame_size=len(shared) - HEADER.size - 1)
+    small.handshake()  # the welcome fits; the announcement does not
+    with pytest.raises(LocalProtocolError, match=f"limit is {len(shared) - HEADER.size - 1}"):
+        small.server.send(ANNOUNCE, frame=shared)
