@@ -19,10 +19,8 @@ COMMIT_POINTS = (
     "committed",  # after COMMIT, before the post-commit steps
     "retiring",  # retention removed rows, before the files are unlinked
 )
-#: reached only when a step fails (the I/O-error tests arm them under libfiu)
-FAILURE_POINTS = (
-    "commit_failed",  # COMMIT raised, before the settling write decides the version's fate
-)
+# Reached only when a step fails, so not in COMMIT_POINTS (tests/test_io_errors.py arms it
+# under libfiu): "commit_failed", COMMIT raised, before the settling write decides the version.
 
 _TARGET = os.environ.get("CTXSTORE_CRASH_AT") or None
 _passes = [int(os.environ.get("CTXSTORE_CRASH_AFTER", "0") or 0)]

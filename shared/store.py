@@ -418,7 +418,7 @@ class PersistentStore:
         if staging is None:
             staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
             make_dir(staging, durable=False)
-        placed = False
+        reached_commit = False
         try:
             tensors, written, linked = self._stage(staging, new.context)
             with transaction(conn):
@@ -434,10 +434,10 @@ class PersistentStore:
                 crash_point("staged")
                 self._place(staging, new.slot, new.version)
                 crash_point("in_transaction")
-                placed = True
+                reached_commit = True
         except BaseException:
             self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
-            if not placed:  # no COMMIT ran: nothing of this version can come back
+            if not reached_commit:  # no COMMIT ran: nothing of this version can come back
                 remove_tree(staging)
                 remove_tree(layout.version_dir(self.root, new.slot, new.version))
                 raise
