@@ -7,12 +7,15 @@ The commit protocol, in this order and only here (DESIGN.md):
    one), fsync each file and the directory (its entries);
 3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync ``slots/<slot>``;
 4. one SQLite transaction inserts the version and its tensors and moves the
-   slot's current pointer: its COMMIT is the commit point;
+   slot's current pointer: its COMMIT is the commit point (its statements run
+   right after staging, while the CPU is warm; nothing of them is visible or
+   durable before this COMMIT);
 5. warm the files, apply retention (rows first, then unlink).
 
 A crash before 4 leaves a directory with no row, which recovery deletes; a crash
-after 4 leaves a whole version. Readers only ever follow rows, so they see whole
-versions or nothing.
+after 4 leaves a whole version. A failed COMMIT keeps the files until a durable
+write has buried its WAL frames (:meth:`PersistentStore._settle`). Readers only
+ever follow rows, so they see whole versions or nothing.
 """
 
 from __future__ import annotations
@@ -310,12 +313,18 @@ class PersistentStore:
             )
         return self._conn
 
+    def _settled_writer_conn(self) -> sqlite3.Connection:
+        """The writer connection, once no failed commit is left undecided (under the
+        write lock, before any write: :meth:`_settle` raises while it cannot decide)."""
+        conn = self._writer_conn()
+        if self._unsettled:
+            self._settle(conn)
+        return conn
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._write_lock:
-            conn = self._writer_conn()
-            if self._unsettled:
-                self._settle(conn)
+            conn = self._settled_writer_conn()
             with transaction(conn):
                 yield conn
 
@@ -368,9 +377,7 @@ class PersistentStore:
         for hook in self.pre_commit_hooks:
             hook(slot, context)
         with self._write_lock:
-            conn = self._writer_conn()
-            if self._unsettled:
-                self._settle(conn)
+            conn = self._settled_writer_conn()
             row = conn.execute(
                 "SELECT model_type, next_version FROM slots WHERE slot = ?", (slot,)
             ).fetchone()
@@ -851,9 +858,7 @@ class PersistentStore:
     def apply_retention(self, slot_id: int | None = None) -> list[tuple[int, int]]:
         """Remove versions beyond the newest ``retention`` that nothing else keeps."""
         with self._write_lock:
-            conn = self._writer_conn()
-            if self._unsettled:
-                self._settle(conn)
+            conn = self._settled_writer_conn()
             if slot_id is None:
                 slots = [row[0] for row in conn.execute("SELECT slot FROM slots")]
             else:
