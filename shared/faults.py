@@ -20,7 +20,7 @@ COMMIT_POINTS = (
     "retiring",  # retention removed rows, before the files are unlinked
 )
 # Reached only when a step fails, so not in COMMIT_POINTS (tests/test_io_errors.py arms it
-# under libfiu): "commit_failed", COMMIT raised, before the settling write decides the version.
+# under libfiu): "commit_failed", a COMMIT raised, before the write that settles its outcome.
 
 _TARGET = os.environ.get("CTXSTORE_CRASH_AT") or None
 _passes = [int(os.environ.get("CTXSTORE_CRASH_AFTER", "0") or 0)]

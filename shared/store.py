@@ -146,6 +146,8 @@ class PersistentStore:
         self._slot_dirs: set[int] = set()  # slot directories this writer made sure exist
         #: versions whose COMMIT failed: files kept until a durable write settles their fate
         self._unsettled: set[tuple[int, int]] = set()
+        #: a COMMIT failed since the last durable write: its WAL frames may still be replayed
+        self._frames_at_risk = False
         self._spare_staging: Path | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
@@ -317,7 +319,7 @@ class PersistentStore:
         """The writer connection, once no failed commit is left undecided (under the
         write lock, before any write: :meth:`_settle` raises while it cannot decide)."""
         conn = self._writer_conn()
-        if self._unsettled:
+        if self._unsettled or self._frames_at_risk:
             self._settle(conn)
         return conn
 
@@ -325,8 +327,29 @@ class PersistentStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._write_lock:
             conn = self._settled_writer_conn()
+            with self._settling_transaction(conn):
+                yield conn
+
+    @contextlib.contextmanager
+    def _settling_transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """:func:`transaction`, for the writes other than commits (pointers, aliases,
+        pins, retention, the hierarchy, jobs): when its COMMIT fails, that COMMIT's
+        WAL frames are buried (:meth:`_settle`) before anything else is written, so a
+        write reported failed does not come back with the next WAL recovery."""
+        body_done = False
+        try:
             with transaction(conn):
                 yield conn
+                body_done = True
+        except CtxStoreError:
+            if body_done:  # the statements ran: it was the COMMIT that failed
+                self._frames_at_risk = True
+                crash_point("commit_failed")
+                try:
+                    self._settle(conn)
+                except CtxStoreError as exc:
+                    log.warning("after a failed write to the index: %s", exc)
+            raise
 
     def write_transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection, under the store's write lock.
@@ -468,9 +491,10 @@ class PersistentStore:
             overwrite_stray_frames(conn)
         except CtxStoreError as exc:
             raise StorageError(
-                f"a failed commit is not settled yet (the index cannot sync: {exc}); "
-                "its files are kept until it is"
+                f"a failed write to the index is not settled yet (the index cannot sync: "
+                f"{exc}); nothing is written until it is, and a failed commit's files are kept"
             ) from exc
+        self._frames_at_risk = False
         for slot, version in sorted(self._unsettled):
             if not self._version_recorded(conn, slot, version):
                 remove_tree(layout.version_dir(self.root, slot, version))
@@ -863,7 +887,7 @@ class PersistentStore:
                 slots = [row[0] for row in conn.execute("SELECT slot FROM slots")]
             else:
                 slots = [check_slot(slot_id)]
-            with transaction(conn):
+            with self._settling_transaction(conn):
                 doomed = [pair for slot in slots for pair in self._retain(slot)]
                 conn.executemany(_DELETE_VERSION_SQL, doomed)
             self._retire_files(doomed)

@@ -184,3 +184,66 @@ def test_sigkill_after_a_failed_index_commit(
             value = float(version)
             assert np.array_equal(store.load_context(1, version)["w"], np.full(64, value))
         assert store.save_context(1, Context({"w": np.full(64, 9.0)})) == max(stored) + 1
+
+
+KILLED_AFTER_FAILED_POINTER_MOVE = textwrap.dedent(
+    """
+    import ctypes, os, signal, sys
+    import numpy as np
+    from ctxstore import Context, PersistentStore, CtxStoreError
+
+    store_path, op = sys.argv[1:3]
+    fiu = ctypes.CDLL("libfiu.so.0")
+    EIO, ONETIME = 5, 1
+    store = PersistentStore(store_path)
+    for value in (1.0, 2.0):
+        store.save_context(1, Context({"w": np.full(64, value)}))
+    fiu.fiu_enable(b"posix/io/sync/fdatasync", 1, ctypes.c_void_p(EIO), ONETIME)
+    try:
+        if op == "rollback":
+            store.rollback(1, 1)
+        else:
+            store.set_alias(1, "stable", 1)
+        print("applied", flush=True)
+    except CtxStoreError as exc:
+        print("refused", type(exc).__name__, exc, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize("op", ["rollback", "set_alias"])
+@pytest.mark.parametrize(("mode", "took_effect"), [("settled", False), ("unsettled", True)])
+def test_sigkill_after_a_failed_pointer_move(
+    tmp_path: Path, op: str, mode: str, took_effect: bool
+) -> None:
+    """A rollback or alias move whose COMMIT failed was reported failed: after a kill it
+    must still not have happened, as long as the writer lived to bury the failed COMMIT's
+    WAL frames. ``unsettled``: killed right after the failure, before that write, the
+    frames are replayed and the move happens after all (a failed COMMIT's outcome is
+    decided by what follows it, as in any database; the caller re-reads)."""
+    for library in PRELOADS:
+        ensure_os_tool(library, "fiu-utils")
+    env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
+    if mode == "unsettled":
+        env["CTXSTORE_CRASH_AT"] = "commit_failed"
+    store_path = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FAILED_POINTER_MOVE, str(store_path), op],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == -9, result.stderr[-3000:]
+    if mode == "unsettled":
+        assert result.stdout == "", "killed at commit_failed, so the move must have failed"
+    else:
+        assert result.stdout.startswith("refused StorageError"), result.stdout + result.stderr
+    with PersistentStore(store_path) as store:
+        assert store.recovery_problems == []
+        assert store.verify() == []
+        moved = (
+            store.current_version(1) == 1
+            if op == "rollback"
+            else store.get_aliases(1).get("stable") == 1
+        )
+        assert moved == took_effect
+        assert {v.version for v in store.list_versions(1)} == {1, 2}
