@@ -64,6 +64,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import psutil
@@ -79,6 +80,7 @@ from .harness import (
     Figure,
     Goal,
     RatioAtMost,
+    Role,
     ScenarioResult,
     Stats,
     format_ns,
@@ -213,7 +215,7 @@ def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
         params={"readers": n, "event": "cpu"},
         reference=FLOOR_CPU,
     )
-    entries = [
+    entries: list[tuple[str, Role, Phase]] = [
         (CTX_CPU, "ctxstore", ours),
         (CTX_SUBSCRIBED_CPU, "variant", subscribed),
         (FLOOR_CPU, "floor", floor),
@@ -222,7 +224,7 @@ def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
     for label, role, phase in entries:
         cpu.add(
             label,
-            role,  # type: ignore[arg-type]
+            role,
             Stats.single(phase.cpu_ns_per_s),
             note=f"{phase.cpu_ns_per_s / 1e7:.1f}% of one core, "
             f"{phase.versions_per_s:.0f} versions/s",
@@ -230,10 +232,10 @@ def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
     return [notified, acked, cpu]
 
 
-def _add(figure: Figure, label: str, role: str, phase: Phase, what: str) -> None:
+def _add(figure: Figure, label: str, role: Role, phase: Phase, what: str) -> None:
     samples = phase.latencies.get(what)
     if samples:
-        figure.add(label, role, Stats.of(samples))  # type: ignore[arg-type]
+        figure.add(label, role, Stats.of(samples))
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -298,13 +300,17 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def spawn(
-        self, args: Sequence[str], *, stdin: int | None = None, stdout: object = None
+        self,
+        args: Sequence[str],
+        *,
+        stdin: int | None = None,
+        stdout: int | IO[bytes] | None = None,
     ) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(
             [sys.executable, "-m", "bench.peers", *args],
             cwd=REPO,
             stdin=stdin if stdin is not None else subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else subprocess.DEVNULL,  # type: ignore[arg-type]
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT if stdout is not None else None,
         )
         self.children.append(child)

@@ -54,7 +54,7 @@ from ctxstore.versiontable import segment_name
 
 from . import plots
 from .data import MIB
-from .harness import Figure, FractionAtMost, ScenarioResult, Stats, format_bytes
+from .harness import Figure, FractionAtMost, Role, ScenarioResult, Stats, format_bytes
 from .scenario import RunContext, Scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,10 +132,10 @@ def figures(n: int, nbytes: int, outcomes: dict[str, Outcome], *, goal: bool) ->
         reference=BARE,
     )
     for how, label in APPROACHES.items():
-        role = "ctxstore" if how == "ctxstore" else "alternative"
+        role: Role = "ctxstore" if how == "ctxstore" else "alternative"
         loaded = outcomes[how].loaded
-        pss.add(label, role, Stats.single(loaded.pss), unit="bytes")  # type: ignore[arg-type]
-        uss.add(label, role, Stats.single(loaded.uss), unit="bytes")  # type: ignore[arg-type]
+        pss.add(label, role, Stats.single(loaded.pss), unit="bytes")
+        uss.add(label, role, Stats.single(loaded.uss), unit="bytes")
     pss.add(IDEAL, "floor", Stats.single(nbytes + bare.pss), unit="bytes")
     pss.add(BARE, "floor", Stats.single(bare.pss), unit="bytes")
     uss.add(BARE, "floor", Stats.single(bare.uss), unit="bytes")

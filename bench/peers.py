@@ -46,7 +46,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # annotations only: each role imports what it needs itself (see above)
+    from ctxstore.daemon.fleet import Fleet
+    from ctxstore.readers import Reader
 
 # -- stamps ------------------------------------------------------------------------------------
 
@@ -123,7 +127,10 @@ class Stamps:
     def plane(self, plane: int) -> list[list[float]]:
         """A copy of one plane as [reader][version]."""
         start = self._index(plane, 0, 0)
-        flat = self._cells[start : start + self.readers * self.versions].tolist()
+        # typeshed types tolist() as list[int] whatever the format; a "d" view gives floats
+        flat = cast(
+            "list[float]", self._cells[start : start + self.readers * self.versions].tolist()
+        )
         return [flat[r * self.versions : (r + 1) * self.versions] for r in range(self.readers)]
 
     def close(self) -> None:
@@ -136,9 +143,11 @@ class Stamps:
 
 def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
     """``ctxstore daemon`` with clock probes on commit, announce and ack (see module docstring)."""
+    import ctxstore.cli as cli
+    import ctxstore.daemon.fleet as fleet
+    import ctxstore.daemon.server as server
     import ctxstore.store as store_module
-    from ctxstore import cli
-    from ctxstore.daemon import fleet, server
+    from ctxstore.faults import crash_point
     from ctxstore.messages import Announce
 
     files: dict[int, Stamps | None] = {}
@@ -150,24 +159,23 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
         return files[slot]
 
     committed = [0.0]
-    crash_point = store_module.crash_point
 
     def probed_crash_point(name: str) -> None:
         if name == "committed":  # right after COMMIT returned, in the commit thread
             committed[0] = time.time()
         crash_point(name)
 
-    announce = server.Daemon.announce
+    original_announce = server.Daemon.announce
 
-    def probed_announce(self: server.Daemon, message: Announce) -> None:
+    def probed_announce(self: server.Daemon, announce: Announce) -> None:
         start = time.time()
-        announce(self, message)
+        original_announce(self, announce)
         end = time.time()
-        stamps = stamps_for(message.slot)
+        stamps = stamps_for(announce.slot)
         if stamps is not None:
-            stamps.put(COMMIT, 0, message.version, committed[0])
-            stamps.put(ANNOUNCE_START, 0, message.version, start)
-            stamps.put(ANNOUNCE_END, 0, message.version, end)
+            stamps.put(COMMIT, 0, announce.version, committed[0])
+            stamps.put(ANNOUNCE_START, 0, announce.version, start)
+            stamps.put(ANNOUNCE_END, 0, announce.version, end)
 
     ack = fleet.Fleet.ack
     index_of: dict[int, int | None] = {}
@@ -184,13 +192,14 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
         if index is not None and stamps.get(ACKED, index, version) == 0.0:
             stamps.put(ACKED, index, version, received)
 
-    store_module.crash_point = probed_crash_point  # type: ignore[assignment]
+    # store.py imports crash_point without re-exporting it; the probe replaces its binding there
+    store_module.crash_point = probed_crash_point  # type: ignore[attr-defined]
     server.Daemon.announce = probed_announce  # type: ignore[method-assign]
     fleet.Fleet.ack = probed_ack  # type: ignore[method-assign]
     return cli.main(["daemon", "--store", store, "--socket", sock, "--http", "off"])
 
 
-def _reader_index(fleet: Any, session: int) -> int | None:
+def _reader_index(fleet: Fleet, session: int) -> int | None:
     """The bench reader number from a peer's name (``fanout-<i>``), None for other peers."""
     name = next((r.name for r in fleet.snapshot() if r.session == session), "")
     if name.startswith(READER_NAME_PREFIX):
@@ -338,7 +347,7 @@ def run_memory(how: str, store: str, sock: str, slot: int, version_dir: str, shm
     return 0
 
 
-def _load(how: str, reader: Any, slot: int, version_dir: str, shm_name: str) -> list[Any]:
+def _load(how: str, reader: Reader, slot: int, version_dir: str, shm_name: str) -> list[Any]:
     import numpy as np
 
     if how == "ctxstore":
