@@ -8,13 +8,16 @@ package lazily so that ``ctxstore verify`` never pulls in the server stack.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CtxStoreError, InvalidInputError, NotFoundError
+from .errors import CtxStoreError, InvalidInputError, NotFoundError, WriterLockedError
 from .paths import default_socket_path, default_store_dir
 from .records import Problem
 from .store import PersistentStore
@@ -68,6 +71,18 @@ def slot_arg(text: str) -> int:
 
 def _open(args: argparse.Namespace, *, write: bool = False) -> PersistentStore:
     return PersistentStore(store_dir(args), readonly=not write)
+
+
+def _open_to_change(args: argparse.Namespace, api_call: str) -> PersistentStore:
+    """The store opened for a change the daemon could make instead; while it runs, say how."""
+    try:
+        return _open(args, write=True)
+    except WriterLockedError as exc:
+        raise WriterLockedError(
+            f"{exc}. While the daemon runs, ask it on its admin API, so that its readers "
+            f"are told: {api_call} (docs/api.md); or stop it and run this again",
+            exc.holder_pid,
+        ) from None
 
 
 # -- store commands ---------------------------------------------------------------------------
@@ -127,17 +142,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     """Roll damaged current versions back to intact ones (needs the writer lock)."""
-    from .errors import WriterLockedError
-
-    try:
-        store = _open(args, write=True)
-    except WriterLockedError as exc:
-        raise WriterLockedError(
-            f"{exc}. A running daemon must do the repair so its readers are told: "
-            "POST /verify?repair=true on its admin API, or stop it and run this again",
-            exc.holder_pid,
-        ) from None
-    with store:
+    with _open_to_change(args, "POST /verify?repair=true") as store:
         problems = store.verify(args.slot)
         repairs = store.repair(args.slot)
     status = report_problems(problems)
@@ -164,7 +169,8 @@ def report_problems(problems: Sequence[Problem]) -> int:
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
-    with _open(args, write=True) as store:
+    method = "DELETE" if args.delete else "PUT"
+    with _open_to_change(args, f"{method} /slots/{args.slot}/aliases/{args.name}") as store:
         if args.delete:
             store.delete_alias(args.slot, args.name)
             print(f"slot {args.slot}: alias {args.name} deleted")
@@ -175,14 +181,16 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    with _open(args, write=True) as store:
+    with _open_to_change(args, f"POST /slots/{args.slot}/rollback") as store:
         version = store.rollback(args.slot, args.version)
     print(f"slot {args.slot}: current version is now {version}")
     return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    with _open(args, write=True) as store:
+    method = "DELETE" if args.unpin else "POST"
+    path = f"/slots/{args.slot}/versions/{args.version or 'current'}/pin"
+    with _open_to_change(args, f"{method} {path}") as store:
         version = (store.unpin if args.unpin else store.pin)(args.slot, args.version)
     print(f"slot {args.slot}: version {version} {'unpinned' if args.unpin else 'pinned'}")
     return 0
@@ -284,6 +292,10 @@ def find_bench_checkout(starts: Sequence[Path] | None = None) -> Path:
     )
 
 
+#: what ``pip install '.[bench]'`` adds, and the harness imports
+BENCH_EXTRA_MODULES = ("matplotlib", "lmdb", "rich")
+
+
 def run_bench(argv: Sequence[str]) -> int:
     """``ctxstore bench ARGS``: ``python -m bench ARGS`` in the checkout; its exit code."""
     import subprocess
@@ -292,6 +304,14 @@ def run_bench(argv: Sequence[str]) -> int:
         root = find_bench_checkout()
     except CtxStoreError as exc:
         print(f"ctxstore bench: error: {exc}", file=sys.stderr)
+        return 1
+    missing = [name for name in BENCH_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"ctxstore bench: error: the harness needs {', '.join(missing)}: "
+            f"pip install '{root}[bench]'",
+            file=sys.stderr,
+        )
         return 1
     return subprocess.call([sys.executable, "-m", "bench", *argv], cwd=root)
 
@@ -542,6 +562,17 @@ def _config_commands(sub: Any) -> None:
     show.set_defaults(handler=cmd_config_show)
 
 
+def _demo_command(sub: Any) -> None:
+    """``ctxstore demo``: no --store or --socket, it makes its own temporary ones."""
+    text = "build, publish and read contexts in a temporary store"
+    p = sub.add_parser("demo", help=text, description=text)
+    p.set_defaults(handler=cmd_demo)
+    p.add_argument("--versions", type=int, default=3, help="versions per slot (default 3)")
+    p.add_argument(
+        "--embedded", action="store_true", help="no daemon: one process commits and reads back"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxstore",
@@ -558,11 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("demo", cmd_demo, "build, publish and read contexts in a temporary store")
-    p.add_argument("--versions", type=int, default=3, help="versions per slot (default 3)")
-    p.add_argument(
-        "--embedded", action="store_true", help="no daemon: one process commits and reads back"
-    )
+    _demo_command(sub)
 
     _measuring_commands(sub, command)
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
@@ -640,6 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ctxstore watch | head`: the reader left; go quietly, as tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

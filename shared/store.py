@@ -951,6 +951,7 @@ class PersistentStore:
 
     def verify(self, slot_id: int | None = None, *, rehash: bool = True) -> list[Problem]:
         """Re-check rows against files and checksums; an empty list means all is well.
+        NotFoundError for a slot the store knows nothing of (no row, no directory).
 
         A writer at work (a daemon beside a read-only verify, or this store's own
         commits) shows passing states: a version directory exists before its row
@@ -961,6 +962,9 @@ class PersistentStore:
         reported. Every other kind of damage is reported at once.
         """
         slot = None if slot_id is None else check_slot(slot_id)
+        if slot is not None and not layout.slot_dir(self.root, slot).exists():
+            with self._read_snapshot() as conn:  # a slot with no directory but a row is damage
+                _require_slot(conn, slot)
         self.wait_background()  # retired directories awaiting the reaper are not orphans
         problems = self._verify_once(slot, rehash)
         passing = [p for p in problems if p.kind in PASSING_KINDS and p.slot is not None]
