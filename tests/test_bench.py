@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
+from ctxstore.cli import BENCH_EXTRA_MODULES
+
 REPO = Path(__file__).resolve().parent.parent
 #: the bench extra: without these the harness cannot run, and these tests fail (never skip)
-BENCH_DEPENDENCIES = ("matplotlib", "lmdb", "rich")
+BENCH_DEPENDENCIES = BENCH_EXTRA_MODULES
 QUICK_RUN_TIMEOUT_S = 300
 SHM = "/dev/shm"
 
