@@ -184,6 +184,7 @@ def _report_memory(readers: list[ReaderProcess]) -> bool:
         f"memory: {len(readers)} readers each map {nbytes / mib:.1f} MiB of weights; "
         f"total PSS {total_pss / mib:.1f} MiB, "
         f"private copies would need about {private / mib:.1f} MiB "
-        f"({private / max(total_pss, 1):.1f}x)"
+        f"({private / max(total_pss, 1):.1f}x: the same PSS plus "
+        f"{len(readers) - 1} more copies of the weights)"
     )
     return total_pss < private
