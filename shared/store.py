@@ -331,19 +331,24 @@ class PersistentStore:
                 yield conn
 
     @contextlib.contextmanager
-    def _settling_transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-        """:func:`transaction`, for the writes other than commits (pointers, aliases,
-        pins, retention, the hierarchy, jobs): when its COMMIT fails, that COMMIT's
+    def _settling_transaction(
+        self, conn: sqlite3.Connection, version: tuple[int, int] | None = None
+    ) -> Iterator[sqlite3.Connection]:
+        """:func:`transaction`, for every write: when its COMMIT fails, that COMMIT's
         WAL frames are buried (:meth:`_settle`) before anything else is written, so a
-        write reported failed does not come back with the next WAL recovery."""
+        write reported failed does not come back with the next WAL recovery.
+        ``version``: the (slot, version) this transaction commits, whose files stay
+        until the settling write has decided whether it has a row."""
         body_done = False
         try:
             with transaction(conn):
                 yield conn
                 body_done = True
-        except CtxStoreError:
+        except BaseException:
             if body_done:  # the statements ran: it was the COMMIT that failed
                 self._frames_at_risk = True
+                if version is not None:
+                    self._unsettled.add(version)
                 crash_point("commit_failed")
                 try:
                     self._settle(conn)
@@ -451,7 +456,7 @@ class PersistentStore:
         reached_commit = False
         try:
             tensors, written, linked = self._stage(staging, new.context)
-            with transaction(conn):
+            with self._settling_transaction(conn, (new.slot, new.version)):
                 # The rows go in while the CPU is still warm from staging (after an
                 # fsync's sleep the same statements took several times longer); none
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
@@ -470,13 +475,6 @@ class PersistentStore:
             if not reached_commit:  # no COMMIT ran: nothing of this version can come back
                 remove_tree(staging)
                 remove_tree(layout.version_dir(self.root, new.slot, new.version))
-                raise
-            self._unsettled.add((new.slot, new.version))
-            crash_point("commit_failed")
-            try:
-                self._settle(conn)
-            except CtxStoreError as exc:
-                log.warning("slot %d version %d: %s", new.slot, new.version, exc)
             raise
         return retired, linked
 
