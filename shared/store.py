@@ -21,6 +21,7 @@ ever follow rows, so they see whole versions or nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -144,6 +144,9 @@ class PersistentStore:
         self._conn: sqlite3.Connection | None = None
         self._reaper: Reaper | None = None
         self._slot_dirs: set[int] = set()  # slot directories this writer made sure exist
+        #: slot -> (model type, next version) as this writer's last COMMIT left them; only
+        #: save_context changes either, and only under the writer lock this store holds
+        self._slot_heads: dict[int, tuple[str | None, int]] = {}
         #: versions whose COMMIT failed: files kept until a durable write settles their fate
         self._unsettled: set[tuple[int, int]] = set()
         #: a COMMIT failed since the last durable write: its WAL frames may still be replayed
@@ -406,22 +409,31 @@ class PersistentStore:
             hook(slot, context)
         with self._write_lock:
             conn = self._settled_writer_conn()
-            row = conn.execute(
-                "SELECT model_type, next_version FROM slots WHERE slot = ?", (slot,)
-            ).fetchone()
-            if row and model_type and row[0] and row[0] != model_type:
-                raise ConflictError(f"slot {slot} holds model type {row[0]!r}, not {model_type!r}")
-            version = row[1] if row else 1
+            stored_type, version = self._slot_head(conn, slot)
+            if model_type and stored_type and stored_type != model_type:
+                raise ConflictError(
+                    f"slot {slot} holds model type {stored_type!r}, not {model_type!r}"
+                )
             new = _NewVersion(slot, version, context, model_type, aliases, pin)
             retired, linked = self._commit(conn, new)
+            self._slot_heads[slot] = (model_type or stored_type, version + 1)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 self._warm(slot, version, linked)
-                self._retire_files(retired)
-                self._reaper_thread().soon(self._prepare_spare_staging)
+                self._retire_files(retired, then=self._prepare_spare_staging)
             except Exception:
                 log.exception("slot %d version %d committed; a later chore failed", slot, version)
         return version
+
+    def _slot_head(self, conn: sqlite3.Connection, slot: int) -> tuple[str | None, int]:
+        """The slot's model type and the number its next version gets (1 for a new slot)."""
+        head = self._slot_heads.get(slot)
+        if head is None:
+            row = conn.execute(
+                "SELECT model_type, next_version FROM slots WHERE slot = ?", (slot,)
+            ).fetchone()
+            head = (row[0], row[1]) if row else (None, 1)
+        return head
 
     def _take_spare_staging(self) -> Path | None:
         """The empty staging directory prepared after the last commit, if it is ready."""
@@ -455,8 +467,10 @@ class PersistentStore:
             make_dir(staging, durable=False)
         reached_commit = False
         try:
-            tensors, written, linked = self._stage(staging, new.context)
             with self._settling_transaction(conn, (new.slot, new.version)):
+                # Staged inside the transaction, so dedup's lookups share its snapshot
+                # instead of each opening one (only this writer takes the write lock).
+                tensors, written, linked = self._stage(staging, new.context)
                 # The rows go in while the CPU is still warm from staging (after an
                 # fsync's sleep the same statements took several times longer); none
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
@@ -472,6 +486,7 @@ class PersistentStore:
                 reached_commit = True
         except BaseException:
             self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
+            self._slot_heads.pop(new.slot, None)  # a failed COMMIT may yet have happened
             if not reached_commit:  # no COMMIT ran: nothing of this version can come back
                 remove_tree(staging)
                 remove_tree(layout.version_dir(self.root, new.slot, new.version))
@@ -915,8 +930,11 @@ class PersistentStore:
             candidates = [version for version in candidates if version not in protected]
         return [(slot, version) for version in candidates]
 
-    def _retire_files(self, doomed: list[tuple[int, int]]) -> None:
-        """After the COMMIT that removed their rows: hand their directories to the reaper.
+    def _retire_files(
+        self, doomed: list[tuple[int, int]], *, then: Callable[[], object] | None = None
+    ) -> None:
+        """After the COMMIT that removed their rows: hand their directories to the reaper,
+        with ``then`` to run after them (one handover: each wakes the reaper thread).
 
         Deleting them here would make every commit wait: an unlink needs the
         filesystem journal that the commit's own fsyncs just engaged (0.2 ms for
@@ -926,12 +944,19 @@ class PersistentStore:
         them leaves orphans that recovery deletes, and a reader still mapping
         the files keeps its pages.
         """
-        if not doomed:
-            return
-        crash_point("retiring")
-        reaper = self._reaper_thread()
+        if doomed:
+            crash_point("retiring")
+        if doomed or then is not None:
+            self._reaper_thread().soon(functools.partial(self._remove_versions, doomed, then))
+
+    def _remove_versions(
+        self, doomed: list[tuple[int, int]], then: Callable[[], object] | None
+    ) -> None:
+        """On the reaper thread: delete retired versions' directories, then run ``then``."""
         for slot, version in doomed:
-            reaper.remove(layout.version_dir(self.root, slot, version))
+            remove_tree(layout.version_dir(self.root, slot, version))
+        if then is not None:
+            then()
 
     def _reaper_thread(self) -> Reaper:
         reaper = self._reaper
@@ -1090,7 +1115,7 @@ _MEMO_ENTRIES = 256
 _MEMO_MAX_LEN = 256 << 10
 
 
-@lru_cache(maxsize=_MEMO_ENTRIES)
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     manifest = unpack_manifest(blob)
     try:
@@ -1119,7 +1144,7 @@ def _read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     return _memo_read_plan(blob)
 
 
-@lru_cache(maxsize=_MEMO_ENTRIES)
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
     try:
         return tuple(
@@ -1157,7 +1182,7 @@ def _verify_mapped(
 
 
 def _dump_json(value: Mapping[str, Any]) -> str:
-    return json.dumps(thaw_json(value), separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(thaw_json(value)) if value else "{}"
 
 
 def _load_json(text: str, what: str) -> Mapping[str, Any]:
@@ -1185,7 +1210,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
 
 
-_memo_json = lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
+_memo_json = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -1198,6 +1223,7 @@ _DELETE_VERSION_SQL = "DELETE FROM versions WHERE slot = ? AND version = ?"
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per json.loads
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # and one per dumps
 
 
 def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:

@@ -110,6 +110,35 @@ def test_config_metadata_and_model_type_are_stored(store: PersistentStore) -> No
         store.save_context(3, ctx, model_type="cnn")
 
 
+def test_version_numbers_and_model_type_follow_the_index_across_failures_and_reopens(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer remembers each slot's next number and model type between commits;
+    what it remembers must be what the index says, after a failed commit and after
+    a reopen alike."""
+    ctx = Context({"w": np.zeros(2)})
+    with PersistentStore(store_dir) as store:
+        assert store.save_context(3, ctx, model_type="llm") == 1
+        assert store.save_context(3, ctx) == 2  # no model type given: the slot keeps its own
+        with pytest.raises(ConflictError, match="holds model type 'llm'"):
+            store.save_context(3, ctx, model_type="cnn")
+
+        def failing_fsync(paths: object) -> None:
+            raise StorageError(5, "fsync failed (injected)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr("ctxstore.store.fsync_all", failing_fsync)
+            with pytest.raises(StorageError, match="injected"):
+                store.save_context(3, Context({"w": np.ones(2)}))
+        assert [info.version for info in store.list_versions(3)] == [1, 2]
+        assert store.save_context(3, ctx, model_type="llm") == 3
+    with PersistentStore(store_dir) as store:
+        with pytest.raises(ConflictError, match="holds model type 'llm'"):
+            store.save_context(3, ctx, model_type="cnn")
+        assert store.save_context(3, ctx) == 4
+        assert store.get_metadata(3).model_type == "llm"
+
+
 def test_loaded_config_and_metadata_are_immutable_all_the_way_down(
     store: PersistentStore,
 ) -> None:
