@@ -19,9 +19,11 @@ import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from .errors import StorageError
+
+#: what every function here takes as a path: the commit path passes plain strings
+StrPath = str | os.PathLike[str]
 
 FILE_MODE = 0o444
 DIR_MODE = 0o755
@@ -38,7 +40,9 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
-def write_new_file(path: Path, chunks: Iterable[memoryview | bytes], *, sync: bool = True) -> None:
+def write_new_file(
+    path: StrPath, chunks: Iterable[memoryview | bytes], *, sync: bool = True
+) -> None:
     """Create ``path`` (it must not exist), write ``chunks``, leave it read-only.
 
     With ``sync=False`` the caller owes the file an fsync (:func:`fsync_all`)
@@ -60,12 +64,12 @@ def write_new_file(path: Path, chunks: Iterable[memoryview | bytes], *, sync: bo
     os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: StrPath) -> None:
     """fsync a directory so the entries created or renamed in it are durable."""
     fsync_path(path)
 
 
-def fsync_path(path: Path) -> None:
+def fsync_path(path: StrPath) -> None:
     """fsync the file or directory at ``path`` (opened read-only: Linux syncs it all the same)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -77,7 +81,7 @@ def fsync_path(path: Path) -> None:
         raise StorageError(exc.errno, f"cannot fsync {path}: {exc.strerror}") from exc
 
 
-def fsync_all(paths: Sequence[Path]) -> None:
+def fsync_all(paths: Sequence[StrPath]) -> None:
     """fsync every path, at once; raises the first failure after all have finished.
 
     Nothing is retried: a path whose fsync failed is reported even if the
@@ -122,7 +126,7 @@ class _SyncPool:
 _sync_pool = _SyncPool()
 
 
-def make_dir(path: Path, *, durable: bool = True) -> bool:
+def make_dir(path: StrPath, *, durable: bool = True) -> bool:
     """Create ``path`` if missing (and fsync its parent when ``durable``); True if created."""
     try:
         os.mkdir(path, DIR_MODE)
@@ -131,11 +135,11 @@ def make_dir(path: Path, *, durable: bool = True) -> bool:
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot create directory {path}: {exc.strerror}") from exc
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     return True
 
 
-def hard_link(source: Path, target: Path) -> bool:
+def hard_link(source: StrPath, target: StrPath) -> bool:
     """Link ``source`` as ``target``; False when linking is impossible (too many links, gone)."""
     try:
         os.link(source, target)
@@ -146,7 +150,7 @@ def hard_link(source: Path, target: Path) -> bool:
     return True
 
 
-def rename_dir(source: Path, target: Path) -> None:
+def rename_dir(source: StrPath, target: StrPath) -> None:
     try:
         os.rename(source, target)
     except OSError as exc:
@@ -155,11 +159,11 @@ def rename_dir(source: Path, target: Path) -> None:
         ) from exc
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: StrPath) -> None:
     """Remove a staged or retired directory; files in it may be read-only."""
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: StrPath) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)

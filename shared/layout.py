@@ -49,6 +49,11 @@ def version_dir(root: Path, slot: int, version: int) -> Path:
     return root / SLOTS_DIR / str(slot) / str(version)
 
 
+def slot_dir_str(root: str, slot: int) -> str:
+    """:func:`slot_dir` in the commit path's form: a string, no Path objects."""
+    return f"{root}/{SLOTS_DIR}/{slot}"
+
+
 def tensor_file_name(position: int) -> str:
     return f"{position}.npy"
 

@@ -151,7 +151,7 @@ class PersistentStore:
         self._unsettled: set[tuple[int, int]] = set()
         #: a COMMIT failed since the last durable write: its WAL frames may still be replayed
         self._frames_at_risk = False
-        self._spare_staging: Path | None = None
+        self._spare_staging: str | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
@@ -435,7 +435,7 @@ class PersistentStore:
             head = (row[0], row[1]) if row else (None, 1)
         return head
 
-    def _take_spare_staging(self) -> Path | None:
+    def _take_spare_staging(self) -> str | None:
         """The empty staging directory prepared after the last commit, if it is ready."""
         with self._spare_lock:
             spare, self._spare_staging = self._spare_staging, None
@@ -446,7 +446,9 @@ class PersistentStore:
         with self._spare_lock:
             if self._spare_staging is not None or self._closed:
                 return
-            spare = layout.spare_staging_dir(self.root, f"{os.getpid()}-{secrets.token_hex(6)}")
+            spare = str(
+                layout.spare_staging_dir(self.root, f"{os.getpid()}-{secrets.token_hex(6)}")
+            )
             make_dir(spare, durable=False)
             self._spare_staging = spare
 
@@ -463,7 +465,7 @@ class PersistentStore:
         """
         staging = self._take_spare_staging()
         if staging is None:
-            staging = layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}"
+            staging = str(layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}")
             make_dir(staging, durable=False)
         reached_commit = False
         try:
@@ -513,39 +515,39 @@ class PersistentStore:
                 remove_tree(layout.version_dir(self.root, slot, version))
             self._unsettled.discard((slot, version))
 
-    def _place(self, staging: Path, slot: int, version: int) -> None:
+    def _place(self, staging: str, slot: int, version: int) -> None:
         """Step 3: rename the staging directory (its files and entries already
         durable) into place, then fsync the slot directory: its new entry.
 
         The staging directory's own creation and its removal from wal/ need not
         be durable: recovery deletes whatever wal/ holds.
         """
-        slot_dir = layout.slot_dir(self.root, slot)
+        slot_dir = layout.slot_dir_str(self._root_str, slot)
         if slot not in self._slot_dirs:
             # Its entry in slots/ is made durable once per writer, not only when this
             # mkdir creates it: a writer killed between a mkdir and its fsync leaves a
             # directory whose entry nothing else would ever sync.
             make_dir(slot_dir, durable=False)
-            fsync_dir(slot_dir.parent)
+            fsync_dir(os.path.dirname(slot_dir))
             self._slot_dirs.add(slot)
-        rename_dir(staging, slot_dir / str(version))
+        rename_dir(staging, f"{slot_dir}/{version}")
         crash_point("renamed")
         fsync_dir(slot_dir)
 
     def _stage(
-        self, staging: Path, context: Context
-    ) -> tuple[list[TensorRow], list[Path], list[int]]:
+        self, staging: str, context: Context
+    ) -> tuple[list[TensorRow], list[str], list[int]]:
         """Write (or link) every tensor into ``staging``: the rows, the files still to
         sync, and the positions hard-linked to a stored file."""
         rows: list[TensorRow] = []
-        written: list[Path] = []
+        written: list[str] = []
         linked: list[int] = []
-        staged: dict[str, Path] = {}
+        staged: dict[str, str] = {}
         for position, (name, array) in enumerate(context.weights.items()):
             header = npy_header(array.dtype, array.shape)
             data = contiguous_bytes(array)
             checksum = checksum_parts((header, data))
-            path = staging / layout.tensor_file_name(position)
+            path = f"{staging}/{layout.tensor_file_name(position)}"
             source = staged.get(checksum) or self._stored_duplicate(checksum, header, data)
             if source is None or not hard_link(source, path):
                 write_new_file(path, (header, data), sync=False)
@@ -567,13 +569,13 @@ class PersistentStore:
             crash_point("staging")
         return rows, written, linked
 
-    def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> Path | None:
+    def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> str | None:
         """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
         candidates = self._writer_conn().execute(
             "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
         )
         for slot, version, position in candidates:
-            path = layout.version_dir(self.root, slot, version) / layout.tensor_file_name(position)
+            path = layout.tensor_path_str(self._root_str, slot, version, position)
             if _same_bytes(path, header, data):
                 return path
         return None
@@ -1226,11 +1228,11 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # and one per dumps
 
 
-def _same_bytes(path: Path, header: bytes, data: memoryview) -> bool:
+def _same_bytes(path: str, header: bytes, data: memoryview) -> bool:
     """True when the file at ``path`` holds exactly ``header`` + ``data``."""
     try:
         size = len(header) + data.nbytes
-        stored = map_array(str(path), np.dtype(np.uint8), (size,), 0, size)
+        stored = map_array(path, np.dtype(np.uint8), (size,), 0, size)
     except (NotFoundError, IntegrityError):
         return False
     if stored[: len(header)].tobytes() != header:

@@ -146,7 +146,7 @@ def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = store_module.fsync_all
     monkeypatch.setattr(
-        store_module, "fsync_all", lambda paths: real([p for p in paths if p.is_dir()])
+        store_module, "fsync_all", lambda paths: real([p for p in paths if os.path.isdir(p)])
     )
 
 
@@ -156,19 +156,19 @@ def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     real = store_module.fsync_all
     monkeypatch.setattr(store_module, "fsync_dir", lambda path: None)
     monkeypatch.setattr(
-        store_module, "fsync_all", lambda paths: real([p for p in paths if not p.is_dir()])
+        store_module, "fsync_all", lambda paths: real([p for p in paths if not os.path.isdir(p)])
     )
 
 
-def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The staging directory fsynced when taken, before its files exist (and not after)."""
     import ctxstore.store as store_module
 
     real_take = store_module.PersistentStore._take_spare_staging
     real_sync_dir = store_module.fsync_dir
-    synced_early: list[Path] = []
+    synced_early: list[str] = []
 
-    def take(self: PersistentStore) -> Path | None:
+    def take(self: PersistentStore) -> str | None:
         staging = real_take(self)
         if staging is not None:  # (close() takes it too, to remove it)
             real_sync_dir(staging)
@@ -177,7 +177,9 @@ def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(store_module.PersistentStore, "_take_spare_staging", take)
     monkeypatch.setattr(
-        store_module, "fsync_dir", lambda path: None if "wal" in path.parts else real_sync_dir(path)
+        store_module,
+        "fsync_dir",
+        lambda path: None if "wal" in Path(path).parts else real_sync_dir(path),
     )
     return synced_early
 
