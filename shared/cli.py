@@ -99,12 +99,42 @@ def cmd_slots(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    """The slot's versions, oldest first; the current one marked ``*`` (``"current": true``)."""
     with _open(args) as store:
-        rows = [
-            (v.version, v.n_tensors, v.nbytes, "yes" if v.pinned else "", ",".join(v.aliases))
-            for v in store.list_versions(args.slot)
-        ]
-    print_table(("version", "tensors", "bytes", "pinned", "aliases"), rows)
+        # current first: it is never retired, so the listing read after it still holds it
+        current = store.current_version(args.slot)
+        versions = store.list_versions(args.slot)
+    if args.json:
+        body = {
+            "slot": args.slot,
+            "current_version": current,
+            "versions": [
+                {
+                    "version": v.version,
+                    "current": v.version == current,
+                    "pinned": v.pinned,
+                    "aliases": list(v.aliases),
+                    "n_tensors": v.n_tensors,
+                    "nbytes": v.nbytes,
+                    "created_at": v.created_at,
+                }
+                for v in versions
+            ],
+        }
+        print(json.dumps(body, indent=2))
+        return 0
+    rows = [
+        (
+            v.version,
+            "*" if v.version == current else "-",
+            "yes" if v.pinned else "-",
+            ",".join(v.aliases) or "-",
+            v.n_tensors,
+            v.nbytes,
+        )
+        for v in versions
+    ]
+    print_table(("version", "current", "pinned", "aliases", "tensors", "bytes"), rows)
     return 0
 
 
@@ -618,8 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default=None, help="only this model type")
     p.add_argument("--group", default=None, help="only slots in this group")
 
-    p = command("versions", cmd_versions, "list a slot's versions")
+    p = command("versions", cmd_versions, "list a slot's versions (* marks the current one)")
     p.add_argument("slot", type=slot_arg)
+    p.add_argument("--json", action="store_true", help="print the versions as JSON")
 
     p = command("show", cmd_show, "print a version's metadata and tensor table as JSON")
     p.add_argument("slot", type=slot_arg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,29 @@ def test_demo_takes_no_store_it_would_ignore() -> None:
     result = run("demo", "--store", "/tmp/somewhere")
     assert result.returncode == 2
     assert "unrecognized arguments: --store" in result.stderr
+
+
+def test_versions_marks_the_current_one_and_shows_pins_and_aliases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_dir = tmp_path / "store"
+    with PersistentStore(store_dir) as store:
+        for value in (1.0, 2.0, 3.0):
+            store.save_context(1, Context({"w": np.full(4, value)}))
+        store.set_alias(1, "best", 3)
+        store.pin(1, 1)
+        store.rollback(1, 2)  # the current version is neither the newest nor the first
+    assert cli.main(["versions", "1", "--store", str(store_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["version", "current", "pinned", "aliases", "tensors", "bytes"]
+    rows = {line.split()[0]: line.split()[1:4] for line in lines[2:]}
+    assert rows == {"1": ["-", "yes", "-"], "2": ["*", "-", "-"], "3": ["-", "-", "best"]}
+
+    assert cli.main(["versions", "1", "--json", "--store", str(store_dir)]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["current_version"] == 2
+    assert [(v["version"], v["current"], v["pinned"], v["aliases"]) for v in body["versions"]] == [
+        (1, False, True, []),
+        (2, True, False, []),
+        (3, False, False, ["best"]),
+    ]
