@@ -124,10 +124,10 @@ class HierarchyOut(BaseModel):
 
 
 class HierarchyStatsOut(BaseModel):
-    nodes: int
-    roots: int
-    max_depth: int
-    groups: int
+    nodes: int = Field(description="slots with a parent, children or a group (/hierarchy)")
+    roots: int = Field(description="nodes without a parent")
+    max_depth: int = Field(description="the deepest node's distance from its root")
+    groups: int = Field(description="groups with at least one member")
 
 
 class NodeGroupsOut(BaseModel):

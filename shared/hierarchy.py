@@ -37,6 +37,16 @@ WITH RECURSIVE down(slot, depth) AS (
 SELECT slot FROM down ORDER BY depth, slot
 """
 
+#: every node and its parent: the slots in the tree, and those that are only in groups (roots).
+#: (_NODE_COUNTS below is built from these constants only, never from input.)
+_NODES = """
+SELECT slot, parent FROM hierarchy
+UNION ALL
+SELECT DISTINCT slot, NULL FROM group_members WHERE slot NOT IN (SELECT slot FROM hierarchy)
+"""
+
+_NODE_COUNTS = f"SELECT COUNT(*), COALESCE(SUM(parent IS NULL), 0) FROM ({_NODES})"  # noqa: S608
+
 _MAX_DEPTH = """
 WITH RECURSIVE walk(slot, depth) AS (
     SELECT slot, 0 FROM hierarchy WHERE parent IS NULL
@@ -125,8 +135,8 @@ class NodeHierarchy:
         return slot if row is None else int(row[0])
 
     def nodes(self) -> dict[int, int | None]:
-        """Every node and its parent."""
-        rows = self._read().execute("SELECT slot, parent FROM hierarchy ORDER BY slot")
+        """Every node and its parent, by slot: a slot that is only in groups is a root."""
+        rows = self._read().execute(_NODES + " ORDER BY slot")
         return {row[0]: row[1] for row in rows}
 
     def remove_node(self, slot: int) -> None:
@@ -175,10 +185,10 @@ class NodeHierarchy:
         return [row[0] for row in rows]
 
     def stats(self) -> HierarchyStats:
+        """Counts over :meth:`nodes`: every node (in the tree or in a group), the roots (nodes
+        without a parent), the groups, and the depth of the deepest node below its root."""
         conn = self._read()
-        nodes, roots = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(parent IS NULL), 0) FROM hierarchy"
-        ).fetchone()
+        nodes, roots = conn.execute(_NODE_COUNTS).fetchone()
         groups = conn.execute("SELECT COUNT(DISTINCT name) FROM group_members").fetchone()[0]
         depth = conn.execute(_MAX_DEPTH).fetchone()[0]
         return HierarchyStats(nodes=nodes, roots=roots, max_depth=depth, groups=groups)

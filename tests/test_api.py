@@ -349,6 +349,37 @@ def test_hierarchy_endpoints(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_hierarchy_counts_every_node_as_the_node_endpoints_do(tmp_path: Path) -> None:
+    """A slot given only a group is a node (GET /nodes/{slot}/parent answers null, a root):
+    /hierarchy and /hierarchy/stats count it too, and agree with each other."""
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        for slot in (5, 6):
+            assert (await http.post(f"/nodes/{slot}/groups", json={"group": "vision"})).is_success
+        await http.post("/nodes/6/groups", json={"group": "edge"})
+        assert (await http.get("/nodes/5/parent")).json() == {"slot": 5, "parent": None}
+        stats = (await http.get("/hierarchy/stats")).json()
+        assert stats == {"nodes": 2, "roots": 2, "max_depth": 0, "groups": 2}
+        await http.post("/nodes/7/parent", json={"parent": 6})  # 6: in the tree and a group
+        await http.post("/nodes/8/parent", json={"parent": 7})
+        stats = (await http.get("/hierarchy/stats")).json()
+        assert stats == {"nodes": 4, "roots": 2, "max_depth": 2, "groups": 2}
+        nodes = (await http.get("/hierarchy")).json()["nodes"]
+        assert nodes == [
+            {"slot": 5, "parent": None},
+            {"slot": 6, "parent": None},
+            {"slot": 7, "parent": 6},
+            {"slot": 8, "parent": 7},
+        ]
+        assert daemon.store is not None
+        assert daemon.store.hierarchy.stats().nodes == len(nodes)
+        await http.delete("/nodes/5/groups/vision")  # no group, no parent: no longer a node
+        assert (await http.get("/hierarchy/stats")).json()["nodes"] == 3
+        error_of(await http.get("/nodes/5/parent"), 404, "not_found")
+
+    run(tmp_path, scenario)
+
+
 def test_hierarchy_errors(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
         await http.post("/nodes/2/parent", json={"parent": 1})
