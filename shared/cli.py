@@ -364,14 +364,14 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _status_text(args: argparse.Namespace, status: Status) -> str:
-    import os
-
-    from .status import format_status
+def _status_text(args: argparse.Namespace, status: Status, session: int) -> str:
+    """What one refresh prints: the status without this command's own connection."""
+    from .status import format_status, without_session
     from .validation import thaw_json
 
+    status = without_session(status, session)
     if not args.json:
-        return format_status(status, own_pid=os.getpid())
+        return format_status(status)
     body = {
         "daemon": thaw_json(status.daemon),
         "readers": [thaw_json(row) for row in status.readers],
@@ -410,7 +410,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 client = client or DaemonClient(
                     socket_path(args), name="ctxstore-status", role="admin", timeout=10.0
                 )
-                text = _status_text(args, client.status())
+                text = _status_text(args, client.status(), client.session)
             except CtxStoreError as exc:
                 if not args.watch:
                     raise

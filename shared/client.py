@@ -77,17 +77,20 @@ class DaemonClient:
                 f"cannot reach the ctxstore daemon at {self.path}: {exc.strerror or exc}"
             ) from exc
         try:
-            self.daemon_pid = self._handshake(role, name)
+            welcome = self._handshake(role, name)
         except BaseException:
             self._sock.close()
             raise
+        self.daemon_pid = welcome.daemon_pid
+        #: the daemon's id for this connection: the ``session`` of its row in a Status
+        self.session = welcome.session
 
-    def _handshake(self, role: str, name: str) -> int:
+    def _handshake(self, role: str, name: str) -> Welcome:
         self._send(Hello(role=role, name=name, pid=os.getpid()))
         welcome = self._receive()
         if not isinstance(welcome, Welcome):
             raise DaemonUnavailableError(f"daemon answered hello with {type(welcome).__name__}")
-        return welcome.daemon_pid
+        return welcome
 
     def _send(self, message: Message) -> None:
         try:

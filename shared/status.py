@@ -5,17 +5,19 @@ Two halves, both pure so that tests need no daemon:
 - the daemon's side turns its fleet snapshot and the store's slot listing into
   the rows of a :class:`~ctxstore.messages.Status` frame (:func:`reader_rows`,
   :func:`slot_rows`) and trims them to fit one frame (:func:`build_status`);
-- the command line's side turns a Status into text tables
-  (:func:`format_status`) and a version event into one line
-  (:func:`format_event`).
+- the command line's side takes its own connection out of a Status
+  (:func:`without_session`), turns it into text tables (:func:`format_status`)
+  and a version event into one line (:func:`format_event`).
 
-Rows are plain JSON-like maps, so ``status --json`` prints what travelled.
+Rows are plain JSON-like maps, so ``status --json`` prints what travelled, less
+the asking connection.
 Wire maps only have string keys: per-slot maps in a reader row are keyed by
 the slot number as a string.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -193,19 +195,52 @@ def _rows_that_fit(rows: Sequence[Mapping[str, Any]], budget: int) -> tuple[int,
 # -- the command line's side ----------------------------------------------------------------------
 
 
-def format_status(status: Status, *, own_pid: int | None = None) -> str:
+def without_session(status: Status, session: int) -> Status:
+    """``status`` without the connection that asked for it (``session``, from its Welcome).
+
+    The daemon answers with every connection it has, the asker's among them:
+    the asker said hello before asking, so it is always counted in
+    ``subscribers`` and ``readers_total``, and its row (the one with its
+    ``session``) is among ``readers`` unless trimming left it out. Those counts,
+    ``readers_shown`` and ``truncated`` are corrected to match. A status whose
+    counts cannot hold the asker (no row of its session, and nothing trimmed:
+    not an answer to this connection) is returned as it is.
+    """
+    daemon = dict(status.daemon)
+    readers = tuple(row for row in status.readers if row.get("session") != session)
+    dropped = len(status.readers) - len(readers)
+    if not (dropped or _trimmed(daemon, "readers")):
+        return status
+    for key, less in (("subscribers", 1), ("readers_total", 1), ("readers_shown", dropped)):
+        value = _count(daemon, key)
+        if value is not None:
+            daemon[key] = max(0, value - less)
+    readers_trimmed, slots_trimmed = _trimmed(daemon, "readers"), _trimmed(daemon, "slots")
+    if "truncated" in daemon and readers_trimmed is not None and slots_trimmed is not None:
+        daemon["truncated"] = readers_trimmed or slots_trimmed
+    return dataclasses.replace(status, daemon=daemon, readers=readers)
+
+
+def _count(daemon: Mapping[str, Any], key: str) -> int | None:
+    value = daemon.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _trimmed(daemon: Mapping[str, Any], table: str) -> bool | None:
+    """Whether ``table`` lost rows to trimming; None when the counts are missing."""
+    total, shown = _count(daemon, f"{table}_total"), _count(daemon, f"{table}_shown")
+    return None if total is None or shown is None else shown < total
+
+
+def format_status(status: Status) -> str:
     """The daemon line, the readers table and the slots table, as ``ctxstore status`` prints.
 
     Peers whose role is not ``reader`` (publishers, admin tools) get one line,
-    not a row; those of the asking process (``own_pid``) are left out.
+    not a row. The asking connection is taken out first (:func:`without_session`).
     """
     daemon = status.daemon
     readers = [row for row in status.readers if row.get("role") == "reader"]
-    others = [
-        row
-        for row in status.readers
-        if row.get("role") != "reader" and (own_pid is None or row.get("pid") != own_pid)
-    ]
+    others = [row for row in status.readers if row.get("role") != "reader"]
     parts = [_daemon_lines(daemon, others), _readers_block(daemon, readers)]
     parts.append(_slots_block(daemon, status.slots))
     return "\n\n".join(parts)
@@ -215,8 +250,8 @@ def _daemon_lines(daemon: Mapping[str, Any], others: Sequence[Mapping[str, Any]]
     peers = ", ".join(f"{row.get('name', '?')} ({row.get('role', '?')})" for row in others)
     lines = [
         f"daemon pid {daemon.get('pid', '?')}, up {duration(daemon.get('uptime_s'))}, "
-        f"{daemon.get('commits', '?')} commits this run, "
-        f"{daemon.get('subscribers', '?')} connections",
+        f"{_counted(daemon.get('commits', '?'), 'commit')} this run, "
+        f"{_counted(daemon.get('subscribers', '?'), 'connection')}",
         f"  store   {daemon.get('store', '?')}",
         f"  socket  {daemon.get('socket', '?')}",
         f"  table   {daemon.get('version_table', '?')}",
@@ -224,6 +259,11 @@ def _daemon_lines(daemon: Mapping[str, Any], others: Sequence[Mapping[str, Any]]
     if peers:
         lines.append(f"  also connected: {peers}")
     return "\n".join(lines)
+
+
+def _counted(value: object, noun: str) -> str:
+    """``1 commit``, ``3 commits``, ``? commits``."""
+    return f"{value} {noun}" if value == 1 and not isinstance(value, bool) else f"{value} {noun}s"
 
 
 def _readers_block(daemon: Mapping[str, Any], readers: Sequence[Mapping[str, Any]]) -> str:
@@ -411,4 +451,5 @@ __all__ = [
     "mib",
     "reader_rows",
     "slot_rows",
+    "without_session",
 ]

@@ -34,6 +34,7 @@ from ctxstore.status import (
     format_status,
     held_text,
     reader_rows,
+    without_session,
 )
 from ctxstore.versiontable import segment_name
 
@@ -125,8 +126,8 @@ def test_format_status_tables() -> None:
         [_slot(3), {**_slot(4), "aliases": {}, "model_type": None}],
         max_frame_size=1 << 20,
     )
-    text = format_status(status, own_pid=os.getpid())
-    assert "daemon pid 812, up 1h02m, 4 commits" in text
+    text = format_status(without_session(status, 3))
+    assert "daemon pid 812, up 1h02m, 4 commits this run, 3 connections" in text
     assert "total PSS 12.0 MiB" in text
     assert "also connected: trainer (publisher)" in text
     assert "ctxstore-status" not in text  # the asking process
@@ -137,6 +138,47 @@ def test_format_status_tables() -> None:
     assert w2[:4] == ["12", "w2", "3:v1", "1"]
     assert ["3", "llm", "2", "3", "3", "best=2"] in [line.split() for line in lines]
     assert ["4", "-", "2", "3", "3", "-"] in [line.split() for line in lines]
+
+
+def test_without_session_leaves_out_the_asking_connection_and_its_counts() -> None:
+    readers = reader_rows(
+        [Peer(1, held={(1, 1)}), Peer(2, role="publisher"), Peer(5, role="admin")], {1: 1}, 50.0
+    )
+    status = build_status(
+        4, {"pid": 9, "subscribers": 3}, readers, [_slot(1)], max_frame_size=1 << 20
+    )
+    mine = without_session(status, 5)
+    assert [row["session"] for row in mine.readers] == [1, 2]
+    assert {key: mine.daemon[key] for key in ("subscribers", "readers_total", "readers_shown")} == {
+        "subscribers": 2,
+        "readers_total": 2,
+        "readers_shown": 2,
+    }
+    assert (mine.daemon["truncated"], mine.daemon["pid"], mine.slots) == (False, 9, status.slots)
+    assert "2 connections" in format_status(mine)
+    # No row of that session and nothing trimmed: not this connection's answer, left alone.
+    assert without_session(status, 77) == status
+
+
+def test_without_session_when_trimming_left_the_askers_row_out() -> None:
+    """The asker's session is the newest, so its row is the first that trimming cuts."""
+    peers = [Peer(i, name="w" * 200, held={(1, 1)}) for i in range(1, 40)]
+    readers = reader_rows([*peers, Peer(40, role="admin")], {1: 1}, 50.0)
+    status = build_status(1, {"subscribers": 40}, readers, [], max_frame_size=4096)
+    shown = status.daemon["readers_shown"]
+    assert 0 < shown < 40 and status.daemon["truncated"] is True
+    mine = without_session(status, 40)
+    assert mine.readers == status.readers
+    assert (mine.daemon["subscribers"], mine.daemon["readers_total"]) == (39, 39)
+    assert mine.daemon["readers_shown"] == shown and mine.daemon["truncated"] is True
+    # Only the asker's row was cut: without it, nothing is missing.
+    whole = build_status(1, {"subscribers": 3}, readers[:3], [], max_frame_size=1 << 20)
+    cut = Status(
+        request_id=1,
+        daemon={**whole.daemon, "readers_shown": 2, "truncated": True},
+        readers=whole.readers[:2],
+    )
+    assert without_session(cut, 3).daemon["truncated"] is False
 
 
 def test_small_formatters() -> None:
@@ -301,6 +343,37 @@ def test_status_shows_readers_lag_and_slots(
                 "n_versions": 2, "aliases": {"best": 1}} in body["slots"]  # fmt: skip
         worker_row = next(r for r in body["readers"] if r["name"] == "worker-1")
         assert worker_row["held"] == {"3": 2} and worker_row["lag"] == {"3": 0}
+
+
+def test_status_does_not_count_its_own_connection(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once the reader is the only other peer: 1 connection, its row and no other.
+
+    Waits for that state, because the publisher's and earlier status commands'
+    connections linger until the daemon reads their EOF.
+    """
+    publish(1, _ctx(1), socket=daemon.socket)
+
+    def text_once_settled() -> str | None:
+        assert main(_args(daemon, "status")) == 0
+        out: str = capsys.readouterr().out
+        return out if "worker-1" in out and "also connected" not in out else None
+
+    def json_once_settled() -> dict[str, Any] | None:
+        assert main(_args(daemon, "status", "--json")) == 0
+        body: dict[str, Any] = json.loads(capsys.readouterr().out)
+        others = [row for row in body["readers"] if row["role"] != "reader"]
+        return body if body["readers"] and not others else None
+
+    with Reader(daemon.store, daemon.socket, name="worker-1") as reader:
+        assert reader.get(1).version == 1
+        text = _until(text_once_settled)
+        assert "1 commit this run, 1 connection\n" in text
+        body = _until(json_once_settled)
+    assert [row["name"] for row in body["readers"]] == ["worker-1"]
+    assert body["daemon"]["subscribers"] == 1
+    assert (body["daemon"]["readers_total"], body["daemon"]["readers_shown"]) == (1, 1)
 
 
 def test_status_watch_refreshes_count_times(
