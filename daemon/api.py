@@ -24,7 +24,7 @@ import logging
 from collections.abc import Collection, Iterable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,7 +44,8 @@ from .api_base import (
     ctxstore_error_response,
     error_response,
     internal_error_response,
-    validation_message,
+    invalid_request,
+    unreadable_body,
 )
 from .events import EventBroadcaster
 from .metrics import DaemonMetrics
@@ -55,7 +57,7 @@ log = logging.getLogger("ctxstore.daemon.api")
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-_STATUS_KIND = {404: "not_found", 405: "method_not_allowed"}
+_STATUS_KIND = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}
 
 
 def create_app(
@@ -112,10 +114,18 @@ def _version() -> str:
 def _install_error_handlers(app: FastAPI, methods: MethodIndex) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_input", validation_message(exc))
+        error = invalid_request(
+            exc,
+            content_type=request.headers.get("content-type"),
+            body_fields=_body_fields(request.scope.get("route")),
+        )
+        return ctxstore_error_response(error)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        unreadable = unreadable_body(exc.__cause__) if exc.status_code == 400 else None
+        if unreadable is not None:  # FastAPI's "There was an error parsing the body"
+            return ctxstore_error_response(unreadable)
         kind = _STATUS_KIND.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method of the path, not only the matched route's
@@ -134,6 +144,18 @@ def _install_error_handlers(app: FastAPI, methods: MethodIndex) -> None:
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(CtxStoreError, on_ctxstore)
     app.add_exception_handler(Exception, on_anything)
+
+
+def _body_fields(route: object) -> list[str] | None:
+    """The fields of the JSON body ``route`` takes (None: no body, or not one of ours)."""
+    body = route.body_field if isinstance(route, APIRoute) else None
+    if body is None:
+        return None
+    annotation = body.field_info.annotation
+    for candidate in (annotation, *get_args(annotation)):  # RollbackBody | None
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return list(candidate.model_fields)
+    return None
 
 
 class MethodIndex:
@@ -276,7 +298,8 @@ def _host_name(host: str) -> str:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, plus the Bearer scheme and the guard's answers on mutating operations."""
+    """FastAPI's schema, plus the Bearer scheme and the guard's answers on mutating operations,
+    minus FastAPI's 422 (a refused request is a 400 ``ErrorBody`` like every other error)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(
@@ -299,6 +322,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     }
     for operations in schema.get("paths", {}).values():
         for method, operation in operations.items():
+            # FastAPI documents a 422 with pydantic's error list; we answer 400 in our shape
+            operation.get("responses", {}).pop("422", None)
             if method.upper() not in MUTATING:
                 continue
             operation["security"] = [{"bearerAuth": []}, {}]
@@ -311,5 +336,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                         "content": {"application/json": {"schema": error_ref}},
                     },
                 )
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)
     app.openapi_schema = schema
     return schema

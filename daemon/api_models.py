@@ -2,7 +2,8 @@
 
 Identifiers carry the same bounds and patterns as ``ctxstore.validation``, so
 the schema tells clients what the store will accept; the store still checks
-everything itself, and its InvalidInputError becomes a 400.
+everything itself. Either refusal is a 400 ``invalid_input`` whose message
+names the field (``api_base.invalid_request`` words pydantic's errors).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Path, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticKnownError
 
 from ctxstore.records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
 from ctxstore.validation import MAX_SLOT, thaw_json
@@ -31,7 +33,7 @@ MAX_API_ID = 2**53 - 1
 def _json_integer(value: object) -> object:
     """JSON integers only: 3 and 3.0 (JSON Schema calls both integers), not true or "3"."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be an integer")  # noqa: TRY004 - pydantic wants ValueError
+        raise PydanticKnownError("int_type")  # the error pydantic's own strict int gives
     return value
 
 

@@ -156,7 +156,7 @@ def test_slots_listing_and_filters(tmp_path: Path) -> None:
         page = (await http.get("/slots", params={"offset": 1, "limit": 1})).json()
         assert page["total"] == 2 and [s["slot"] for s in page["slots"]] == [2]
         error_of(await http.get("/slots", params={"model_type": "9bad"}), 400, "invalid_input")
-        error_of(await http.get("/slots", params={"limit": 0}), 422, "invalid_input")
+        error_of(await http.get("/slots", params={"limit": 0}), 400, "invalid_input")
 
     run(tmp_path, scenario)
 
@@ -193,8 +193,8 @@ def test_slot_and_version_errors(tmp_path: Path) -> None:
         error_of(await http.get("/slots/3/versions/9"), 404, "not_found")
         error_of(await http.get("/slots/3/versions/nosuch"), 404, "not_found")
         for bad in ("-1", "2147483648", "99999999999999999999", "abc", "1.5"):
-            error_of(await http.get(f"/slots/{bad}"), 422, "invalid_input")
-            error_of(await http.get(f"/slots/{bad}/versions"), 422, "invalid_input")
+            error_of(await http.get(f"/slots/{bad}"), 400, "invalid_input")
+            error_of(await http.get(f"/slots/{bad}/versions"), 400, "invalid_input")
         for bad in ("0", "-1", "a..b", "9x"):
             error_of(await http.get(f"/slots/3/versions/{bad}"), 400, "invalid_input")
 
@@ -231,14 +231,14 @@ def test_aliases_are_set_announced_and_deleted(tmp_path: Path) -> None:
         assert "reserved" in message
         error_of(await http.put("/slots/1/aliases/a..b", json={"version": 1}), 400)
         for body in ({}, {"version": 0}, {"version": True}, {"version": 1, "extra": 1}, []):
-            error_of(await http.put("/slots/1/aliases/x", json=body), 422, "invalid_input")
+            error_of(await http.put("/slots/1/aliases/x", json=body), 400, "invalid_input")
         error_of(
             await http.put(
                 "/slots/1/aliases/x",
                 content=b"{not json",
                 headers={"content-type": "application/json"},
             ),
-            422,
+            400,
             "invalid_input",
         )
         await frames.aclose()
@@ -259,7 +259,7 @@ def test_pin_and_unpin(tmp_path: Path) -> None:
         assert (await http.post("/slots/1/versions/latest/pin")).json()["version"] == 2
         error_of(await http.post("/slots/1/versions/5/pin"), 404, "not_found")
         error_of(await http.delete("/slots/2/versions/1/pin"), 404, "not_found")
-        error_of(await http.post("/slots/-5/versions/1/pin"), 422)
+        error_of(await http.post("/slots/-5/versions/1/pin"), 400)
 
     run(tmp_path, scenario)
 
@@ -285,8 +285,8 @@ def test_rollback_moves_pointer_table_and_announces(tmp_path: Path) -> None:
         error_of(await http.post("/slots/1/rollback"), 404, "not_found")  # nothing older than 1
         error_of(await http.post("/slots/1/rollback", json={"version": 9}), 404, "not_found")
         error_of(await http.post("/slots/7/rollback"), 404, "not_found")
-        error_of(await http.post("/slots/1/rollback", json={"version": -1}), 422)
-        error_of(await http.post("/slots/1/rollback", json={"to": 1}), 422)
+        error_of(await http.post("/slots/1/rollback", json={"version": -1}), 400)
+        error_of(await http.post("/slots/1/rollback", json={"to": 1}), 400)
         await frames.aclose()
 
     run(tmp_path, scenario)
@@ -388,10 +388,10 @@ def test_hierarchy_errors(tmp_path: Path) -> None:
         error_of(await http.post("/nodes/5/parent", json={"parent": 5}), 409, "conflict")
         for path in ("parent", "children", "ancestors", "descendants", "root", "groups"):
             error_of(await http.get(f"/nodes/77/{path}"), 404, "not_found")
-            error_of(await http.get(f"/nodes/-1/{path}"), 422, "invalid_input")
+            error_of(await http.get(f"/nodes/-1/{path}"), 400, "invalid_input")
         for body in ({}, {"parent": "1"}, {"parent": True}, {"parent": -1}, {"parent": 2**31}):
-            error_of(await http.post("/nodes/3/parent", json=body), 422, "invalid_input")
-        error_of(await http.post("/nodes/3/parent", json={"parent": 1, "x": 0}), 422)
+            error_of(await http.post("/nodes/3/parent", json=body), 400, "invalid_input")
+        error_of(await http.post("/nodes/3/parent", json={"parent": 1, "x": 0}), 400)
 
     run(tmp_path, scenario)
 
@@ -417,8 +417,8 @@ def test_group_endpoints_and_errors(tmp_path: Path) -> None:
         error_of(await http.get("/groups/nobody"), 404, "not_found")
         error_of(await http.get("/groups/bad..name"), 400, "invalid_input")
         error_of(await http.post("/nodes/5/groups", json={"group": "9x"}), 400, "invalid_input")
-        error_of(await http.post("/nodes/5/groups", json={"group": 5}), 422, "invalid_input")
-        error_of(await http.post("/nodes/5/groups", json={}), 422, "invalid_input")
+        error_of(await http.post("/nodes/5/groups", json={"group": 5}), 400, "invalid_input")
+        error_of(await http.post("/nodes/5/groups", json={}), 400, "invalid_input")
 
     run(tmp_path, scenario)
 
@@ -636,15 +636,15 @@ def test_jobs_submit_list_get_cancel(tmp_path: Path) -> None:
         error_of(await http.delete("/jobs/1"), 409, "conflict")
         error_of(await http.get("/jobs/99"), 404, "not_found")
         error_of(await http.post("/jobs", json={"slot": 1, "node_type": "nope"}), 404)
-        error_of(await http.get("/jobs/0"), 422)
-        error_of(await http.get("/jobs?state=weird"), 422)
+        error_of(await http.get("/jobs/0"), 400)
+        error_of(await http.get("/jobs?state=weird"), 400)
         for body in (
             {"node_type": "llm"},
             {"slot": -1, "node_type": "llm"},
             {"slot": 1, "node_type": "llm", "priority": "high"},
             {"slot": 1, "node_type": "llm", "config": []},
         ):
-            error_of(await http.post("/jobs", json=body), 422, "invalid_input")
+            error_of(await http.post("/jobs", json=body), 400, "invalid_input")
 
     run(tmp_path, scenario)
 
