@@ -15,9 +15,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import CtxStoreError, InvalidInputError, NotFoundError, WriterLockedError
+from .errors import (
+    CtxStoreError,
+    InvalidInputError,
+    NotFoundError,
+    RemoteError,
+    WriterLockedError,
+)
 from .paths import default_socket_path, default_store_dir
 from .records import Problem
 from .store import PersistentStore
@@ -30,6 +36,31 @@ if TYPE_CHECKING:
     from .messages import Status
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandError(CtxStoreError):
+    """A command could not do what it was asked; the message says why (exit status 1)."""
+
+    kind = "command"
+
+
+def error_message(exc: BaseException) -> str:
+    """What went wrong, in plain words: no error kinds, class or wire field names.
+
+    The one rendering of an error for ``ctxstore COMMAND: error: MESSAGE`` (and for
+    the retry line of ``status --watch``). The daemon's answers lose their kind
+    (``not_found: ...``); an operating-system error says its file and reason.
+    """
+    if isinstance(exc, RemoteError):
+        text = exc.message
+        if exc.kind == "internal":  # the daemon's own failure, not the request's
+            text = f"the daemon failed: {text}"
+    elif isinstance(exc, OSError) and not isinstance(exc, CtxStoreError):
+        reason = exc.strerror or str(exc)
+        text = reason if exc.filename is None else f"{exc.filename}: {reason}"
+    else:
+        text = str(exc)
+    return text or f"{type(exc).__name__} (no details)"
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -262,14 +293,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as JSON when it parses (numbers, bools), else text."""
+    """``key=value`` with the value read as JSON when it parses (numbers, bools), else text.
+
+    ``NaN`` and ``Infinity`` are not JSON (Python's reader takes them): they stay text,
+    so the node type says what it expected instead of a non-finite number reaching it.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(raw)
+        return key, json.loads(raw, parse_constant=_not_json)
     except ValueError:
         return key, raw
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -330,19 +369,10 @@ def run_bench(argv: Sequence[str]) -> int:
     """``ctxstore bench ARGS``: ``python -m bench ARGS`` in the checkout; its exit code."""
     import subprocess
 
-    try:
-        root = find_bench_checkout()
-    except CtxStoreError as exc:
-        print(f"ctxstore bench: error: {exc}", file=sys.stderr)
-        return 1
+    root = find_bench_checkout()
     missing = [name for name in BENCH_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
-        print(
-            f"ctxstore bench: error: the harness needs {', '.join(missing)}: "
-            f"pip install '{root}[bench]'",
-            file=sys.stderr,
-        )
-        return 1
+        raise CommandError(f"the harness needs {', '.join(missing)}: pip install '{root}[bench]'")
     return subprocess.call([sys.executable, "-m", "bench", *argv], cwd=root)
 
 
@@ -417,7 +447,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if client is not None:
                     client.close()
                 client = None
-                text = f"ctxstore status: {exc} (retrying every {args.interval:g}s)"
+                text = f"ctxstore status: {error_message(exc)} (retrying every {args.interval:g}s)"
             _show_status(args, text, first=n == 0)
     finally:
         if client is not None:
@@ -489,13 +519,13 @@ def _watched(slots: Sequence[int], groups: Sequence[str]) -> str:
 
 
 def _watch_timed_out(args: argparse.Namespace, announced: int) -> int:
+    """--timeout ran out: fine without --count, an error when the count was not reached."""
     if args.count is None:
         return 0
-    print(
-        f"ctxstore watch: {announced} of {args.count} announcements in {args.timeout:g}s",
-        file=sys.stderr,
+    raise CommandError(
+        f"{announced} of {args.count} announcements in {args.timeout:g}s (--timeout ran out "
+        "before --count was reached)"
     )
-    return 1
 
 
 def _monitor_commands(command: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
@@ -687,21 +717,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every argument, --help included, belongs to the harness
-        return run_bench(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+        return run_command("bench", lambda: run_bench(argv[1:]))
+    args = build_parser().parse_args(argv)  # usage errors: argparse's own message, exit 2
     handler: Handler = args.handler
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return run_command(command, lambda: handler(args))
+
+
+def run_command(command: str, call: Callable[[], int]) -> int:
+    """Run a command and return its exit status; the one place its errors are printed.
+
+    Every error reads ``ctxstore COMMAND: error: MESSAGE`` on stderr (argparse's
+    form for usage errors too) and exits 1.
+    """
     try:
-        return handler(args)
+        return call()
     except CtxStoreError as exc:
-        print(f"ctxstore {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        failure: BaseException = exc
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `ctxstore watch | head`: the reader left; go quietly, as tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
         return 128 + signal.SIGPIPE
+    except OSError as exc:  # a file or directory the system refused: no traceback
+        failure = exc
+    print(f"ctxstore {command}: error: {error_message(failure)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from .messages import (
 from .npyfile import contiguous_bytes
 from .paths import default_socket_path
 from .protocol import NEED_DATA, Connection, Role, Signal
-from .validation import check_slot
+from .validation import check_alias, check_label, check_slot, freeze_mapping
 
 SHM_PREFIX = "/ctxstore-pub-"
 _ALIGN = 64
@@ -88,6 +88,10 @@ class DaemonClient:
     def _handshake(self, role: str, name: str) -> Welcome:
         self._send(Hello(role=role, name=name, pid=os.getpid()))
         welcome = self._receive()
+        if isinstance(welcome, Error):  # e.g. a uid the daemon does not allow
+            raise DaemonUnavailableError(
+                f"the ctxstore daemon at {self.path} refused the connection: {welcome.message}"
+            )
         if not isinstance(welcome, Welcome):
             raise DaemonUnavailableError(f"daemon answered hello with {type(welcome).__name__}")
         return welcome
@@ -181,6 +185,26 @@ def wait_until_listening(
             probe.close()
 
 
+def _check_names(*, model_type: str | None = None, alias: str | None = None) -> None:
+    """Refuse bad names before a request is built, in words that name what was passed
+    (a request's own checks would name its wire field: ``publish_file.alias: ...``)."""
+    if model_type is not None:
+        check_label(model_type, "model type")
+    if alias is not None:
+        check_alias(alias)
+
+
+def _file_path(source: str | os.PathLike[str]) -> str:
+    """``source`` as the absolute path a PublishFile carries, or why it cannot carry it."""
+    path = str(Path(source).absolute())
+    try:
+        checked: str = PublishFile.CHECKS["path"](path)
+    except InvalidInputError as exc:  # too long, control characters: "is 5015 bytes long..."
+        shown = path if len(path) <= 80 else f"{path[:60]}...{path[-17:]}"
+        raise InvalidInputError(f"weights file path {shown!r} {exc}") from None
+    return checked
+
+
 def _expect_published(reply: Message) -> int:
     if not isinstance(reply, Published):
         raise DaemonUnavailableError(f"unexpected answer {type(reply).__name__}")
@@ -197,18 +221,26 @@ def publish(
     metadata: Mapping[str, Any] | None = None,
     timeout: float = 600.0,
 ) -> int:
-    """Ask the daemon to commit ``source`` as the next version of ``slot``; returns it."""
+    """Ask the daemon to commit ``source`` as the next version of ``slot``; returns it.
+
+    Bad arguments are refused before connecting, in words that name the argument.
+    """
     slot = check_slot(slot)
+    _check_names(model_type=model_type, alias=alias)
+    if isinstance(source, Context):
+        if metadata:
+            source = source.set_metadata({**source.get_metadata(), **metadata})
+        with DaemonClient(socket, timeout=timeout) as client:
+            rid = client.next_request_id()
+            return _publish_context(client, rid, slot, source, model_type=model_type, alias=alias)
+    path = _file_path(source)
+    freeze_mapping(metadata, "metadata")
     with DaemonClient(socket, timeout=timeout) as client:
         rid = client.next_request_id()
-        if isinstance(source, Context):
-            if metadata:
-                source = source.set_metadata({**source.get_metadata(), **metadata})
-            return _publish_context(client, rid, slot, source, model_type=model_type, alias=alias)
         request = PublishFile(
             request_id=rid,
             slot=slot,
-            path=str(Path(source).absolute()),
+            path=path,
             model_type=model_type,
             alias=alias,
             metadata=dict(metadata or {}),
@@ -227,6 +259,9 @@ def build(
 ) -> int:
     """Ask the daemon to build a context with a registered node type and commit it."""
     slot = check_slot(slot)
+    check_label(node_type, "node type")
+    _check_names(alias=alias)
+    freeze_mapping(config, "config")
     with DaemonClient(socket, timeout=timeout) as client:
         rid = client.next_request_id()
         request = PublishBuild(

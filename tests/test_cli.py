@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_daemon import DaemonProcess, start_daemon, wait_for_socket
 
-from ctxstore import Context, PersistentStore, cli
+from ctxstore import Context, PersistentStore, RemoteError, cli
+from ctxstore.messages import Error
+from ctxstore.protocol import encode_frame
+from ctxstore.versiontable import segment_name
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -125,3 +133,115 @@ def test_versions_marks_the_current_one_and_shows_pins_and_aliases(
         (2, True, False, []),
         (3, False, False, ["best"]),
     ]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock")
+    try:
+        wait_for_socket(proc.socket, proc.proc)
+        yield proc
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.terminate()
+            try:
+                proc.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.proc.kill()
+                proc.proc.wait(10)
+        shm = Path("/dev/shm" + segment_name(proc.store))
+        if shm.exists():
+            shm.unlink()
+
+
+#: what the old messages began with: a request's wire field, or the daemon's error kind
+WIRE_OR_KIND = re.compile(
+    r"(publish_file|publish_build|publish_shm)\.|\b(not_found|invalid_input): "
+)
+
+
+def test_errors_read_ctxstore_command_error_and_say_what_was_wrong(
+    daemon: DaemonProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Errors refused by the client, by the daemon and by the store, and a watch that ran
+    out of time: each is one line ``ctxstore COMMAND: error: MESSAGE``, exit status 1."""
+    weights = tmp_path / "w.npy"
+    np.save(weights, np.zeros(4, "f4"))
+    missing = tmp_path / "missing.npy"
+    cases = [
+        (["publish", "1", str(weights), "--alias", "bad alias!"], "alias 'bad alias!' is not"),
+        (["publish", "1", str(weights), "--alias", "latest"], "alias 'latest' is reserved"),
+        (["publish", "1", str(weights), "--type", "bad type!"], "model type 'bad type!' is not"),
+        (["publish", "1", str(missing)], f"weights file '{missing}' does not exist"),
+        (["build", "1", "--type", "nope"], "unknown node type 'nope'"),
+        (["build", "1", "--type", "llm", "--set", "d_model=NaN"], "llm config key 'd_model' must"),
+        (["versions", "9"], "slot 9 does not exist"),
+        (["watch", "1", "--count", "1", "--timeout", "0.2"], "0 of 1 announcements in 0.2s"),
+    ]  # fmt: skip
+    wrong = []
+    for argv, expected in cases:
+        status = cli.main([*argv, "--store", str(daemon.store), "--socket", str(daemon.socket)])
+        err = capsys.readouterr().err
+        last = err.splitlines()[-1] if err else ""
+        command = argv[0]
+        if (
+            status != 1
+            or not last.startswith(f"ctxstore {command}: error: {expected}")
+            or WIRE_OR_KIND.search(err)
+            or err.count(": error: ") != 1
+        ):
+            wrong.append((argv, status, err))
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (FileNotFoundError(2, "No such file or directory", "/x/y.json"),
+         "/x/y.json: No such file or directory"),
+        (RemoteError("internal", "ValueError: boom"), "the daemon failed: ValueError: boom"),
+        (RemoteError("not_found", "slot 4 does not exist"), "slot 4 does not exist"),
+    ],
+)  # fmt: skip
+def test_errors_from_the_system_and_the_daemon_are_printed_like_the_others(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: BaseException,
+    message: str,
+) -> None:
+    def failing(args: object) -> int:
+        raise failure
+
+    monkeypatch.setattr(cli, "cmd_slots", failing)
+    assert cli.main(["slots", "--store", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"ctxstore slots: error: {message}\n"
+
+
+def test_a_refused_connection_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A daemon that refuses a peer (a uid it does not allow) answers hello with an error."""
+    path = tmp_path / "refusing.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(30)
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.recv(65536)  # the hello: answering before it came could break the client's send
+            refusal = Error(kind="forbidden", message="uid 4242 is not allowed", fatal=True)
+            conn.sendall(encode_frame(refusal))
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        assert cli.main(["status", "--socket", str(path)]) == 1
+    finally:
+        thread.join(30)
+        server.close()
+    assert capsys.readouterr().err == (
+        f"ctxstore status: error: the ctxstore daemon at {path} refused the connection: "
+        "uid 4242 is not allowed\n"
+    )
