@@ -48,6 +48,7 @@ __all__ = [
     "ReloadPlan",
     "plan_reload",
     "read_token",
+    "token_change",
 ]
 
 CONFIG_FILE_NAME = "ctxstore.toml"
@@ -331,7 +332,11 @@ class DaemonConfig:
             raise InvalidInputError(problem)
 
     def replace(self, **changes: object) -> DaemonConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with ``changes``; it keeps the token read from the same token file."""
+        copy = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        if copy.token_file == self.token_file and self._token is not None:
+            object.__setattr__(copy, "_token", self._token)
+        return copy
 
     def http_address(self) -> tuple[str, int] | None:
         """(host, port) to bind the HTTP API to, or None when ``http`` is "off"."""
@@ -680,6 +685,35 @@ class ReloadPlan:
     changed: tuple[str, ...]
     #: (key, running value, configured value) for settings bound at start
     pending: tuple[tuple[str, Any, Any], ...]
+    #: how the admin token changed ("admin token rotated", ...), or None; never the token
+    token_change: str | None = None
+
+    def describe(self) -> str:
+        """What takes effect now, for the log: the live keys and the token, or "nothing"."""
+        parts = [*self.changed, *([self.token_change] if self.token_change else [])]
+        return ", ".join(parts) or "nothing"
+
+
+def token_change(running: DaemonConfig, fresh: DaemonConfig) -> str | None:
+    """How the admin token differs from ``running``'s to ``fresh``'s, in words, or None.
+
+    The token lives in the file ``token_file`` names, so a rotation changes no
+    setting: it is told by comparing the tokens themselves. ``fresh``'s file is
+    read (the reload needs it anyway); ``running``'s token is the one it read at
+    start, never read again (the file now holds the new one). The words never
+    include either token.
+    """
+    new = fresh.token()
+    old = running._token  # the token read at start, not what the file holds now
+    if old is None and running.token_file is not None:
+        return None  # never read by the running daemon: nothing to compare with
+    if old == new:
+        return None
+    if old is None:
+        return "admin token required"
+    if new is None:
+        return "admin token removed"
+    return "admin token rotated"
 
 
 def plan_reload(running: DaemonConfig) -> ReloadPlan:
@@ -689,7 +723,7 @@ def plan_reload(running: DaemonConfig) -> ReloadPlan:
     configuration or its token file is bad; the caller then keeps ``running``.
     """
     fresh = running.reload()
-    fresh.token()
+    token = token_change(running, fresh)
     keep: dict[str, Any] = {}
     changed: list[str] = []
     pending: list[tuple[str, Any, Any]] = []
@@ -703,4 +737,4 @@ def plan_reload(running: DaemonConfig) -> ReloadPlan:
             pending.append((key.path, old, new))
             keep[key.field] = old
     config = fresh.replace(**keep) if keep else fresh
-    return ReloadPlan(config, tuple(changed), tuple(pending))
+    return ReloadPlan(config, tuple(changed), tuple(pending), token)

@@ -223,7 +223,7 @@ class Daemon:
                 log.exception("SIGHUP: reload callback %r failed", callback)
         log.info(
             "SIGHUP: configuration reloaded (changed: %s); %d peers stay connected",
-            ", ".join(plan.changed) or "nothing",
+            plan.describe(),  # names a new token ("admin token rotated"), never shows it
             len(self.subscribers),
         )
         log.debug("SIGHUP: running with %s", new)

@@ -389,6 +389,48 @@ def test_plan_reload_refuses_a_token_file_that_went_bad(toml: Path, token_file: 
         plan_reload(running)
 
 
+def test_plan_reload_says_the_admin_token_changed_and_never_shows_it(
+    toml: Path, token_file: Path
+) -> None:
+    """The token lives in its file, so a rotation changes no setting: the plan still says it."""
+    write(toml, f'token_file = "{token_file}"\nretention = 3\n')
+    running = load(["--config", str(toml)]).config
+    assert running.token() == TOKEN  # read at start, as the daemon does
+    assert plan_reload(running).describe() == "nothing"
+    token_file.write_text("the-token-after-a-rotation")
+    plan = plan_reload(running)
+    assert plan.changed == ()
+    assert plan.token_change == "admin token rotated"
+    assert plan.describe() == "admin token rotated"
+    write(toml, f'token_file = "{token_file}"\nretention = 4\n')
+    token_file.write_text(TOKEN)
+    rotated_back = plan_reload(plan.config)  # the token the reload read counts as the running one
+    assert rotated_back.describe() == "retention, admin token rotated"
+    assert "token-after" not in rotated_back.describe() and TOKEN not in rotated_back.describe()
+    write(toml, "retention = 4\n")
+    assert plan_reload(running).describe() == "retention, token_file, admin token removed"
+    assert plan_reload(load(["--config", str(toml)]).config).token_change is None
+    write(toml, f'token_file = "{token_file}"\n')
+    without = load(["--config", str(toml), "--retention", "4"]).config.replace(token_file=None)
+    assert plan_reload(without).describe() == "token_file, admin token required"
+
+
+def test_a_restart_only_change_keeps_the_token_the_reload_read(
+    toml: Path, token_file: Path
+) -> None:
+    """A plan that keeps a restart-only value still holds the token it read: the next reload
+    compares against that one, not against whatever the file holds by then."""
+    write(toml, f'token_file = "{token_file}"\nmax_body_bytes = 2048\n')
+    running = load(["--config", str(toml)]).config
+    running.token()
+    write(toml, f'token_file = "{token_file}"\nmax_body_bytes = 4096\n')
+    token_file.write_text("the-second-token-0001")
+    first = plan_reload(running)
+    assert first.pending and first.token_change == "admin token rotated"
+    token_file.write_text("the-third-token-000002")
+    assert plan_reload(first.config).token_change == "admin token rotated"
+
+
 # -- ctxstore config show ------------------------------------------------------------------------
 
 
@@ -577,6 +619,25 @@ def test_sighup_changes_the_log_level_live(
         assert publish(1, Context({"w": np.zeros(3)}), socket=proc.socket) == 1
         assert proc.proc.poll() is None
         assert proc.stop() == 0
+    finally:
+        sink.close()
+
+
+def test_sighup_logs_a_rotated_token_without_its_value(
+    tmp_path: Path, daemons: list[DaemonProcess], toml: Path, token_file: Path
+) -> None:
+    write(toml, f'http = "off"\ntoken_file = "{token_file}"\n')
+    sink = NotifySink()
+    try:
+        proc = _start(tmp_path, daemons, sink, "--config", str(toml))
+        sink.wait_for("READY", timeout=30)
+        new_token = "a-rotated-token-9f8e7d6c5b4a"
+        token_file.write_text(new_token)
+        during = _reload(proc, sink)
+        assert "SIGHUP: configuration reloaded (changed: admin token rotated)" in during
+        assert "changed: nothing" not in during
+        assert proc.stop() == 0
+        assert new_token not in proc.log_text() and TOKEN not in proc.log_text()
     finally:
         sink.close()
 
