@@ -16,8 +16,10 @@ to one of ``concurrency`` asyncio workers, which awaits ``run(job)``: the
 daemon's build + commit, returning the committed version. A failed attempt is
 retried after ``min(backoff_max, backoff_initial * 2**(attempt - 1)) * (0.5 +
 jitter / 2)`` seconds until ``max_attempts``; InvalidInputError,
-ConflictError and PermissionDeniedError fail the job at once (retrying a bad
-config, a model-type clash or a file outside the import roots cannot help).
+NotFoundError, ConflictError and PermissionDeniedError fail the job at once
+(retrying a bad config, a missing file, a model-type clash or a file outside
+the import roots cannot help). What can be known at submission is refused
+there instead: a file import whose file does not exist is never queued.
 
 Every SQL statement runs on the store's connections: writes through
 ``store.write_transaction()``, which shares the commit path's write lock, so
@@ -33,8 +35,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -51,7 +55,7 @@ from ctxstore.errors import (
     PermissionDeniedError,
     WaitTimeoutError,
 )
-from ctxstore.nodes import get_node_type
+from ctxstore.nodes import FileNode, Node, get_node_type
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_slot, check_version, freeze_mapping, thaw_json
 
@@ -60,9 +64,11 @@ log = logging.getLogger("ctxstore.daemon.jobs")
 JobState = Literal["pending", "processing", "done", "failed", "cancelled"]
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 FINISHED_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-#: errors that no retry can mend: the job fails on the attempt that raised them
+#: errors that no retry can mend: the job fails on the attempt that raised them (a missing
+#: file is NotFoundError: it does not appear by trying again a few seconds later)
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     InvalidInputError,
+    NotFoundError,
     ConflictError,
     PermissionDeniedError,
 )
@@ -144,6 +150,31 @@ def check_progress(progress: object) -> float:
     if not _is_number(progress) or not 0 <= progress <= 1:
         raise InvalidInputError(f"progress must be a number in [0, 1], got {progress!r:.40}")
     return float(progress)
+
+
+def check_job_inputs(node_class: type[Node], config: Mapping[str, Any]) -> None:
+    """Refuse at submission what every attempt of the build would fail on: a missing file.
+
+    ``config`` is the node's validated config. For a file import, a path that
+    does not exist is NotFoundError and one that is no regular file is
+    InvalidInputError, both naming the path as the daemon sees it (its working
+    directory, its sandbox). What cannot be told from here (a directory the
+    daemon may not search) is left to the build, which fails without retries.
+    """
+    if not issubclass(node_class, FileNode):
+        return
+    path = config["path"]
+    where = f"weights file {path!r}"
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(
+            f"{where} does not exist (the daemon opens it by this path when the job runs)"
+        ) from None
+    except (OSError, ValueError):
+        return
+    if not stat.S_ISREG(status.st_mode):
+        raise InvalidInputError(f"{where} is not a regular file")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -486,14 +517,16 @@ class JobQueue:
         """Validate and queue a build; raises before anything is stored when a part is bad.
 
         NotFoundError for an unknown node type (the message lists the known
-        ones); InvalidInputError for a bad slot, config or priority;
-        ConflictError when ``max_pending`` jobs are already waiting.
+        ones) or a file to import that does not exist (the message names it);
+        InvalidInputError for a bad slot, config or priority; ConflictError
+        when ``max_pending`` jobs are already waiting.
         """
         slot = check_slot(slot)
         node_class = get_node_type(node_type)
         plain = thaw_json(freeze_mapping(config, "job config"))
-        node_class.validate_config(plain)
+        full = node_class.validate_config(plain)
         priority = check_priority(priority)
+        check_job_inputs(node_class, full)  # last: the only check that looks at the disk
         config_json = json.dumps(plain, separators=(",", ":"), allow_nan=False)
         job = self.table.insert(
             slot,

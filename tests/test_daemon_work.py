@@ -72,6 +72,20 @@ def test_a_job_posted_over_http_builds_commits_and_is_announced(
         assert store.get_metadata(9).model_type == "cnn"
 
 
+def test_a_file_job_for_a_missing_file_is_refused_when_posted_naming_it(
+    worker: tuple[DaemonProcess, httpx.Client], tmp_path: Path
+) -> None:
+    """Not accepted and then retried until it fails: POST /jobs answers 404 with the path."""
+    _, http = worker
+    missing = tmp_path / "not-there.safetensors"
+    body = {"slot": 3, "node_type": "file", "config": {"path": str(missing)}}
+    refused = http.post("/jobs", json=body)
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["type"] == "not_found"
+    assert f"weights file '{missing}' does not exist" in refused.json()["error"]["message"]
+    assert http.get("/jobs").json()["jobs"] == []
+
+
 def test_hooks_refuse_nan_and_track_the_best_version(
     worker: tuple[DaemonProcess, httpx.Client],
 ) -> None:

@@ -207,7 +207,12 @@ def test_a_build_that_always_fails_ends_failed_after_max_attempts_with_its_error
 
 
 @pytest.mark.parametrize(
-    "error", [InvalidInputError("bad config found late"), ConflictError("model type clash")]
+    "error",
+    [
+        InvalidInputError("bad config found late"),
+        ConflictError("model type clash"),
+        NotFoundError("weights file '/srv/gone.npy' does not exist"),
+    ],
 )
 def test_a_permanent_error_fails_the_job_at_once(
     store: PersistentStore, time: FakeTime, error: Exception
@@ -688,6 +693,57 @@ def test_submit_refuses_bad_requests_before_queueing_anything(
         queue.submit(*args)
     assert queue.counts() == dict.fromkeys(JOB_STATES, 0)
     assert queue.list() == []
+
+
+def test_a_file_job_naming_a_missing_file_is_refused_at_submission_naming_it(
+    store: PersistentStore, time: FakeTime, tmp_path: Path
+) -> None:
+    """Not queued to fail three times later: the caller hears at once, and which path."""
+    queue = make_queue(store, Script(), time)
+    missing = tmp_path / "missing.npy"
+    with pytest.raises(NotFoundError, match=f"weights file '{missing}' does not exist"):
+        queue.submit(1, "file", {"path": str(missing)})
+    plain = tmp_path / "plain.npy"
+    plain.write_bytes(b"")
+    under_a_file = plain / "inner.npy"  # ENOTDIR: nothing can exist there either
+    with pytest.raises(NotFoundError, match=f"weights file '{under_a_file}' does not exist"):
+        queue.submit(1, "file", {"path": str(under_a_file)})
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(InvalidInputError, match=r"dir\.npy' is not a regular file"):
+        queue.submit(1, "file", {"path": str(tmp_path / "dir.npy")})
+    assert queue.counts() == dict.fromkeys(JOB_STATES, 0)
+    assert queue.submit(1, "file", {"path": str(plain)}).state == "pending"  # it exists
+
+
+def test_a_file_job_whose_file_is_gone_when_it_runs_fails_at_once_naming_it(
+    store: PersistentStore, time: FakeTime, tmp_path: Path
+) -> None:
+    """The file existed at submission and was removed before the build: one attempt, no
+    backoff, and the error names the path."""
+    from ctxstore.daemon.pipeline import job_runner
+
+    weights = tmp_path / "weights.npy"
+    weights.write_bytes(b"")
+
+    class NoCommits:
+        async def commit(self, slot: int, context: Any, *, model_type: str | None = None) -> int:
+            raise AssertionError("nothing was built, so nothing may be committed")
+
+    async def scenario() -> Job:
+        queue: JobQueue | None = None
+        run = job_runner(NoCommits(), lambda: queue)  # type: ignore[arg-type]
+        queue = make_queue(store, run, time)
+        job = queue.submit(4, "file", {"path": str(weights)})
+        weights.unlink()
+        await queue.start()
+        failed = await queue.wait(job.id)
+        await queue.stop()
+        return failed
+
+    job = run_async(scenario())
+    assert (job.state, job.attempts) == ("failed", 1)
+    assert job.error is not None and f"weights file '{weights}' does not exist" in job.error
+    assert time.sleeps == []
 
 
 def test_a_full_queue_refuses_more_submissions(store: PersistentStore, time: FakeTime) -> None:
