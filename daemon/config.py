@@ -332,11 +332,7 @@ class DaemonConfig:
             raise InvalidInputError(problem)
 
     def replace(self, **changes: object) -> DaemonConfig:
-        """A copy with ``changes``; it keeps the token read from the same token file."""
-        copy = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-        if copy.token_file == self.token_file and self._token is not None:
-            object.__setattr__(copy, "_token", self._token)
-        return copy
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def http_address(self) -> tuple[str, int] | None:
         """(host, port) to bind the HTTP API to, or None when ``http`` is "off"."""
@@ -736,5 +732,8 @@ def plan_reload(running: DaemonConfig) -> ReloadPlan:
         else:
             pending.append((key.path, old, new))
             keep[key.field] = old
-    config = fresh.replace(**keep) if keep else fresh
+    config = fresh
+    if keep:  # token_file is live, never kept: the copy runs with the token just read
+        config = fresh.replace(**keep)
+        object.__setattr__(config, "_token", fresh._token)
     return ReloadPlan(config, tuple(changed), tuple(pending), token)
