@@ -4,7 +4,9 @@ The socket lives on a filesystem path (never the abstract namespace) with mode
 0660 and an optional group. A file already at the path is replaced only when
 it is a socket nobody answers on (left by a crashed daemon), and only by a
 caller that holds the store's writer lock; a live daemon's socket is never
-touched, and a path that is not a socket is never deleted.
+touched, and a path that is not a socket is never deleted. What would make
+binding fail can be found before the store is opened (``check_socket_path``),
+so a daemon that cannot serve on its socket leaves no store behind.
 """
 
 from __future__ import annotations
@@ -50,9 +52,24 @@ class BoundSocket:
                 os.unlink(self.path)
 
 
+def check_socket_path(path: Path, *, group: str | None = None) -> None:
+    """Refuse now what :func:`bind_socket` would refuse, before the daemon opens its store.
+
+    InvalidInputError for a socket group that does not exist; StorageError for
+    a socket directory that cannot be made (it is made here: the daemon needs
+    it); ConflictError for a path that is not a socket, or a socket another
+    daemon listens on (named by its pid). A stale socket stays where it is:
+    only :func:`bind_socket`, called with the writer lock held, replaces it.
+    """
+    if group is not None:
+        _group_id(group)
+    _make_directory(path.parent)
+    _is_stale(path)
+
+
 def bind_socket(path: Path, *, group: str | None = None, backlog: int = 512) -> BoundSocket:
     """A listening socket at ``path`` with mode 0660 (and ``group``), replacing a stale one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    _make_directory(path.parent)
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # the socket is never reachable with looser permissions
@@ -86,27 +103,46 @@ def _group_id(group: str) -> int:
         raise InvalidInputError(f"socket group {group!r} does not exist") from None
 
 
+def _make_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno, f"cannot create the socket's directory {directory}: {exc.strerror}"
+        ) from None
+
+
 def _clear_stale(path: Path) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConflictError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
+    if _is_stale(path):
         log.warning("replacing stale socket %s left by a daemon that is gone", path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        return
+
+
+def _is_stale(path: Path) -> bool:
+    """True for a socket nobody answers on, False for no file; ConflictError for the rest."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
     except OSError as exc:
-        raise ConflictError(f"cannot tell whether socket {path} is live: {exc}") from exc
-    finally:
-        probe.close()
-    raise ConflictError(f"another daemon is listening on {path}; refusing to steal its socket")
+        raise StorageError(exc.errno, f"cannot look at socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConflictError(f"{path} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except OSError as exc:
+            raise ConflictError(f"cannot tell whether socket {path} is live: {exc}") from exc
+        holder = _PEERCRED.unpack(
+            probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )[0]
+    raise ConflictError(
+        f"another daemon is listening on {path} (pid {holder}); refusing to steal its socket"
+    )
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13

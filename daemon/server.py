@@ -1,9 +1,13 @@
 """The writer daemon: one asyncio loop serving the socket, committing, announcing.
 
-Start order: writer lock (by opening the store), version table (reclaiming a
-stale one), socket (replacing only a stale one), then READY. Stop order on
-SIGTERM / SIGINT: stop accepting, let the commit in flight finish, say
-goodbye to every peer, remove the socket and the segment, close the store.
+Start order: what needs no store (the token file, the hooks, the socket's
+group, directory and path, the HTTP address), then the writer lock (by opening
+the store), version table (reclaiming a stale one), socket (replacing only a
+stale one), then READY. A start that fails is undone quietly and raises: the
+caller says why, and a daemon refused before the store leaves none behind.
+Stop order on SIGTERM / SIGINT: stop accepting, let the commit in flight
+finish, say goodbye to every peer, remove the socket and the segment, close
+the store.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
 from .jobs import JobQueue
-from .listener import BoundSocket, PeerPolicy, bind_socket, peer_credentials
+from .listener import BoundSocket, PeerPolicy, bind_socket, check_socket_path, peer_credentials
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .subscriber import Subscriber
@@ -89,6 +93,7 @@ class Daemon:
         self._server: asyncio.Server | None = None
         self.hooks = Hooks()
         self.jobs: JobQueue | None = None
+        self.api: ApiServer | None = None
         self.on_reload: list[Callable[[DaemonConfig, DaemonConfig], None]] = [self._reload_work]
         #: when this daemon was made, on the monotonic clock (its uptime needs no /proc/stat,
         #: which systemd's ProcSubset=pid hides)
@@ -97,8 +102,39 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store, bind the sockets and serve; a failed start is undone, then raises.
+
+        What can be refused without the store is checked first (see
+        :meth:`_check_before_store`), so such a failure leaves no store
+        directory behind. The undoing logs nothing and sends no STOPPING=1: no
+        daemon ran, and the caller logs why it could not start.
+        """
+        try:
+            self._check_before_store()
+            await self._open_and_serve()
+        except BaseException as exc:
+            self.notifier.status(f"start failed: {exc}")
+            self._stop.set()
+            try:
+                await self._close("start failed")
+            except Exception:
+                log.exception("undoing a failed start failed too")
+            raise
+
+    def _check_before_store(self) -> None:
+        """Refuse what needs no store: token file, hooks, socket group and path, HTTP address."""
         config = self.config
-        self.api: ApiServer | None = None
+        config.token()
+        self.hooks = load_hooks(config)
+        check_socket_path(config.socket, group=config.socket_group)
+        address = config.http_address()
+        if address is not None:  # a taken port; bound for good once the store is open
+            from .api_server import bind as bind_http
+
+            bind_http(*address).close()
+
+    async def _open_and_serve(self) -> None:
+        config = self.config
         # Recovery of a large store can outlast systemd's start timeout: ask for more.
         self.notifier.status(f"opening store {config.store} (recovery)")
         self.notifier.extend_timeout(STORE_OPEN_ALLOWANCE)
@@ -112,7 +148,6 @@ class Daemon:
         )
         self.table.set_many(self.store.current_versions())
         self.committer = Committer(self.store, self.table, self.announce)
-        self.hooks = load_hooks(config)
         self.store.pre_commit_hooks.append(self._pre_commit)
         self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
         self.jobs = JobQueue(
@@ -257,9 +292,13 @@ class Daemon:
     async def stop(self, reason: str) -> None:
         self._stop.set()  # ends the status loop: nothing overwrites the line sent next
         self.notifier.stopping(reason)
-        api = getattr(self, "api", None)
-        if api is not None:
-            await api.stop()
+        await self._close(reason)
+        log.info("ctxstore daemon stopped: %s", reason)
+
+    async def _close(self, reason: str) -> None:
+        """Undo whatever start() did, in order; what it did not get to is skipped."""
+        if self.api is not None:
+            await self.api.stop()
         if self._server is not None:
             self._server.close()
         if self.jobs is not None:
@@ -279,7 +318,6 @@ class Daemon:
             self.table.unlink()
         if self.store is not None:
             self.store.close()
-        log.info("ctxstore daemon stopped: %s", reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -467,11 +505,9 @@ async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> 
         loop.add_signal_handler(signum, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
-        await daemon.start()
-    except BaseException:
-        await daemon.stop("start failed")
-        raise
-    await daemon.serve_until_stopped()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(signum)
+        await daemon.start()  # a failed start is undone and raises, for the caller to tell why
+        await daemon.serve_until_stopped()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)

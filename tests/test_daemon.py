@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import shutil
 import signal
@@ -275,6 +276,120 @@ def test_second_daemon_is_refused_naming_the_first(daemon: DaemonProcess, tmp_pa
     assert third.proc.wait(30) == 1
     assert "another daemon is listening" in third.log_text()
     assert RawPeer(daemon.socket).subscribe(all=True) is not None  # the live socket survived
+
+
+def failed_start(tmp_path: Path, store: Path, sock: Path, *extra: str) -> list[str]:
+    """Start a daemon that must refuse to start; its log lines (it exits by itself)."""
+    refused = start_daemon(tmp_path, store, sock, None, *extra)
+    try:
+        assert refused.proc.wait(60) == 1, refused.log_text()[-2000:]
+    finally:
+        if refused.proc.poll() is None:
+            refused.proc.kill()
+            refused.proc.wait(10)
+    return refused.log_text().splitlines()
+
+
+def assert_the_error_comes_first(lines: list[str], why: str) -> None:
+    """The ERROR saying why is the last line, and nothing claims a daemon ran and stopped."""
+    assert lines and " ERROR ctxstore.daemon: " in lines[-1] and why in lines[-1], lines
+    assert not [line for line in lines if "stopped" in line], lines
+    assert [line for line in lines if " ERROR " in line or " WARNING " in line] == lines[-1:]
+
+
+def _taken_port() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+@pytest.mark.parametrize(
+    ("setup", "why"),
+    [
+        ("hook", "cannot start: hook 'ctxstore_no_such_module:hook': cannot import"),
+        ("group", "cannot start: socket group 'ctxstore-no-such-group' does not exist"),
+        ("not-a-socket", "exists and is not a socket; refusing to replace it"),
+        ("socket-directory", "cannot create the socket's directory"),
+        ("http", "is already in use (choose another with --http HOST:PORT, or --http off)"),
+    ],
+)
+def test_a_start_refused_before_the_store_says_why_first_and_leaves_no_store(
+    tmp_path: Path, setup: str, why: str
+) -> None:
+    """Checked before the store is opened: no store directory, no segment, one ERROR line."""
+    store, sock = tmp_path / "store", tmp_path / "run" / "ctx.sock"
+    extra: list[str] = []
+    taken: socket.socket | None = None
+    if setup == "hook":
+        config = tmp_path / "ctxstore.toml"
+        config.write_text('[[hooks.pre_commit]]\ntarget = "ctxstore_no_such_module:hook"\n')
+        extra = ["--config", str(config)]
+    elif setup == "group":
+        extra = ["--socket-group", "ctxstore-no-such-group"]
+    elif setup == "not-a-socket":
+        sock.mkdir(parents=True)
+    elif setup == "socket-directory":
+        (tmp_path / "a-file").write_text("")
+        sock = tmp_path / "a-file" / "ctx.sock"
+    else:
+        taken = _taken_port()
+        extra = ["--http", f"127.0.0.1:{taken.getsockname()[1]}"]
+    try:
+        lines = failed_start(tmp_path, store, sock, *extra)
+    finally:
+        if taken is not None:
+            taken.close()
+    assert_the_error_comes_first(lines, why)
+    assert not store.exists()
+    assert not Path("/dev/shm" + segment_name(store)).exists()
+
+
+def test_a_start_refused_by_a_live_daemon_or_its_lock_says_why_first(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """The live daemon's socket is found before the store is opened, and its pid named; a
+    second daemon on the same store hears who holds the lock, first."""
+    other_store = tmp_path / "store2"
+    lines = failed_start(tmp_path, other_store, daemon.socket)
+    assert_the_error_comes_first(
+        lines, f"another daemon is listening on {daemon.socket} (pid {daemon.proc.pid})"
+    )
+    assert not other_store.exists()
+    lines = failed_start(tmp_path, daemon.store, tmp_path / "other.sock")
+    assert_the_error_comes_first(lines, f"locked by pid {daemon.proc.pid}")
+    assert RawPeer(daemon.socket).subscribe(all=True) is not None  # the live daemon serves on
+
+
+def test_a_failed_start_in_process_undoes_what_it_did(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port taken after the store opened: the store is closed again (its lock released), the
+    segment and the socket are gone, the error reaches the caller, and no stop is logged."""
+    taken = _taken_port()
+    config = DaemonConfig(
+        store=tmp_path / "store", socket=tmp_path / "ctx.sock", http="127.0.0.1:0"
+    )
+
+    class PortTakenMeanwhile(Daemon):
+        def _check_before_store(self) -> None:
+            super()._check_before_store()
+            self.config = self.config.replace(http=f"127.0.0.1:{taken.getsockname()[1]}")
+
+    async def main() -> None:
+        with pytest.raises(CtxStoreError, match="already in use"):
+            await PortTakenMeanwhile(config, notifier=Notifier(environ={})).start()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="ctxstore.daemon"):
+            asyncio.run(main())
+    finally:
+        taken.close()
+    assert not [r for r in caplog.records if "stopped" in r.getMessage()], caplog.text
+    assert not (tmp_path / "ctx.sock").exists()
+    assert not Path("/dev/shm" + segment_name(tmp_path / "store")).exists()
+    with PersistentStore(tmp_path / "store") as store:  # the writer lock was released
+        assert store.current_versions() == {}
 
 
 def test_stale_socket_and_segment_are_reclaimed_after_sigkill(tmp_path: Path) -> None:
