@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -42,6 +43,11 @@ def config_from_args(
 
 
 def main(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM or SIGINT; 0 after an orderly stop, 1 when it cannot start.
+
+    A start that fails logs one ERROR saying why (nothing claims a daemon
+    stopped: none ran). This is the process's last act: the interpreter exits next.
+    """
     setup_logging(config.log_level, config.log_format)
     try:
         config.token()  # an unreadable or weak token file stops the start, not the first request
@@ -55,4 +61,19 @@ def main(config: DaemonConfig) -> int:
     except CtxStoreError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        _spare_the_exit()
     return 0
+
+
+def _spare_the_exit() -> None:
+    """Keep the interpreter's teardown from walking every object with the garbage collector.
+
+    Finalization runs the cyclic collector several times while it clears the
+    modules, each run over every object still alive; with the HTTP stack loaded
+    that was most of an idle daemon's stop (about 0.2 s of CPU here against
+    0.13 s for everything else; seconds on a slow or busy host). Frozen objects
+    are skipped. Nothing needs them collected: the orderly stop closed every
+    file, socket, segment and the store, and the memory goes with the process.
+    """
+    gc.freeze()
