@@ -474,7 +474,7 @@ def test_config_show_refuses_a_bad_configuration(
     assert cli_main(["config", "show", "--config", str(toml)]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"ctxstore config: error: config file {toml}: retention = -2: "
+        f"ctxstore config show: error: config file {toml}: retention = -2: "
         "must be between 1 and 1000000\n"
     )
 
