@@ -415,6 +415,10 @@ class PersistentStore:
                     f"slot {slot} holds model type {stored_type!r}, not {model_type!r}"
                 )
             new = _NewVersion(slot, version, context, model_type, aliases, pin)
+            # Forgotten until this commit returns: whatever interrupts it (a failed
+            # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
+            # the next commit to read the number from the index.
+            self._slot_heads.pop(slot, None)
             retired, linked = self._commit(conn, new)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
             crash_point("committed")
@@ -467,7 +471,7 @@ class PersistentStore:
         if staging is None:
             staging = str(layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}")
             make_dir(staging, durable=False)
-        reached_commit = False
+        placed = reached_commit = False
         try:
             with self._settling_transaction(conn, (new.slot, new.version)):
                 # Staged inside the transaction, so dedup's lookups share its snapshot
@@ -483,15 +487,19 @@ class PersistentStore:
                 # directory beside the slot directory after the rename added 0.08 ms).
                 fsync_dir(staging)
                 crash_point("staged")
-                self._place(staging, new.slot, new.version)
+                slot_dir = self._place(staging, new.slot, new.version)
+                placed = True
+                crash_point("renamed")
+                fsync_dir(slot_dir)  # the version directory's entry in it
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:
             self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
-            self._slot_heads.pop(new.slot, None)  # a failed COMMIT may yet have happened
             if not reached_commit:  # no COMMIT ran: nothing of this version can come back
-                remove_tree(staging)
-                remove_tree(layout.version_dir(self.root, new.slot, new.version))
+                # Only what this call made: a directory of that number that it did not
+                # rename into place belongs to a version committed before it.
+                remove_tree(layout.version_dir(self.root, new.slot, new.version)
+                            if placed else staging)  # fmt: skip
             raise
         return retired, linked
 
@@ -515,9 +523,10 @@ class PersistentStore:
                 remove_tree(layout.version_dir(self.root, slot, version))
             self._unsettled.discard((slot, version))
 
-    def _place(self, staging: str, slot: int, version: int) -> None:
+    def _place(self, staging: str, slot: int, version: int) -> str:
         """Step 3: rename the staging directory (its files and entries already
-        durable) into place, then fsync the slot directory: its new entry.
+        durable) into place; returns the slot directory, whose new entry the
+        caller makes durable.
 
         The staging directory's own creation and its removal from wal/ need not
         be durable: recovery deletes whatever wal/ holds.
@@ -531,8 +540,7 @@ class PersistentStore:
             fsync_dir(os.path.dirname(slot_dir))
             self._slot_dirs.add(slot)
         rename_dir(staging, f"{slot_dir}/{version}")
-        crash_point("renamed")
-        fsync_dir(slot_dir)
+        return slot_dir
 
     def _stage(
         self, staging: str, context: Context

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,6 +140,55 @@ def test_version_numbers_and_model_type_follow_the_index_across_failures_and_reo
             store.save_context(3, ctx, model_type="cnn")
         assert store.save_context(3, ctx) == 4
         assert store.get_metadata(3).model_type == "llm"
+
+
+def test_a_commit_interrupted_after_its_commit_point_keeps_its_number_and_files(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt right after COMMIT (in a notebook that goes on using the
+    store): the version is committed, and the next commit takes the next number
+    instead of reusing its number and removing its files."""
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.zeros(4)}))
+        real_commit = store._commit
+
+        def interrupted(*args: Any) -> Any:
+            real_commit(*args)
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "_commit", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                store.save_context(1, Context({"w": np.ones(4)}))
+        assert store.save_context(1, Context({"w": np.full(4, 2.0)})) == 3
+        assert store.load_context(1, 2)["w"].tolist() == [1.0] * 4
+        assert store.verify() == []
+
+
+def test_a_commit_reported_failed_but_durable_is_not_numbered_twice(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT wrote and synced, then reported an error: the settling write finds the
+    row, keeps the version, and the next commit is numbered after it."""
+    import ctxstore.store as store_module
+
+    real_transaction = store_module.transaction
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.zeros(4)}))
+
+        @contextlib.contextmanager
+        def commits_then_fails(conn: Any) -> Iterator[Any]:
+            with real_transaction(conn):
+                yield conn
+            raise StorageError(5, "COMMIT reported an error (injected)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "transaction", commits_then_fails)
+            with pytest.raises(StorageError, match="injected"):
+                store.save_context(1, Context({"w": np.ones(4)}))
+        assert store.save_context(1, Context({"w": np.full(4, 2.0)})) == 3
+        assert store.load_context(1, 2)["w"].tolist() == [1.0] * 4
+        assert store.verify() == []
 
 
 def test_loaded_config_and_metadata_are_immutable_all_the_way_down(
