@@ -62,7 +62,12 @@ def check_socket_path(path: Path, *, group: str | None = None) -> None:
     only :func:`bind_socket`, called with the writer lock held, replaces it.
     """
     if group is not None:
-        _group_id(group)
+        gid = _group_id(group)
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise InvalidInputError(
+                f"socket group {group!r}: the daemon's user (uid {os.geteuid()}) is not a "
+                "member of it, so it cannot give the socket to that group"
+            )
     _make_directory(path.parent)
     _is_stale(path)
 
@@ -85,10 +90,16 @@ def bind_socket(path: Path, *, group: str | None = None, backlog: int = 512) -> 
         if group is not None:
             os.chown(path, -1, _group_id(group))
         sock.listen(backlog)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
+        if isinstance(exc, OSError):
+            raise StorageError(
+                exc.errno,
+                f"cannot set up socket {path} (mode 0{SOCKET_MODE:o}"
+                f"{f', group {group!r}' if group is not None else ''}): {exc.strerror}",
+            ) from exc
         raise
     sock.setblocking(False)
     return BoundSocket(sock, path, os.lstat(path).st_ino)

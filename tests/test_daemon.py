@@ -297,6 +297,32 @@ def assert_the_error_comes_first(lines: list[str], why: str) -> None:
     assert [line for line in lines if " ERROR " in line or " WARNING " in line] == lines[-1:]
 
 
+def test_a_socket_group_the_user_cannot_use_is_refused_with_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a member of the group: refused before the store is opened, naming the group;
+    and a chown the kernel refuses anyway is a StorageError naming it, not a bare OSError."""
+    from ctxstore import InvalidInputError, StorageError
+    from ctxstore.daemon import listener
+
+    sock = tmp_path / "run" / "ctx.sock"
+    with monkeypatch.context() as patch:
+        patch.setattr(listener.os, "geteuid", lambda: 4321)
+        patch.setattr(listener.os, "getegid", lambda: 4321)
+        patch.setattr(listener.os, "getgroups", lambda: [4321])
+        with pytest.raises(InvalidInputError, match=r"socket group '0': .* not a member"):
+            listener.check_socket_path(sock, group="0")
+        listener.check_socket_path(sock, group="4321")  # its own group is fine
+
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(listener.os, "chown", refused)
+    with pytest.raises(StorageError, match=r"group '0'\): Operation not permitted"):
+        listener.bind_socket(sock, group="0")
+    assert not sock.exists()
+
+
 def _taken_port() -> socket.socket:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
