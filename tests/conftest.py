@@ -14,6 +14,21 @@ import pytest
 from ctxstore import layout
 from ctxstore.store import PersistentStore
 
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9)"  # PR_SET_PDEATHSIG, SIGKILL
+    "; os.getppid() == int(sys.argv[1]) or os._exit(70)"  # the parent died before prctl
+    "; os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def dies_with_pytest(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel SIGKILLs it when the thread that started it dies,
+    however it dies (a crash, a SIGKILL, a CI timeout), where fixtures' clean-up never
+    runs: a daemon once outlived a killed run by an hour. The setting survives the
+    exec; a ``preexec_fn`` would do the same, but is unsafe beside the tests' threads.
+    Only for children started from the main thread."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

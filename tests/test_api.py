@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import dies_with_pytest
 
 from ctxstore import Context
 from ctxstore.client import publish
@@ -949,8 +950,9 @@ def _start_process(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes]
     log = tmp_path / f"daemon-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"),
-             "--socket", str(tmp_path / "ctx.sock"), *extra],
+            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
+                              str(tmp_path / "store"), "--socket", str(tmp_path / "ctx.sock"),
+                              *extra]),
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     return proc, log

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dies_with_pytest
 from test_notify import NotifySink
 
 from ctxstore import Context, CtxStoreError, RemoteError
@@ -61,8 +62,8 @@ def start_daemon(
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(store),
-             "--socket", str(sock), *extra],
+            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
+                              str(store), "--socket", str(sock), *extra]),
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     return DaemonProcess(proc, store, sock, log)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wal_leftovers
+from conftest import dies_with_pytest, wal_leftovers
 from test_daemon import wait_for_socket
 
 from ctxstore import Context, CtxStoreError, layout
@@ -167,9 +167,11 @@ class Rig:
         self.log.write(f"--- start {self.starts} crash_at={crash_at} after={after}\n".encode())
         self.log.flush()
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(self.store),
-             "--socket", str(self.sock), "--http", "off", "--retention", RETENTION,
-             "--log-level", "WARNING"],
+            dies_with_pytest(
+                [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(self.store),
+                 "--socket", str(self.sock), "--http", "off", "--retention", RETENTION,
+                 "--log-level", "WARNING"]
+            ),
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         self.starts += 1
@@ -181,7 +183,9 @@ class Rig:
         slots = ",".join(map(str, SLOTS))
         for i in range(N_READERS):
             argv = [sys.executable, "-c", READER, str(self.store), str(self.sock), f"r{i}", slots]
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                dies_with_pytest(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
             self.readers.append(proc)
         for proc in self.readers:
             assert proc.stdout is not None
