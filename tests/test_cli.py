@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, start_daemon, wait_for_socket
+from test_daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context, PersistentStore, RemoteError, cli
 from ctxstore.messages import Error
 from ctxstore.protocol import encode_frame
-from ctxstore.versiontable import segment_name
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -137,21 +136,8 @@ def test_versions_marks_the_current_one_and_shows_pins_and_aliases(
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock")
-    try:
-        wait_for_socket(proc.socket, proc.proc)
+    with running_daemon(tmp_path) as proc:
         yield proc
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
 
 
 #: what the old messages began with: a request's wire field, or the daemon's error kind

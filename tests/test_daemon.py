@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -82,6 +83,27 @@ def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 
         finally:
             probe.close()
     raise AssertionError(f"daemon socket {sock} never accepted a connection")
+
+
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, *extra: str) -> Iterator[DaemonProcess]:
+    """A daemon on a store in ``tmp_path``, stopped (SIGTERM, then SIGKILL) and its
+    version-table segment removed when the block ends."""
+    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock", None, *extra)
+    try:
+        wait_for_socket(proc.socket, proc.proc)
+        yield proc
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.terminate()
+            try:
+                proc.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.proc.kill()
+                proc.proc.wait(10)
+        shm = Path("/dev/shm" + segment_name(proc.store))
+        if shm.exists():
+            shm.unlink()
 
 
 @pytest.fixture

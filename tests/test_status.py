@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, start_daemon, wait_for_socket
+from test_daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context
 from ctxstore.cli import main
@@ -258,21 +258,8 @@ def test_status_messages_round_trip() -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock")
-    try:
-        wait_for_socket(proc.socket, proc.proc)
+    with running_daemon(tmp_path) as proc:
         yield proc
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
 
 
 def _args(daemon: DaemonProcess, *rest: str) -> list[str]:
