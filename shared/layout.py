@@ -54,6 +54,11 @@ def slot_dir_str(root: str, slot: int) -> str:
     return f"{root}/{SLOTS_DIR}/{slot}"
 
 
+def version_dir_str(root: str, slot: int, version: int) -> str:
+    """:func:`version_dir` in the commit path's form."""
+    return f"{root}/{SLOTS_DIR}/{slot}/{version}"
+
+
 def tensor_file_name(position: int) -> str:
     return f"{position}.npy"
 

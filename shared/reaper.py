@@ -48,9 +48,17 @@ class Reaper:
         """False in a forked child, which has no copy of the thread."""
         return self._pid == os.getpid() and self._thread.is_alive()
 
-    def remove(self, path: Path) -> None:
-        """Delete ``path`` (a directory that nothing reaches any more) soon."""
-        self.soon(lambda: remove_tree(path))
+    def remove(self, *paths: str | Path, then: Callable[[], object] | None = None) -> None:
+        """Delete ``paths`` (directories that nothing reaches any more) soon, then run
+        ``then``: one chore, so one wake-up of the thread."""
+
+        def chore() -> None:
+            for path in paths:
+                remove_tree(path)
+            if then is not None:
+                then()
+
+        self.soon(chore)
 
     def soon(self, chore: Callable[[], object]) -> None:
         """Run ``chore`` on the thread; its failure is logged, and nothing waits for it."""

@@ -21,7 +21,6 @@ ever follow rows, so they see whole versions or nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -539,7 +539,7 @@ class PersistentStore:
             make_dir(slot_dir, durable=False)
             fsync_dir(os.path.dirname(slot_dir))
             self._slot_dirs.add(slot)
-        rename_dir(staging, f"{slot_dir}/{version}")
+        rename_dir(staging, layout.version_dir_str(self._root_str, slot, version))
         return slot_dir
 
     def _stage(
@@ -957,16 +957,8 @@ class PersistentStore:
         if doomed:
             crash_point("retiring")
         if doomed or then is not None:
-            self._reaper_thread().soon(functools.partial(self._remove_versions, doomed, then))
-
-    def _remove_versions(
-        self, doomed: list[tuple[int, int]], then: Callable[[], object] | None
-    ) -> None:
-        """On the reaper thread: delete retired versions' directories, then run ``then``."""
-        for slot, version in doomed:
-            remove_tree(layout.version_dir(self.root, slot, version))
-        if then is not None:
-            then()
+            paths = [layout.version_dir_str(self._root_str, slot, v) for slot, v in doomed]
+            self._reaper_thread().remove(*paths, then=then)
 
     def _reaper_thread(self) -> Reaper:
         reaper = self._reaper
@@ -1125,7 +1117,7 @@ _MEMO_ENTRIES = 256
 _MEMO_MAX_LEN = 256 << 10
 
 
-@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+@lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     manifest = unpack_manifest(blob)
     try:
@@ -1154,7 +1146,7 @@ def _read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     return _memo_read_plan(blob)
 
 
-@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+@lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
     try:
         return tuple(
@@ -1220,7 +1212,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
 
 
-_memo_json = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
+_memo_json = lru_cache(maxsize=_MEMO_ENTRIES)(_decode_json)
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
