@@ -35,10 +35,8 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -55,7 +53,7 @@ from ctxstore.errors import (
     PermissionDeniedError,
     WaitTimeoutError,
 )
-from ctxstore.nodes import FileNode, Node, get_node_type
+from ctxstore.nodes import get_node_type
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_slot, check_version, freeze_mapping, thaw_json
 
@@ -150,31 +148,6 @@ def check_progress(progress: object) -> float:
     if not _is_number(progress) or not 0 <= progress <= 1:
         raise InvalidInputError(f"progress must be a number in [0, 1], got {progress!r:.40}")
     return float(progress)
-
-
-def check_job_inputs(node_class: type[Node], config: Mapping[str, Any]) -> None:
-    """Refuse at submission what every attempt of the build would fail on: a missing file.
-
-    ``config`` is the node's validated config. For a file import, a path that
-    does not exist is NotFoundError and one that is no regular file is
-    InvalidInputError, both naming the path as the daemon sees it (its working
-    directory, its sandbox). What cannot be told from here (a directory the
-    daemon may not search) is left to the build, which fails without retries.
-    """
-    if not issubclass(node_class, FileNode):
-        return
-    path = config["path"]
-    where = f"weights file {path!r}"
-    try:
-        status = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFoundError(
-            f"{where} does not exist (the daemon opens it by this path when the job runs)"
-        ) from None
-    except (OSError, ValueError):
-        return
-    if not stat.S_ISREG(status.st_mode):
-        raise InvalidInputError(f"{where} is not a regular file")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -526,7 +499,7 @@ class JobQueue:
         plain = thaw_json(freeze_mapping(config, "job config"))
         full = node_class.validate_config(plain)
         priority = check_priority(priority)
-        check_job_inputs(node_class, full)  # last: the only check that looks at the disk
+        node_class.check_inputs(full)  # last: the only check that looks at the disk
         config_json = json.dumps(plain, separators=(",", ":"), allow_nan=False)
         job = self.table.insert(
             slot,

@@ -212,6 +212,12 @@ class Node(abc.ABC):
     def check_config(cls, config: dict[str, Any]) -> None:
         """Rules that span several keys; may fill in derived defaults. Raise InvalidInputError."""
 
+    @classmethod  # noqa: B027 - an optional hook, empty by design
+    def check_inputs(cls, config: Mapping[str, Any]) -> None:
+        """Refuse now what every build from this validated config would fail on (a file
+        to import that does not exist): a queued job is refused at submission instead of
+        failing when it runs. Raise a CtxStoreError naming what is wrong."""
+
     @property
     def slot(self) -> int:
         return self._slot

@@ -166,7 +166,7 @@ def _open_regular(path: str, where: str) -> IO[bytes]:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a path through a file)
         raise NotFoundError(f"{where} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"{where} cannot be opened: {exc}") from None
@@ -566,6 +566,12 @@ class FileNode(Node):
     def check_config(cls, config: dict[str, Any]) -> None:
         if config["format"] == "auto":
             detect_format(config["path"])
+
+    @classmethod
+    def check_inputs(cls, config: Mapping[str, Any]) -> None:
+        """The file must exist and be a regular file, as the build will open it."""
+        path = config["path"]
+        _open_regular(path, f"weights file {path!r}").close()
 
     def read(self) -> WeightsFile:
         c = self.config
