@@ -266,14 +266,12 @@ def _not_json(error: Mapping[str, Any], body: object) -> str:
     """``request body is not valid JSON: Expecting value at line 1 column 1``."""
     reason = str((error.get("ctx") or {}).get("error", "cannot parse it"))
     loc = tuple(error.get("loc") or ())
-    position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
-    if position is None:
+    position = loc[1] if len(loc) > 1 else None
+    if not isinstance(position, int) or not isinstance(body, str):  # (FastAPI gives both)
         return f"request body is not valid JSON: {reason}"
-    if isinstance(body, str):
-        line = body.count("\n", 0, position) + 1
-        column = position - body.rfind("\n", 0, position)
-        return f"request body is not valid JSON: {reason} at line {line} column {column}"
-    return f"request body is not valid JSON: {reason} at character {position + 1}"
+    line = body.count("\n", 0, position) + 1
+    column = position - body.rfind("\n", 0, position)
+    return f"request body is not valid JSON: {reason} at line {line} column {column}"
 
 
 def unreadable_body(cause: BaseException | None) -> InvalidInputError | None:

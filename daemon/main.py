@@ -50,7 +50,6 @@ def main(config: DaemonConfig) -> int:
     """
     setup_logging(config.log_level, config.log_format)
     try:
-        config.token()  # an unreadable or weak token file stops the start, not the first request
         if config.loader is not None:
             source = config.loader.config_file(os.environ)
             log.info("configuration: %s", source or "no file (defaults, environment, flags)")

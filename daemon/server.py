@@ -124,7 +124,7 @@ class Daemon:
     def _check_before_store(self) -> None:
         """Refuse what needs no store: token file, hooks, socket group and path, HTTP address."""
         config = self.config
-        config.token()
+        config.token()  # an unreadable or weak token file stops the start, not the first request
         self.hooks = load_hooks(config)
         check_socket_path(config.socket, group=config.socket_group)
         address = config.http_address()
@@ -487,11 +487,18 @@ class Daemon:
         """Offer ``announce`` to every subscriber that covers its slot; never waits."""
         assert self.store is not None
         groups_of = functools.cache(self.store.hierarchy.get_groups)
-        frame = encode_frame(announce, max_frame_size=self.config.max_frame_size)
+        frame: bytes | None = None
         told = []
         for subscriber in list(self.subscribers.values()):
             if subscriber.subscriptions.covers(announce.slot, groups_of):
-                subscriber.offer(announce, frame)  # encoded once: 10 us saved per subscriber
+                if frame is None:  # encoded once, and only when someone wants it
+                    try:
+                        frame = encode_frame(announce, max_frame_size=self.config.max_frame_size)
+                    except CtxStoreError as exc:  # the version is committed all the same
+                        log.error("slot %d version %d is not announced: %s",
+                                  announce.slot, announce.version, exc)  # fmt: skip
+                        break
+                subscriber.offer(announce, frame)
                 told.append(subscriber.session)
         if self.api is not None:
             self.api.announced(announce, told)
