@@ -438,7 +438,11 @@ class Daemon:
             )
 
     async def _send_status(self, sub: Subscriber, request_id: int) -> None:
-        """Answer StatusRequest: the process, every peer, every slot (SQL off the loop)."""
+        """Answer StatusRequest: the process, every other peer, every slot (SQL off the loop).
+
+        The asking connection is left out of the rows and the counts: it wants to
+        know who else is there, and its row would take a place another's could have.
+        """
         assert self.store is not None and self.committer is not None
         store = self.store
         daemon = {
@@ -447,7 +451,7 @@ class Daemon:
             "store": str(store.root),
             "socket": str(self.config.socket),
             "commits": self.committer.commits,
-            "subscribers": len(self.subscribers),
+            "subscribers": len(self.subscribers) - 1,  # the others: not the asker
             "version_table": segment_name(store.root),
         }
         fleet, max_frame_size = self.fleet, self.config.max_frame_size
@@ -456,7 +460,8 @@ class Daemon:
             # Anything that fails in here is answered with an error frame: a status request
             # is never left unanswered.
             slots, total = slot_rows(store)
-            readers = reader_rows(fleet.snapshot(), store.current_versions(), time.time())
+            others = [peer for peer in fleet.snapshot() if peer.session != sub.session]
+            readers = reader_rows(others, store.current_versions(), time.time())
             return build_status(
                 request_id, daemon, readers, slots, slots_total=total, max_frame_size=max_frame_size
             )

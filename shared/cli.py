@@ -394,12 +394,11 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _status_text(args: argparse.Namespace, status: Status, session: int) -> str:
-    """What one refresh prints: the status without this command's own connection."""
-    from .status import format_status, without_session
+def _status_text(args: argparse.Namespace, status: Status) -> str:
+    """What one refresh prints (the daemon leaves this command's own connection out)."""
+    from .status import format_status
     from .validation import thaw_json
 
-    status = without_session(status, session)
     if not args.json:
         return format_status(status)
     body = {
@@ -440,7 +439,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 client = client or DaemonClient(
                     socket_path(args), name="ctxstore-status", role="admin", timeout=10.0
                 )
-                text = _status_text(args, client.status(), client.session)
+                text = _status_text(args, client.status())
             except CtxStoreError as exc:
                 if not args.watch:
                     raise

@@ -82,8 +82,6 @@ class DaemonClient:
             self._sock.close()
             raise
         self.daemon_pid = welcome.daemon_pid
-        #: the daemon's id for this connection: the ``session`` of its row in a Status
-        self.session = welcome.session
 
     def _handshake(self, role: str, name: str) -> Welcome:
         self._send(Hello(role=role, name=name, pid=os.getpid()))

@@ -5,19 +5,18 @@ Two halves, both pure so that tests need no daemon:
 - the daemon's side turns its fleet snapshot and the store's slot listing into
   the rows of a :class:`~ctxstore.messages.Status` frame (:func:`reader_rows`,
   :func:`slot_rows`) and trims them to fit one frame (:func:`build_status`);
-- the command line's side takes its own connection out of a Status
-  (:func:`without_session`), turns it into text tables (:func:`format_status`)
-  and a version event into one line (:func:`format_event`).
+- the command line's side turns a Status into text tables
+  (:func:`format_status`) and a version event into one line
+  (:func:`format_event`).
 
-Rows are plain JSON-like maps, so ``status --json`` prints what travelled, less
-the asking connection.
+Rows are plain JSON-like maps, so ``status --json`` prints what travelled. The
+daemon leaves the asking connection out of them and out of the counts.
 Wire maps only have string keys: per-slot maps in a reader row are keyed by
 the slot number as a string.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -195,48 +194,11 @@ def _rows_that_fit(rows: Sequence[Mapping[str, Any]], budget: int) -> tuple[int,
 # -- the command line's side ----------------------------------------------------------------------
 
 
-def without_session(status: Status, session: int) -> Status:
-    """``status`` without the connection that asked for it (``session``, from its Welcome).
-
-    The daemon answers with every connection it has, the asker's among them:
-    the asker said hello before asking, so it is always counted in
-    ``subscribers`` and ``readers_total``, and its row (the one with its
-    ``session``) is among ``readers`` unless trimming left it out. Those counts,
-    ``readers_shown`` and ``truncated`` are corrected to match. A status whose
-    counts cannot hold the asker (no row of its session, and nothing trimmed:
-    not an answer to this connection) is returned as it is.
-    """
-    daemon = dict(status.daemon)
-    readers = tuple(row for row in status.readers if row.get("session") != session)
-    dropped = len(status.readers) - len(readers)
-    if not (dropped or _trimmed(daemon, "readers")):
-        return status
-    for key, less in (("subscribers", 1), ("readers_total", 1), ("readers_shown", dropped)):
-        value = _count(daemon, key)
-        if value is not None:
-            daemon[key] = max(0, value - less)
-    readers_trimmed, slots_trimmed = _trimmed(daemon, "readers"), _trimmed(daemon, "slots")
-    if "truncated" in daemon and readers_trimmed is not None and slots_trimmed is not None:
-        daemon["truncated"] = readers_trimmed or slots_trimmed
-    return dataclasses.replace(status, daemon=daemon, readers=readers)
-
-
-def _count(daemon: Mapping[str, Any], key: str) -> int | None:
-    value = daemon.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _trimmed(daemon: Mapping[str, Any], table: str) -> bool | None:
-    """Whether ``table`` lost rows to trimming; None when the counts are missing."""
-    total, shown = _count(daemon, f"{table}_total"), _count(daemon, f"{table}_shown")
-    return None if total is None or shown is None else shown < total
-
-
 def format_status(status: Status) -> str:
     """The daemon line, the readers table and the slots table, as ``ctxstore status`` prints.
 
     Peers whose role is not ``reader`` (publishers, admin tools) get one line,
-    not a row. The asking connection is taken out first (:func:`without_session`).
+    not a row.
     """
     daemon = status.daemon
     readers = [row for row in status.readers if row.get("role") == "reader"]
@@ -451,5 +413,4 @@ __all__ = [
     "mib",
     "reader_rows",
     "slot_rows",
-    "without_session",
 ]

@@ -34,7 +34,6 @@ from ctxstore.status import (
     format_status,
     held_text,
     reader_rows,
-    without_session,
 )
 from ctxstore.versiontable import segment_name
 
@@ -113,7 +112,6 @@ def test_format_status_tables() -> None:
         [
             Peer(1, pid=11, name="w1", held={(3, 1), (3, 2)}, pss=5 << 20),
             Peer(2, pid=12, name="w2", held={(3, 1)}, pss=7 << 20),
-            Peer(3, pid=os.getpid(), name="ctxstore-status", role="admin"),
             Peer(4, pid=13, name="trainer", role="publisher"),
         ],
         {3: 2},
@@ -121,16 +119,15 @@ def test_format_status_tables() -> None:
     )
     status = build_status(
         1,
-        {"pid": 812, "uptime_s": 3725.0, "commits": 4, "subscribers": 4, "store": "/s"},
+        {"pid": 812, "uptime_s": 3725.0, "commits": 4, "subscribers": 3, "store": "/s"},
         readers,
         [_slot(3), {**_slot(4), "aliases": {}, "model_type": None}],
         max_frame_size=1 << 20,
     )
-    text = format_status(without_session(status, 3))
+    text = format_status(status)
     assert "daemon pid 812, up 1h02m, 4 commits this run, 3 connections" in text
     assert "total PSS 12.0 MiB" in text
     assert "also connected: trainer (publisher)" in text
-    assert "ctxstore-status" not in text  # the asking process
     lines = text.splitlines()
     w1 = next(line.split() for line in lines if " w1 " in line)
     w2 = next(line.split() for line in lines if " w2 " in line)
@@ -138,47 +135,6 @@ def test_format_status_tables() -> None:
     assert w2[:4] == ["12", "w2", "3:v1", "1"]
     assert ["3", "llm", "2", "3", "3", "best=2"] in [line.split() for line in lines]
     assert ["4", "-", "2", "3", "3", "-"] in [line.split() for line in lines]
-
-
-def test_without_session_leaves_out_the_asking_connection_and_its_counts() -> None:
-    readers = reader_rows(
-        [Peer(1, held={(1, 1)}), Peer(2, role="publisher"), Peer(5, role="admin")], {1: 1}, 50.0
-    )
-    status = build_status(
-        4, {"pid": 9, "subscribers": 3}, readers, [_slot(1)], max_frame_size=1 << 20
-    )
-    mine = without_session(status, 5)
-    assert [row["session"] for row in mine.readers] == [1, 2]
-    assert {key: mine.daemon[key] for key in ("subscribers", "readers_total", "readers_shown")} == {
-        "subscribers": 2,
-        "readers_total": 2,
-        "readers_shown": 2,
-    }
-    assert (mine.daemon["truncated"], mine.daemon["pid"], mine.slots) == (False, 9, status.slots)
-    assert "2 connections" in format_status(mine)
-    # No row of that session and nothing trimmed: not this connection's answer, left alone.
-    assert without_session(status, 77) == status
-
-
-def test_without_session_when_trimming_left_the_askers_row_out() -> None:
-    """The asker's session is the newest, so its row is the first that trimming cuts."""
-    peers = [Peer(i, name="w" * 200, held={(1, 1)}) for i in range(1, 40)]
-    readers = reader_rows([*peers, Peer(40, role="admin")], {1: 1}, 50.0)
-    status = build_status(1, {"subscribers": 40}, readers, [], max_frame_size=4096)
-    shown = status.daemon["readers_shown"]
-    assert 0 < shown < 40 and status.daemon["truncated"] is True
-    mine = without_session(status, 40)
-    assert mine.readers == status.readers
-    assert (mine.daemon["subscribers"], mine.daemon["readers_total"]) == (39, 39)
-    assert mine.daemon["readers_shown"] == shown and mine.daemon["truncated"] is True
-    # Only the asker's row was cut: without it, nothing is missing.
-    whole = build_status(1, {"subscribers": 3}, readers[:3], [], max_frame_size=1 << 20)
-    cut = Status(
-        request_id=1,
-        daemon={**whole.daemon, "readers_shown": 2, "truncated": True},
-        readers=whole.readers[:2],
-    )
-    assert without_session(cut, 3).daemon["truncated"] is False
 
 
 def test_small_formatters() -> None:
