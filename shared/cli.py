@@ -22,6 +22,7 @@ from .errors import (
     InvalidInputError,
     NotFoundError,
     RemoteError,
+    WaitTimeoutError,
     WriterLockedError,
 )
 from .paths import default_socket_path, default_store_dir
@@ -36,12 +37,6 @@ if TYPE_CHECKING:
     from .messages import Status
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class CommandError(CtxStoreError):
-    """A command could not do what it was asked; the message says why (exit status 1)."""
-
-    kind = "command"
 
 
 def error_message(exc: BaseException) -> str:
@@ -372,7 +367,7 @@ def run_bench(argv: Sequence[str]) -> int:
     root = find_bench_checkout()
     missing = [name for name in BENCH_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
-        raise CommandError(f"the harness needs {', '.join(missing)}: pip install '{root}[bench]'")
+        raise NotFoundError(f"the harness needs {', '.join(missing)}: pip install '{root}[bench]'")
     return subprocess.call([sys.executable, "-m", "bench", *argv], cwd=root)
 
 
@@ -521,7 +516,7 @@ def _watch_timed_out(args: argparse.Namespace, announced: int) -> int:
     """--timeout ran out: fine without --count, an error when the count was not reached."""
     if args.count is None:
         return 0
-    raise CommandError(
+    raise WaitTimeoutError(
         f"{announced} of {args.count} announcements in {args.timeout:g}s (--timeout ran out "
         "before --count was reached)"
     )
