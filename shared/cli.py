@@ -8,6 +8,7 @@ package lazily so that ``ctxstore verify`` never pulls in the server stack.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -135,16 +136,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
             "slot": args.slot,
             "current_version": current,
             "versions": [
-                {
-                    "version": v.version,
-                    "current": v.version == current,
-                    "pinned": v.pinned,
-                    "aliases": list(v.aliases),
-                    "n_tensors": v.n_tensors,
-                    "nbytes": v.nbytes,
-                    "created_at": v.created_at,
-                }
-                for v in versions
+                {**dataclasses.asdict(v), "current": v.version == current} for v in versions
             ],
         }
         print(json.dumps(body, indent=2))
