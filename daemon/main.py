@@ -50,6 +50,7 @@ def main(config: DaemonConfig) -> int:
     """
     setup_logging(config.log_level, config.log_format)
     try:
+        config.token()  # first: a bad token file is the one line a failed start logs
         if config.loader is not None:
             source = config.loader.config_file(os.environ)
             log.info("configuration: %s", source or "no file (defaults, environment, flags)")
