@@ -7,37 +7,42 @@ is bumped, and only then are subscribers told. Inputs named by a peer are
 read only if that peer owns them: the daemon never reads on a client's
 behalf what the client could not read itself. Files are read only from
 under the import roots, when they are set.
+
+A shared-memory segment is copied into the daemon's own memory with reads
+that cannot fault (:mod:`.segments`), inside the commit lock so that one
+publish's copy is held at a time, and the commit works from that copy: what
+the hooks vet is what the store hashes and writes. A publish with a key is
+committed at most once (:mod:`.idempotency`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import mmap
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import posix_ipc
-
 from ctxstore.context import Context
-from ctxstore.errors import InvalidInputError, NotFoundError
+from ctxstore.errors import InvalidInputError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, create_node, read_weights_file
 from ctxstore.nodes.files import OpenedFile
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTableWriter
 
+from .idempotency import PublishKeys
 from .import_roots import check_opened_file
+from .segments import open_segment, read_tensors
 
 log = logging.getLogger("ctxstore.daemon")
 
-SHM_PREFIX = "/ctxstore-pub-"
+PublishRequest = PublishFile | PublishBuild | PublishShm
+#: the default of ``max_publish_bytes`` when a Committer is built without one
+UNLIMITED = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,19 @@ class Requester:
         check_opened_file(self.import_roots, opened, where)
 
 
+@dataclass(slots=True)
+class PublishProgress:
+    """What one publish in flight is doing, for its Progress frames.
+
+    Written by the commit's worker thread (plain attribute stores), read by the loop.
+    """
+
+    stage: str = "waiting"
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
 Announcer = Callable[[Announce], None]
 #: (slot, version, bound context, model type) -> aliases the stage moved
 PostCommit = Callable[[int, int, Context, str | None], Awaitable[Mapping[str, int]]]
@@ -79,6 +97,9 @@ class Committer:
         table: VersionTableWriter | None,
         announce: Announcer,
         clock: Callable[[], float] = time.time,
+        *,
+        max_publish_bytes: int = UNLIMITED,
+        remembered_keys: int = 10_000,
     ) -> None:
         self.store = store
         self.table = table
@@ -96,6 +117,11 @@ class Committer:
         self.post_commit: PostCommit | None = None
         self._post_lock = asyncio.Lock()
         self._post_tasks: set[asyncio.Task[None]] = set()
+        #: the most bytes one publish_shm may hand over (the daemon copies them)
+        self.max_publish_bytes = max_publish_bytes
+        self.keys = PublishKeys(remembered_keys)
+        #: names of the segments publishes are reading now (never reclaimed)
+        self.segments_in_use: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -111,20 +137,30 @@ class Committer:
     async def commit(
         self,
         slot: int,
-        context: Context,
+        context: Context | Callable[[], Context],
         *,
         model_type: str | None = None,
         alias: str | None = None,
+        key: str | None = None,
+        progress: PublishProgress | None = None,
     ) -> int:
+        """Commit ``context`` (or what a loader returns, called in the commit's worker
+        thread under the commit lock) as the next version of ``slot``, then announce it.
+
+        ``key``: the publish key the index records with the version.
+        """
         aliases = (alias,) if alias else ()
+        progress = progress or PublishProgress()
         async with self._lock:
-            version = await asyncio.to_thread(self._save, slot, context, model_type, aliases)
+            version, committed = await asyncio.to_thread(
+                self._load_and_save, slot, context, model_type, aliases, key=key, progress=progress
+            )
             self.commits += 1
             self.last_commit = (slot, version)
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
         if self.post_commit is not None:
             task = asyncio.ensure_future(
-                self._after_commit(self.post_commit, slot, version, context, model_type)
+                self._after_commit(self.post_commit, slot, version, committed, model_type)
             )
             self._post_tasks.add(task)
             task.add_done_callback(self._post_tasks.discard)
@@ -142,11 +178,36 @@ class Committer:
         if moved:
             self.announce_aliases(slot, dict(moved))
 
+    def _load_and_save(
+        self,
+        slot: int,
+        source: Context | Callable[[], Context],
+        model_type: str | None,
+        aliases: tuple[str, ...],
+        *,
+        key: str | None,
+        progress: PublishProgress,
+    ) -> tuple[int, Context]:
+        if isinstance(source, Context):
+            context = source
+        else:
+            progress.stage = "reading"
+            context = source()
+        progress.stage = "committing"
+        return self._save(slot, context, model_type, aliases, key), context
+
     def _save(
-        self, slot: int, context: Context, model_type: str | None, aliases: tuple[str, ...]
+        self,
+        slot: int,
+        context: Context,
+        model_type: str | None,
+        aliases: tuple[str, ...],
+        key: str | None = None,
     ) -> int:
         started = time.perf_counter()
-        version = self.store.save_context(slot, context, model_type=model_type, aliases=aliases)
+        version = self.store.save_context(
+            slot, context, model_type=model_type, aliases=aliases, publish_key=key
+        )
         observer = self.on_commit
         if observer is not None:
             try:
@@ -202,32 +263,115 @@ class Committer:
 
     # -- publish requests -------------------------------------------------------------------
 
-    async def publish_file(self, request: PublishFile, who: Requester) -> int:
-        context = await asyncio.to_thread(_context_from_file, request.path, who)
-        context = context.set_metadata({**context.get_metadata(), **dict(request.metadata)})
-        return await self.commit(
-            request.slot, context, model_type=request.model_type, alias=request.alias
+    async def publish(
+        self, request: PublishRequest, who: Requester, progress: PublishProgress | None = None
+    ) -> int:
+        """Commit a publish request; one with a key commits at most once (see PublishKeys)."""
+        progress = progress or PublishProgress()
+        key = request.key
+        if key is None:
+            return await self._publish(request, who, progress)
+
+        async def lookup() -> tuple[int, int] | None:
+            return await asyncio.to_thread(self.store.publish_key_version, key)
+
+        def waiting() -> None:
+            progress.stage = "waiting"
+            log.info(
+                "publish to slot %d with key %s waits for its first try, in flight",
+                request.slot,
+                key,
+            )
+
+        return await self.keys.run(
+            key,
+            request.slot,
+            lookup,
+            lambda: self._publish(request, who, progress),
+            waiting,
         )
 
-    async def publish_build(self, request: PublishBuild, who: Requester) -> int:
+    async def _publish(
+        self, request: PublishRequest, who: Requester, progress: PublishProgress
+    ) -> int:
+        match request:
+            case PublishFile():
+                return await self.publish_file(request, who, progress)
+            case PublishBuild():
+                return await self.publish_build(request, who, progress)
+            case PublishShm():
+                return await self.publish_shm(request, who, progress)
+
+    async def publish_file(
+        self, request: PublishFile, who: Requester, progress: PublishProgress | None = None
+    ) -> int:
+        progress = progress or PublishProgress()
+        progress.stage = "reading"
+        context = await asyncio.to_thread(_context_from_file, request.path, who)
+        context = context.set_metadata({**context.get_metadata(), **dict(request.metadata)})
+        progress.stage = "waiting"
+        return await self.commit(
+            request.slot, context, model_type=request.model_type, alias=request.alias,
+            key=request.key, progress=progress,
+        )  # fmt: skip
+
+    async def publish_build(
+        self, request: PublishBuild, who: Requester, progress: PublishProgress | None = None
+    ) -> int:
+        progress = progress or PublishProgress()
         node = create_node(request.node_type, request.slot, dict(request.config))
         if isinstance(node, FileNode):  # the same rule as publish_file: the peer's own files
             node.file_check = who.check_file
+        progress.stage = "reading"
         context = await node.async_build_context()
+        progress.stage = "waiting"
         return await self.commit(
-            request.slot, context, model_type=node.model_type, alias=request.alias
-        )
+            request.slot, context, model_type=node.model_type, alias=request.alias,
+            key=request.key, progress=progress,
+        )  # fmt: skip
 
-    async def publish_shm(self, request: PublishShm, who: Requester) -> int:
-        with _mapped_segment(request.shm_name, who) as buffer:
-            weights = {
-                spec.name: _array_at(buffer, spec.dtype, spec.shape, spec.offset, spec.nbytes)
-                for spec in request.manifest
-            }
-            context = Context(weights, request.config, request.metadata)
+    async def publish_shm(
+        self, request: PublishShm, who: Requester, progress: PublishProgress | None = None
+    ) -> int:
+        """Copy the segment's tensors (under the commit lock) and commit the copy."""
+        progress = progress or PublishProgress()
+        progress.total = sum(spec.nbytes for spec in request.manifest)
+        name = request.shm_name
+        if name in self.segments_in_use:
+            raise InvalidInputError(f"shared-memory segment {name!r} is already being published")
+        self.segments_in_use.add(name)
+        try:
             return await self.commit(
-                request.slot, context, model_type=request.model_type, alias=request.alias
+                request.slot,
+                lambda: self._copy_segment(request, who, progress),
+                model_type=request.model_type,
+                alias=request.alias,
+                key=request.key,
+                progress=progress,
             )
+        finally:
+            self.segments_in_use.discard(name)
+
+    def _copy_segment(
+        self, request: PublishShm, who: Requester, progress: PublishProgress
+    ) -> Context:
+        """In the commit's worker thread: the segment's tensors, copied into our memory."""
+        with open_segment(request.shm_name) as segment:
+            if not who.may_read(segment.owner):
+                raise InvalidInputError(
+                    f"segment {segment.name!r} belongs to uid {segment.owner}, not to the "
+                    f"requesting uid {who.uid}"
+                )
+            if segment.size == 0:
+                raise InvalidInputError(f"shared-memory segment {segment.name!r} is empty")
+
+            def advance(done: int) -> None:
+                progress.done = done
+
+            weights = read_tensors(
+                segment, request.manifest, max_bytes=self.max_publish_bytes, progress=advance
+            )
+        return Context(weights, request.config, request.metadata)
 
 
 def _context_from_file(path: str, who: Requester) -> Context:
@@ -237,46 +381,3 @@ def _context_from_file(path: str, who: Requester) -> Context:
     if loaded.metadata:
         metadata["file_metadata"] = loaded.metadata
     return Context(loaded.weights, None, metadata)
-
-
-@contextlib.contextmanager
-def _mapped_segment(name: str, who: Requester) -> Any:
-    if not name.startswith(SHM_PREFIX):
-        raise InvalidInputError(f"shared-memory segment {name!r} must be named {SHM_PREFIX}*")
-    try:
-        segment = posix_ipc.SharedMemory(name, read_only=True)
-    except posix_ipc.ExistentialError:
-        raise NotFoundError(f"shared-memory segment {name!r} does not exist") from None
-    except posix_ipc.PermissionsError as exc:
-        raise InvalidInputError(f"shared-memory segment {name!r} is not readable: {exc}") from exc
-    try:
-        owner = os.fstat(segment.fd).st_uid
-        if not who.may_read(owner):
-            raise InvalidInputError(
-                f"segment {name!r} belongs to uid {owner}, not to the requesting uid {who.uid}"
-            )
-        if segment.size == 0:
-            raise InvalidInputError(f"shared-memory segment {name!r} is empty")
-        mm = mmap.mmap(segment.fd, segment.size, access=mmap.ACCESS_READ)
-    finally:
-        segment.close_fd()
-    try:
-        yield mm
-    finally:
-        with contextlib.suppress(BufferError):  # arrays still referenced keep it mapped
-            mm.close()
-
-
-def _array_at(
-    buffer: mmap.mmap, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
-) -> np.ndarray[Any, Any]:
-    resolved = np.dtype(dtype)
-    expected = resolved.itemsize * int(np.prod(shape, dtype=np.int64))
-    if nbytes != expected or offset < 0 or offset + nbytes > len(buffer):
-        raise InvalidInputError(
-            f"tensor at offset {offset} with {nbytes} bytes does not fit a {len(buffer)}-byte "
-            f"segment as {dtype}{list(shape)}"
-        )
-    if nbytes == 0:
-        return np.empty(shape, resolved)
-    return np.ndarray(shape, dtype=resolved, buffer=buffer, offset=offset)

@@ -270,6 +270,15 @@ def _hooks(value: object) -> tuple[HookSpec, ...]:
     return tuple(hooks)
 
 
+def default_max_publish_bytes() -> int:
+    """Half the machine's memory: the daemon holds a private copy of a publish while it commits."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 4 << 30
+    return max(total // 2, 64 << 20)
+
+
 # -- the settings ---------------------------------------------------------------------------------
 
 
@@ -291,8 +300,17 @@ class DaemonConfig:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: a reader whose outbox does not drain for this long is disconnected
     stuck_timeout: float = 5.0
-    #: a reader that sends nothing (not even a heartbeat) for this long is disconnected
+    #: a reader that sends nothing (not even a heartbeat) for this long is disconnected,
+    #: unless the daemon owes it an answer (a publish in flight)
     silent_timeout: float = 10.0
+    #: the most tensor bytes one publish_shm may hand over (the daemon copies them)
+    max_publish_bytes: int = field(default_factory=default_max_publish_bytes)
+    #: seconds between the Progress frames of a publish in flight
+    publish_progress_interval: float = 2.0
+    #: publish keys remembered in memory (the index keeps them too, while retention does)
+    publish_keys: int = 10_000
+    #: seconds between sweeps for segments of publishers that died
+    shm_reclaim_interval: float = 60.0
     table_capacity: int = DEFAULT_CAPACITY
     log_level: str = "INFO"
     log_format: str = "text"
@@ -473,6 +491,10 @@ KEYS: tuple[Key, ...] = (
     _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
     _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),
     _key("silent_timeout", "silent_timeout", _seconds(3600), _env_float, flag="--silent-timeout"),
+    _key("max_publish_bytes", "max_publish_bytes", _int_in(1, 2**63 - 1), _env_int),
+    _key("publish_progress_interval", "publish_progress_interval", _seconds(3600), _env_float),
+    _key("publish_keys", "publish_keys", _int_in(0, 10_000_000), _env_int, live=False),
+    _key("shm_reclaim_interval", "shm_reclaim_interval", _seconds(86400), _env_float, live=False),
     _key("table_capacity", "table_capacity", _CAPACITY, _env_int, live=False),
     _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level"),
     _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format"),

@@ -35,6 +35,7 @@ from ctxstore.messages import (
     Message,
     Ping,
     Pong,
+    Progress,
     PublishBuild,
     Published,
     PublishFile,
@@ -52,7 +53,7 @@ from ctxstore.status import build_status, reader_rows, slot_rows
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
-from .committer import Committer, Requester
+from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
@@ -60,6 +61,7 @@ from .jobs import JobQueue
 from .listener import BoundSocket, PeerPolicy, bind_socket, check_socket_path, peer_credentials
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
+from .segments import reclaim_orphans
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -67,7 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ctxstore.daemon")
 
-PublishRequest = PublishFile | PublishBuild | PublishShm
 #: how long SIGTERM lets build jobs in flight finish before they go back to pending
 JOB_STOP_TIMEOUT_S = 30.0
 #: extra start-up time asked of systemd while the store opens (recovery of a big store)
@@ -147,7 +148,13 @@ class Daemon:
             segment_name(self.store.root), capacity=config.table_capacity
         )
         self.table.set_many(self.store.current_versions())
-        self.committer = Committer(self.store, self.table, self.announce)
+        self.committer = Committer(
+            self.store,
+            self.table,
+            self.announce,
+            max_publish_bytes=config.max_publish_bytes,
+            remembered_keys=config.publish_keys,
+        )
         self.store.pre_commit_hooks.append(self._pre_commit)
         self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
         self.jobs = JobQueue(
@@ -171,6 +178,7 @@ class Daemon:
         if self.api is not None:
             await self.api.start()
         await self.jobs.start()
+        self._spawn(self._reclaim_segments_loop())
         log.info(
             "ctxstore daemon pid %d: store %s, socket %s, %d slots",
             os.getpid(),
@@ -284,6 +292,22 @@ class Daemon:
                 log.info("SIGHUP: hooks now %s", self.hooks.names)
         if self.jobs is not None:
             apply_job_settings(self.jobs, new)
+        if self.committer is not None:
+            self.committer.max_publish_bytes = new.max_publish_bytes
+
+    async def _reclaim_segments_loop(self) -> None:
+        """At start and every ``shm_reclaim_interval``: unlink segments of dead publishers."""
+        while not self._stop.is_set():
+            busy = frozenset(self.committer.segments_in_use if self.committer else ())
+            try:
+                count = await asyncio.to_thread(reclaim_orphans, busy)
+            except Exception:
+                log.exception("sweep for orphaned publish segments failed")
+            else:
+                if count:
+                    log.info("reclaimed %d shared-memory segment(s) of publishers that died", count)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.config.shm_reclaim_interval)
 
     async def serve_until_stopped(self) -> None:
         await self._stop.wait()
@@ -404,20 +428,20 @@ class Daemon:
             case _:
                 raise InvalidInputError(f"unexpected {type(message).__name__} from a client")
 
-    async def _publish(
-        self, sub: Subscriber, request: PublishFile | PublishBuild | PublishShm
-    ) -> None:
+    async def _publish(self, sub: Subscriber, request: PublishRequest) -> None:
+        """Commit one publish request and answer it. While it runs, the peer is not
+        dropped for silence (it is waiting for us), and is sent Progress frames if it
+        asked for them."""
         assert self.committer is not None
         who = Requester(sub.peer.uid, self.config.import_roots)
+        progress = PublishProgress()
+        sub.requests_in_flight += 1
+        ticker = None
+        if request.progress:
+            ticker = self._spawn(self._send_progress(sub, request, progress))
         try:
             self._check_publisher(sub)
-            match request:
-                case PublishFile():
-                    version = await self.committer.publish_file(request, who)
-                case PublishBuild():
-                    version = await self.committer.publish_build(request, who)
-                case PublishShm():
-                    version = await self.committer.publish_shm(request, who)
+            version = await self.committer.publish(request, who, progress)
         except CtxStoreError as exc:
             log.warning(
                 "session %d: publish to slot %d refused: %s", sub.session, request.slot, exc
@@ -428,7 +452,28 @@ class Daemon:
             log.exception("session %d: publish to slot %d failed", sub.session, request.slot)
             sub.send(error_for(exc, request_id=request.request_id, fatal=False))
             return
+        finally:
+            sub.requests_in_flight -= 1
+            if ticker is not None:
+                ticker.cancel()
         sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
+
+    async def _send_progress(
+        self, sub: Subscriber, request: PublishRequest, progress: PublishProgress
+    ) -> None:
+        """Every ``publish_progress_interval``: a Progress frame for ``request`` (cancelled
+        when it is answered)."""
+        while not sub.closed:
+            await asyncio.sleep(self.config.publish_progress_interval)
+            sub.send(
+                Progress(
+                    request_id=request.request_id,
+                    stage=progress.stage,
+                    done=progress.done,
+                    total=progress.total,
+                    elapsed=round(time.monotonic() - progress.started, 3),
+                )
+            )
 
     def _check_publisher(self, sub: Subscriber) -> None:
         if not self.publishers.permits(sub.peer):

@@ -5,7 +5,9 @@ the socket when nothing is queued for that reader; otherwise it replaces any
 older announcement for the same slot in the reader's outbox (coalescing to
 the newest version per slot), and the reader's own flush task drains it. A
 reader whose backlog does not drain within ``stuck_timeout``, or that sends
-nothing for ``silent_timeout``, is disconnected with a logged reason.
+nothing for ``silent_timeout`` while it has no request in flight, is
+disconnected with a logged reason (a publisher waiting for a long commit is
+silent because it waits for us).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Subscriber:
         self._closed = False
         self.close_reason: str | None = None
         self.dropped_announcements = 0
+        #: requests the daemon has not answered yet: while any is, silence is not a fault
+        self.requests_in_flight = 0
 
     # -- outgoing ---------------------------------------------------------------------------
 
@@ -140,6 +144,8 @@ class Subscriber:
             try:
                 data = await asyncio.wait_for(self._reader.read(READ_CHUNK), self._silent_timeout)
             except TimeoutError:
+                if self.requests_in_flight:
+                    continue  # it waits for our answer
                 self.close(f"silent for {self._silent_timeout:g}s (no heartbeat)")
                 return
             except ConnectionError:

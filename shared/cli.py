@@ -271,10 +271,16 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from .client import publish
+    from .progress import ProgressLine
 
-    version = publish(
-        args.slot, args.file, socket=socket_path(args), model_type=args.type, alias=args.alias
-    )
+    line = ProgressLine(sys.stderr, f"slot {args.slot}")
+    try:
+        version = publish(
+            args.slot, args.file, socket=socket_path(args), model_type=args.type,
+            alias=args.alias, key=args.key, progress=line,
+        )  # fmt: skip
+    finally:
+        line.finish()
     print(f"slot {args.slot}: published version {version}")
     return 0
 
@@ -646,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--type", default=None, help="model type of the slot")
     p.add_argument("--alias", default=None, help="point this alias at the new version")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="idempotency key (8-128 of A-Z a-z 0-9 _ -; default: random): a publish "
+        "retried with the key of one that was committed is not committed again",
+    )
 
     p = command("build", cmd_build, "build a context with a node type and commit it")
     p.add_argument("slot", type=slot_arg)

@@ -2,8 +2,15 @@
 
 ``publish(slot, context_or_path)`` returns the committed version. A file path
 travels as a path (the daemon imports it); a Context's tensors never travel as
-socket frames: they are staged in a POSIX shared-memory segment that the
-daemon maps read-only, commits from, and the client removes afterwards.
+socket frames: they are staged in a POSIX shared-memory segment, named after
+this process's pid, that the daemon copies from (with reads that cannot fault)
+and the client removes afterwards; the daemon reclaims the segment of a
+publisher that died before it could.
+
+Every publish carries an idempotency key (random unless given): a retry with
+the same key commits at most once and answers with the version the first try
+committed. While a publish runs, the daemon sends Progress frames, which a
+``progress`` callback sees.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import re
 import secrets
 import socket
 import time
@@ -35,6 +43,7 @@ from .messages import (
     Goodbye,
     Hello,
     Message,
+    Progress,
     PublishBuild,
     Published,
     PublishFile,
@@ -51,6 +60,29 @@ from .validation import check_alias, check_label, check_slot, freeze_mapping
 
 SHM_PREFIX = "/ctxstore-pub-"
 _ALIGN = 64
+_SEGMENT = re.compile(re.escape(SHM_PREFIX) + r"([1-9][0-9]{0,9})-[0-9a-f]{12}")
+_MAX_PID = 2**22  # the kernel's pid_max ceiling
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def publish_segment_name(pid: int) -> str:
+    """A fresh name for a publish segment of process ``pid``: ``/ctxstore-pub-<pid>-<hex>``."""
+    return f"{SHM_PREFIX}{pid}-{secrets.token_hex(6)}"
+
+
+def publish_segment_owner(name: str) -> int | None:
+    """The pid a :func:`publish_segment_name` names, or None for any other name."""
+    match = _SEGMENT.fullmatch(name)
+    if match is None:
+        return None
+    pid = int(match.group(1))
+    return pid if pid <= _MAX_PID else None
+
+
+def new_publish_key() -> str:
+    """A random idempotency key (24 characters of [A-Za-z0-9_-])."""
+    return secrets.token_urlsafe(18)
 
 
 class DaemonClient:
@@ -123,13 +155,22 @@ class DaemonClient:
     def next_request_id(self) -> int:
         return next(self._ids)
 
-    def request(self, message: Message, request_id: int) -> Message:
-        """Send ``message`` and return the answer carrying ``request_id``; errors raise."""
+    def request(
+        self, message: Message, request_id: int, progress: ProgressCallback | None = None
+    ) -> Message:
+        """Send ``message`` and return the answer carrying ``request_id``; errors raise.
+
+        Progress frames for the request go to ``progress`` (if given), not to the caller.
+        """
         self._send(message)
         while True:
             reply = self._receive()
             if isinstance(reply, Error) and (reply.request_id in (None, request_id)):
                 raise RemoteError(reply.kind, reply.message)
+            if isinstance(reply, Progress):
+                if progress is not None and reply.request_id == request_id:
+                    progress(reply)
+                continue
             if getattr(reply, "request_id", None) == request_id:
                 return reply
 
@@ -209,6 +250,22 @@ def _expect_published(reply: Message) -> int:
     return reply.version
 
 
+def _publish_request(
+    client: DaemonClient,
+    request: PublishFile | PublishBuild | PublishShm,
+    progress: ProgressCallback | None,
+) -> int:
+    """Send a publish and wait for its answer; a lost answer names the key to retry with."""
+    try:
+        return _expect_published(client.request(request, request.request_id, progress))
+    except (DaemonUnavailableError, WaitTimeoutError) as exc:
+        raise type(exc)(
+            f"{exc}; the publish to slot {request.slot} may have been committed: "
+            f"retry with key {request.key!r} (ctxstore publish --key {request.key}) to "
+            "commit it at most once"
+        ) from exc
+
+
 def publish(
     slot: int,
     source: Context | str | os.PathLike[str],
@@ -218,19 +275,30 @@ def publish(
     alias: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     timeout: float = 600.0,
+    key: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> int:
     """Ask the daemon to commit ``source`` as the next version of ``slot``; returns it.
 
-    Bad arguments are refused before connecting, in words that name the argument.
+    ``key``: the idempotency key (default: a random one). A publish sent again
+    with the key of one the daemon committed (or is committing) is not
+    committed again: it answers with that version. ``timeout``: the longest
+    the daemon may stay silent; it sends a Progress frame every few seconds
+    while the publish runs, each passed to ``progress``. Bad arguments are
+    refused before connecting, in words that name the argument.
     """
     slot = check_slot(slot)
     _check_names(model_type=model_type, alias=alias)
+    key = _checked_key(key)
     if isinstance(source, Context):
         if metadata:
             source = source.set_metadata({**source.get_metadata(), **metadata})
         with DaemonClient(socket, timeout=timeout) as client:
             rid = client.next_request_id()
-            return _publish_context(client, rid, slot, source, model_type=model_type, alias=alias)
+            return _publish_context(
+                client, rid, slot, source, model_type=model_type, alias=alias, key=key,
+                progress=progress,
+            )  # fmt: skip
     path = _file_path(source)
     freeze_mapping(metadata, "metadata")
     with DaemonClient(socket, timeout=timeout) as client:
@@ -242,8 +310,21 @@ def publish(
             model_type=model_type,
             alias=alias,
             metadata=dict(metadata or {}),
+            key=key,
+            progress=True,
         )
-        return _expect_published(client.request(request, rid))
+        return _publish_request(client, request, progress)
+
+
+def _checked_key(key: str | None) -> str:
+    """``key``, checked as the wire checks it, or a new random one."""
+    if key is None:
+        return new_publish_key()
+    try:
+        checked: str = PublishFile.CHECKS["key"](key)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"publish key {exc}") from None
+    return checked
 
 
 def build(
@@ -254,18 +335,25 @@ def build(
     socket: str | os.PathLike[str] | None = None,
     alias: str | None = None,
     timeout: float = 600.0,
+    key: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> int:
-    """Ask the daemon to build a context with a registered node type and commit it."""
+    """Ask the daemon to build a context with a registered node type and commit it.
+
+    ``key``, ``timeout`` and ``progress`` are as for :func:`publish`.
+    """
     slot = check_slot(slot)
     check_label(node_type, "node type")
     _check_names(alias=alias)
     freeze_mapping(config, "config")
+    key = _checked_key(key)
     with DaemonClient(socket, timeout=timeout) as client:
         rid = client.next_request_id()
         request = PublishBuild(
-            request_id=rid, slot=slot, node_type=node_type, config=dict(config or {}), alias=alias
-        )
-        return _expect_published(client.request(request, rid))
+            request_id=rid, slot=slot, node_type=node_type, config=dict(config or {}),
+            alias=alias, key=key, progress=True,
+        )  # fmt: skip
+        return _publish_request(client, request, progress)
 
 
 def _publish_context(
@@ -276,6 +364,8 @@ def _publish_context(
     *,
     model_type: str | None,
     alias: str | None,
+    key: str,
+    progress: ProgressCallback | None,
 ) -> int:
     specs: list[TensorSpec] = []
     offset = 0
@@ -288,7 +378,7 @@ def _publish_context(
         offset = -(-offset // _ALIGN) * _ALIGN
         specs.append(TensorSpec(name, array.dtype.str, tuple(array.shape), offset, array.nbytes))
         offset += array.nbytes
-    name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    name = publish_segment_name(os.getpid())
     try:
         segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=max(offset, 1))
     except (posix_ipc.Error, OSError) as exc:
@@ -307,8 +397,10 @@ def _publish_context(
             metadata=context.get_metadata(),
             model_type=model_type,
             alias=alias,
+            key=key,
+            progress=True,
         )
-        return _expect_published(client.request(request, rid))
+        return _publish_request(client, request, progress)
     finally:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory(name)

@@ -55,6 +55,10 @@ MAX_STATUS_ROWS: Final = 10_000
 MAX_DIM: Final = 2**62
 
 _SHM_NAME = re.compile(r"/[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
+_PUBLISH_KEY = re.compile(r"[A-Za-z0-9_-]{8,128}")
+#: what a publish is doing, in a Progress frame: waiting for the commit before it (or for
+#: the first try of the same key), reading its input, or being written by the store
+PROGRESS_STAGES: Final = ("waiting", "reading", "committing")
 _DTYPE = re.compile(r"[<>|=]?[biufcmMSUV][0-9]{1,6}(\[[0-9]{0,4}[A-Za-z]{1,3}\])?")
 
 Check: TypeAlias = Callable[[Any], Any]
@@ -131,6 +135,18 @@ def _shm_name(value: Any) -> str:
             f"{value!r:.80} is not a shared-memory name: '/' then a letter, digit or '_', "
             "then up to 250 of [A-Za-z0-9_.-]"
         )
+    return value
+
+
+def _publish_key(value: Any) -> str:
+    if not isinstance(value, str) or not _PUBLISH_KEY.fullmatch(value):
+        raise InvalidInputError(f"{value!r:.80} is not a publish key: 8 to 128 of [A-Za-z0-9_-]")
+    return value
+
+
+def _stage(value: Any) -> str:
+    if not isinstance(value, str) or value not in PROGRESS_STAGES:
+        raise InvalidInputError(f"must be one of {', '.join(PROGRESS_STAGES)}, got {value!r:.40}")
     return value
 
 
@@ -247,6 +263,9 @@ class _Record:
     CHECKS: ClassVar[Mapping[str, Check]]
     #: field name -> wire form of the normalized value (identity when absent)
     DUMPS: ClassVar[Mapping[str, Check]] = {}
+    #: fields added after protocol 1 shipped: a frame may leave them out (their default
+    #: applies), so a peer from an older ctxstore is still understood
+    LATER: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, check in self.CHECKS.items():
@@ -357,6 +376,9 @@ _slot_list = _tuple_of(check_slot)
 _group_list = _tuple_of(_label("group"))
 _optional_type = _optional(_label("model type"))
 _optional_alias = _optional(check_alias)
+_optional_key = _optional(_publish_key)
+#: the fields every publish request gained after protocol 1 (see docs/protocol.md)
+_PUBLISH_LATER = frozenset({"key", "progress"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -507,14 +529,21 @@ class PublishFile(_Record):
         "model_type": _optional_type,
         "alias": _optional_alias,
         "metadata": _json_map,
+        "key": _optional_key,
+        "progress": _bool,
     }
     DUMPS: ClassVar[Mapping[str, Check]] = {"metadata": thaw_json}
+    LATER: ClassVar[frozenset[str]] = _PUBLISH_LATER
     request_id: int
     slot: int
     path: str
     model_type: str | None = None
     alias: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=_empty_map)
+    #: idempotency key: a retry with the same key commits at most once
+    key: str | None = None
+    #: send Progress frames while this publish runs
+    progress: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -528,13 +557,18 @@ class PublishBuild(_Record):
         "node_type": _label("node type"),
         "config": _json_map,
         "alias": _optional_alias,
+        "key": _optional_key,
+        "progress": _bool,
     }
     DUMPS: ClassVar[Mapping[str, Check]] = {"config": thaw_json}
+    LATER: ClassVar[frozenset[str]] = _PUBLISH_LATER
     request_id: int
     slot: int
     node_type: str
     config: Mapping[str, Any] = field(default_factory=_empty_map)
     alias: str | None = None
+    key: str | None = None
+    progress: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -555,12 +589,15 @@ class PublishShm(_Record):
         "metadata": _json_map,
         "model_type": _optional_type,
         "alias": _optional_alias,
+        "key": _optional_key,
+        "progress": _bool,
     }
     DUMPS: ClassVar[Mapping[str, Check]] = {
         "manifest": lambda specs: [spec.to_wire() for spec in specs],
         "config": thaw_json,
         "metadata": thaw_json,
     }
+    LATER: ClassVar[frozenset[str]] = _PUBLISH_LATER
     request_id: int
     slot: int
     shm_name: str
@@ -569,6 +606,8 @@ class PublishShm(_Record):
     metadata: Mapping[str, Any] = field(default_factory=_empty_map)
     model_type: str | None = None
     alias: str | None = None
+    key: str | None = None
+    progress: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -584,6 +623,30 @@ class Published(_Record):
     request_id: int
     slot: int
     version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Progress(_Record):
+    """Daemon -> client, every few seconds while a publish that asked for it runs.
+
+    ``stage`` is one of PROGRESS_STAGES; ``done`` and ``total`` count the bytes
+    read of a ``publish_shm`` (0 and 0 when the daemon cannot tell); ``elapsed``
+    is the seconds since the daemon received the request.
+    """
+
+    TYPE: ClassVar[str] = "progress"
+    CHECKS: ClassVar[Mapping[str, Check]] = {
+        "request_id": _request_id,
+        "stage": _stage,
+        "done": _size,
+        "total": _size,
+        "elapsed": _timestamp,
+    }
+    request_id: int
+    stage: str
+    done: int = 0
+    total: int = 0
+    elapsed: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -688,6 +751,7 @@ Message: TypeAlias = (
     | PublishBuild
     | PublishShm
     | Published
+    | Progress
     | StatusRequest
     | Status
     | Error
@@ -712,6 +776,7 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
             PublishBuild,
             PublishShm,
             Published,
+            Progress,
             StatusRequest,
             Status,
             Error,
@@ -754,8 +819,8 @@ def decode_body(body: bytes | bytearray) -> Message:
             f"{', '.join(MESSAGE_TYPES)}"
         )
     expected = _FIELD_NAMES[name]
-    if raw.keys() != expected:
-        raise RemoteProtocolError(_field_mismatch(name, expected, set(raw)))
+    if raw.keys() != expected and not expected - cls.LATER <= raw.keys() <= expected:
+        raise RemoteProtocolError(_field_mismatch(name, expected - cls.LATER, set(raw), expected))
     try:
         return cls(**raw)
     except InvalidInputError as exc:
@@ -852,9 +917,11 @@ def _unpack(body: bytes | bytearray) -> dict[str, Any]:
     return raw
 
 
-def _field_mismatch(name: str, expected: frozenset[str], got: set[str]) -> str:
-    missing = sorted(expected - got)
-    extra = sorted(str(key)[:40] for key in got - expected)
+def _field_mismatch(
+    name: str, required: frozenset[str], got: set[str], known: frozenset[str]
+) -> str:
+    missing = sorted(required - got)
+    extra = sorted(str(key)[:40] for key in got - known)
     parts = []
     if missing:
         parts.append(f"missing field(s) {', '.join(missing)}")
@@ -897,6 +964,7 @@ __all__ = [
     "MAX_STATUS_ROWS",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
+    "PROGRESS_STAGES",
     "PROTOCOL_VERSION",
     "ROLES",
     "Ack",
@@ -908,6 +976,7 @@ __all__ = [
     "Message",
     "Ping",
     "Pong",
+    "Progress",
     "PublishBuild",
     "PublishFile",
     "PublishShm",

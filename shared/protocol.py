@@ -44,6 +44,7 @@ from .messages import (
     Message,
     Ping,
     Pong,
+    Progress,
     PublishBuild,
     Published,
     PublishFile,
@@ -111,7 +112,16 @@ _CLIENT_REQUESTS = (
     "ping",
     "pong",
 )
-_SERVER_MESSAGES = ("subscribed", "announce", "published", "status", "error", "ping", "pong")
+_SERVER_MESSAGES = (
+    "subscribed",
+    "announce",
+    "progress",
+    "published",
+    "status",
+    "error",
+    "ping",
+    "pong",
+)
 _END = {"goodbye": State.DONE, FATAL_ERROR: State.DONE}
 
 #: (sender, sender's state) -> {event the sender may send: sender's next state}.
@@ -387,6 +397,7 @@ __all__ = [
     "Message",
     "Ping",
     "Pong",
+    "Progress",
     "PublishBuild",
     "PublishFile",
     "PublishShm",

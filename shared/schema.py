@@ -94,6 +94,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # pruning of old finished jobs, newest kept
         "CREATE INDEX jobs_finished ON jobs(id) WHERE state IN ('done', 'failed', 'cancelled')",
     ),
+    # 3: a publisher's idempotency key, committed with its version (ctxstore.daemon.idempotency)
+    3: (
+        "ALTER TABLE versions ADD COLUMN publish_key TEXT",
+        "CREATE UNIQUE INDEX versions_by_publish_key ON versions(publish_key) "
+        "WHERE publish_key IS NOT NULL",
+    ),
 }
 
 LATEST = max(MIGRATIONS)

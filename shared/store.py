@@ -114,6 +114,7 @@ class _NewVersion(NamedTuple):
     model_type: str | None
     aliases: tuple[str, ...]
     pin: bool
+    publish_key: str | None = None
 
 
 class PersistentStore:
@@ -397,8 +398,13 @@ class PersistentStore:
         model_type: str | None = None,
         aliases: tuple[str, ...] = (),
         pin: bool = False,
+        publish_key: str | None = None,
     ) -> int:
-        """Commit ``context`` as the next version of ``slot_id`` and make it current."""
+        """Commit ``context`` as the next version of ``slot_id`` and make it current.
+
+        ``publish_key``: a publisher's idempotency key, recorded with the version in
+        the same COMMIT (see :meth:`publish_key_version`); no two versions share one.
+        """
         slot = check_slot(slot_id)
         if not isinstance(context, Context):
             raise InvalidInputError(f"expected a Context, got {type(context).__name__}")
@@ -414,7 +420,7 @@ class PersistentStore:
                 raise ConflictError(
                     f"slot {slot} holds model type {stored_type!r}, not {model_type!r}"
                 )
-            new = _NewVersion(slot, version, context, model_type, aliases, pin)
+            new = _NewVersion(slot, version, context, model_type, aliases, pin, publish_key)
             # Forgotten until this commit returns: whatever interrupts it (a failed
             # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
             # the next commit to read the number from the index.
@@ -595,7 +601,7 @@ class PersistentStore:
         slot's current pointer and aliases, and retention's deletions (one synchronous
         COMMIT per commit; their files are unlinked after it). Returns those retired.
         """
-        slot, version, context, model_type, aliases, pin = new
+        slot, version, context, model_type, aliases, pin, publish_key = new
         now = self._clock()
         conn.execute(
             "INSERT INTO slots(slot, model_type, current_version, next_version, "
@@ -606,7 +612,8 @@ class PersistentStore:
         )
         conn.execute(
             "INSERT INTO versions(slot, version, created_at, config, metadata, "
-            "n_tensors, nbytes, pinned, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "n_tensors, nbytes, pinned, manifest, publish_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 slot,
                 version,
@@ -617,6 +624,7 @@ class PersistentStore:
                 sum(row[5] for row in tensors),
                 int(pin),
                 pack_manifest(tensors),
+                publish_key,
             ),
         )
         conn.executemany(
@@ -727,6 +735,11 @@ class PersistentStore:
             .fetchone()
         )
         return row is not None
+
+    def publish_key_version(self, key: str) -> tuple[int, int] | None:
+        """(slot, version) committed with publish key ``key``, while retention keeps it."""
+        rows = self._query("SELECT slot, version FROM versions WHERE publish_key = ?", (key,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def current_version(self, slot_id: int) -> int | None:
         """The slot's current version, or None when the slot has none."""

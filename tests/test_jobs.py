@@ -37,6 +37,7 @@ from ctxstore.errors import (
     WaitTimeoutError,
 )
 from ctxstore.nodes import create_node
+from ctxstore.schema import LATEST
 from ctxstore.store import PersistentStore
 
 T = TypeVar("T")
@@ -941,7 +942,7 @@ def test_a_store_from_before_the_job_queue_gains_the_jobs_table(store_dir: Path)
     with pytest.raises(IntegrityError, match="schema version 1"):
         PersistentStore(store_dir, readonly=True)
     with PersistentStore(store_dir) as store:
-        assert store.read_query("PRAGMA user_version") == [(2,)]
+        assert store.read_query("PRAGMA user_version") == [(LATEST,)]
         assert make_queue(store, Script(), FakeTime()).counts()["pending"] == 0
 
 

@@ -39,6 +39,7 @@ from ctxstore.protocol import (
     Message,
     Ping,
     Pong,
+    Progress,
     PublishBuild,
     Published,
     PublishFile,
@@ -257,6 +258,7 @@ _json = st.recursive(
 _json_maps = st.dictionaries(st.text(max_size=8), _json, max_size=4)
 _optional_labels = st.none() | _labels
 _optional_aliases = st.none() | _aliases
+_publish_keys = st.none() | st.from_regex(r"[A-Za-z0-9_-]{8,40}", fullmatch=True)
 
 
 @st.composite
@@ -315,6 +317,8 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         model_type=_optional_labels,
         alias=_optional_aliases,
         metadata=_json_maps,
+        key=_publish_keys,
+        progress=st.booleans(),
     ),
     PublishBuild: st.builds(
         PublishBuild,
@@ -323,6 +327,8 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         node_type=_labels,
         config=_json_maps,
         alias=_optional_aliases,
+        key=_publish_keys,
+        progress=st.booleans(),
     ),
     PublishShm: st.builds(
         PublishShm,
@@ -334,6 +340,16 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         metadata=_json_maps,
         model_type=_optional_labels,
         alias=_optional_aliases,
+        key=_publish_keys,
+        progress=st.booleans(),
+    ),
+    Progress: st.builds(
+        Progress,
+        request_id=_ids,
+        stage=st.sampled_from(["waiting", "reading", "committing"]),
+        done=_ids,
+        total=_ids,
+        elapsed=st.floats(0, 1e6),
     ),
     Published: st.builds(Published, request_id=_ids, slot=_slots, version=_versions),
     StatusRequest: st.builds(StatusRequest, request_id=_ids),
@@ -376,6 +392,41 @@ def test_round_trip(message: Message) -> None:
     wire = msgpack.unpackb(body)
     assert wire["type"] == message.TYPE
     assert set(wire) - {"type"} == {f.name for f in dataclasses.fields(message)}
+
+
+def test_a_publish_from_before_keys_and_progress_is_still_understood() -> None:
+    """Fields added after protocol 1 may be absent (defaults apply); the others may not."""
+    old = {"type": "publish_build", "request_id": 1, "slot": 2, "node_type": "llm",
+           "config": {}, "alias": None}  # fmt: skip
+    message = decode_body(msgpack.packb(old))
+    assert message == PublishBuild(request_id=1, slot=2, node_type="llm")
+    assert (message.key, message.progress) == (None, False)
+    del old["alias"]
+    with pytest.raises(RemoteProtocolError, match=r"missing field\(s\) alias$"):
+        decode_body(msgpack.packb(old))
+    with pytest.raises(RemoteProtocolError, match="unknown field"):
+        decode_body(msgpack.packb({**old, "alias": None, "extra": 1}))
+
+
+@pytest.mark.parametrize("key", ["short", "has space in it", "x" * 129, 12345678, ""])
+def test_a_bad_publish_key_is_refused(key: object) -> None:
+    body = PublishFile(request_id=1, slot=1, path="/a.npy").to_wire()
+    body["key"] = key
+    with pytest.raises(RemoteProtocolError, match=r"publish_file\.key: .* is not a publish key"):
+        decode_body(msgpack.packb(body))
+
+
+def test_only_the_server_sends_progress() -> None:
+    server, client = server_fresh(), Connection(Role.CLIENT)
+    server.receive_data(client.send(Hello(role="publisher", name="p", pid=1)))
+    assert isinstance(server.next_event(), Hello)
+    client.receive_data(server.send(Welcome(session=1, daemon_pid=2)))
+    assert isinstance(client.next_event(), Welcome)
+    update = Progress(request_id=1, stage="committing", done=5, total=9, elapsed=1.5)
+    client.receive_data(server.send(update))
+    assert client.next_event() == update
+    with pytest.raises(LocalProtocolError, match="never sends 'progress'"):
+        client.send(update)
 
 
 # -- remote violations: RemoteProtocolError, then ERROR for good -----------------------------------

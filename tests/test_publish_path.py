@@ -1,0 +1,369 @@
+"""The publish path against hostile and unlucky publishers: a real daemon, real client processes.
+
+A publisher's segment is its own: truncating it or writing into it during the
+publish must neither kill the daemon nor change what is committed; a
+publisher killed mid-publish leaves no segment behind for good; a commit
+longer than the silence timeout is answered, and a retried publish commits once.
+The windows are held open deterministically: a pre-commit hook that pauses
+while a marker file exists, or the daemon's ``publish_read`` pause point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import posix_ipc
+import pytest
+from conftest import dies_with_pytest
+from test_daemon import DaemonProcess, running_daemon
+
+from ctxstore import Context, RemoteError
+from ctxstore.client import (
+    DaemonClient,
+    new_publish_key,
+    publish,
+    publish_segment_name,
+)
+from ctxstore.messages import Progress, Published, PublishShm, TensorSpec
+from ctxstore.store import PersistentStore
+
+BOUND = 30.0  # seconds; only a hung daemon gets near it
+
+PAUSE_HOOK = '''
+import hashlib, json, os, time
+
+def make(dir):
+    """Record what each commit's hook saw, then hold the commit while dir/paused exists
+    (armed by dir/arm, one pause per arming)."""
+    def hook(slot, context):
+        seen = {name: hashlib.sha256(bytes(a.data) if a.size else b"").hexdigest()
+                for name, a in context.weights.items()}
+        with open(os.path.join(dir, f"seen-{slot}.json"), "w") as out:
+            json.dump(seen, out)
+        arm = os.path.join(dir, "arm")
+        if not os.path.exists(arm):
+            return
+        os.unlink(arm)
+        paused = os.path.join(dir, "paused")
+        open(paused, "x").close()
+        deadline = time.monotonic() + 60
+        while os.path.exists(paused) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return hook
+'''
+
+
+class Pauser:
+    """Arms the pause hook (or the daemon's pause point) and releases it."""
+
+    def __init__(self, marker: Path, arm: Path | None) -> None:
+        self.marker = marker
+        self.arm_file = arm
+
+    def arm(self) -> None:
+        if self.arm_file is not None:
+            self.arm_file.touch()
+
+    def wait_paused(self, alive: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + BOUND
+        while not self.marker.exists():
+            assert alive(), "the daemon died before it paused"
+            assert time.monotonic() < deadline, "the daemon never reached the pause"
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.marker.unlink()
+
+
+@contextlib.contextmanager
+def hooked_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str, settings: str = ""
+) -> Iterator[tuple[DaemonProcess, Pauser]]:
+    """A daemon whose pre-commit hook records what it saw and pauses when armed."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "pausehook.py").write_text(textwrap.dedent(PAUSE_HOOK))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    )
+    config = tmp_path / "ctxstore.toml"
+    config.write_text(
+        settings + "\n[[hooks.pre_commit]]\n"
+        f'target = "pausehook:make"\noptions = {{ dir = "{hooks}" }}\n'
+    )
+    with running_daemon(tmp_path, "--config", str(config), *extra) as daemon:
+        yield daemon, Pauser(hooks / "paused", hooks / "arm")
+
+
+def seen_by_hook(tmp_path: Path, slot: int) -> dict[str, str]:
+    seen: dict[str, str] = json.loads((tmp_path / "hooks" / f"seen-{slot}.json").read_text())
+    return seen
+
+
+def digest(array: np.ndarray[Any, Any]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+class Segment:
+    """A publish segment made the way the client makes one, kept open by the test."""
+
+    def __init__(self, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+        self.name = publish_segment_name(os.getpid())
+        self.specs = []
+        offset = 0
+        for name, array in arrays.items():
+            self.specs.append(TensorSpec(name, array.dtype.str, array.shape, offset, array.nbytes))
+            offset += -(-array.nbytes // 64) * 64
+        self.shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=offset)
+        for spec, array in zip(self.specs, arrays.values(), strict=True):
+            os.pwrite(self.shm.fd, np.ascontiguousarray(array).tobytes(), spec.offset)
+
+    def request(self, slot: int, key: str | None = None) -> PublishShm:
+        return PublishShm(request_id=1, slot=slot, shm_name=self.name, manifest=tuple(self.specs),
+                          key=key, progress=True)  # fmt: skip
+
+    def close(self) -> None:
+        self.shm.close_fd()
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(self.name)
+
+
+@pytest.fixture
+def segments() -> Iterator[Callable[[dict[str, np.ndarray[Any, Any]]], Segment]]:
+    made: list[Segment] = []
+
+    def make(arrays: dict[str, np.ndarray[Any, Any]]) -> Segment:
+        made.append(Segment(arrays))
+        return made[-1]
+
+    yield make
+    for segment in made:
+        segment.close()
+
+
+class Answer(threading.Thread):
+    """Sends one request on its own connection and keeps the answer (or the error)."""
+
+    def __init__(self, sock: Path, request: PublishShm) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.request = sock, request
+        self.reply: object = None
+        self.progress: list[Progress] = []
+
+    def run(self) -> None:
+        try:
+            with DaemonClient(self.sock, timeout=BOUND) as client:
+                self.reply = client.request(self.request, 1, self.progress.append)
+        except Exception as exc:
+            self.reply = exc
+
+    def result(self) -> object:
+        self.join(BOUND)
+        assert not self.is_alive(), "no answer"
+        return self.reply
+
+
+ARRAYS = {
+    "w": np.arange(256 * 1024, dtype="<f4").reshape(512, 512),
+    "b": np.linspace(-1, 1, 4096).astype("<f8"),
+}
+
+
+def check_committed_as_read(daemon: DaemonProcess, tmp_path: Path, slot: int, version: int) -> None:
+    """The version holds the bytes the hook vetted, the original ones; checksums pass."""
+    with PersistentStore(daemon.store, readonly=True) as store:
+        ctx = store.load_context(slot, version, verify=True)  # re-hashes every file
+        assert {name: digest(array) for name, array in ctx.weights.items()} == {
+            name: digest(array) for name, array in ARRAYS.items()
+        }
+        assert store.verify(slot) == []
+    assert seen_by_hook(tmp_path, slot) == {name: digest(a) for name, a in ARRAYS.items()}
+
+
+@pytest.mark.parametrize("attack", ["truncate", "overwrite"])
+def test_a_segment_changed_by_its_owner_during_the_commit_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, segments: Any, attack: str
+) -> None:
+    """Truncated: the daemon used to die of SIGBUS. Overwritten: the version used to hold
+    bytes other than those the hooks vetted. Now the commit is of the daemon's own copy."""
+    with hooked_daemon(tmp_path, monkeypatch) as (daemon, pauser):
+        segment = segments(ARRAYS)
+        pauser.arm()
+        answer = Answer(daemon.socket, segment.request(slot=3))
+        answer.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        if attack == "truncate":
+            os.ftruncate(segment.shm.fd, 0)
+        else:
+            os.pwrite(segment.shm.fd, b"\xff" * (ARRAYS["w"].nbytes + 64), 0)
+        pauser.release()
+        reply = answer.result()
+        assert daemon.proc.poll() is None, f"daemon died: exit {daemon.proc.returncode}"
+        assert isinstance(reply, Published), reply
+        check_committed_as_read(daemon, tmp_path, 3, reply.version)
+        assert publish(3, Context(ARRAYS), socket=daemon.socket) == reply.version + 1
+
+
+def test_a_segment_truncated_while_the_daemon_reads_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, segments: Any
+) -> None:
+    marker = tmp_path / "read-paused"
+    monkeypatch.setenv("CTXSTORE_PAUSE_AT", "publish_read")
+    monkeypatch.setenv("CTXSTORE_PAUSE_FILE", str(marker))
+    with running_daemon(tmp_path) as daemon:
+        pauser = Pauser(marker, None)
+        segment = segments(ARRAYS)
+        answer = Answer(daemon.socket, segment.request(slot=4))
+        answer.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)  # "w" copied, "b" not yet
+        os.ftruncate(segment.shm.fd, 4096)
+        pauser.release()
+        reply = answer.result()
+        assert isinstance(reply, RemoteError), reply
+        assert reply.kind == "invalid_input"
+        assert "truncated it during the publish; nothing was committed" in str(reply)
+        assert daemon.proc.poll() is None
+        with PersistentStore(daemon.store, readonly=True) as store:
+            assert store.current_version(4) is None
+        # the daemon carries on: the same publisher's next publish commits (and pauses once)
+        again = Answer(daemon.socket, segments(ARRAYS).request(slot=4))
+        again.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        pauser.release()
+        assert isinstance(again.result(), Published)
+
+
+KILLED_PUBLISHER = """
+import sys
+import numpy as np
+from ctxstore import Context
+from ctxstore.client import publish
+publish(5, Context({"w": np.ones(1 << 20, "f4")}), socket=sys.argv[1])
+"""
+
+
+def test_a_publisher_killed_mid_publish_has_its_segment_reclaimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = "shm_reclaim_interval = 0.2"
+    with hooked_daemon(tmp_path, monkeypatch, settings=settings) as (daemon, pauser):
+        pauser.arm()
+        child = subprocess.Popen(
+            dies_with_pytest([sys.executable, "-c", KILLED_PUBLISHER, str(daemon.socket)])
+        )
+        try:
+            pauser.wait_paused(lambda: daemon.proc.poll() is None)
+            mine = list(Path("/dev/shm").glob(f"ctxstore-pub-{child.pid}-*"))
+            assert len(mine) == 1
+            child.send_signal(signal.SIGKILL)
+            child.wait(BOUND)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(BOUND)
+        # a live process's segment and a name of another form are never touched
+        live = posix_ipc.SharedMemory(publish_segment_name(os.getpid()), posix_ipc.O_CREX, size=64)
+        other = posix_ipc.SharedMemory(f"/ctxstore-pub-{child.pid}", posix_ipc.O_CREX, size=64)
+        try:
+            pauser.release()  # the commit goes on without its publisher, then the sweep
+            deadline = time.monotonic() + BOUND
+            while mine[0].exists():
+                assert time.monotonic() < deadline, "the dead publisher's segment stayed"
+                time.sleep(0.05)
+            assert "reclaimed 1 shared-memory segment(s) of publishers that died" in (
+                daemon.log_text()
+            )
+            assert Path("/dev/shm" + live.name).exists()
+            assert Path("/dev/shm" + other.name).exists()
+        finally:
+            for segment in (live, other):
+                segment.close_fd()
+                segment.unlink()
+
+
+def test_a_commit_longer_than_the_silence_timeout_is_answered_with_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = "publish_progress_interval = 0.1"
+    extra = ("--silent-timeout", "0.3")
+    with hooked_daemon(tmp_path, monkeypatch, *extra, settings=settings) as (daemon, pauser):
+        pauser.arm()
+        updates: list[Progress] = []
+        result: list[object] = []
+
+        def run() -> None:
+            try:
+                result.append(publish(6, Context(ARRAYS), socket=daemon.socket,
+                                      progress=updates.append))  # fmt: skip
+            except Exception as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        deadline = time.monotonic() + BOUND
+        while not any(update.elapsed > 1.0 for update in updates):  # > 3 silence timeouts
+            assert time.monotonic() < deadline and thread.is_alive(), result
+            time.sleep(0.02)
+        pauser.release()
+        thread.join(BOUND)
+        assert result == [1]
+        stages = {update.stage for update in updates}
+        assert "committing" in stages and stages <= {"waiting", "reading", "committing"}
+        assert "silent for" not in daemon.log_text()
+        with PersistentStore(daemon.store, readonly=True) as store:
+            assert [info.version for info in store.list_versions(6)] == [1]
+
+
+def test_a_retried_publish_commits_once_even_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_publish_key()
+    ctx = Context(ARRAYS)
+    with hooked_daemon(tmp_path, monkeypatch) as (daemon, pauser):
+        pauser.arm()
+        versions: list[object] = []
+
+        def attempt() -> None:
+            try:
+                versions.append(publish(7, ctx, socket=daemon.socket, key=key))
+            except Exception as exc:
+                versions.append(exc)
+
+        first = threading.Thread(target=attempt, daemon=True)
+        first.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        retry = threading.Thread(target=attempt, daemon=True)  # while the first commits
+        retry.start()
+        deadline = time.monotonic() + BOUND
+        while f"key {key} waits for its first try" not in daemon.log_text():
+            assert time.monotonic() < deadline, "the retry never arrived"
+            time.sleep(0.02)
+        pauser.release()
+        first.join(BOUND)
+        retry.join(BOUND)
+        assert versions == [1, 1]
+        assert publish(7, ctx, socket=daemon.socket, key=key) == 1  # remembered
+        with pytest.raises(RemoteError, match="already committed version 1 of slot 7"):
+            publish(8, ctx, socket=daemon.socket, key=key)
+        assert publish(7, ctx, socket=daemon.socket) == 2  # another key: another version
+        assert daemon.stop() == 0
+    with running_daemon(tmp_path) as restarted:  # on the same store
+        assert restarted.store == daemon.store
+        assert publish(7, ctx, socket=restarted.socket, key=key) == 1  # from the index
+        with PersistentStore(restarted.store, readonly=True) as store:
+            assert [info.version for info in store.list_versions(7)] == [1, 2]
