@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,23 +57,30 @@ class Segment:
 
 
 @contextlib.contextmanager
-def open_segment(name: str) -> Iterator[Segment]:
-    """The segment ``name`` opened read-only (never mapped); closed when the block ends."""
-    if not name.startswith(SHM_PREFIX):
+def open_segment(name: str, shm_dir: str = SHM_DIR) -> Iterator[Segment]:
+    """The segment ``name`` opened read-only (never mapped); closed when the block ends.
+
+    Opened as shm_open(3) would, plus O_NONBLOCK: a FIFO planted under a
+    segment's name is refused at once instead of blocking the commit.
+    """
+    if not name.startswith(SHM_PREFIX) or "/" in name[1:]:
         raise InvalidInputError(f"shared-memory segment {name!r} must be named {SHM_PREFIX}*")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        shm = posix_ipc.SharedMemory(name, read_only=True)
-    except posix_ipc.ExistentialError:
+        fd = os.open(f"{shm_dir}/{name[1:]}", flags)
+    except FileNotFoundError:
         raise NotFoundError(f"shared-memory segment {name!r} does not exist") from None
-    except posix_ipc.PermissionsError as exc:
-        raise InvalidInputError(f"shared-memory segment {name!r} is not readable: {exc}") from exc
+    except OSError as exc:
+        raise InvalidInputError(
+            f"shared-memory segment {name!r} cannot be opened: {exc.strerror}"
+        ) from None
     try:
-        info = os.fstat(shm.fd)
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidInputError(f"shared-memory segment {name!r} is not a regular file")
-        yield Segment(name, shm.fd, info.st_size, info.st_uid)
+        yield Segment(name, fd, info.st_size, info.st_uid)
     finally:
-        shm.close_fd()
+        os.close(fd)
 
 
 def read_tensors(
@@ -140,16 +148,18 @@ def _read_exactly(
 def reclaim_orphans(
     busy: Collection[str],
     *,
+    min_age: float = 0.0,
     shm_dir: str = SHM_DIR,
     limit: int = MAX_RECLAIM_PER_SWEEP,
     alive: Callable[[int], bool] | None = None,
 ) -> int:
     """Unlink publisher segments whose owning pid is gone; returns how many went.
 
-    Only regular files named exactly ``ctxstore-pub-<pid>-<token>`` are
-    considered, never ``busy`` ones (publishes in flight); a pid that exists
-    (ours to signal or not) keeps its segments. Pids are this process's pid
-    namespace's: run publishers in the daemon's. At most ``limit`` per call.
+    Only regular files named exactly ``ctxstore-pub-<pid>-<token>`` and last
+    written more than ``min_age`` seconds ago are considered, never ``busy``
+    ones (publishes in flight); a pid that exists (ours to signal or not)
+    keeps its segments. Pids are this process's pid namespace's: run
+    publishers in the daemon's. At most ``limit`` per call.
     """
     is_alive = alive or pid_alive
     prefix = SHM_PREFIX.lstrip("/")
@@ -170,7 +180,8 @@ def reclaim_orphans(
             if pid is None or name in busy or is_alive(pid):
                 continue
             try:
-                if not entry.is_file(follow_symlinks=False):
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < min_age:
                     continue
                 posix_ipc.unlink_shared_memory(name)
             except (OSError, posix_ipc.Error) as exc:  # another's segment, or gone already

@@ -300,7 +300,9 @@ class Daemon:
         while not self._stop.is_set():
             busy = frozenset(self.committer.segments_in_use if self.committer else ())
             try:
-                count = await asyncio.to_thread(reclaim_orphans, busy)
+                count = await asyncio.to_thread(
+                    reclaim_orphans, busy, min_age=self.config.shm_reclaim_interval
+                )
             except Exception:
                 log.exception("sweep for orphaned publish segments failed")
             else:

@@ -367,3 +367,162 @@ def test_a_retried_publish_commits_once_even_across_a_restart(
         assert publish(7, ctx, socket=restarted.socket, key=key) == 1  # from the index
         with PersistentStore(restarted.store, readonly=True) as store:
             assert [info.version for info in store.list_versions(7)] == [1, 2]
+
+
+# -- the parts, without a daemon ----------------------------------------------------------------
+
+
+def test_segment_reads_are_bounded_and_a_short_segment_is_refused(segments: Any) -> None:
+    from ctxstore.daemon.segments import open_segment, read_tensors
+    from ctxstore.errors import InvalidInputError
+
+    segment = segments(ARRAYS)
+    with open_segment(segment.name) as opened:
+        copies = read_tensors(opened, segment.specs, max_bytes=1 << 30)
+        assert {name: digest(a) for name, a in copies.items()} == {
+            name: digest(a) for name, a in ARRAYS.items()
+        }
+        assert not any(array.flags.writeable for array in copies.values())
+        assert Context(copies).weights["w"] is copies["w"]  # taken as is: no second copy
+        with pytest.raises(InvalidInputError, match=r"exceeds the daemon's max_publish_bytes"):
+            read_tensors(opened, segment.specs, max_bytes=1024)
+        os.ftruncate(segment.shm.fd, 4096)  # after the open: the size it began with is stale
+        with pytest.raises(InvalidInputError, match="ended at byte 4096 while tensor 'w'"):
+            read_tensors(opened, segment.specs, max_bytes=1 << 30)
+
+
+def test_a_fifo_or_symlink_under_a_segment_name_is_refused_at_once(tmp_path: Path) -> None:
+    from ctxstore.daemon.segments import open_segment
+    from ctxstore.errors import InvalidInputError, NotFoundError
+
+    fifo, link = publish_segment_name(os.getpid()), publish_segment_name(os.getpid())
+    os.mkfifo(tmp_path / fifo[1:])  # opening it for reading would wait for a writer
+    (tmp_path / link[1:]).symlink_to(tmp_path / fifo[1:])
+    with pytest.raises(InvalidInputError, match="is not a regular file"):
+        open_segment(fifo, str(tmp_path)).__enter__()
+    with pytest.raises(InvalidInputError, match="cannot be opened: Too many levels"):
+        open_segment(link, str(tmp_path)).__enter__()
+    with pytest.raises(NotFoundError, match="does not exist"):
+        open_segment(publish_segment_name(os.getpid()), str(tmp_path)).__enter__()
+
+
+def test_the_sweep_takes_only_old_segments_of_dead_pids_not_busy_ones() -> None:
+    from ctxstore.daemon.segments import reclaim_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    names = [publish_segment_name(pid) for _ in range(3)]
+    made = [posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=64) for name in names]
+    try:
+        past = time.time() - 120
+        for name in names[:2]:
+            os.utime("/dev/shm" + name, (past, past))
+        # names[0]: old, dead pid -> reclaimed; names[1]: busy; names[2]: written just now
+        assert reclaim_orphans({names[1]}, min_age=60) == 1
+        assert [Path("/dev/shm" + name).exists() for name in names] == [False, True, True]
+        assert reclaim_orphans((), min_age=60, alive=lambda _: True) == 0
+    finally:
+        for segment in made:
+            segment.close_fd()
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                segment.unlink()
+
+
+def test_publish_keys_wait_for_a_try_in_flight_retry_a_failed_one_and_stay_bounded() -> None:
+    import asyncio
+
+    from ctxstore.daemon.idempotency import PublishKeys
+    from ctxstore.errors import ConflictError
+
+    async def scenario() -> None:
+        keys = PublishKeys(capacity=2)
+        commits: list[str] = []
+        gate = asyncio.Event()
+
+        async def nothing_recorded() -> tuple[int, int] | None:
+            return None
+
+        async def commit(name: str, fail: bool = False) -> int:
+            await gate.wait()
+            if fail:
+                raise RuntimeError("disk on fire")
+            commits.append(name)
+            return len(commits)
+
+        first = asyncio.ensure_future(
+            keys.run("k1", 1, nothing_recorded, lambda: commit("a", True))
+        )
+        waits: list[str] = []
+        retry = asyncio.ensure_future(
+            keys.run("k1", 1, nothing_recorded, lambda: commit("b"), lambda: waits.append("k1"))
+        )
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(RuntimeError):
+            await first
+        assert await retry == 1 and commits == ["b"] and waits == ["k1"]  # it tried again
+        assert await keys.run("k1", 1, nothing_recorded, lambda: commit("c")) == 1
+        with pytest.raises(ConflictError, match="already committed version 1 of slot 1"):
+            await keys.run("k1", 2, nothing_recorded, lambda: commit("d"))
+        await keys.run("k2", 1, nothing_recorded, lambda: commit("k2"))
+        await keys.run("k3", 1, nothing_recorded, lambda: commit("k3"))
+        assert len(keys) == 2  # k1 forgotten in memory: the index (lookup) answers for it
+
+        async def recorded() -> tuple[int, int] | None:
+            return (1, 1)
+
+        assert await keys.run("k1", 1, recorded, lambda: commit("e")) == 1
+        assert commits == ["b", "k2", "k3"]
+
+    asyncio.run(scenario())
+
+
+def test_the_progress_line_redraws_on_a_terminal_and_stays_quiet_elsewhere() -> None:
+    import io
+
+    from ctxstore.progress import ProgressLine
+
+    def update(elapsed: float, done: int = 0) -> Progress:
+        return Progress(request_id=1, stage="reading", done=done, total=3 << 30, elapsed=elapsed)
+
+    tty = io.StringIO()
+    line = ProgressLine(tty, "slot 3", tty=True)
+    line(update(0.5, 1 << 30))
+    line(update(2.0, 2 << 30))
+    line.finish()
+    assert tty.getvalue() == (
+        "\rslot 3: reading 1.0 GiB of 3.0 GiB (33%), 0 s"
+        "\rslot 3: reading 2.0 GiB of 3.0 GiB (66%), 2 s\n"
+    )
+    log = io.StringIO()
+    line = ProgressLine(log, "slot 3", tty=False, quiet_for=3.0, every=10.0)
+    for elapsed in (1.0, 2.0, 4.0, 6.0, 14.0, 16.0):
+        line(update(elapsed))
+    line.finish()
+    assert [text.rsplit(", ", 1)[1] for text in log.getvalue().splitlines()] == ["4 s", "14 s"]
+
+
+def cli_publish(daemon: DaemonProcess, weights: Path, key: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "ctxstore.cli", "publish", "9", str(weights),
+            "--socket", str(daemon.socket), "--key", key]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=BOUND, check=False)
+
+
+def test_ctxstore_publish_takes_a_key_and_a_retry_commits_once(tmp_path: Path) -> None:
+    weights = tmp_path / "w.npy"
+    np.save(weights, np.arange(10, dtype="f4"))
+    with running_daemon(tmp_path) as daemon:
+        runs = [cli_publish(daemon, weights, "retry-me-123") for _ in range(2)]
+        assert [run.stdout for run in runs] == ["slot 9: published version 1\n"] * 2
+        assert all(run.returncode == 0 and run.stderr == "" for run in runs)
+
+
+def test_ctxstore_publish_refuses_a_bad_key_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctxstore.cli import main
+
+    argv = ["publish", "9", str(tmp_path / "w.npy"), "--socket", str(tmp_path / "none.sock")]
+    assert main([*argv, "--key", "no"]) == 1
+    assert "publish key 'no' is not a publish key" in capsys.readouterr().err
