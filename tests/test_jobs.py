@@ -937,7 +937,10 @@ def test_a_store_from_before_the_job_queue_gains_the_jobs_table(store_dir: Path)
     with PersistentStore(store_dir):
         pass
     conn = sqlite3.connect(store_dir / "index.db")
-    conn.executescript("DROP TABLE jobs; PRAGMA user_version = 1;")
+    conn.executescript(
+        "DROP TABLE jobs; DROP INDEX versions_by_publish_key; "
+        "ALTER TABLE versions DROP COLUMN publish_key; PRAGMA user_version = 1;"
+    )
     conn.close()
     with pytest.raises(IntegrityError, match="schema version 1"):
         PersistentStore(store_dir, readonly=True)

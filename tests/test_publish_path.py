@@ -526,3 +526,27 @@ def test_ctxstore_publish_refuses_a_bad_key_before_connecting(
     argv = ["publish", "9", str(tmp_path / "w.npy"), "--socket", str(tmp_path / "none.sock")]
     assert main([*argv, "--key", "no"]) == 1
     assert "publish key 'no' is not a publish key" in capsys.readouterr().err
+
+
+def test_a_store_from_before_publish_keys_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    from ctxstore.errors import IntegrityError
+
+    with PersistentStore(tmp_path / "s") as store:
+        store.save_context(1, Context(ARRAYS))
+    conn = sqlite3.connect(tmp_path / "s" / "index.db")
+    conn.executescript(
+        "DROP INDEX versions_by_publish_key; ALTER TABLE versions DROP COLUMN publish_key; "
+        "PRAGMA user_version = 2;"
+    )
+    conn.close()
+    with pytest.raises(IntegrityError, match="schema version 2"):
+        PersistentStore(tmp_path / "s", readonly=True)
+    with PersistentStore(tmp_path / "s") as store:  # the writer migrates
+        assert store.publish_key_version("some-key-1") is None
+        version = store.save_context(1, Context(ARRAYS), publish_key="some-key-1")
+        assert store.publish_key_version("some-key-1") == (1, version) == (1, 2)
+        with pytest.raises(IntegrityError, match="UNIQUE"):  # one version per key
+            store.save_context(2, Context(ARRAYS), publish_key="some-key-1")
+        assert store.current_version(2) is None
