@@ -10,13 +10,18 @@ while a marker file exists, or the daemon's ``publish_read`` pause point.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -28,17 +33,23 @@ import numpy as np
 import posix_ipc
 import pytest
 from conftest import dies_with_pytest
-from test_daemon import DaemonProcess, running_daemon
+from test_daemon import DaemonProcess, running_daemon, start_daemon, wait_for_socket
 
 from ctxstore import Context, RemoteError
+from ctxstore.cli import main
 from ctxstore.client import (
     DaemonClient,
     new_publish_key,
     publish,
     publish_segment_name,
 )
+from ctxstore.daemon.idempotency import PublishKeys
+from ctxstore.daemon.segments import open_segment, read_tensors, reclaim_orphans
+from ctxstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from ctxstore.messages import Progress, Published, PublishShm, TensorSpec
+from ctxstore.progress import ProgressLine
 from ctxstore.store import PersistentStore
+from ctxstore.versiontable import segment_name
 
 BOUND = 30.0  # seconds; only a hung daemon gets near it
 
@@ -94,6 +105,16 @@ def hooked_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str, settings: str = ""
 ) -> Iterator[tuple[DaemonProcess, Pauser]]:
     """A daemon whose pre-commit hook records what it saw and pauses when armed."""
+    config, pauser = pause_hook_config(tmp_path, monkeypatch, settings)
+    with running_daemon(tmp_path, "--config", str(config), *extra) as daemon:
+        yield daemon, pauser
+
+
+def pause_hook_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str = ""
+) -> tuple[Path, Pauser]:
+    """A configuration file with ``settings`` and the pause hook (importable by daemons
+    started from now on), and the Pauser that drives the hook."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "pausehook.py").write_text(textwrap.dedent(PAUSE_HOOK))
@@ -105,8 +126,7 @@ def hooked_daemon(
         settings + "\n[[hooks.pre_commit]]\n"
         f'target = "pausehook:make"\noptions = {{ dir = "{hooks}" }}\n'
     )
-    with running_daemon(tmp_path, "--config", str(config), *extra) as daemon:
-        yield daemon, Pauser(hooks / "paused", hooks / "arm")
+    return config, Pauser(hooks / "paused", hooks / "arm")
 
 
 def seen_by_hook(tmp_path: Path, slot: int) -> dict[str, str]:
@@ -373,9 +393,6 @@ def test_a_retried_publish_commits_once_even_across_a_restart(
 
 
 def test_segment_reads_are_bounded_and_a_short_segment_is_refused(segments: Any) -> None:
-    from ctxstore.daemon.segments import open_segment, read_tensors
-    from ctxstore.errors import InvalidInputError
-
     segment = segments(ARRAYS)
     with open_segment(segment.name) as opened:
         copies = read_tensors(opened, segment.specs, max_bytes=1 << 30)
@@ -392,9 +409,6 @@ def test_segment_reads_are_bounded_and_a_short_segment_is_refused(segments: Any)
 
 
 def test_a_fifo_or_symlink_under_a_segment_name_is_refused_at_once(tmp_path: Path) -> None:
-    from ctxstore.daemon.segments import open_segment
-    from ctxstore.errors import InvalidInputError, NotFoundError
-
     fifo, link = publish_segment_name(os.getpid()), publish_segment_name(os.getpid())
     os.mkfifo(tmp_path / fifo[1:])  # opening it for reading would wait for a writer
     (tmp_path / link[1:]).symlink_to(tmp_path / fifo[1:])
@@ -407,8 +421,6 @@ def test_a_fifo_or_symlink_under_a_segment_name_is_refused_at_once(tmp_path: Pat
 
 
 def test_the_sweep_takes_only_old_segments_of_dead_pids_not_busy_ones() -> None:
-    from ctxstore.daemon.segments import reclaim_orphans
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     pid = int(dead.stdout)
@@ -430,11 +442,6 @@ def test_the_sweep_takes_only_old_segments_of_dead_pids_not_busy_ones() -> None:
 
 
 def test_publish_keys_wait_for_a_try_in_flight_retry_a_failed_one_and_stay_bounded() -> None:
-    import asyncio
-
-    from ctxstore.daemon.idempotency import PublishKeys
-    from ctxstore.errors import ConflictError
-
     async def scenario() -> None:
         keys = PublishKeys(capacity=2)
         commits: list[str] = []
@@ -479,10 +486,6 @@ def test_publish_keys_wait_for_a_try_in_flight_retry_a_failed_one_and_stay_bound
 
 
 def test_the_progress_line_redraws_on_a_terminal_and_stays_quiet_elsewhere() -> None:
-    import io
-
-    from ctxstore.progress import ProgressLine
-
     def update(elapsed: float, done: int = 0) -> Progress:
         return Progress(request_id=1, stage="reading", done=done, total=3 << 30, elapsed=elapsed)
 
@@ -521,18 +524,12 @@ def test_ctxstore_publish_takes_a_key_and_a_retry_commits_once(tmp_path: Path) -
 def test_ctxstore_publish_refuses_a_bad_key_before_connecting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ctxstore.cli import main
-
     argv = ["publish", "9", str(tmp_path / "w.npy"), "--socket", str(tmp_path / "none.sock")]
     assert main([*argv, "--key", "no"]) == 1
     assert "publish key 'no' is not a publish key" in capsys.readouterr().err
 
 
 def test_a_store_from_before_publish_keys_gains_them(tmp_path: Path) -> None:
-    import sqlite3
-
-    from ctxstore.errors import IntegrityError
-
     with PersistentStore(tmp_path / "s") as store:
         store.save_context(1, Context(ARRAYS))
     conn = sqlite3.connect(tmp_path / "s" / "index.db")
@@ -550,3 +547,66 @@ def test_a_store_from_before_publish_keys_gains_them(tmp_path: Path) -> None:
         with pytest.raises(IntegrityError, match="UNIQUE"):  # one version per key
             store.save_context(2, Context(ARRAYS), publish_key="some-key-1")
         assert store.current_version(2) is None
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the publisher as another uid")
+def test_an_unprivileged_publisher_truncating_its_segment_cannot_kill_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same attack as above from uid 4242, on the daemon's allowlist (it died of SIGBUS)."""
+
+    uid = 4242
+    run = Path(tempfile.mkdtemp(prefix="ctxstore-pubtest-"))  # reachable by the dropped uid
+    run.chmod(0o755)
+    config, pauser = pause_hook_config(tmp_path, monkeypatch)
+    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
+                          "--config", str(config), "--allow-uid", str(uid))  # fmt: skip
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    pid = -1
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        pauser.arm()
+        pid = os.fork()
+        if pid == 0:  # the hostile publisher: imports nothing new after dropping privileges
+            outcome = b"?"
+            try:
+                os.setgroups([])
+                os.setgid(0)
+                os.setuid(uid)
+                segment = Segment(ARRAYS)
+                with DaemonClient(daemon.socket, timeout=BOUND) as client:
+                    client._send(segment.request(slot=11))
+                    os.read(to_child, 1)  # the daemon is inside the commit
+                    os.ftruncate(segment.shm.fd, 0)
+                    os.write(from_child, b"t")
+                    reply = client._receive()
+                    while isinstance(reply, Progress):
+                        reply = client._receive()
+                    outcome = repr(reply).encode()
+                segment.close()
+            except BaseException as exc:
+                outcome = repr(exc).encode()
+            finally:
+                os.write(from_child, outcome)
+                os._exit(0)
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        os.write(from_parent, b"g")
+        assert os.read(to_parent, 1) == b"t"
+        pauser.release()
+        outcome = os.read(to_parent, 4096).decode()
+        assert daemon.proc.poll() is None, f"daemon died: exit {daemon.proc.returncode}"
+        assert outcome.startswith("Published(request_id=1, slot=11, version=1)"), outcome
+        with PersistentStore(daemon.store, readonly=True) as store:
+            assert store.verify(11) == []
+    finally:
+        if pid > 0:
+            os.waitpid(pid, 0)
+        for fd in (to_child, from_parent, to_parent, from_child):
+            os.close(fd)
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(BOUND)
+        shutil.rmtree(run, ignore_errors=True)
+
+        Path("/dev/shm" + segment_name(daemon.store)).unlink(missing_ok=True)
