@@ -737,8 +737,20 @@ class PersistentStore:
         return row is not None
 
     def publish_key_version(self, key: str) -> tuple[int, int] | None:
-        """(slot, version) committed with publish key ``key``, while retention keeps it."""
-        rows = self._query("SELECT slot, version FROM versions WHERE publish_key = ?", (key,))
+        """(slot, version) committed with publish key ``key``, while retention keeps it.
+
+        A writer asks on its own connection (the daemon asks before each keyed publish,
+        from any worker thread: no reader connection is opened in each of them).
+        """
+        sql = "SELECT slot, version FROM versions WHERE publish_key = ?"
+        if self.readonly:
+            rows = self._query(sql, (key,))
+        else:
+            with self._write_lock:
+                try:
+                    rows = self._writer_conn().execute(sql, (key,)).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise translate_sqlite_error(exc) from exc
         return (rows[0][0], rows[0][1]) if rows else None
 
     def current_version(self, slot_id: int) -> int | None:
