@@ -37,6 +37,7 @@ from ctxstore.store import PersistentStore
 
 from .api_models import ErrorBody
 from .events import EventBroadcaster
+from .logs import LogLimiter
 from .metrics import DaemonMetrics
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .server import Daemon
 
 log = logging.getLogger("ctxstore.daemon.api")
+api_events = LogLimiter(log, burst=20)
 
 #: exception class -> HTTP status, most specific first; anything else is a 500
 STATUS_BY_CLASS: tuple[tuple[type[BaseException], int], ...] = (
@@ -77,8 +79,8 @@ def ctxstore_error_response(exc: CtxStoreError) -> JSONResponse:
     status = status_for(exc)
     if status == 500:
         log.error("API request failed: %s: %s", exc.kind, exc)
-    elif status > 500:
-        log.warning("API request refused: %s: %s", exc.kind, exc)
+    elif status > 500:  # a flood of refused requests is a few lines and a count
+        api_events.log("API refused", logging.WARNING, "API request refused: %s: %s", exc.kind, exc)
     return error_response(status, exc.kind, str(exc) or exc.kind)
 
 
@@ -352,7 +354,8 @@ _DESCRIPTIONS = {
     409: "conflicts with the store's state (cycle, job not pending, read-only)",
     413: "request body larger than max_body_bytes",
     500: "internal error (see the daemon's log) or an integrity problem",
-    503: "the store is not open, the daemon is stopping, or the job queue is not running",
+    503: "the store is not open, the daemon is stopping, the job queue is not running, or "
+    "a limit is reached (limits.event_streams for /events)",
 }
 
 #: every route can answer with these

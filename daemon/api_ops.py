@@ -98,7 +98,8 @@ async def metrics(ctx: Ctx) -> Response:
     tags=[TAG],
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
-    summary="Server-Sent Events: one `announce` event per commit, rollback or alias move",
+    summary="Server-Sent Events: one `announce` event per commit, rollback or alias move "
+    "(503 past limits.event_streams open streams)",
 )
 async def events(
     ctx: Ctx,

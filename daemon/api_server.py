@@ -108,7 +108,10 @@ class ApiServer:
     ) -> None:
         self.host, self.port = host, port
         self.metrics = DaemonMetrics(daemon)
-        self.events = EventBroadcaster(heartbeat=heartbeat)
+        limits = getattr(daemon, "limits", None)
+        self.events = EventBroadcaster(
+            heartbeat=heartbeat, max_streams=None if limits is None else limits.event_streams
+        )
         trusted = LOOPBACK_HOSTS | {host} if is_loopback(host) else None
         self.app: FastAPI = create_app(
             daemon, metrics=self.metrics, events=self.events, trusted_hosts=trusted

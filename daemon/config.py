@@ -312,6 +312,19 @@ class DaemonConfig:
     #: seconds between sweeps for segments of publishers that died
     shm_reclaim_interval: float = 60.0
     table_capacity: int = DEFAULT_CAPACITY
+    #: socket peers at once, in all and per uid; 0: derived from RLIMIT_NOFILE (daemon/limits.py)
+    max_connections: int = 0
+    max_connections_per_uid: int = 0
+    #: open GET /events streams; 0: derived from RLIMIT_NOFILE
+    max_event_streams: int = 0
+    #: a peer that has started a frame must finish it within this many seconds
+    frame_timeout: float = 10.0
+    #: bytes of unfinished frames held for all peers together; 0: 4 x max_frame_size
+    max_partial_bytes: int = 0
+    #: budget units a peer may spend per second (a frame costs 1, one the daemon answers 10)
+    peer_rate: int = 1000
+    #: frames the daemon handles from one peer before it lets the others go
+    peer_frames_per_turn: int = 32
     log_level: str = "INFO"
     log_format: str = "text"
     #: "HOST:PORT" for the HTTP admin API, or "off"
@@ -496,6 +509,13 @@ KEYS: tuple[Key, ...] = (
     _key("publish_keys", "publish_keys", _int_in(0, 10_000_000), _env_int, live=False),
     _key("shm_reclaim_interval", "shm_reclaim_interval", _seconds(86400), _env_float, live=False),
     _key("table_capacity", "table_capacity", _CAPACITY, _env_int, live=False),
+    _key("max_connections", "limits.connections", _int_in(0, 1 << 20), _env_int),
+    _key("max_connections_per_uid", "limits.connections_per_uid", _int_in(0, 1 << 20), _env_int),
+    _key("max_event_streams", "limits.event_streams", _int_in(0, 1 << 20), _env_int),
+    _key("frame_timeout", "limits.frame_timeout", _seconds(3600), _env_float),
+    _key("max_partial_bytes", "limits.partial_bytes", _int_in(0, 1 << 40), _env_int),
+    _key("peer_rate", "limits.peer_rate", _int_in(10, 1 << 30), _env_int),
+    _key("peer_frames_per_turn", "limits.frames_per_turn", _int_in(1, 1 << 20), _env_int),
     _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level"),
     _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format"),
     _key("http", "http", _http, flag="--http", live=False),

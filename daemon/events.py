@@ -8,6 +8,11 @@ slot, and when even that exceeds the bound the oldest slots are dropped and
 the client is told how many with an ``event: dropped`` frame, so it can
 re-read ``GET /slots``. Idle streams get a comment line every ``heartbeat``
 seconds so proxies and clients see the connection alive.
+
+Each stream holds a connection, so a file descriptor, for as long as it is
+open: at most ``max_streams`` are open at once (daemon/limits.py derives the
+default from RLIMIT_NOFILE, keeping descriptors for the Unix socket's peers);
+one more is refused with DaemonUnavailableError, a 503 that says why.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
+from ctxstore.errors import DaemonUnavailableError
 from ctxstore.messages import Announce
 
 DEFAULT_HEARTBEAT = 15.0
@@ -115,16 +121,32 @@ class EventBroadcaster:
     """Every open ``/events`` stream; lives on the daemon's event loop."""
 
     def __init__(
-        self, *, heartbeat: float = DEFAULT_HEARTBEAT, max_pending: int = DEFAULT_MAX_PENDING
+        self,
+        *,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_streams: int | None = None,
     ) -> None:
         self.heartbeat = heartbeat
         self.max_pending = max_pending
+        #: open streams allowed at once (None: no limit)
+        self.max_streams = max_streams
+        self.refused = 0
         self._streams: set[EventStream] = set()
         self._closed = False
         self.published = 0
 
     def subscribe(self, slots: Collection[int] | None = None) -> EventStream:
-        """A new stream (every slot, or only ``slots``); already closed after :meth:`close`."""
+        """A new stream (every slot, or only ``slots``); already closed after :meth:`close`.
+
+        DaemonUnavailableError when ``max_streams`` are open already.
+        """
+        if self.max_streams is not None and len(self._streams) >= self.max_streams:
+            self.refused += 1
+            raise DaemonUnavailableError(
+                f"too many /events streams: {len(self._streams)} open, the limit is "
+                f"limits.event_streams = {self.max_streams}; try again later"
+            )
         stream = EventStream(self, slots, max_pending=self.max_pending, heartbeat=self.heartbeat)
         if self._closed:
             stream.close()

@@ -4,6 +4,11 @@ Everything goes to stderr, where systemd's journal (or whoever started the
 daemon) collects it. ``setup_logging`` may be called again, on SIGHUP, to change
 the level and the format in place: it reuses its one handler, so records are
 never duplicated and nothing is lost between the old format and the new one.
+
+A hostile or broken peer can make the same event happen thousands of times a
+second (a refused connection, a protocol error, a write to a closed socket);
+:class:`LogLimiter` keeps each such event to a few lines per interval and says
+how many it left out, so the log never amplifies an attack.
 """
 
 from __future__ import annotations
@@ -11,12 +16,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
 from ctxstore.errors import InvalidInputError
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "TEXT_FORMAT", "JsonFormatter", "setup_logging"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "LogLimiter",
+    "RepeatFilter",
+    "limit_repeats",
+    "setup_logging",
+]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -70,3 +87,117 @@ def setup_logging(level: str, fmt: str, stream: TextIO | None = None) -> logging
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.setLevel(level)
     return handler
+
+
+@dataclass(slots=True)
+class _Window:
+    started: float
+    logged: int = 0
+    suppressed: int = 0
+
+
+class LogLimiter:
+    """At most ``burst`` lines per ``interval`` seconds for each kind of repeated event.
+
+    ``limiter.log(key, level, msg, *args)`` logs like ``logger.log`` while the
+    key's window has room; past that the line is counted instead. The first line
+    of the next window, or :meth:`flush` (called periodically by the daemon),
+    reports the count: ``... (37 more like this in the last 10 s)``. Keys name a
+    kind of event ("refused", "protocol error"), never a peer, so a flood from
+    many peers is still one line per interval; the set of keys is small and fixed.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = 10.0,
+        burst: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._burst = burst
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+        self._levels: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> bool:
+        """Log now, or count it for later; True when the line was written."""
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is None or now - window.started >= self._interval:
+            suppressed = 0 if window is None else window.suppressed
+            window = self._windows[key] = _Window(now)
+            if suppressed:
+                msg += " (%d more like this in the last %.0f s)"
+                args = (*args, suppressed, self._interval)
+        if window.logged >= self._burst:
+            window.suppressed += 1
+            self._levels[key] = level
+            return False
+        window.logged += 1
+        self._logger.log(level, msg, *args)
+        return True
+
+    def suppressed(self, key: str) -> int:
+        """Lines of ``key`` counted but not written in its current window."""
+        window = self._windows.get(key)
+        return 0 if window is None else window.suppressed
+
+    def flush(self) -> None:
+        """Report every count whose window is over (for events that stopped coming)."""
+        now = self._clock()
+        for key, window in list(self._windows.items()):
+            if now - window.started < self._interval:
+                continue
+            del self._windows[key]
+            if window.suppressed:
+                self._logger.log(
+                    self._levels.get(key, logging.WARNING),
+                    "%s: %d more like this in the last %.0f s",
+                    key,
+                    window.suppressed,
+                    self._interval,
+                )
+
+
+class RepeatFilter(logging.Filter):
+    """A logging filter that passes each message (by its format string) through a LogLimiter.
+
+    For loggers the daemon does not write itself (asyncio's "socket.send() raised
+    exception.", "socket.accept() out of system resource", uvicorn's warnings):
+    a repeated line becomes a few lines per interval and a count.
+    """
+
+    def __init__(self, limiter_interval: float = 10.0, burst: int = 5) -> None:
+        super().__init__()
+        self._limiter = LogLimiter(_COUNTER, interval=limiter_interval, burst=burst)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}: {record.msg}"
+        before = self._limiter.suppressed(key)
+        if not self._limiter.log(key, record.levelno, "%s", key):
+            return False
+        if before and self._limiter.suppressed(key) == 0:  # a new window: say what was left out
+            record.msg = f"{record.getMessage()} ({before} more like this before)"
+            record.args = ()
+        return True
+
+
+#: LogLimiter needs a logger; RepeatFilter only asks it whether to pass a record
+_COUNTER = logging.getLogger("ctxstore.daemon.repeats")
+_COUNTER.disabled = True
+
+
+def limit_repeats(*names: str, interval: float = 10.0) -> None:
+    """Install a :class:`RepeatFilter` on each named logger (once; calling again is a no-op)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+            logger.addFilter(RepeatFilter(interval))
+
+
+#: the one limiter of repeated per-peer events (connections, refusals, protocol errors,
+#: drops); the daemon flushes it periodically so a count is reported once events stop
+peer_events = LogLimiter(logging.getLogger("ctxstore.daemon"), burst=20)

@@ -24,7 +24,12 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ctxstore.context import Context
-from ctxstore.errors import CtxStoreError, InvalidInputError, PermissionDeniedError
+from ctxstore.errors import (
+    CtxStoreError,
+    DaemonUnavailableError,
+    InvalidInputError,
+    PermissionDeniedError,
+)
 from ctxstore.messages import (
     Ack,
     Announce,
@@ -53,16 +58,26 @@ from ctxstore.status import build_status, reader_rows, slot_rows
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
+from .budgets import PartialPool
 from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
 from .jobs import JobQueue
-from .listener import BoundSocket, PeerPolicy, bind_socket, check_socket_path, peer_credentials
+from .limits import Limits, derive_limits, return_freed_memory
+from .listener import (
+    BoundSocket,
+    PeerCredentials,
+    PeerPolicy,
+    bind_socket,
+    check_socket_path,
+    peer_credentials,
+)
+from .logs import limit_repeats, peer_events
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .segments import reclaim_orphans
-from .subscriber import Subscriber
+from .subscriber import PeerBudget, Subscriber
 
 if TYPE_CHECKING:
     from .api_server import ApiServer
@@ -73,6 +88,15 @@ log = logging.getLogger("ctxstore.daemon")
 JOB_STOP_TIMEOUT_S = 30.0
 #: extra start-up time asked of systemd while the store opens (recovery of a big store)
 STORE_OPEN_ALLOWANCE = 300.0
+#: the asyncio StreamReader's limit per peer: it stops reading a peer's socket past twice
+#: this, so bytes the daemon is not ready for wait in the kernel, not in the daemon
+STREAM_LIMIT = 32 << 10
+#: bytes the transport asks the kernel for per read (asyncio's default is 256 KiB)
+TRANSPORT_READ = 64 << 10
+#: how often counts of repeated log lines are reported once the events stopped
+LOG_FLUSH_INTERVAL = 10.0
+#: close reasons of a peer that left as it should; any other is a drop, counted apart
+_ORDINARY_ENDS = ("peer said goodbye", "peer closed the connection", "connection ended")
 
 
 class Daemon:
@@ -83,7 +107,12 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.fleet = Fleet()
         self.subscribers: dict[int, Subscriber] = {}
-        self._apply_policies(config)
+        #: open socket connections per uid (refused ones are never counted)
+        self.connections_by_uid: dict[int, int] = {}
+        self.pool = PartialPool(0)
+        self.limits: Limits
+        self.budget: PeerBudget
+        self._apply_policies(config)  # sets limits, the pool's limit and budget
         self._sessions = itertools.count(1)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,7 +203,11 @@ class Daemon:
             self.committer.on_commit = self.api.metrics.observe_commit
             self.fleet.on_ack = self.api.metrics.observe_ack
         self._bound = bind_socket(config.socket, group=config.socket_group)
-        self._server = await asyncio.start_unix_server(self._accept, sock=self._bound.sock)
+        self._server = await asyncio.start_unix_server(
+            self._accept, sock=self._bound.sock, limit=STREAM_LIMIT
+        )
+        log.info("limits: %s", self.limits.describe())
+        self._spawn(self._flush_logs())
         if self.api is not None:
             await self.api.start()
         await self.jobs.start()
@@ -273,9 +306,27 @@ class Daemon:
         self.notifier.ready("reloaded")
 
     def _apply_policies(self, config: DaemonConfig) -> None:
-        """Who may connect, and who may publish among them (empty lists: everyone)."""
+        """Who may connect, who may publish among them (empty lists: everyone), how many,
+        and what each may cost (for connections made from now on)."""
         self.policy = PeerPolicy(config.allow_uids, config.allow_gids)
         self.publishers = PeerPolicy(config.publish_uids, config.publish_gids)
+        self.limits = derive_limits(config)
+        self.pool.limit = self.limits.partial_bytes
+        api = getattr(self, "api", None)  # None in __init__, before the API exists
+        if api is not None:
+            api.events.max_streams = self.limits.event_streams
+        self.budget = PeerBudget(
+            frame_timeout=config.frame_timeout,
+            rate=config.peer_rate,
+            frames_per_turn=config.peer_frames_per_turn,
+            pool=self.pool,
+        )
+
+    async def _flush_logs(self) -> None:
+        """Report counts of repeated per-peer log lines once their events stopped coming."""
+        while not self._stop.is_set():
+            await asyncio.sleep(LOG_FLUSH_INTERVAL)
+            peer_events.flush()
 
     def _pre_commit(self, slot: int, context: Context) -> None:
         """The hooks in force now (SIGHUP may have replaced them) vet each commit."""
@@ -354,10 +405,14 @@ class Daemon:
     # -- connections ------------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if hasattr(writer.transport, "max_size"):  # asyncio's selector transport
+            writer.transport.max_size = TRANSPORT_READ
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock)
         session = next(self._sessions)
-        log.info(
+        peer_events.log(
+            "connection",
+            logging.INFO,
             "session %d: connection from pid %d uid %d gid %d",
             session,
             peer.pid,
@@ -372,13 +427,17 @@ class Daemon:
             max_frame_size=self.config.max_frame_size,
             stuck_timeout=self.config.stuck_timeout,
             silent_timeout=self.config.silent_timeout,
+            budget=self.budget,
         )
-        if not self.policy.permits(peer) or self._stop.is_set():
-            why = "shutting down" if self._stop.is_set() else f"uid {peer.uid} is not allowed"
-            log.warning("session %d: refused: %s", session, why)
-            subscriber.fail(Error(kind="forbidden", message=why, fatal=True))
+        refusal = self._refusal(peer)
+        if refusal is not None:
+            peer_events.log(
+                "refused", logging.WARNING, "session %d: refused: %s", session, refusal.message
+            )
+            subscriber.fail(refusal)
             return
         self.subscribers[session] = subscriber
+        self.connections_by_uid[peer.uid] = self.connections_by_uid.get(peer.uid, 0) + 1
         flusher = self._spawn(subscriber.flush_loop())
         try:
             await subscriber.receive_loop(self._handle)
@@ -386,17 +445,51 @@ class Daemon:
             subscriber.close(subscriber.close_reason or "connection ended")
             flusher.cancel()
             self.subscribers.pop(session, None)
+            left = self.connections_by_uid.pop(peer.uid, 1) - 1
+            if left:
+                self.connections_by_uid[peer.uid] = left
             self.fleet.leave(session)
-            log.info(
-                "session %d (%s): closed: %s", session, subscriber.name, subscriber.close_reason
+            reason = subscriber.close_reason or ""
+            peer_events.log(
+                "closed" if reason.startswith(_ORDINARY_ENDS) else f"dropped: {reason[:20]}",
+                logging.INFO,
+                "session %d (%s): closed: %s",
+                session,
+                subscriber.name,
+                subscriber.close_reason,
             )
+
+    def _refusal(self, peer: PeerCredentials) -> Error | None:
+        """The fatal error a new peer is refused with, or None to serve it."""
+        if self._stop.is_set():
+            return Error(kind="forbidden", message="shutting down", fatal=True)
+        if not self.policy.permits(peer):
+            return Error(kind="forbidden", message=f"uid {peer.uid} is not allowed", fatal=True)
+        limits, busy = self.limits, DaemonUnavailableError.kind
+        if len(self.subscribers) >= limits.connections:
+            why = (
+                f"too many connections: {len(self.subscribers)} open, the limit is "
+                f"limits.connections = {limits.connections}; try again later"
+            )
+            return Error(kind=busy, message=why, fatal=True)
+        mine = self.connections_by_uid.get(peer.uid, 0)
+        if mine >= limits.per_uid:
+            why = (
+                f"too many connections from uid {peer.uid}: {mine} open, the limit is "
+                f"limits.connections_per_uid = {limits.per_uid}; try again later"
+            )
+            return Error(kind=busy, message=why, fatal=True)
+        return None
 
     async def _handle(self, sub: Subscriber, message: Message) -> None:
         self.fleet.seen(sub.session)
         match message:
             case Hello(name=name, pid=pid, role=role):
                 sub.name = f"{name or 'anonymous'} (pid {pid})"
-                log.info("session %d: hello from %s as %s", sub.session, sub.name, role)
+                peer_events.log(
+                    "hello", logging.INFO, "session %d: hello from %s as %s", sub.session,
+                    sub.name, role,
+                )  # fmt: skip
                 self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
                 assert self.store is not None
                 current = self.store.current_versions()
@@ -445,8 +538,13 @@ class Daemon:
             self._check_publisher(sub)
             version = await self.committer.publish(request, who, progress)
         except CtxStoreError as exc:
-            log.warning(
-                "session %d: publish to slot %d refused: %s", sub.session, request.slot, exc
+            peer_events.log(
+                "publish refused",
+                logging.WARNING,
+                "session %d: publish to slot %d refused: %s",
+                sub.session,
+                request.slot,
+                exc,
             )
             sub.send(error_for(exc, request_id=request.request_id, fatal=False))
             return
@@ -558,6 +656,11 @@ class Daemon:
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly."""
+    # asyncio's own lines about peers ("socket.send() raised exception.", "socket.accept()
+    # out of system resource" on EMFILE, which it retries a second later) and uvicorn's
+    # come at most a few times per interval, with a count
+    limit_repeats("asyncio", "uvicorn.error")
+    return_freed_memory()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,12 @@ reader whose backlog does not drain within ``stuck_timeout``, or that sends
 nothing for ``silent_timeout`` while it has no request in flight, is
 disconnected with a logged reason (a publisher waiting for a long commit is
 silent because it waits for us).
+
+What a peer sends is read within its budgets (daemon/budgets.py): so many
+units a second, so many frames before the loop serves someone else, and a
+frame once started must be finished within ``frame_timeout`` while the bytes
+of unfinished frames of all peers together stay within one pool. Nothing is
+written to a connection the peer has already closed.
 """
 
 from __future__ import annotations
@@ -23,12 +29,26 @@ from ctxstore.errors import CtxStoreError, RemoteProtocolError
 from ctxstore.messages import Announce, Error, Goodbye, Message
 from ctxstore.protocol import NEED_DATA, Connection, Role, Signal, error_frame_for
 
+from .budgets import PartialPool, RateBudget, cost_of
 from .listener import PeerCredentials
+from .logs import peer_events
 
 log = logging.getLogger("ctxstore.daemon")
 
 READ_CHUNK = 256 << 10
+#: what a peer in the middle of a frame reads at a time while the partial pool is full
+SMALL_READ = 4 << 10
 MAX_CONTROL_BACKLOG = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBudget:
+    """The per-peer limits (daemon/budgets.py), shared by the daemon's subscribers."""
+
+    frame_timeout: float = 10.0
+    rate: int = 1000
+    frames_per_turn: int = 32
+    pool: PartialPool | None = None
 
 
 @dataclass(slots=True)
@@ -60,6 +80,7 @@ class Subscriber:
         max_frame_size: int,
         stuck_timeout: float,
         silent_timeout: float,
+        budget: PeerBudget | None = None,
     ) -> None:
         self.session = session
         self.peer = peer
@@ -78,6 +99,9 @@ class Subscriber:
         self.dropped_announcements = 0
         #: requests the daemon has not answered yet: while any is, silence is not a fault
         self.requests_in_flight = 0
+        self._budget = budget or PeerBudget()
+        self._rate = RateBudget(self._budget.rate, asyncio.get_running_loop().time)
+        self._frame_started: float | None = None
 
     # -- outgoing ---------------------------------------------------------------------------
 
@@ -113,10 +137,23 @@ class Subscriber:
         return self._writer.transport.get_write_buffer_size()
 
     def _write(self, message: Message, frame: bytes | None = None) -> None:
+        if self._lost():
+            return
         try:
             self._writer.write(self._conn.send(message, frame=frame))
         except CtxStoreError:
             log.exception("session %d: cannot send %s", self.session, type(message).__name__)
+
+    def _lost(self) -> bool:
+        """True (and closed) once the transport is closing: the peer went, or we closed it.
+
+        asyncio logs "socket.send() raised exception." for each write after a
+        connection is lost; a flood answered after its peer left would fill the log.
+        """
+        if self._writer.transport.is_closing():
+            self.close(self.close_reason or "connection lost")
+            return True
+        return False
 
     async def flush_loop(self) -> None:
         """Drain the outbox; disconnect a reader whose backlog stays stuck."""
@@ -139,37 +176,115 @@ class Subscriber:
     # -- incoming ---------------------------------------------------------------------------
 
     async def receive_loop(self, handle: Handler) -> None:
-        """Read frames until EOF, a protocol violation, silence past the limit, or close."""
+        """Read frames until EOF, a protocol violation, silence or an unfinished frame past
+        its limit, or close; within the peer's budgets (see the module docstring)."""
+        pool = self._budget.pool
+        try:
+            while not self._closed:
+                try:
+                    data = await self._read()
+                except RemoteProtocolError as exc:  # a frame not finished in time
+                    self._refuse(exc)
+                    return
+                except TimeoutError:
+                    if self.requests_in_flight:
+                        continue  # it waits for our answer
+                    self.close(f"silent for {self._silent_timeout:g}s (no heartbeat)")
+                    return
+                except ConnectionError:
+                    self.close("connection reset")
+                    return
+                try:
+                    self._conn.receive_data(data)
+                    await self._handle_events(handle)
+                except RemoteProtocolError as exc:
+                    self._refuse(exc)
+                    return
+                if pool is not None:
+                    pool.hold(self.session, self._conn.buffered)
+                if not data:
+                    self.close("peer closed the connection")
+                    return
+        finally:
+            if pool is not None:
+                pool.release(self.session)
+
+    async def _handle_events(self, handle: Handler) -> None:
+        """Every complete frame received so far, each paid for from the rate budget, with
+        a turn of the loop for everyone else every ``frames_per_turn`` frames."""
+        handled = 0
         while not self._closed:
-            try:
-                data = await asyncio.wait_for(self._reader.read(READ_CHUNK), self._silent_timeout)
-            except TimeoutError:
-                if self.requests_in_flight:
-                    continue  # it waits for our answer
-                self.close(f"silent for {self._silent_timeout:g}s (no heartbeat)")
+            event = self._conn.next_event()
+            if event is NEED_DATA:
                 return
-            except ConnectionError:
-                self.close("connection reset")
-                return
-            try:
-                self._conn.receive_data(data)
-                while True:
-                    event = self._conn.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if isinstance(event, Signal):  # CLOSED
-                        self.close("peer closed the connection")
-                        return
-                    await handle(self, event)
-            except RemoteProtocolError as exc:
-                log.warning("session %d (%s): protocol error: %s", self.session, self.name, exc)
-                with contextlib.suppress(Exception):
-                    self._writer.write(error_frame_for(exc))
-                self.close(f"protocol error: {exc}")
-                return
-            if not data:
+            if isinstance(event, Signal):  # CLOSED
                 self.close("peer closed the connection")
                 return
+            await self._rate.spend(cost_of(event))
+            if self.closed:  # while it waited for its budget
+                return
+            await handle(self, event)
+            handled += 1
+            if handled % self._budget.frames_per_turn == 0:
+                await asyncio.sleep(0)
+
+    async def _read(self) -> bytes:
+        """The next bytes from the peer, within the silence and unfinished-frame limits.
+
+        Raises TimeoutError for silence, RemoteProtocolError for a frame not finished
+        within ``frame_timeout`` (waiting for room in the partial pool included).
+        """
+        loop = asyncio.get_running_loop()
+        if not self._conn.buffered:
+            self._frame_started = None
+            size = READ_CHUNK
+            pool = self._budget.pool
+            if pool is not None and not pool.room():
+                size = SMALL_READ
+            return await asyncio.wait_for(self._reader.read(size), self._silent_timeout)
+        if self._frame_started is None:
+            self._frame_started = loop.time()
+        deadline = self._frame_started + self._budget.frame_timeout
+        pool = self._budget.pool
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise self._unfinished()
+            room = READ_CHUNK if pool is None else pool.room()
+            if room:
+                break
+            assert pool is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.wait_for_room(), left)
+        try:
+            return await asyncio.wait_for(
+                self._reader.read(min(READ_CHUNK, room)), min(left, self._silent_timeout)
+            )
+        except TimeoutError:
+            if left <= self._silent_timeout:
+                raise self._unfinished() from None
+            raise
+
+    def _unfinished(self) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"frame not finished within frame_timeout {self._budget.frame_timeout:g}s "
+            f"({self._conn.buffered} bytes of it received)"
+        )
+
+    def _refuse(self, exc: RemoteProtocolError) -> None:
+        """Answer a protocol violation with the protocol's error frame, then close."""
+        peer_events.log(
+            "protocol error",
+            logging.WARNING,
+            "session %d (%s): protocol error: %s",
+            self.session,
+            self.name,
+            exc,
+        )
+        if not self._lost():
+            with contextlib.suppress(Exception):
+                self._writer.write(error_frame_for(exc))
+        self.close(f"protocol error: {exc}")
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -186,6 +301,8 @@ class Subscriber:
         self.close(error.message)
 
     def _write_quietly(self, message: Message) -> None:
+        if self._lost():
+            return
         with contextlib.suppress(Exception):
             self._writer.write(self._conn.send(message))
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import CtxStoreError, InvalidInputError, RemoteError, RemoteProtocolError
 from .validation import (
+    MAX_JSON_DEPTH,
     MAX_TENSORS,
     check_alias,
     check_dtype,
@@ -825,6 +826,13 @@ def decode_body(body: bytes | bytearray) -> Message:
         return cls(**raw)
     except InvalidInputError as exc:
         raise RemoteProtocolError(f"bad {name!r} frame: {exc}") from exc
+    except RecursionError:
+        # msgpack's parser stops at 1024 levels, Python's stack near 1000: a field nested
+        # deeper than its check (or the repr in its refusal) can follow is refused here
+        raise RemoteProtocolError(
+            f"bad {name!r} frame: a field is nested too deep (only config and metadata may "
+            f"nest, at most {MAX_JSON_DEPTH} levels)"
+        ) from None
 
 
 def _check_outer_map(body: bytes | bytearray) -> int:

@@ -232,6 +232,12 @@ class Connection:
         return self._states[self.their_role]
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a message: after ``next_event()`` gave
+        NEED_DATA, the part of a frame still being received (0 between frames)."""
+        return len(self._buffer)
+
+    @property
     def states(self) -> Mapping[Role, State]:
         return MappingProxyType(dict(self._states))
 

@@ -524,6 +524,9 @@ def test_coalesced_announcements_keep_seq_order() -> None:
         def get_write_buffer_size(self) -> int:
             return self.buffered
 
+        def is_closing(self) -> bool:
+            return False
+
     class Writer:
         def __init__(self) -> None:
             self.transport = Transport()
