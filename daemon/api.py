@@ -19,7 +19,6 @@ Errors of every kind leave as ``{"error": {"type", "message"}}``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Collection, Iterable
 from importlib.metadata import PackageNotFoundError
@@ -41,6 +40,7 @@ from ctxstore.errors import CtxStoreError
 from . import api_jobs, api_nodes, api_ops, api_slots
 from .api_base import (
     ApiContext,
+    bearer_matches,
     ctxstore_error_response,
     error_response,
     internal_error_response,
@@ -265,15 +265,6 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-
-def bearer_matches(header: str | None, token: str) -> bool:
-    if header is None:
-        return False
-    scheme, _, given = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def _too_large(size: int, limit: int, *, at_least: bool = False) -> JSONResponse:

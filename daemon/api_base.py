@@ -9,6 +9,7 @@ other exception is logged with its traceback and answered with a generic
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -328,6 +329,26 @@ class ApiContext:
         if committer is None:
             raise ClosedError("the daemon is not committing (starting or stopped)")
         return committer
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """Whether an Authorization header carries ``token`` (compared in constant time)."""
+    if header is None:
+        return False
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def authorized(request: Request, context: ApiContext) -> bool:
+    """Whether this caller may see what only token holders see: True when the daemon has
+    no token, or the request carries it; False too when the token file cannot be read."""
+    try:
+        token = context.daemon.config.token()
+    except (CtxStoreError, OSError):
+        return False
+    return token is None or bearer_matches(request.headers.get("authorization"), token)
 
 
 async def _api_context(request: Request) -> ApiContext:

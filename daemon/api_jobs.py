@@ -4,6 +4,11 @@ The handlers are plain functions, so FastAPI runs them in its thread pool:
 submit and cancel wait for the store's write lock, which a commit holds while
 it writes and fsyncs, and every read is SQL; none of it may stall the event
 loop. Without a queue every endpoint is a 503 that says so.
+
+A job's error text can say more about the files it read than their owner
+would like, so when the daemon has a token only callers that present it see
+it; anyone else sees the job's state with ``error`` null and ``error_hidden``
+true.
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Request, status
 
 from ctxstore.errors import ConflictError, DaemonUnavailableError, NotFoundError
 from ctxstore.nodes import FileNode, get_node_type
 
-from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute, errors
+from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute, authorized, errors
 from .api_models import MAX_API_ID, JobBody, JobOut, JobsOut
 from .import_roots import check_import_path
 
@@ -40,11 +45,16 @@ def _check_import_roots(ctx: ApiContext, node_type: str, config: Mapping[str, An
         check_import_path(ctx.daemon.config.import_roots, path)
 
 
-def _as_dict(job: Any, job_id: object = None) -> dict[str, Any]:
+def _as_dict(job: Any, job_id: object = None, *, reveal: bool = True) -> dict[str, Any]:
+    """The job as JSON; its error text only when ``reveal`` (see the module docstring)."""
     if job is None:
         raise NotFoundError(f"job {job_id} does not exist")
-    plain = job.as_dict() if hasattr(job, "as_dict") else job
-    return dict(plain)
+    plain = dict(job.as_dict() if hasattr(job, "as_dict") else job)
+    hidden = not reveal and plain.get("error") is not None
+    if hidden:
+        plain["error"] = None
+    plain["error_hidden"] = hidden
+    return plain
 
 
 @router.post(
@@ -64,20 +74,22 @@ def submit_job(body: JobBody, ctx: Ctx) -> JobOut:
 
 @router.get("/jobs", tags=[TAG], response_model=JobsOut, summary="Jobs, newest first")
 def list_jobs(
+    request: Request,
     ctx: Ctx,
     state: JobStateName | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> JobsOut:
     jobs = _queue(ctx).list(state=state, limit=limit)
-    return JobsOut(jobs=[_as_dict(job) for job in jobs])
+    reveal = authorized(request, ctx)
+    return JobsOut(jobs=[_as_dict(job, reveal=reveal) for job in jobs])
 
 
 @router.get(
     "/jobs/{job_id}", tags=[TAG], response_model=JobOut, responses=errors(404), summary="One job"
 )
-def get_job(job_id: JobId, ctx: Ctx) -> JobOut:
+def get_job(job_id: JobId, request: Request, ctx: Ctx) -> JobOut:
     job = _queue(ctx).get(job_id)
-    return JobOut(job=_as_dict(job, job_id))
+    return JobOut(job=_as_dict(job, job_id, reveal=authorized(request, ctx)))
 
 
 @router.delete(

@@ -116,6 +116,18 @@ class RootOut(BaseModel):
     root: int
 
 
+class NodeHierarchyOut(BaseModel):
+    """GET /nodes/{slot}/hierarchy: a node's whole place in the tree, read at one instant."""
+
+    slot: int
+    parent: int | None = Field(description="null for a root")
+    children: list[int] = Field(description="direct children, by slot")
+    ancestors: list[int] = Field(description="from the root down to the parent")
+    descendants: list[int] = Field(description="every node below, breadth first")
+    root: int = Field(description="the root of the node's tree (itself for a root)")
+    groups: list[str] = Field(description="the groups the slot belongs to, by name")
+
+
 class NodeOut(BaseModel):
     slot: int
     parent: int | None

@@ -27,6 +27,7 @@ from .api_models import (
     HierarchyOut,
     HierarchyStatsOut,
     NodeGroupsOut,
+    NodeHierarchyOut,
     NodeOut,
     ParentBody,
     ParentOut,
@@ -124,6 +125,27 @@ def get_descendants(slot: SlotPath, ctx: Ctx) -> DescendantsOut:
 def get_root(slot: SlotPath, ctx: Ctx) -> RootOut:
     require_node(ctx.store, slot)
     return RootOut(slot=slot, root=ctx.store.hierarchy.get_root(slot))
+
+
+@router.get(
+    "/nodes/{slot}/hierarchy",
+    tags=[NODE_TAG],
+    response_model=NodeHierarchyOut,
+    responses=errors(404),
+    summary="A node's parent, children, ancestors, descendants, root and groups in one answer",
+)
+def get_node_hierarchy(slot: SlotPath, ctx: Ctx) -> NodeHierarchyOut:
+    require_node(ctx.store, slot)
+    info = ctx.store.hierarchy.info(slot)
+    return NodeHierarchyOut(
+        slot=info.slot,
+        parent=info.parent,
+        children=info.children,
+        ancestors=info.ancestors,
+        descendants=info.descendants,
+        root=info.root,
+        groups=info.groups,
+    )
 
 
 @router.get(

@@ -65,6 +65,19 @@ class HierarchyStats:
     groups: int
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """Everything about one node's place, read at one instant (``NodeHierarchy.info``)."""
+
+    slot: int
+    parent: int | None
+    children: list[int]
+    ancestors: list[int]
+    descendants: list[int]
+    root: int
+    groups: list[str]
+
+
 class NodeHierarchy:
     """Parent/child links and group membership of slots."""
 
@@ -133,6 +146,25 @@ class NodeHierarchy:
         slot = check_slot(slot)
         row = self._read().execute(_ANCESTORS + " LIMIT 1", (slot,)).fetchone()
         return slot if row is None else int(row[0])
+
+    def info(self, slot: int) -> NodeInfo:
+        """Parent, children, ancestors, descendants, root and groups of ``slot``, all from
+        one snapshot of the index (a change committed meanwhile is wholly in or out)."""
+        slot = check_slot(slot)
+        conn = self._read()
+        conn.execute("BEGIN")
+        try:
+            return NodeInfo(
+                slot=slot,
+                parent=self.get_parent(slot),
+                children=self.get_children(slot),
+                ancestors=self.get_ancestors(slot),
+                descendants=self.get_descendants(slot),
+                root=self.get_root(slot),
+                groups=self.get_groups(slot),
+            )
+        finally:
+            conn.execute("COMMIT")
 
     def nodes(self) -> dict[int, int | None]:
         """Every node and its parent, by slot: a slot that is only in groups is a root."""

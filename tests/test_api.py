@@ -350,6 +350,36 @@ def test_hierarchy_endpoints(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_node_hierarchy_answers_everything_in_one_call(tmp_path: Path) -> None:
+    """GET /nodes/{slot}/hierarchy: parent, children, ancestors, descendants, root and
+    groups, equal to what the single-purpose endpoints answer; 404 for an unknown node."""
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        for child, parent in ((2, 1), (3, 1), (4, 2), (5, 4)):
+            await http.post(f"/nodes/{child}/parent", json={"parent": parent})
+        for group in ("vision", "edge"):
+            await http.post("/nodes/2/groups", json={"group": group})
+        answer = await http.get("/nodes/2/hierarchy")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {
+            "slot": 2,
+            "parent": 1,
+            "children": [4],
+            "ancestors": [1],
+            "descendants": [4, 5],
+            "root": 1,
+            "groups": ["edge", "vision"],
+        }
+        for slot in (1, 5):
+            whole = (await http.get(f"/nodes/{slot}/hierarchy")).json()
+            for part in ("parent", "children", "ancestors", "descendants", "root", "groups"):
+                single = (await http.get(f"/nodes/{slot}/{part}")).json()
+                assert whole[part] == single[part], (slot, part)
+        error_of(await http.get("/nodes/99/hierarchy"), 404, "not_found")
+
+    run(tmp_path, scenario)
+
+
 def test_hierarchy_counts_every_node_as_the_node_endpoints_do(tmp_path: Path) -> None:
     """A slot given only a group is a node (GET /nodes/{slot}/parent answers null, a root):
     /hierarchy and /hierarchy/stats count it too, and agree with each other."""
@@ -814,6 +844,47 @@ def test_a_new_token_applies_after_reload(tmp_path: Path) -> None:
     run(tmp_path, scenario, token_file=token_file)
 
 
+def test_job_errors_are_shown_only_to_token_holders(tmp_path: Path) -> None:
+    """With a token, GET /jobs and /jobs/{id} without it show a failed job's state but not
+    its error text (it can describe files the caller may not read); with it, both."""
+    broken = tmp_path / "broken.npy"
+    broken.write_bytes(b"not an npy file at all")
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        body = {"slot": 1, "node_type": "file", "config": {"path": str(broken)}}
+        submitted = await http.post("/jobs", json=body, headers=auth)
+        assert submitted.status_code == 201, submitted.text
+        job_id = submitted.json()["job"]["id"]
+        assert daemon.jobs is not None
+        await daemon.jobs.wait(job_id)
+        for anonymous in ((await http.get(f"/jobs/{job_id}")).json()["job"],
+                          (await http.get("/jobs")).json()["jobs"][0]):  # fmt: skip
+            assert anonymous["state"] == "failed" and anonymous["attempts"] == 1
+            assert anonymous["error"] is None and anonymous["error_hidden"] is True
+        for holder in ((await http.get(f"/jobs/{job_id}", headers=auth)).json()["job"],
+                       (await http.get("/jobs", headers=auth)).json()["jobs"][0]):  # fmt: skip
+            assert holder["state"] == "failed" and holder["error_hidden"] is False
+            assert holder["error"]
+
+    run(tmp_path, scenario, token_file=_token_file(tmp_path), jobs_max_attempts=1)
+
+
+def test_job_errors_are_shown_to_everyone_without_a_token(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.npy"
+    broken.write_bytes(b"not an npy file at all")
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        body = {"slot": 1, "node_type": "file", "config": {"path": str(broken)}}
+        job_id = (await http.post("/jobs", json=body)).json()["job"]["id"]
+        assert daemon.jobs is not None
+        await daemon.jobs.wait(job_id)
+        job = (await http.get(f"/jobs/{job_id}")).json()["job"]
+        assert job["error"] and job["error_hidden"] is False
+
+    run(tmp_path, scenario, jobs_max_attempts=1)
+
+
 def test_cross_origin_writes_and_foreign_hosts_are_refused(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
         evil = {"origin": "http://evil.example"}
@@ -838,6 +909,7 @@ def test_openapi_and_docs(tmp_path: Path) -> None:
         for path in (
             "/nodes/{slot}/parent",
             "/nodes/{slot}/children",
+            "/nodes/{slot}/hierarchy",
             "/nodes/{slot}/ancestors",
             "/nodes/{slot}/descendants",
             "/nodes/{slot}/root",
