@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ READ_CHUNK = 256 << 10
 #: what a peer in the middle of a frame reads at a time while the partial pool is full
 SMALL_READ = 4 << 10
 MAX_CONTROL_BACKLOG = 256
+#: how often a peer waiting for room in the partial pool is checked for a hang-up
+HANG_UP_CHECK = 0.5
+_HANG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +259,9 @@ class Subscriber:
                 break
             assert pool is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pool.wait_for_room(), left)
+                await asyncio.wait_for(pool.wait_for_room(), min(left, HANG_UP_CHECK))
+            if self._hung_up():  # its bytes are not read meanwhile, so neither is its EOF
+                raise ConnectionResetError("peer hung up while its frame waited for room")
         try:
             return await asyncio.wait_for(
                 self._reader.read(min(READ_CHUNK, room)), min(left, self._silent_timeout)
@@ -264,6 +270,15 @@ class Subscriber:
             if left <= self._silent_timeout:
                 raise self._unfinished() from None
             raise
+
+    def _hung_up(self) -> bool:
+        """Whether the peer closed its end (POLLRDHUP: seen even with unread bytes queued)."""
+        sock = self._writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), _HANG_UP)
+        return bool(poller.poll(0))
 
     def _unfinished(self) -> RemoteProtocolError:
         return RemoteProtocolError(

@@ -970,6 +970,36 @@ def test_events_stream_over_tcp(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_event_streams_past_the_limit_get_a_clear_503(tmp_path: Path) -> None:
+    """limits.event_streams open /events streams at most: one more is a 503 that names the
+    limit, the rest of the API answers, and a closed stream's place is free again."""
+
+    async def scenario(daemon: Daemon, _: httpx.AsyncClient) -> None:
+        assert daemon.api is not None
+        base = f"http://127.0.0.1:{daemon.api.port}"
+        async with contextlib.AsyncExitStack() as streams:
+            http = await streams.enter_async_context(
+                httpx.AsyncClient(base_url=base, trust_env=False, timeout=30)
+            )
+            first = await streams.enter_async_context(http.stream("GET", "/events"))
+            async with http.stream("GET", "/events") as second:
+                for response in (first, second):
+                    assert response.status_code == 200
+                    assert await anext(response.aiter_lines()) == ": ctxstore events"
+                message = error_of(await http.get("/events"), 503, "daemon_unavailable")
+                assert "limits.event_streams = 2" in message, message
+                assert (await http.get("/health")).status_code == 200
+            for _ in range(500):  # the server notices the closed stream on its next write
+                if len(daemon.api.events) < 2:
+                    break
+                await commit(daemon, 1)
+                await asyncio.sleep(0.01)
+            async with http.stream("GET", "/events") as again:
+                assert again.status_code == 200
+
+    run(tmp_path, scenario, max_event_streams=2)
+
+
 def test_event_stream_heartbeats_coalesces_and_drops() -> None:
     async def scenario() -> None:
         broadcaster = EventBroadcaster(heartbeat=0.01, max_pending=2)

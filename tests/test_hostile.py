@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import psutil
 import pytest
 from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+from test_security import _as_uid
 
 from ctxstore import Context
-from ctxstore.client import publish
-from ctxstore.messages import Announce, Heartbeat, Hello, Subscribe
-from ctxstore.protocol import Connection, Role
+from ctxstore.client import DaemonClient, publish
+from ctxstore.messages import Announce, Error, Heartbeat, Hello, Ping, Pong, Subscribe, Welcome
+from ctxstore.protocol import NEED_DATA, Connection, Role
 from ctxstore.versiontable import segment_name
 
 FRAMES_DEFAULT, FRAMES_LONG = 10_000, 100_000
@@ -146,3 +152,249 @@ def test_connection_churn_returns_fds_and_memory(live: DaemonProcess) -> None:
     assert fds_after <= fds_before, f"fds {fds_before} -> {fds_after}"
     growth = process.memory_info().rss - rss_before
     assert growth < 16 * MiB, f"daemon RSS grew {growth / MiB:.1f} MiB over {CHURN_CYCLES} cycles"
+
+
+# -- resource limits (issue 18: connections, unfinished frames, floods, nesting) ------------------
+
+
+@contextlib.contextmanager
+def limited_daemon(tmp_path: Path, **limits: object) -> Iterator[DaemonProcess]:
+    """A daemon with small ``[limits]`` (docs/configuration.md), its socket where a child
+    that dropped to another uid can reach it."""
+    config = tmp_path / "ctxstore.toml"
+    lines = ["[limits]", *(f"{key} = {value!r}" for key, value in limits.items())]
+    config.write_text("\n".join(lines if limits else []) + "\n")
+    run = Path(tempfile.mkdtemp(prefix="ctxstore-limits-"))
+    run.chmod(0o755)
+    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
+                          "--config", str(config), "--silent-timeout", "30")  # fmt: skip
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.terminate()
+            try:
+                daemon.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait(10)
+        shutil.rmtree(run, ignore_errors=True)
+        shm = Path("/dev/shm" + segment_name(daemon.store))
+        if shm.exists():
+            shm.unlink()
+
+
+def _hello_frame(name: str = "hostile") -> bytes:
+    return Connection(Role.CLIENT).send(Hello(role="reader", name=name, pid=os.getpid()))
+
+
+def _answer(sock: socket.socket) -> object:
+    """The first frame the daemon sends on ``sock`` (or CLOSED when it sends none)."""
+    conn = Connection(Role.CLIENT)
+    conn.send(Hello(role="reader", name="x", pid=1))  # so a Welcome is expected
+    while (event := conn.next_event()) is NEED_DATA:
+        conn.receive_data(sock.recv(65536))
+    return event
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def _greeted(path: Path) -> socket.socket:
+    """A connection that said hello and got its welcome (served, counted by the daemon)."""
+    sock = _connect(path)
+    sock.sendall(_hello_frame())
+    assert isinstance(_answer(sock), Welcome)
+    return sock
+
+
+def test_connections_past_the_caps_get_an_error_frame_that_says_why(tmp_path: Path) -> None:
+    with limited_daemon(tmp_path, connections=8, connections_per_uid=8) as live:
+        served = [_greeted(live.socket) for _ in range(8)]
+        refusals = []
+        for _ in range(30):
+            extra = _connect(live.socket)
+            refusals.append(_answer(extra))
+            extra.close()
+        for refusal in refusals:
+            assert isinstance(refusal, Error) and refusal.fatal, refusal
+            assert refusal.kind == "daemon_unavailable"
+            assert "limits.connections = 8" in refusal.message, refusal.message
+        served.pop().close()  # a place frees up: the next peer is served again
+        deadline = time.monotonic() + 20
+        while True:
+            sock = _connect(live.socket)
+            sock.sendall(_hello_frame())
+            answer = _answer(sock)
+            served.append(sock)
+            if isinstance(answer, Welcome) or time.monotonic() > deadline:
+                break
+        assert isinstance(answer, Welcome), answer
+        refused_lines = [line for line in live.log_text().splitlines() if "refused:" in line]
+        assert 1 <= len(refused_lines) <= 20, "refusals are logged a few times, then counted"
+        for sock in served:
+            sock.close()
+
+
+def test_connections_per_uid_leave_room_for_other_uids(tmp_path: Path) -> None:
+    with limited_daemon(tmp_path, connections=8, connections_per_uid=3) as live:
+        served = [_greeted(live.socket) for _ in range(3)]
+        extra = _connect(live.socket)
+        refusal = _answer(extra)
+        assert isinstance(refusal, Error) and refusal.kind == "daemon_unavailable"
+        assert f"uid {os.getuid()}" in refusal.message
+        assert "limits.connections_per_uid = 3" in refusal.message
+        if os.getuid() == 0:  # another uid still gets in while this one is at its cap
+
+            def hello_as_other_uid() -> bytes:
+                sock = _connect(live.socket)
+                sock.sendall(_hello_frame("nobody"))
+                return type(_answer(sock)).__name__.encode()
+
+            assert _as_uid(65534, hello_as_other_uid) == b"Welcome"
+        for sock in (*served, extra):
+            sock.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to uid 65534 in a child")
+def test_an_unprivileged_slowloris_is_dropped_at_the_frame_deadline(tmp_path: Path) -> None:
+    """uid 65534 starts a 1 MiB frame and stops: after limits.frame_timeout it gets the
+    protocol's error frame and is closed; the daemon serves others all along."""
+    with limited_daemon(tmp_path, frame_timeout=1.0) as live:
+
+        def slowloris() -> bytes:
+            sock = _connect(live.socket)
+            sock.sendall(_hello_frame("slowloris"))
+            _answer(sock)
+            sock.sendall(struct.pack(">I", MiB - 64) + b"\x81" + bytes(1000))
+            received = b""
+            while chunk := sock.recv(65536):  # the error frame, then EOF
+                received += chunk
+            return received
+
+        received = _as_uid(65534, slowloris)
+        assert b"frame not finished within frame_timeout 1s" in received, received
+        assert publish(1, Context({"w": np.zeros(2)}), socket=live.socket) == 1
+
+
+def test_a_slowloris_gets_an_error_frame_at_the_frame_deadline(tmp_path: Path) -> None:
+    with limited_daemon(tmp_path, frame_timeout=1.0) as live:
+        sock = _greeted(live.socket)
+        sock.sendall(struct.pack(">I", 4096) + b"\x81")  # a frame begun, never finished
+        conn = Connection(Role.CLIENT)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        conn.receive_data(received)
+        error = conn.next_event()
+        assert isinstance(error, Error) and error.kind == "remote_protocol", error
+        assert "frame not finished within frame_timeout 1s" in error.message
+        sock.close()
+
+
+def _start_big_frames(path: Path, count: int, publish_to: Path) -> list[socket.socket]:
+    """``count`` greeted peers that each send the daemon all it will take of a 1 MiB frame
+    (never the whole of it); the caller closes them."""
+    peers = [_greeted(path) for _ in range(count)]
+    unsent = {sock: struct.pack(">I", MiB - 64) + b"\x81" + bytes(MiB - 1024) for sock in peers}
+    for sock in peers:
+        sock.setblocking(False)
+    for _ in range(200):  # until the daemon takes nothing more
+        moved = 0
+        for sock, rest in unsent.items():
+            with contextlib.suppress(BlockingIOError):
+                sent = sock.send(rest)
+                unsent[sock], moved = rest[sent:], moved + sent
+        publish(1, Context({"w": np.ones(2)}), socket=publish_to)  # a turn of its loop
+        if not moved:
+            break
+    return peers
+
+
+def test_unfinished_frames_are_bounded_and_freed_when_their_peers_go(tmp_path: Path) -> None:
+    """16 peers each start a 1 MiB frame and stop: the daemon holds at most its partial pool
+    (2 MiB here) of them, not 16 MiB, and gives the memory back when they go."""
+    count = 16
+    limits = {"connections": 32, "connections_per_uid": 32, "partial_bytes": 2 * MiB}
+    with limited_daemon(tmp_path, frame_timeout=60.0, **limits) as live:
+        process = psutil.Process(live.proc.pid)
+
+        def grown() -> float:
+            return (process.memory_info().rss - rss_before) / MiB
+
+        rss_before = process.memory_info().rss
+        for sock in _start_big_frames(live.socket, count, live.socket):  # warm-up: first-time
+            sock.close()  # allocations (code paths, arenas) are not what is measured
+        deadline = time.monotonic() + 20
+        while _open_sessions(live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rss_before = process.memory_info().rss
+        peers = _start_big_frames(live.socket, count, live.socket)
+        held = grown()
+        assert held < 8, f"daemon RSS grew {held:.1f} MiB for {count} unfinished 1 MiB frames"
+        for sock in peers:
+            sock.close()
+        deadline = time.monotonic() + 20
+        while (left := grown()) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left <= 2, f"{left:.1f} MiB still held after the peers left"
+
+
+def _open_sessions(live: DaemonProcess) -> int:
+    """Peers the daemon serves besides the asker (from its status)."""
+    with DaemonClient(live.socket, name="counter", role="admin") as client:
+        return int(client.status().daemon["subscribers"])
+
+
+def test_a_ping_flood_that_hangs_up_costs_a_few_log_lines(tmp_path: Path) -> None:
+    """Thousands of pings then a hang-up: no "socket.send() raised exception" per answer,
+    and others are served."""
+    with limited_daemon(tmp_path) as live:
+        hello = Connection(Role.CLIENT)
+        stream = [hello.send(Hello(role="reader", name="flood", pid=os.getpid()))]
+        hello.receive_data(_welcome_bytes())
+        hello.next_event()
+        stream += [hello.send(Ping(nonce=i)) for i in range(20_000)]
+        for _ in range(5):
+            sock = _connect(live.socket)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b"".join(stream))  # what the kernel takes; then hang up at once
+            sock.close()
+        good = RawPeer(live.socket, "well-behaved")
+        good.send(Ping(nonce=7))
+        pong = good.next()
+        assert isinstance(pong, Pong) and pong.nonce == 7
+        publish(1, Context({"w": np.zeros(2)}), socket=live.socket)
+        text = live.log_text()
+        assert text.count("socket.send() raised exception") <= 5, text[-3000:]
+        assert len(text) < 64 << 10, f"{len(text)} bytes of log for 5 floods"
+
+
+def test_msgpack_nested_a_thousand_deep_gets_the_protocol_error(tmp_path: Path) -> None:
+    with limited_daemon(tmp_path) as live:
+        sock = _greeted(live.socket)
+        nested: object = 1
+        for _ in range(1000):
+            nested = [nested]
+        body = msgpack.packb(
+            {"type": "subscribe", "request_id": 1, "slots": nested, "groups": [], "all": False}
+        )
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        conn = Connection(Role.CLIENT)
+        conn.receive_data(received)
+        error = conn.next_event()
+        assert isinstance(error, Error) and error.kind == "remote_protocol", error
+        assert "nested too deep" in error.message
+        sock.close()
+        assert publish(1, Context({"w": np.zeros(2)}), socket=live.socket) == 1
+        text = live.log_text()
+        assert "Unhandled exception" not in text and "RecursionError" not in text, text[-3000:]
