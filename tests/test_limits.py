@@ -1,0 +1,115 @@
+"""The daemon's caps as arithmetic, and the limiter that keeps repeated log lines few."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from ctxstore.daemon.budgets import ANSWERED_COST, PartialPool, RateBudget, cost_of
+from ctxstore.daemon.config import DaemonConfig
+from ctxstore.daemon.limits import RESERVED_FDS, derive_limits
+from ctxstore.daemon.logs import LogLimiter, RepeatFilter
+from ctxstore.messages import Ack, Ping
+
+
+def test_caps_are_derived_from_the_descriptor_limit_as_documented() -> None:
+    limits = derive_limits(DaemonConfig(), nofile=400)
+    usable = 400 - RESERVED_FDS
+    assert limits.event_streams == (usable // 4) // 2
+    assert limits.connections == usable - usable // 4
+    assert limits.per_uid == limits.connections // 2
+    assert limits.partial_bytes == 4 * DaemonConfig().max_frame_size
+    # every stream, every socket peer and the reserve fit in the descriptors, with room for
+    # the other half of the HTTP share (plain requests)
+    assert limits.event_streams + limits.connections + RESERVED_FDS < 400
+
+
+def test_configured_caps_are_kept_or_lowered_to_what_the_descriptors_allow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    small = DaemonConfig(max_connections=8, max_connections_per_uid=3, max_event_streams=2)
+    limits = derive_limits(small, nofile=1024)
+    assert (limits.connections, limits.per_uid, limits.event_streams) == (8, 3, 2)
+    with caplog.at_level(logging.WARNING, logger="ctxstore.daemon"):
+        greedy = derive_limits(DaemonConfig(max_connections=100_000), nofile=400)
+    assert greedy.connections == derive_limits(DaemonConfig(), nofile=400).connections
+    assert "max_connections = 100000 needs more file descriptors" in caplog.text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_event_is_a_few_lines_and_then_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    logger = logging.getLogger("test.limiter")
+    limiter = LogLimiter(logger, interval=10.0, burst=3, clock=clock)
+    with caplog.at_level(logging.INFO, logger="test.limiter"):
+        written = [
+            limiter.log("refused", logging.WARNING, "peer %d refused", i) for i in range(100)
+        ]
+        assert sum(written) == 3 and limiter.suppressed("refused") == 97
+        limiter.log("other", logging.WARNING, "another kind")  # counted apart
+        clock.now = 10.0
+        limiter.log("refused", logging.WARNING, "peer %d refused", 100)
+    lines = caplog.messages
+    assert lines[:3] == ["peer 0 refused", "peer 1 refused", "peer 2 refused"]
+    assert lines[3] == "another kind"
+    assert lines[4] == "peer 100 refused (97 more like this in the last 10 s)"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test.limiter"):
+        for _ in range(5):
+            limiter.log("refused", logging.WARNING, "again")
+        clock.now = 25.0
+        limiter.flush()  # events stopped: the count is still told
+    assert caplog.messages[-1] == "refused: 3 more like this in the last 10 s"
+
+
+def test_the_repeat_filter_keeps_a_foreign_loggers_flood_to_a_few_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    noisy = logging.getLogger("test.noisy")
+    repeat = RepeatFilter(10.0, burst=2)
+    noisy.addFilter(repeat)
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.noisy"):
+            for _ in range(10_000):
+                noisy.warning("socket.send() raised exception.")
+        assert caplog.messages == ["socket.send() raised exception."] * 2
+    finally:
+        noisy.removeFilter(repeat)
+
+
+def test_rate_budget_makes_a_flooder_wait_and_answered_frames_cost_more() -> None:
+    clock = Clock()
+    budget = RateBudget(100, clock)
+    assert cost_of(Ping(nonce=1)) == ANSWERED_COST
+    assert cost_of(Ack(slot=1, version=1)) == 1
+    assert [budget.take(ANSWERED_COST) for _ in range(10)] == [0.0] * 10  # a second's worth
+    assert budget.take(ANSWERED_COST) == pytest.approx(0.1)  # then 10 pings a second
+    clock.now = 1.0
+    assert budget.take(1) == 0.0
+
+
+def test_partial_pool_counts_every_peers_unfinished_bytes() -> None:
+    async def scenario() -> None:
+        pool = PartialPool(100)
+        pool.hold(1, 60)
+        pool.hold(2, 50)
+        assert pool.total == 110 and pool.room() == 0
+        waiter = asyncio.ensure_future(pool.wait_for_room())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        pool.release(1)
+        await asyncio.wait_for(waiter, 5)
+        assert pool.room() == 50 and len(pool) == 1
+
+    asyncio.run(scenario())
