@@ -21,6 +21,16 @@ after a random 3-10 ms pause. Three stages, same daemon, same readers:
    two peers gone, a fresh reader in place of the killed one. Stages 1 and 3
    together are the undisturbed figures, so drift over the run is not charged
    to one side.
+4. hostile: all 16 readers healthy, beside 100 slowloris connections and 50
+   ping flooders (``bench.peers``: one process each). A slowloris says hello,
+   begins a frame announcing almost ``max_frame_size`` bytes with its first
+   16 KiB and then sends one byte a second; the daemon drops it at its frame
+   deadline (``limits.frame_timeout``, 10 s) and it connects again. A flooder
+   says hello and sends pings as fast as the daemon takes them, reading and
+   dropping the pongs. The stage lasts at least ``frame_timeout`` + 1 s, so
+   the drops and reconnections happen while publishing goes on. (The bulk
+   variant, 1 MiB partial frames, is bounded by ``limits.partial_bytes``:
+   tests/test_hostile.py.)
 
 Undisturbed stages publish 5 warm-up versions, then measure 200, or stop at
 10 s once they have 100. Measured per version: the publish round trip as the
@@ -30,8 +40,12 @@ healthy reader's ack read by the daemon (probes as in the fan-out scenario).
 The daemon's RSS and open file descriptors are read after each stage.
 Goal (issue 7): disturbed p50 and p99 within 1.2x of undisturbed, for both;
 the daemon's RSS after the disturbed stage within 1.2x of its RSS after the
-first undisturbed one. ``--quick``: 4 readers, 8 versions a stage, no minimum
-length (the stopped reader is not dropped).
+first undisturbed one. Goal (issue 18): in the hostile stage, commit to every
+reader's ack p99 within 1.5x of undisturbed, and the daemon's RSS at its end
+(attackers still connected) within 1.2x of its RSS after the first
+undisturbed stage. ``--quick``: 4 readers, 8 versions a stage, no minimum
+length (the stopped reader is not dropped, no slowloris reaches its
+deadline), 10 slowloris and 5 flooders.
 """
 
 from __future__ import annotations
@@ -75,12 +89,20 @@ from .scenario import RunContext, Scenario
 
 FULL_READERS, QUICK_READERS = 16, 4
 FACTOR = 1.2
+#: issue 18: commit-to-acked p99 beside hostile peers, against undisturbed
+HOSTILE_FACTOR = 1.5
+FULL_SLOWLORIS, QUICK_SLOWLORIS = 100, 10
+FULL_FLOODERS, QUICK_FLOODERS = 50, 5
 STOPPED, KILLED = 0, 1
 GONE_TIMEOUT_S = 10.0
 #: how long the readers have to settle after the disturbance (a dropped one reconnects)
 SETTLE_TIMEOUT_S = 60.0
 UNDISTURBED = "undisturbed: every reader healthy"
 DISTURBED = "disturbed: 1 SIGSTOPped, 1 SIGKILLed mid-read, 2 peers that never read"
+
+
+def hostile_label(slowloris: int, flooders: int) -> str:
+    return f"hostile: {slowloris} slowloris and {flooders} ping flooders"
 
 
 def ratio_goal(reference: str) -> Goal:
@@ -106,10 +128,40 @@ class Outcome:
 
 def run(ctx: RunContext) -> ScenarioResult:
     n = QUICK_READERS if ctx.quick else FULL_READERS
-    ctx.progress.expect(3)  # undisturbed, disturbed, undisturbed again
+    ctx.progress.expect(4)  # undisturbed, disturbed, undisturbed again, hostile
     with Bench(ctx) as bench:
-        calm, rough = Disturbance(bench, n).run()
-    return ScenarioResult(figures=figures(n, calm, rough), notes=calm.notes + rough.notes)
+        disturbance = Disturbance(bench, n)
+        calm, rough, hostile = disturbance.run()
+    result = figures(n, calm, rough)
+    result += hostile_figures(n, calm, hostile, disturbance.hostile)
+    return ScenarioResult(figures=result, notes=calm.notes + rough.notes + hostile.notes)
+
+
+def hostile_figures(n: int, calm: Outcome, hostile: Outcome, label: str) -> list[Figure]:
+    """Issue 18's goals: acked p99 <= 1.5x undisturbed, RSS <= 1.2x, beside hostile peers."""
+    acked = Figure(
+        "disturbed.hostile_acked",
+        "commit to every reader acknowledged, beside hostile peers",
+        params={"readers": n, "event": "acked", "peers": label},
+        goal=RatioAtMost(UNDISTURBED, HOSTILE_FACTOR, "issue 18", stat="p99"),
+        reference=UNDISTURBED,
+    )
+    if hostile.acked_ns:
+        acked.add(label, "ctxstore", Stats.of(hostile.acked_ns))
+    if calm.acked_ns:
+        acked.add(UNDISTURBED, "variant", Stats.of(calm.acked_ns))
+    memory = Figure(
+        "disturbed.hostile_rss",
+        "the daemon's RSS at the end of the hostile stage (attackers connected)",
+        params={"readers": n, "event": "rss", "peers": label},
+        goal=FractionAtMost(UNDISTURBED, FACTOR, "issue 18"),
+        reference=UNDISTURBED,
+    )
+    memory.add(label, "ctxstore", Stats.single(hostile.rss), unit="bytes",
+               note=f"{hostile.fds} open fds")  # fmt: skip
+    memory.add(UNDISTURBED, "variant", Stats.single(calm.rss), unit="bytes",
+               note=f"{calm.fds} open fds")  # fmt: skip
+    return [acked, memory]
 
 
 def figures(n: int, calm: Outcome, rough: Outcome) -> list[Figure]:
@@ -161,15 +213,22 @@ class Disturbance:
         #: the disturbed stage lasts past the daemon's silence limit, so the stopped reader's
         #: drop happens while publishing goes on (not in --quick)
         self.rough_seconds = 0.0 if bench.ctx.quick else DaemonConfig().silent_timeout + 1.0
+        quick = bench.ctx.quick
+        self.slowloris = QUICK_SLOWLORIS if quick else FULL_SLOWLORIS
+        self.flooders = QUICK_FLOODERS if quick else FULL_FLOODERS
+        self.hostile = hostile_label(self.slowloris, self.flooders)
+        #: the hostile stage lasts past the frame deadline, so slowloris drops happen in it
+        self.hostile_seconds = 0.0 if quick else DaemonConfig().frame_timeout + 1.0
         longest = int(self.rough_seconds / GAP_S[0]) + 1  # each version sleeps at least GAP_S[0]
-        self.stamps = bench.stamps_for(self.slot, n, stages=4, extra=longest)
+        longest += int(self.hostile_seconds / GAP_S[0]) + 1
+        self.stamps = bench.stamps_for(self.slot, n, stages=5, extra=longest)
         self.daemon = psutil.Process(bench.daemon.pid)
         self.readers: list[subprocess.Popen[bytes]] = []
         #: readers replaced by a fresh one (the killed one), reaped at the end
         self.replaced: list[subprocess.Popen[bytes]] = []
 
-    def run(self) -> tuple[Outcome, Outcome]:
-        """Undisturbed, disturbed, undisturbed again (drift is not charged to one side)."""
+    def run(self) -> tuple[Outcome, Outcome, Outcome]:
+        """Undisturbed, disturbed, undisturbed again (drift is not charged to one side), hostile."""
         bench, everyone = self.bench, set(range(self.n))
         bench.publish(self.slot, 1)
         peers: list[subprocess.Popen[bytes]] = []
@@ -191,6 +250,14 @@ class Disturbance:
             next_version = self._restore(peers, rough.stage.next)
             bench.ctx.progress.step(f"disturbed readers: {self.n} undisturbed again")
             after = self._stage(everyone, next_version, disturb=None)
+            bench.ctx.progress.step(f"disturbed readers: {self.n} beside {self.hostile}")
+            self._hostile_peers(peers)
+            hostile = self._stage(
+                everyone, after.stage.next, disturb=None, min_seconds=self.hostile_seconds
+            )
+            hostile.outcome.notes[-1] = hostile.outcome.notes[-1].replace(
+                "undisturbed:", f"{self.hostile}:", 1
+            )
         finally:
             for proc in self.readers:
                 if proc.poll() is None:
@@ -208,7 +275,18 @@ class Disturbance:
         calm.publish_ns += after.outcome.publish_ns
         calm.acked_ns += after.outcome.acked_ns
         calm.notes += after.outcome.notes
-        return calm, rough.outcome
+        return calm, rough.outcome, hostile.outcome
+
+    def _hostile_peers(self, peers: list[subprocess.Popen[bytes]]) -> None:
+        """Start the slowloris and flooder processes into ``peers`` (the caller reaps them)."""
+        bench = self.bench
+        for role, count in (("slowloris", self.slowloris), ("flooder", self.flooders)):
+            peer = bench.spawn([role, str(bench.sock), str(count)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+            peers.append(peer)
+            assert peer.stdout is not None
+            if peer.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the {role} peers (pid {peer.pid}) did not start")
 
     def _reader(self, index: int) -> subprocess.Popen[bytes]:
         bench, stamps = self.bench, self.stamps.path

@@ -22,6 +22,13 @@
 * ``mute``: a raw socket that says hello and subscribes to one slot, then
   never reads its socket again (announcements pile up in its buffer); says
   ``ready``, exits when stdin closes.
+* ``slowloris``: N connections that each say hello, begin a frame announcing
+  almost ``max_frame_size`` bytes with its first 16 KiB, then send one more
+  byte a second; a connection the daemon closes (its frame deadline) is
+  opened again. Says ``ready`` once all are open, exits when stdin closes.
+* ``flooder``: N connections that each say hello, then send pings as fast as
+  the daemon takes them and read (and drop) its pongs; a closed one is opened
+  again. Says ``ready`` once all are open, exits when stdin closes.
 * ``memory``: opens a Reader (mapping nothing), says ``bare``; on ``load`` it
   loads a context one of four ways (``ctxstore``, ``private``, ``shm``, ``none``)
   and touches every page, then says ``loaded``; it exits when stdin closes.
@@ -40,6 +47,7 @@ needs it imports itself, so a bare reader's memory is that of a reader.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import sys
@@ -49,6 +57,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # annotations only: each role imports what it needs itself (see above)
+    import socket
+
     from ctxstore.daemon.fleet import Fleet
     from ctxstore.readers import Reader
 
@@ -328,6 +338,118 @@ def run_mute(sock_path: str, slot: int) -> int:
     return 0
 
 
+# -- hostile peers -----------------------------------------------------------------------------
+
+SLOWLORIS_HEAD = 16 << 10
+SLOWLORIS_DRIP_S = 1.0
+PINGS_PER_SEND = 256
+
+
+def run_slowloris(sock_path: str, count: int) -> int:
+    """``count`` connections that each keep a frame unfinished (see module docstring)."""
+    import selectors
+    import socket
+
+    from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, HEADER
+
+    def begin() -> socket.socket:
+        try:
+            peer = _hello(sock_path, "slowloris")
+        except OSError:
+            return socket.socket(socket.AF_UNIX)  # unconnected: its first drip fails, retried
+        peer.setblocking(False)
+        frame_start = HEADER.pack(DEFAULT_MAX_FRAME_SIZE - 64) + b"\x81" + bytes(SLOWLORIS_HEAD)
+        with contextlib.suppress(OSError):  # refused or closed: the next drip reopens it
+            peer.send(frame_start)
+        return peer
+
+    peers = [begin() for _ in range(count)]
+    _say("ready")
+    selector = selectors.DefaultSelector()
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    while not selector.select(timeout=SLOWLORIS_DRIP_S):  # until stdin has EOF (or a line)
+        for i, peer in enumerate(peers):
+            try:
+                peer.send(b"\x00")
+            except OSError:  # dropped at its frame deadline (or refused): again
+                peer.close()
+                peers[i] = begin()
+    for peer in peers:
+        peer.close()
+    return 0
+
+
+def run_flooder(sock_path: str, count: int) -> int:
+    """``count`` connections sending pings as fast as the daemon reads them (see above)."""
+    import selectors
+
+    from ctxstore.messages import Ping
+    from ctxstore.protocol import encode_frame
+
+    batch = b"".join(encode_frame(Ping(nonce=n)) for n in range(PINGS_PER_SEND))
+    selector = selectors.DefaultSelector()
+    unsent: dict[socket.socket, memoryview] = {}
+    batches: dict[socket.socket, bytes] = {}
+
+    def add() -> None:
+        try:
+            peer = _hello(sock_path, "flooder")
+        except OSError:
+            return  # refused at connect: one flooder fewer
+        peer.setblocking(False)
+        batches[peer], unsent[peer] = batch, memoryview(batch)
+        selector.register(peer, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def drop(peer: socket.socket) -> None:
+        selector.unregister(peer)
+        peer.close()
+        del batches[peer], unsent[peer]
+
+    for _ in range(count):
+        add()
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    _say("ready")
+    while True:
+        for key, events in selector.select():
+            if key.fileobj is sys.stdin:
+                for peer in list(batches):
+                    drop(peer)
+                return 0
+            peer = cast("socket.socket", key.fileobj)
+            try:
+                if events & selectors.EVENT_READ and not peer.recv(1 << 16):
+                    raise ConnectionResetError("closed by the daemon")
+                if events & selectors.EVENT_WRITE:
+                    sent = peer.send(unsent[peer])
+                    rest = unsent[peer][sent:]
+                    unsent[peer] = rest if len(rest) else memoryview(batches[peer])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                drop(peer)
+                add()
+
+
+def _hello(sock_path: str, name: str) -> socket.socket:
+    """A blocking connection that said hello and read the daemon's first answer."""
+    import socket
+
+    from ctxstore.messages import Hello
+    from ctxstore.protocol import NEED_DATA, Connection, Role
+
+    conn = Connection(Role.CLIENT)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.settimeout(60.0)
+    peer.connect(sock_path)
+    peer.sendall(conn.send(Hello(role="reader", name=f"{name}-{os.getpid()}", pid=os.getpid())))
+    while conn.next_event() is NEED_DATA:
+        data = peer.recv(1 << 16)
+        conn.receive_data(data)
+        if not data:
+            break
+    return peer
+
+
 # -- memory readers ----------------------------------------------------------------------------
 
 
@@ -430,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("mute")
     p.add_argument("socket")
     p.add_argument("slot", type=int)
+    for role in ("slowloris", "flooder"):
+        p = sub.add_parser(role)
+        p.add_argument("socket")
+        p.add_argument("count", type=int)
     p = sub.add_parser("memory")
     p.add_argument("how", choices=("ctxstore", "private", "shm", "none"))
     p.add_argument("store")
@@ -451,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_idle(args.store, args.socket)
         case "mute":
             return run_mute(args.socket, args.slot)
+        case "slowloris":
+            return run_slowloris(args.socket, args.count)
+        case "flooder":
+            return run_flooder(args.socket, args.count)
         case _:
             return run_memory(
                 args.how, args.store, args.socket, args.slot, args.version_dir, args.shm_name

@@ -6,7 +6,8 @@ never finishes must not fill the daemon's memory. So:
 
 * :class:`RateBudget`: a token bucket per peer, ``rate`` units a second, up to
   one second's worth saved. A frame costs 1 unit; one the daemon must answer at
-  once (ping, status request, subscribe) costs :data:`ANSWERED_COST`. A peer out
+  once (ping, status request, a subscription to groups or to everything) costs
+  :data:`ANSWERED_COST`. A peer out
   of units is simply not read until it has some again: its bytes wait in the
   kernel and its own sends block, which costs the daemon nothing.
 * :class:`PartialPool`: the bytes of unfinished frames held for all peers
@@ -23,12 +24,19 @@ from collections.abc import Callable
 
 from ctxstore.messages import Message, Ping, StatusRequest, Subscribe
 
-#: units a frame the daemon answers at once costs (an ack or a heartbeat costs 1)
-ANSWERED_COST = 10
-_ANSWERED = (Ping, StatusRequest, Subscribe)
+#: units a frame the daemon answers at once costs (an ack or a heartbeat costs 1): it costs
+#: the daemon an encode and a write besides the decode, and no client sends them routinely
+ANSWERED_COST = 20
+#: the shortest wait of a peer out of units (fewer, larger turns for a flooder)
+MIN_WAIT = 0.05
+_ANSWERED = (Ping, StatusRequest)
 
 
 def cost_of(message: Message) -> int:
+    """A subscription to slots costs 1 (a reader sends one per slot it reads); one to
+    groups or to everything costs what an answered frame does (it runs queries)."""
+    if isinstance(message, Subscribe):
+        return ANSWERED_COST if message.groups or message.all else 1
     return ANSWERED_COST if isinstance(message, _ANSWERED) else 1
 
 
@@ -54,7 +62,8 @@ class RateBudget:
         if self._tokens >= 0:
             return 0.0
         self.waited += 1
-        return -self._tokens / self._rate
+        # at least MIN_WAIT: a flooder then sends a few frames per wake-up, not one
+        return max(-self._tokens / self._rate, MIN_WAIT)
 
     async def spend(self, cost: int) -> None:
         delay = self.take(cost)

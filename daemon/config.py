@@ -321,7 +321,7 @@ class DaemonConfig:
     frame_timeout: float = 10.0
     #: bytes of unfinished frames held for all peers together; 0: 4 x max_frame_size
     max_partial_bytes: int = 0
-    #: budget units a peer may spend per second (a frame costs 1, one the daemon answers 10)
+    #: budget units a peer may spend per second (a frame costs 1, one the daemon answers 20)
     peer_rate: int = 1000
     #: frames the daemon handles from one peer before it lets the others go
     peer_frames_per_turn: int = 32

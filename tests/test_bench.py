@@ -153,14 +153,22 @@ def test_quick_run_measures_disturbed_readers_beside_an_undisturbed_run(quick_ru
     results = json.loads((quick_run / "results.json").read_text())
     scenario = results["scenarios"]["disturbed"]
     figures = {f["key"]: f for f in scenario["figures"]}
-    assert set(figures) == {"disturbed.publish", "disturbed.acked", "disturbed.daemon_rss"}
-    for figure in figures.values():
+    assert set(figures) == {
+        "disturbed.publish",
+        "disturbed.acked",
+        "disturbed.daemon_rss",
+        "disturbed.hostile_acked",
+        "disturbed.hostile_rss",
+    }
+    for key, figure in figures.items():
         roles = {m["label"]: m["role"] for m in figure["measurements"]}
         assert sorted(roles.values()) == ["ctxstore", "variant"]
         assert roles[figure["reference"]] == "variant"
-        assert figure["goal"]["source"] == "issue 7"
+        assert figure["goal"]["source"] == ("issue 18" if "hostile" in key else "issue 7")
         assert isinstance(figure["verdict"]["met"], bool)
-    assert figures["disturbed.daemon_rss"]["measurements"][0]["unit"] == "bytes"
+    for key in ("disturbed.daemon_rss", "disturbed.hostile_rss"):
+        assert figures[key]["measurements"][0]["unit"] == "bytes"
+    assert "slowloris and" in figures["disturbed.hostile_acked"]["measurements"][0]["label"]
     notes = " ".join(scenario["notes"])
     assert "the SIGKILLed reader left the daemon's status" in notes
 

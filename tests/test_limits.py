@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
-from ctxstore.daemon.budgets import ANSWERED_COST, PartialPool, RateBudget, cost_of
+from ctxstore.daemon.budgets import ANSWERED_COST, MIN_WAIT, PartialPool, RateBudget, cost_of
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.limits import RESERVED_FDS, derive_limits
 from ctxstore.daemon.logs import LogLimiter, RepeatFilter
-from ctxstore.messages import Ack, Ping
+from ctxstore.messages import Ack, Ping, Subscribe
 
 
 def test_caps_are_derived_from_the_descriptor_limit_as_documented() -> None:
@@ -90,11 +90,14 @@ def test_the_repeat_filter_keeps_a_foreign_loggers_flood_to_a_few_lines(
 
 def test_rate_budget_makes_a_flooder_wait_and_answered_frames_cost_more() -> None:
     clock = Clock()
-    budget = RateBudget(100, clock)
+    budget = RateBudget(10 * ANSWERED_COST, clock)
     assert cost_of(Ping(nonce=1)) == ANSWERED_COST
+    assert cost_of(Subscribe(request_id=1, all=True)) == ANSWERED_COST
+    assert cost_of(Subscribe(request_id=1, slots=(1, 2))) == 1  # a reader's, one per slot
     assert cost_of(Ack(slot=1, version=1)) == 1
     assert [budget.take(ANSWERED_COST) for _ in range(10)] == [0.0] * 10  # a second's worth
-    assert budget.take(ANSWERED_COST) == pytest.approx(0.1)  # then 10 pings a second
+    assert budget.take(ANSWERED_COST) == pytest.approx(max(0.1, MIN_WAIT))  # then 10 a second
+    assert budget.waited == 1
     clock.now = 1.0
     assert budget.take(1) == 0.0
 
