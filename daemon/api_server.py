@@ -7,6 +7,12 @@ known at once. uvicorn must not touch signals: the daemon owns SIGTERM,
 SIGINT and SIGHUP, so :class:`EmbeddedServer` turns ``capture_signals`` into
 a no-op. Stopping ends every ``/events`` stream first, then asks uvicorn to
 exit and waits for it, bounded.
+
+Each HTTP connection holds a file descriptor, so at most ``http_connections``
+(daemon/limits.py) are open at once: one more is answered with a 503 and
+closed at once, and a connection must send its first request within
+uvicorn's keep-alive timeout, as it must between requests. The descriptors the
+limits keep for the Unix socket stay free whatever arrives on the port.
 """
 
 from __future__ import annotations
@@ -15,19 +21,23 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import json
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ctxstore.errors import ConflictError, InvalidInputError
 from ctxstore.messages import Announce
 
 from .api import LOOPBACK_HOSTS, create_app
 from .events import DEFAULT_HEARTBEAT, EventBroadcaster
+from .limits import HTTP_BACKLOG
+from .logs import LogLimiter
 from .metrics import DaemonMetrics
 
 if TYPE_CHECKING:
@@ -38,7 +48,7 @@ log = logging.getLogger("ctxstore.daemon")
 OFF = "off"
 #: seconds uvicorn may spend finishing requests in flight at shutdown
 GRACEFUL_SECONDS = 3.0
-BACKLOG = 128
+BACKLOG = HTTP_BACKLOG
 
 
 def parse_address(address: str) -> tuple[str, int] | None:
@@ -92,6 +102,49 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+_refusals = LogLimiter(log, burst=20)
+
+
+def capped_protocol(max_connections: Callable[[], int]) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, refusing a connection past ``max_connections()`` open ones
+    with a 503, and closing one that sends no request within the keep-alive timeout."""
+
+    class CappedProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            limit = max_connections()
+            if len(self.connections) > limit:
+                _refusals.log(
+                    "http refused",
+                    logging.WARNING,
+                    "http: refused a connection: %d open, the limit is "
+                    "limits.http_connections = %d",
+                    len(self.connections) - 1,
+                    limit,
+                )
+                transport.write(_busy_response(limit))
+                transport.close()
+                return
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    return CappedProtocol
+
+
+def _busy_response(limit: int) -> bytes:
+    message = (
+        f"too many HTTP connections: the limit is limits.http_connections = {limit}; "
+        "try again later"
+    )
+    body = json.dumps({"error": {"type": "daemon_unavailable", "message": message}}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class EmbeddedServer(uvicorn.Server):
     """uvicorn without its signal handlers: the daemon's loop owns the signals."""
 
@@ -108,6 +161,7 @@ class ApiServer:
     ) -> None:
         self.host, self.port = host, port
         self.metrics = DaemonMetrics(daemon)
+        self.daemon = daemon
         limits = getattr(daemon, "limits", None)
         self.events = EventBroadcaster(
             heartbeat=heartbeat, max_streams=None if limits is None else limits.event_streams
@@ -138,13 +192,20 @@ class ApiServer:
             proxy_headers=False,
             server_header=False,
             ws="none",
+            http=capped_protocol(self._http_connections),
             timeout_graceful_shutdown=int(GRACEFUL_SECONDS),
+            backlog=BACKLOG,  # asyncio accepts this many per wake-up: a bounded burst
         )
         self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ctxstore-http")
         self._task.add_done_callback(_report_end)
         shown = f"[{self.host}]" if ":" in self.host else self.host
         log.info("http listening on %s:%d", shown, self.port)
+
+    def _http_connections(self) -> int:
+        """The cap in force (a SIGHUP may change it); no cap for a daemon without limits."""
+        limits = getattr(self.daemon, "limits", None)
+        return 1 << 30 if limits is None else int(limits.http_connections)
 
     def announced(self, announce: Announce, sessions: list[int]) -> None:
         """Feed an announcement to /events and to the ack-latency metric; never blocks."""

@@ -315,7 +315,8 @@ class DaemonConfig:
     #: socket peers at once, in all and per uid; 0: derived from RLIMIT_NOFILE (daemon/limits.py)
     max_connections: int = 0
     max_connections_per_uid: int = 0
-    #: open GET /events streams; 0: derived from RLIMIT_NOFILE
+    #: open HTTP connections, and GET /events streams among them; 0: derived from RLIMIT_NOFILE
+    max_http_connections: int = 0
     max_event_streams: int = 0
     #: a peer that has started a frame must finish it within this many seconds
     frame_timeout: float = 10.0
@@ -511,6 +512,7 @@ KEYS: tuple[Key, ...] = (
     _key("table_capacity", "table_capacity", _CAPACITY, _env_int, live=False),
     _key("max_connections", "limits.connections", _int_in(0, 1 << 20), _env_int),
     _key("max_connections_per_uid", "limits.connections_per_uid", _int_in(0, 1 << 20), _env_int),
+    _key("max_http_connections", "limits.http_connections", _int_in(0, 1 << 20), _env_int),
     _key("max_event_streams", "limits.event_streams", _int_in(0, 1 << 20), _env_int),
     _key("frame_timeout", "limits.frame_timeout", _seconds(3600), _env_float),
     _key("max_partial_bytes", "limits.partial_bytes", _int_in(0, 1 << 40), _env_int),

@@ -6,7 +6,7 @@ derived from the soft ``RLIMIT_NOFILE`` at start (``0`` in the configuration
 means "derive it"), with descriptors set aside first for the daemon's own work:
 
     usable          = nofile - RESERVED_FDS                (at least 16)
-    http            = usable // 4                          (HTTP side: requests and /events)
+    http            = max_http_connections    or usable // 4 (HTTP: requests and /events)
     event_streams   = max_event_streams       or http // 2 (the other half: plain requests)
     connections     = max_connections         or usable - http
     per_uid         = max_connections_per_uid or connections // 2
@@ -31,9 +31,14 @@ from .config import DaemonConfig
 
 log = logging.getLogger("ctxstore.daemon")
 
+#: connections the Unix socket and the HTTP port accept in one go (their listen backlog,
+#: and how many asyncio accepts per wake-up): each holds a descriptor until the caps close it
+UNIX_BACKLOG = 64
+HTTP_BACKLOG = 32
 #: descriptors kept for the store (index, its WAL and shm, the lock, tensor files being
 #: written or imported), the version table, the listening sockets, logs and worker threads
-RESERVED_FDS = 64
+#: (64), and for the connections accepted in one go before the caps refuse them
+RESERVED_FDS = 64 + UNIX_BACKLOG + HTTP_BACKLOG
 MIN_USABLE_FDS = 16
 #: glibc's mallopt parameter number for the mmap threshold
 _M_MMAP_THRESHOLD = -3
@@ -48,14 +53,15 @@ class Limits:
     nofile: int
     connections: int
     per_uid: int
+    http_connections: int
     event_streams: int
     partial_bytes: int
 
     def describe(self) -> str:
         return (
             f"{self.connections} socket peers ({self.per_uid} per uid), "
-            f"{self.event_streams} /events streams, {self.partial_bytes} bytes of unfinished "
-            f"frames; RLIMIT_NOFILE {self.nofile}"
+            f"{self.http_connections} HTTP connections ({self.event_streams} /events streams), "
+            f"{self.partial_bytes} bytes of unfinished frames; RLIMIT_NOFILE {self.nofile}"
         )
 
 
@@ -68,7 +74,7 @@ def derive_limits(config: DaemonConfig, nofile: int | None = None) -> Limits:
     """The caps for ``config`` under ``nofile`` descriptors (the soft limit now, by default)."""
     nofile = soft_nofile() if nofile is None else nofile
     usable = max(nofile - RESERVED_FDS, MIN_USABLE_FDS)
-    http = usable // 4
+    http = _capped("max_http_connections", config.max_http_connections, usable // 4, nofile)
     fit_streams, fit_connections = max(1, http // 2), max(1, usable - http)
     event_streams = _capped("max_event_streams", config.max_event_streams, fit_streams, nofile)
     connections = _capped("max_connections", config.max_connections, fit_connections, nofile)
@@ -77,6 +83,7 @@ def derive_limits(config: DaemonConfig, nofile: int | None = None) -> Limits:
         nofile=nofile,
         connections=connections,
         per_uid=min(per_uid, connections),
+        http_connections=max(1, http),
         event_streams=event_streams,
         partial_bytes=config.max_partial_bytes or 4 * config.max_frame_size,
     )

@@ -13,6 +13,7 @@ how many it left out, so the log never amplifies an attack.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from ctxstore.errors import InvalidInputError
 
@@ -32,6 +33,7 @@ __all__ = [
     "LogLimiter",
     "RepeatFilter",
     "limit_repeats",
+    "limited_exception_handler",
     "setup_logging",
 ]
 
@@ -124,21 +126,30 @@ class LogLimiter:
 
     def log(self, key: str, level: int, msg: str, *args: object) -> bool:
         """Log now, or count it for later; True when the line was written."""
+        before = self.admit(key, level)
+        if before is None:
+            return False
+        if before:
+            msg += " (%d more like this in the last %.0f s)"
+            args = (*args, before, self._interval)
+        self._logger.log(level, msg, *args)
+        return True
+
+    def admit(self, key: str, level: int = logging.WARNING) -> int | None:
+        """None: count this event, write nothing. Else write it (the caller does), and the
+        number is how many of its kind the previous window counted without writing."""
         now = self._clock()
         window = self._windows.get(key)
+        before = 0
         if window is None or now - window.started >= self._interval:
-            suppressed = 0 if window is None else window.suppressed
+            before = 0 if window is None else window.suppressed
             window = self._windows[key] = _Window(now)
-            if suppressed:
-                msg += " (%d more like this in the last %.0f s)"
-                args = (*args, suppressed, self._interval)
         if window.logged >= self._burst:
             window.suppressed += 1
             self._levels[key] = level
-            return False
+            return None
         window.logged += 1
-        self._logger.log(level, msg, *args)
-        return True
+        return before
 
     def suppressed(self, key: str) -> int:
         """Lines of ``key`` counted but not written in its current window."""
@@ -175,12 +186,11 @@ class RepeatFilter(logging.Filter):
         self._limiter = LogLimiter(_COUNTER, interval=limiter_interval, burst=burst)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}: {record.msg}"
-        before = self._limiter.suppressed(key)
-        if not self._limiter.log(key, record.levelno, "%s", key):
+        before = self._limiter.admit(f"{record.name}: {record.msg}", record.levelno)
+        if before is None:
             return False
-        if before and self._limiter.suppressed(key) == 0:  # a new window: say what was left out
-            record.msg = f"{record.getMessage()} ({before} more like this before)"
+        if before:  # a new window: say what the last one left out
+            record.msg = f"{record.getMessage()} ({before} more like this in the last window)"
             record.args = ()
         return True
 
@@ -201,3 +211,28 @@ def limit_repeats(*names: str, interval: float = 10.0) -> None:
 #: the one limiter of repeated per-peer events (connections, refusals, protocol errors,
 #: drops); the daemon flushes it periodically so a count is reported once events stop
 peer_events = LogLimiter(logging.getLogger("ctxstore.daemon"), burst=20)
+
+
+#: the event loop's own error reports, by kind (see limited_exception_handler)
+_loop_events = LogLimiter(logging.getLogger("asyncio"), burst=5)
+
+
+def limited_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler, a few reports per kind per interval.
+
+    On EMFILE asyncio reports "socket.accept() out of system resource" and
+    retries a second later, once for every connection it could not accept;
+    after the listening socket closes each retry fails again with its own
+    traceback. Kinds are the message up to its first detail and the exception's
+    type, so these are a few lines and a count, not thousands.
+    """
+    message = str(context.get("message", "unhandled exception in the event loop"))
+    exc = context.get("exception")
+    kind = message.split("(", maxsplit=1)[0].split("\n", maxsplit=1)[0][:80]
+    key = kind + (f": {type(exc).__name__}" if exc else "")
+    before = _loop_events.admit(key, logging.ERROR)
+    if before is None:
+        return
+    if before:
+        context = {**context, "message": f"{message} ({before} more like this in the last window)"}
+    loop.default_exception_handler(context)

@@ -64,7 +64,7 @@ from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
 from .jobs import JobQueue
-from .limits import Limits, derive_limits, return_freed_memory
+from .limits import UNIX_BACKLOG, Limits, derive_limits, return_freed_memory
 from .listener import (
     BoundSocket,
     PeerCredentials,
@@ -73,7 +73,7 @@ from .listener import (
     check_socket_path,
     peer_credentials,
 )
-from .logs import limit_repeats, peer_events
+from .logs import limit_repeats, limited_exception_handler, peer_events
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .segments import reclaim_orphans
@@ -202,9 +202,9 @@ class Daemon:
             self.api.bind()
             self.committer.on_commit = self.api.metrics.observe_commit
             self.fleet.on_ack = self.api.metrics.observe_ack
-        self._bound = bind_socket(config.socket, group=config.socket_group)
+        self._bound = bind_socket(config.socket, group=config.socket_group, backlog=UNIX_BACKLOG)
         self._server = await asyncio.start_unix_server(
-            self._accept, sock=self._bound.sock, limit=STREAM_LIMIT
+            self._accept, sock=self._bound.sock, limit=STREAM_LIMIT, backlog=UNIX_BACKLOG
         )
         log.info("limits: %s", self.limits.describe())
         self._spawn(self._flush_logs())
@@ -663,6 +663,7 @@ async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> 
     return_freed_memory()
     daemon = Daemon(config, notifier)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(limited_exception_handler)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)

@@ -1000,6 +1000,37 @@ def test_event_streams_past_the_limit_get_a_clear_503(tmp_path: Path) -> None:
     run(tmp_path, scenario, max_event_streams=2)
 
 
+def test_http_connections_past_the_limit_get_a_503_and_are_closed(tmp_path: Path) -> None:
+    """limits.http_connections open TCP connections at most, idle ones included: one more
+    is answered 503 and closed, so HTTP never takes the descriptors the socket needs."""
+
+    async def scenario(daemon: Daemon, _: httpx.AsyncClient) -> None:
+        assert daemon.api is not None
+        port = daemon.api.port
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), 30)  # the 503, then EOF
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        error = json.loads(body)["error"]
+        assert error["type"] == "daemon_unavailable"
+        assert "limits.http_connections = 3" in error["message"]
+        writer.close()
+        for _, idle_writer in idle:
+            idle_writer.close()
+            await idle_writer.wait_closed()
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
+            for _ in range(200):  # the server sees the idle ones close on its next loop turn
+                response = await http.get("/health")
+                if response.status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert response.json() == {"status": "ok"}
+
+    run(tmp_path, scenario, max_http_connections=3)
+
+
 def test_event_stream_heartbeats_coalesces_and_drops() -> None:
     async def scenario() -> None:
         broadcaster = EventBroadcaster(heartbeat=0.01, max_pending=2)

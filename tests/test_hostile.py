@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
-from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+from conftest import dies_with_pytest
+from test_daemon import DaemonProcess, RawPeer, free_port, start_daemon, wait_for_socket
 from test_security import _as_uid
 
 from ctxstore import Context
@@ -398,3 +400,51 @@ def test_msgpack_nested_a_thousand_deep_gets_the_protocol_error(tmp_path: Path) 
         assert publish(1, Context({"w": np.zeros(2)}), socket=live.socket) == 1
         text = live.log_text()
         assert "Unhandled exception" not in text and "RecursionError" not in text, text[-3000:]
+
+
+def test_tcp_and_event_floods_leave_the_socket_its_descriptors(tmp_path: Path) -> None:
+    """A daemon with RLIMIT_NOFILE 300: 400 idle TCP connections and 20 /events streams at
+    its HTTP port; publishes on the Unix socket still work (the caps derived from the limit
+    keep descriptors for it) and the log has no line per refused or failed accept."""
+    nofile, port = 300, free_port()
+    store, sock, log = tmp_path / "store", tmp_path / "ctx.sock", tmp_path / "daemon.log"
+    limited = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    argv = [sys.executable, "-c", limited, "-m", "ctxstore.cli", "daemon", "--store", str(store),
+            "--socket", str(sock), "--http", f"127.0.0.1:{port}"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(dies_with_pytest(argv), stdout=out, stderr=subprocess.STDOUT)
+    live = DaemonProcess(proc, store, sock, log)
+    flood: list[socket.socket] = []
+    try:
+        wait_for_socket(sock, proc)
+        for i in range(400):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            flood.append(conn)
+            if i % 20 == 0:
+                conn.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for i in range(3):
+            assert (
+                publish(1, Context({"w": np.full(2, float(i))}), socket=sock, timeout=20) == i + 1
+            )
+        with DaemonClient(sock, name="status", role="admin") as client:
+            assert client.status().daemon["pid"] == proc.pid
+        text = live.log_text()
+        assert text.count("out of system resource") <= 5, text[-3000:]
+        assert text.count("refused a connection") <= 21, text[-3000:]
+    finally:
+        for conn in flood:
+            conn.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shm = Path("/dev/shm" + segment_name(store))
+        if shm.exists():
+            shm.unlink()

@@ -17,13 +17,13 @@ from ctxstore.messages import Ack, Ping, Subscribe
 def test_caps_are_derived_from_the_descriptor_limit_as_documented() -> None:
     limits = derive_limits(DaemonConfig(), nofile=400)
     usable = 400 - RESERVED_FDS
+    assert limits.http_connections == usable // 4
     assert limits.event_streams == (usable // 4) // 2
     assert limits.connections == usable - usable // 4
     assert limits.per_uid == limits.connections // 2
     assert limits.partial_bytes == 4 * DaemonConfig().max_frame_size
-    # every stream, every socket peer and the reserve fit in the descriptors, with room for
-    # the other half of the HTTP share (plain requests)
-    assert limits.event_streams + limits.connections + RESERVED_FDS < 400
+    # every HTTP connection (streams among them), every socket peer and the reserve fit
+    assert limits.http_connections + limits.connections + RESERVED_FDS == 400
 
 
 def test_configured_caps_are_kept_or_lowered_to_what_the_descriptors_allow(
