@@ -5,7 +5,7 @@ accept nobody: not a reader, not a publisher, not ``/health``. So the caps are
 derived from the soft ``RLIMIT_NOFILE`` at start (``0`` in the configuration
 means "derive it"), with descriptors set aside first for the daemon's own work:
 
-    usable          = nofile - RESERVED_FDS                (at least 16)
+    usable          = nofile - RESERVED_FDS (160)          (at least 16)
     http            = max_http_connections    or usable // 4 (HTTP: requests and /events)
     event_streams   = max_event_streams       or http // 2 (the other half: plain requests)
     connections     = max_connections         or usable - http
