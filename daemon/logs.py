@@ -105,8 +105,12 @@ class LogLimiter:
     key's window has room; past that the line is counted instead. The first line
     of the next window, or :meth:`flush` (called periodically by the daemon),
     reports the count: ``... (37 more like this in the last 10 s)``. Keys name a
-    kind of event ("refused", "protocol error"), never a peer, so a flood from
-    many peers is still one line per interval; the set of keys is small and fixed.
+    kind of event ("refused", "protocol error"), so a flood from many peers is
+    still a few lines per interval; the lines of a connection's ordinary life
+    (connected, hello, closed) are keyed by the peer's pid as well, so one
+    process that connects in a loop is summarized while every other process's
+    sessions are still logged. :meth:`flush` forgets windows that are over, so
+    the table holds only the keys seen in the last interval.
     """
 
     def __init__(

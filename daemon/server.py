@@ -411,7 +411,7 @@ class Daemon:
         peer = peer_credentials(sock)
         session = next(self._sessions)
         peer_events.log(
-            "connection",
+            f"connection from pid {peer.pid}",  # per process: one flooder is not everyone
             logging.INFO,
             "session %d: connection from pid %d uid %d gid %d",
             session,
@@ -451,7 +451,7 @@ class Daemon:
             self.fleet.leave(session)
             reason = subscriber.close_reason or ""
             peer_events.log(
-                "closed" if reason.startswith(_ORDINARY_ENDS) else f"dropped: {reason[:20]}",
+                f"{'closed' if reason.startswith(_ORDINARY_ENDS) else 'dropped'}: pid {peer.pid}",
                 logging.INFO,
                 "session %d (%s): closed: %s",
                 session,
@@ -487,7 +487,8 @@ class Daemon:
             case Hello(name=name, pid=pid, role=role):
                 sub.name = f"{name or 'anonymous'} (pid {pid})"
                 peer_events.log(
-                    "hello", logging.INFO, "session %d: hello from %s as %s", sub.session,
+                    f"hello: pid {sub.peer.pid}", logging.INFO,
+                    "session %d: hello from %s as %s", sub.session,
                     sub.name, role,
                 )  # fmt: skip
                 self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
