@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ __all__ = [
     "JsonFormatter",
     "LogLimiter",
     "RepeatFilter",
+    "flush_all",
     "limit_repeats",
     "limited_exception_handler",
     "setup_logging",
@@ -127,6 +129,7 @@ class LogLimiter:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
         self._levels: dict[str, int] = {}
+        _LIMITERS.add(self)
 
     def log(self, key: str, level: int, msg: str, *args: object) -> bool:
         """Log now, or count it for later; True when the line was written."""
@@ -177,6 +180,16 @@ class LogLimiter:
                 )
 
 
+#: every limiter, for flush_all
+_LIMITERS: weakref.WeakSet[LogLimiter] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """:meth:`LogLimiter.flush` on every limiter (the daemon calls it every few seconds)."""
+    for limiter in list(_LIMITERS):
+        limiter.flush()
+
+
 class RepeatFilter(logging.Filter):
     """A logging filter that passes each message (by its format string) through a LogLimiter.
 
@@ -185,9 +198,12 @@ class RepeatFilter(logging.Filter):
     a repeated line becomes a few lines per interval and a count.
     """
 
-    def __init__(self, limiter_interval: float = 10.0, burst: int = 5) -> None:
+    def __init__(
+        self, interval: float = 10.0, burst: int = 5, logger: logging.Logger | None = None
+    ) -> None:
+        """``logger``: where :func:`flush_all` reports the counts (None: nowhere)."""
         super().__init__()
-        self._limiter = LogLimiter(_COUNTER, interval=limiter_interval, burst=burst)
+        self._limiter = LogLimiter(logger or _COUNTER, interval=interval, burst=burst)
 
     def filter(self, record: logging.LogRecord) -> bool:
         before = self._limiter.admit(f"{record.name}: {record.msg}", record.levelno)
@@ -199,7 +215,7 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-#: LogLimiter needs a logger; RepeatFilter only asks it whether to pass a record
+#: a RepeatFilter without a logger to report counts to reports them here: nowhere
 _COUNTER = logging.getLogger("ctxstore.daemon.repeats")
 _COUNTER.disabled = True
 
@@ -209,7 +225,7 @@ def limit_repeats(*names: str, interval: float = 10.0) -> None:
     for name in names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RepeatFilter) for f in logger.filters):
-            logger.addFilter(RepeatFilter(interval))
+            logger.addFilter(RepeatFilter(interval, logger=logger))
 
 
 #: the one limiter of repeated per-peer events (connections, refusals, protocol errors,

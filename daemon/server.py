@@ -73,7 +73,7 @@ from .listener import (
     check_socket_path,
     peer_credentials,
 )
-from .logs import limit_repeats, limited_exception_handler, peer_events
+from .logs import flush_all, limit_repeats, limited_exception_handler, peer_events
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .segments import reclaim_orphans
@@ -326,7 +326,7 @@ class Daemon:
         """Report counts of repeated per-peer log lines once their events stopped coming."""
         while not self._stop.is_set():
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
-            peer_events.flush()
+            flush_all()
 
     def _pre_commit(self, slot: int, context: Context) -> None:
         """The hooks in force now (SIGHUP may have replaced them) vet each commit."""

@@ -10,7 +10,7 @@ import pytest
 from ctxstore.daemon.budgets import ANSWERED_COST, MIN_WAIT, PartialPool, RateBudget, cost_of
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.limits import RESERVED_FDS, derive_limits
-from ctxstore.daemon.logs import LogLimiter, RepeatFilter
+from ctxstore.daemon.logs import LogLimiter, RepeatFilter, limited_exception_handler
 from ctxstore.messages import Ack, Ping, Subscribe
 
 
@@ -116,3 +116,25 @@ def test_partial_pool_counts_every_peers_unfinished_bytes() -> None:
         assert pool.room() == 50 and len(pool) == 1
 
     asyncio.run(scenario())
+
+
+def test_the_loops_error_reports_are_a_few_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio reports EMFILE once per refused accept and, after the listening socket
+    closed, each of its retries with its own traceback: a few lines per kind, not one each."""
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for i in range(2000):
+                limited_exception_handler(loop, {
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(24, "Too many open files"),
+                })  # fmt: skip
+                limited_exception_handler(loop, {
+                    "message": f"Exception in callback _start_serving(<when={i}>)",
+                    "exception": ValueError("Invalid file descriptor: -1"),
+                })  # fmt: skip
+    finally:
+        loop.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert sum("out of system resource" in m for m in messages) <= 5
+    assert sum("_start_serving" in m for m in messages) <= 5
