@@ -6,14 +6,16 @@ derived from the soft ``RLIMIT_NOFILE`` at start (``0`` in the configuration
 means "derive it"), with descriptors set aside first for the daemon's own work:
 
     usable          = nofile - RESERVED_FDS (160)          (at least 16)
-    http            = max_http_connections    or usable // 4 (HTTP: requests and /events)
+    http            = max_http_connections    or min(usable // 4, 1024) (requests, /events)
     event_streams   = max_event_streams       or http // 2 (the other half: plain requests)
-    connections     = max_connections         or usable - http
+    connections     = max_connections         or min(usable - http, 4096)
     per_uid         = max_connections_per_uid or connections // 2
     partial_bytes   = max_partial_bytes       or 4 * max_frame_size
 
-A configured cap larger than the descriptors allow is lowered to what they
-allow, with a warning. docs/configuration.md has the same table and a worked
+The ceilings (1024, 4096) bound memory when the descriptor limit is large
+(systemd/ctxstore.service sets 65536): each peer may hold up to about 128 KiB
+of read buffers. A configured cap larger than the descriptors allow is lowered
+to what they allow, with a warning. docs/configuration.md has the same table and a worked
 example. The module also makes freed buffers go back to the operating system
 (:func:`return_freed_memory`), so memory a departed peer held does not stay
 in the daemon's RSS.
@@ -40,6 +42,9 @@ HTTP_BACKLOG = 32
 #: (64), and for the connections accepted in one go before the caps refuse them
 RESERVED_FDS = 64 + UNIX_BACKLOG + HTTP_BACKLOG
 MIN_USABLE_FDS = 16
+#: the most connections a derived cap allows, whatever the descriptor limit (memory)
+DERIVED_MAX_CONNECTIONS = 4096
+DERIVED_MAX_HTTP_CONNECTIONS = 1024
 #: glibc's mallopt parameter number for the mmap threshold
 _M_MMAP_THRESHOLD = -3
 #: its documented default; setting it explicitly turns off glibc's sliding threshold
@@ -74,10 +79,24 @@ def derive_limits(config: DaemonConfig, nofile: int | None = None) -> Limits:
     """The caps for ``config`` under ``nofile`` descriptors (the soft limit now, by default)."""
     nofile = soft_nofile() if nofile is None else nofile
     usable = max(nofile - RESERVED_FDS, MIN_USABLE_FDS)
-    http = _capped("max_http_connections", config.max_http_connections, usable // 4, nofile)
-    fit_streams, fit_connections = max(1, http // 2), max(1, usable - http)
-    event_streams = _capped("max_event_streams", config.max_event_streams, fit_streams, nofile)
-    connections = _capped("max_connections", config.max_connections, fit_connections, nofile)
+    fit = usable // 4
+    http = _capped(
+        "max_http_connections",
+        config.max_http_connections,
+        min(fit, DERIVED_MAX_HTTP_CONNECTIONS),
+        fit,
+        nofile,
+    )
+    fit = max(1, http // 2)
+    event_streams = _capped("max_event_streams", config.max_event_streams, fit, fit, nofile)
+    fit = max(1, usable - http)
+    connections = _capped(
+        "max_connections",
+        config.max_connections,
+        min(fit, DERIVED_MAX_CONNECTIONS),
+        fit,
+        nofile,
+    )
     per_uid = config.max_connections_per_uid or max(1, connections // 2)
     return Limits(
         nofile=nofile,
@@ -89,9 +108,10 @@ def derive_limits(config: DaemonConfig, nofile: int | None = None) -> Limits:
     )
 
 
-def _capped(key: str, configured: int, fits: int, nofile: int) -> int:
+def _capped(key: str, configured: int, derived: int, fits: int, nofile: int) -> int:
+    """``configured``, lowered to what the descriptors ``fits``; ``derived`` when it is 0."""
     if not configured:
-        return fits
+        return derived
     if configured > fits:
         log.warning(
             "%s = %d needs more file descriptors than RLIMIT_NOFILE %d leaves; using %d "

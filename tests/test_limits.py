@@ -26,6 +26,12 @@ def test_caps_are_derived_from_the_descriptor_limit_as_documented() -> None:
     assert limits.http_connections + limits.connections + RESERVED_FDS == 400
 
 
+def test_derived_caps_stop_at_their_ceilings_and_configured_ones_may_pass_them() -> None:
+    big = derive_limits(DaemonConfig(), nofile=65536)
+    assert (big.connections, big.http_connections) == (4096, 1024)
+    assert derive_limits(DaemonConfig(max_connections=10_000), nofile=65536).connections == 10_000
+
+
 def test_configured_caps_are_kept_or_lowered_to_what_the_descriptors_allow(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
