@@ -487,10 +487,13 @@ class Daemon:
             case Hello(name=name, pid=pid, role=role):
                 sub.name = f"{name or 'anonymous'} (pid {pid})"
                 peer_events.log(
-                    f"hello: pid {sub.peer.pid}", logging.INFO,
-                    "session %d: hello from %s as %s", sub.session,
-                    sub.name, role,
-                )  # fmt: skip
+                    f"hello: pid {sub.peer.pid}",
+                    logging.INFO,
+                    "session %d: hello from %s as %s",
+                    sub.session,
+                    sub.name,
+                    role,
+                )
                 self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
                 assert self.store is not None
                 current = self.store.current_versions()

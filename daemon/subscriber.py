@@ -37,7 +37,8 @@ from .logs import peer_events
 log = logging.getLogger("ctxstore.daemon")
 
 READ_CHUNK = 256 << 10
-#: what a peer in the middle of a frame reads at a time while the partial pool is full
+#: what a peer between frames reads at a time while the partial pool is full (what it
+#: sends next may be one more unfinished frame)
 SMALL_READ = 4 << 10
 MAX_CONTROL_BACKLOG = 256
 #: how often a peer waiting for room in the partial pool is checked for a hang-up
