@@ -39,9 +39,21 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.OperationalError as exc:
         raise IntegrityError(f"cannot open store index {path}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise damaged_index(path, exc) from exc
     return conn
+
+
+def damaged_index(path: Path, exc: sqlite3.DatabaseError) -> IntegrityError:
+    """What to say when SQLite finds the index file itself damaged: what, and what to do."""
+    return IntegrityError(
+        f"the store index {path} is damaged ({exc}); ctxstore can neither read nor repair "
+        f"it. Stop the daemon, move {path.name} (and {path.name}-wal, {path.name}-shm) "
+        "aside and restore them from a backup; the tensor files under slots/ are plain "
+        ".npy files that numpy.load reads"
+    )
 
 
 @contextmanager
@@ -56,6 +68,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
         raise StorageError(f"cannot start a write transaction: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise translate_sqlite_error(exc) from exc
     try:
         yield conn
         conn.execute("COMMIT")
@@ -91,4 +105,7 @@ def translate_sqlite_error(exc: sqlite3.DatabaseError) -> Exception:
         return IntegrityError(f"index constraint failed: {text}")
     if isinstance(exc, sqlite3.OperationalError):
         return StorageError(f"index operation failed: {text}")
-    return IntegrityError(f"index is damaged or unreadable: {text}")
+    return IntegrityError(
+        f"the store index is damaged or unreadable ({text}): `ctxstore verify` says what it "
+        "finds; an index SQLite cannot read must be restored from a backup"
+    )

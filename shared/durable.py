@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,6 +163,137 @@ def rename_dir(source: StrPath, target: StrPath) -> None:
 def remove_tree(path: StrPath) -> None:
     """Remove a staged or retired directory; files in it may be read-only."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NO_LINK_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
+
+
+def describe_entry(mode: int) -> str:
+    """What a directory entry is, for messages: ``a symbolic link``, ``a FIFO``..."""
+    for test, what in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return "an unknown kind of file"
+
+
+def remove_beneath(root: StrPath, relative: str) -> str | None:
+    """Remove the directory ``root/relative`` and all it holds, never leaving ``root``.
+
+    ``root`` (the store directory) is trusted as it is; below it no symbolic link
+    is followed: each directory on the way is opened with O_NOFOLLOW relative to
+    the one before, and the removal itself works on directory descriptors
+    (``shutil.rmtree(dir_fd=...)`` unlinks a link it meets, never its target).
+    ``relative`` must be plain names joined by ``/`` (no ``..``). Returns None when
+    the directory is gone (or never was), else why it was left alone: a link or
+    something else than a directory on the way, or a name that is not plain.
+    """
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return f"{relative!r:.200} is not a plain path inside the store: not removed"
+    fd, refusal = _open_parent(root, parts)
+    if fd is None:
+        return refusal and f"{refusal}: {relative} not removed"
+    try:
+        mode = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode
+        if not stat.S_ISDIR(mode):
+            return f"{relative} is {describe_entry(mode)}, not a directory: not removed"
+        shutil.rmtree(parts[-1], dir_fd=fd, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+    return None
+
+
+def _open_parent(root: StrPath, parts: list[str]) -> tuple[int | None, str | None]:
+    """A descriptor of ``root/parts[:-1]`` opened link by link with O_NOFOLLOW, or None
+    and why not (None, None: something on the way does not exist)."""
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot open {root}: {exc.strerror}"
+    for depth, part in enumerate(parts[:-1]):
+        where = "/".join(parts[: depth + 1])
+        try:
+            mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+            refusal = None if stat.S_ISDIR(mode) else f"{where} is {describe_entry(mode)}"
+            next_fd = None if refusal else os.open(part, _NO_LINK_DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            next_fd, refusal = None, None
+        except OSError as exc:  # replaced since the stat: refused all the same
+            next_fd, refusal = None, f"cannot open {where}: {exc.strerror}"
+        os.close(fd)
+        if next_fd is None:
+            return None, refusal
+        fd = next_fd
+    return fd, None
+
+
+def clear_scratch_dir(root: StrPath, name: str) -> list[str]:
+    """Make ``root/name`` an empty real directory (the store's ``wal/``); say what was odd.
+
+    Everything in it is scratch (staging for commits that never reached their
+    commit point). Directories are removed as :func:`remove_beneath` does; any
+    other entry (a file, a FIFO, a symbolic link) is unlinked, which never
+    touches a link's target. If ``root/name`` itself is a symbolic link or no
+    directory, that entry is unlinked (again: never what it points to) and a new
+    directory made. The returned notes say each such thing that should not
+    have been there.
+    """
+    notes: list[str] = []
+    root_fd = os.open(root, _DIR_FLAGS)
+    try:
+        try:
+            mode = os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):
+            target = _link_target(name, root_fd) if stat.S_ISLNK(mode) else ""
+            os.unlink(name, dir_fd=root_fd)
+            notes.append(
+                f"{name} was {describe_entry(mode)}{target}, not a directory: that entry was "
+                f"removed (never what it points to) and a new {name}/ made"
+            )
+            mode = None
+        if mode is None:
+            os.mkdir(name, DIR_MODE, dir_fd=root_fd)
+        fd = os.open(name, _NO_LINK_DIR_FLAGS, dir_fd=root_fd)
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot prepare {root}/{name}: {exc.strerror}") from exc
+    finally:
+        os.close(root_fd)
+    try:
+        for entry in os.listdir(fd):
+            mode = os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(entry, dir_fd=fd, ignore_errors=True)
+                continue
+            target = _link_target(entry, fd) if stat.S_ISLNK(mode) else ""
+            os.unlink(entry, dir_fd=fd)
+            notes.append(f"{name}/{entry} was {describe_entry(mode)}{target}: removed that entry")
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot empty {root}/{name}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    return notes
+
+
+def _link_target(name: str, dir_fd: int) -> str:
+    try:
+        return f" (to {os.readlink(name, dir_fd=dir_fd)!r:.200})"
+    except OSError:
+        return ""
 
 
 def _unlink_quietly(path: StrPath) -> None:

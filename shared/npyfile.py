@@ -10,13 +10,14 @@ a header (about 4 us a file, against about 100 us for ``np.load(mmap_mode="r")``
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import mmap
 import os
 import struct
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -76,7 +77,34 @@ def dtype_from_text(text: str) -> np.dtype[Any]:
         dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
     except (ValueError, SyntaxError, TypeError) as exc:
         raise IntegrityError(f"index records an unreadable dtype {text!r:.80}") from exc
+    check_recorded_dtype(dtype, f"index records dtype {text!r:.80}")
     return dtype
+
+
+#: numpy kinds a recorded dtype may have: bool, integers, floats, complex, bytes, str,
+#: datetimes; and void only when structured (its fields say what the bytes are)
+_RECORDED_KINDS = frozenset("biufcSUMmV")
+
+
+def check_recorded_dtype(dtype: np.dtype[Any], where: str) -> None:
+    """Refuse a dtype the index names but no stored tensor can have (IntegrityError).
+
+    The index is data like any other: a tampered one could name an object dtype
+    (numpy would read pointers out of the file: a crash) or raw void bytes standing
+    for numbers of unknown type. Allowed: the plain kinds above, structured dtypes
+    whose fields are none of those traps, never a zero-size item or a subarray.
+    ``where`` says which record named it.
+    """
+    if dtype.hasobject:
+        raise IntegrityError(f"{where}: dtype {dtype} holds Python objects; no stored tensor can")
+    if dtype.kind not in _RECORDED_KINDS:
+        raise IntegrityError(f"{where}: dtype {dtype} is not one ctxstore stores")
+    if dtype.kind == "V" and dtype.fields is None:
+        raise IntegrityError(
+            f"{where}: dtype {dtype} is raw void bytes with no fields; no stored tensor has it"
+        )
+    if dtype.subdtype is not None or dtype.itemsize == 0:
+        raise IntegrityError(f"{where}: dtype {dtype} is not the dtype of a stored array")
 
 
 @lru_cache(maxsize=4096)
@@ -99,6 +127,82 @@ def contiguous_bytes(array: Array) -> memoryview:
     return memoryview(flat.view(np.uint8).data)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+#: the largest .npy header verify reads (numpy's own reader stops at 10,000 bytes unless told)
+MAX_HEADER_BYTES = 16 << 20
+
+
+class NpyHeader(NamedTuple):
+    """What a stored file's .npy header says: numpy's descr, order and shape, and its length."""
+
+    descr: Any
+    fortran_order: bool
+    shape: tuple[int, ...]
+    length: int
+
+
+def npy_header_length(prefix: bytes | memoryview | mmap.mmap) -> int:
+    """The length of the .npy header that ``prefix`` (the file's first 12 bytes) begins.
+
+    Raises IntegrityError when it is not a .npy file of format 1, 2 or 3.
+    """
+    if len(prefix) < 12 or bytes(prefix[:6]) != NPY_MAGIC or prefix[6] not in (1, 2, 3):
+        raise IntegrityError("not a .npy file of format 1.0, 2.0 or 3.0")
+    if prefix[6] == 1:
+        return 10 + int(_U16.unpack_from(prefix, 8)[0])
+    return 12 + int(_U32.unpack_from(prefix, 8)[0])
+
+
+def parse_npy_header(header: bytes) -> NpyHeader:
+    """Read a whole .npy header (``header``: exactly its bytes) without numpy's file reader.
+
+    Raises IntegrityError saying what is wrong; never evaluates more than a literal.
+    """
+    length = npy_header_length(header[:12])
+    if length != len(header):
+        raise IntegrityError(f"the .npy header is {length} bytes, not {len(header)}")
+    start = 10 if header[6] == 1 else 12
+    try:
+        text = header[start:].decode("utf-8" if header[6] == 3 else "latin-1")
+        fields = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise IntegrityError("the .npy header is not a Python literal") from None
+    if (
+        not isinstance(fields, dict)
+        or fields.keys() != {"descr", "fortran_order", "shape"}
+        or not isinstance(fields["fortran_order"], bool)
+        or not isinstance(fields["shape"], tuple)
+        or not all(type(n) is int and n >= 0 for n in fields["shape"])
+    ):
+        raise IntegrityError("the .npy header is not a dict of descr, fortran_order and shape")
+    return NpyHeader(fields["descr"], fields["fortran_order"], fields["shape"], length)
+
+
+def check_npy_header(
+    header: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int
+) -> None:
+    """Raise IntegrityError unless ``header`` (a file's first ``offset`` bytes) is the .npy
+    header of a C-ordered ``dtype`` array of ``shape`` whose data starts at ``offset``.
+
+    Compared as numpy reads it, not byte for byte: a file written by another numpy
+    version may space or pad the same header differently.
+    """
+    parsed = parse_npy_header(header)
+    if parsed.length != offset:
+        raise IntegrityError(f"its data starts at byte {parsed.length}, the index says {offset}")
+    if parsed.descr != np.lib.format.dtype_to_descr(dtype):
+        raise IntegrityError(f"it holds {parsed.descr!r:.80}, the index says {dtype}")
+    if parsed.shape != shape:
+        raise IntegrityError(f"it has shape {list(parsed.shape)}, the index says {list(shape)}")
+    if parsed.fortran_order:
+        raise IntegrityError("it is in Fortran order; stored tensors are C-ordered")
+
+
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+#: what map_arrays adds to its open flags: a FIFO must not block the open, a link is refused
+_NO_WAIT_NO_LINK = os.O_NONBLOCK | os.O_NOFOLLOW
+
+
 def map_array(
     path: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int
 ) -> Array:
@@ -118,6 +222,12 @@ def map_arrays(
 
     One loop with everything it calls bound locally: a 300-tensor context is
     300 opens and maps, and a Python call per tensor would cost a tenth more.
+
+    Each file is opened without following a symbolic link and without waiting (a
+    FIFO planted in its place would block the open forever) and must be a regular
+    file of the recorded size. Nothing here reads a page of it: the records were
+    checked when the read plan was decoded, and the .npy header is compared with
+    them where the file is read anyway (re-hashing, ``verify``).
     """
     arrays: list[Array] = []
     append, open_, close, new_map, ndarray = arrays.append, os.open, os.close, mmap.mmap, np.ndarray
@@ -125,13 +235,23 @@ def map_arrays(
     for file_name, dtype, shape, offset, nbytes in specs:
         path = prefix + file_name
         try:
-            fd = open_(path, flags)
+            fd = open_(path, flags | _NO_WAIT_NO_LINK)
         except FileNotFoundError:
             raise NotFoundError(f"tensor file {path} does not exist") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise IntegrityError(
+                f"tensor file {path} is a symbolic link; no stored file is"
+            ) from None
         try:
             mm = new_map(fd, 0, access=access)
         except ValueError:  # an empty file cannot be mapped
             raise IntegrityError(f"tensor file {path} is empty") from None
+        except OSError as exc:  # mmap maps only regular files (it fstats them itself)
+            if exc.errno not in (errno.EINVAL, errno.ENODEV):
+                raise
+            raise IntegrityError(f"tensor file {path} is not a regular file") from None
         finally:
             close(fd)
         if len(mm) != offset + nbytes:

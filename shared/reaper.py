@@ -17,10 +17,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-from .durable import remove_tree
+from .durable import remove_beneath
 
 log = logging.getLogger("ctxstore.store")
 
@@ -48,13 +47,21 @@ class Reaper:
         """False in a forked child, which has no copy of the thread."""
         return self._pid == os.getpid() and self._thread.is_alive()
 
-    def remove(self, *paths: str | Path, then: Callable[[], object] | None = None) -> None:
-        """Delete ``paths`` (directories that nothing reaches any more) soon, then run
-        ``then``: one chore, so one wake-up of the thread."""
+    def remove(
+        self, root: str, relatives: Sequence[str], *, then: Callable[[], object] | None = None
+    ) -> None:
+        """Delete the directories ``root/relative`` (that nothing reaches any more) soon,
+        then run ``then``: one chore, so one wake-up of the thread.
+
+        Nothing outside ``root`` goes: no symbolic link below it is followed
+        (:func:`remove_beneath`); what is refused is logged and left for ``verify``.
+        """
 
         def chore() -> None:
-            for path in paths:
-                remove_tree(path)
+            for relative in relatives:
+                refusal = remove_beneath(root, relative)
+                if refusal is not None:
+                    log.warning("store %s: retired version left in place: %s", root, refusal)
             if then is not None:
                 then()
 

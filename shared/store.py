@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import mmap
 import os
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -43,12 +43,21 @@ import numpy as np
 from . import layout
 from .checksum import checksum_parts
 from .context import Array, Context
-from .db import connect, overwrite_stray_frames, transaction, translate_sqlite_error
+from .db import (
+    connect,
+    damaged_index,
+    overwrite_stray_frames,
+    transaction,
+    translate_sqlite_error,
+)
 from .durable import (
+    clear_scratch_dir,
+    describe_entry,
     fsync_all,
     fsync_dir,
     hard_link,
     make_dir,
+    remove_beneath,
     remove_tree,
     rename_dir,
     write_new_file,
@@ -68,6 +77,7 @@ from .hierarchy import NodeHierarchy
 from .lock import WriterLock, writer_may_be_running
 from .manifest import Manifest, pack_manifest, unpack_manifest
 from .npyfile import (
+    check_npy_header,
     contiguous_bytes,
     dtype_from_text,
     dtype_name,
@@ -88,7 +98,7 @@ from .validation import (
     freeze_trusted_json,
     thaw_json,
 )
-from .verify import find_orphans, verify_store
+from .verify import find_orphans, real_dir_problem, recorded_version, verify_store
 
 log = logging.getLogger("ctxstore.store")
 
@@ -179,6 +189,8 @@ class PersistentStore:
                 "-shm files, which only a writer can create or recover: start the daemon "
                 "(or give this user write access to the store directory) and retry"
             ) from exc
+        except sqlite3.DatabaseError as exc:
+            raise damaged_index(layout.index_path(self.root), exc) from exc
 
     def _open_writer(self) -> None:
         try:
@@ -190,18 +202,44 @@ class PersistentStore:
         try:
             make_dir(layout.slots_dir(self.root))
             make_dir(layout.wal_dir(self.root))
+            self._require_slots_dir()
             self._conn = connect(layout.index_path(self.root), readonly=False)
-            migrate(self._conn)
-            self._recover()
+            try:
+                migrate(self._conn)
+                self._recover()
+            except sqlite3.DatabaseError as exc:
+                raise damaged_index(layout.index_path(self.root), exc) from exc
         except BaseException:
             self.close()
             raise
 
+    def _require_slots_dir(self) -> None:
+        """Refuse a ``slots`` that is a symbolic link or no directory: the writer deletes
+        beneath it (recovery, retention) and would follow the link out of the store."""
+        slots = layout.slots_dir(self.root)
+        mode = os.lstat(slots).st_mode
+        if not stat.S_ISDIR(mode):
+            raise StorageError(
+                f"{slots} is {describe_entry(mode)}, not a directory; a writer follows no "
+                f"link inside a store (it deletes beneath slots/): put the directory itself "
+                f"at {slots} (the store directory {self.root} may be a link, nothing in it)"
+            )
+
     def _recover(self) -> None:
-        """Undo what a crash left before a commit point; report what it cannot mend."""
+        """Undo what a crash left before a commit point; report what it cannot mend.
+
+        No symbolic link inside the store is followed and nothing outside it is
+        deleted: ``wal/`` is emptied through a descriptor of it (a link in its place
+        is unlinked, never its target), only real version directories are orphans,
+        and they are removed by :func:`remove_beneath`. What it refused or found
+        out of place is logged and kept in :attr:`recovery_problems`.
+        """
         wal = layout.wal_dir(self.root)
-        for entry in os.listdir(wal):
-            remove_tree(wal / entry)
+        notes = clear_scratch_dir(self.root, layout.WAL_DIR)
+        for note in notes:
+            self._report_refusal(Problem("stray_entry", note))
+        if notes:
+            fsync_dir(self.root)  # a wal/ made anew
         conn = self._writer_conn()
         orphans: list[tuple[int, int]] = []
         for problem in find_orphans(self.root, conn, None):
@@ -221,13 +259,31 @@ class PersistentStore:
             still = {(p.slot, p.version) for p in find_orphans(self.root, conn, None)}
             for slot, version in orphans:
                 if (slot, version) in still:
-                    remove_tree(layout.version_dir(self.root, slot, version))
+                    self._remove_version_dir(slot, version)
         fsync_dir(wal)
         for slot, version in conn.execute("SELECT slot, version FROM versions"):
-            if not layout.version_dir(self.root, slot, version).is_dir():
+            try:
+                number = recorded_version(version, slot)
+            except IntegrityError as exc:
+                self.recovery_problems.append(Problem("bad_record", str(exc), slot))
+                continue
+            why = real_dir_problem(self.root, slot, number)
+            if why is not None:
                 self.recovery_problems.append(
-                    Problem("missing_version_dir", "recorded version has no files", slot, version)
-                )
+                    Problem("missing_version_dir", f"recorded version has no files: {why}",
+                            slot, number)
+                )  # fmt: skip
+
+    def _report_refusal(self, problem: Problem) -> None:
+        """Log and keep what recovery refused to touch or found out of place."""
+        log.warning("store %s: %s", self.root, problem.detail)
+        self.recovery_problems.append(problem)
+
+    def _remove_version_dir(self, slot: int, version: int) -> None:
+        """Delete a version directory no row names, following no link (reported if refused)."""
+        refusal = remove_beneath(self._root_str, f"{layout.SLOTS_DIR}/{slot}/{version}")
+        if refusal is not None:
+            self._report_refusal(Problem("stray_entry", refusal, slot, version))
 
     def close(self) -> None:
         """Close connections and release the writer lock; idempotent.
@@ -386,7 +442,11 @@ class PersistentStore:
         except sqlite3.DatabaseError as exc:
             raise translate_sqlite_error(exc) from exc
         finally:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError:  # a damaged index fails even here; what was read stands
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    conn.execute("ROLLBACK")
 
     # -- commit ---------------------------------------------------------------------------
 
@@ -526,7 +586,7 @@ class PersistentStore:
         self._frames_at_risk = False
         for slot, version in sorted(self._unsettled):
             if not self._version_recorded(conn, slot, version):
-                remove_tree(layout.version_dir(self.root, slot, version))
+                self._remove_version_dir(slot, version)
             self._unsettled.discard((slot, version))
 
     def _place(self, staging: str, slot: int, version: int) -> str:
@@ -543,6 +603,12 @@ class PersistentStore:
             # mkdir creates it: a writer killed between a mkdir and its fsync leaves a
             # directory whose entry nothing else would ever sync.
             make_dir(slot_dir, durable=False)
+            mode = os.lstat(slot_dir).st_mode
+            if not stat.S_ISDIR(mode):  # a link would take this version out of the store
+                raise StorageError(
+                    f"{slot_dir} is {describe_entry(mode)}, not a directory: slot {slot} "
+                    "cannot be written until it is removed (see `ctxstore verify`)"
+                )
             fsync_dir(os.path.dirname(slot_dir))
             self._slot_dirs.add(slot)
         rename_dir(staging, layout.version_dir_str(self._root_str, slot, version))
@@ -589,6 +655,8 @@ class PersistentStore:
             "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
         )
         for slot, version, position in candidates:
+            if not type(slot) is type(version) is type(position) is int:
+                continue  # a tampered row names no file to link (verify reports it)
             path = layout.tensor_path_str(self._root_str, slot, version, position)
             if _same_bytes(path, header, data):
                 return path
@@ -704,7 +772,8 @@ class PersistentStore:
         self, slot: int, version: VersionRef, verify: bool
     ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
-        number, *record = self._version_row(_RECORD_SQL, slot, version)
+        row_number, *record = self._version_row(_RECORD_SQL, slot, version)
+        number = recorded_version(row_number, slot)  # it names the directory to read
         manifest, plan = _read_plan(record[2])
         try:
             weights = self._map_tensors(slot, number, plan)
@@ -760,14 +829,14 @@ class PersistentStore:
             .execute("SELECT current_version FROM slots WHERE slot = ?", (check_slot(slot_id),))
             .fetchone()
         )
-        return None if row is None else row[0]
+        return None if row is None or row[0] is None else recorded_version(row[0], slot_id)
 
     def current_versions(self) -> dict[int, int]:
         """Every slot's current version (the daemon's snapshot for the version table)."""
         rows = self._query(
             "SELECT slot, current_version FROM slots WHERE current_version IS NOT NULL"
         )
-        return dict(rows)
+        return {slot: recorded_version(version, slot) for slot, version in rows}
 
     def _version_row(self, sql: str, slot: int, version: VersionRef) -> tuple[Any, ...]:
         """The row ``sql`` (ending in "v.version = ") selects for ``version`` of ``slot``.
@@ -803,6 +872,8 @@ class PersistentStore:
         slot = check_slot(slot_id)
         row = self._version_row(_METADATA_SQL, slot, version)
         number, model_type, current, created, config, metadata, pinned, aliases, blob = row
+        number = recorded_version(number, slot)
+        current = None if current is None else recorded_version(current, slot)
         return ContextMetadata(
             slot=slot,
             version=number,
@@ -899,7 +970,7 @@ class PersistentStore:
                 ).fetchone()
                 if row[0] is None:
                     raise NotFoundError(f"slot {slot} has no version older than {current}")
-                number = int(row[0])
+                number = recorded_version(row[0], slot)
             else:
                 number = _resolve(conn, slot, version)
             conn.execute(
@@ -947,18 +1018,21 @@ class PersistentStore:
         Kept: the newest ``retention``, the current one, pinned and aliased ones,
         and whatever a connected reader holds. One query: the cutoff is the
         ``retention``-th newest version (none while the slot has fewer), found
-        in O(retention) on the primary key.
+        in O(retention) on the primary key. A version number that is no integer (a
+        tampered index) is neither counted nor retired: ``verify`` names it.
         """
         candidates = [
             version
             for (version,) in self._writer_conn().execute(
                 "SELECT v.version FROM versions v JOIN slots s ON s.slot = v.slot "
-                "WHERE v.slot = ?1 AND v.version < (SELECT version FROM versions WHERE slot = ?1 "
+                "WHERE v.slot = ?1 AND typeof(v.version) = 'integer' AND v.version < ("
+                "SELECT version FROM versions WHERE slot = ?1 AND typeof(version) = 'integer' "
                 "ORDER BY version DESC LIMIT 1 OFFSET ?2) "
                 "AND v.pinned = 0 AND v.version != s.current_version AND NOT EXISTS ("
                 "SELECT 1 FROM aliases a WHERE a.slot = ?1 AND a.version = v.version)",
                 (slot, self.retention - 1),
             )
+            if type(version) is int  # what names a directory to delete is checked twice
         ]
         if candidates and self.protected_versions:  # asked only when something would go
             protected = self.protected_versions(slot)
@@ -982,8 +1056,8 @@ class PersistentStore:
         if doomed:
             crash_point("retiring")
         if doomed or then is not None:
-            paths = [layout.version_dir_str(self._root_str, slot, v) for slot, v in doomed]
-            self._reaper_thread().remove(*paths, then=then)
+            dirs = [f"{layout.SLOTS_DIR}/{slot}/{v}" for slot, v in doomed]
+            self._reaper_thread().remove(self._root_str, dirs, then=then)
 
     def _reaper_thread(self) -> Reaper:
         reaper = self._reaper
@@ -1034,28 +1108,49 @@ class PersistentStore:
         return settled + passing
 
     def _verify_once(self, slot: int | None, rehash: bool) -> list[Problem]:
-        with self._read_snapshot() as conn:
-            return verify_store(self.root, conn, slot, rehash=rehash)
+        try:
+            with self._read_snapshot() as conn:
+                return verify_store(self.root, conn, slot, rehash=rehash)
+        except IntegrityError as exc:  # SQLite cannot read the index: that is the finding
+            if not isinstance(exc.__cause__, sqlite3.DatabaseError):
+                raise
+            return [Problem("index_damaged", f"index unreadable: {exc.__cause__}")]
 
-    def repair(self, slot_id: int | None = None) -> list[Repair]:
+    def repair(
+        self, slot_id: int | None = None, *, problems: list[Problem] | None = None
+    ) -> list[Repair]:
         """Move every slot whose current version is damaged back to its newest intact one.
 
         Damaged versions stay where they are (``verify`` keeps naming them) but
         stop being served. A slot with no intact version is reported and left.
-        The caller announces the moves (the daemon does; see ``ctxstore verify``).
+        ``problems``: what a ``verify(slot_id)`` just found (default: verify now);
+        a slot whose current version changed since is left as it is. Nothing is
+        deleted. The caller announces the moves (the daemon does; see ``ctxstore
+        verify``).
         """
-        problems = self.verify(slot_id)
+        if problems is None:
+            problems = self.verify(slot_id)
         damaged: dict[int, set[int]] = {}
         for problem in problems:
             if problem.slot is not None and problem.version is not None:
                 damaged.setdefault(problem.slot, set()).add(problem.version)
         repairs: list[Repair] = []
         for slot, bad in sorted(damaged.items()):
-            current = self.current_version(slot)
+            if slot_id is not None and slot != slot_id:
+                continue
+            try:
+                current = self.current_version(slot)
+            except IntegrityError as exc:  # not even a number: verify says so, a human decides
+                log.warning("repair leaves slot %d: %s", slot, exc)
+                continue
             if current is None or current not in bad:
                 continue
-            intact = [v.version for v in self.list_versions(slot) if v.version not in bad]
-            target = max((v for v in intact if v < current), default=None)
+            numbers = self._query(
+                "SELECT version FROM versions WHERE slot = ? AND typeof(version) = 'integer' "
+                "AND version < ? ORDER BY version",
+                (slot, current),
+            )
+            target = max((v for (v,) in numbers if v not in bad), default=None)
             if target is None:
                 repairs.append(Repair(slot, current, None, sorted(bad)))
                 continue
@@ -1098,12 +1193,12 @@ def _resolve(conn: sqlite3.Connection, slot: int, version: VersionRef) -> int:
         row = conn.execute("SELECT current_version FROM slots WHERE slot = ?", (slot,)).fetchone()
         if row is None or row[0] is None:
             raise NotFoundError(f"slot {slot} has no versions")
-        return int(row[0])
+        return recorded_version(row[0], slot)
     if version == "latest":
         row = conn.execute("SELECT MAX(version) FROM versions WHERE slot = ?", (slot,)).fetchone()
         if row[0] is None:
             raise NotFoundError(f"slot {slot} has no versions")
-        return int(row[0])
+        return recorded_version(row[0], slot)
     if isinstance(version, str):
         alias = check_alias(version)
         row = conn.execute(
@@ -1111,7 +1206,7 @@ def _resolve(conn: sqlite3.Connection, slot: int, version: VersionRef) -> int:
         ).fetchone()
         if row is None:
             raise NotFoundError(f"slot {slot} has no alias {alias!r}")
-        return int(row[0])
+        return recorded_version(row[0], slot)
     number = check_version(version)
     row = conn.execute(
         "SELECT 1 FROM versions WHERE slot = ? AND version = ?", (slot, number)
@@ -1144,68 +1239,77 @@ _MEMO_MAX_LEN = 256 << 10
 
 @lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
-    manifest = unpack_manifest(blob)
-    try:
-        for name, dtype, shape, _, nbytes, _ in manifest:
-            if math.prod(shape) * dtype_from_text(dtype).itemsize != nbytes:
-                raise IntegrityError(
-                    f"stored tensor manifest says {name!r:.80} is {dtype_name(dtype)} "
-                    f"{list(shape)} in {nbytes} bytes"
-                )
-        plan = _ReadPlan(
-            tuple(entry[0] for entry in manifest),
-            tuple(
-                (layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
-                for position, (_, dtype, shape, offset, nbytes, _) in enumerate(manifest)
-            ),
-        )
-    except (TypeError, ValueError) as exc:
-        raise IntegrityError(f"stored tensor manifest is malformed: {exc}") from exc
+    manifest = unpack_manifest(blob)  # every value checked, once per distinct manifest
+    plan = _ReadPlan(
+        tuple(entry[0] for entry in manifest),
+        tuple(
+            (layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
+            for position, (_, dtype, shape, offset, nbytes, _) in enumerate(manifest)
+        ),
+    )
     return manifest, plan
 
 
 def _read_plan(blob: bytes) -> tuple[Manifest, _ReadPlan]:
     """A version's manifest and how to map it, memoized by the manifest's bytes."""
-    if len(blob) > _MEMO_MAX_LEN:
+    if len(_manifest_bytes(blob)) > _MEMO_MAX_LEN:
         return _memo_read_plan.__wrapped__(blob)
     return _memo_read_plan(blob)
 
 
 @lru_cache(maxsize=_MEMO_ENTRIES)
 def _memo_tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
-    try:
-        return tuple(
-            TensorInfo(position, name, dtype_name(dtype), shape, nbytes, checksum)
-            for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(
-                unpack_manifest(blob)
-            )
-        )
-    except (TypeError, ValueError) as exc:
-        raise IntegrityError(f"stored tensor manifest is malformed: {exc}") from exc
+    return tuple(
+        TensorInfo(position, name, dtype_name(dtype), shape, nbytes, checksum)
+        for position, (name, dtype, shape, _, nbytes, checksum) in enumerate(unpack_manifest(blob))
+    )
 
 
 def _tensor_table(blob: bytes) -> tuple[TensorInfo, ...]:
     """A version's tensor table, memoized by its manifest's bytes."""
-    if len(blob) > _MEMO_MAX_LEN:
+    if len(_manifest_bytes(blob)) > _MEMO_MAX_LEN:
         return _memo_tensor_table.__wrapped__(blob)
     return _memo_tensor_table(blob)
+
+
+def _manifest_bytes(blob: object) -> bytes:
+    """A stored manifest as read from the index: bytes, or IntegrityError."""
+    if type(blob) is not bytes:
+        raise IntegrityError(f"stored tensor manifest is a {type(blob).__name__}, not bytes")
+    return blob
 
 
 def _verify_mapped(
     slot: int, version: int, manifest: Manifest, weights: Mapping[str, Array]
 ) -> None:
-    """Re-hash each mapped file (header and data: the whole map) against the manifest."""
-    for entry in manifest:
-        mapped: object = weights[entry[0]].base
-        matches = False
+    """Re-hash each mapped file (header and data: the whole map) against the manifest,
+    and compare its .npy header with the recorded dtype, shape and data offset.
+
+    The checksum covers the file's bytes, not how the index says to read them: a
+    record whose dtype or shape was changed to others of the same size would read
+    the right bytes as wrong numbers, so the header the file was written with
+    decides (it is in the pages being hashed anyway).
+    """
+    for name, _, shape, offset, _, checksum in manifest:
+        array = weights[name]
+        mapped: object = array.base
+        matches, header = False, b""
         if isinstance(mapped, mmap.mmap):
             with memoryview(mapped) as view:
-                matches = checksum_parts((view,)) == entry[5]
+                matches = checksum_parts((view,)) == checksum
+                header = bytes(view[:offset])  # offset: checked to lie within the map
         if not matches:
             raise IntegrityError(
-                f"slot {slot} version {version} tensor {entry[0]!r} does not match its "
+                f"slot {slot} version {version} tensor {name!r} does not match its "
                 "recorded checksum (run `ctxstore verify`)"
             )
+        try:
+            check_npy_header(header, array.dtype, shape, offset)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"slot {slot} version {version} tensor {name!r}: its file's .npy header "
+                f"disagrees with the index ({exc}; run `ctxstore verify`)"
+            ) from None
 
 
 def _dump_json(value: Mapping[str, Any]) -> str:

@@ -44,13 +44,13 @@ def test_a_retired_version_is_deleted_in_the_background(
     store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real_remove = reaper_module.remove_tree
+    real_remove = reaper_module.remove_beneath
 
-    def slow_remove(path: Path) -> None:
+    def slow_remove(root: str, relative: str) -> str | None:
         assert gate.wait(30), "the test never opened the gate"
-        real_remove(path)
+        return real_remove(root, relative)
 
-    monkeypatch.setattr(reaper_module, "remove_tree", slow_remove)
+    monkeypatch.setattr(reaper_module, "remove_beneath", slow_remove)
     with PersistentStore(store_dir, retention=1) as store:
         store.save_context(1, Context({"w": np.full(16, 1.0)}))
         held = store.load_context(1, 1)["w"]
@@ -80,8 +80,10 @@ def test_verify_does_not_mistake_a_pending_deletion_for_an_orphan(
     store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_remove = reaper_module.remove_tree
-    monkeypatch.setattr(reaper_module, "remove_tree", lambda p: (release.wait(30), real_remove(p)))
+    real_remove = reaper_module.remove_beneath
+    monkeypatch.setattr(
+        reaper_module, "remove_beneath", lambda *a: (release.wait(30), real_remove(*a))[1]
+    )
     with PersistentStore(store_dir, retention=1) as store:
         store.save_context(1, Context({"w": np.full(16, 1.0)}))
         store.save_context(1, Context({"w": np.full(16, 2.0)}))

@@ -562,7 +562,7 @@ def test_recovery_reports_foreign_entries_it_will_not_delete(store_dir: Path) ->
     (store_dir / "slots/1/notes.txt").write_text("someone's file")
     with PersistentStore(store_dir) as store:
         assert [(p.kind, p.slot, p.version) for p in store.recovery_problems] == [
-            ("orphan", 1, None)
+            ("stray_entry", 1, None)
         ]
     assert (store_dir / "slots/1/notes.txt").exists()
 
