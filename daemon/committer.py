@@ -31,7 +31,8 @@ from ctxstore.errors import InvalidInputError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, create_node, read_weights_file
 from ctxstore.nodes.files import OpenedFile
-from ctxstore.store import PersistentStore
+from ctxstore.records import Problem
+from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTableWriter
 
 from .idempotency import PublishKeys
@@ -222,6 +223,16 @@ class Committer:
             number = await asyncio.to_thread(self.store.rollback, slot, version)
             self._publish_pointer(slot, number, None, {})
         return number
+
+    async def repair(self, slot: int | None, problems: list[Problem]) -> list[Repair]:
+        """Move the current versions ``problems`` (a verify's) name as damaged back to the
+        newest intact ones (:meth:`PersistentStore.repair`), then announce each move."""
+        async with self._lock:
+            repairs = await asyncio.to_thread(self.store.repair, slot, problems=problems)
+            for repair in repairs:
+                if repair.to_version is not None:
+                    self._publish_pointer(repair.slot, repair.to_version, None, {})
+        return repairs
 
     def announce_aliases(self, slot: int, aliases: dict[str, int]) -> None:
         """Tell subscribers that aliases of ``slot`` moved (the current version is unchanged).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -23,6 +24,8 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from ctxstore.context import Context
 from ctxstore.errors import (
     CtxStoreError,
@@ -31,6 +34,7 @@ from ctxstore.errors import (
     PermissionDeniedError,
 )
 from ctxstore.messages import (
+    MAX_STATUS_ROWS,
     Ack,
     Announce,
     Error,
@@ -45,6 +49,8 @@ from ctxstore.messages import (
     Published,
     PublishFile,
     PublishShm,
+    Repaired,
+    RepairRequest,
     Status,
     StatusRequest,
     Subscribe,
@@ -53,9 +59,10 @@ from ctxstore.messages import (
     Welcome,
     error_for,
 )
-from ctxstore.protocol import encode_frame
+from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body, encode_frame
+from ctxstore.records import Problem
 from ctxstore.status import build_status, reader_rows, slot_rows
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
 from .budgets import PartialPool
@@ -516,8 +523,8 @@ class Daemon:
                 self.fleet.heartbeat(sub.session, held, uss, pss)
             case PublishFile() | PublishBuild() | PublishShm():
                 self._spawn(self._publish(sub, message))
-            case StatusRequest(request_id=request_id):
-                self._spawn(self._send_status(sub, request_id))
+            case StatusRequest() | RepairRequest():
+                self._spawn(self._answer_admin(sub, message))
             case Ping(nonce=nonce):
                 sub.send(Pong(nonce=nonce))
             case Pong() | Error():
@@ -623,6 +630,43 @@ class Daemon:
             return
         sub.send(status)
 
+    async def _answer_admin(self, sub: Subscriber, request: StatusRequest | RepairRequest) -> None:
+        """The requests answered from a worker thread, beside the loop: status, repair."""
+        if isinstance(request, StatusRequest):
+            await self._send_status(sub, request.request_id)
+        else:
+            await self._repair(sub, request)
+
+    async def _repair(self, sub: Subscriber, request: RepairRequest) -> None:
+        """Answer RepairRequest: verify (off the loop, re-hashing), then move damaged current
+        versions back under the commit lock and announce the moves (``ctxstore verify
+        --repair`` beside a running daemon). Asked by the peers that may publish."""
+        assert self.store is not None and self.committer is not None
+        store, scope = self.store, "every slot" if request.slot is None else f"slot {request.slot}"
+        try:
+            self._check_publisher(sub)
+            problems = await asyncio.to_thread(store.verify, request.slot)
+            if self.api is not None:
+                self.api.metrics.observe_verify(len(problems))
+            repairs = await self.committer.repair(request.slot, problems)
+        except CtxStoreError as exc:
+            log.warning("session %d: repair of %s refused: %s", sub.session, scope, exc)
+            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
+            return
+        except Exception as exc:
+            log.exception("session %d: repair of %s failed", sub.session, scope)
+            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
+            return
+        log.info(
+            "session %d: repair of %s: %d problem(s); moved %s", sub.session, scope,
+            len(problems), [(r.slot, r.from_version, r.to_version) for r in repairs] or "nothing",
+        )  # fmt: skip
+        sub.send(
+            repaired_answer(
+                request.request_id, problems, repairs, max_frame_size=self.config.max_frame_size
+            )
+        )
+
     def _snapshot(
         self, slots: Iterable[int], groups: Iterable[str], everything: bool
     ) -> dict[int, int]:
@@ -656,6 +700,30 @@ class Daemon:
                 told.append(subscriber.session)
         if self.api is not None:
             self.api.announced(announce, told)
+
+
+def repaired_answer(
+    request_id: int, problems: list[Problem], repairs: list[Repair], *, max_frame_size: int
+) -> Repaired:
+    """The Repaired frame: every repair, and as many problems as fit one frame (the
+    default bound too, which clients read with); ``problems_total`` counts them all."""
+    rows = [dataclasses.asdict(repair) for repair in repairs]
+    base = len(encode_body(Repaired(request_id=request_id, problems_total=len(problems),
+                                    repairs=tuple(rows))))  # fmt: skip
+    budget = min(max_frame_size, DEFAULT_MAX_FRAME_SIZE) - base - 16  # the array's header
+    shown: list[dict[str, Any]] = []
+    for problem in problems[:MAX_STATUS_ROWS]:
+        row = problem.as_dict()
+        budget -= len(msgpack.packb(row, use_bin_type=True))
+        if budget < 0:
+            break
+        shown.append(row)
+    return Repaired(
+        request_id=request_id,
+        problems=tuple(shown),
+        problems_total=len(problems),
+        repairs=tuple(rows),
+    )
 
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:

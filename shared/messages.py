@@ -688,6 +688,49 @@ class Status(_Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RepairRequest(_Record):
+    """Client -> daemon: verify ``slot`` (or every slot: nil), re-hashing every file, and move
+    each current version found damaged back to the newest intact one; answered by Repaired.
+
+    What ``ctxstore verify --repair`` sends while the daemon holds the store's writer
+    lock. The same peers that may publish may ask it (it moves current pointers).
+    """
+
+    TYPE: ClassVar[str] = "repair_request"
+    CHECKS: ClassVar[Mapping[str, Check]] = {
+        "request_id": _request_id,
+        "slot": _optional(check_slot),
+    }
+    request_id: int
+    slot: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Repaired(_Record):
+    """Daemon -> client, answers RepairRequest: what verify found and the pointers it moved.
+
+    ``problems``: rows ``{kind, detail, slot, version, tensor}`` (as ``ctxstore verify``
+    prints them), as many as fit one frame; ``problems_total`` counts them all.
+    ``repairs``: one row ``{slot, from_version, to_version, damaged}`` per slot whose
+    current version was damaged; ``to_version`` nil when it had no intact one.
+    Each move is announced like a rollback.
+    """
+
+    TYPE: ClassVar[str] = "repaired"
+    CHECKS: ClassVar[Mapping[str, Check]] = {
+        "request_id": _request_id,
+        "problems": _json_rows,
+        "problems_total": _size,
+        "repairs": _json_rows,
+    }
+    DUMPS: ClassVar[Mapping[str, Check]] = {"problems": _dump_rows, "repairs": _dump_rows}
+    request_id: int
+    problems: tuple[Mapping[str, Any], ...] = ()
+    problems_total: int = 0
+    repairs: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error(_Record):
     """Either way: a request failed (``request_id`` set), or, when ``fatal``, the sender is closing.
 
@@ -755,6 +798,8 @@ Message: TypeAlias = (
     | Progress
     | StatusRequest
     | Status
+    | RepairRequest
+    | Repaired
     | Error
     | Goodbye
     | Ping
@@ -780,6 +825,8 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
             Progress,
             StatusRequest,
             Status,
+            RepairRequest,
+            Repaired,
             Error,
             Goodbye,
             Ping,
@@ -989,6 +1036,8 @@ __all__ = [
     "PublishFile",
     "PublishShm",
     "Published",
+    "RepairRequest",
+    "Repaired",
     "Status",
     "StatusRequest",
     "Subscribe",

@@ -44,6 +44,8 @@ from ctxstore.protocol import (
     Published,
     PublishFile,
     PublishShm,
+    Repaired,
+    RepairRequest,
     Role,
     State,
     Status,
@@ -359,6 +361,14 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         daemon=_json_maps,
         readers=st.lists(_json_maps, max_size=3).map(tuple),
         slots=st.lists(_json_maps, max_size=3).map(tuple),
+    ),
+    RepairRequest: st.builds(RepairRequest, request_id=_ids, slot=st.none() | _slots),
+    Repaired: st.builds(
+        Repaired,
+        request_id=_ids,
+        problems=st.lists(_json_maps, max_size=3).map(tuple),
+        problems_total=_ids,
+        repairs=st.lists(_json_maps, max_size=3).map(tuple),
     ),
     Error: st.builds(
         Error,
