@@ -644,7 +644,7 @@ class Daemon:
         assert self.store is not None and self.committer is not None
         store, scope = self.store, "every slot" if request.slot is None else f"slot {request.slot}"
         try:
-            self._check_publisher(sub)
+            self._check_repairer(sub)
             problems = await asyncio.to_thread(store.verify, request.slot)
             if self.api is not None:
                 self.api.metrics.observe_verify(len(problems))
@@ -666,6 +666,14 @@ class Daemon:
                 request.request_id, problems, repairs, max_frame_size=self.config.max_frame_size
             )
         )
+
+    def _check_repairer(self, sub: Subscriber) -> None:
+        if not self.publishers.permits(sub.peer):
+            raise PermissionDeniedError(
+                f"uid {sub.peer.uid} may not repair this daemon's store: repairs move "
+                "current versions, so they are allowed to the peers that may publish "
+                "(publish_uids and publish_gids in its configuration)"
+            )
 
     def _snapshot(
         self, slots: Iterable[int], groups: Iterable[str], everything: bool

@@ -236,3 +236,33 @@ def test_only_listed_publishers_may_publish(tmp_path: Path) -> None:
         assert outsider[what].startswith("permission_denied: "), outsider
         assert f"uid {PEER_UID} may not publish" in outsider[what], outsider
     assert member == {"status": "commits 0", "publish": "version 1", "build": "version 1"}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
+def test_a_repair_is_allowed_only_to_the_peers_that_may_publish(tmp_path: Path) -> None:
+    """A repair moves current versions: a peer outside publish_uids is refused, by name."""
+    run = Path(tempfile.mkdtemp(prefix="ctxstore-sec-"))
+    run.chmod(0o755)
+    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
+                          "--publish-uid", str(PEER_UID))  # fmt: skip
+    try:
+        wait_for_socket(daemon.socket, daemon.proc)
+
+        def ask_for_a_repair() -> bytes:
+            with DaemonClient(daemon.socket, name="outsider", role="admin", timeout=10) as client:
+                try:
+                    return repr(client.repair()).encode()
+                except RemoteError as exc:
+                    return f"{exc.kind}: {exc.message}".encode()
+
+        answer = _as_uid(65534, ask_for_a_repair).decode()
+        assert answer.startswith("permission_denied: uid 65534 may not repair"), answer
+        with DaemonClient(daemon.socket, name="root", role="admin", timeout=10) as client:
+            assert client.repair().problems_total == 0  # the daemon's own uid may
+    finally:
+        daemon.proc.terminate()
+        daemon.proc.wait(10)
+        shutil.rmtree(run, ignore_errors=True)
+        shm = Path("/dev/shm" + segment_name(daemon.store))
+        if shm.exists():
+            shm.unlink()
