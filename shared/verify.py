@@ -28,6 +28,7 @@ import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import xxhash
@@ -202,6 +203,7 @@ class _VersionDirs:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_str = str(root)
         self._key: tuple[int, int] | None = None
         self._fd: int | None = None
         self._why = ""
@@ -222,19 +224,19 @@ class _VersionDirs:
             return self._fd
         self._close()
         self._key, self._why = (slot, version), ""
-        path = self.root
+        path = self._root_str
         fd = None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             for part in (layout.SLOTS_DIR, str(slot), str(version)):
-                path = path / part
+                path = f"{path}/{part}"
                 next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = next_fd
         except OSError as exc:
             if fd is not None:
                 os.close(fd)
-            self._why = f"{path} {_open_failure(exc, path)}"
+            self._why = f"{path} {_open_failure(exc, Path(path))}"
             return None
         self._fd = fd
         return fd
@@ -250,7 +252,7 @@ class _VersionDirs:
         self, slot: int, version: int, name: str, entry: ManifestEntry, *, rehash: bool
     ) -> tuple[str, str] | None:
         """(kind, detail) of what is wrong with one recorded tensor file, or None."""
-        path = layout.version_dir(self.root, slot, version) / name
+        path = f"{self._root_str}/{layout.SLOTS_DIR}/{slot}/{version}/{name}"
         directory = self._open(slot, version)
         if directory is None:
             return ("missing_file", f"{path} cannot be reached: {self._why}")
@@ -259,9 +261,9 @@ class _VersionDirs:
         except FileNotFoundError:
             return ("missing_file", f"{path} does not exist")
         except OSError as exc:
-            return ("not_a_file", f"{path} {_open_failure(exc, path)}")
+            return ("not_a_file", f"{path} {_open_failure(exc, Path(path))}")
         try:
-            return _check_open_file(fd, str(path), entry, rehash)
+            return _check_open_file(fd, path, entry, rehash)
         finally:
             os.close(fd)
 
@@ -294,12 +296,30 @@ def _check_open_file(
     if offset > MAX_HEADER_BYTES:
         return ("header_mismatch", f"{path}: the index puts its data at byte {offset}, past "
                 "any .npy header")  # fmt: skip
-    try:
-        check_npy_header(os.pread(fd, offset, 0), dtype_from_text(dtype_text), shape, offset)
-    except IntegrityError as exc:
-        return ("header_mismatch", f"{path}: its .npy header disagrees with the index: {exc}")
+    header = os.pread(fd, offset, 0)
+    check = _header_problem if offset <= _MEMO_HEADER_BYTES else _header_problem.__wrapped__
+    wrong = check(header, dtype_text, shape, offset)
+    if wrong is not None:
+        return ("header_mismatch", f"{path}: its .npy header disagrees with the index: {wrong}")
     if rehash and _checksum_fd(fd, status.st_size) != checksum:
         return ("checksum_mismatch", f"{path} does not match its recorded xxh3-128")
+    return None
+
+
+#: headers longer than this are checked each time rather than kept
+_MEMO_HEADER_BYTES = 64 << 10
+
+
+@lru_cache(maxsize=1024)
+def _header_problem(
+    header: bytes, dtype_text: str, shape: tuple[int, ...], offset: int
+) -> str | None:
+    """What is wrong with a file's .npy header for its record, or None; memoized: the
+    same few headers recur version after version, and parsing one costs ~50 us."""
+    try:
+        check_npy_header(header, dtype_from_text(dtype_text), shape, offset)
+    except IntegrityError as exc:
+        return str(exc)
     return None
 
 
