@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from ctxstore.context import Array, Context
+from ctxstore.dtypes import is_ml_float, ml_dtype_name
 from ctxstore.errors import ConflictError, CtxStoreError, InvalidInputError, NotFoundError
 from ctxstore.store import PersistentStore
 
@@ -424,30 +425,54 @@ _MAX_NAMED = 5
 
 
 def finite_check(slot: int, context: Context) -> None:
-    """Reject a context whose float or complex tensors hold NaN or +/-Inf, naming them.
+    """Reject a context whose floating-point values hold NaN or +/-Inf, naming the tensors.
 
-    Integer, boolean and other tensors cannot hold either and are not read.
+    Float and complex tensors are checked, the ml_dtypes ones (bfloat16, float8...)
+    included, and so is every float or complex field of a structured tensor.
+    Integer, boolean and other values cannot hold either and are not read.
     """
     bad = [
-        f"tensor {name!r} has {counts}"
+        f"tensor {name!r}{field} has {counts}"
         for name, array in context.weights.items()
-        if (counts := _non_finite_counts(array))
+        for field, values in _float_parts(array)
+        if (counts := _non_finite_counts(values))
     ]
     if bad:
         more = f" (and {len(bad) - _MAX_NAMED} more tensors)" if len(bad) > _MAX_NAMED else ""
         raise InvalidInputError("; ".join(bad[:_MAX_NAMED]) + more)
 
 
+def _float_parts(array: Array, path: str = "") -> Iterator[tuple[str, Array]]:
+    """(" field 'a.b'" or "", view) of every part of ``array`` that can hold NaN or Inf."""
+    dtype = array.dtype
+    if dtype.fields is not None:
+        for name in dtype.fields:
+            field = f"{path}.{name}" if path else str(name)
+            yield from _float_parts(array[name], field)  # a view; a subarray field adds axes
+    elif is_ml_float(dtype) or (dtype.kind in "fc" and ml_dtype_name(dtype) is None):
+        yield (f" field {path!r}" if path else ""), array
+
+
+def _accumulator(dtype: np.dtype[Any]) -> type[np.generic] | None:
+    """The dtype to sum ``dtype``'s values in: its own (None), or for ml_dtypes a wide one."""
+    name = ml_dtype_name(dtype)
+    if name is None:
+        return None
+    return np.complex64 if "complex" in name else np.float32
+
+
 def _non_finite_counts(array: Array) -> str:
     """'' when every value is finite, else e.g. '2 NaN and 1 Inf values (of 300)'."""
-    if array.dtype.kind not in "fc" or array.size == 0:
+    if array.size == 0:
         return ""
     flat = array.reshape(-1)
     with np.errstate(all="ignore"):
         # Any NaN or Inf makes the sum NaN or Inf, so a finite sum clears the whole
         # tensor in one vectorised pass with no temporary; an infinite sum may just
-        # be overflow, and only then is every value examined.
-        if np.isfinite(flat.sum()):
+        # be overflow, and only then is every value examined. ml_dtypes values are
+        # summed in float32 / complex64: in their own type a sum overflows (float8
+        # to NaN) at a few hundred.
+        if np.isfinite(flat.sum(dtype=_accumulator(array.dtype))):
             return ""
         nan = int(np.count_nonzero(np.isnan(flat)))
         inf = int(np.count_nonzero(np.isinf(flat)))

@@ -32,6 +32,7 @@ import numpy as np
 import posix_ipc
 
 from ctxstore.client import SHM_PREFIX, publish_segment_owner
+from ctxstore.dtypes import dtype_from_spec
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.faults import pause_point
 from ctxstore.messages import TensorSpec
@@ -118,7 +119,7 @@ def read_tensors(
             done = _read_exactly(segment, spec, raw.data, done, progress)
         # Over a read-only view of the copy, so that Context takes it as immutable as it is
         # (an array owning writable memory would be copied once more).
-        frozen = np.frombuffer(raw.data.toreadonly(), np.dtype(spec.dtype))
+        frozen = np.frombuffer(raw.data.toreadonly(), dtype_from_spec(spec.dtype))
         copies[spec.name] = frozen.reshape(spec.shape)
     return copies
 

@@ -30,6 +30,7 @@ from typing import Any
 import posix_ipc
 
 from .context import Context
+from .dtypes import spec_text
 from .errors import (
     CtxStoreError,
     DaemonUnavailableError,
@@ -416,7 +417,9 @@ def _publish_context(
                 "the daemon; save it with PersistentStore or publish a .npy file"
             )
         offset = -(-offset // _ALIGN) * _ALIGN
-        specs.append(TensorSpec(name, array.dtype.str, tuple(array.shape), offset, array.nbytes))
+        specs.append(
+            TensorSpec(name, spec_text(array.dtype), tuple(array.shape), offset, array.nbytes)
+        )
         offset += array.nbytes
     name = publish_segment_name(os.getpid())
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import InvalidInputError
+from .foreign import as_numpy
 from .validation import (
     MAX_TENSORS,
     check_dtype,
@@ -43,11 +44,16 @@ def _is_immutable(array: Array) -> bool:
 
 
 def freeze_array(value: Any, name: str) -> Array:
-    """A read-only array that nothing can mutate: ``value`` itself when it already is one."""
+    """A read-only array that nothing can mutate: ``value`` itself when it already is one.
+
+    ``value`` may also be a torch tensor or JAX array (see foreign.py); its
+    dtype must read back as itself (validation.check_dtype), so nothing is
+    stored as raw void.
+    """
     if isinstance(value, np.ndarray) and _is_immutable(value):
         check_dtype(value.dtype, name)
         return value
-    array = np.asarray(value)
+    array = as_numpy(value, name)
     check_dtype(array.dtype, name)
     if array.dtype.itemsize == 0:
         raise InvalidInputError(f"tensor {name!r} has zero-size dtype {array.dtype}")

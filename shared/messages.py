@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 import msgpack
 import numpy as np
 
+from .dtypes import ML_DTYPE_NAMES, ml_dtype, spec_text
 from .errors import CtxStoreError, InvalidInputError, RemoteError, RemoteProtocolError
 from .validation import (
     MAX_JSON_DEPTH,
@@ -34,6 +35,7 @@ from .validation import (
     check_alias,
     check_dtype,
     check_label,
+    check_shape,
     check_slot,
     check_tensor_name,
     check_version,
@@ -298,7 +300,8 @@ class TensorSpec:
     """One tensor inside a shared-memory segment: ``bytes[offset:offset+nbytes]``, C order.
 
     On the wire: ``[name, dtype, shape, offset, nbytes]``; ``dtype`` is numpy's
-    ``dtype.str`` (``"<f4"``); ``nbytes`` must equal itemsize times the product of ``shape``.
+    ``dtype.str`` (``"<f4"``) or an ml_dtypes name (``"bfloat16"``); ``nbytes`` must
+    equal itemsize times the product of ``shape``.
     """
 
     name: str
@@ -311,13 +314,15 @@ class TensorSpec:
         name = check_tensor_name(self.name)
         dtype = _dtype(self.dtype, name)
         shape = _spec_field(name, "shape", _shape, self.shape)
+        check_shape(shape, dtype.itemsize, f"tensor {name!r}")
         _spec_field(name, "offset", _size, self.offset)
         nbytes = _spec_field(name, "nbytes", _size, self.nbytes)
+        text = spec_text(dtype)
         if nbytes != dtype.itemsize * math.prod(shape):
             raise InvalidInputError(
-                f"tensor {name!r}: nbytes {nbytes} != {dtype.itemsize} x {shape} for {dtype.str}"
+                f"tensor {name!r}: nbytes {nbytes} != {dtype.itemsize} x {shape} for {text}"
             )
-        object.__setattr__(self, "dtype", dtype.str)
+        object.__setattr__(self, "dtype", text)
         object.__setattr__(self, "shape", shape)
 
     def to_wire(self) -> list[Any]:
@@ -339,15 +344,23 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def _dtype(value: Any, name: str) -> np.dtype[Any]:
+    """A descriptor's dtype: a plain numpy dtype string, or an ml_dtypes name."""
+    if isinstance(value, str) and value in ML_DTYPE_NAMES:
+        try:
+            return ml_dtype(value)
+        except (ImportError, LookupError) as exc:
+            raise InvalidInputError(f"tensor {name!r}: dtype {value}: {exc}") from None
     if not isinstance(value, str) or not _DTYPE.fullmatch(value):
-        raise InvalidInputError(f"tensor {name!r}: {value!r:.40} is not a plain numpy dtype string")
+        raise InvalidInputError(
+            f"tensor {name!r}: {value!r:.40} is not a plain numpy dtype string or ml_dtypes name"
+        )
     try:
         dtype = np.dtype(value)
     except (TypeError, ValueError, OverflowError):
         raise InvalidInputError(f"tensor {name!r}: numpy does not know dtype {value!r}") from None
-    check_dtype(dtype, name)
     if dtype.itemsize == 0:
         raise InvalidInputError(f"tensor {name!r}: zero-size dtype {value!r}")
+    check_dtype(dtype, name)
     return dtype
 
 

@@ -5,6 +5,10 @@ always C-ordered, its header padded so the data starts 64-byte aligned. The
 index records dtype, shape and the data offset, so the read path maps a file
 with ``os.open`` + ``mmap`` + ``np.ndarray(buffer=, offset=)`` and never parses
 a header (about 4 us a file, against about 100 us for ``np.load(mmap_mode="r")``).
+
+An ml_dtypes tensor (bfloat16, float8...) is written with the unsigned integer
+of its width in the header (a .npy descr cannot name it; see dtypes.py) and
+recorded in the index by its name, which is what the read path maps it as.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .dtypes import ML_DTYPE_NAMES, ml_dtype, ml_dtype_name, storage_dtype
 from .errors import IntegrityError, NotFoundError
 
 Array = npt.NDArray[Any]
@@ -31,11 +36,12 @@ Array = npt.NDArray[Any]
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
     """The .npy header for a C-ordered array of ``dtype`` and ``shape`` (format 1.0, else 2.0).
 
+    An ml_dtypes ``dtype`` is declared as its :func:`~.dtypes.storage_dtype`.
     Cached: a model commits the same shapes version after version, and numpy
     builds each header by formatting and padding a dict's repr.
     """
     header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
+        "descr": np.lib.format.dtype_to_descr(storage_dtype(dtype)),
         "fortran_order": False,
         "shape": shape,
     }
@@ -65,13 +71,24 @@ def _write_header_3_0(buf: io.BytesIO, header: dict[str, Any]) -> None:
 
 @lru_cache(maxsize=4096)
 def dtype_to_text(dtype: np.dtype[Any]) -> str:
-    """How a dtype is recorded in the index: the repr of its .npy descr (cached)."""
-    return repr(np.lib.format.dtype_to_descr(dtype))
+    """How a dtype is recorded in the index (cached).
+
+    The repr of its .npy descr (``"'<f4'"``, ``"[('a', '<i8')]"``), or for an
+    ml_dtypes type its bare name (``bfloat16``). A bare name is no Python
+    literal, so the two forms cannot be confused, and a version of ctxstore
+    that predates the names refuses them as unreadable instead of misreading.
+    """
+    return ml_dtype_name(dtype) or repr(np.lib.format.dtype_to_descr(dtype))
 
 
 @lru_cache(maxsize=4096)
 def dtype_from_text(text: str) -> np.dtype[Any]:
     """Inverse of :func:`dtype_to_text`, cached: the read path sees few distinct dtypes."""
+    if text in ML_DTYPE_NAMES:
+        try:
+            return ml_dtype(text)
+        except (ImportError, LookupError) as exc:
+            raise IntegrityError(f"index records dtype {text}, which needs: {exc}") from exc
     try:
         descr = ast.literal_eval(text)
         dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import dtype_problem
 from .errors import InvalidInputError
 
 MAX_SLOT = 2**31 - 1
@@ -101,12 +102,35 @@ def check_tensor_name(name: object) -> str:
 
 
 def check_dtype(dtype: np.dtype[Any], name: str) -> None:
-    """Refuse dtypes a plain .npy cannot hold without pickle."""
-    if dtype.hasobject:
+    """Refuse dtypes that would not read back as themselves (see :func:`.dtypes.dtype_problem`):
+    Python objects, raw void, and anything a .npy header or the index cannot name."""
+    problem = dtype_problem(dtype)
+    if problem is not None:
+        raise InvalidInputError(f"tensor {name!r} has dtype {dtype}: {problem}")
+
+
+def check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> tuple[int, ...]:
+    """Refuse a shape numpy cannot make an array of, ``(0, 10**30)`` included.
+
+    numpy needs every dimension, and the product of the non-zero ones times the
+    element size, to fit in a signed 64-bit byte count, even when a zero
+    dimension leaves the array empty; past that it raises a bare ValueError.
+    """
+    extent = max(itemsize, 1)
+    for n in shape:
+        if n > _SIZE_MAX:
+            extent = _SIZE_MAX + 1
+            break
+        extent *= n or 1
+    if extent > _SIZE_MAX:
         raise InvalidInputError(
-            f"tensor {name!r} has dtype {dtype} which holds Python objects; "
-            "only plain numeric, bool, string and structured dtypes can be stored"
+            f"{what}: shape {list(shape)!s:.120} is too large for an array (its non-zero "
+            f"dimensions times the {itemsize}-byte element size exceed 2**63 - 1 bytes)"
         )
+    return shape
+
+
+_SIZE_MAX = 2**63 - 1
 
 
 def freeze_json(value: object, what: str) -> Any:

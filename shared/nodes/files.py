@@ -42,8 +42,9 @@ from typing import IO, Any, ClassVar, NamedTuple
 import numpy as np
 
 from ..context import Array, Context
+from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_PACKED, dtype_from_spec, dtype_problem
 from ..errors import InvalidInputError, NotFoundError
-from ..validation import MAX_TENSORS, check_label, check_tensor_name
+from ..validation import MAX_TENSORS, check_label, check_shape, check_tensor_name
 from .base import Node, Param, choice, integer
 
 FORMATS = ("npy", "npz", "safetensors")
@@ -75,23 +76,6 @@ FileCheck = Callable[[OpenedFile, str], None]
 _DEFLATE_MAX_RATIO = 1100  # deflate cannot expand beyond ~1032:1; more is a lie or a bomb
 _ZIP_LOCAL_HEADER = 30
 
-_ST_DTYPES = MappingProxyType(
-    {
-        "BOOL": np.dtype("|b1"),
-        "U8": np.dtype("|u1"),
-        "I8": np.dtype("|i1"),
-        "U16": np.dtype("<u2"),
-        "I16": np.dtype("<i2"),
-        "U32": np.dtype("<u4"),
-        "I32": np.dtype("<i4"),
-        "U64": np.dtype("<u8"),
-        "I64": np.dtype("<i8"),
-        "F16": np.dtype("<f2"),
-        "F32": np.dtype("<f4"),
-        "F64": np.dtype("<f8"),
-        "C64": np.dtype("<c8"),
-    }
-)
 _ST_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
@@ -232,6 +216,7 @@ def _read_npy(stream: IO[bytes], size: int, where: str) -> Array:
         raise InvalidInputError(
             f"{where} has {available - nbytes} unexpected bytes after its array data"
         )
+    check_shape(shape, dtype.itemsize, f"{where}: .npy")  # an empty array's can still be too big
     array = np.frombuffer(_read_exact(stream, nbytes, where, "array data"), dtype, count)
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
@@ -268,7 +253,10 @@ def _npy_dtype(descr: object, where: str) -> np.dtype[Any]:
     try:
         dtype = np.lib.format.descr_to_dtype(descr)  # type: ignore[arg-type]
     except Exception:  # numpy's descr parser may fail in many ways on hostile input
-        raise InvalidInputError(f"{where}: .npy descr {descr!r:.80} is not a valid dtype") from None
+        why = _ML_DTYPES_NPY if isinstance(descr, str) and descr[-2:] in {"f1", "c4"} else ""
+        raise InvalidInputError(
+            f"{where}: .npy descr {descr!r:.80} is not a valid dtype{why}"
+        ) from None
     if not isinstance(dtype, np.dtype):
         raise InvalidInputError(f"{where}: .npy descr {descr!r:.80} is not a valid dtype")
     if dtype.hasobject:
@@ -278,7 +266,18 @@ def _npy_dtype(descr: object, where: str) -> np.dtype[Any]:
         )
     if dtype.subdtype is not None or dtype.itemsize == 0:
         raise InvalidInputError(f"{where}: dtype {dtype} cannot be the element type of an array")
+    if dtype.kind == "V" and dtype.fields is None:
+        raise InvalidInputError(f"{where}: dtype {dtype} is raw bytes (void){_ML_DTYPES_NPY}")
+    problem = dtype_problem(dtype)
+    if problem is not None:
+        raise InvalidInputError(f"{where}: dtype {dtype}: {problem}")
     return dtype
+
+
+_ML_DTYPES_NPY = (
+    "; np.save writes ml_dtypes arrays (bfloat16, float8...) so, and the file cannot say "
+    "what it held: save them as .safetensors, or publish the arrays from Python"
+)
 
 
 # -- .npz ---------------------------------------------------------------------------------------
@@ -484,6 +483,7 @@ def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
             f"{tensor}: data_offsets span {end - begin} bytes but dtype {spec['dtype']} "
             f"and shape {shape} need {need}"
         )
+    check_shape(tuple(shape), dtype.itemsize, tensor)  # an empty tensor's can still be too big
     return _Span(name, dtype, tuple(shape), begin, end)
 
 
@@ -492,12 +492,17 @@ def _is_count(value: object) -> bool:
 
 
 def _st_dtype(value: object, tensor: str) -> np.dtype[Any]:
-    if isinstance(value, str) and value in _ST_DTYPES:
-        return _ST_DTYPES[value]
+    """The dtype of a safetensors dtype code: numpy's, or ml_dtypes' for BF16 and F8_*."""
+    if isinstance(value, str) and value in SAFETENSORS_DTYPES:
+        try:
+            return dtype_from_spec(SAFETENSORS_DTYPES[value])
+        except (ImportError, LookupError) as exc:
+            raise InvalidInputError(f"{tensor}: dtype {value} needs ml_dtypes: {exc}") from None
     why = (
-        "numpy has no bfloat16; convert the file to F16 or F32"
-        if value == "BF16"
-        else (f"supported: {', '.join(_ST_DTYPES)}")
+        "a packed sub-byte type; ctxstore stores one element per byte (ml_dtypes' layout) "
+        "and would not keep the file's, so convert it to F8_E4M3, BF16 or wider"
+        if value in SAFETENSORS_PACKED
+        else f"supported: {', '.join(SAFETENSORS_DTYPES)}"
     )
     raise InvalidInputError(f"{tensor}: dtype {value!r:.40} is not supported ({why})")
 
