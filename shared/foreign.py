@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from .dtypes import ml_dtype
 from .errors import InvalidInputError
+from .validation import check_shape
 
 Array = npt.NDArray[Any]
 
@@ -65,6 +66,7 @@ def _from_torch(tensor: Any, name: str) -> Array:
         )
     if tensor.device.type == "meta":
         raise InvalidInputError(f"tensor {name!r} is on the meta device and holds no data")
+    check_shape(tuple(tensor.shape), tensor.element_size(), f"tensor {name!r}")
     try:
         t = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
         if dtype in _TORCH_ML_DTYPES:

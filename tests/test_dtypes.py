@@ -228,6 +228,40 @@ def test_shape_with_a_zero_and_a_huge_dimension_is_invalid_input(tmp_path: Path)
         read_weights_file(st)
     with pytest.raises(InvalidInputError, match="too large"):
         TensorSpec("e", "<f4", (0, 2**62, 2**62), 0, 0)
+    with pytest.raises(InvalidInputError, match="too large"):
+        Context({"e": torch.empty(0, 2**62)})
+
+
+def test_a_file_job_with_a_huge_empty_shape_fails_once_as_invalid_input(
+    store: PersistentStore, tmp_path: Path
+) -> None:
+    """It was an uncaught ValueError: kind "internal", a traceback, and three attempts."""
+    from test_jobs import FakeTime, make_queue, run_async
+
+    from ctxstore.daemon.jobs import Job, JobQueue
+    from ctxstore.daemon.pipeline import job_runner
+
+    weights = huge_empty_npy(tmp_path / "huge.npy")
+    time = FakeTime()
+
+    class NoCommits:
+        async def commit(self, slot: int, context: Any, *, model_type: str | None = None) -> int:
+            raise AssertionError("nothing was built, so nothing may be committed")
+
+    async def scenario() -> Job:
+        queue: JobQueue | None = None
+        run = job_runner(NoCommits(), lambda: queue)  # type: ignore[arg-type]
+        queue = make_queue(store, run, time, max_attempts=3)
+        job = queue.submit(4, "file", {"path": str(weights)})
+        await queue.start()
+        failed = await queue.wait(job.id)
+        await queue.stop()
+        return failed
+
+    job = run_async(scenario())
+    assert (job.state, job.attempts) == ("failed", 1)
+    assert job.error is not None and "too large" in job.error and "Traceback" not in job.error
+    assert time.sleeps == []
 
 
 # -- finite_check -----------------------------------------------------------------------------
