@@ -275,8 +275,8 @@ def _npy_dtype(descr: object, where: str) -> np.dtype[Any]:
 
 
 _ML_DTYPES_NPY = (
-    "; np.save writes ml_dtypes arrays (bfloat16, float8...) so, and the file cannot say "
-    "what it held: save them as .safetensors, or publish the arrays from Python"
+    "; that is how np.save writes ml_dtypes arrays (bfloat16, float8...), and the file "
+    "cannot say what they held: save them as .safetensors, or publish the arrays from Python"
 )
 
 
