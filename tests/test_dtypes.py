@@ -195,6 +195,16 @@ def test_dtypes_that_cannot_round_trip_are_refused(array: Array, why: str) -> No
     assert "'bad'" in str(info.value)
 
 
+def test_publish_descriptors_carry_ml_dtypes_names_and_refuse_void() -> None:
+    spec = TensorSpec("w", "bfloat16", (3,), 0, 6)
+    assert spec.dtype == "bfloat16" and spec.to_wire()[1] == "bfloat16"
+    assert TensorSpec("f", "float8_e4m3fn", (2, 2), 64, 4).dtype == "float8_e4m3fn"
+    with pytest.raises(InvalidInputError, match=r"'w'.*raw bytes \(void\)"):
+        TensorSpec("w", "<V2", (3,), 0, 6)  # what an older client sent for bfloat16
+    with pytest.raises(InvalidInputError, match="not a plain numpy dtype string"):
+        TensorSpec("w", "float8_e9m9", (3,), 0, 3)
+
+
 def save_npy(array: Array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
