@@ -88,7 +88,9 @@ def dtype_from_text(text: str) -> np.dtype[Any]:
         try:
             return ml_dtype(text)
         except (ImportError, LookupError) as exc:
-            raise IntegrityError(f"index records dtype {text}, which needs: {exc}") from exc
+            raise IntegrityError(
+                f"index records dtype {text}, which cannot be loaded: {exc}"
+            ) from exc
     try:
         descr = ast.literal_eval(text)
         dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
