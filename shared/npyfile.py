@@ -112,8 +112,11 @@ def check_recorded_dtype(dtype: np.dtype[Any], where: str) -> None:
     (numpy would read pointers out of the file: a crash) or raw void bytes standing
     for numbers of unknown type. Allowed: the plain kinds above, structured dtypes
     whose fields are none of those traps, never a zero-size item or a subarray.
-    ``where`` says which record named it.
+    ``where`` says which record named it. The ml_dtypes types (bfloat16, float8...)
+    are allowed: the index names them, so their void kind does not hide what they are.
     """
+    if ml_dtype_name(dtype) is not None and dtype == np.dtype(dtype.type):
+        return
     if dtype.hasobject:
         raise IntegrityError(f"{where}: dtype {dtype} holds Python objects; no stored tensor can")
     if dtype.kind not in _RECORDED_KINDS:
@@ -204,12 +207,13 @@ def check_npy_header(
     header of a C-ordered ``dtype`` array of ``shape`` whose data starts at ``offset``.
 
     Compared as numpy reads it, not byte for byte: a file written by another numpy
-    version may space or pad the same header differently.
+    version may space or pad the same header differently. An ml_dtypes ``dtype``'s
+    file declares its :func:`~.dtypes.storage_dtype` (the same-width unsigned int).
     """
     parsed = parse_npy_header(header)
     if parsed.length != offset:
         raise IntegrityError(f"its data starts at byte {parsed.length}, the index says {offset}")
-    if parsed.descr != np.lib.format.dtype_to_descr(dtype):
+    if parsed.descr != np.lib.format.dtype_to_descr(storage_dtype(dtype)):
         raise IntegrityError(f"it holds {parsed.descr!r:.80}, the index says {dtype}")
     if parsed.shape != shape:
         raise IntegrityError(f"it has shape {list(parsed.shape)}, the index says {list(shape)}")

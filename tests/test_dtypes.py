@@ -22,13 +22,13 @@ import safetensors.torch
 import torch
 from test_daemon import running_daemon
 
-from ctxstore import Context, InvalidInputError, NotFoundError, RemoteError
+from ctxstore import Context, IntegrityError, InvalidInputError, NotFoundError, RemoteError
 from ctxstore.client import publish
 from ctxstore.daemon.hooks import finite_check
 from ctxstore.dtypes import ML_DTYPE_NAMES, SAFETENSORS_DTYPES
 from ctxstore.messages import TensorSpec
 from ctxstore.nodes import read_weights_file
-from ctxstore.npyfile import dtype_from_text, dtype_to_text
+from ctxstore.npyfile import check_recorded_dtype, dtype_from_text, dtype_to_text
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore
 
@@ -70,6 +70,15 @@ def test_ml_dtypes_are_recorded_by_name_and_read_back(name: str) -> None:
     dtype = np.dtype(getattr(ml_dtypes, name))
     assert dtype_to_text(dtype) == name
     assert dtype_from_text(name) == dtype
+
+
+def test_the_index_check_allows_ml_dtypes_and_still_refuses_raw_void() -> None:
+    for name in ML_DTYPES:
+        check_recorded_dtype(np.dtype(getattr(ml_dtypes, name)), "row")
+    with pytest.raises(IntegrityError, match="raw void"):
+        dtype_from_text("'|V2'")  # what the index would say had bfloat16 been stored as void
+    with pytest.raises(IntegrityError, match="unreadable"):
+        dtype_from_text("bfloat17")
 
 
 def test_existing_index_texts_read_as_before() -> None:
