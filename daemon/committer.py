@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxstore.context import Context
-from ctxstore.errors import InvalidInputError
+from ctxstore.errors import CtxStoreError, IntegrityError, InvalidInputError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, create_node, read_weights_file
 from ctxstore.nodes.files import OpenedFile
@@ -123,6 +123,11 @@ class Committer:
         self.keys = PublishKeys(remembered_keys)
         #: names of the segments publishes are reading now (never reclaimed)
         self.segments_in_use: set[str] = set()
+        #: hash each new version before announcing it and record the outcome, so readers
+        #: adopting it need not hash it (settings: verify_after_commit)
+        self.verify_after_commit = True
+        #: versions hashed after their commit, by outcome ("verified", "damaged")
+        self.checked_after_commit = {"verified": 0, "damaged": 0}
 
     @property
     def busy(self) -> bool:
@@ -158,6 +163,15 @@ class Committer:
             )
             self.commits += 1
             self.last_commit = (slot, version)
+            if self.verify_after_commit:
+                problems, served = await asyncio.to_thread(self._check_new, slot, version)
+                if problems:  # committed, but not as written: current only if nothing else is
+                    self._publish_pointer(slot, version if served is None else served, None, {})
+                    raise IntegrityError(
+                        f"slot {slot} version {version} was committed but its files do not "
+                        f"match what was written ({problems[0]}); it is recorded damaged"
+                        + (f" and slot {slot} serves version {served}" if served else "")
+                    )
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
         if self.post_commit is not None:
             task = asyncio.ensure_future(
@@ -216,6 +230,46 @@ class Committer:
             except Exception:
                 log.exception("commit observer failed for slot %d version %d", slot, version)
         return version
+
+    def _check_new(self, slot: int, version: int) -> tuple[list[Problem], int | None]:
+        """Hash a new version once (the only hash on this host while its files keep their
+        identity) and record it verified or damaged; a damaged one loses the current
+        pointer to the slot's newest intact version. Returns the problems and that version.
+        """
+        try:
+            problems = self.store.record_check(slot, version)
+        except CtxStoreError as exc:  # unrecorded: readers hash it themselves, as before
+            log.warning("slot %d version %d not recorded verified: %s", slot, version, exc)
+            return [], None
+        self.checked_after_commit["damaged" if problems else "verified"] += 1
+        if not problems:
+            return [], None
+        log.error("slot %d version %d is damaged right after its commit: %s",
+                  slot, version, "; ".join(map(str, problems)))  # fmt: skip
+        return problems, self._fall_back(slot, version)
+
+    def _fall_back(self, slot: int, damaged: int) -> int | None:
+        """Move ``slot`` from ``damaged`` to its newest intact version (None: there is none)."""
+        target = self.store.newest_intact(slot, damaged)
+        if target is None:
+            log.error("slot %d has no intact version older than %d: its pointer stays",
+                      slot, damaged)  # fmt: skip
+            return None
+        self.store.rollback(slot, target)
+        log.warning("slot %d: current pointer moved back from damaged version %d to %d",
+                    slot, damaged, target)  # fmt: skip
+        return target
+
+    async def heal(self, slot: int, damaged: int) -> int | None:
+        """If ``damaged`` is still current, move the pointer to the newest intact version and
+        announce it; returns that version (None: not current any more, or none intact)."""
+        async with self._lock:
+            if await asyncio.to_thread(self.store.current_version, slot) != damaged:
+                return None
+            target = await asyncio.to_thread(self._fall_back, slot, damaged)
+            if target is not None:
+                self._publish_pointer(slot, target, None, {})
+        return target
 
     async def move_pointer(self, slot: int, version: int | str | None) -> int:
         """Rollback (or roll forward) the current pointer, then announce it."""

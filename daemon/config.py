@@ -326,6 +326,12 @@ class DaemonConfig:
     peer_rate: int = 1000
     #: frames the daemon handles from one peer before it lets the others go
     peer_frames_per_turn: int = 32
+    #: hash each new version once after its commit, before announcing it, and record it
+    #: verified, so readers adopting it need not hash it (ctxstore.integrity)
+    verify_after_commit: bool = True
+    #: a reader's damage report on a version the daemon found intact is checked again
+    #: (hashed) at most this often per version: reports alone cannot keep it hashing
+    damage_recheck_interval: float = 60.0
     log_level: str = "INFO"
     log_format: str = "text"
     #: "HOST:PORT" for the HTTP admin API, or "off"
@@ -518,6 +524,8 @@ KEYS: tuple[Key, ...] = (
     _key("max_partial_bytes", "limits.partial_bytes", _int_in(0, 1 << 40), _env_int),
     _key("peer_rate", "limits.peer_rate", _int_in(10, 1 << 30), _env_int),
     _key("peer_frames_per_turn", "limits.frames_per_turn", _int_in(1, 1 << 20), _env_int),
+    _key("verify_after_commit", "verify_after_commit", _bool, _env_bool),
+    _key("damage_recheck_interval", "damage_recheck_interval", _seconds(86400), _env_float),
     _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level"),
     _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format"),
     _key("http", "http", _http, flag="--http", live=False),

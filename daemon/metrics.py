@@ -8,7 +8,8 @@ Two kinds:
   announcements the daemon sent), verification runs;
 - state metrics, read at scrape time by :class:`LiveCollector`: connected
   peers, each reader's lag and memory, the job queue, the daemon process'
-  CPU time and memory.
+  CPU time and memory, and integrity: readers' damage reports by outcome,
+  new versions hashed after their commit, versions recorded damaged.
 
 Bytes written and bytes saved by dedup are measured on disk after each
 commit: the new version's files are grouped by inode; an inode with more
@@ -169,6 +170,7 @@ class LiveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._peers()
         yield from self._jobs()
+        yield from self._integrity()
         yield from self._process()
 
     def _peers(self) -> Iterator[Metric]:
@@ -220,6 +222,47 @@ class LiveCollector(Collector):
         for state, count in sorted(counts.items()):
             states.add_metric([str(state)], int(count))
         yield states
+
+    def _integrity(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        desk: Any = getattr(daemon, "damage", None)
+        if desk is not None:
+            reports = CounterMetricFamily(
+                "ctxstore_damage_reports",
+                "Damage reports from readers, by what the daemon's own hash made of them",
+                labels=["outcome"],
+            )
+            for outcome, count in desk.counts.items():
+                reports.add_metric([outcome], count)
+            yield reports
+        committer: Any = getattr(daemon, "committer", None)
+        if committer is not None:
+            checks = CounterMetricFamily(
+                "ctxstore_commit_checks",
+                "New versions hashed once after their commit, by result",
+                labels=["result"],
+            )
+            for result, count in committer.checked_after_commit.items():
+                checks.add_metric([result], count)
+            yield checks
+        if daemon.store is None:
+            return
+        try:
+            damaged = daemon.store.damaged_versions()
+        except Exception:  # the index's trouble must not break the scrape
+            log.exception("metrics: cannot read the damaged versions")
+            return
+        yield GaugeMetricFamily(
+            "ctxstore_versions_damaged", "Stored versions recorded damaged", value=len(damaged)
+        )
+        each = GaugeMetricFamily(
+            "ctxstore_version_damaged",
+            "1 for each stored version recorded damaged (see ctxstore verify)",
+            labels=["slot", "version"],
+        )
+        for slot, version in damaged:
+            each.add_metric([str(slot), str(version)], 1)
+        yield each
 
     def _process(self) -> Iterator[Metric]:
         # cpu_times and memory_info read /proc/self only: they work under ProcSubset=pid

@@ -37,6 +37,7 @@ from ctxstore.messages import (
     MAX_STATUS_ROWS,
     Ack,
     Announce,
+    DamageReport,
     Error,
     Goodbye,
     Heartbeat,
@@ -70,6 +71,7 @@ from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
+from .integrity import DamageDesk
 from .jobs import JobQueue
 from .limits import UNIX_BACKLOG, Limits, derive_limits, return_freed_memory
 from .listener import (
@@ -126,6 +128,7 @@ class Daemon:
         self.store: PersistentStore | None = None
         self.table: VersionTableWriter | None = None
         self.committer: Committer | None = None
+        self.damage: DamageDesk | None = None
         self._bound: BoundSocket | None = None
         self._server: asyncio.Server | None = None
         self.hooks = Hooks()
@@ -190,6 +193,10 @@ class Daemon:
             self.announce,
             max_publish_bytes=config.max_publish_bytes,
             remembered_keys=config.publish_keys,
+        )
+        self.committer.verify_after_commit = config.verify_after_commit
+        self.damage = DamageDesk(
+            self.store, self.committer, lambda: self.config.damage_recheck_interval
         )
         self.store.pre_commit_hooks.append(self._pre_commit)
         self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
@@ -352,6 +359,7 @@ class Daemon:
             apply_job_settings(self.jobs, new)
         if self.committer is not None:
             self.committer.max_publish_bytes = new.max_publish_bytes
+            self.committer.verify_after_commit = new.verify_after_commit
 
     async def _reclaim_segments_loop(self) -> None:
         """At start and every ``shm_reclaim_interval``: unlink segments of dead publishers."""
@@ -505,22 +513,15 @@ class Daemon:
                 assert self.store is not None
                 current = self.store.current_versions()
                 sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions=current))
-            case Subscribe():
-                sub.subscriptions.slots.update(message.slots)
-                sub.subscriptions.groups.update(message.groups)
-                sub.subscriptions.everything |= message.all
-                versions = self._snapshot(message.slots, message.groups, message.all)
-                sub.send(Subscribed(request_id=message.request_id, versions=versions))
-            case Unsubscribe():
-                sub.subscriptions.slots.difference_update(message.slots)
-                sub.subscriptions.groups.difference_update(message.groups)
-                if message.all:
-                    sub.subscriptions.everything = False
+            case Subscribe() | Unsubscribe():
+                self._change_subscriptions(sub, message)
             case Ack(slot=slot, version=version):
                 log.debug("session %d: ack slot %d version %d", sub.session, slot, version)
                 self.fleet.ack(sub.session, slot, version)
             case Heartbeat(held=held, uss=uss, pss=pss):
                 self.fleet.heartbeat(sub.session, held, uss, pss)
+            case DamageReport():
+                self._damage_reported(sub, message)
             case PublishFile() | PublishBuild() | PublishShm():
                 self._spawn(self._publish(sub, message))
             case StatusRequest() | RepairRequest():
@@ -533,6 +534,30 @@ class Daemon:
                 sub.close(f"peer said goodbye: {reason}")
             case _:
                 raise InvalidInputError(f"unexpected {type(message).__name__} from a client")
+
+    def _change_subscriptions(self, sub: Subscriber, message: Subscribe | Unsubscribe) -> None:
+        if isinstance(message, Subscribe):
+            sub.subscriptions.slots.update(message.slots)
+            sub.subscriptions.groups.update(message.groups)
+            sub.subscriptions.everything |= message.all
+            versions = self._snapshot(message.slots, message.groups, message.all)
+            sub.send(Subscribed(request_id=message.request_id, versions=versions))
+        else:
+            sub.subscriptions.slots.difference_update(message.slots)
+            sub.subscriptions.groups.difference_update(message.groups)
+            if message.all:
+                sub.subscriptions.everything = False
+
+    def _damage_reported(self, sub: Subscriber, report: DamageReport) -> None:
+        """Count the report; hash the version in the background if it needs checking."""
+        assert self.damage is not None
+        try:
+            key = self.damage.triage(report, f"session {sub.session} ({sub.name})")
+        except CtxStoreError as exc:  # the index's trouble: the report is lost, nothing else
+            log.error("session %d: damage report not checked: %s", sub.session, exc)
+            return
+        if key is not None:
+            self._spawn(self.damage.check(key))
 
     async def _publish(self, sub: Subscriber, request: PublishRequest) -> None:
         """Commit one publish request and answer it. While it runs, the peer is not

@@ -365,7 +365,9 @@ class _Session:
             case Error(fatal=True):
                 log.warning("ctxstore daemon closed our session: %s: %s", message.kind,
                             message.message)  # fmt: skip
-                raise _SessionEndedError(f"fatal error from the daemon: {message.kind}")
+                raise _SessionEndedError(
+                    f"fatal error from the daemon: {message.kind}: {message.message:.200}"
+                )
             case _:
                 try:
                     client._handler.message_received(message)

@@ -25,6 +25,14 @@ alone: the table lags the store from each commit until its publication and
 freezes when its daemon dies, so an older version is adopted only when the
 store names it (a rollback).
 
+Integrity: each version is checked once in this process when it is first
+mapped: hashed against its recorded checksums, unless the daemon recorded it
+verified during this boot, a daemon runs, and every file still has the
+identity the daemon hashed (one fstat per file; docs/reliability.md). A
+version whose files do not match is never served: the reader reports it to the
+daemon (logged once), goes on serving the newest intact version it holds or
+can map, and follows the daemon when it moves the slot's pointer back.
+
 Daemon down: reads go on from the store, freshness from SQL (the table may be
 frozen or stale); the client reconnects with backoff, re-attaches the table if
 a new daemon recreated it, resubscribes and resynchronises from the daemon's
@@ -37,6 +45,7 @@ socket; the parent's subscriptions stay with the parent.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -49,6 +58,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Final, Self
 
+from ctxstore import layout
 from ctxstore.cache import CacheStats, ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import (
@@ -60,9 +70,11 @@ from ctxstore.errors import (
     StorageError,
     WaitTimeoutError,
 )
+from ctxstore.lock import writer_may_be_running
 from ctxstore.messages import (
     Ack,
     Announce,
+    DamageReport,
     Error,
     Heartbeat,
     Message,
@@ -95,6 +107,10 @@ CLOSE_TIMEOUT: Final = 2.0
 #: get() maps the current version again at most this often when each one is superseded
 #: while it is being mapped; the last is adopted regardless (it was current when chosen)
 ADOPT_TRIES: Final = 4
+#: damaged versions this reader remembers (it neither maps nor re-reports them)
+MAX_DAMAGED: Final = 1024
+#: characters of an IntegrityError's text sent in a damage report
+MAX_REPORT_CHARS: Final = 500
 
 _pid = os.getpid()
 _fork_lock = threading.Lock()
@@ -134,6 +150,9 @@ class ReaderStats:
     subscriptions: int
     last_error: str | None
     cache: CacheStats  # the LRU's size and evictions (its hit count includes internal refreshes)
+    hashed: int = 0  # versions this process hashed when it mapped them
+    trusted: int = 0  # versions mapped without hashing, on the daemon's verified record
+    damaged: int = 0  # versions found damaged (reported to the daemon, never served)
 
 
 class Reader:
@@ -155,10 +174,13 @@ class Reader:
     ) -> None:
         """Open ``store`` read-only and (with ``connect``) start following the daemon at ``socket``.
 
-        ``verify_checksums``: each version is re-hashed against its recorded
-        xxh3-128 when this process first maps it (about 60 ms a GiB, once), so a
-        damaged file is an IntegrityError, never wrong numbers. Cache hits cost
-        nothing extra.
+        ``verify_checksums``: each version is checked when this process first
+        maps it, so a damaged file is never served as wrong numbers: re-hashed
+        against its recorded xxh3-128 (about 60 ms a GiB, once), except when a
+        running daemon hashed it during this boot and its files are unchanged
+        since (the daemon's record; docs/reliability.md). Cache hits cost
+        nothing extra. A damaged current version is reported to the daemon and
+        the newest intact one is served instead.
 
         ``cache_items`` / ``cache_bytes`` bound the per-process LRU (a context
         larger than ``cache_bytes`` is never cached: each get() maps it anew).
@@ -211,6 +233,13 @@ class Reader:
         self._dispatcher: Dispatcher | None = None
         self._memory = MemorySampler(max(5 * self._heartbeat_interval, 1.0))
         self._hits = self._misses = self._adoptions = self._announcements = 0
+        #: (slot, version) -> what was wrong, for versions found damaged (oldest first)
+        self._damaged: dict[tuple[int, int], str] = {}
+        #: slot -> (damaged version, the version served instead of it)
+        self._instead: dict[int, tuple[int, int]] = {}
+        #: the pid of a daemon that refused damage_report (one from before the frame)
+        self._reports_refused_by: int | None = None
+        self._daemon_pid: int | None = None
         self._table_get: Callable[[int], int | None] = _no_table
         self._table: VersionTable | None = None
         self._store = PersistentStore(self._store_path, readonly=True)
@@ -276,15 +305,22 @@ class Reader:
             if entry is not None and entry[0] == number:
                 self._hits += 1
                 return entry[1]
+            if (slot, number) in self._damaged:
+                return self._serve_intact(slot, number)
             try:
-                ctx = self._load(slot, number)
-            except NotFoundError:
-                # The table named a version the store no longer has (retired, or a stale
-                # table): serve what the store calls current rather than fail.
-                current = self._store.current_version(slot)
-                if current is None or current == number:
-                    raise
-                ctx = self._load(slot, current)
+                try:
+                    ctx = self._load(slot, number)
+                except NotFoundError:
+                    # The table named a version the store no longer has (retired, or a stale
+                    # table): serve what the store calls current rather than fail.
+                    current = self._store.current_version(slot)
+                    if current is None or current == number:
+                        raise
+                    number = current
+                    ctx = self._load(slot, current)
+            except IntegrityError as exc:
+                self._damage_found(slot, number, exc)
+                return self._serve_intact(slot, number)
             if self._adopt(slot, ctx, trusted=attempt == ADOPT_TRIES - 1):
                 break
             # superseded while we mapped it: take what is current now
@@ -304,7 +340,11 @@ class Reader:
         if entry is not None and entry[0] == number:
             self._hits += 1
             return entry[1]
-        ctx = self._load(slot, number)
+        try:
+            ctx = self._load(slot, number)
+        except IntegrityError as exc:  # that version was asked for: no other will do
+            self._damage_found(slot, number, exc)
+            raise
         with self._lock:
             if (slot, number) in self._cache:
                 self._explicit.add((slot, number))
@@ -316,10 +356,89 @@ class Reader:
         if ctx is not None:
             self._hits += 1
             return ctx
-        ctx = self._store.load_context(slot, version, verify=self._verify)
+        ctx = self._store.load_context(
+            slot, version, verify=self._verify, trust_verified=self._verify and self._vouched()
+        )
         self._misses += 1
         self._insert(key, ctx)
         return ctx
+
+    def _vouched(self) -> bool:
+        """Whether a daemon runs now, so its verified records may spare us a hash.
+
+        Our session is up, or the store's writer lock names a live process. With
+        no daemon (a store read cold, a daemon that died), every version is hashed.
+        """
+        return self.connected or writer_may_be_running(layout.lock_path(self._store_path))
+
+    # -- damage ----------------------------------------------------------------------------
+
+    def _damage_found(self, slot: int, version: int, exc: IntegrityError) -> None:
+        """Remember ``version`` as damaged, log it once and report it to the daemon."""
+        key = (slot, version)
+        detail = "".join(c if c.isprintable() else "?" for c in str(exc)[:MAX_REPORT_CHARS])
+        with self._lock:
+            if key in self._damaged or self._closed:
+                return
+            self._damaged[key] = detail
+            while len(self._damaged) > MAX_DAMAGED:
+                del self._damaged[next(iter(self._damaged))]
+            client = self._client if self._reports_welcome() else None
+        log.error(
+            "slot %d version %d is damaged (%s): reported to the daemon; this reader serves "
+            "the newest intact version instead",
+            slot,
+            version,
+            detail,
+        )
+        if client is not None:
+            client.post(DamageReport(slot=slot, version=version, detail=detail))
+
+    def _reports_welcome(self) -> bool:
+        """Whether the daemon of this session understands damage_report (a daemon from
+        before the frame ends the session on it: such a daemon is not told again)."""
+        return self._reports_refused_by is None or self._reports_refused_by != self._daemon_pid
+
+    def _serve_intact(self, slot: int, damaged: int) -> Context:
+        """The newest intact version of ``slot`` older than ``damaged``: the one this reader
+        holds, or a newer one it can map (adopted, so the daemon hears where we are).
+
+        IntegrityError when there is none: no damaged array is ever returned.
+        """
+        entry = self._current.get(slot)
+        if entry is not None and self._instead.get(slot) == (damaged, entry[0]):
+            self._hits += 1
+            return entry[1]  # chosen before, and still served
+        held = None
+        if entry is not None and entry[0] < damaged and (slot, entry[0]) not in self._damaged:
+            held = entry[0]
+        for info in reversed(self._store.list_versions(slot)):
+            number = info.version
+            if number >= damaged or (slot, number) in self._damaged:
+                continue
+            if held is not None and number <= held:
+                break
+            try:
+                ctx = self._load(slot, number)
+            except IntegrityError as exc:
+                self._damage_found(slot, number, exc)
+                continue
+            except NotFoundError:  # retired meanwhile
+                continue
+            self._adopt(slot, ctx, trusted=True)
+            entry = self._current.get(slot)
+            if entry is not None and entry[0] == number:
+                self._instead[slot] = (damaged, number)
+            self._follow(slot)
+            return ctx
+        if entry is not None and held is not None:
+            self._instead[slot] = (damaged, held)
+            self._hits += 1
+            return entry[1]
+        raise IntegrityError(
+            f"slot {slot} version {damaged} is damaged and this reader has no intact older "
+            f"version to serve: {self._damaged.get((slot, damaged), 'see the daemon log')}"
+        )
 
     def _insert(self, key: tuple[int, int], ctx: Context) -> None:
         """Cache ``ctx``; current contexts are refreshed first, so older explicit ones go first."""
@@ -559,14 +678,24 @@ class Reader:
                 return []
             self._attach_table()
             self._requests = {}
+            self._daemon_pid = welcome.daemon_pid
             messages = self._subscribe_messages()
             messages.extend(Ack(slot=s, version=v) for s, v in sorted(self._adopted.items()))
+            # reports posted while no daemon listened (the daemon ignores those it knows)
+            if self._reports_welcome():
+                messages.extend(
+                    DamageReport(slot=s, version=v, detail=detail)
+                    for (s, v), detail in self._damaged.items()
+                )
         for slot, number in welcome.versions.items():
             if slot in self._followed and self._adopted.get(slot) != number:
                 self._adopt_announced(slot, number)
         return messages
 
     def session_ended(self, reason: str) -> None:
+        if "damage_report" in reason:  # "unknown frame type": a daemon older than reports
+            log.warning("the ctxstore daemon does not take damage reports; not sending more")
+            self._reports_refused_by = self._daemon_pid
         with self._lock:
             # The table may freeze now: the store is the truth until we are back.
             self._table_get = _no_table
@@ -629,9 +758,16 @@ class Reader:
         truth = self._table_get(slot)
         if truth is not None and truth != version:
             return  # something newer is current already; its announcement follows
+        if (slot, version) in self._damaged:
+            return
         try:
             ctx = self._load(slot, version)
-        except (NotFoundError, IntegrityError, StorageError, ClosedError) as exc:
+        except IntegrityError as exc:
+            self._damage_found(slot, version, exc)
+            with contextlib.suppress(CtxStoreError):  # get() tries again, and says why
+                self._serve_intact(slot, version)
+            return
+        except (NotFoundError, StorageError, ClosedError) as exc:
             log.warning("cannot map announced slot %d version %d: %s", slot, version, exc)
             return
         self._adopt(slot, ctx)
@@ -716,6 +852,9 @@ class Reader:
             subscriptions=subscriptions,
             last_error=client.last_error if client else None,
             cache=self._cache.stats(),
+            hashed=self._store.versions_hashed,
+            trusted=self._store.versions_trusted,
+            damaged=len(self._damaged),
         )
 
     @property

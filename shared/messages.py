@@ -512,6 +512,26 @@ class Ack(_Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DamageReport(_Record):
+    """Client -> daemon: ``version`` of ``slot`` failed my check (``detail`` says how); no answer.
+
+    A report moves nothing by itself: the daemon hashes the version again and,
+    if it is damaged, records it so and moves the slot's current pointer back
+    to its newest intact version (announced as usual).
+    """
+
+    TYPE: ClassVar[str] = "damage_report"
+    CHECKS: ClassVar[Mapping[str, Check]] = {
+        "slot": check_slot,
+        "version": check_version,
+        "detail": _text(MAX_REASON_BYTES, lines=False),
+    }
+    slot: int
+    version: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(_Record):
     """Client -> daemon, periodic: what I hold (``[slot, version]`` pairs) and my USS/PSS."""
 
@@ -803,6 +823,7 @@ Message: TypeAlias = (
     | Unsubscribe
     | Announce
     | Ack
+    | DamageReport
     | Heartbeat
     | PublishFile
     | PublishBuild
@@ -830,6 +851,7 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
             Unsubscribe,
             Announce,
             Ack,
+            DamageReport,
             Heartbeat,
             PublishFile,
             PublishBuild,
@@ -1037,6 +1059,7 @@ __all__ = [
     "ROLES",
     "Ack",
     "Announce",
+    "DamageReport",
     "Error",
     "Goodbye",
     "Heartbeat",

@@ -239,7 +239,9 @@ def map_array(
 
 
 def map_arrays(
-    prefix: str, specs: Iterable[tuple[str, np.dtype[Any], tuple[int, ...], int, int]]
+    prefix: str,
+    specs: Iterable[tuple[str, np.dtype[Any], tuple[int, ...], int, int]],
+    stats: list[os.stat_result] | None = None,
 ) -> list[Array]:
     """:func:`map_array` for each (file name, dtype, shape, offset, nbytes) under ``prefix``.
 
@@ -251,6 +253,8 @@ def map_arrays(
     file of the recorded size. Nothing here reads a page of it: the records were
     checked when the read plan was decoded, and the .npy header is compared with
     them where the file is read anyway (re-hashing, ``verify``).
+    ``stats``: append each mapped file's ``fstat`` (taken on the descriptor that
+    is mapped) to this list, for the caller's identity check.
     """
     arrays: list[Array] = []
     append, open_, close, new_map, ndarray = arrays.append, os.open, os.close, mmap.mmap, np.ndarray
@@ -268,6 +272,8 @@ def map_arrays(
                 f"tensor file {path} is a symbolic link; no stored file is"
             ) from None
         try:
+            if stats is not None:
+                stats.append(os.fstat(fd))
             mm = new_map(fd, 0, access=access)
         except ValueError:  # an empty file cannot be mapped
             raise IntegrityError(f"tensor file {path} is empty") from None

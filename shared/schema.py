@@ -100,6 +100,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE UNIQUE INDEX versions_by_publish_key ON versions(publish_key) "
         "WHERE publish_key IS NOT NULL",
     ),
+    # 4: what the daemon found when it hashed a version (ctxstore.integrity): 'verified'
+    # with each tensor file's identity (readers then skip their own hash), or 'damaged'
+    4: (
+        """CREATE TABLE version_checks (
+            slot INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('verified', 'damaged')),
+            checked_at REAL NOT NULL,
+            boot_id TEXT,
+            files BLOB,
+            detail TEXT,
+            PRIMARY KEY (slot, version),
+            FOREIGN KEY (slot, version) REFERENCES versions(slot, version) ON DELETE CASCADE
+        ) WITHOUT ROWID""",
+    ),
 }
 
 LATEST = max(MIGRATIONS)

@@ -74,6 +74,16 @@ from .errors import (
 )
 from .faults import crash_point
 from .hierarchy import NodeHierarchy
+from .integrity import (
+    DAMAGED,
+    VERIFIED,
+    Identity,
+    boot_id,
+    hash_file,
+    identity_of,
+    pack_identities,
+    unpack_identities,
+)
 from .lock import WriterLock, writer_may_be_running
 from .manifest import Manifest, pack_manifest, unpack_manifest
 from .npyfile import (
@@ -170,6 +180,10 @@ class PersistentStore:
         self.protected_versions: ProtectedVersions | None = None
         #: what recovery found at open that it could not mend (rows whose files are gone)
         self.recovery_problems: list[Problem] = []
+        #: load_context(verify=True) in this process: versions hashed, and versions served
+        #: on a writer's record without hashing (ctxstore.integrity)
+        self.versions_hashed = 0
+        self.versions_trusted = 0
         if readonly:
             self._open_readonly()
         else:
@@ -745,14 +759,24 @@ class PersistentStore:
             return _resolve(conn, slot, version)
 
     def load_context(
-        self, slot_id: int, version: VersionRef = None, *, verify: bool = False
+        self,
+        slot_id: int,
+        version: VersionRef = None,
+        *,
+        verify: bool = False,
+        trust_verified: bool = False,
     ) -> Context:
         """The context at ``version`` (default: current), its arrays mapped read-only.
 
         File sizes are always checked against the record. With ``verify`` every
         file is also re-hashed against its recorded xxh3-128 (about 60 ms a GiB,
         and it reads the pages in), so a flipped byte is an IntegrityError, never
-        wrong numbers: readers verify each version once, when they adopt it.
+        wrong numbers: readers verify each version once, when they adopt it. A
+        version recorded damaged (:meth:`mark_damaged`) is then an IntegrityError
+        without hashing. ``trust_verified`` (with ``verify``): skip the hash when a
+        writer recorded, during this boot, that it hashed these very files, and
+        each mapped file's identity (size, mtime_ns, inode, device; one ``fstat``)
+        is still the recorded one; the caller says whether a daemon vouches now.
 
         Retention may retire the version between the index read and the mapping of
         its files. A reference that moves (current, latest, an alias) is then
@@ -763,20 +787,34 @@ class PersistentStore:
             isinstance(version, str) and version.isdigit()
         )
         for _ in range(_LOAD_ATTEMPTS if moving else 1):
-            number, context = self._load_once(slot, version, verify)
+            number, context = self._load_once(slot, version, verify, trust_verified)
             if context is not None:
                 return context
         raise NotFoundError(f"slot {slot} version {number} was retired")
 
     def _load_once(
-        self, slot: int, version: VersionRef, verify: bool
+        self, slot: int, version: VersionRef, verify: bool, trust_verified: bool = False
     ) -> tuple[int, Context | None]:
         """The resolved version number and its context, or None when it was retired meanwhile."""
         row_number, *record = self._version_row(_RECORD_SQL, slot, version)
         number = recorded_version(row_number, slot)  # it names the directory to read
         manifest, plan = _read_plan(record[2])
+        state, recorded_boot, recorded_files = record[3], record[4], record[5]
+        if verify and state == DAMAGED:
+            raise IntegrityError(
+                f"slot {slot} version {number} is recorded damaged: {record[6]} "
+                "(run `ctxstore verify`)"
+            )
+        vouched = (
+            verify
+            and trust_verified
+            and state == VERIFIED
+            and recorded_boot is not None
+            and recorded_boot == boot_id()
+        )
+        stats: list[os.stat_result] | None = [] if vouched else None
         try:
-            weights = self._map_tensors(slot, number, plan)
+            weights = self._map_tensors(slot, number, plan, stats)
         except NotFoundError:
             if self._version_exists(slot, number):
                 raise IntegrityError(
@@ -784,7 +822,11 @@ class PersistentStore:
                 ) from None
             return number, None
         if verify:
-            _verify_mapped(slot, number, manifest, weights)
+            if stats is not None and _same_identities(stats, recorded_files):
+                self.versions_trusted += 1
+            else:
+                self.versions_hashed += 1
+                _verify_mapped(slot, number, manifest, weights)
         return number, Context._trusted(
             MappingProxyType(weights),
             _load_json(record[0], "config"),
@@ -793,9 +835,15 @@ class PersistentStore:
             number,
         )
 
-    def _map_tensors(self, slot: int, version: int, plan: _ReadPlan) -> dict[str, Array]:
+    def _map_tensors(
+        self,
+        slot: int,
+        version: int,
+        plan: _ReadPlan,
+        stats: list[os.stat_result] | None = None,
+    ) -> dict[str, Array]:
         prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
-        return dict(zip(plan.names, map_arrays(prefix, plan.specs), strict=True))
+        return dict(zip(plan.names, map_arrays(prefix, plan.specs, stats), strict=True))
 
     def _version_exists(self, slot: int, version: int) -> bool:
         row = (
@@ -1158,6 +1206,115 @@ class PersistentStore:
             repairs.append(Repair(slot, current, target, sorted(bad)))
         return repairs
 
+    # -- verify once per host (ctxstore.integrity) ----------------------------------------
+
+    def check_version(self, slot_id: int, version: int) -> tuple[list[Problem], list[Identity]]:
+        """Hash one version's files against their records: the problems found, and each
+        file's identity as it was hashed (position order; complete only when all is well).
+
+        Reads with ``pread`` (a file truncated meanwhile cannot fault this process),
+        refuses symlinks and non-regular files. NotFoundError for an unknown version.
+        """
+        slot, number = check_slot(slot_id), check_version(version)
+        rows = self._query(
+            "SELECT manifest FROM versions WHERE slot = ? AND version = ?", (slot, number)
+        )
+        if not rows:
+            raise NotFoundError(f"slot {slot} has no version {number}")
+        blob = rows[0][0]
+        problems: list[Problem] = []
+        identities: list[Identity] = []
+        for position, (name, _, _, offset, nbytes, checksum) in enumerate(_read_plan(blob)[0]):
+            path = layout.tensor_path_str(self._root_str, slot, number, position)
+            try:
+                digest, identity = hash_file(path)
+            except FileNotFoundError:
+                found: tuple[str, str] | None = ("missing_file", f"{path} does not exist")
+            except OSError as exc:
+                found = ("unreadable_file", f"{path}: {exc}")
+            else:
+                identities.append(identity)
+                found = None
+                if identity[0] != offset + nbytes:
+                    found = ("wrong_size", f"{path} has {identity[0]} bytes, the index says "
+                             f"{offset + nbytes}")  # fmt: skip
+                elif digest != checksum:
+                    found = ("checksum_mismatch", f"{path} does not match its recorded xxh3-128")
+            if found is not None:
+                problems.append(Problem(*found, slot, number, name))
+        return problems, identities
+
+    def record_check(self, slot_id: int, version: int) -> list[Problem]:
+        """Hash one version (:meth:`check_version`) and record the outcome in the index:
+        ``verified`` with its files' identities and this boot, or ``damaged``.
+
+        Writer only. The row is written without an fsync of its own (the next
+        durable commit carries it): lost in a crash, it only makes readers hash.
+        """
+        problems, identities = self.check_version(slot_id, version)
+        if problems:
+            self.mark_damaged(slot_id, version, "; ".join(map(str, problems)))
+        else:
+            files = pack_identities(identities)
+            self._write_check(check_slot(slot_id), version, VERIFIED, (boot_id(), files, None))
+        return problems
+
+    def mark_damaged(self, slot_id: int, version: int, detail: str) -> None:
+        """Record ``version`` damaged: readers refuse it without hashing, verify names it.
+
+        Writer only; the mark goes when retention removes the version.
+        """
+        number = check_version(version)
+        self._write_check(check_slot(slot_id), number, DAMAGED, (None, None, detail[:2000]))
+
+    def _write_check(
+        self,
+        slot: int,
+        version: int,
+        state: str,
+        found: tuple[str | None, bytes | None, str | None],
+    ) -> None:
+        """Write one version_checks row: ``found`` is (boot id, file identities, detail)."""
+        with self._write_lock:
+            conn = self._settled_writer_conn()
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: no fsync for this COMMIT
+            try:
+                with self._settling_transaction(conn):
+                    if not self._version_recorded(conn, slot, version):
+                        raise NotFoundError(f"slot {slot} has no version {version}")
+                    conn.execute(
+                        "INSERT OR REPLACE INTO version_checks(slot, version, state, checked_at, "
+                        "boot_id, files, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (slot, version, state, self._clock(), *found),
+                    )
+            finally:
+                conn.execute("PRAGMA synchronous = FULL")
+
+    def damaged_versions(self, slot_id: int | None = None) -> dict[tuple[int, int], str]:
+        """(slot, version) -> what was found, for every version recorded damaged."""
+        slot = None if slot_id is None else check_slot(slot_id)
+        rows = self._query(
+            "SELECT slot, version, detail FROM version_checks WHERE state = ? "
+            "AND (?2 IS NULL OR slot = ?2) ORDER BY slot, version",
+            (DAMAGED, slot),
+        )
+        return {(s, v): detail or "" for s, v, detail in rows}
+
+    def newest_intact(self, slot_id: int, below: int) -> int | None:
+        """The newest version of the slot older than ``below`` whose files hash right
+        (recorded ``verified`` as it is checked; a damaged one is recorded so). Writer only."""
+        slot = check_slot(slot_id)
+        damaged = self.damaged_versions(slot)
+        for info in reversed(self.list_versions(slot)):
+            if info.version >= below or (slot, info.version) in damaged:
+                continue
+            try:
+                if not self.record_check(slot, info.version):
+                    return info.version
+            except NotFoundError:  # retired meanwhile
+                continue
+        return None
+
 
 TensorRow = tuple[int, str, str, str, int, int, str]
 
@@ -1172,10 +1329,12 @@ class Repair:
     damaged: list[int]
 
 
-#: what load_context needs of one version; completed by the version clause
+#: what load_context needs of one version (and a writer's check of it, if any);
+#: completed by the version clause
 _RECORD_SQL = (
-    "SELECT v.version, v.config, v.metadata, v.manifest FROM slots s JOIN versions v "
-    "ON v.slot = s.slot WHERE s.slot = ?1 AND v.version = "
+    "SELECT v.version, v.config, v.metadata, v.manifest, c.state, c.boot_id, c.files, c.detail "
+    "FROM slots s JOIN versions v ON v.slot = s.slot LEFT JOIN version_checks c "
+    "ON c.slot = v.slot AND c.version = v.version WHERE s.slot = ?1 AND v.version = "
 )
 #: one version's record, its slot's pointer and its aliases; completed by the version clause
 _METADATA_SQL = (
@@ -1310,6 +1469,12 @@ def _verify_mapped(
                 f"slot {slot} version {version} tensor {name!r}: its file's .npy header "
                 f"disagrees with the index ({exc}; run `ctxstore verify`)"
             ) from None
+
+
+def _same_identities(stats: list[os.stat_result], recorded: object) -> bool:
+    """Whether the mapped files are the ones a writer hashed: same size, mtime, inode, device."""
+    identities = unpack_identities(recorded)
+    return identities is not None and identities == tuple(identity_of(st) for st in stats)
 
 
 def _dump_json(value: Mapping[str, Any]) -> str:

@@ -348,6 +348,19 @@ def check_pointers(conn: sqlite3.Connection, slot: int | None) -> list[Problem]:
     return problems
 
 
+def check_marks(conn: sqlite3.Connection, slot: int | None) -> list[Problem]:
+    """Versions recorded damaged (a reader reported them and the daemon's hash confirmed it,
+    or the daemon's own check after commit failed): named even by a verify that does not hash."""
+    return [
+        Problem("marked_damaged", f"recorded damaged: {detail or 'no detail'}", s, v)
+        for s, v, detail in conn.execute(
+            "SELECT slot, version, detail FROM version_checks WHERE state = 'damaged' "
+            "AND (?1 IS NULL OR slot = ?1) ORDER BY slot, version",
+            (slot,),
+        )
+    ]
+
+
 def find_orphans(root: Path, conn: sqlite3.Connection, slot: int | None) -> list[Problem]:
     """Version directories with no record (left by a crash before COMMIT), and stray entries.
 
@@ -465,6 +478,7 @@ def verify_store(
         return problems
     problems += check_versions(root, conn, slot, rehash=rehash)
     problems += check_pointers(conn, slot)
+    problems += check_marks(conn, slot)
     problems += find_orphans(root, conn, slot)
     if slot is None:
         problems += check_scratch(root)

@@ -31,6 +31,7 @@ from ctxstore.protocol import (
     Ack,
     Announce,
     Connection,
+    DamageReport,
     Error,
     Event,
     Goodbye,
@@ -303,6 +304,9 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         aliases=st.dictionaries(_aliases, _versions, max_size=3),
     ),
     Ack: st.builds(Ack, slot=_slots, version=_versions),
+    DamageReport: st.builds(
+        DamageReport, slot=_slots, version=_versions, detail=st.text(_no_control, max_size=50)
+    ),
     Heartbeat: st.builds(
         Heartbeat,
         pid=_pids,

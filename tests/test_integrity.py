@@ -1,0 +1,317 @@
+"""Verify once per host, and self-healing readers (docs/reliability.md).
+
+The daemon hashes each new version once and records it verified; readers that
+map it while a daemon runs and its files keep their identity do not hash it
+again (counted by wrapping the hashing function in the reader process). A
+reader that finds damage reports it, goes on serving the newest intact version,
+and the daemon confirms, records, moves the pointer back and announces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import dies_with_pytest
+from test_daemon import DaemonProcess, RawPeer, free_port, running_daemon
+
+import ctxstore.store
+from ctxstore import Context, IntegrityError, PersistentStore
+from ctxstore.client import publish
+from ctxstore.daemon.committer import Committer
+from ctxstore.messages import Announce, DamageReport
+
+CHILD = Path(__file__).with_name("integrity_reader.py")
+DEADLINE_S = 30.0  # a safety net for waits on other processes, never a measured time
+
+
+def context(version: int) -> Context:
+    return Context({"w": np.arange(4096, dtype="f4") + version, "b": np.full(64, version, "f8")})
+
+
+def total(version: int) -> float:
+    return float(sum(np.asarray(a, "f8").sum() for a in context(version).weights.values()))
+
+
+def flip_byte(path: Path, offset: int = 200) -> None:
+    """Damage a stored file in place (it is read-only: made writable first)."""
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def replace_file(path: Path, *, damage: bool) -> None:
+    """Put a copy in place of ``path`` (a new inode), size and mtime kept: only the inode tells."""
+    before = path.stat()
+    copy = path.with_name(path.name + ".new")
+    shutil.copyfile(path, copy)
+    if damage:
+        flip_byte(copy)
+    os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(copy, path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ino != before.st_ino
+
+
+class ReaderChild:
+    """tests/integrity_reader.py in its own process."""
+
+    def __init__(self, daemon: DaemonProcess, *flags: str) -> None:
+        self.proc = subprocess.Popen(
+            dies_with_pytest([sys.executable, str(CHILD), str(daemon.store), str(daemon.socket),
+                              *flags]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self.readline())
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def children() -> Iterator[list[ReaderChild]]:
+    started: list[ReaderChild] = []
+    yield started
+    for child in started:
+        child.close()
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(ctxstore_(?:damage_reports|version_damaged|commit_checks)\S*) (\S+)",
+                             line)  # fmt: skip
+        if match:
+            samples[match[1]] = float(match[2])
+    return samples
+
+
+def wait_until(what: str, condition: Any) -> Any:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+def announcements(peer: RawPeer, count: int) -> list[int]:
+    versions = []
+    while len(versions) < count:
+        message = peer.next()
+        if isinstance(message, Announce):
+            versions.append(message.version)
+    return versions
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ctxstore.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+
+
+# -- real processes -----------------------------------------------------------------------------
+
+
+def test_readers_keep_serving_the_intact_version_and_the_daemon_moves_back(
+    tmp_path: Path, children: list[ReaderChild]
+) -> None:
+    port = free_port()
+    with running_daemon(tmp_path, "--http", f"127.0.0.1:{port}") as daemon:
+        assert publish(1, context(1), socket=daemon.socket) == 1
+        children += [ReaderChild(daemon) for _ in range(2)]
+        for child in children:
+            first = child.ask("get 1")
+            assert (first["version"], first["sum"]) == (1, total(1))
+            assert (first["hashed"], first["trusted"], first["hash_calls"]) == (0, 1, 0)
+        watcher = RawPeer(daemon.socket, "watcher")
+        watcher.subscribe(slots=(1,))
+        assert publish(1, context(2), socket=daemon.socket) == 2
+        flip_byte(daemon.store / "slots/1/2/0.npy")
+
+        calls = []
+        for child in children:  # no error: the intact version, its numbers exact
+            answer = child.ask("get 1")
+            assert "error" not in answer, answer
+            assert (answer["version"], answer["sum"], answer["damaged"]) == (1, total(1), 1)
+            # its mtime changed, so never trusted: hashed, or refused on the daemon's mark
+            # if the other reader's report was confirmed first
+            assert answer["trusted"] == 1
+            calls.append(answer["hash_calls"])
+        assert announcements(watcher, 2) == [2, 1]  # the commit, then the daemon's move back
+        with PersistentStore(daemon.store, readonly=True) as store:
+            assert store.current_version(1) == 1
+            assert (1, 2) in store.damaged_versions()
+        for child, before in zip(children, calls, strict=True):
+            again = child.ask("get 1")
+            assert (again["version"], again["hash_calls"]) == (1, before)  # nothing hashed
+
+        seen = metrics(port)
+        assert seen['ctxstore_damage_reports_total{outcome="confirmed"}'] == 1
+        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 0
+        assert seen['ctxstore_version_damaged{slot="1",version="2"}'] == 1
+        assert seen['ctxstore_commit_checks_total{result="verified"}'] == 2
+        quick = cli("verify", "1", "--quick", "--store", str(daemon.store))
+        assert quick.returncode == 1
+        assert "slot 1 version 2" in quick.stdout
+        assert "recorded damaged" in quick.stdout
+        assert "version 1" not in quick.stdout
+
+
+def test_reports_are_checked_not_believed_and_cost_one_hash_per_interval(tmp_path: Path) -> None:
+    port = free_port()
+    with running_daemon(tmp_path, "--http", f"127.0.0.1:{port}") as daemon:
+        assert publish(1, context(1), socket=daemon.socket) == 1
+        liar = RawPeer(daemon.socket, "liar")
+        for _ in range(3):
+            liar.send(DamageReport(slot=1, version=1, detail="it is broken, trust me"))
+        liar.send(DamageReport(slot=9, version=77, detail="no such version"))
+        seen = wait_until(
+            "the reports counted",
+            lambda: (m := metrics(port))
+            and sum(v for k, v in m.items() if k.startswith("ctxstore_damage_reports")) == 4
+            and m,
+        )
+        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 1  # hashed once
+        assert seen['ctxstore_damage_reports_total{outcome="confirmed"}'] == 0
+        assert seen['ctxstore_damage_reports_total{outcome="unknown_version"}'] == 1
+        with PersistentStore(daemon.store, readonly=True) as store:
+            assert store.current_version(1) == 1
+            assert store.damaged_versions() == {}
+        liar.subscribe(slots=(1,))  # the peer is still served
+
+
+def test_only_a_version_the_daemon_verified_and_nobody_replaced_skips_the_hash(
+    tmp_path: Path, children: list[ReaderChild]
+) -> None:
+    with running_daemon(tmp_path) as daemon:
+        for version in (1, 2, 3):
+            assert publish(1, context(version), socket=daemon.socket) == version
+        reader = ReaderChild(daemon)
+        children.append(reader)
+        adopted = reader.ask("get 1")
+        assert (adopted["version"], adopted["sum"]) == (3, total(3))
+        assert (adopted["hashed"], adopted["trusted"], adopted["hash_calls"]) == (0, 1, 0)
+
+        # the same bytes in a new file (size and mtime kept): hashed again, and served
+        assert publish(1, context(4), socket=daemon.socket) == 4
+        replace_file(daemon.store / "slots/1/4/1.npy", damage=False)
+        replaced = reader.ask("get 1")
+        assert (replaced["version"], replaced["sum"]) == (4, total(4))
+        assert (replaced["hashed"], replaced["hash_calls"]) == (1, 2)
+
+        # a damaged file in a new inode, size and mtime kept: the identity check sends it
+        # to the hash, which catches it; the reader serves the version before
+        assert publish(1, context(5), socket=daemon.socket) == 5
+        replace_file(daemon.store / "slots/1/5/0.npy", damage=True)
+        caught = reader.ask("get 1")
+        assert (caught["version"], caught["sum"], caught["damaged"]) == (4, total(4), 1)
+        assert caught["hashed"] == 2
+        with PersistentStore(daemon.store, readonly=True) as store:
+            wait_until("the move back", lambda: store.current_version(1) == 4)
+    # no daemon: a reader maps cold, and hashes what the daemon once vouched for
+    cold = ReaderChild(daemon, "--no-connect")
+    children.append(cold)
+    answer = cold.ask("get 1")
+    assert (answer["version"], answer["sum"]) == (4, total(4))
+    assert (answer["hashed"], answer["trusted"]) == (1, 0)
+    assert answer["hash_calls"] == 2  # one per tensor file
+
+
+# -- in one process -----------------------------------------------------------------------------
+
+
+def _store_with(tmp_path: Path, versions: Iterable[int]) -> PersistentStore:
+    store = PersistentStore(tmp_path / "store")
+    for version in versions:
+        store.save_context(1, context(version))
+    return store
+
+
+def test_a_record_from_another_boot_or_none_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _store_with(tmp_path, (1, 2)) as store:
+        assert store.record_check(1, 2) == []
+        with PersistentStore(store.root, readonly=True) as reader:
+            reader.load_context(1, verify=True, trust_verified=True)
+            reader.load_context(1, 1, verify=True, trust_verified=True)  # never recorded
+            assert (reader.versions_trusted, reader.versions_hashed) == (1, 1)
+            reader.load_context(1, 2, verify=True)  # the caller knows of no daemon
+            assert reader.versions_hashed == 2
+            monkeypatch.setattr(ctxstore.store, "boot_id", lambda: "another-boot")
+            reader.load_context(1, 2, verify=True, trust_verified=True)
+            assert (reader.versions_trusted, reader.versions_hashed) == (1, 3)
+
+
+def test_a_version_recorded_damaged_is_refused_named_and_repaired_away(tmp_path: Path) -> None:
+    with _store_with(tmp_path, (1, 2, 3)) as store:
+        store.mark_damaged(1, 3, "a reader found tensor 'w' changed")
+        with PersistentStore(store.root, readonly=True) as reader:
+            with pytest.raises(IntegrityError, match="recorded damaged"):
+                reader.load_context(1, verify=True)
+            assert reader.versions_hashed == 0
+        problems = store.verify(rehash=False)
+        assert [(p.kind, p.slot, p.version) for p in problems] == [("marked_damaged", 1, 3)]
+        assert [(r.from_version, r.to_version) for r in store.repair()] == [(3, 2)]
+
+
+def test_a_version_written_wrong_is_caught_before_it_is_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon hashes what landed on disk, not what it meant to write."""
+    store = _store_with(tmp_path, (1,))
+    announced: list[Announce] = []
+    committer = Committer(store, None, announced.append)
+    write = ctxstore.store.write_new_file
+
+    def write_then_rot(path: Any, chunks: Any, *, sync: bool = True) -> None:
+        write(path, chunks, sync=sync)
+        flip_byte(Path(path))
+
+    monkeypatch.setattr(ctxstore.store, "write_new_file", write_then_rot)
+    with store:
+        with pytest.raises(IntegrityError, match="version 2 was committed but"):
+            asyncio.run(committer.commit(1, context(2)))
+        monkeypatch.undo()
+        assert store.current_version(1) == 1
+        assert list(store.damaged_versions()) == [(1, 2)]
+        assert [a.version for a in announced] == [1]
+        assert committer.checked_after_commit == {"verified": 0, "damaged": 1}
