@@ -68,7 +68,8 @@ def main() -> None:
                     answer["error"] = str(exc)
                 else:
                     answer["version"] = ctx.version
-                    answer["sum"] = float(sum(np.asarray(a, dtype="f8").sum() for a in ctx.weights.values()))
+                    arrays = ctx.weights.values()
+                    answer["sum"] = float(sum(np.asarray(a, "f8").sum() for a in arrays))
                     answer.update(counters(reader))
             print(json.dumps(answer), flush=True)
 
