@@ -37,6 +37,31 @@ log = logging.getLogger("ctxstore.daemon")
 OUTCOMES: Final = ("confirmed", "refuted", "known", "pending", "recent", "unknown_version")
 
 
+def verify_current_versions(store: PersistentStore) -> list[tuple[int, int, int | None]]:
+    """At start: hash each slot's current version not verified during this boot (after a
+    reboot, or committed by a daemon killed before it recorded it), so the readers that
+    adopt it next do not each hash it. A damaged one loses the pointer to the newest intact
+    version. Returns (slot, damaged version, version now current or None) for each such.
+    """
+    moved: list[tuple[int, int, int | None]] = []
+    for slot, version in store.unverified_current():
+        try:
+            problems = store.record_check(slot, version)
+            if not problems:
+                continue
+            log.error("slot %d version %d (current) is damaged: %s",
+                      slot, version, "; ".join(map(str, problems)))  # fmt: skip
+            target = store.newest_intact(slot, version)
+            if target is not None:
+                store.rollback(slot, target)
+                log.warning("slot %d: current pointer moved back from damaged version %d to %d",
+                            slot, version, target)  # fmt: skip
+            moved.append((slot, version, target))
+        except CtxStoreError as exc:  # not recorded: readers hash it themselves
+            log.warning("slot %d version %d not verified at start: %s", slot, version, exc)
+    return moved
+
+
 class DamageDesk:
     """Receives damage reports on the event loop and checks them in a worker thread."""
 

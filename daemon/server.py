@@ -71,7 +71,7 @@ from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
-from .integrity import DamageDesk
+from .integrity import DamageDesk, verify_current_versions
 from .jobs import JobQueue
 from .limits import UNIX_BACKLOG, Limits, derive_limits, return_freed_memory
 from .listener import (
@@ -182,6 +182,9 @@ class Daemon:
         self.notifier.status(f"store open; binding {config.socket}")
         for problem in self.store.recovery_problems:
             log.error("store recovery found: %s", problem)
+        if config.verify_after_commit:  # before the table: it shows any pointer moved back
+            self.notifier.status("verifying the current versions not verified since boot")
+            await asyncio.to_thread(verify_current_versions, self.store)
         self.store.protected_versions = self.fleet.held_versions
         self.table = VersionTable.create(
             segment_name(self.store.root), capacity=config.table_capacity

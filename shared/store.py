@@ -1300,6 +1300,18 @@ class PersistentStore:
         )
         return {(s, v): detail or "" for s, v, detail in rows}
 
+    def unverified_current(self) -> list[tuple[int, int]]:
+        """Each slot's current version that has no ``verified`` record of this boot (and is
+        not recorded damaged): what readers would hash, unless a writer hashes it first."""
+        rows = self._query(
+            "SELECT s.slot, s.current_version FROM slots s LEFT JOIN version_checks c "
+            "ON c.slot = s.slot AND c.version = s.current_version "
+            "WHERE s.current_version IS NOT NULL AND (c.state IS NULL OR "
+            "(c.state = ? AND (c.boot_id IS NULL OR c.boot_id IS NOT ?))) ORDER BY s.slot",
+            (VERIFIED, boot_id()),
+        )
+        return [(slot, version) for slot, version in rows]
+
     def newest_intact(self, slot_id: int, below: int) -> int | None:
         """The newest version of the slot older than ``below`` whose files hash right
         (recorded ``verified`` as it is checked; a damaged one is recorded so). Writer only."""

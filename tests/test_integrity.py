@@ -31,7 +31,8 @@ import ctxstore.store
 from ctxstore import Context, IntegrityError, PersistentStore
 from ctxstore.client import publish
 from ctxstore.daemon.committer import Committer
-from ctxstore.messages import Announce, DamageReport, Ping, Pong
+from ctxstore.messages import Announce, DamageReport, Ping, Pong, Welcome
+from ctxstore.readers import Reader
 
 CHILD = Path(__file__).with_name("integrity_reader.py")
 DEADLINE_S = 30.0  # a safety net for waits on other processes, never a measured time
@@ -72,12 +73,16 @@ def replace_file(path: Path, *, damage: bool) -> None:
 class ReaderChild:
     """tests/integrity_reader.py in its own process."""
 
-    def __init__(self, daemon: DaemonProcess, *flags: str) -> None:
+    def __init__(self, daemon: DaemonProcess, *flags: str, wait: bool = True) -> None:
         self.proc = subprocess.Popen(
             dies_with_pytest([sys.executable, str(CHILD), str(daemon.store), str(daemon.socket),
                               *flags]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         assert self.readline() == "ready"
 
     def readline(self) -> str:
@@ -160,8 +165,28 @@ def test_readers_keep_serving_the_intact_version_and_the_daemon_moves_back(
     port = free_port()
     with running_daemon(tmp_path, "--http", f"127.0.0.1:{port}") as daemon:
         assert publish(1, context(1), socket=daemon.socket) == 1
-        children += [ReaderChild(daemon) for _ in range(2)]
+        children += [ReaderChild(daemon, wait=False) for _ in range(2)]
+
+        # Reports are checked, not believed: 3 of an intact version cost one hash, and
+        # one of a version that does not exist none; nothing is marked or moved.
+        liar = RawPeer(daemon.socket, "liar")
+        for _ in range(3):
+            liar.send(DamageReport(slot=1, version=1, detail="it is broken, trust me"))
+        liar.send(DamageReport(slot=9, version=77, detail="no such version"))
+
+        def all_counted() -> dict[str, float] | None:
+            seen = metrics(port)
+            reports = sum(v for k, v in seen.items() if k.startswith("ctxstore_damage_reports"))
+            return seen if reports == 4 else None
+
+        seen = wait_until("the 4 reports counted", all_counted)
+        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 1  # hashed once
+        assert seen['ctxstore_damage_reports_total{outcome="unknown_version"}'] == 1
+        assert seen['ctxstore_damage_reports_total{outcome="confirmed"}'] == 0
+        liar.close()
+
         for child in children:
+            child.wait_ready()
             first = child.ask("get 1")
             assert (first["version"], first["sum"]) == (1, total(1))
             assert (first["hashed"], first["trusted"], first["hash_calls"]) == (0, 1, 0)
@@ -189,7 +214,7 @@ def test_readers_keep_serving_the_intact_version_and_the_daemon_moves_back(
 
         seen = metrics(port)
         assert seen['ctxstore_damage_reports_total{outcome="confirmed"}'] == 1
-        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 0
+        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 1  # the liar's
         assert seen['ctxstore_version_damaged{slot="1",version="2"}'] == 1
         assert seen['ctxstore_commit_checks_total{result="verified"}'] == 2
         quick = cli("verify", "1", "--quick", "--store", str(daemon.store))
@@ -199,36 +224,13 @@ def test_readers_keep_serving_the_intact_version_and_the_daemon_moves_back(
         assert "version 1" not in quick.stdout
 
 
-def test_reports_are_checked_not_believed_and_cost_one_hash_per_interval(tmp_path: Path) -> None:
-    port = free_port()
-    with running_daemon(tmp_path, "--http", f"127.0.0.1:{port}") as daemon:
-        assert publish(1, context(1), socket=daemon.socket) == 1
-        liar = RawPeer(daemon.socket, "liar")
-        for _ in range(3):
-            liar.send(DamageReport(slot=1, version=1, detail="it is broken, trust me"))
-        liar.send(DamageReport(slot=9, version=77, detail="no such version"))
-
-        def all_counted() -> dict[str, float] | None:
-            seen = metrics(port)
-            reports = sum(v for k, v in seen.items() if k.startswith("ctxstore_damage_reports"))
-            return seen if reports == 4 else None
-
-        seen = wait_until("the 4 reports counted", all_counted)
-        assert seen['ctxstore_damage_reports_total{outcome="refuted"}'] == 1  # hashed once
-        assert seen['ctxstore_damage_reports_total{outcome="confirmed"}'] == 0
-        assert seen['ctxstore_damage_reports_total{outcome="unknown_version"}'] == 1
-        with PersistentStore(daemon.store, readonly=True) as store:
-            assert store.current_version(1) == 1
-            assert store.damaged_versions() == {}
-        liar.subscribe(slots=(1,))  # the peer is still served
-
-
 def test_only_a_version_the_daemon_verified_and_nobody_replaced_skips_the_hash(
     tmp_path: Path, children: list[ReaderChild]
 ) -> None:
-    with running_daemon(tmp_path) as daemon:
+    with PersistentStore(tmp_path / "store") as writer:  # no daemon: nothing is recorded
         for version in (1, 2, 3):
-            assert publish(1, context(version), socket=daemon.socket) == version
+            writer.save_context(1, context(version))
+    with running_daemon(tmp_path) as daemon:  # which hashes the current version at start
         reader = ReaderChild(daemon)
         children.append(reader)
         adopted = reader.ask("get 1")
@@ -320,3 +322,46 @@ def test_a_version_written_wrong_is_caught_before_it_is_announced(
         assert list(store.damaged_versions()) == [(1, 2)]
         assert [a.version for a in announced] == [1]
         assert committer.checked_after_commit == {"verified": 0, "damaged": 1}
+
+
+class _Client:
+    """Stands in for the reader's socket thread: records what the reader posts."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.posted: list[object] = []
+
+    def post(self, message: object) -> None:
+        self.posted.append(message)
+
+    def close(self, timeout: float = 2.0) -> bool:
+        return True
+
+    def abandon(self) -> None:
+        pass
+
+
+def test_a_reader_stops_reporting_to_a_daemon_that_does_not_know_the_frame(
+    tmp_path: Path,
+) -> None:
+    with _store_with(tmp_path, (1, 2, 3)) as store:
+        pass
+    flip_byte(store.root / "slots/1/3/0.npy")
+    with Reader(store.root, connect=False) as reader:
+        client = _Client()
+        reader._client = client  # type: ignore[assignment]
+        reader.session_started(Welcome(session=1, daemon_pid=100))
+        assert reader.get(1).version == 2  # the intact one, and a report
+        assert [(m.slot, m.version) for m in client.posted if isinstance(m, DamageReport)] == [
+            (1, 3)
+        ]
+        # a daemon from before the frame ends the session on it, and is not told again
+        reader.session_ended(
+            "fatal error from the daemon: remote_protocol: unknown frame type 'damage_report'"
+        )
+        again = list(reader.session_started(Welcome(session=2, daemon_pid=100)))
+        assert not any(isinstance(m, DamageReport) for m in again)
+        # a new daemon (restarted, upgraded) hears of it
+        fresh = list(reader.session_started(Welcome(session=3, daemon_pid=200)))
+        assert [(m.slot, m.version) for m in fresh if isinstance(m, DamageReport)] == [(1, 3)]
