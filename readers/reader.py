@@ -72,6 +72,7 @@ from ctxstore.errors import (
 )
 from ctxstore.lock import writer_may_be_running
 from ctxstore.messages import (
+    MAX_REASON_BYTES,
     Ack,
     Announce,
     DamageReport,
@@ -369,14 +370,14 @@ class Reader:
         Our session is up, or the store's writer lock names a live process. With
         no daemon (a store read cold, a daemon that died), every version is hashed.
         """
-        return self.connected or writer_may_be_running(layout.lock_path(self._store_path))
+        return self.connected or writer_may_be_running(layout.lock_path(self._store.root))
 
     # -- damage ----------------------------------------------------------------------------
 
     def _damage_found(self, slot: int, version: int, exc: IntegrityError) -> None:
         """Remember ``version`` as damaged, log it once and report it to the daemon."""
         key = (slot, version)
-        detail = "".join(c if c.isprintable() else "?" for c in str(exc)[:MAX_REPORT_CHARS])
+        detail = _report_detail(exc)
         with self._lock:
             if key in self._damaged or self._closed:
                 return
@@ -385,11 +386,12 @@ class Reader:
                 del self._damaged[next(iter(self._damaged))]
             client = self._client if self._reports_welcome() else None
         log.error(
-            "slot %d version %d is damaged (%s): reported to the daemon; this reader serves "
-            "the newest intact version instead",
+            "slot %d version %d is damaged (%s)%s; this reader serves the newest intact "
+            "version instead",
             slot,
             version,
             detail,
+            "" if client is None else ": reported to the daemon",
         )
         if client is not None:
             client.post(DamageReport(slot=slot, version=version, detail=detail))
@@ -945,6 +947,12 @@ class Reader:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self.connected else "offline")
         return f"<Reader {self._name} {self._store_path} {state}>"
+
+
+def _report_detail(exc: IntegrityError) -> str:
+    """What a damage report says: the error's text, printable, within the frame's limit."""
+    text = "".join(c if c.isprintable() else "?" for c in str(exc)[:MAX_REPORT_CHARS])
+    return text.encode("utf-8", "replace")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
 def _version_of(ctx: Context) -> int:
