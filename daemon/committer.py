@@ -158,20 +158,18 @@ class Committer:
         aliases = (alias,) if alias else ()
         progress = progress or PublishProgress()
         async with self._lock:
-            version, committed = await asyncio.to_thread(
+            version, committed, problems, served = await asyncio.to_thread(
                 self._load_and_save, slot, context, model_type, aliases, key=key, progress=progress
             )
             self.commits += 1
             self.last_commit = (slot, version)
-            if self.verify_after_commit:
-                problems, served = await asyncio.to_thread(self._check_new, slot, version)
-                if problems:  # committed, but not as written: current only if nothing else is
-                    self._publish_pointer(slot, version if served is None else served, None, {})
-                    raise IntegrityError(
-                        f"slot {slot} version {version} was committed but its files do not "
-                        f"match what was written ({problems[0]}); it is recorded damaged"
-                        + (f" and slot {slot} serves version {served}" if served else "")
-                    )
+            if problems:  # committed, but not as written: current only if nothing else is
+                self._publish_pointer(slot, version if served is None else served, None, {})
+                raise IntegrityError(
+                    f"slot {slot} version {version} was committed but its files do not "
+                    f"match what was written ({problems[0]}); it is recorded damaged"
+                    + (f" and slot {slot} serves version {served}" if served else "")
+                )
             self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
         if self.post_commit is not None:
             task = asyncio.ensure_future(
@@ -202,14 +200,20 @@ class Committer:
         *,
         key: str | None,
         progress: PublishProgress,
-    ) -> tuple[int, Context]:
+    ) -> tuple[int, Context, list[Problem], int | None]:
+        """In the commit's worker thread: read the source if it is a loader, commit, then
+        (when enabled) the one hash of the new version. Returns the version, the context
+        committed, what that hash found wrong, and the version served instead if any."""
         if isinstance(source, Context):
             context = source
         else:
             progress.stage = "reading"
             context = source()
         progress.stage = "committing"
-        return self._save(slot, context, model_type, aliases, key), context
+        version = self._save(slot, context, model_type, aliases, key)
+        if not self.verify_after_commit:
+            return version, context, [], None
+        return (version, context, *self._check_new(slot, version))
 
     def _save(
         self,

@@ -80,7 +80,7 @@ def hash_file(path: str) -> tuple[str, Identity]:
         if not stat.S_ISREG(before.st_mode):
             raise OSError(f"{path} is not a regular file")
         hasher = xxhash.xxh3_128()
-        buffer = bytearray(_CHUNK)
+        buffer = bytearray(min(_CHUNK, before.st_size + 1))  # +1: the read that sees the end
         with memoryview(buffer) as view:
             offset = 0
             while n := os.preadv(fd, [view], offset):
