@@ -22,14 +22,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ctxstore.messages import Message, Ping, StatusRequest, Subscribe
+from ctxstore.messages import DamageReport, Message, Ping, StatusRequest, Subscribe
 
 #: units a frame the daemon answers at once costs (an ack or a heartbeat costs 1): it costs
-#: the daemon an encode and a write besides the decode, and no client sends them routinely
+#: the daemon an encode and a write besides the decode, and no client sends them routinely;
+#: a damage report (a query on the loop, and maybe a hash) is priced the same
 ANSWERED_COST = 20
 #: the shortest wait of a peer out of units (fewer, larger turns for a flooder)
 MIN_WAIT = 0.05
-_ANSWERED = (Ping, StatusRequest)
+_ANSWERED = (Ping, StatusRequest, DamageReport)
 
 
 def cost_of(message: Message) -> int:
