@@ -365,3 +365,21 @@ def test_a_reader_stops_reporting_to_a_daemon_that_does_not_know_the_frame(
         # a new daemon (restarted, upgraded) hears of it
         fresh = list(reader.session_started(Welcome(session=3, daemon_pid=200)))
         assert [(m.slot, m.version) for m in fresh if isinstance(m, DamageReport)] == [(1, 3)]
+
+
+def test_a_verified_version_whose_record_was_forged_since_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    """The daemon's record vouches for the files' bytes; the index rows that say how to
+    read them are checked against each file's .npy header even when the hash is skipped."""
+    from test_tampered import _store_with_one_version, _tamper
+
+    store_dir = tmp_path / "store"
+    _store_with_one_version(store_dir)
+    with PersistentStore(store_dir) as writer:
+        assert writer.record_check(1, 2) == []
+    _tamper(store_dir, {1: "'<i4'"}, {"dtype": "'<i4'"})  # same size: the files still match
+    with PersistentStore(store_dir, readonly=True) as reader:
+        with pytest.raises(IntegrityError, match=r"\.npy header disagrees"):
+            reader.load_context(1, verify=True, trust_verified=True)
+        assert reader.versions_hashed == 0  # refused on the header, without a hash
