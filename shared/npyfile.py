@@ -253,6 +253,7 @@ def map_arrays(
     file of the recorded size. Nothing here reads a page of it: the records were
     checked when the read plan was decoded, and the .npy header is compared with
     them where the file is read anyway (re-hashing, ``verify``).
+
     ``stats``: append each mapped file's ``fstat`` (taken on the descriptor that
     is mapped) to this list, for the caller's identity check.
     """
