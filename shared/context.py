@@ -1,8 +1,10 @@
 """The immutable Context: named tensors + config + metadata, bound to a slot and version.
 
 A Context is a value. Its arrays are read-only all the way down (backed by a
-read-only buffer: an mmap of a stored file, or a private immutable copy), its
-config and metadata are frozen, and every setter returns a new Context.
+stored file's copy-on-write map, or a private immutable copy), its config and
+metadata are frozen, and every setter returns a new Context. Only a deliberately
+writable view of a stored map (the torch adapter's tensors) can change what this
+process sees; the file and other processes never see it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy.typing as npt
 
 from .errors import InvalidInputError
 from .foreign import as_numpy
+from .npyfile import PrivateMap
 from .validation import (
     MAX_TENSORS,
     check_dtype,
@@ -29,7 +32,12 @@ WeightsLike = Mapping[str, Any] | Sequence[Any] | Array
 
 
 def _is_immutable(array: Array) -> bool:
-    """True when no one can write through ``array`` or anything it views."""
+    """True when no one can write through ``array`` or anything it views.
+
+    A stored file's map counts as immutable: its pages are copy-on-write, so
+    only a deliberately writable view in this process (the torch adapter's) can
+    change them, and never for the file or another process.
+    """
     if array.flags.writeable:
         return False
     root: Any = array
@@ -37,6 +45,8 @@ def _is_immutable(array: Array) -> bool:
         root = root.base
     if isinstance(root, np.ndarray):
         return False  # an array that owns its data can be made writeable again
+    if isinstance(root, PrivateMap):
+        return True  # a stored file's copy-on-write map: writes never leave this process
     try:
         return memoryview(root).readonly
     except TypeError:

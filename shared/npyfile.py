@@ -9,6 +9,16 @@ a header (about 4 us a file, against about 100 us for ``np.load(mmap_mode="r")``
 An ml_dtypes tensor (bfloat16, float8...) is written with the unsigned integer
 of its width in the header (a .npy descr cannot name it; see dtypes.py) and
 recorded in the index by its name, which is what the read path maps it as.
+
+The map is private and writable (:class:`PrivateMap`, ``MAP_PRIVATE`` with
+``PROT_READ|PROT_WRITE``): its pages are the page cache's, shared with every
+other reader, until this process writes one, which the kernel then copies for
+this process alone. Nothing written reaches the file or another process, so an
+in-place write through a torch tensor over the map (``ctxstore.readers.torch``)
+is a private edit, not a SIGSEGV. The numpy arrays stay flagged read-only.
+Under ``vm.overcommit_memory=2`` a writable private map is charged to the
+commit limit at its full size; when the kernel refuses that charge (ENOMEM)
+the file is mapped read-only instead, and the torch adapter copies it.
 """
 
 from __future__ import annotations
@@ -143,6 +153,19 @@ def shape_from_text(text: str) -> tuple[int, ...]:
     return tuple(map(int, text.split(","))) if text else ()
 
 
+class PrivateMap(mmap.mmap):
+    """A stored tensor file mapped copy-on-write (``mmap.ACCESS_COPY``).
+
+    Its own type so that :func:`ctxstore.context.freeze_array` can tell the
+    store's maps (whose writes never leave this process, and which only a
+    deliberately writable view such as the torch adapter's writes) from any
+    other writable buffer, and the torch adapter can find the map to build a
+    writable tensor over it.
+    """
+
+    __slots__ = ()
+
+
 def contiguous_bytes(array: Array) -> memoryview:
     """A flat byte view of ``array``'s data in C order (copies only if it is not C-contiguous)."""
     flat = np.ascontiguousarray(array).reshape(-1)
@@ -229,7 +252,7 @@ _NO_WAIT_NO_LINK = os.O_NONBLOCK | os.O_NOFOLLOW
 def map_array(
     path: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int
 ) -> Array:
-    """Map a stored tensor read-only, checking the file size against its record.
+    """Map a stored tensor (a read-only array over a :class:`PrivateMap`), checking its size.
 
     ``nbytes`` is the recorded data size (dtype.itemsize times the element
     count). Raises NotFoundError when the file is gone and IntegrityError when
@@ -252,14 +275,16 @@ def map_arrays(
     FIFO planted in its place would block the open forever) and must be a regular
     file of the recorded size. Nothing here reads a page of it: the records were
     checked when the read plan was decoded, and the .npy header is compared with
-    them where the file is read anyway (re-hashing, ``verify``).
+    them where the file is read anyway (re-hashing, ``verify``). Each array is
+    flagged read-only (a numpy write raises ValueError) over a copy-on-write map
+    (see the module's docstring).
 
     ``stats``: append each mapped file's ``fstat`` (taken on the descriptor that
     is mapped) to this list, for the caller's identity check.
     """
     arrays: list[Array] = []
-    append, open_, close, new_map, ndarray = arrays.append, os.open, os.close, mmap.mmap, np.ndarray
-    flags, access = os.O_RDONLY | os.O_CLOEXEC, mmap.ACCESS_READ
+    append, open_, close, ndarray = arrays.append, os.open, os.close, np.ndarray
+    new_map, flags, access = PrivateMap, os.O_RDONLY | os.O_CLOEXEC, mmap.ACCESS_COPY
     for file_name, dtype, shape, offset, nbytes in specs:
         path = prefix + file_name
         try:
@@ -278,10 +303,13 @@ def map_arrays(
             mm = new_map(fd, 0, access=access)
         except ValueError:  # an empty file cannot be mapped
             raise IntegrityError(f"tensor file {path} is empty") from None
-        except OSError as exc:  # mmap maps only regular files (it fstats them itself)
-            if exc.errno not in (errno.EINVAL, errno.ENODEV):
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:  # strict overcommit refuses a writable private map
+                mm = new_map(fd, 0, access=mmap.ACCESS_READ)
+            elif exc.errno in (errno.EINVAL, errno.ENODEV):  # mmap maps only regular files
+                raise IntegrityError(f"tensor file {path} is not a regular file") from None
+            else:
                 raise
-            raise IntegrityError(f"tensor file {path} is not a regular file") from None
         finally:
             close(fd)
         if len(mm) != offset + nbytes:
@@ -291,10 +319,12 @@ def map_arrays(
                 f"tensor file {path} has {size} bytes, its record says {offset + nbytes}"
             )
         try:
-            append(ndarray(shape, dtype, mm, offset))
+            array = ndarray(shape, dtype, mm, offset)
         except (TypeError, ValueError):  # the record's shape needs more bytes than it says
             mm.close()
             raise IntegrityError(
                 f"tensor file {path}: record {dtype}{list(shape)} does not fit {nbytes} bytes"
             ) from None
+        array.setflags(write=False)
+        append(array)
     return arrays

@@ -86,8 +86,23 @@ def test_loaded_arrays_are_zero_copy_maps(store: PersistentStore) -> None:
     w = store.load_context(1)["w"]
     assert isinstance(w.base, mmap.mmap)
     assert not w.flags.writeable
-    with pytest.raises(ValueError, match="WRITEABLE"):
-        w.setflags(write=True)
+    with pytest.raises(ValueError, match="read-only"):
+        w[0] = 5.0
+
+
+def test_a_write_through_a_loaded_array_stays_in_this_process(store: PersistentStore) -> None:
+    """The map is copy-on-write: a caller who makes a view writable on purpose edits a
+    private copy of the pages it touches; the file and every later load are unchanged."""
+    store.save_context(1, Context({"w": np.arange(1000.0)}))
+    w = store.load_context(1)["w"]
+    writable = w.view()
+    writable.setflags(write=True)
+    writable[0] = 5.0
+    assert w[0] == 5.0  # the same memory, in this process
+    again = store.load_context(1, verify=True)["w"]  # a new map of the file: still intact
+    assert again[0] == 0.0
+    path = next((store.root / "slots" / "1" / "1").glob("*.npy"))
+    assert np.load(path)[0] == 0.0
 
 
 def test_versions_count_from_one_per_slot_and_current_moves(store: PersistentStore) -> None:
