@@ -81,6 +81,8 @@ def _writable_view(array: Array) -> Array | None:
         root = root.base
     if not isinstance(root, PrivateMap) or not array.dtype.isnative:
         return None
+    if any(stride < 0 for stride in array.strides):  # a reversed view: torch has no such strides
+        return None
     view = array.view()
     try:
         view.setflags(write=True)
@@ -107,9 +109,9 @@ def state_dict(context: Context, *, copy: bool | None = None) -> dict[str, torch
     ``copy=None`` (the default): a tensor shares memory with the context's array
     (same data pointer, writes private to this process) when the array is a
     stored file's map, and is a private copy otherwise (a Context never
-    stored, a read-only map, a non-native byte order). ``copy=False`` raises
-    InvalidInputError naming the first tensor that would be copied;
-    ``copy=True`` always copies.
+    stored, a read-only map, a non-native byte order, a reversed view).
+    ``copy=False`` raises InvalidInputError naming the first tensor that would
+    be copied; ``copy=True`` always copies.
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, array in context.weights.items():

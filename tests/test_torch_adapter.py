@@ -107,6 +107,15 @@ def test_arrays_that_cannot_be_shared_are_copied_or_refused(store: PersistentSto
         ctx_torch.state_dict(fresh, copy=False)
     big_endian = stored(store, Context({"b": np.arange(3, dtype=">f4")}))
     assert ctx_torch.state_dict(big_endian)["b"].tolist() == [0.0, 1.0, 2.0]
+    views = Context({"every_other": big_endian["b"][::2], "reversed": big_endian["b"][::-1]})
+    assert {k: t.tolist() for k, t in ctx_torch.state_dict(views).items()} == {
+        "every_other": [0.0, 2.0],
+        "reversed": [2.0, 1.0, 0.0],
+    }
+    native = stored(store, Context({"n": np.arange(4, dtype="f4")}), slot=3)["n"]
+    strided = ctx_torch.state_dict(Context({"s": native[::2], "r": native[::-1]}))
+    assert strided["s"].data_ptr() == native.ctypes.data  # a view of the map: still shared
+    assert strided["r"].tolist() == [3.0, 2.0, 1.0, 0.0]  # torch has no negative strides: a copy
     mapped = stored(store, Context({"w": np.arange(3, dtype="f4")}), slot=2)
     copied = ctx_torch.state_dict(mapped, copy=True)["w"]
     assert copied.data_ptr() != mapped["w"].ctypes.data
