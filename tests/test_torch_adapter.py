@@ -218,6 +218,29 @@ def pointers(model: torch.nn.Module) -> dict[str, int]:
     return {name: t.data_ptr() for name, t in model.state_dict().items()}
 
 
+def test_tied_weights_are_built_and_swapped_through_their_one_stored_tensor(
+    store: PersistentStore,
+) -> None:
+    """save_pretrained stores a tied lm_head once, as embed_tokens; so does the publisher."""
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    contexts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights = LlamaForCausalLM(config).state_dict()
+        del weights["lm_head.weight"]
+        context = Context({k: v.numpy() for k, v in weights.items()})
+        contexts.append(stored(store, context.set_config(json.loads(config.to_json_string()))))
+    first, second = contexts
+    model = ctx_torch.build_model(first)
+    embed = first["model.embed_tokens.weight"].ctypes.data
+    assert model.lm_head.weight.data_ptr() == embed
+    ctx_torch.swap_weights(model, second)
+    assert model.lm_head.weight.data_ptr() == second["model.embed_tokens.weight"].ctypes.data
+
+
 def test_a_swap_to_another_architecture_is_refused_and_changes_nothing(
     store: PersistentStore,
 ) -> None:
