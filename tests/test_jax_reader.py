@@ -1,12 +1,16 @@
 """JAX on CPU over a stored context: which calls share the mapped memory and which copy
-(as docs/workers.md says), measured by the buffers' addresses."""
+(as docs/workers.md says), measured by the buffers' addresses.
+
+JAX runs in a process of its own: once its backend is up, every later fork in
+pytest's process warns (an error here), and other tests fork."""
 
 from __future__ import annotations
 
-import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ctxstore import Context
@@ -18,24 +22,47 @@ WEIGHTS = {
     "b": np.arange(3, dtype="f4"),
 }
 
+# For each stored array: does jax.device_put / jnp.asarray / jnp.array of it use the
+# array's own memory? Then a jitted sum over the device_put params, and whether those
+# params still read right once the context and its arrays are gone (JAX holds the map).
+MEASURE = """
+import gc, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from ctxstore.store import PersistentStore
 
-def test_device_put_shares_the_mapped_memory_and_jnp_asarray_copies(
-    store: PersistentStore,
-) -> None:
-    store.save_context(1, Context(WEIGHTS))
+with PersistentStore(sys.argv[1], readonly=True) as store:
     ctx = store.load_context(1)
     params = jax.device_put(ctx.get_weights())  # a plain dict: a pytree
+    facts = {"arrays": {}}
     for name, array in ctx.weights.items():
-        assert params[name].dtype == array.dtype
-        assert params[name].unsafe_buffer_pointer() == array.ctypes.data  # zero copies
-        assert jnp.asarray(array).unsafe_buffer_pointer() != array.ctypes.data  # a copy
-        assert jnp.array(array).unsafe_buffer_pointer() != array.ctypes.data  # a copy
-    total = jax.jit(lambda p: p["w"].sum() + p["b"].sum())(params)
-    assert float(total) == float(WEIGHTS["w"].sum() + WEIGHTS["b"].sum())
+        address = array.ctypes.data
+        facts["arrays"][name] = {
+            "dtype": [str(params[name].dtype), str(array.dtype)],
+            "device_put": params[name].unsafe_buffer_pointer() == address,
+            "asarray": jnp.asarray(array).unsafe_buffer_pointer() == address,
+            "array": jnp.array(array).unsafe_buffer_pointer() == address,
+        }
+    facts["sum"] = float(jax.jit(lambda p: p["w"].sum() + p["b"].sum())(params))
+    expected = np.array(ctx["w"])
+    del ctx, array
+    gc.collect()
+    facts["alive"] = bool(np.array_equal(np.asarray(params["w"]), expected))
+print(json.dumps(facts))
+"""
 
 
-def test_a_device_put_array_keeps_its_map_alive(store: PersistentStore) -> None:
-    store.save_context(1, Context(WEIGHTS))
-    params = jax.device_put(store.load_context(1).get_weights())
-    gc.collect()  # the context and its arrays are gone; JAX holds the map
-    assert np.array_equal(np.asarray(params["w"]), WEIGHTS["w"])
+def test_device_put_shares_the_mapped_memory_and_jnp_asarray_copies(tmp_path: Path) -> None:
+    with PersistentStore(tmp_path / "store") as store:
+        store.save_context(1, Context(WEIGHTS))
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", MEASURE, str(tmp_path / "store")],
+        check=False, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout)
+    for name, fact in facts["arrays"].items():
+        assert fact["dtype"][0] == fact["dtype"][1] == str(WEIGHTS[name].dtype)
+        assert fact["device_put"], f"{name}: device_put copied"  # zero copies
+        assert not fact["asarray"] and not fact["array"], f"{name}: jnp shared"  # copies
+    assert facts["sum"] == float(WEIGHTS["w"].sum() + WEIGHTS["b"].sum())
+    assert facts["alive"]
