@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from ctxstore import Context
@@ -20,6 +21,8 @@ WEIGHTS = {
     "w": np.arange(4096, dtype="f4").reshape(64, 64),
     "h": np.arange(100, dtype="f2"),
     "b": np.arange(3, dtype="f4"),
+    "bf16": np.arange(64, dtype="f4").astype(ml_dtypes.bfloat16),
+    "fp8": np.arange(8, dtype="f4").astype(ml_dtypes.float8_e4m3fn),
 }
 
 # For each stored array: does jax.device_put / jnp.asarray / jnp.array of it use the

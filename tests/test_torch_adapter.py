@@ -25,16 +25,23 @@ from ctxstore.store import PersistentStore
 PAGE = mmap.PAGESIZE
 
 
-def tiny_llama(seed: int) -> tuple[LlamaForCausalLM, Context]:
-    """A 2-layer Llama with random weights, and the Context a publisher would make of it."""
+def tiny_llama(
+    seed: int, directory: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, Context]:
+    """A 2-layer Llama with random weights in ``dtype``, and the Context a publisher would
+    make of it. With ``directory``, the model is saved there with ``save_pretrained`` and
+    the reference returned is what ``from_pretrained(directory)`` loads."""
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, vocab_size=128,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    weights = {name: t.detach().numpy() for name, t in model.state_dict().items()}
-    return model, Context(weights, config=json.loads(config.to_json_string()))
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    if directory is not None:
+        model.save_pretrained(directory)
+        model = LlamaForCausalLM.from_pretrained(directory).eval()
+    config_json = json.loads(model.config.to_json_string())
+    return model, Context(model.state_dict(), config=config_json)
 
 
 def stored(store: PersistentStore, ctx: Context, slot: int = 1) -> Context:
@@ -61,6 +68,39 @@ def test_state_dict_shares_the_mapped_memory_with_the_stored_dtypes(
         assert tensor.data_ptr() == ctx[name].ctypes.data
         assert tensor.shape == ctx[name].shape
         assert np.array_equal(tensor.numpy(), weights[name])
+
+
+def test_bf16_and_fp8_tensors_are_shared_as_torch_dtypes_bit_for_bit(
+    store: PersistentStore,
+) -> None:
+    values = np.array([0.5, -1.0, 2.0, 448.0], dtype="f4")
+    weights = {
+        "bf16": values.astype(ml_dtypes.bfloat16),
+        "e4m3": values.astype(ml_dtypes.float8_e4m3fn),
+        "e5m2": values[:3].astype(ml_dtypes.float8_e5m2),
+    }
+    ctx = stored(store, Context(weights))
+    tensors = ctx_torch.state_dict(ctx)
+    expected = {"bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    assert {name: t.dtype for name, t in tensors.items()} == expected
+    for name, tensor in tensors.items():
+        assert tensor.data_ptr() == ctx[name].ctypes.data
+        assert tensor.view(torch.uint8).numpy().tobytes() == weights[name].tobytes()
+        assert tensor.float().tolist() == weights[name].astype("f4").tolist()
+
+
+def test_a_bf16_checkpoint_builds_a_model_identical_to_from_pretrained(
+    store: PersistentStore, tmp_path: Path
+) -> None:
+    reference, ctx = tiny_llama(0, tmp_path / "ckpt", torch.bfloat16)
+    mapped = stored(store, ctx)
+    assert mapped["lm_head.weight"].dtype == ml_dtypes.bfloat16
+    model = ctx_torch.build_model(mapped)
+    assert model.dtype == torch.bfloat16
+    assert pointers(model) == {name: mapped[name].ctypes.data for name in mapped}
+    tokens = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
 
 
 def test_a_torch_write_is_private_and_costs_only_the_pages_it_touches(

@@ -1,6 +1,7 @@
-"""End to end in real processes: a tiny Llama published through a running daemon, four
-torch workers serving it from their Readers with zero copies, bit-identical to the
-reference, hot-swapped to the next version, and their in-place writes kept private."""
+"""End to end in real processes: a tiny bf16 Llama published through a running daemon, four
+torch workers serving it from their Readers with zero copies, bit-identical to what
+``from_pretrained`` of its ``save_pretrained`` directory computes, hot-swapped to the next
+version, and their in-place writes kept private."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def reference_digest(model: torch.nn.Module) -> str:
             logits = model(torch.arange(12).unsqueeze(0)).logits
     finally:
         torch.set_num_threads(threads)
-    return hashlib.sha256(logits.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(logits.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 class Worker:
@@ -95,8 +96,8 @@ def workers(store: Path, socket: Path, count: int) -> Iterator[list[Worker]]:
 
 
 def test_four_torch_workers_serve_a_llama_zero_copy_and_swap_versions(tmp_path: Path) -> None:
-    first_model, first = tiny_llama(0)
-    second_model, second = tiny_llama(1)
+    first_model, first = tiny_llama(0, tmp_path / "v1", torch.bfloat16)
+    second_model, second = tiny_llama(1, tmp_path / "v2", torch.bfloat16)
     first_digest, second_digest = reference_digest(first_model), reference_digest(second_model)
     assert first_digest != second_digest
     with running_daemon(tmp_path) as daemon:

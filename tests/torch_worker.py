@@ -43,7 +43,7 @@ MODEL_FOR_CAUSAL_LM_MAPPING[LlamaConfig]  # imports the Llama model code once, b
 def logits_digest(model: torch.nn.Module) -> str:
     with torch.no_grad():
         logits = model(TOKENS).logits
-    return hashlib.sha256(logits.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(logits.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def shares_the_maps(model: torch.nn.Module, ctx: Context) -> bool:
