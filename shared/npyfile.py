@@ -261,6 +261,17 @@ def map_array(
     return map_arrays("", ((path, dtype, shape, offset, nbytes),))[0]
 
 
+def _map_refused(fd: int, path: str, exc: OSError) -> PrivateMap:
+    """What follows mmap's refusal ``exc`` of ``fd``: a read-only map when strict
+    overcommit would not charge a writable private one (ENOMEM), IntegrityError for
+    a file mmap cannot map (not a regular file), else ``exc`` itself."""
+    if exc.errno == errno.ENOMEM:
+        return PrivateMap(fd, 0, access=mmap.ACCESS_READ)
+    if exc.errno in (errno.EINVAL, errno.ENODEV):
+        raise IntegrityError(f"tensor file {path} is not a regular file") from None
+    raise exc
+
+
 def map_arrays(
     prefix: str,
     specs: Iterable[tuple[str, np.dtype[Any], tuple[int, ...], int, int]],
@@ -304,12 +315,7 @@ def map_arrays(
         except ValueError:  # an empty file cannot be mapped
             raise IntegrityError(f"tensor file {path} is empty") from None
         except OSError as exc:
-            if exc.errno == errno.ENOMEM:  # strict overcommit refuses a writable private map
-                mm = new_map(fd, 0, access=mmap.ACCESS_READ)
-            elif exc.errno in (errno.EINVAL, errno.ENODEV):  # mmap maps only regular files
-                raise IntegrityError(f"tensor file {path} is not a regular file") from None
-            else:
-                raise
+            mm = _map_refused(fd, path, exc)
         finally:
             close(fd)
         if len(mm) != offset + nbytes:
