@@ -24,14 +24,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ctxstore.context import Context
 from ctxstore.errors import CtxStoreError, IntegrityError, InvalidInputError
 from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
-from ctxstore.nodes import FileNode, create_node, read_weights_file
+from ctxstore.nodes import FileNode, ImportLimits, create_node, open_import
 from ctxstore.nodes.files import OpenedFile
 from ctxstore.records import Problem
+from ctxstore.sources import Imported
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTableWriter
 
@@ -50,11 +50,13 @@ UNLIMITED = 2**63 - 1
 class Requester:
     """Who asked: the peer's uid decides which files and segments the daemon will read.
 
-    ``import_roots``: the directories files may be imported from (empty: anywhere).
+    ``import_roots``: the directories files may be imported from (empty: anywhere);
+    ``limits``: what one import may bring (the ``imports.*`` settings).
     """
 
     uid: int
     import_roots: tuple[Path, ...] = ()
+    limits: ImportLimits = field(default_factory=ImportLimits)
 
     def may_read(self, owner_uid: int) -> bool:
         return self.uid in (0, os.getuid(), owner_uid)
@@ -143,7 +145,7 @@ class Committer:
     async def commit(
         self,
         slot: int,
-        context: Context | Callable[[], Context],
+        context: Context | Callable[[], Context] | Imported,
         *,
         model_type: str | None = None,
         alias: str | None = None,
@@ -153,14 +155,21 @@ class Committer:
         """Commit ``context`` (or what a loader returns, called in the commit's worker
         thread under the commit lock) as the next version of ``slot``, then announce it.
 
+        An :class:`~ctxstore.sources.Imported` (an importer's checked files) is
+        streamed into the store during the commit, a chunk at a time, and closed.
         ``key``: the publish key the index records with the version.
         """
         aliases = (alias,) if alias else ()
         progress = progress or PublishProgress()
         async with self._lock:
-            version, committed, problems, served = await asyncio.to_thread(
-                self._load_and_save, slot, context, model_type, aliases, key=key, progress=progress
-            )
+            try:
+                version, committed, problems, served = await asyncio.to_thread(
+                    self._load_and_save, slot, context, model_type, aliases, key=key,
+                    progress=progress,
+                )  # fmt: skip
+            finally:
+                if isinstance(context, Imported):
+                    context.close()
             self.commits += 1
             self.last_commit = (slot, version)
             if problems:  # committed, but not as written: current only if nothing else is
@@ -194,7 +203,7 @@ class Committer:
     def _load_and_save(
         self,
         slot: int,
-        source: Context | Callable[[], Context],
+        source: Context | Callable[[], Context] | Imported,
         model_type: str | None,
         aliases: tuple[str, ...],
         *,
@@ -203,14 +212,22 @@ class Committer:
     ) -> tuple[int, Context, list[Problem], int | None]:
         """In the commit's worker thread: read the source if it is a loader, commit, then
         (when enabled) the one hash of the new version. Returns the version, the context
-        committed, what that hash found wrong, and the version served instead if any."""
-        if isinstance(source, Context):
-            context = source
+        committed, what that hash found wrong, and the version served instead if any.
+        An import is streamed into the store, and committed is the version as stored
+        (mapped, not read into memory)."""
+        if isinstance(source, Imported):
+            progress.stage = "committing"
+            progress.total = source.nbytes
+            version = self._save(slot, source, model_type, aliases, key)
+            context = self.store.load_context(slot, version)
         else:
-            progress.stage = "reading"
-            context = source()
-        progress.stage = "committing"
-        version = self._save(slot, context, model_type, aliases, key)
+            if isinstance(source, Context):
+                context = source
+            else:
+                progress.stage = "reading"
+                context = source()
+            progress.stage = "committing"
+            version = self._save(slot, context, model_type, aliases, key)
         if not self.verify_after_commit:
             return version, context, [], None
         return (version, context, *self._check_new(slot, version))
@@ -218,15 +235,20 @@ class Committer:
     def _save(
         self,
         slot: int,
-        context: Context,
+        context: Context | Imported,
         model_type: str | None,
         aliases: tuple[str, ...],
         key: str | None = None,
     ) -> int:
         started = time.perf_counter()
-        version = self.store.save_context(
-            slot, context, model_type=model_type, aliases=aliases, publish_key=key
-        )
+        if isinstance(context, Imported):
+            version = self.store.save_import(
+                slot, context, model_type=model_type, aliases=aliases, publish_key=key
+            )
+        else:
+            version = self.store.save_context(
+                slot, context, model_type=model_type, aliases=aliases, publish_key=key
+            )
         observer = self.on_commit
         if observer is not None:
             try:
@@ -374,13 +396,17 @@ class Committer:
     async def publish_file(
         self, request: PublishFile, who: Requester, progress: PublishProgress | None = None
     ) -> int:
+        """A weights file or a checkpoint directory: its headers checked first, then its
+        tensors streamed into the store by the commit."""
         progress = progress or PublishProgress()
         progress.stage = "reading"
-        context = await asyncio.to_thread(_context_from_file, request.path, who)
-        context = context.set_metadata({**context.get_metadata(), **dict(request.metadata)})
+        imported = await asyncio.to_thread(
+            open_import, request.path, limits=who.limits, check=who.check_file
+        )
+        imported.metadata = {**imported.metadata, **dict(request.metadata)}
         progress.stage = "waiting"
         return await self.commit(
-            request.slot, context, model_type=request.model_type, alias=request.alias,
+            request.slot, imported, model_type=request.model_type, alias=request.alias,
             key=request.key, progress=progress,
         )  # fmt: skip
 
@@ -389,10 +415,14 @@ class Committer:
     ) -> int:
         progress = progress or PublishProgress()
         node = create_node(request.node_type, request.slot, dict(request.config))
+        progress.stage = "reading"
+        context: Context | Imported
         if isinstance(node, FileNode):  # the same rule as publish_file: the peer's own files
             node.file_check = who.check_file
-        progress.stage = "reading"
-        context = await node.async_build_context()
+            node.limits_cap = who.limits
+            context = await asyncio.to_thread(node.build_import)  # streamed by the commit
+        else:
+            context = await node.async_build_context()
         progress.stage = "waiting"
         return await self.commit(
             request.slot, context, model_type=node.model_type, alias=request.alias,
@@ -441,12 +471,3 @@ class Committer:
                 segment, request.manifest, max_bytes=self.max_publish_bytes, progress=advance
             )
         return Context(weights, request.config, request.metadata)
-
-
-def _context_from_file(path: str, who: Requester) -> Context:
-    loaded = read_weights_file(path, check=who.check_file)
-    source = {"path": path, "format": loaded.format, "bytes": loaded.size}
-    metadata: dict[str, Any] = {"source": source}
-    if loaded.metadata:
-        metadata["file_metadata"] = loaded.metadata
-    return Context(loaded.weights, None, metadata)

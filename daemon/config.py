@@ -28,10 +28,12 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from ctxstore.errors import InvalidInputError
+from ctxstore.nodes.files import DEFAULT_MAX_IMPORT_BYTES, ImportLimits
 from ctxstore.paths import default_socket_path, default_store_dir
 from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from ctxstore.store import DEFAULT_RETENTION
 from ctxstore.validation import freeze_mapping, thaw_json
+from ctxstore.versionfiles import MAX_FILE_BYTES, MAX_FILES
 from ctxstore.versiontable import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY
 
 from .logs import LOG_FORMATS, LOG_LEVELS
@@ -296,6 +298,11 @@ class DaemonConfig:
     publish_gids: frozenset[int] = frozenset()
     #: directories file imports may read from, symlinks resolved (empty: anywhere)
     import_roots: tuple[Path, ...] = ()
+    #: tensor bytes one file import may bring (default: the machine's memory)
+    import_max_bytes: int = DEFAULT_MAX_IMPORT_BYTES
+    #: extra files (config, tokenizer ...) one checkpoint import may bring, and bytes of each
+    import_max_files: int = MAX_FILES
+    import_max_file_bytes: int = MAX_FILE_BYTES
     retention: int = DEFAULT_RETENTION
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: a reader whose outbox does not drain for this long is disconnected
@@ -371,6 +378,11 @@ class DaemonConfig:
 
     def replace(self, **changes: object) -> DaemonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def import_limits(self) -> ImportLimits:
+        """What one file import may bring (the ``imports.*`` settings)."""
+        return ImportLimits(self.import_max_bytes, self.import_max_files,
+                            self.import_max_file_bytes)  # fmt: skip
 
     def http_address(self) -> tuple[str, int] | None:
         """(host, port) to bind the HTTP API to, or None when ``http`` is "off"."""
@@ -507,6 +519,9 @@ KEYS: tuple[Key, ...] = (
     _key("publish_uids", "publish_uids", _ids, _env_ids, flag="--publish-uid"),
     _key("publish_gids", "publish_gids", _ids, _env_ids, flag="--publish-gid"),
     _key("import_roots", "import_roots", _roots, _env_paths, flag="--import-root"),
+    _key("import_max_bytes", "imports.max_bytes", _int_in(0, 2**62), _env_int),
+    _key("import_max_files", "imports.max_files", _int_in(0, 100_000), _env_int),
+    _key("import_max_file_bytes", "imports.max_file_bytes", _int_in(0, 2**40), _env_int),
     _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention"),
     _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
     _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),

@@ -6,13 +6,14 @@ the committer, so the server only wires them together.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from ctxstore.context import Context
-from ctxstore.nodes import FileNode, create_node
+from ctxstore.nodes import FileNode, ImportLimits, create_node
 from ctxstore.store import PersistentStore
 
 from .committer import Committer
@@ -66,6 +67,7 @@ def job_runner(
     committer: Committer,
     jobs: Callable[[], JobQueue | None],
     import_roots: Callable[[], tuple[Path, ...]] = tuple,
+    import_limits: Callable[[], ImportLimits] = ImportLimits,
 ) -> Callable[[Job], Awaitable[int]]:
     """How a queued build job runs: build off the loop, then commit like any publish.
 
@@ -75,9 +77,14 @@ def job_runner(
 
     async def run(job: Job) -> int:
         node = create_node(job.node_type, job.slot, dict(job.config))
-        if isinstance(node, FileNode):
-            node.file_check = functools.partial(check_opened_file, import_roots())
         queue = jobs()
+        if isinstance(node, FileNode):  # checked now, streamed into the store by the commit
+            node.file_check = functools.partial(check_opened_file, import_roots())
+            node.limits_cap = import_limits()
+            imported = await asyncio.to_thread(node.build_import)
+            if queue is not None:
+                queue.set_progress(job.id, BUILT)
+            return await committer.commit(job.slot, imported, model_type=node.model_type)
         if queue is not None:  # the build's own progress fills [0, BUILT]
             node.on_progress = functools.partial(_scaled_progress, queue, job.id)
         context = await node.async_build_context()

@@ -205,7 +205,12 @@ class Daemon:
         self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
         self.jobs = JobQueue(
             self.store,
-            job_runner(self.committer, lambda: self.jobs, lambda: self.config.import_roots),
+            job_runner(
+                self.committer,
+                lambda: self.jobs,
+                lambda: self.config.import_roots,
+                lambda: self.config.import_limits(),  # noqa: PLW0108 (reload replaces config)
+            ),
             concurrency=config.jobs_concurrency,
             max_attempts=config.jobs_max_attempts,
             backoff_initial=config.jobs_backoff_initial,
@@ -567,7 +572,7 @@ class Daemon:
         dropped for silence (it is waiting for us), and is sent Progress frames if it
         asked for them."""
         assert self.committer is not None
-        who = Requester(sub.peer.uid, self.config.import_roots)
+        who = Requester(sub.peer.uid, self.config.import_roots, self.config.import_limits())
         progress = PublishProgress()
         sub.requests_in_flight += 1
         ticker = None

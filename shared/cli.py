@@ -355,6 +355,38 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a version as a Hugging Face checkpoint directory (docs/huggingface.md)."""
+    from .export import export_version
+
+    version, directory = (None, args.first) if args.second is None else (args.first, args.second)
+    with _open(args) as store:
+        written = export_version(
+            store, args.slot, version, directory, max_shard_bytes=args.max_shard_size
+        )
+    print(f"slot {args.slot}: wrote {len(written)} files to {directory}")
+    return 0
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes from ``5GB``, ``500MiB`` or a plain number (what save_pretrained takes)."""
+    number = text.strip().upper().rstrip("BIKMGT")
+    unit = text.strip().upper()[len(number) :]
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (a number of bytes, or with a unit: 500MB, 2GiB)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
+    return value
+
+
 def parse_setting(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as JSON when it parses (numbers, bools), else text.
 
@@ -695,6 +727,34 @@ def _demo_command(sub: Any) -> None:
     )
 
 
+def _transfer_commands(command: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    """publish (into the store, through the daemon) and export (out of it, to a directory)."""
+    p = command(
+        "publish", cmd_publish,
+        "commit a .npy/.npz/.safetensors file or a Hugging Face checkpoint directory "
+        "through the daemon",
+    )  # fmt: skip
+    p.add_argument("slot", type=slot_arg)
+    p.add_argument("file", type=Path, help="weights file or checkpoint directory")
+    p.add_argument("--type", default=None, help="model type of the slot")
+    p.add_argument("--alias", default=None, help="point this alias at the new version")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="idempotency key (8-128 of A-Z a-z 0-9 _ -; default: random): a publish "
+        "retried with the key of one that was committed is not committed again",
+    )
+
+    p = command("export", cmd_export, "write a version as a Hugging Face checkpoint directory")
+    p.add_argument("slot", type=slot_arg)
+    p.add_argument("first", metavar="[VERSION] DIR", help="version or alias (default current)")
+    p.add_argument("second", nargs="?", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--max-shard-size", type=byte_size, default="5GB",
+        help="cut model.safetensors into shards above this size (default 5GB)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxstore",
@@ -717,17 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("daemon", cmd_daemon, "run the writer daemon in the foreground")
     _daemon_flags(p)
 
-    p = command("publish", cmd_publish, "commit a .npy/.npz/.safetensors file through the daemon")
-    p.add_argument("slot", type=slot_arg)
-    p.add_argument("file", type=Path)
-    p.add_argument("--type", default=None, help="model type of the slot")
-    p.add_argument("--alias", default=None, help="point this alias at the new version")
-    p.add_argument(
-        "--key",
-        default=None,
-        help="idempotency key (8-128 of A-Z a-z 0-9 _ -; default: random): a publish "
-        "retried with the key of one that was committed is not committed again",
-    )
+    _transfer_commands(command)
 
     p = command("build", cmd_build, "build a context with a node type and commit it")
     p.add_argument("slot", type=slot_arg)

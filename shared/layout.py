@@ -2,6 +2,7 @@
 
 <root>/index.db                 SQLite index (WAL)
 <root>/slots/<slot>/<version>/  one .npy per tensor, named by position
+<root>/slots/<slot>/<version>/files/<name>  the version's extra files (config.json ...)
 <root>/wal/<txid>/              staging for a version being committed
 <root>/wal/spare-<token>/       an empty staging directory prepared for the next commit
 <root>/LOCK                     flock held by the one writer
@@ -61,6 +62,14 @@ def version_dir_str(root: str, slot: int, version: int) -> str:
 
 def tensor_file_name(position: int) -> str:
     return f"{position}.npy"
+
+
+FILES_DIR = "files"
+
+
+def version_file_str(root: str, slot: int, version: int, name: str) -> str:
+    """Where a version's extra file ``name`` (already validated) is stored."""
+    return f"{root}/{SLOTS_DIR}/{slot}/{version}/{FILES_DIR}/{name}"
 
 
 def tensor_path_str(root: str, slot: int, version: int, position: int) -> str:

@@ -76,3 +76,11 @@ class Problem:
         if self.tensor is not None:
             where += f" tensor {self.tensor!r}"
         return f"{where}: {self.kind}: {self.detail}"
+
+
+class FileInfo(NamedTuple):
+    """One extra file of a version (``config.json``, tokenizer files ...), as recorded."""
+
+    name: str
+    size: int
+    checksum: str

@@ -115,6 +115,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             FOREIGN KEY (slot, version) REFERENCES versions(slot, version) ON DELETE CASCADE
         ) WITHOUT ROWID""",
     ),
+    # 5: extra files that travel with a version (config.json, tokenizer files ...), stored
+    # in its directory's files/ and recorded in the version's own transaction
+    5: (
+        """CREATE TABLE version_files (
+            slot INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            size INTEGER NOT NULL CHECK (size >= 0),
+            checksum TEXT NOT NULL,
+            PRIMARY KEY (slot, version, name),
+            FOREIGN KEY (slot, version) REFERENCES versions(slot, version) ON DELETE CASCADE
+        ) WITHOUT ROWID""",
+        "CREATE INDEX version_files_by_checksum ON version_files(checksum)",
+    ),
 }
 
 LATEST = max(MIGRATIONS)

@@ -4,9 +4,10 @@ The commit protocol, in this order and only here (DESIGN.md):
 
 1. validate the context;
 2. write each new tensor into ``wal/<txid>/`` (or hard-link an identical stored
-   one), fsync each file and the directory (its entries);
+   one), and the version's extra files into ``wal/<txid>/files/``; fsync each
+   file and the directories (their entries);
 3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync ``slots/<slot>``;
-4. one SQLite transaction inserts the version and its tensors and moves the
+4. one SQLite transaction inserts the version, its tensors and files and moves the
    slot's current pointer: its COMMIT is the commit point (its statements run
    right after staging, while the CPU is warm; nothing of them is visible or
    durable before this COMMIT);
@@ -95,20 +96,25 @@ from .npyfile import (
     map_array,
     map_arrays,
     npy_header,
+    shape_from_text,
     shape_to_text,
 )
 from .reaper import Reaper
-from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
+from .records import ContextMetadata, FileInfo, Problem, SlotInfo, TensorInfo, VersionInfo
 from .schema import check_readable, migrate
+from .sources import Imported, TensorSource, same_file_bytes, write_streamed
 from .validation import (
+    MAX_TENSORS,
     check_alias,
     check_label,
     check_slot,
+    check_tensor_name,
     check_version,
     freeze_trusted_json,
     thaw_json,
 )
 from .verify import find_orphans, real_dir_problem, recorded_version, verify_store
+from .versionfiles import check_file_name, check_files
 
 log = logging.getLogger("ctxstore.store")
 
@@ -135,6 +141,11 @@ class _NewVersion(NamedTuple):
     aliases: tuple[str, ...]
     pin: bool
     publish_key: str | None = None
+    #: extra files, by validated name
+    files: Mapping[str, bytes] = MappingProxyType({})
+    #: tensors streamed from an import's files (``context`` then holds none); the
+    #: pre-commit hooks see them mapped from the staging directory
+    sources: Mapping[str, Array | TensorSource] | None = None
 
 
 class PersistentStore:
@@ -473,20 +484,68 @@ class PersistentStore:
         aliases: tuple[str, ...] = (),
         pin: bool = False,
         publish_key: str | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> int:
         """Commit ``context`` as the next version of ``slot_id`` and make it current.
 
         ``publish_key``: a publisher's idempotency key, recorded with the version in
         the same COMMIT (see :meth:`publish_key_version`); no two versions share one.
+        ``files``: extra files that travel with the version byte-exact (a
+        checkpoint's ``config.json``, tokenizer files ...), by plain name; read
+        back with :meth:`read_file` (docs/huggingface.md).
         """
         slot = check_slot(slot_id)
         if not isinstance(context, Context):
             raise InvalidInputError(f"expected a Context, got {type(context).__name__}")
+        checked = check_files(files)
+        for hook in self.pre_commit_hooks:
+            hook(slot, context)
+        return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
+                          publish_key=publish_key, files=checked, sources=None)  # fmt: skip
+
+    def save_import(
+        self,
+        slot_id: int,
+        imported: Imported,
+        *,
+        model_type: str | None = None,
+        aliases: tuple[str, ...] = (),
+        pin: bool = False,
+        publish_key: str | None = None,
+    ) -> int:
+        """Commit what an importer read (``ctxstore.nodes.open_import``) as the next version.
+
+        Tensors given as sources are copied from their files into the staging
+        directory a chunk at a time and hashed as they are written: the memory
+        this takes does not grow with the checkpoint. The importer already
+        checked the limits on its files; the names are checked again here.
+        """
+        slot = check_slot(slot_id)
+        context = Context(None, imported.config, imported.metadata)
+        checked = {check_file_name(name): data for name, data in imported.files.items()}
+        if len(imported.tensors) > MAX_TENSORS:
+            raise InvalidInputError(f"a context holds at most {MAX_TENSORS} tensors")
+        for name in imported.tensors:
+            check_tensor_name(name)
+        return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
+                          publish_key=publish_key, files=checked,
+                          sources=imported.tensors)  # fmt: skip
+
+    def _save(
+        self,
+        slot: int,
+        context: Context,
+        *,
+        model_type: str | None,
+        aliases: tuple[str, ...],
+        pin: bool,
+        publish_key: str | None,
+        files: Mapping[str, bytes],
+        sources: Mapping[str, Array | TensorSource] | None,
+    ) -> int:
         if model_type is not None:
             check_label(model_type, "model type")
         aliases = tuple(check_alias(a) for a in aliases)
-        for hook in self.pre_commit_hooks:
-            hook(slot, context)
         with self._write_lock:
             conn = self._settled_writer_conn()
             stored_type, version = self._slot_head(conn, slot)
@@ -494,7 +553,8 @@ class PersistentStore:
                 raise ConflictError(
                     f"slot {slot} holds model type {stored_type!r}, not {model_type!r}"
                 )
-            new = _NewVersion(slot, version, context, model_type, aliases, pin, publish_key)
+            new = _NewVersion(slot, version, context, model_type, aliases, pin, publish_key,
+                              files, sources)  # fmt: skip
             # Forgotten until this commit returns: whatever interrupts it (a failed
             # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
             # the next commit to read the number from the index.
@@ -556,12 +616,17 @@ class PersistentStore:
             with self._settling_transaction(conn, (new.slot, new.version)):
                 # Staged inside the transaction, so dedup's lookups share its snapshot
                 # instead of each opening one (only this writer takes the write lock).
-                tensors, written, linked = self._stage(staging, new.context)
+                tensors, written, linked = self._stage(staging, new)
+                written += self._stage_files(staging, new.files)
+                if new.sources is not None and self.pre_commit_hooks:
+                    self._run_hooks_on_staged(staging, new, tensors)
                 # The rows go in while the CPU is still warm from staging (after an
                 # fsync's sleep the same statements took several times longer); none
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
                 retired = self._insert_version(conn, new, tensors)
                 fsync_all(written)
+                if new.files:
+                    fsync_dir(f"{staging}/{layout.FILES_DIR}")
                 # The directory's entries, after the files: their journal commit already
                 # carries most of it (measured 0.06 ms here, where syncing the version
                 # directory beside the slot directory after the rename added 0.08 ms).
@@ -629,7 +694,7 @@ class PersistentStore:
         return slot_dir
 
     def _stage(
-        self, staging: str, context: Context
+        self, staging: str, new: _NewVersion
     ) -> tuple[list[TensorRow], list[str], list[int]]:
         """Write (or link) every tensor into ``staging``: the rows, the files still to
         sync, and the positions hard-linked to a stored file."""
@@ -637,7 +702,13 @@ class PersistentStore:
         written: list[str] = []
         linked: list[int] = []
         staged: dict[str, str] = {}
-        for position, (name, array) in enumerate(context.weights.items()):
+        tensors = new.context.weights if new.sources is None else new.sources
+        for position, (name, array) in enumerate(tensors.items()):
+            if isinstance(array, TensorSource):
+                rows.append(self._stage_source(staging, position, name, array, staged=staged,
+                                               written=written, linked=linked))  # fmt: skip
+                crash_point("staging")
+                continue
             header = npy_header(array.dtype, array.shape)
             data = contiguous_bytes(array)
             checksum = checksum_parts((header, data))
@@ -663,6 +734,90 @@ class PersistentStore:
             crash_point("staging")
         return rows, written, linked
 
+    def _stage_source(
+        self,
+        staging: str,
+        position: int,
+        name: str,
+        source: TensorSource,
+        *,
+        staged: dict[str, str],
+        written: list[str],
+        linked: list[int],
+    ) -> TensorRow:
+        """Copy a streamed tensor into ``staging``, hashing it as it is written; then,
+        when an identical file is staged or stored already, link that one instead
+        (the copy was needed to know the checksum without holding the tensor)."""
+        header = npy_header(source.dtype, source.shape)
+        path = f"{staging}/{layout.tensor_file_name(position)}"
+        checksum = write_streamed(path, header, source.chunks())
+        duplicate = staged.get(checksum)
+        if duplicate is None or not same_file_bytes(duplicate, path):
+            duplicate = self._stored_duplicate_file(checksum, path)
+        if duplicate is not None and _replace_with_link(duplicate, path):
+            if checksum not in staged:
+                linked.append(position)
+        else:
+            written.append(path)
+        staged.setdefault(checksum, path)
+        dtype = dtype_to_text(source.dtype)
+        return (position, name, dtype, shape_to_text(source.shape), len(header),
+                source.nbytes, checksum)  # fmt: skip
+
+    def _stored_duplicate_file(self, checksum: str, path: str) -> str | None:
+        """A stored tensor file with the same bytes as the staged file at ``path``."""
+        candidates = self._writer_conn().execute(
+            "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
+        )
+        for slot, version, position in candidates:
+            stored = layout.tensor_path_str(self._root_str, slot, version, position)
+            if same_file_bytes(stored, path):
+                return stored
+        return None
+
+    def _stage_files(self, staging: str, files: Mapping[str, bytes]) -> list[str]:
+        """Write (or link an identical stored one) each extra file into ``staging/files``;
+        returns the paths written, which still need their fsync."""
+        if not files:
+            return []
+        make_dir(f"{staging}/{layout.FILES_DIR}", durable=False)
+        written: list[str] = []
+        for name, data in files.items():
+            path = f"{staging}/{layout.FILES_DIR}/{name}"
+            checksum = checksum_parts((data,))
+            source = self._stored_duplicate_extra(checksum, data)
+            if source is None or not hard_link(source, path):
+                write_new_file(path, (data,), sync=False)
+                written.append(path)
+        return written
+
+    def _stored_duplicate_extra(self, checksum: str, data: bytes) -> str | None:
+        rows = self._writer_conn().execute(
+            "SELECT slot, version, name FROM version_files WHERE checksum = ? LIMIT 4",
+            (checksum,),
+        )
+        for slot, version, name in rows:
+            path = layout.version_file_str(self._root_str, slot, version, name)
+            try:
+                with open(path, "rb") as f:
+                    if f.read(len(data) + 1) == data:
+                        return path
+            except OSError:
+                continue
+        return None
+
+    def _run_hooks_on_staged(self, staging: str, new: _NewVersion, rows: list[TensorRow]) -> None:
+        """The pre-commit hooks, for an import: they see the staged files, mapped."""
+        weights = {
+            name: map_array(f"{staging}/{layout.tensor_file_name(position)}",
+                            dtype_from_text(dtype), shape_from_text(shape), offset, nbytes)
+            for position, name, dtype, shape, offset, nbytes, _ in rows
+        }  # fmt: skip
+        context = Context._trusted(MappingProxyType(weights), new.context.config,
+                                   new.context.metadata)  # fmt: skip
+        for hook in self.pre_commit_hooks:
+            hook(new.slot, context)
+
     def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> str | None:
         """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
         candidates = self._writer_conn().execute(
@@ -683,7 +838,7 @@ class PersistentStore:
         slot's current pointer and aliases, and retention's deletions (one synchronous
         COMMIT per commit; their files are unlinked after it). Returns those retired.
         """
-        slot, version, context, model_type, aliases, pin, publish_key = new
+        slot, version, context, model_type, aliases, pin, publish_key, files, _ = new
         now = self._clock()
         conn.execute(
             "INSERT INTO slots(slot, model_type, current_version, next_version, "
@@ -714,6 +869,12 @@ class PersistentStore:
             "data_offset, nbytes, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(slot, version, *row) for row in tensors],
         )
+        if files:
+            conn.executemany(
+                "INSERT INTO version_files(slot, version, name, size, checksum) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(slot, version, n, len(d), checksum_parts((d,))) for n, d in files.items()],
+            )
         if aliases:
             conn.executemany(
                 "INSERT INTO aliases(slot, name, version) VALUES (?, ?, ?) "
@@ -935,6 +1096,46 @@ class PersistentStore:
             aliases=tuple(aliases.split(",")) if aliases else (),
             tensors=_tensor_table(blob) if tensors else None,
         )
+
+    def list_files(self, slot_id: int, version: VersionRef = None) -> tuple[FileInfo, ...]:
+        """The extra files of a version (default: current), by name."""
+        slot = check_slot(slot_id)
+        with self._read_snapshot() as conn:
+            number = _resolve(conn, slot, version)
+            rows = conn.execute(
+                "SELECT name, size, checksum FROM version_files WHERE slot = ? AND version = ? "
+                "ORDER BY name",
+                (slot, number),
+            ).fetchall()
+        return tuple(FileInfo(*row) for row in rows)
+
+    def read_file(self, slot_id: int, version: VersionRef, name: str) -> bytes:
+        """The bytes of extra file ``name`` of a version (None: current), checked against its
+        recorded size and xxh3-128: damage is an IntegrityError, never wrong bytes."""
+        slot = check_slot(slot_id)
+        check_file_name(name)
+        with self._read_snapshot() as conn:
+            number = _resolve(conn, slot, version)
+            row = conn.execute(
+                "SELECT size, checksum FROM version_files WHERE slot = ? AND version = ? "
+                "AND name = ?",
+                (slot, number, name),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"slot {slot} version {number} has no file {name!r}")
+        size, checksum = row
+        number = recorded_version(number, slot)
+        where = f"slot {slot} version {number} file {name!r}"
+        why = real_dir_problem(self.root, slot, number)
+        if why is not None:
+            raise IntegrityError(f"{where}: {why} (run `ctxstore verify`)")
+        data = _read_extra_file(layout.version_dir_str(self._root_str, slot, number), name,
+                                size, where)  # fmt: skip
+        if len(data) != size or checksum_parts((data,)) != checksum:
+            raise IntegrityError(
+                f"{where} does not match its recorded size and checksum (run `ctxstore verify`)"
+            )
+        return data
 
     def list_slots(self, model_type: str | None = None, group: str | None = None) -> list[SlotInfo]:
         """Every slot with versions, optionally only one model type and/or one group."""
@@ -1553,6 +1754,44 @@ _DELETE_VERSION_SQL = "DELETE FROM versions WHERE slot = ? AND version = ?"
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per json.loads
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # and one per dumps
+
+
+def _read_extra_file(version_dir: str, name: str, size: int, where: str) -> bytes:
+    """At most ``size`` + 1 bytes of ``files/<name>`` under a version directory, opened
+    relative to it without following a link (b"" when its size is not ``size``)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    opened: list[int] = []
+    try:
+        opened.append(os.open(version_dir, flags | os.O_DIRECTORY))
+        opened.append(os.open(layout.FILES_DIR, flags | os.O_DIRECTORY, dir_fd=opened[-1]))
+        opened.append(os.open(name, flags | os.O_NONBLOCK, dir_fd=opened[-1]))
+        status = os.fstat(opened[-1])
+        if not stat.S_ISREG(status.st_mode) or status.st_size != size:
+            return b""
+        return os.pread(opened[-1], size + 1, 0) if size else b""
+    except FileNotFoundError:
+        raise IntegrityError(f"{where} is missing (run `ctxstore verify`)") from None
+    except OSError as exc:
+        raise IntegrityError(
+            f"{where} cannot be read: {exc.strerror} (run `ctxstore verify`)"
+        ) from None
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _replace_with_link(source: str, path: str) -> bool:
+    """Replace the staged file ``path`` by a hard link to ``source``; False if it cannot be."""
+    temporary = f"{path}.link"
+    if not hard_link(source, temporary):
+        return False
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise StorageError(exc.errno, f"cannot link {source} to {path}: {exc.strerror}") from exc
+    return True
 
 
 def _same_bytes(path: str, header: bytes, data: memoryview) -> bool:

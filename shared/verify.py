@@ -190,7 +190,8 @@ def _check_version_rows(
             problems.append(Problem("missing_version_dir", why, s, version))
             continue
         directory = layout.version_dir(dirs.root, s, version)
-        for name in sorted(set(names) - files.get((s, version), set())):
+        # files/ (a version's extra files) is check_version_files' to judge
+        for name in sorted(set(names) - files.get((s, version), set()) - {layout.FILES_DIR}):
             problems.append(
                 Problem("stray_file", f"{directory / name} is not in the index", s, version)
             )
@@ -477,9 +478,90 @@ def verify_store(
     if problems:
         return problems
     problems += check_versions(root, conn, slot, rehash=rehash)
+    problems += check_version_files(root, conn, slot, rehash=rehash)
     problems += check_pointers(conn, slot)
     problems += check_marks(conn, slot)
     problems += find_orphans(root, conn, slot)
     if slot is None:
         problems += check_scratch(root)
     return problems
+
+
+def check_version_files(
+    root: Path, conn: sqlite3.Connection, slot: int | None, *, rehash: bool = True
+) -> list[Problem]:
+    """Each version's extra files (``files/``, docs/huggingface.md): every recorded one
+    a regular file of its recorded size and (with rehash) checksum, opened without
+    following links; nothing unrecorded in ``files/``, which must be a real directory."""
+    recorded: dict[tuple[int, int], dict[str, tuple[int, str]]] = defaultdict(dict)
+    for s, v, name, size, checksum in conn.execute(
+        "SELECT slot, version, name, size, checksum FROM version_files "
+        "WHERE (?1 IS NULL OR slot = ?1) ORDER BY slot, version, name",
+        (slot,),
+    ):
+        recorded[(s, v)][name] = (size, checksum)
+    versions = conn.execute(
+        "SELECT slot, version FROM versions WHERE (?1 IS NULL OR slot = ?1) ORDER BY slot, version",
+        (slot,),
+    ).fetchall()
+    problems: list[Problem] = []
+    with _VersionDirs(root) as dirs:
+        for s, v in versions:
+            if type(s) is not int or type(v) is not int:
+                continue  # check_versions reports the row
+            names, _ = dirs.list_version(s, v)
+            expected = recorded.get((s, v), {})
+            if names is None or (layout.FILES_DIR not in names and not expected):
+                continue  # a missing version directory is check_versions' to report
+            problems += _check_files_dir(dirs, s, v, expected, rehash=rehash)
+    return problems
+
+
+def _check_files_dir(
+    dirs: _VersionDirs, slot: int, version: int, expected: dict[str, tuple[int, str]],
+    *, rehash: bool,
+) -> list[Problem]:  # fmt: skip
+    directory = layout.version_dir(dirs.root, slot, version) / layout.FILES_DIR
+    parent = dirs._open(slot, version)
+    try:
+        fd = os.open(layout.FILES_DIR, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        kind = "missing_file" if exc.errno == errno.ENOENT else "stray_entry"
+        return [Problem(kind, f"{directory} {_open_failure(exc, directory)}", slot, version)]
+    problems: list[Problem] = []
+    try:
+        for name, (size, checksum) in expected.items():
+            path = directory / name
+            try:
+                file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                kind = "missing_file" if exc.errno == errno.ENOENT else "not_a_file"
+                problems.append(Problem(kind, f"{path} {_open_failure(exc, path)}", slot,
+                                        version, name))  # fmt: skip
+                continue
+            try:
+                found = _check_extra_file(file_fd, str(path), size, checksum if rehash else None)
+            finally:
+                os.close(file_fd)
+            if found:
+                problems.append(Problem(found[0], found[1], slot, version, name))
+        for name in sorted(set(os.listdir(fd)) - set(expected)):
+            problems.append(
+                Problem("stray_file", f"{directory / name} is not in the index", slot, version)
+            )
+    finally:
+        os.close(fd)
+    return problems
+
+
+def _check_extra_file(
+    fd: int, path: str, size: int, checksum: str | None
+) -> tuple[str, str] | None:
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        return ("not_a_file", f"{path} is {describe_entry(status.st_mode)}, not a regular file")
+    if status.st_size != size:
+        return ("wrong_size", f"{path} has {status.st_size} bytes, the index says {size}")
+    if checksum is not None and _checksum_fd(fd, size) != checksum:
+        return ("checksum_mismatch", f"{path} does not match its recorded xxh3-128")
+    return None

@@ -458,7 +458,7 @@ SAFETENSORS_CASES: list[tuple[str, bytes, str]] = [
     ("entry not a dict", st_bytes({"a": [1, 2]}, bytes(1)), "must have the keys"),
     ("not json", st_bytes(b"{nope}", bytes(1)), "not valid JSON"),
     ("not utf-8", st_bytes(b'{"\xff": 1}', bytes(1)), "not valid JSON"),
-    ("not an object", st_bytes(b"[1, 2]"), "does not start with '{'"),
+    ("not an object", st_bytes(b"[1, 2]"), "its header is not JSON"),
     ("deep nesting", st_bytes(b"{" + b'"a":[' * 100000 + b"]" * 100000 + b"}"), "not valid JSON"),
     ("duplicate key", st_bytes(b'{"a": {}, "a": {}}'), "repeats a key"),
     ("bad metadata", st_bytes({"__metadata__": {"k": 1}}), "__metadata__"),
@@ -574,8 +574,8 @@ def test_suffix_and_format(tmp_path: Path) -> None:
 def test_byte_limit_for_single_files(tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", np.ones(100))
     safetensors.numpy.save_file({"a": np.ones(100)}, tmp_path / "w.safetensors")
-    refuses(tmp_path / "w.npy", "more than the limit of 100", max_bytes=100)
-    refuses(tmp_path / "w.safetensors", "more than the limit of 100", max_bytes=100)
+    refuses(tmp_path / "w.npy", "larger than the limit of 100", max_bytes=100)
+    refuses(tmp_path / "w.safetensors", "larger than the limit of 100", max_bytes=100)
 
 
 # -- fuzz: mutated files load or are refused, nothing else --------------------------------------

@@ -5,11 +5,13 @@ from .cnn import CNNNode
 from .files import (
     DEFAULT_MAX_IMPORT_BYTES,
     FileNode,
+    ImportLimits,
     WeightsFile,
     detect_format,
     load_weights_file,
     read_weights_file,
 )
+from .imports import open_import
 from .llm import LLMNode
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -24,6 +26,7 @@ __all__ = [
     "DEFAULT_MAX_IMPORT_BYTES",
     "ENTRY_POINT_GROUP",
     "FileNode",
+    "ImportLimits",
     "LLMNode",
     "Node",
     "Param",
@@ -33,6 +36,7 @@ __all__ = [
     "get_node_type",
     "load_weights_file",
     "node_types",
+    "open_import",
     "read_weights_file",
     "refresh_node_types",
 ]

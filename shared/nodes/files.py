@@ -44,13 +44,39 @@ import numpy as np
 from ..context import Array, Context
 from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_PACKED, dtype_from_spec, dtype_problem
 from ..errors import InvalidInputError, NotFoundError
+from ..sources import Imported
 from ..validation import MAX_TENSORS, check_label, check_shape, check_tensor_name
+from ..versionfiles import MAX_FILE_BYTES, MAX_FILES
 from .base import Node, Param, choice, integer
 
 FORMATS = ("npy", "npz", "safetensors")
 SUFFIXES = MappingProxyType({".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"})
-DEFAULT_MAX_IMPORT_BYTES = 64 * 2**30
-"""Default cap on the tensor bytes one import may load into memory."""
+
+
+def machine_memory() -> int:
+    """This machine's memory as this process may use it: physical RAM, or the cgroup's
+    limit when that is lower (64 GiB when neither can be read)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = 64 * 2**30
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    except OSError:
+        pass
+    return max(memory, 1)
+
+
+DEFAULT_MAX_IMPORT_BYTES = machine_memory()
+"""Default cap on the tensor bytes of one import: the machine's memory (:func:`machine_memory`).
+
+Imports into the store stream to disk and need little memory, but every reader
+maps the whole model, so a model larger than memory cannot be served from the
+page cache; an in-memory load (:func:`load_weights_file`) needs it all at once.
+"""
 MAX_NPY_HEADER = 64 * 1024
 MAX_SAFETENSORS_HEADER = 100_000_000
 MAX_SOURCE_METADATA = 64 * 1024
@@ -58,6 +84,15 @@ MAX_PATH_BYTES = 4096
 _MAX_NDIM = 64
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_VERSIONS = frozenset({(1, 0), (2, 0), (3, 0)})
+
+
+@dataclass(frozen=True, slots=True)
+class ImportLimits:
+    """What one import may bring: tensor bytes in total, extra files and the size of each."""
+
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES
+    max_files: int = MAX_FILES
+    max_file_bytes: int = MAX_FILE_BYTES
 
 
 class OpenedFile(NamedTuple):
@@ -132,7 +167,7 @@ def read_weights_file(
             check(OpenedFile(f.fileno(), name, status), where)
         size = status.st_size
         if fmt != "npz" and size > max_bytes:
-            raise InvalidInputError(f"{where} has {size} bytes, more than the limit of {max_bytes}")
+            raise InvalidInputError(f"{where} is larger than the limit of {max_bytes} bytes")
         try:
             if fmt == "npy":
                 stem = os.path.splitext(os.path.basename(name))[0]
@@ -143,7 +178,7 @@ def read_weights_file(
             weights, metadata = _read_safetensors(f, size, where)
             return WeightsFile(name, fmt, size, weights, metadata)
         except OSError as exc:
-            raise InvalidInputError(f"{where} cannot be read: {exc}") from exc
+            raise InvalidInputError(f"{where} cannot be read: {exc.strerror or exc}") from exc
 
 
 def _open_regular(path: str, where: str) -> IO[bytes]:
@@ -167,9 +202,7 @@ def _open_regular(path: str, where: str) -> IO[bytes]:
 def _read_exact(stream: IO[bytes], n: int, where: str, what: str) -> bytes:
     data = stream.read(n)
     if len(data) != n:
-        raise InvalidInputError(
-            f"{where} ends early: expected {n} bytes of {what}, got {len(data)}"
-        )
+        raise InvalidInputError(f"{where} ends early: it holds less than {what}")
     return data
 
 
@@ -183,14 +216,38 @@ def _name_or_refuse(name: str, where: str) -> str:
 # -- .npy ---------------------------------------------------------------------------------------
 
 
+class NpyLayout(NamedTuple):
+    """Where a checked .npy file's array lies: its dtype, shape, order and first data byte."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    fortran: bool
+    start: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 def _read_npy(stream: IO[bytes], size: int, where: str) -> Array:
     """One array from a stream of exactly ``size`` bytes holding a .npy file."""
+    dtype, shape, fortran, _ = npy_layout(stream, size, where)
+    count = math.prod(shape)
+    array = np.frombuffer(_read_exact(stream, count * dtype.itemsize, where, "array data"), dtype,
+                          count)  # fmt: skip
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def npy_layout(stream: IO[bytes], size: int, where: str) -> NpyLayout:
+    """Parse and check the header of a .npy stream of exactly ``size`` bytes, leaving the
+    stream at the first data byte. Nothing of the file's bytes is echoed in an error
+    until it is known to be a .npy file (the file may be a secret named by a symlink)."""
     prefix = _read_exact(stream, 8, where, "the .npy magic")
     version = (prefix[6], prefix[7])
     if prefix[:6] != _NPY_MAGIC:
-        raise InvalidInputError(f"{where} is not a .npy file (bad magic {prefix[:6]!r})")
+        raise InvalidInputError(f"{where} is not a .npy file (bad magic)")
     if version not in _NPY_VERSIONS:
-        raise InvalidInputError(f"{where}: unsupported .npy format version {version}")
+        raise InvalidInputError(f"{where}: unsupported .npy format version")
     length_size = 2 if version[0] == 1 else 4
     header_len = int.from_bytes(_read_exact(stream, length_size, where, "header length"), "little")
     start = 8 + length_size + header_len
@@ -199,9 +256,7 @@ def _read_npy(stream: IO[bytes], size: int, where: str) -> Array:
             f"{where}: .npy header of {header_len} bytes exceeds the limit of {MAX_NPY_HEADER}"
         )
     if start > size:
-        raise InvalidInputError(
-            f"{where}: .npy header runs past the end of the data ({size} bytes)"
-        )
+        raise InvalidInputError(f"{where}: .npy header runs past the end of the data")
     raw = _read_exact(stream, header_len, where, "the .npy header")
     dtype, shape, fortran = _parse_npy_header(raw, "utf-8" if version[0] == 3 else "latin-1", where)
     count = math.prod(shape)
@@ -217,8 +272,7 @@ def _read_npy(stream: IO[bytes], size: int, where: str) -> Array:
             f"{where} has {available - nbytes} unexpected bytes after its array data"
         )
     check_shape(shape, dtype.itemsize, f"{where}: .npy")  # an empty array's can still be too big
-    array = np.frombuffer(_read_exact(stream, nbytes, where, "array data"), dtype, count)
-    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    return NpyLayout(dtype, shape, fortran, start)
 
 
 def _parse_npy_header(
@@ -286,8 +340,8 @@ _ML_DTYPES_NPY = (
 def _read_npz(f: IO[bytes], size: int, where: str, max_bytes: int) -> dict[str, Array]:
     try:
         archive = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, EOFError, ValueError, struct.error) as exc:
-        raise InvalidInputError(f"{where} is not a valid .npz (zip) archive: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, struct.error):
+        raise InvalidInputError(f"{where} is not a valid .npz (zip) archive") from None
     with archive:
         infos = archive.infolist()
         names = _check_members(infos, size, where, max_bytes)
@@ -383,7 +437,7 @@ def _check_no_overlap(infos: list[zipfile.ZipInfo], where: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Span:
+class Span:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
@@ -391,33 +445,50 @@ class _Span:
     end: int
 
 
+class SafetensorsLayout(NamedTuple):
+    """A checked safetensors file: its tensors in header order, metadata, data section start."""
+
+    spans: list[Span]
+    metadata: dict[str, str]
+    data_start: int
+
+
 def _read_safetensors(
     f: IO[bytes], size: int, where: str
 ) -> tuple[dict[str, Array], dict[str, str]]:
+    spans, metadata, data_start = safetensors_layout(f, size, where)
+    arrays: dict[str, Array] = {}
+    for span in sorted(spans, key=lambda s: (s.begin, s.end)):
+        f.seek(data_start + span.begin)
+        data = _read_exact(f, span.end - span.begin, where, f"tensor {span.name!r}")
+        arrays[span.name] = np.frombuffer(data, span.dtype).reshape(span.shape)
+    return {span.name: arrays[span.name] for span in spans}, metadata
+
+
+def safetensors_layout(f: IO[bytes], size: int, where: str) -> SafetensorsLayout:
+    """Parse and check a safetensors file's header (reading nothing else).
+
+    Until the header parses as JSON nothing read from the file, nor its size,
+    is echoed in an error: the file may be a secret the caller could not read.
+    """
     if size < 8:
-        raise InvalidInputError(f"{where} is too short ({size} bytes) to be a safetensors file")
+        raise InvalidInputError(f"{where} is too short to be a safetensors file")
     header_len = int.from_bytes(_read_exact(f, 8, where, "the header length"), "little")
     if header_len > MAX_SAFETENSORS_HEADER:
         raise InvalidInputError(
-            f"{where}: safetensors header length {header_len} exceeds the format's limit "
-            f"of {MAX_SAFETENSORS_HEADER} bytes"
+            f"{where} is not a safetensors file: its header length exceeds the format's "
+            f"limit of {MAX_SAFETENSORS_HEADER} bytes"
         )
     if header_len > size - 8:
         raise InvalidInputError(
-            f"{where}: safetensors header length {header_len} runs past the end of the "
-            f"file ({size} bytes)"
+            f"{where} is not a safetensors file: its header length runs past the end of the file"
         )
     header = _parse_st_header(_read_exact(f, header_len, where, "the header"), where)
     metadata = _st_metadata(header.pop("__metadata__", None), where)
     data_len = size - 8 - header_len
     spans = [_st_span(name, spec, data_len, where) for name, spec in header.items()]
     _check_layout(spans, data_len, where)
-    arrays: dict[str, Array] = {}
-    for span in sorted(spans, key=lambda s: (s.begin, s.end)):
-        f.seek(8 + header_len + span.begin)
-        data = _read_exact(f, span.end - span.begin, where, f"tensor {span.name!r}")
-        arrays[span.name] = np.frombuffer(data, span.dtype).reshape(span.shape)
-    return {span.name: arrays[span.name] for span in spans}, metadata
+    return SafetensorsLayout(spans, metadata, 8 + header_len)
 
 
 def _parse_st_header(raw: bytes, where: str) -> dict[str, Any]:
@@ -428,13 +499,16 @@ def _parse_st_header(raw: bytes, where: str) -> dict[str, Any]:
         return out
 
     if not raw.startswith(b"{"):
-        raise InvalidInputError(f"{where}: safetensors header does not start with '{{'")
+        raise InvalidInputError(f"{where} is not a safetensors file: its header is not JSON")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except InvalidInputError:
         raise
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
-        raise InvalidInputError(f"{where}: safetensors header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too
+        # (their messages quote the offending bytes)
+        raise InvalidInputError(
+            f"{where} is not a safetensors file: its header is not valid JSON"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidInputError(f"{where}: safetensors header is not a JSON object")
     return header
@@ -450,7 +524,7 @@ def _st_metadata(value: object, where: str) -> dict[str, str]:
     return value
 
 
-def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
+def _st_span(name: str, spec: object, data_len: int, where: str) -> Span:
     tensor = f"{where} tensor {name!r:.80}"
     _name_or_refuse(name, where)
     if not isinstance(spec, dict) or not spec.keys() >= _ST_KEYS:
@@ -484,7 +558,7 @@ def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
             f"and shape {shape} need {need}"
         )
     check_shape(tuple(shape), dtype.itemsize, tensor)  # an empty tensor's can still be too big
-    return _Span(name, dtype, tuple(shape), begin, end)
+    return Span(name, dtype, tuple(shape), begin, end)
 
 
 def _is_count(value: object) -> bool:
@@ -507,7 +581,7 @@ def _st_dtype(value: object, tensor: str) -> np.dtype[Any]:
     raise InvalidInputError(f"{tensor}: dtype {value!r:.40} is not supported ({why})")
 
 
-def _check_layout(spans: list[_Span], data_len: int, where: str) -> None:
+def _check_layout(spans: list[Span], data_len: int, where: str) -> None:
     """Tensors must tile the data section exactly: contiguous, no overlap, no gap, no tail."""
     covered = 0
     previous = None
@@ -548,15 +622,28 @@ def _model_type(what: str, value: object) -> str:
 
 
 class FileNode(Node):
-    """A context imported from a .npy, .npz or .safetensors file (config ``path``)."""
+    """A context imported from a .npy, .npz or .safetensors file or a Hugging Face
+    checkpoint directory (config ``path``)."""
 
     node_type: ClassVar[str] = "file"
     model_type = "file"
     params: ClassVar[Mapping[str, Param]] = MappingProxyType(
         {
-            "path": Param(None, _path, "the weights file to import"),
-            "format": Param("auto", choice("auto", *FORMATS), "auto: from the suffix"),
+            "path": Param(None, _path, "the weights file or checkpoint directory to import"),
+            "format": Param(
+                "auto",
+                choice("auto", *FORMATS, "checkpoint"),
+                "auto: a directory is a checkpoint, a file goes by its suffix",
+            ),
             "max_bytes": Param(DEFAULT_MAX_IMPORT_BYTES, integer(0, 2**62), "tensor bytes cap"),
+            "max_files": Param(
+                MAX_FILES,
+                integer(0, 100_000),
+                "cap on a checkpoint's extra files (config, tokenizer ...)",
+            ),
+            "max_file_bytes": Param(
+                MAX_FILE_BYTES, integer(0, 2**40), "cap on the bytes of each extra file"
+            ),
             "model_type": Param("file", _model_type, "label stored with the slot"),
         }
     )
@@ -566,17 +653,50 @@ class FileNode(Node):
         self.model_type = self.config["model_type"]
         #: set by the daemon: the peer must own the file, and it must lie under the roots
         self.file_check: FileCheck | None = None
+        #: set by the daemon: its own import limits, which the config can only lower
+        self.limits_cap: ImportLimits | None = None
 
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
-        if config["format"] == "auto":
-            detect_format(config["path"])
+        if config["format"] == "auto" and os.path.splitext(config["path"])[1]:
+            detect_format(config["path"])  # a path without a suffix may be a directory
 
     @classmethod
     def check_inputs(cls, config: Mapping[str, Any]) -> None:
-        """The file must exist and be a regular file, as the build will open it."""
+        """The file must exist and be a regular file (or a checkpoint directory), as the
+        build will open it."""
         path = config["path"]
+        if config["format"] in ("auto", "checkpoint") and os.path.isdir(path):
+            return
         _open_regular(path, f"weights file {path!r}").close()
+
+    def limits(self) -> ImportLimits:
+        c, cap = self.config, self.limits_cap or ImportLimits()
+        return ImportLimits(min(c["max_bytes"], cap.max_bytes), min(c["max_files"], cap.max_files),
+                            min(c["max_file_bytes"], cap.max_file_bytes))  # fmt: skip
+
+    def build_import(self) -> Imported:
+        """What the store commits (``PersistentStore.save_import``), streamed from the files.
+
+        A checkpoint directory's config is its ``config.json``; a single file's is
+        this node's config. Close the result when done.
+        """
+        from .imports import open_import
+
+        c = self.config
+        imported = open_import(c["path"], format=c["format"], limits=self.limits(),
+                               check=self.file_check)  # fmt: skip
+        source = dict(imported.metadata.get("source", {}))
+        checkpoint = source.get("format") == "checkpoint"
+        imported.metadata = {
+            **imported.metadata,
+            "node_type": self.node_type,
+            "model_type": self.model_type,
+            "build": {"tensors": len(imported.tensors), "nbytes": imported.nbytes},
+        }
+        if not checkpoint:
+            imported.config = self.get_config()
+        return imported
 
     def read(self) -> WeightsFile:
         c = self.config

@@ -1,0 +1,172 @@
+"""Imports that stream: tensors read from their file at commit time, in bounded chunks.
+
+A checkpoint can be larger than the memory of the process that imports it. An
+importer therefore parses and checks every header first (nothing is committed
+if any of them is wrong) and hands the store an :class:`Imported`: per tensor a
+:class:`TensorSource` that yields its bytes from the opened file, at most
+:data:`CHUNK` at a time. The store copies each chunk into the tensor's staging
+file and hashes it as it is written (:func:`write_streamed`), so the importing
+process holds one chunk, never a tensor or a shard. Sources read with
+``pread`` on a descriptor the importer opened (and checked): nothing of the
+caller's file is mapped, so a file truncated during the import is an error
+("ended early"), never a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .context import Array
+from .durable import FILE_MODE, write_all
+from .errors import CtxStoreError, InvalidInputError, StorageError
+
+#: the most bytes of a tensor an import holds in memory at once
+CHUNK = 8 << 20
+
+Chunks = Callable[[], Iterator[bytes]]
+
+
+class TensorSource:
+    """One tensor of an import: its dtype and shape, and its data read on demand."""
+
+    __slots__ = ("_read", "dtype", "nbytes", "shape", "where")
+
+    def __init__(
+        self, dtype: np.dtype[Any], shape: tuple[int, ...], read: Chunks, where: str
+    ) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        self._read = read
+        #: names the tensor and its file in errors
+        self.where = where
+
+    def chunks(self) -> Iterator[bytes]:
+        """The data, exactly ``nbytes`` of it, at most :data:`CHUNK` bytes a piece.
+
+        InvalidInputError when the file gives fewer or more bytes than its header
+        declared (it changed since it was checked, or a zip member lied).
+        """
+        done = 0
+        try:
+            for chunk in self._read():
+                done += len(chunk)
+                if done > self.nbytes:
+                    break
+                yield chunk
+        except CtxStoreError:
+            raise
+        except (OSError, EOFError, ValueError) as exc:  # zlib and zipfile errors are these too
+            raise InvalidInputError(f"{self.where} cannot be read: {type(exc).__name__}") from None
+        if done != self.nbytes:
+            raise InvalidInputError(
+                f"{self.where} does not hold the bytes its header declares "
+                "(the file changed while it was imported, or it lies)"
+            )
+
+
+def file_span(fd: int, offset: int, nbytes: int) -> Chunks:
+    """Chunks of ``nbytes`` at ``offset`` of the open file ``fd``, read with ``pread``."""
+
+    def read() -> Iterator[bytes]:
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(fd, min(CHUNK, nbytes - done), offset + done)
+            if not chunk:
+                return  # ended early: TensorSource.chunks says so
+            done += len(chunk)
+            yield chunk
+
+    return read
+
+
+@dataclass(slots=True)
+class Imported:
+    """What an importer hands the store: tensors (arrays or sources), config, metadata, files.
+
+    Holds the importer's open files until :meth:`close` (a context manager).
+    """
+
+    tensors: dict[str, Array | TensorSource]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: extra files that travel with the version byte-exact, by name
+    files: dict[str, bytes] = field(default_factory=dict)
+    closers: list[Callable[[], object]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+    def close(self) -> None:
+        closers, self.closers = self.closers, []
+        for close in reversed(closers):
+            with contextlib.suppress(OSError):
+                close()
+
+    def __enter__(self) -> Imported:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_streamed(path: str, header: bytes, chunks: Iterator[bytes]) -> str:
+    """Create ``path`` (it must not exist) from ``header`` and ``chunks``; its xxh3-128.
+
+    The file is hashed as it is written and left read-only; the caller owes it
+    an fsync. On any failure the partial file is removed.
+    """
+    hasher = xxhash.xxh3_128()
+    hasher.update(header)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        write_all(fd, header)
+        for chunk in chunks:
+            hasher.update(chunk)
+            write_all(fd, chunk)
+    except BaseException as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, OSError):
+            raise StorageError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+        raise
+    os.close(fd)
+    return str(hasher.hexdigest())
+
+
+def same_file_bytes(a: str, b: str) -> bool:
+    """True when the files at ``a`` and ``b`` hold the same bytes (compared a chunk at a time)."""
+    try:
+        fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fb = os.open(b, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(fa)
+        return False
+    try:
+        size = os.fstat(fa).st_size
+        if os.fstat(fb).st_size != size:
+            return False
+        return all(
+            os.pread(fa, CHUNK, offset) == os.pread(fb, CHUNK, offset)
+            for offset in range(0, size, CHUNK)
+        )
+    except OSError:
+        return False
+    finally:
+        os.close(fa)
+        os.close(fb)
