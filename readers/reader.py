@@ -85,6 +85,7 @@ from ctxstore.messages import (
     Welcome,
 )
 from ctxstore.paths import default_socket_path, default_store_dir
+from ctxstore.records import FileInfo
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_label, check_slot, check_version
 from ctxstore.versiontable import VersionTable, segment_name
@@ -350,6 +351,18 @@ class Reader:
             if (slot, number) in self._cache:
                 self._explicit.add((slot, number))
         return ctx
+
+    def files(self, slot: int, version: int | str | None = None) -> tuple[FileInfo, ...]:
+        """The extra files (``config.json``, tokenizer files ...) of a version; by default of
+        the version :meth:`get` serves now."""
+        number = self.get(slot).version if version is None else self._store.resolve(slot, version)
+        return self._store.list_files(slot, number)
+
+    def read_file(self, slot: int, name: str, version: int | str | None = None) -> bytes:
+        """The bytes of extra file ``name``, checked against its recorded checksum; by default
+        of the version :meth:`get` serves now, so tokenizer and weights always match."""
+        number = self.get(slot).version if version is None else self._store.resolve(slot, version)
+        return self._store.read_file(slot, number, name)
 
     def _load(self, slot: int, version: int) -> Context:
         key = (slot, version)

@@ -939,6 +939,7 @@ def test_a_store_from_before_the_job_queue_gains_the_jobs_table(store_dir: Path)
     conn = sqlite3.connect(store_dir / "index.db")
     conn.executescript(
         "DROP TABLE jobs; DROP INDEX versions_by_publish_key; DROP TABLE version_checks; "
+        "DROP TABLE version_files; "
         "ALTER TABLE versions DROP COLUMN publish_key; PRAGMA user_version = 1;"
     )
     conn.close()

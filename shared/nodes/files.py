@@ -181,6 +181,13 @@ def read_weights_file(
             raise InvalidInputError(f"{where} cannot be read: {exc.strerror or exc}") from exc
 
 
+def is_checkpoint_path(path: str, format: str) -> bool:
+    """Whether ``path``, if it is a directory, is imported as a checkpoint directory: with
+    format "checkpoint", or "auto" and no weights-file suffix (a directory "w.npy" is an error)."""
+    suffix = os.path.splitext(path)[1].lower()
+    return format == "checkpoint" or (format == "auto" and suffix not in SUFFIXES)
+
+
 def _open_regular(path: str, where: str) -> IO[bytes]:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
@@ -666,7 +673,7 @@ class FileNode(Node):
         """The file must exist and be a regular file (or a checkpoint directory), as the
         build will open it."""
         path = config["path"]
-        if config["format"] in ("auto", "checkpoint") and os.path.isdir(path):
+        if is_checkpoint_path(path, config["format"]) and os.path.isdir(path):
             return
         _open_regular(path, f"weights file {path!r}").close()
 

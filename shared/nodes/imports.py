@@ -38,6 +38,7 @@ from .files import (
     _read_member,
     _read_npy,
     detect_format,
+    is_checkpoint_path,
     npy_layout,
     safetensors_layout,
 )
@@ -75,8 +76,8 @@ def _read_into(
     *, check: FileCheck | None,
 ) -> None:  # fmt: skip
     if stat.S_ISDIR(os.fstat(fd).st_mode):
-        if format not in ("auto", "checkpoint"):
-            raise InvalidInputError(f"{name!r} is a directory, not a {format} file")
+        if not is_checkpoint_path(name, format):
+            raise InvalidInputError(f"weights file {name!r} is not a regular file")
         from .checkpoint import read_checkpoint
 
         read_checkpoint(fd, name, imported, limits, check)
