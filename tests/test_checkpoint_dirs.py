@@ -99,9 +99,11 @@ def test_a_checkpoint_directory_is_one_version_with_its_files(
 
 
 def _refused(store: PersistentStore, ckpt: Path, *patterns: str, **limits: int) -> str:
-    with pytest.raises(InvalidInputError) as info:
-        with open_import(ckpt, limits=ImportLimits(**limits)) as imported:
-            store.save_import(1, imported)
+    with (
+        pytest.raises(InvalidInputError) as info,
+        open_import(ckpt, limits=ImportLimits(**limits)) as imported,
+    ):
+        store.save_import(1, imported)
     for pattern in patterns:
         assert pattern in str(info.value), str(info.value)
     assert_nothing_committed(store)
@@ -221,7 +223,7 @@ def test_files_from_python_and_their_checks(store: PersistentStore) -> None:
     version = store.save_context(1, ctx, files={"README.md": b"# model\n", "vocab.txt": b""})
     assert store.read_file(1, version, "vocab.txt") == b""
     assert store.read_file(1, None, "README.md") == b"# model\n"
-    with pytest.raises(NotFoundError, match="has no file 'other.txt'"):
+    with pytest.raises(NotFoundError, match=r"has no file 'other\.txt'"):
         store.read_file(1, version, "other.txt")
     for bad in ("../x", "a/b", ".hidden", "", "x" * 300):
         with pytest.raises(InvalidInputError, match="is not allowed"):
@@ -294,9 +296,7 @@ with PersistentStore(sys.argv[1]) as store, open_import(sys.argv[2]) as imported
 
 
 @pytest.mark.parametrize("point", ["staging", "staged", "renamed", "in_transaction", "committed"])
-def test_a_killed_import_leaves_its_version_whole_or_invisible(
-    tmp_path: Path, point: str
-) -> None:
+def test_a_killed_import_leaves_its_version_whole_or_invisible(tmp_path: Path, point: str) -> None:
     weights = tensors()
     ckpt = write_checkpoint(tmp_path / "ckpt", weights, SHARDS)
     store_dir = tmp_path / "store"
@@ -363,3 +363,40 @@ def test_file_node_imports_a_checkpoint_directory(store: PersistentStore, tmp_pa
     assert meta.config["hidden_size"] == 8 and meta.metadata["node_type"] == "file"
     with pytest.raises(InvalidInputError, match="more than the limit of 1"):
         FileNode(3, {"path": str(ckpt), "max_files": 1}).build_import()
+
+
+def test_http_file_jobs_import_a_checkpoint_directory_within_the_daemons_limits(
+    tmp_path: Path,
+) -> None:
+    """A ``file`` job names a directory: it is checked against the import roots when
+    queued, imported as one version with its files, and the daemon's ``imports.*``
+    settings bound it (a job's own config can only lower them)."""
+    import asyncio
+
+    import httpx
+    from test_api import error_of, run
+    from test_import_roots import _finished
+
+    from ctxstore.daemon.server import Daemon
+
+    root = tmp_path / "models"
+    ckpt = write_checkpoint(root / "llama", tensors(), SHARDS)
+    outside = write_checkpoint(tmp_path / "outside", tensors())
+
+    async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
+        refused = {"slot": 1, "node_type": "file", "config": {"path": str(outside)}}
+        error_of(await http.post("/jobs", json=refused), 403, "permission_denied")
+        body = {"slot": 1, "node_type": "file", "config": {"path": str(ckpt)}}
+        done = await _finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
+        assert (done["state"], done["version"]) == ("done", 1), done
+        store = daemon.store
+        assert store is not None
+        assert store.read_file(1, 1, "tokenizer.json") == (ckpt / "tokenizer.json").read_bytes()
+        assert store.get_metadata(1).config["hidden_size"] == 8
+        daemon.config = daemon.config.replace(import_max_files=2)
+        failed = await _finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
+        assert failed["state"] == "failed", failed
+        assert "more than the limit of 2" in str(failed["error"]), failed
+        assert await asyncio.to_thread(store.list_versions, 1) != []
+
+    run(tmp_path, scenario, import_roots=(root,))

@@ -9,7 +9,6 @@ and a chat template, and saved with ``save_pretrained`` in shards.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,9 @@ from ctxstore.readers import Reader
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
-def tiny_llama(dtype: torch.dtype, *, tie: bool = False, seed: int = 0) -> transformers.PreTrainedModel:
+def tiny_llama(
+    dtype: torch.dtype, *, tie: bool = False, seed: int = 0
+) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
@@ -55,10 +56,10 @@ def save_checkpoint(model: transformers.PreTrainedModel, directory: Path, shard:
 @pytest.fixture(scope="module", params=[torch.float32, torch.float16], ids=["f32", "f16"])
 def checkpoint(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[transformers.PreTrainedModel, Path]]:
+) -> tuple[transformers.PreTrainedModel, Path]:
     model = tiny_llama(request.param)
     directory = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "llama", "40KB")
-    yield model, directory
+    return model, directory
 
 
 def extra_files(directory: Path) -> dict[str, bytes]:

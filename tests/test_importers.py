@@ -633,3 +633,26 @@ def test_mutated_files_load_or_are_refused(case: tuple[str, bytes]) -> None:
             assert isinstance(array, np.ndarray)
             assert not array.flags.writeable
             assert not array.dtype.hasobject
+
+
+def test_errors_never_echo_the_bytes_or_size_of_the_file(tmp_path: Path) -> None:
+    """Issue 18 item 13: a symlink to a secret named as a weights file must not turn the
+    error into an oracle for the secret's first bytes or its size."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"password=hunter2\n" * 7)
+    leaks = [
+        str(int.from_bytes(b"password", "little")),  # as a safetensors header length
+        repr(b"passwo"),  # as .npy magic
+        str(secret.stat().st_size),
+    ]
+    for suffix in (".safetensors", ".npy", ".npz"):
+        link = tmp_path / f"weights{suffix}"
+        link.symlink_to(secret)
+        with pytest.raises(InvalidInputError) as info:
+            load_weights_file(link)
+        message = str(info.value)
+        assert str(link) in message and "hunter2" not in message and "passw" not in message
+        assert not any(leak in message for leak in leaks), message
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x05\x00")
+    assert "2 bytes" not in refuses(short, "too short")
