@@ -162,6 +162,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     with _open(args) as store:
         meta = store.get_metadata(args.slot, args.version)
+        files = store.list_files(args.slot, meta.version)
     out: dict[str, Any] = {
         "slot": meta.slot,
         "version": meta.version,
@@ -176,6 +177,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
             for t in meta.tensors or ()
         ],
+        "files": [{"name": f.name, "size": f.size} for f in files],
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -67,10 +67,10 @@ EXTRA = ("chat_template.jinja", "config.json", "generation_config.json", "tokeni
 
 
 def assert_nothing_committed(store: PersistentStore) -> None:
+    """No version, no slot directory, nothing staged but the prepared spare directory."""
     assert store.list_slots() == []
-    assert os.listdir(store.root / "wal") in ([], [n for n in os.listdir(store.root / "wal")
-                                                   if n.startswith("spare-")])  # fmt: skip
     assert not (store.root / "slots" / "1").exists() or not os.listdir(store.root / "slots/1")
+    assert all(name.startswith("spare-") for name in os.listdir(store.root / "wal"))
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
@@ -400,3 +400,46 @@ def test_http_file_jobs_import_a_checkpoint_directory_within_the_daemons_limits(
         assert await asyncio.to_thread(store.list_versions, 1) != []
 
     run(tmp_path, scenario, import_roots=(root,))
+
+
+def test_a_shard_that_changes_after_its_check_fails_the_commit_cleanly(
+    store: PersistentStore, tmp_path: Path
+) -> None:
+    ckpt = write_checkpoint(tmp_path / "ckpt", tensors(), SHARDS)
+    with open_import(ckpt) as imported:
+        shard = ckpt / "model-00003-of-00003.safetensors"
+        os.truncate(shard, shard.stat().st_size - 16)  # after its header was checked
+        with pytest.raises(InvalidInputError, match="changed while it was imported"):
+            store.save_import(1, imported)
+    assert_nothing_committed(store)
+
+
+def test_pre_commit_hooks_see_an_imports_tensors_and_can_refuse_it(
+    store: PersistentStore, tmp_path: Path
+) -> None:
+    weights = tensors()
+    ckpt = write_checkpoint(tmp_path / "ckpt", weights, SHARDS)
+    seen: dict[str, np.ndarray] = {}
+
+    def hook(slot: int, context: Context) -> None:
+        seen.update({name: np.array(array) for name, array in context.weights.items()})
+        assert context.config["hidden_size"] == 8
+        raise InvalidInputError("refused by the hook")
+
+    store.pre_commit_hooks.append(hook)
+    with open_import(ckpt) as imported, pytest.raises(InvalidInputError, match="the hook"):
+        store.save_import(1, imported)
+    assert set(seen) == set(weights)
+    assert all(np.array_equal(seen[n], a) for n, a in weights.items())
+    assert_nothing_committed(store)
+
+
+def test_cli_show_lists_a_versions_files(
+    store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctxstore.cli import main
+
+    with PersistentStore(store_dir) as store:
+        store.save_context(1, Context({"w": np.zeros(2)}), files={"config.json": b"{}"})
+    assert main(["show", "--store", str(store_dir), "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == [{"name": "config.json", "size": 2}]
