@@ -443,3 +443,9 @@ def test_cli_show_lists_a_versions_files(
         store.save_context(1, Context({"w": np.zeros(2)}), files={"config.json": b"{}"})
     assert main(["show", "--store", str(store_dir), "1"]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == [{"name": "config.json", "size": 2}]
+
+
+def test_building_a_context_from_a_directory_says_how_to_import_it(tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "ckpt", tensors())
+    with pytest.raises(InvalidInputError, match="build_import"):
+        FileNode(1, {"path": str(ckpt)}).build_context()

@@ -98,7 +98,11 @@ def test_a_sharded_checkpoint_published_through_the_daemon(
             for name, data in files.items():
                 assert store.read_file(1, version, name) == data, name
             assert store.verify() == []
+        assert main(["publish", "--socket", str(daemon.socket), "2", str(directory)]) == 0
         with Reader(daemon.store, daemon.socket, name="hf-worker") as reader:
+            assert_same_weights(model, reader.get(2))
+            assert reader.read_file(2, "tokenizer.json") == files["tokenizer.json"]
+
             assert reader.get(1).version == version
             assert reader.read_file(1, "chat_template.jinja") == files["chat_template.jinja"]
             assert {f.name for f in reader.files(1)} == set(files)

@@ -707,6 +707,12 @@ class FileNode(Node):
 
     def read(self) -> WeightsFile:
         c = self.config
+        if is_checkpoint_path(c["path"], c["format"]) and os.path.isdir(c["path"]):
+            raise InvalidInputError(
+                f"{c['path']!r} is a checkpoint directory: its files do not fit a Context; "
+                "import it with build_import() and PersistentStore.save_import (the daemon "
+                "does), or ctxstore publish"
+            )
         return read_weights_file(
             c["path"], format=c["format"], max_bytes=c["max_bytes"], check=self.file_check
         )
