@@ -444,7 +444,7 @@ def _check_no_overlap(infos: list[zipfile.ZipInfo], where: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Span:
+class _Span:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
@@ -455,7 +455,7 @@ class Span:
 class SafetensorsLayout(NamedTuple):
     """A checked safetensors file: its tensors in header order, metadata, data section start."""
 
-    spans: list[Span]
+    spans: list[_Span]
     metadata: dict[str, str]
     data_start: int
 
@@ -531,7 +531,7 @@ def _st_metadata(value: object, where: str) -> dict[str, str]:
     return value
 
 
-def _st_span(name: str, spec: object, data_len: int, where: str) -> Span:
+def _st_span(name: str, spec: object, data_len: int, where: str) -> _Span:
     tensor = f"{where} tensor {name!r:.80}"
     _name_or_refuse(name, where)
     if not isinstance(spec, dict) or not spec.keys() >= _ST_KEYS:
@@ -565,7 +565,7 @@ def _st_span(name: str, spec: object, data_len: int, where: str) -> Span:
             f"and shape {shape} need {need}"
         )
     check_shape(tuple(shape), dtype.itemsize, tensor)  # an empty tensor's can still be too big
-    return Span(name, dtype, tuple(shape), begin, end)
+    return _Span(name, dtype, tuple(shape), begin, end)
 
 
 def _is_count(value: object) -> bool:
@@ -588,7 +588,7 @@ def _st_dtype(value: object, tensor: str) -> np.dtype[Any]:
     raise InvalidInputError(f"{tensor}: dtype {value!r:.40} is not supported ({why})")
 
 
-def _check_layout(spans: list[Span], data_len: int, where: str) -> None:
+def _check_layout(spans: list[_Span], data_len: int, where: str) -> None:
     """Tensors must tile the data section exactly: contiguous, no overlap, no gap, no tail."""
     covered = 0
     previous = None
