@@ -28,7 +28,7 @@ from .durable import FILE_MODE, write_all
 from .errors import CtxStoreError, InvalidInputError, StorageError
 
 #: the most bytes of a tensor an import holds in memory at once
-CHUNK = 8 << 20
+CHUNK = 4 << 20
 
 Chunks = Callable[[], Iterator[bytes]]
 
