@@ -535,7 +535,7 @@ def test_a_store_from_before_publish_keys_gains_them(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "s" / "index.db")
     conn.executescript(
         "DROP INDEX versions_by_publish_key; ALTER TABLE versions DROP COLUMN publish_key; "
-        "DROP TABLE version_checks; PRAGMA user_version = 2;"
+        "DROP TABLE version_checks; DROP TABLE version_files; PRAGMA user_version = 2;"
     )
     conn.close()
     with pytest.raises(IntegrityError, match="schema version 2"):
