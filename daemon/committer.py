@@ -31,7 +31,7 @@ from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, ImportLimits, create_node, open_import
 from ctxstore.nodes.files import OpenedFile
 from ctxstore.records import Problem
-from ctxstore.sources import Imported
+from ctxstore.sources import Imported, follow_progress
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTableWriter
 
@@ -218,6 +218,11 @@ class Committer:
         if isinstance(source, Imported):
             progress.stage = "committing"
             progress.total = source.nbytes
+
+            def advance(done: int) -> None:
+                progress.done = done
+
+            follow_progress(source, advance)
             version = self._save(slot, source, model_type, aliases, key)
             context = self.store.load_context(slot, version)
         else:

@@ -118,6 +118,28 @@ class Imported:
         self.close()
 
 
+def follow_progress(imported: Imported, advance: Callable[[int], None]) -> None:
+    """Make ``advance(bytes copied so far)`` follow the reads of ``imported``'s sources
+    (the daemon's Progress frames for a long import)."""
+    done = 0
+
+    def counted(read: Chunks) -> Chunks:
+        def chunks() -> Iterator[bytes]:
+            nonlocal done
+            for chunk in read():
+                done += len(chunk)
+                advance(done)
+                yield chunk
+
+        return chunks
+
+    for name, tensor in imported.tensors.items():
+        if isinstance(tensor, TensorSource):
+            imported.tensors[name] = TensorSource(
+                tensor.dtype, tensor.shape, counted(tensor._read), tensor.where
+            )
+
+
 def write_streamed(path: str, header: bytes, chunks: Iterator[bytes]) -> str:
     """Create ``path`` (it must not exist) from ``header`` and ``chunks``; its xxh3-128.
 

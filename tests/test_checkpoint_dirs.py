@@ -449,3 +449,43 @@ def test_building_a_context_from_a_directory_says_how_to_import_it(tmp_path: Pat
     ckpt = write_checkpoint(tmp_path / "ckpt", tensors())
     with pytest.raises(InvalidInputError, match="build_import"):
         FileNode(1, {"path": str(ckpt)}).build_context()
+
+
+def test_a_checkpoint_publish_reports_the_bytes_it_copied_and_its_hooks_see_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress frames of a directory publish count the tensor bytes copied into the store;
+    the daemon's pre-commit hook (paused, after the copy) sees exactly the checkpoint."""
+    import threading
+    import time
+
+    from test_publish_path import BOUND, digest, hooked_daemon, seen_by_hook
+
+    from ctxstore.client import publish
+    from ctxstore.messages import Progress
+
+    weights = tensors()
+    ckpt = write_checkpoint(tmp_path / "ckpt", weights, SHARDS)
+    total = sum(a.nbytes for a in weights.values())
+    settings = "publish_progress_interval = 0.05"
+    with hooked_daemon(tmp_path, monkeypatch, settings=settings) as (daemon, pauser):
+        pauser.arm()
+        updates: list[Progress] = []
+        result: list[object] = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                publish(4, ckpt, socket=daemon.socket, progress=updates.append)
+            ),
+            daemon=True,
+        )
+        thread.start()
+        pauser.wait_paused(lambda: daemon.proc.poll() is None)
+        deadline = time.monotonic() + BOUND
+        while not any(u.stage == "committing" and u.done == total for u in updates):
+            assert time.monotonic() < deadline and thread.is_alive(), (updates, result)
+            time.sleep(0.02)
+        pauser.release()
+        thread.join(BOUND)
+        assert result == [1]
+        assert all(u.total == total for u in updates if u.stage == "committing")
+        assert seen_by_hook(tmp_path, 4) == {n: digest(a) for n, a in weights.items()}
