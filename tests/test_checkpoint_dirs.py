@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from test_daemon import DaemonProcess
+from test_security import guarded  # noqa: F401 (a fixture)
 
 from ctxstore import Context, IntegrityError, InvalidInputError, NotFoundError, PersistentStore
 from ctxstore.errors import ConflictError
@@ -489,3 +491,38 @@ def test_a_checkpoint_publish_reports_the_bytes_it_copied_and_its_hooks_see_them
         assert result == [1]
         assert all(u.total == total for u in updates if u.stage == "committing")
         assert seen_by_hook(tmp_path, 4) == {n: digest(a) for n, a in weights.items()}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
+def test_a_peer_imports_only_a_directory_whose_every_file_it_owns(
+    guarded: DaemonProcess,  # noqa: F811 (the fixture from test_security)
+) -> None:
+    """Ownership is checked on the directory and on each file read from it: a peer's own
+    checkpoint with one file of root's in it is refused, naming that file only."""
+    from test_security import PEER_UID, _as_uid
+
+    from ctxstore import CtxStoreError
+    from ctxstore.client import publish
+
+    ckpt = write_checkpoint(guarded.socket.parent / "ckpt", tensors(), SHARDS)
+    for path in (ckpt, *ckpt.iterdir()):
+        os.chown(path, PEER_UID, 0)
+    secret = ckpt / "notes.txt"
+    secret.write_text("root's secret")
+    secret.chmod(0o600)  # root's: the peer cannot read it, the daemon (root here) can
+
+    def publish_twice() -> bytes:
+        answers = []
+        for _ in range(2):
+            try:
+                answers.append(f"version {publish(1, ckpt, socket=guarded.socket)}")
+            except CtxStoreError as exc:
+                answers.append(str(exc))
+            secret.unlink(missing_ok=True)  # the peer owns the directory: it may
+        return json.dumps(answers).encode()
+
+    received = _as_uid(PEER_UID, publish_twice)
+    answers = json.loads(received) if received.startswith(b"[") else [received.decode()]
+    assert f"'notes.txt' belongs to uid 0, not to the requesting uid {PEER_UID}" in answers[0]
+    assert "root's secret" not in answers[0]
+    assert answers[1] == "version 1", answers
