@@ -70,12 +70,23 @@ def extra_files(directory: Path) -> dict[str, bytes]:
     }
 
 
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A torch tensor as the numpy array the store returns for it (bf16: ml_dtypes')."""
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
 def assert_same_weights(model: transformers.PreTrainedModel, weights: object) -> None:
+    """Same names, dtypes, shapes and bytes as the model's state dict."""
     state = model.state_dict()
     assert set(state) == set(weights)  # type: ignore[arg-type]
     for name, tensor in state.items():
-        array = weights[name]  # type: ignore[index]
-        assert array.dtype == tensor.numpy().dtype and np.array_equal(array, tensor.numpy()), name
+        array, expected = weights[name], as_numpy(tensor)  # type: ignore[index]
+        assert (array.dtype, array.shape) == (expected.dtype, expected.shape), name
+        assert array.tobytes() == expected.tobytes(), name
 
 
 def test_a_sharded_checkpoint_published_through_the_daemon(
