@@ -16,6 +16,7 @@ ownership and import-roots rule) and read from that descriptor only.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -99,7 +100,7 @@ def open_checked(
     except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"{where} does not exist") from None
     except OSError as exc:
-        if dir_fd is not None and exc.errno == 40:  # ELOOP: a symlink, not followed
+        if dir_fd is not None and exc.errno == errno.ELOOP:  # a symlink, not followed
             raise InvalidInputError(
                 f"{where} is a symbolic link; a checkpoint directory is imported only from "
                 "regular files inside it (copy the files in, e.g. a hub download with local_dir)"
