@@ -263,7 +263,7 @@ def test_verify_checks_extra_files_and_read_file_refuses_damage(store: Persisten
     finally:
         conn.close()
     path.symlink_to("/etc/hostname")
-    assert [p.kind for p in store.verify(1)] == ["wrong_type"]
+    assert [p.kind for p in store.verify(1)] == ["not_a_file"]
     with pytest.raises(IntegrityError):
         store.read_file(1, version, "config.json")
     path.unlink()
@@ -531,3 +531,24 @@ def test_a_peer_imports_only_a_directory_whose_every_file_it_owns(
     assert f"'notes.txt' belongs to uid 0, not to the requesting uid {PEER_UID}" in answers[0]
     assert "root's secret" not in answers[0]
     assert answers[1] == "version 1", answers
+
+
+def test_a_files_directory_replaced_by_a_link_is_reported_and_never_followed(
+    store: PersistentStore, tmp_path: Path
+) -> None:
+    version = store.save_context(1, Context({"w": np.zeros(2)}), files={"a.txt": b"mine"})
+    files = store.root / f"slots/1/{version}/files"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.txt").write_bytes(b"mine")
+    os.chmod(files, 0o755)
+    for name in os.listdir(files):
+        (files / name).unlink()
+    files.rmdir()
+    files.symlink_to(elsewhere)
+    assert [p.kind for p in store.verify(1)] == ["stray_entry"]
+    with pytest.raises(IntegrityError, match="cannot be read"):
+        store.read_file(1, version, "a.txt")
+    files.unlink()
+    files.mkdir()
+    (files / "a.txt").write_bytes(b"mine")
