@@ -2,8 +2,9 @@
 them, transformers loads what ``ctxstore export`` writes.
 
 A tiny Llama (hidden 64, 2 layers, vocab 128) is built from ``LlamaConfig`` with
-random weights (no hub download), with a tokenizer built from a vocabulary here
-and a chat template, and saved with ``save_pretrained`` in shards.
+random weights (no hub download) in float32, float16 and bfloat16 (most current
+checkpoints' dtype), with a tokenizer built from a vocabulary here and a chat
+template, and saved with ``save_pretrained`` in shards.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def save_checkpoint(model: transformers.PreTrainedModel, directory: Path, shard:
     return directory
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.fixture(
+    scope="module",
+    params=[torch.float32, torch.float16, torch.bfloat16],
+    ids=["f32", "f16", "bf16"],
+)
 def checkpoint(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[transformers.PreTrainedModel, Path]:
@@ -140,9 +145,12 @@ def test_export_loads_with_from_pretrained_and_identical_parameters(
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer("t1 t5 t9")["input_ids"] == [1, 5, 9]
     assert tokenizer.chat_template == CHAT_TEMPLATE
+    # logits against from_pretrained of the original directory (the model built in code
+    # keeps its rotary buffer in its own dtype; from_pretrained computes it in float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
