@@ -287,11 +287,11 @@ def test_retention_removes_a_versions_files_with_it(store_dir: Path) -> None:
         assert store.verify() == []
 
 
-def test_a_store_of_schema_3_gains_the_files_table(store_dir: Path) -> None:
+def test_a_store_of_schema_4_gains_the_files_table(store_dir: Path) -> None:
     with PersistentStore(store_dir) as store:
         store.save_context(1, Context({"w": np.zeros(2)}))
     conn = sqlite3.connect(store_dir / "index.db")
-    conn.executescript("DROP TABLE version_files; PRAGMA user_version = 3;")
+    conn.executescript("DROP TABLE version_files; PRAGMA user_version = 4;")
     conn.close()
     with PersistentStore(store_dir) as store:
         assert store.read_query("PRAGMA user_version") == [(LATEST,)]
