@@ -196,6 +196,12 @@ def test_extra_files_are_bounded_in_count_size_and_name(
     _refused(store, ckpt, "'tokenizer.json' is larger than the limit of 700 bytes",
              max_file_bytes=700)  # fmt: skip
     _refused(store, ckpt, "larger than the limit of 100 bytes", max_bytes=100)
+    extra = [ckpt / f"extra{i}.txt" for i in range(4)]
+    for path in extra:
+        path.write_bytes(b"x" * 700)  # each within 800 bytes, all > 4 x 800 with the others
+    _refused(store, ckpt, "larger than the limit of 3200 bytes together", max_file_bytes=800)
+    for path in extra:
+        path.unlink()
     (ckpt / "bad name.txt").write_text("x")
     _refused(store, ckpt, "'bad name.txt'", "is not allowed")
 

@@ -37,6 +37,8 @@ SHARD_SUFFIX = ".safetensors"
 CONFIG_NAME = "config.json"
 #: entries listed before a directory is refused as not a checkpoint
 MAX_ENTRIES = 100_000
+#: the extra files of one import together: at most this many times max_file_bytes
+TOTAL_FILE_BYTES_FACTOR = 4
 
 
 def read_checkpoint(
@@ -190,6 +192,7 @@ def _extra_files(
             f"{limits.max_files}"
         )
     files: dict[str, bytes] = {}
+    total, most = 0, TOTAL_FILE_BYTES_FACTOR * limits.max_file_bytes
     for name in names:
         file_where = f"{where} file {name!r:.80}"
         try:
@@ -197,6 +200,12 @@ def _extra_files(
         except InvalidInputError as exc:
             raise InvalidInputError(f"{file_where}: {exc}") from None
         files[name] = _read_small(dir_fd, name, file_where, limits, check)
+        total += len(files[name])
+        if total > most:  # they are held in memory until the commit
+            raise InvalidInputError(
+                f"{where}: its files besides the weights are larger than the limit of {most} "
+                f"bytes together ({TOTAL_FILE_BYTES_FACTOR} x max_file_bytes)"
+            )
     return files
 
 
