@@ -232,13 +232,13 @@ class Fleet:
         ]
         self.children = procs
         try:
-            _expect(procs, "bare", START_TIMEOUT_S)
+            expect_lines(procs, "bare", START_TIMEOUT_S)
             bare = _totals(procs)
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("load\n")
                 proc.stdin.flush()
-            loaded_bytes = _expect(procs, "loaded", LOAD_TIMEOUT_S)
+            loaded_bytes = expect_lines(procs, "loaded", LOAD_TIMEOUT_S)
             expected = self.tensors * self.tensor_bytes
             if any(int(b) != expected for b in loaded_bytes):
                 raise RuntimeError(f"{how}: readers touched {loaded_bytes}, expected {expected}")
@@ -249,7 +249,9 @@ class Fleet:
         return Outcome(bare, loaded)
 
 
-def _expect(procs: Sequence[subprocess.Popen[str]], word: str, timeout: float) -> list[str]:
+def expect_lines(
+    procs: Sequence[subprocess.Popen[str]], word: str, timeout: float, who: str = "memory readers"
+) -> list[str]:
     """Wait until every process printed a line starting with ``word``; returns the rest of each."""
     deadline = time.monotonic() + timeout
     rest: dict[int, str] = {}
@@ -260,13 +262,13 @@ def _expect(procs: Sequence[subprocess.Popen[str]], word: str, timeout: float) -
     while len(rest) < len(procs):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{len(procs) - len(rest)} memory readers never said {word!r}")
+            raise TimeoutError(f"{len(procs) - len(rest)} {who} never said {word!r}")
         waiting = [s for s, i in streams.items() if i not in rest]
         ready, _, _ = select.select(waiting, [], [], left)
         for stream in ready:
             line = stream.readline()
             if not line.startswith(word):
-                raise RuntimeError(f"a memory reader said {line!r} instead of {word!r}")
+                raise RuntimeError(f"one of the {who} said {line!r} instead of {word!r}")
             rest[streams[stream]] = line[len(word) :].strip()
     return [rest[i] for i in range(len(procs))]
 

@@ -13,7 +13,7 @@ time budget, so it adapts to the time the others took.
 
 from __future__ import annotations
 
-from . import commit, disturbed, fanout, hotget, memory, metadata, scale
+from . import commit, disturbed, fanout, hfserve, hotget, memory, metadata, scale
 from . import open as open_context
 from .scenario import Scenario
 
@@ -25,6 +25,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     fanout.SCENARIO,
     disturbed.SCENARIO,
     memory.SCENARIO,
+    hfserve.SCENARIO,
     scale.SCENARIO,
 )
 

@@ -1,0 +1,121 @@
+"""``python -m bench.hfworker``: one inference worker of the Hugging Face scenario.
+
+It imports torch and transformers, opens a connected ctxstore ``Reader`` and
+builds a ``LlamaForCausalLM`` on the slot's current version with
+``ctxstore.readers.torch.build_model`` (no copy), then says ``ready`` and its
+bare PSS (measured before the model was built). Then it obeys one line of
+stdin at a time and answers one line on stdout for each:
+
+* ``ctxstore VERSION``: wait until the Reader has VERSION (the daemon's
+  announcement), re-point the live model's parameters at it
+  (``swap_weights``, the documented hot-swap path), and answer
+  ``served <time.time()> <cpu seconds since the command>``;
+* ``pretrained DIR``: ``LlamaForCausalLM.from_pretrained(DIR)`` replaces the
+  model, as a worker without ctxstore reloads;
+* ``safeopen DIR``: ``safetensors.safe_open`` (mmap) on every shard of DIR,
+  each tensor loaded, and the live model's ``load_state_dict(..., assign=True)``
+  with them (the zero-copy way; a plain ``load_state_dict`` would copy 1 GiB
+  into every worker);
+* ``pss``: answers ``pss <bytes>``, its own PSS now.
+
+Every answer to a load carries the wall-clock time the new weights were in
+the model (``time.time()``, the clock the daemon stamps ``committed_at`` with)
+and the process's CPU time (every thread) spent on the command. A forward
+pass on a fixed input after each load checks the model runs (not timed: it
+comes after the stamp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _pss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_full_info().pss)
+
+
+def _check(model: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.arange(8).unsqueeze(0)).logits
+    if not bool(torch.isfinite(logits.float()).all()):
+        raise RuntimeError("the model produced non-finite logits")
+
+
+def run(store: str, sock: str, slot: int, rehash: bool) -> int:
+    import warnings
+
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    from ctxstore.readers import Reader
+    from ctxstore.readers import torch as ctx_torch
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    options: dict[str, Any] = {"trust_verified": False} if rehash else {}
+    with Reader(store=store, socket=sock, name="hf-worker", **options) as reader:
+        deadline = time.monotonic() + 120
+        while not reader.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        bare = _pss()
+        model = ctx_torch.build_model(reader.get(slot), LlamaForCausalLM)
+        _check(model)
+        _say(f"ready {bare}")
+        for line in sys.stdin:
+            how, _, arg = line.strip().partition(" ")
+            cpu0 = time.process_time()
+            if how == "ctxstore":
+                reader.wait_for(slot, int(arg), timeout=300)
+                ctx_torch.swap_weights(model, reader.get(slot))
+            elif how == "pretrained":
+                model = LlamaForCausalLM.from_pretrained(arg)
+            elif how == "safeopen":
+                state: dict[str, Any] = {}
+                for shard in sorted(Path(arg).glob("*.safetensors")):
+                    with safe_open(str(shard), "pt") as f:
+                        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                            state[key] = f.get_tensor(key)
+                model.load_state_dict(state, strict=False, assign=True)
+                model.tie_weights()
+            elif how == "pss":
+                _say(f"pss {_pss()}")
+                continue
+            else:
+                raise ValueError(f"unknown command {line!r}")
+            served = time.time()
+            cpu = time.process_time() - cpu0
+            _check(model)
+            _say(f"served {served!r} {cpu!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hfworker")
+    parser.add_argument("store")
+    parser.add_argument("socket")
+    parser.add_argument("slot", type=int)
+    parser.add_argument("--rehash", action="store_true", help="hash every adopted version")
+    args = parser.parse_args(argv)
+    return run(args.store, args.socket, args.slot, args.rehash)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
