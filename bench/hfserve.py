@@ -145,10 +145,21 @@ class Bench:
         self.sock = self.tmp / "ctx.sock"
         self.log = (self.ctx.data_dir / "daemon.log").open("wb")
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(self.store),
-             "--socket", str(self.sock), "--http", "off"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "ctxstore.cli",
+                "daemon",
+                "--store",
+                str(self.store),
+                "--socket",
+                str(self.sock),
+                "--http",
+                "off",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_until_listening(self.sock, 60.0, alive=lambda: self.daemon.poll() is None)
             first = self.checkpoint()
@@ -184,8 +195,9 @@ class Bench:
     def checkpoint(self) -> Path:
         """A new version's checkpoint directory, written and fsynced (untimed)."""
         directory = self.src / f"v{next(self.counter)}"
-        hfdata.write_checkpoint(directory, hfdata.version_of(self.base, int(directory.name[1:])),
-                                self.config)  # fmt: skip
+        hfdata.write_checkpoint(
+            directory, hfdata.version_of(self.base, int(directory.name[1:])), self.config
+        )
         return directory
 
     # -- publish ----------------------------------------------------------------------------
@@ -285,8 +297,12 @@ class Bench:
             params={"workers": n},
             reference=SWAP_SAFEOPEN,
         )
-        for how, role in ((SWAP_CTX, "ctxstore"), (SWAP_REHASH, "variant"),
-                          (SWAP_PRETRAINED, "alternative"), (SWAP_SAFEOPEN, "alternative")):  # fmt: skip
+        for how, role in (
+            (SWAP_CTX, "ctxstore"),
+            (SWAP_REHASH, "variant"),
+            (SWAP_PRETRAINED, "alternative"),
+            (SWAP_SAFEOPEN, "alternative"),
+        ):
             swaps = results[how]
             serving.add(how, role, Stats.of([s * 1e9 for s in swaps.latency]))
             cpu.add(how, role, Stats.of([s * 1e9 for s in swaps.cpu]))
@@ -324,7 +340,9 @@ class Bench:
                     )
             else:
                 start = time.time()
-                fleet.send(("pretrained " if how == SWAP_PRETRAINED else "safeopen ") + str(directory))
+                fleet.send(
+                    ("pretrained " if how == SWAP_PRETRAINED else "safeopen ") + str(directory)
+                )
             answers = fleet.expect("served", LOAD_TIMEOUT_S)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -360,14 +378,27 @@ class Workers:
         self.bare: list[int] = []
 
     def __enter__(self) -> Workers:
-        argv = [sys.executable, "-m", "bench.hfworker", str(self.bench.store),
-                str(self.bench.sock), str(SLOT), *(["--rehash"] if self.rehash else [])]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.hfworker",
+            str(self.bench.store),
+            str(self.bench.sock),
+            str(SLOT),
+            *(["--rehash"] if self.rehash else []),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         try:
             for _ in range(self.n):
                 self.procs.append(
-                    subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                    subprocess.Popen(
+                        argv,
+                        cwd=REPO,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        env=env,
+                    )
                 )
             self.bare = [int(b) for b in self.expect("ready", START_TIMEOUT_S)]
         except BaseException:
