@@ -70,8 +70,15 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    options: dict[str, Any] = {"trust_verified": False} if rehash else {}
-    with Reader(store=store, socket=sock, name="hf-worker", **options) as reader:
+    class RehashingReader(Reader):
+        """A Reader as it was before the daemon verified once per host: it never takes the
+        daemon's verified record, so it hashes every version it adopts."""
+
+        def _vouched(self) -> bool:
+            return False
+
+    reader_class = RehashingReader if rehash else Reader
+    with reader_class(store=store, socket=sock, name="hf-worker") as reader:
         deadline = time.monotonic() + 120
         while not reader.connected and time.monotonic() < deadline:
             time.sleep(0.01)
