@@ -20,7 +20,8 @@ slot's current version with ``ctxstore.readers.torch.build_model`` (no copy):
 the time from a new version's commit until every worker serves it in its live
 model, and the workers' total CPU for it. ctxstore: the worker waits for the
 daemon's announcement and re-points each parameter at the newly mapped tensor
-(``swap_weights``); "commit" is the version's ``committed_at`` in the index.
+(``swap_weights``); "commit" is the version's ``created_at`` in the index, stamped in
+its commit transaction.
 The anchors, on the same workers: each worker reloading with
 ``LlamaForCausalLM.from_pretrained(DIR)``, and each doing ``safe_open`` (mmap)
 on the shards and ``load_state_dict(assign=True)``; their "commit" is the
@@ -336,7 +337,7 @@ class Bench:
                     raise RuntimeError(f"published {self.published}, expected {version}")
                 with PersistentStore(self.store, readonly=True) as store:
                     start = next(
-                        v.committed_at for v in store.list_versions(SLOT) if v.version == version
+                        v.created_at for v in store.list_versions(SLOT) if v.version == version
                     )
             else:
                 start = time.time()
