@@ -52,7 +52,7 @@ def llama_config(values: Mapping[str, Any]) -> Any:
     """A transformers ``LlamaConfig`` in bfloat16 from ``values``."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**values, torch_dtype="bfloat16")
+    return LlamaConfig(**{**values, "dtype": "bfloat16"})
 
 
 def tensor_shapes(config: Any) -> dict[str, tuple[int, ...]]:

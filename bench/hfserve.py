@@ -60,6 +60,7 @@ from .harness import (
     Candidate,
     FractionAtMost,
     RatioAtMost,
+    Role,
     ScenarioResult,
     Stats,
     format_bytes,
@@ -276,9 +277,9 @@ class Bench:
         with Workers(self, n, rehash=True) as fleet:
             self.ctx.progress.step(f"hf swap N={n}: re-hashing workers")
             for _ in range(self.swaps):
-                latency, cpu = self.swap(fleet, SWAP_REHASH)
+                latency, spent = self.swap(fleet, SWAP_REHASH)
                 results.setdefault(SWAP_REHASH, Swaps()).latency.append(latency)
-                results[SWAP_REHASH].cpu.append(cpu)
+                results[SWAP_REHASH].cpu.append(spent)
         serving = Fig(
             f"hfserve.swap.{n}",
             f"commit to all {n} workers serving a new {format_bytes(self.nbytes)} version",
@@ -298,12 +299,13 @@ class Bench:
             params={"workers": n},
             reference=SWAP_SAFEOPEN,
         )
-        for how, role in (
+        roles: tuple[tuple[str, Role], ...] = (
             (SWAP_CTX, "ctxstore"),
             (SWAP_REHASH, "variant"),
             (SWAP_PRETRAINED, "alternative"),
             (SWAP_SAFEOPEN, "alternative"),
-        ):
+        )
+        for how, role in roles:
             swaps = results[how]
             serving.add(how, role, Stats.of([s * 1e9 for s in swaps.latency]))
             cpu.add(how, role, Stats.of([s * 1e9 for s in swaps.cpu]))

@@ -66,10 +66,11 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
     from ctxstore.readers import Reader
     from ctxstore.readers import torch as ctx_torch
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+
     class RehashingReader(Reader):
         """A Reader as it was before the daemon verified once per host: it never takes the
         daemon's verified record, so it hashes every version it adopts."""
