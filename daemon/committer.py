@@ -128,6 +128,9 @@ class Committer:
         #: hash each new version before announcing it and record the outcome, so readers
         #: adopting it need not hash it (settings: verify_after_commit)
         self.verify_after_commit = True
+        #: read each new version back and hash it before recording it verified, instead of
+        #: taking the checksums the commit computed as it wrote (settings: reread_after_commit)
+        self.reread_after_commit = False
         #: versions hashed after their commit, by outcome ("verified", "damaged")
         self.checked_after_commit = {"verified": 0, "damaged": 0}
 
@@ -263,12 +266,14 @@ class Committer:
         return version
 
     def _check_new(self, slot: int, version: int) -> tuple[list[Problem], int | None]:
-        """Hash a new version once (the only hash on this host while its files keep their
-        identity) and record it verified or damaged; a damaged one loses the current
-        pointer to the slot's newest intact version. Returns the problems and that version.
+        """Record a new version verified (from the checksums its commit took as it wrote,
+        or, with ``reread_after_commit``, by hashing what landed: the only hash on this
+        host while its files keep their identity) or damaged; a damaged one loses the
+        current pointer to the slot's newest intact version. Returns the problems and
+        that version.
         """
         try:
-            problems = self.store.record_check(slot, version)
+            problems = self.store.record_check(slot, version, rehash=self.reread_after_commit)
         except CtxStoreError as exc:  # unrecorded: readers hash it themselves, as before
             log.warning("slot %d version %d not recorded verified: %s", slot, version, exc)
             return [], None

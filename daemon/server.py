@@ -198,6 +198,7 @@ class Daemon:
             remembered_keys=config.publish_keys,
         )
         self.committer.verify_after_commit = config.verify_after_commit
+        self.committer.reread_after_commit = config.reread_after_commit
         self.damage = DamageDesk(
             self.store, self.committer, lambda: self.config.damage_recheck_interval
         )
@@ -368,6 +369,7 @@ class Daemon:
         if self.committer is not None:
             self.committer.max_publish_bytes = new.max_publish_bytes
             self.committer.verify_after_commit = new.verify_after_commit
+            self.committer.reread_after_commit = new.reread_after_commit
 
     async def _reclaim_segments_loop(self) -> None:
         """At start and every ``shm_reclaim_interval``: unlink segments of dead publishers."""

@@ -65,6 +65,19 @@ def unpack_identities(blob: object) -> tuple[Identity, ...] | None:
     return tuple(_IDENTITY.iter_unpack(blob))
 
 
+def stat_file(path: str) -> Identity:
+    """The identity of the regular file at ``path``, without reading it (symlinks and
+    non-regular files are refused with OSError, as :func:`hash_file` refuses them)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    return identity_of(st)
+
+
 def hash_file(path: str) -> tuple[str, Identity]:
     """The xxh3-128 of the regular file at ``path`` and its identity while it was hashed.
 

@@ -83,6 +83,7 @@ from .integrity import (
     hash_file,
     identity_of,
     pack_identities,
+    stat_file,
     unpack_identities,
 )
 from .lock import WriterLock, writer_may_be_running
@@ -1410,12 +1411,18 @@ class PersistentStore:
 
     # -- verify once per host (ctxstore.integrity) ----------------------------------------
 
-    def check_version(self, slot_id: int, version: int) -> tuple[list[Problem], list[Identity]]:
+    def check_version(
+        self, slot_id: int, version: int, *, rehash: bool = True
+    ) -> tuple[list[Problem], list[Identity]]:
         """Hash one version's files against their records: the problems found, and each
         file's identity as it was hashed (position order; complete only when all is well).
 
         Reads with ``pread`` (a file truncated meanwhile cannot fault this process),
         refuses symlinks and non-regular files. NotFoundError for an unknown version.
+        ``rehash=False`` checks each file's type and size and takes its identity
+        without reading it: for a version this writer has just committed, whose
+        every file it hashed as it wrote it (or compared byte for byte with the
+        stored file it linked).
         """
         slot, number = check_slot(slot_id), check_version(version)
         rows = self._query(
@@ -1429,7 +1436,7 @@ class PersistentStore:
         for position, (name, _, _, offset, nbytes, checksum) in enumerate(_read_plan(blob)[0]):
             path = layout.tensor_path_str(self._root_str, slot, number, position)
             try:
-                digest, identity = hash_file(path)
+                digest, identity = hash_file(path) if rehash else (checksum, stat_file(path))
             except FileNotFoundError:
                 found: tuple[str, str] | None = ("missing_file", f"{path} does not exist")
             except OSError as exc:
@@ -1446,14 +1453,15 @@ class PersistentStore:
                 problems.append(Problem(*found, slot, number, name))
         return problems, identities
 
-    def record_check(self, slot_id: int, version: int) -> list[Problem]:
-        """Hash one version (:meth:`check_version`) and record the outcome in the index:
+    def record_check(self, slot_id: int, version: int, *, rehash: bool = True) -> list[Problem]:
+        """Hash one version (:meth:`check_version`; ``rehash=False``: a version this
+        writer just committed, see there) and record the outcome in the index:
         ``verified`` with its files' identities and this boot, or ``damaged``.
 
         Writer only. The row is written without an fsync of its own (the next
         durable commit carries it): lost in a crash, it only makes readers hash.
         """
-        problems, identities = self.check_version(slot_id, version)
+        problems, identities = self.check_version(slot_id, version, rehash=rehash)
         if problems:
             self.mark_damaged(slot_id, version, "; ".join(map(str, problems)))
         else:

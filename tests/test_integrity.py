@@ -303,10 +303,12 @@ def test_a_version_recorded_damaged_is_refused_named_and_repaired_away(tmp_path:
 def test_a_version_written_wrong_is_caught_before_it_is_announced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The daemon hashes what landed on disk, not what it meant to write."""
+    """With reread_after_commit the daemon hashes what landed on disk, not what it meant
+    to write."""
     store = _store_with(tmp_path, (1,))
     announced: list[Announce] = []
     committer = Committer(store, None, announced.append)
+    committer.reread_after_commit = True
     write = ctxstore.store.write_new_file
 
     def write_then_rot(path: Any, chunks: Any, *, sync: bool = True) -> None:
@@ -383,3 +385,41 @@ def test_a_verified_version_whose_record_was_forged_since_is_still_refused(
         with pytest.raises(IntegrityError, match=r"\.npy header disagrees"):
             reader.load_context(1, verify=True, trust_verified=True)
         assert reader.versions_hashed == 0  # refused on the header, without a hash
+
+
+def test_a_new_version_is_recorded_verified_from_its_commit_without_reading_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the record comes from the checksums the commit took as it wrote: the
+    daemon reads nothing back (no hash_file call), yet a reader adopting the version skips
+    its own hash, and a file that lost its size before the record is still caught."""
+    store = _store_with(tmp_path, (1,))
+    announced: list[Announce] = []
+    committer = Committer(store, None, announced.append)
+    hashed: list[str] = []
+    real_hash = ctxstore.store.hash_file
+
+    def counting(path: str) -> Any:
+        hashed.append(path)
+        return real_hash(path)
+
+    monkeypatch.setattr(ctxstore.store, "hash_file", counting)
+    with store:
+        assert asyncio.run(committer.commit(1, context(2))) == 2
+        assert hashed == []
+        assert committer.checked_after_commit == {"verified": 1, "damaged": 0}
+        assert [a.version for a in announced] == [2]
+        problems, _ = store.check_version(1, 2)
+        assert problems == []
+        write = ctxstore.store.write_new_file
+
+        def write_then_truncate(path: Any, chunks: Any, *, sync: bool = True) -> None:
+            write(path, chunks, sync=sync)
+            os.chmod(path, 0o600)
+            os.truncate(path, 8)
+
+        monkeypatch.setattr(ctxstore.store, "write_new_file", write_then_truncate)
+        with pytest.raises(IntegrityError, match="version 3 was committed but"):
+            asyncio.run(committer.commit(1, context(3)))
+        assert store.current_version(1) == 2
+        assert hashed and all("/slots/1/2/" in path for path in hashed)  # the fallback's check
