@@ -174,12 +174,12 @@ def test_load_survives_retention_between_index_read_and_mapping(
         mapped: list[int] = []
         race = [True]
 
-        def commit_first(slot: int, version: int, manifest: Any) -> Any:
+        def commit_first(slot: int, version: int, manifest: Any, *rest: Any) -> Any:
             if race and race.pop():
                 writer.save_context(0, make_context(0, version + 1))  # retires `version`
                 writer.wait_background()  # and its files are gone before the load maps them
             mapped.append(version)
-            return map_tensors(slot, version, manifest)
+            return map_tensors(slot, version, manifest, *rest)
 
         monkeypatch.setattr(reader, "_map_tensors", commit_first)
         check_context(reader.load_context(0), 0, 2)
