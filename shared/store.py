@@ -1,6 +1,6 @@
 """PersistentStore: versions committed atomically to SQLite + .npy files, mapped zero-copy.
 
-The commit protocol, in this order and only here (DESIGN.md):
+The commit protocol, in this order and only here (docs/reliability.md, "The commit path"):
 
 1. validate the context;
 2. write each new tensor into ``wal/<txid>/`` (or hard-link an identical stored

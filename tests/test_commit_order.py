@@ -1,8 +1,8 @@
 """The commit protocol's order, checked over the calls a real commit makes.
 
 A recorder wraps os.fsync / os.rename / os.link, SQLite's statement
-trace and the daemon's announcer, then an ordering check asserts DESIGN.md's
-protocol: every new tensor file fsynced before the rename, the version
+trace and the daemon's announcer, then an ordering check asserts the commit
+protocol (docs/reliability.md): every new tensor file fsynced before the rename, the version
 directory (its entries) fsynced before COMMIT, the slot directory fsynced
 after the rename and before COMMIT, the announcement after COMMIT. The check
 is proven by deliberately broken builds that it must catch (a check that
