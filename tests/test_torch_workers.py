@@ -1,7 +1,8 @@
-"""End to end in real processes: a tiny bf16 Llama published through a running daemon, four
-torch workers serving it from their Readers with zero copies, bit-identical to what
-``from_pretrained`` of its ``save_pretrained`` directory computes, hot-swapped to the next
-version, and their in-place writes kept private."""
+"""End to end in real processes: a tiny bf16 Llama's sharded ``save_pretrained`` directory
+published through a running daemon, four torch workers serving it from their Readers with
+zero copies, bit-identical to what ``from_pretrained`` of that directory computes,
+hot-swapped to the next version (published from Python as a state dict), and their
+in-place writes kept private."""
 
 from __future__ import annotations
 
@@ -96,10 +97,13 @@ def workers(store: Path, socket: Path, count: int) -> Iterator[list[Worker]]:
 
 
 def test_four_torch_workers_serve_a_llama_zero_copy_and_swap_versions(tmp_path: Path) -> None:
-    first_model, first = tiny_llama(0, tmp_path / "v1", torch.bfloat16)
+    first_model, _ = tiny_llama(0, tmp_path / "v1", torch.bfloat16)
     second_model, second = tiny_llama(1, tmp_path / "v2", torch.bfloat16)
     first_digest, second_digest = reference_digest(first_model), reference_digest(second_model)
     assert first_digest != second_digest
+    first = tmp_path / "v1-sharded"  # version 1 as a user has it: a sharded checkpoint directory
+    first_model.save_pretrained(first, max_shard_size="100KB")
+    assert (first / "model.safetensors.index.json").exists()
     with running_daemon(tmp_path) as daemon:
         assert publish(SLOT, first, socket=daemon.socket) == 1
         with workers(daemon.store, daemon.socket, WORKERS) as fleet:
