@@ -20,8 +20,8 @@ slot's current version with ``ctxstore.readers.torch.build_model`` (no copy):
 the time from a new version's commit until every worker serves it in its live
 model, and the workers' total CPU for it. ctxstore: the worker waits for the
 daemon's announcement and re-points each parameter at the newly mapped tensor
-(``swap_weights``); "commit" is the version's ``created_at`` in the index, stamped in
-its commit transaction.
+(``swap_weights``); "commit" is the ``committed_at`` of the daemon's announcement
+(stamped after the COMMIT, the version's data fsynced before it).
 The anchors, on the same workers: each worker reloading with
 ``LlamaForCausalLM.from_pretrained(DIR)``, and each doing ``safe_open`` (mmap)
 on the shards and ``load_state_dict(assign=True)``; their "commit" is the
@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 from ctxstore.client import publish, wait_until_listening
-from ctxstore.store import PersistentStore
 from ctxstore.versiontable import segment_name
 
 from . import hfdata
@@ -343,10 +342,7 @@ class Bench:
                 self.published = publish(SLOT, directory, socket=self.sock)
                 if self.published != version:
                     raise RuntimeError(f"published {self.published}, expected {version}")
-                with PersistentStore(self.store, readonly=True) as store:
-                    start = next(
-                        v.created_at for v in store.list_versions(SLOT) if v.version == version
-                    )
+                start = 0.0  # the announcement's committed_at, from the workers' answers
             else:
                 start = time.time()
                 fleet.send(
@@ -356,6 +352,8 @@ class Bench:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         served = max(float(a.split()[0]) for a in answers)
+        if how in (SWAP_CTX, SWAP_REHASH):
+            start = min(float(a.split()[2]) for a in answers)
         return served - start, sum(float(a.split()[1]) for a in answers)
 
 

@@ -9,7 +9,8 @@ stdin at a time and answers one line on stdout for each:
 * ``ctxstore VERSION``: wait until the Reader has VERSION (the daemon's
   announcement), re-point the live model's parameters at it
   (``swap_weights``, the documented hot-swap path), and answer
-  ``served <time.time()> <cpu seconds since the command>``;
+  ``served <time.time()> <cpu seconds since the command> <committed_at>``, the
+  last from the daemon's announcement of VERSION (its COMMIT, data fsynced);
 * ``pretrained DIR``: ``LlamaForCausalLM.from_pretrained(DIR)`` replaces the
   model, as a worker without ctxstore reloads;
 * ``safeopen DIR``: ``safetensors.safe_open`` (mmap) on every shard of DIR,
@@ -79,7 +80,14 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
             return False
 
     reader_class = RehashingReader if rehash else Reader
+    committed: dict[int, float] = {}  # version -> committed_at, from the announcement
+
+    def remember(event: Any) -> None:
+        if event.committed_at is not None:
+            committed[event.version] = event.committed_at
+
     with reader_class(store=store, socket=sock, name="hf-worker") as reader:
+        reader.subscribe(slot, callback=remember)
         deadline = time.monotonic() + 120
         while not reader.connected and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -111,7 +119,8 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
             served = time.time()
             cpu = time.process_time() - cpu0
             _check(model)
-            _say(f"served {served!r} {cpu!r}")
+            start = committed.get(int(arg), 0.0) if how == "ctxstore" else 0.0
+            _say(f"served {served!r} {cpu!r} {start!r}")
     return 0
 
 
