@@ -65,7 +65,7 @@ from .harness import (
     format_bytes,
 )
 from .harness import Figure as Fig
-from .memory import expect_lines
+from .memory import expect_lines, stop_processes
 from .scenario import RunContext, Scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -414,18 +414,7 @@ class Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(OSError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-        for proc in self.procs:
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        stop_processes(self.procs)
 
     def send(self, line: str) -> None:
         for proc in self.procs:

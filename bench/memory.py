@@ -196,7 +196,7 @@ class Fleet:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _stop(self.children)
+        stop_processes(self.children)
         daemon = getattr(self, "daemon", None)
         if daemon is not None and daemon.poll() is None:
             daemon.terminate()  # a clean stop removes its socket and version table
@@ -244,7 +244,7 @@ class Fleet:
                 raise RuntimeError(f"{how}: readers touched {loaded_bytes}, expected {expected}")
             loaded = _totals(procs)
         finally:
-            _stop(procs)
+            stop_processes(procs)
             self.children = []
         return Outcome(bare, loaded)
 
@@ -278,7 +278,8 @@ def _totals(procs: Sequence[subprocess.Popen[str]]) -> Totals:
     return Totals(pss=sum(int(i.pss) for i in infos), uss=sum(int(i.uss) for i in infos))
 
 
-def _stop(procs: Sequence[subprocess.Popen[str]]) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[str]]) -> None:
+    """Close each child's stdin (its signal to exit), wait for it (kill past the timeout)."""
     for proc in procs:
         with contextlib.suppress(OSError):
             if proc.stdin is not None:
