@@ -656,6 +656,8 @@ def test_reconnect_after_daemon_restart_resubscribes_and_resyncs(env: Env) -> No
             got.notify_all()
 
     reader.subscribe(slots=[1], callback=callback)
+    with got:  # the subscription's snapshot came before the daemon goes (else a race)
+        assert got.wait_for(lambda: [e.version for e in events] == [1], WAIT)
     assert reader.get(1).version == 1
     daemon.wait_ack(1, 1)
     daemon.stop()
