@@ -35,6 +35,7 @@ from ctxstore.client import SHM_PREFIX, publish_segment_owner
 from ctxstore.dtypes import dtype_from_spec
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.faults import pause_point
+from ctxstore.lock import pid_alive
 from ctxstore.messages import TensorSpec
 
 log = logging.getLogger("ctxstore.daemon")
@@ -190,14 +191,3 @@ def reclaim_orphans(
                 continue
             reclaimed += 1
     return reclaimed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (signal 0: a live process of another uid counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -78,8 +78,11 @@ def writer_may_be_running(path: Path) -> bool:
     namespace. Good enough to decide whether to wait out a writer's passing states.
     """
     pid = lock_holder(path)
-    if pid is None or pid <= 0:
-        return False
+    return pid is not None and pid > 0 and pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0: a live process of another uid counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
