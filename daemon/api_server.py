@@ -45,27 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ctxstore.daemon")
 
-OFF = "off"
 #: seconds uvicorn may spend finishing requests in flight at shutdown
 GRACEFUL_SECONDS = 3.0
 BACKLOG = HTTP_BACKLOG
-
-
-def parse_address(address: str) -> tuple[str, int] | None:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); None for ``off``."""
-    text = address.strip()
-    if text.lower() == OFF:
-        return None
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_text = text.rpartition(":")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise InvalidInputError(
-            f"http address {address!r:.80} must be HOST:PORT (port 0-65535), [IPV6]:PORT or off"
-        )
-    return host, int(port_text)
 
 
 def is_loopback(host: str) -> bool:

@@ -134,7 +134,6 @@ class EventBroadcaster:
         self.refused = 0
         self._streams: set[EventStream] = set()
         self._closed = False
-        self.published = 0
 
     def subscribe(self, slots: Collection[int] | None = None) -> EventStream:
         """A new stream (every slot, or only ``slots``); already closed after :meth:`close`.
@@ -158,7 +157,6 @@ class EventBroadcaster:
         self._streams.discard(stream)
 
     def publish(self, announce: Announce) -> None:
-        self.published += 1
         for stream in list(self._streams):
             stream.offer(announce)
 

@@ -101,7 +101,6 @@ class Subscriber:
         self._wake = asyncio.Event()
         self._closed = False
         self.close_reason: str | None = None
-        self.dropped_announcements = 0
         #: requests the daemon has not answered yet: while any is, silence is not a fault
         self.requests_in_flight = 0
         self._budget = budget or PeerBudget()
@@ -120,9 +119,8 @@ class Subscriber:
         if not self._pending and not self._control and self._buffered() == 0:
             self._write(announce, frame)
             return
-        if self._pending.pop(announce.slot, None) is not None:
-            self.dropped_announcements += 1
-        self._pending[announce.slot] = (announce, frame)  # at the back: batches go in seq order
+        self._pending.pop(announce.slot, None)  # a newer one replaces it, at the back:
+        self._pending[announce.slot] = (announce, frame)  # batches go in seq order
         self._wake.set()
 
     def send(self, message: Message) -> None:
