@@ -73,7 +73,7 @@ import numpy as np
 
 from ctxstore import Context
 from ctxstore import layout as store_layout
-from ctxstore.daemon.soak import disk_usage
+from ctxstore.cli.soak_samples import disk_usage
 from ctxstore.npyfile import npy_header
 from ctxstore.reaper import CHORE_DELAY
 from ctxstore.store import PersistentStore

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ctxstore.status import reader_rows
 from ctxstore.validation import MAX_SLOT
 
 from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute
 from .api_models import HealthOut, ReadersOut, ReadyOut
+from .status_rows import reader_rows
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "operations"

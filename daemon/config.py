@@ -6,7 +6,8 @@ environment variables < command-line flags. The file is ``--config FILE``, else
 exists (systemd's ``ConfigurationDirectory=``). docs/configuration.md shows the
 file layout, every key, its variable and flag, and what SIGHUP reloads.
 
-``KEYS`` is the one table of settings: field, key in the file, variable, flag,
+``KEYS`` is the one table of settings: field, key in the file, variable, flag (and how
+the command line parses it: ``ctxstore daemon`` makes its flags from this table),
 check and whether a reload applies it live. Every value, wherever it comes
 from, goes through its key's check; a refused value is reported with where it
 came from, the key and the value.
@@ -496,6 +497,12 @@ class Key:
     env: str | None = None
     from_env: Callable[[str], Any] = str
     flag: str | None = None
+    #: how ``ctxstore daemon`` and ``config show`` parse the flag: the value's type (its
+    #: name is in argparse's error), whether it repeats, the placeholder and help in --help
+    flag_type: Callable[[str], Any] = str
+    flag_repeats: bool = False
+    flag_metavar: str | None = None
+    flag_help: str | None = None
     #: whether SIGHUP applies a new value (False: it waits for a restart)
     live: bool = True
     #: an empty variable means "none" (the key is optional)
@@ -516,19 +523,29 @@ _CAPACITY = _power_of_two(MIN_CAPACITY, MAX_CAPACITY)
 KEYS: tuple[Key, ...] = (
     _key("store", "store", _path, env="CTXSTORE_HOME", flag="--store", live=False, is_path=True),
     _key("socket", "socket", _path, flag="--socket", live=False, is_path=True),
-    _key("socket_group", "socket_group", _text, flag="--socket-group", live=False, optional=True),
-    _key("allow_uids", "allow_uids", _ids, _env_ids, flag="--allow-uid"),
-    _key("allow_gids", "allow_gids", _ids, _env_ids, flag="--allow-gid"),
-    _key("publish_uids", "publish_uids", _ids, _env_ids, flag="--publish-uid"),
-    _key("publish_gids", "publish_gids", _ids, _env_ids, flag="--publish-gid"),
-    _key("import_roots", "import_roots", _roots, _env_paths, flag="--import-root"),
+    _key("socket_group", "socket_group", _text, flag="--socket-group", live=False, optional=True,
+         flag_help="group that may use the socket"),
+    _key("allow_uids", "allow_uids", _ids, _env_ids, flag="--allow-uid", flag_type=int,
+         flag_repeats=True, flag_help="peer uid allowed"),
+    _key("allow_gids", "allow_gids", _ids, _env_ids, flag="--allow-gid", flag_type=int,
+         flag_repeats=True, flag_help="peer gid allowed"),
+    _key("publish_uids", "publish_uids", _ids, _env_ids, flag="--publish-uid", flag_type=int,
+         flag_repeats=True, flag_help="uid that may publish (repeat; default: every peer)"),
+    _key("publish_gids", "publish_gids", _ids, _env_ids, flag="--publish-gid", flag_type=int,
+         flag_repeats=True, flag_help="gid that may publish (repeat; default: every peer)"),
+    _key("import_roots", "import_roots", _roots, _env_paths, flag="--import-root",
+         flag_repeats=True, flag_metavar="DIR",
+         flag_help="directory file imports may read from (repeat; default: any)"),
     _key("import_max_bytes", "imports.max_bytes", _int_in(0, 2**62), _env_int),
     _key("import_max_files", "imports.max_files", _int_in(0, 100_000), _env_int),
     _key("import_max_file_bytes", "imports.max_file_bytes", _int_in(0, 2**40), _env_int),
-    _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention"),
+    _key("retention", "retention", _int_in(1, 1_000_000), _env_int, flag="--retention",
+         flag_type=int, flag_help="versions kept per slot"),
     _key("max_frame_size", "max_frame_size", _FRAME_SIZE, _env_int, live=False),
-    _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout"),
-    _key("silent_timeout", "silent_timeout", _seconds(3600), _env_float, flag="--silent-timeout"),
+    _key("stuck_timeout", "stuck_timeout", _seconds(3600), _env_float, flag="--stuck-timeout",
+         flag_type=float, flag_help="drop readers whose backlog is stuck (s)"),
+    _key("silent_timeout", "silent_timeout", _seconds(3600), _env_float, flag="--silent-timeout",
+         flag_type=float, flag_help="drop readers silent this long (s)"),
     _key("max_publish_bytes", "max_publish_bytes", _int_in(1, 2**63 - 1), _env_int),
     _key("publish_progress_interval", "publish_progress_interval", _seconds(3600), _env_float),
     _key("publish_keys", "publish_keys", _int_in(0, 10_000_000), _env_int, live=False),
@@ -545,10 +562,15 @@ KEYS: tuple[Key, ...] = (
     _key("verify_after_commit", "verify_after_commit", _bool, _env_bool),
     _key("reread_after_commit", "reread_after_commit", _bool, _env_bool),
     _key("damage_recheck_interval", "damage_recheck_interval", _seconds(86400), _env_float),
-    _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level"),
-    _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format"),
-    _key("http", "http", _http, flag="--http", live=False),
-    _key("token_file", "token_file", _path, flag="--token-file", optional=True, is_path=True),
+    _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level",
+         flag_help="DEBUG, INFO (default), WARNING, ERROR"),
+    _key("log_format", "log_format", _choice(LOG_FORMATS, str.lower), flag="--log-format",
+         flag_help="text (default) or json: one object a line"),
+    _key("http", "http", _http, flag="--http", live=False, flag_metavar="HOST:PORT|off",
+         flag_help="admin HTTP API address (default 127.0.0.1:8470), or off"),
+    _key("token_file", "token_file", _path, flag="--token-file", optional=True, is_path=True,
+         flag_metavar="FILE",
+         flag_help="bearer token that mutating HTTP calls must send (file mode 0600)"),
     _key("max_body_bytes", "max_body_bytes", _int_in(1024, 1 << 30), _env_int, live=False),
     _key("ready_min_free_bytes", "ready_min_free_bytes", _int_in(0, 2**63 - 1), _env_int),
     _key("jobs_concurrency", "jobs.concurrency", _int_in(1, 256), _env_int, live=False),

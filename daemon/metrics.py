@@ -36,7 +36,8 @@ from prometheus_client.registry import Collector
 
 from ctxstore import layout
 from ctxstore.messages import Announce
-from ctxstore.status import reader_rows
+
+from .status_rows import reader_rows
 
 if TYPE_CHECKING:
     from .server import Daemon

@@ -62,7 +62,6 @@ from ctxstore.messages import (
 )
 from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body, encode_frame
 from ctxstore.records import Problem
-from ctxstore.status import build_status, reader_rows, slot_rows
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
@@ -86,6 +85,7 @@ from .logs import flush_all, limit_repeats, limited_exception_handler, peer_even
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .segments import reclaim_orphans
+from .status_rows import build_status, reader_rows, slot_rows
 from .subscriber import PeerBudget, Subscriber
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ctxstore.cli import BENCH_EXTRA_MODULES
+from ctxstore.cli.measure import BENCH_EXTRA_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 #: the bench extra: without these the harness cannot run, and these tests fail (never skip)
@@ -444,7 +444,8 @@ def test_report_marks_missed_goals_and_lists_pending_scenarios(bench: Any) -> No
 def test_ctxstore_bench_runs_the_harness_of_the_checkout(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ctxstore.cli import find_bench_checkout, main
+    from ctxstore.cli import main
+    from ctxstore.cli.measure import find_bench_checkout
 
     monkeypatch.chdir(tmp_path)  # found beside the (editable) package, wherever we stand
     assert find_bench_checkout() == REPO
@@ -460,7 +461,7 @@ def test_ctxstore_bench_runs_the_harness_of_the_checkout(
 
 
 def test_ctxstore_bench_outside_a_checkout_says_where_to_run_it(tmp_path: Path) -> None:
-    from ctxstore.cli import find_bench_checkout
+    from ctxstore.cli.measure import find_bench_checkout
     from ctxstore.errors import NotFoundError
 
     (tmp_path / "bench").mkdir()  # a bench/ folder that is not our harness

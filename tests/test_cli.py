@@ -17,6 +17,7 @@ import pytest
 from test_daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context, PersistentStore, RemoteError, cli
+from ctxstore.cli import inspection, measure
 from ctxstore.messages import Error
 from ctxstore.protocol import encode_frame
 
@@ -68,11 +69,12 @@ CHATTY = textwrap.dedent(
     """
     import sys
     from ctxstore import cli
+    from ctxstore.cli import inspection
     def chatty(args):
         for i in range(1_000_000):
             print(f"line {i}")
         return 0
-    cli.cmd_slots = chatty
+    inspection.cmd_slots = chatty
     sys.exit(cli.main(["slots", "--store", sys.argv[1]]))
     """
 )
@@ -94,7 +96,7 @@ def test_output_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> No
 def test_bench_without_its_extra_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "BENCH_EXTRA_MODULES", ("rich", "no_such_module_for_ctxstore"))
+    monkeypatch.setattr(measure, "BENCH_EXTRA_MODULES", ("rich", "no_such_module_for_ctxstore"))
     assert cli.main(["bench", "--help"]) == 1
     err = capsys.readouterr().err
     assert "no_such_module_for_ctxstore" in err and "rich" not in err.split("needs")[1]
@@ -199,7 +201,7 @@ def test_errors_from_the_system_and_the_daemon_are_printed_like_the_others(
     def failing(args: object) -> int:
         raise failure
 
-    monkeypatch.setattr(cli, "cmd_slots", failing)
+    monkeypatch.setattr(inspection, "cmd_slots", failing)
     assert cli.main(["slots", "--store", str(tmp_path)]) == 1
     assert capsys.readouterr().err == f"ctxstore slots: error: {message}\n"
 

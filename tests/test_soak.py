@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ctxstore.daemon.soak import disk_usage
+from ctxstore.cli.soak_samples import disk_usage
 
 MiB = 1 << 20
 

@@ -23,18 +23,12 @@ from test_daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context
 from ctxstore.cli import main
+from ctxstore.cli.status_text import duration, format_event, format_status, held_text
 from ctxstore.client import DaemonClient, publish
+from ctxstore.daemon.status_rows import build_status, reader_rows
 from ctxstore.errors import RemoteProtocolError
 from ctxstore.messages import MAX_STATUS_ROWS, Status, StatusRequest, decode_body, encode_body
 from ctxstore.readers import Reader, VersionEvent
-from ctxstore.status import (
-    build_status,
-    duration,
-    format_event,
-    format_status,
-    held_text,
-    reader_rows,
-)
 from ctxstore.versiontable import segment_name
 
 # -- rows, trimming, formatting (no daemon) -------------------------------------------------------

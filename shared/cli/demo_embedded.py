@@ -12,9 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .context import Context
-from .nodes import CNNNode, LLMNode
-from .store import PersistentStore
+from ctxstore.context import Context
+from ctxstore.nodes import CNNNode, LLMNode
+from ctxstore.store import PersistentStore
+
 from .table import print_table
 
 LLM_SLOT, CNN_SLOT = 1, 2

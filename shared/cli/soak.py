@@ -31,22 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from ctxstore import layout
-from ctxstore.client import SHM_PREFIX, publish, wait_until_listening
+from ctxstore.client import publish, wait_until_listening
 from ctxstore.context import Context
 from ctxstore.errors import DaemonUnavailableError
 from ctxstore.store import PersistentStore
-from ctxstore.table import format_table
 from ctxstore.versiontable import segment_name
+
+from .soak_samples import HEADERS, SHM_DIR, Sample, Trend, row, take_sample, trends
+from .table import format_table
 
 SLOTS = (1, 2, 3)
 MEDIUM_SLOT = 2  # 1 MiB a version; the others 4 KiB
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-MiB = 1 << 20
-SHM_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory
 
 READER_PROGRAM = textwrap.dedent(
     """
@@ -77,153 +75,6 @@ READER_PROGRAM = textwrap.dedent(
                       "n_errors": len(errors), "errors": errors[:5]}), flush=True)
     """
 )
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One measurement of the running fleet."""
-
-    t: float  # seconds since the commits started
-    commits: int
-    daemon_rss: int
-    daemon_fds: int
-    readers_rss: int
-    readers_pss: int
-    shm_bytes: int
-    disk_bytes: int
-    index_bytes: int = 0  # of disk_bytes: index.db with its -wal and -shm
-    versions: int = 0  # version directories on disk (retention's own plus reader-held ones)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How much a metric may grow between the first and last third: max(absolute, relative)."""
-
-    metric: str
-    absolute: float
-    relative: float
-
-
-TOLERANCES = (
-    Tolerance("daemon_rss", 16 * MiB, 0.25),
-    Tolerance("daemon_fds", 4, 0.0),
-    Tolerance("readers_pss", 32 * MiB, 0.25),
-    Tolerance("shm_bytes", 64 << 10, 0.0),
-    Tolerance("disk_bytes", 8 * MiB, 0.25),
-)
-
-
-@dataclass(frozen=True)
-class Trend:
-    """A metric's first-third and last-third means after warm-up, and whether it stayed flat."""
-
-    metric: str
-    first: float
-    last: float
-    limit: float
-    flat: bool
-
-
-def trends(samples: Sequence[Sample], warmup: float) -> list[Trend]:
-    """Compare the mean of the last third of the samples after ``warmup`` with the first third."""
-    steady = [s for s in samples if s.t >= warmup]
-    third = len(steady) // 3
-    if third == 0:
-        return []
-    out = []
-    for tol in TOLERANCES:
-        values = [float(getattr(s, tol.metric)) for s in steady]
-        first = sum(values[:third]) / third
-        last = sum(values[-third:]) / third
-        limit = max(tol.absolute, tol.relative * first)
-        out.append(Trend(tol.metric, first, last, limit, last - first <= limit))
-    return out
-
-
-# -- measuring --------------------------------------------------------------------------------
-
-
-def _shm_bytes(store: Path) -> int:
-    """Memory in /dev/shm of this run: the daemon's version table and our publish segments."""
-    table = segment_name(store)[1:]
-    ours = SHM_PREFIX[1:] + f"{os.getpid()}-"
-    total = 0
-    with contextlib.suppress(OSError), os.scandir(SHM_DIR) as entries:
-        for entry in entries:
-            if entry.name == table or entry.name.startswith(ours):
-                with contextlib.suppress(OSError):
-                    total += entry.stat().st_blocks * 512
-    return total
-
-
-def disk_usage(root: Path) -> int:
-    """Bytes allocated under ``root``, each inode once (versions hard-link unchanged tensors)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(dirpath, name))
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-    return total
-
-
-def _index_bytes(store: Path) -> int:
-    index = layout.index_path(store)
-    total = 0
-    for path in (index, index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
-        with contextlib.suppress(OSError):
-            total += path.stat().st_blocks * 512
-    return total
-
-
-def _version_dirs(store: Path) -> int:
-    slots = layout.slots_dir(store)
-    with contextlib.suppress(OSError):
-        return sum(len(os.listdir(slots / slot)) for slot in os.listdir(slots))
-    return 0
-
-
-def _memory(pids: Sequence[int]) -> tuple[int, int]:
-    rss = pss = 0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            info = psutil.Process(pid).memory_full_info()
-            rss += int(info.rss)
-            pss += int(getattr(info, "pss", 0))
-    return rss, pss
-
-
-def take_sample(t: float, commits: int, daemon: int, readers: Sequence[int], store: Path) -> Sample:
-    proc = psutil.Process(daemon)
-    readers_rss, readers_pss = _memory(readers)
-    return Sample(
-        t=round(t, 1),
-        commits=commits,
-        daemon_rss=int(proc.memory_info().rss),
-        daemon_fds=proc.num_fds(),
-        readers_rss=readers_rss,
-        readers_pss=readers_pss,
-        shm_bytes=_shm_bytes(store),
-        disk_bytes=disk_usage(store),
-        index_bytes=_index_bytes(store),
-        versions=_version_dirs(store),
-    )
-
-
-def _row(s: Sample) -> list[str]:
-    mib = [
-        f"{v / MiB:.1f}"
-        for v in (s.daemon_rss, s.readers_rss, s.readers_pss, s.disk_bytes, s.index_bytes)
-    ]
-    return [f"{s.t:.0f}", str(s.commits), mib[0], str(s.daemon_fds), mib[1], mib[2],
-            f"{s.shm_bytes >> 10}", mib[3], mib[4], str(s.versions)]  # fmt: skip
-
-
-HEADERS = ("t s", "commits", "daemon RSS MiB", "daemon fds", "readers RSS MiB",
-           "readers PSS MiB", "shm KiB", "disk MiB", "index MiB", "versions")  # fmt: skip
 
 
 # -- the fleet --------------------------------------------------------------------------------
@@ -395,7 +246,7 @@ def _commit_and_sample(
         if now >= due:
             sample = take_sample(now - start, commits, daemon, pids, store)
             run.samples.append(sample)
-            print(format_table(HEADERS, [_row(sample)]).splitlines()[-1], flush=True)
+            print(format_table(HEADERS, [row(sample)]).splitlines()[-1], flush=True)
             due += run.interval
             if now - start >= duration:
                 return
@@ -405,7 +256,7 @@ def _commit_and_sample(
 
 
 def _report(run: Run) -> None:
-    print(format_table(HEADERS, [_row(s) for s in run.samples]))
+    print(format_table(HEADERS, [row(s) for s in run.samples]))
     print("\ntrend (mean of the last third vs the first third after warm-up):")
     for t in run.trends:
         verdict = "flat" if t.flat else "GROWING"
@@ -423,4 +274,4 @@ def _report(run: Run) -> None:
     print(f"soak: {'PASS: flat' if run.ok else 'FAIL'}")
 
 
-__all__ = ["TOLERANCES", "Sample", "Trend", "disk_usage", "run_soak", "trends"]
+__all__ = ["Run", "run_soak"]

@@ -23,7 +23,8 @@ from typing import Any
 
 from ctxstore.client import build, wait_until_listening
 from ctxstore.errors import DaemonUnavailableError
-from ctxstore.table import print_table
+
+from .table import print_table
 
 N_READERS = 4
 LLM_SLOT, CNN_SLOT = 1, 2
