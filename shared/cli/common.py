@@ -41,6 +41,14 @@ class Commands:
         parser.set_defaults(handler=handler)
         return parser
 
+    def group(self, name: str, help_text: str) -> Commands:
+        """A command with actions of its own (``ctxstore config show``): add them to the result.
+
+        ``main`` names a failing action by both words (``ctxstore config show: error: ...``).
+        """
+        parser = self.subparsers.add_parser(name, help=help_text, description="see ACTION")
+        return Commands(parser.add_subparsers(dest="action", required=True, metavar="ACTION"))
+
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import STORE_FLAGS, Commands, add_store_options
+from .common import STORE_FLAGS, Commands
 from .table import print_table
 
 if TYPE_CHECKING:
@@ -88,13 +88,8 @@ def register_daemon(commands: Commands) -> None:
 
 def register_config(commands: Commands) -> None:
     """``ctxstore config show``: takes the daemon's flags, so it previews a daemon command line."""
-    p = commands.subparsers.add_parser(
-        "config", help="the daemon's configuration", description="see ACTION"
-    )
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = commands.group("config", "the daemon's configuration")
     help_text = "print the effective configuration and where each value comes from"
-    show = actions.add_parser("show", help=help_text, description=help_text)
-    add_store_options(show)
+    show = actions.add("show", cmd_config_show, help_text)
     add_daemon_flags(show)
     show.add_argument("--json", action="store_true", help="print it as JSON")
-    show.set_defaults(handler=cmd_config_show)
