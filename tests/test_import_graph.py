@@ -64,3 +64,12 @@ def test_star_import_gives_every_public_name() -> None:
     namespace: dict[str, object] = {}
     exec("from ctxstore import *", namespace)
     assert set(ctxstore.__all__) <= set(namespace)
+
+
+def test_the_command_line_parser_reads_the_daemon_settings_without_the_server_stack() -> None:
+    """Every ``ctxstore`` command builds the whole parser (the daemon's flags included)."""
+    modules = modules_after("from ctxstore.cli import build_parser\nbuild_parser()")
+    assert "ctxstore.daemon.config" in modules
+    unwanted = ("ctxstore.daemon.server", "ctxstore.daemon.api", "ctxstore.readers", "fastapi",
+                "uvicorn")  # fmt: skip
+    assert loaded(modules, *unwanted) == []
