@@ -5,8 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -124,12 +123,3 @@ def resident_fraction(paths: Iterable[str]) -> float | None:
         resident += counts[0]
         total += counts[1]
     return resident / total if total else 0.0
-
-
-# -- disk accounting ----------------------------------------------------------------------
-
-
-def walk_files(root: Path) -> Iterator[Path]:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            yield Path(dirpath) / name

@@ -443,7 +443,3 @@ def format_bytes(n: float) -> str:
 
 def format_value(m: Measurement, stat: float) -> str:
     return format_bytes(stat) if m.unit == "bytes" else format_ns(stat)
-
-
-def params_text(params: Mapping[str, ParamValue]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())

@@ -102,7 +102,6 @@ SERVER_MESSAGES: list[Message] = [
     Goodbye(reason="stopping"),
 ]
 HELLO_FRAME = encode_frame(CLIENT_MESSAGES[0])
-SERVER_STREAM = b"".join(encode_frame(m) for m in SERVER_MESSAGES)
 
 
 def server() -> Connection:
