@@ -3,7 +3,10 @@
 Publish requests from the socket (a file path, a build by node type, tensors
 in a shared-memory segment) and from the API all end here. The order is the
 point: the store commits (its COMMIT is the commit point), the version table
-is bumped, and only then are subscribers told. Inputs named by a peer are
+is bumped, and only then are subscribers told. Both happen right after the
+COMMIT, from the commit's own thread (the announcement on the event loop's
+next turn); the store's chores (warming, retention) and the post-commit hooks
+come after them, so none of those delays a reader seeing the version. Inputs named by a peer are
 read only if that peer owns them: the daemon never reads on a client's
 behalf what the client could not read itself. Files are read only from
 under the import roots, when they are set.
@@ -164,11 +167,12 @@ class Committer:
         """
         aliases = (alias,) if alias else ()
         progress = progress or PublishProgress()
+        loop = asyncio.get_running_loop()
         async with self._lock:
             try:
-                version, committed, problems, served = await asyncio.to_thread(
+                version, committed, problems, served, published = await asyncio.to_thread(
                     self._load_and_save, slot, context, model_type, aliases, key=key,
-                    progress=progress,
+                    progress=progress, loop=loop,
                 )  # fmt: skip
             finally:
                 if isinstance(context, Imported):
@@ -182,7 +186,8 @@ class Committer:
                     f"match what was written ({problems[0]}); it is recorded damaged"
                     + (f" and slot {slot} serves version {served}" if served else "")
                 )
-            self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
+            if not published:
+                self._publish_pointer(slot, version, model_type, dict.fromkeys(aliases, version))
         if self.post_commit is not None:
             task = asyncio.ensure_future(
                 self._after_commit(self.post_commit, slot, version, committed, model_type)
@@ -212,12 +217,31 @@ class Committer:
         *,
         key: str | None,
         progress: PublishProgress,
-    ) -> tuple[int, Context, list[Problem], int | None]:
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[int, Context, list[Problem], int | None, bool]:
         """In the commit's worker thread: read the source if it is a loader, commit, then
         (when enabled) the one hash of the new version. Returns the version, the context
-        committed, what that hash found wrong, and the version served instead if any.
-        An import is streamed into the store, and committed is the version as stored
-        (mapped, not read into memory)."""
+        committed, what that hash found wrong, the version served instead if any, and
+        whether the version is published already.
+
+        Right after the COMMIT, still in this thread and before the store's chores
+        (warming, retention), an intact version is recorded verified, written to
+        the version table and handed to ``loop`` to announce: readers see it
+        without waiting for the chores or for this thread's result to reach the
+        loop. An import is streamed into the store, and committed is the version
+        as stored (mapped, not read into memory)."""
+        checked: list[tuple[list[Problem], int | None]] = []
+        published: list[bool] = []
+
+        def on_committed(version: int) -> None:
+            found = self._check_new(slot, version) if self.verify_after_commit else ([], None)
+            checked.append(found)
+            if not found[0] and loop is not None:
+                self._publish_from_thread(
+                    loop, slot, version, model_type, dict.fromkeys(aliases, version)
+                )
+                published.append(True)
+
         if isinstance(source, Imported):
             progress.stage = "committing"
             progress.total = source.nbytes
@@ -226,7 +250,7 @@ class Committer:
                 progress.done = done
 
             follow_progress(source, advance)
-            version = self._save(slot, source, model_type, aliases, key)
+            version = self._save(slot, source, model_type, aliases, key, on_committed=on_committed)
             context = self.store.load_context(slot, version)
         else:
             if isinstance(source, Context):
@@ -235,10 +259,11 @@ class Committer:
                 progress.stage = "reading"
                 context = source()
             progress.stage = "committing"
-            version = self._save(slot, context, model_type, aliases, key)
-        if not self.verify_after_commit:
-            return version, context, [], None
-        return (version, context, *self._check_new(slot, version))
+            version = self._save(slot, context, model_type, aliases, key, on_committed=on_committed)
+        if not checked and self.verify_after_commit:  # on_committed failed (logged): check now
+            checked.append(self._check_new(slot, version))
+        problems, served = checked[0] if checked else ([], None)
+        return version, context, problems, served, bool(published)
 
     def _save(
         self,
@@ -247,16 +272,20 @@ class Committer:
         model_type: str | None,
         aliases: tuple[str, ...],
         key: str | None = None,
+        *,
+        on_committed: Callable[[int], None] | None = None,
     ) -> int:
         started = time.perf_counter()
         if isinstance(context, Imported):
             version = self.store.save_import(
-                slot, context, model_type=model_type, aliases=aliases, publish_key=key
-            )
+                slot, context, model_type=model_type, aliases=aliases, publish_key=key,
+                on_committed=on_committed,
+            )  # fmt: skip
         else:
             version = self.store.save_context(
-                slot, context, model_type=model_type, aliases=aliases, publish_key=key
-            )
+                slot, context, model_type=model_type, aliases=aliases, publish_key=key,
+                on_committed=on_committed,
+            )  # fmt: skip
         observer = self.on_commit
         if observer is not None:
             try:
@@ -347,9 +376,41 @@ class Committer:
     def _publish_pointer(
         self, slot: int, version: int, model_type: str | None, aliases: dict[str, int]
     ) -> None:
+        """On the loop: write ``version`` to the version table, then announce it."""
         committed_at = self._clock()
         if self.table is not None:
             self.table.set(slot, version, committed_at_ns=int(committed_at * 1e9))
+        self._announce_pointer(slot, version, committed_at, model_type, aliases)
+
+    def _publish_from_thread(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        slot: int,
+        version: int,
+        model_type: str | None,
+        aliases: dict[str, int],
+    ) -> None:
+        """In the commit thread: write the table now, announce on ``loop`` (the next turn).
+
+        The announcement's ``seq`` is taken on the loop, where every other
+        announcement takes its own, so the counter never goes backwards on a
+        connection.
+        """
+        committed_at = self._clock()
+        if self.table is not None:
+            self.table.set(slot, version, committed_at_ns=int(committed_at * 1e9))
+        loop.call_soon_threadsafe(
+            self._announce_pointer, slot, version, committed_at, model_type, aliases
+        )
+
+    def _announce_pointer(
+        self,
+        slot: int,
+        version: int,
+        committed_at: float,
+        model_type: str | None,
+        aliases: dict[str, int],
+    ) -> None:
         self._seq += 1
         self._announce(
             Announce(

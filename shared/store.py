@@ -11,7 +11,8 @@ The commit protocol, in this order and only here (docs/reliability.md, "The comm
    slot's current pointer: its COMMIT is the commit point (its statements run
    right after staging, while the CPU is warm; nothing of them is visible or
    durable before this COMMIT);
-5. warm the files, apply retention (rows first, then unlink).
+5. call the caller's ``on_committed`` (the daemon bumps its version table and
+   announces there), then warm the files, apply retention (rows first, then unlink).
 
 A crash before 4 leaves a directory with no row, which recovery deletes; a crash
 after 4 leaves a whole version. A failed COMMIT keeps the files until a durable
@@ -486,6 +487,7 @@ class PersistentStore:
         pin: bool = False,
         publish_key: str | None = None,
         files: Mapping[str, bytes] | None = None,
+        on_committed: Callable[[int], None] | None = None,
     ) -> int:
         """Commit ``context`` as the next version of ``slot_id`` and make it current.
 
@@ -494,6 +496,9 @@ class PersistentStore:
         ``files``: extra files that travel with the version byte-exact (a
         checkpoint's ``config.json``, tokenizer files ...), by plain name; read
         back with :meth:`read_file` (docs/huggingface.md).
+        ``on_committed(version)``: called in this thread right after the COMMIT,
+        before the chores that may follow it (warming, retention), so a daemon
+        publishes the version first; what it raises is logged, never raised.
         """
         slot = check_slot(slot_id)
         if not isinstance(context, Context):
@@ -502,7 +507,8 @@ class PersistentStore:
         for hook in self.pre_commit_hooks:
             hook(slot, context)
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
-                          publish_key=publish_key, files=checked, sources=None)  # fmt: skip
+                          publish_key=publish_key, files=checked, sources=None,
+                          on_committed=on_committed)  # fmt: skip
 
     def save_import(
         self,
@@ -513,6 +519,7 @@ class PersistentStore:
         aliases: tuple[str, ...] = (),
         pin: bool = False,
         publish_key: str | None = None,
+        on_committed: Callable[[int], None] | None = None,
     ) -> int:
         """Commit what an importer read (``ctxstore.nodes.open_import``) as the next version.
 
@@ -520,6 +527,7 @@ class PersistentStore:
         directory a chunk at a time and hashed as they are written: the memory
         this takes does not grow with the checkpoint. The importer already
         checked the limits on its files; the names are checked again here.
+        ``on_committed``: as for :meth:`save_context`.
         """
         slot = check_slot(slot_id)
         context = Context(None, imported.config, imported.metadata)
@@ -530,7 +538,7 @@ class PersistentStore:
             check_tensor_name(name)
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
                           publish_key=publish_key, files=checked,
-                          sources=imported.tensors)  # fmt: skip
+                          sources=imported.tensors, on_committed=on_committed)  # fmt: skip
 
     def _save(
         self,
@@ -543,6 +551,7 @@ class PersistentStore:
         publish_key: str | None,
         files: Mapping[str, bytes],
         sources: Mapping[str, Array | TensorSource] | None,
+        on_committed: Callable[[int], None] | None = None,
     ) -> int:
         if model_type is not None:
             check_label(model_type, "model type")
@@ -564,6 +573,11 @@ class PersistentStore:
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
+                if on_committed is not None:
+                    on_committed(version)
+            except Exception:
+                log.exception("slot %d version %d committed; on_committed failed", slot, version)
+            try:
                 self._warm(slot, version, linked)
                 self._retire_files(retired, then=self._prepare_spare_staging)
             except Exception:

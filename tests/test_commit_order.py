@@ -22,6 +22,7 @@ import pytest
 
 from ctxstore import Context, PersistentStore
 from ctxstore.daemon.committer import Committer
+from ctxstore.messages import Announce
 
 
 @dataclass
@@ -210,3 +211,43 @@ def test_the_check_catches_announcing_before_commit(tmp_path: Path, recorder: Re
     with PersistentStore(tmp_path / "store") as store:
         problems = check_commit_order(commit_once(store, recorder, ctx(1), announce_first=True))
     assert "announced before COMMIT" in problems
+
+
+def test_the_table_and_the_announcement_come_before_the_chores_after_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: warming (and retention after it) follow the version table bump and the
+    announcement. The store's warming is made to block until the event loop has the
+    announcement: on a build that warms first it would wait for good (bounded here)."""
+    import threading
+
+    from ctxstore.versiontable import VersionTable
+
+    announced = threading.Event()
+    seen_while_warming: list[int | None] = []
+    with PersistentStore(tmp_path / "store") as store:
+        store.save_context(1, ctx(1))
+        table = VersionTable.create(f"/ctxtest-order-{os.getpid()}", capacity=8)
+        try:
+            real_warm = store._warm
+
+            def warm(slot: int, version: int, positions: list[int]) -> None:
+                seen_while_warming.append(table.get(slot))
+                seen_while_warming.append(int(announced.wait(10.0)))
+                real_warm(slot, version, positions)
+
+            monkeypatch.setattr(store, "_warm", warm)
+            announcements: list[Announce] = []
+
+            def announce(message: Announce) -> None:
+                announcements.append(message)
+                announced.set()
+
+            committer = Committer(store, table, announce)
+            version = asyncio.run(committer.commit(1, ctx(2)))
+        finally:
+            table.close()
+            table.unlink()
+    assert version == 2
+    assert seen_while_warming == [2, 1]  # the table said 2, and the loop had announced it
+    assert [(a.slot, a.version) for a in announcements] == [(1, 2)]
