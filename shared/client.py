@@ -39,6 +39,7 @@ from .errors import (
     StorageError,
     WaitTimeoutError,
 )
+from .kept import KeptConnections
 from .messages import (
     Error,
     Goodbye,
@@ -159,6 +160,28 @@ class DaemonClient:
     def next_request_id(self) -> int:
         return next(self._ids)
 
+    def settimeout(self, timeout: float) -> None:
+        """How long a request may wait for the daemon's next frame from now on."""
+        self._sock.settimeout(timeout)
+
+    def idle_and_open(self) -> bool:
+        """Whether the connection can take a request: nothing unread (a goodbye, an
+        error, EOF) is waiting on it. Checked before a kept connection is reused."""
+        if self._conn.buffered:
+            return False
+        saved = self._sock.gettimeout()
+        try:
+            self._sock.setblocking(False)
+            try:
+                self._sock.recv(1, socket.MSG_PEEK)
+            finally:
+                self._sock.settimeout(saved)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: open and quiet
+        except OSError:
+            return False
+        return False  # a frame or EOF is waiting: the daemon spoke first (goodbye, error)
+
     def request(
         self, message: Message, request_id: int, progress: ProgressCallback | None = None
     ) -> Message:
@@ -238,6 +261,48 @@ class DaemonClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: how long a publisher's connection stays open after a request, for the next one to reuse
+KEEP_IDLE_S = 1.0
+_kept: KeptConnections[DaemonClient] = KeptConnections(KEEP_IDLE_S)
+
+
+def _on_kept_connection(
+    path: str | os.PathLike[str] | None, timeout: float, send: Callable[[DaemonClient], int]
+) -> int:
+    """``send(client)`` on this process's kept connection to the daemon at ``path`` (or a
+    new one), then keep the connection a moment for the next request (:mod:`.kept`).
+
+    A kept connection the daemon closed meanwhile (it went away, or dropped us) is
+    noticed when it answers nothing: the request is sent once more on a new one.
+    Every publish carries an idempotency key, so that retry commits at most once.
+    """
+    key = os.fspath(path if path else default_socket_path())
+    client = _kept.take(key)
+    reused = client is not None and client.idle_and_open()
+    if client is not None and not reused:
+        client.close()
+    if client is None or not reused:
+        client = DaemonClient(key, timeout=timeout)
+    try:
+        client.settimeout(timeout)
+        try:
+            result = send(client)
+        except DaemonUnavailableError:
+            if not reused:
+                raise
+            client.close()
+            client = DaemonClient(key, timeout=timeout)
+            result = send(client)
+    except RemoteError:  # the daemon refused this request: the connection is fine
+        _kept.give_back(key, client)
+        raise
+    except BaseException:
+        client.close()
+        raise
+    _kept.give_back(key, client)
+    return result
 
 
 def wait_until_listening(
@@ -334,18 +399,21 @@ def publish(
     if isinstance(source, Context):
         if metadata:
             source = source.set_metadata({**source.get_metadata(), **metadata})
-        with DaemonClient(socket, timeout=timeout) as client:
-            rid = client.next_request_id()
-            return _publish_context(
-                client, rid, slot, source, model_type=model_type, alias=alias, key=key,
-                progress=progress,
-            )  # fmt: skip
+        context = source
+        return _on_kept_connection(
+            socket,
+            timeout,
+            lambda client: _publish_context(
+                client, client.next_request_id(), slot, context, model_type=model_type,
+                alias=alias, key=key, progress=progress,
+            ),
+        )  # fmt: skip
     path = _file_path(source)
     freeze_mapping(metadata, "metadata")
-    with DaemonClient(socket, timeout=timeout) as client:
-        rid = client.next_request_id()
+
+    def send(client: DaemonClient) -> int:
         request = PublishFile(
-            request_id=rid,
+            request_id=client.next_request_id(),
             slot=slot,
             path=path,
             model_type=model_type,
@@ -355,6 +423,8 @@ def publish(
             progress=True,
         )
         return _publish_request(client, request, progress)
+
+    return _on_kept_connection(socket, timeout, send)
 
 
 def _checked_key(key: str | None) -> str:
@@ -388,13 +458,15 @@ def build(
     _check_names(alias=alias)
     freeze_mapping(config, "config")
     key = _checked_key(key)
-    with DaemonClient(socket, timeout=timeout) as client:
-        rid = client.next_request_id()
+
+    def send(client: DaemonClient) -> int:
         request = PublishBuild(
-            request_id=rid, slot=slot, node_type=node_type, config=dict(config or {}),
-            alias=alias, key=key, progress=True,
+            request_id=client.next_request_id(), slot=slot, node_type=node_type,
+            config=dict(config or {}), alias=alias, key=key, progress=True,
         )  # fmt: skip
         return _publish_request(client, request, progress)
+
+    return _on_kept_connection(socket, timeout, send)
 
 
 def _publish_context(

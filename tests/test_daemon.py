@@ -751,3 +751,30 @@ def test_client_against_a_peer_that_hangs_up_says_so_and_leaks_nothing(
         gc.collect()  # an unclosed socket would raise ResourceWarning here (warnings are errors)
     finally:
         server.close()
+
+
+def test_publishes_in_a_row_share_one_connection_and_replace_a_closed_one(
+    daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: a publisher keeps its connection a moment for its next publish (no connect,
+    hello and goodbye per version); one that was closed meanwhile is replaced."""
+    import ctxstore.client as client_module
+
+    opened: list[DaemonClient] = []
+    real_init = client_module.DaemonClient.__init__
+
+    def counting_init(self: DaemonClient, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        opened.append(self)
+
+    monkeypatch.setattr(client_module.DaemonClient, "__init__", counting_init)
+    monkeypatch.setattr(client_module._kept, "idle_s", 600.0)
+    weights = Context({"w": np.arange(4.0)})
+    try:
+        assert [publish(1, weights, socket=daemon.socket) for _ in range(3)] == [1, 2, 3]
+        assert len(opened) == 1
+        opened[0]._sock.shutdown(socket.SHUT_RDWR)  # as if the daemon had hung up
+        assert publish(1, weights, socket=daemon.socket) == 4
+        assert len(opened) == 2
+    finally:
+        client_module._kept.close_all()
