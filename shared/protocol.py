@@ -287,6 +287,9 @@ class Connection:
         connections (one announcement to every subscriber); it is checked
         against this connection's state and frame limit like any other.
         """
+        if frame is not None and type(message) is Announce and self._may_announce(message, frame):
+            self._last_seq = message.seq  # what _apply does for an announcement, nothing else
+            return frame
         if self._error is not None:
             raise LocalProtocolError(
                 "the connection is in ERROR; write error_frame_for(exc) and close"
@@ -301,6 +304,19 @@ class Connection:
             )
         self._apply(plan, message)
         return frame
+
+    def _may_announce(self, announce: Announce, frame: bytes) -> bool:
+        """The fan-out's fast path (one shared frame to many connections): True when
+        :meth:`send` would accept ``announce`` and change nothing but the seq. Anything
+        else (a state that forbids it, a seq that does not increase, a frame over
+        the limit) takes the full path, which says what is wrong."""
+        state = self._states[self.role]
+        return (
+            self._error is None
+            and TRANSITIONS.get((self.role, state), {}).get("announce") is state
+            and announce.seq > self._last_seq
+            and len(frame) - HEADER.size <= self.max_frame_size
+        )
 
     # -- internals ---------------------------------------------------------------------------
 
