@@ -21,13 +21,17 @@ What is measured, per version, from the same clock in every process
 
 * commit: when the store's SQLite COMMIT returned in the daemon (a probe at the
   ``committed`` crash point, right after it). Before the announcement the
-  daemon still warms the new files (``posix_fadvise``), runs retention, hands
-  the commit thread's result to its event loop and bumps the version table:
-  all of that is inside the figures.
+  daemon records the version verified, bumps the version table and hands the
+  announcement to its event loop, all from the commit thread; warming and
+  retention follow it (issue 21).
 * notified: the last of the N readers decoded the announcement (the frame
   handed to ``Reader.message_received``, stamped first thing there).
 * acknowledged: the daemon's ``Fleet.ack`` received the last reader's ack (a
   probe in the daemon): the version is mapped, adopted and acked by all.
+* visible (variant, issue 21): the daemon wrote the version to the
+  shared-memory version table (a probe on ``VersionTableWriter.set``): from
+  then on every reader's ``get()`` returns it (mapping it first if its
+  announcement has not been adopted yet).
 * callback (variant): the last reader's ``subscribe()`` callback ran; for a
   followed slot the reader maps and acks before it calls back.
 
@@ -42,7 +46,8 @@ connection) with a 1 ms and a 10 ms sleep between polls.
 Readers' CPU: the scheduler's account of the N reader processes (every
 thread, ns resolution) over the measured versions, per second of wall time:
 what keeping up costs each approach at this publication rate (the notes say
-how many versions a second that was). Approaches run in a rotated order for
+how many versions a second that was, and the CPU of the daemon and of each
+reader per version). Approaches run in a rotated order for
 each N. Goals (issue 3): N=16 p99 <= 1 ms, N=64 p99 <= 3 ms, and p50 within
 1.3x of the floor, judged on notified and acknowledged alike.
 """
@@ -96,6 +101,7 @@ from .peers import (
     READY,
     RECEIVED,
     STOP,
+    VISIBLE,
     Stamps,
 )
 from .scenario import RunContext, Scenario
@@ -121,6 +127,7 @@ CTX_NOTIFIED = "ctxstore: every Reader received the announcement"
 CTX_CALLBACK = "ctxstore: every subscribe() callback ran (mapped + acked first)"
 CTX_ACKED = "ctxstore: the daemon received every reader's ack"
 CTX_SUBSCRIBED = "ctxstore: subscribe()-only Readers received it (nothing mapped or acked)"
+CTX_VISIBLE = "ctxstore: version table bumped (every reader's get() returns it)"
 CTX_CPU = "ctxstore Readers following the slot"
 CTX_SUBSCRIBED_CPU = "ctxstore Readers subscribed only (callback, no get())"
 FLOOR_NOTIFIED = "floor: bare Unix-socket fan-out (8-byte frame)"
@@ -194,6 +201,7 @@ def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
     _add(notified, CTX_NOTIFIED, "ctxstore", ours, "notified")
     _add(notified, CTX_CALLBACK, "variant", ours, "callback")
     _add(notified, CTX_SUBSCRIBED, "variant", subscribed, "notified")
+    _add(notified, CTX_VISIBLE, "variant", ours, "visible")
     _add(notified, FLOOR_NOTIFIED, "floor", floor, "notified")
     for label in POLL.values():
         _add(notified, label, "alternative", phases[label], "notified")
@@ -375,10 +383,13 @@ class Bench:
             ("callback", CALLBACK),
             ("acked", ACKED),
         )
+        following.latencies["visible"] = _visible(stamps, stage_b.measured)
         following.notes += _breakdown(stamps, stage_b.measured, n)
         following.notes.append(
             f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / stage_b.count * 1e9)} of "
-            "CPU per version (publish request, commit, announce, acks, heartbeats)"
+            "CPU per version (publish request, commit, announce, acks, heartbeats); each "
+            f"reader {format_ns(cpu_b.seconds / stage_b.count / n * 1e9)} (decode, map, "
+            "adopt, ack, callback)"
         )
         _note_missing(subscribed, f"N={n} ctxstore subscribed only")
         _note_missing(following, f"N={n} ctxstore following")
@@ -574,12 +585,18 @@ def _read_answers(sel: selectors.BaseSelector, stamps: Stamps, k: int, n: int) -
     return True
 
 
+def _visible(stamps: Stamps, versions: Sequence[int]) -> list[float]:
+    """Per version, ns from COMMIT until the version table named it (commit-to-visible)."""
+    commit, visible = stamps.plane(COMMIT)[0], stamps.plane(VISIBLE)[0]
+    return [(visible[k] - commit[k]) * 1e9 for k in versions if commit[k] and visible[k]]
+
+
 def _breakdown(stamps: Stamps, versions: Sequence[int], n: int) -> list[str]:
     """Where the time goes from COMMIT to the last ack (medians over the measured versions)."""
     commit, start, end = (stamps.plane(p)[0] for p in (COMMIT, ANNOUNCE_START, ANNOUNCE_END))
     received, acked = stamps.plane(RECEIVED), stamps.plane(ACKED)
     steps = (
-        "COMMIT -> announce begins (warm, retention, thread to loop, version table)",
+        "COMMIT -> announce begins (verified record, version table, thread to loop)",
         f"announce() itself ({n} subscribers)",
         "announce begins -> first reader decoded it",
         "announce begins -> last reader decoded it",

@@ -2,11 +2,12 @@
 
 ``python -m bench.peers ROLE ...`` runs one of them:
 
-* ``daemon``: the real ``ctxstore daemon``, with three probes that only read
+* ``daemon``: the real ``ctxstore daemon``, with four probes that only read
   the clock: when the store's SQLite COMMIT returned (the ``committed`` crash
-  point, which sits right after it), when ``Daemon.announce`` began and ended
-  (its writes to every subscriber), and when ``Fleet.ack`` received each
-  reader's ack. Nothing else changes.
+  point, which sits right after it), when the version table was written (from
+  then on every reader's ``get()`` returns the version), when
+  ``Daemon.announce`` began and ended (its writes to every subscriber), and
+  when ``Fleet.ack`` received each reader's ack. Nothing else changes.
 * ``reader``: a :class:`ctxstore.readers.Reader` subscribed to one slot with a
   callback, later (on ``follow``) also reading it with ``get()`` so that it
   maps, adopts and acknowledges each new version, as an inference worker
@@ -65,8 +66,8 @@ if TYPE_CHECKING:  # annotations only: each role imports what it needs itself (s
 # -- stamps ------------------------------------------------------------------------------------
 
 #: planes of a stamps file; daemon-side planes use reader 0
-COMMIT, ANNOUNCE_START, ANNOUNCE_END, RECEIVED, CALLBACK, ACKED, CONTROL = range(7)
-PLANES = 7
+COMMIT, ANNOUNCE_START, ANNOUNCE_END, RECEIVED, CALLBACK, ACKED, CONTROL, VISIBLE = range(8)
+PLANES = 8
 #: cells of the CONTROL plane: (reader, version) = (i, READY) is reader i's "ready" flag
 READY = 0
 #: (0, STOP) tells pollers to stop
@@ -157,6 +158,7 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
     import ctxstore.daemon.fleet as fleet
     import ctxstore.daemon.server as server
     import ctxstore.store as store_module
+    import ctxstore.versiontable as versiontable
     from ctxstore.faults import crash_point
     from ctxstore.messages import Announce
 
@@ -187,6 +189,21 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
             stamps.put(ANNOUNCE_START, 0, announce.version, start)
             stamps.put(ANNOUNCE_END, 0, announce.version, end)
 
+    table_set = versiontable.VersionTableWriter.set
+
+    def probed_set(
+        self: versiontable.VersionTableWriter,
+        slot: int,
+        version: int,
+        *,
+        committed_at_ns: int | None = None,
+    ) -> None:
+        table_set(self, slot, version, committed_at_ns=committed_at_ns)
+        written = time.time()
+        stamps = stamps_for(slot)
+        if stamps is not None:
+            stamps.put(VISIBLE, 0, version, written)
+
     ack = fleet.Fleet.ack
     index_of: dict[int, int | None] = {}
 
@@ -205,6 +222,7 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
     # store.py imports crash_point without re-exporting it; the probe replaces its binding there
     store_module.crash_point = probed_crash_point  # type: ignore[attr-defined]
     server.Daemon.announce = probed_announce  # type: ignore[method-assign]
+    versiontable.VersionTableWriter.set = probed_set  # type: ignore[method-assign]
     fleet.Fleet.ack = probed_ack  # type: ignore[method-assign]
     return cli.main(["daemon", "--store", store, "--socket", sock, "--http", "off"])
 

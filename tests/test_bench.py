@@ -135,6 +135,7 @@ def test_quick_run_fans_out_to_reader_processes_beside_floor_and_polling(quick_r
         assert {"ctxstore", "variant", "floor", "alternative"} <= roles
         assert any("polling every 1 ms" in label for label in notified)
         assert any("polling every 10 ms" in label for label in notified)
+        assert any("version table bumped" in label for label in notified)  # issue 21
         for m in notified.values():
             assert m["stats"]["n"] >= 1 and m["unit"] == "ns"
         acked = figures[f"fanout.acked.{n}"]
@@ -147,6 +148,7 @@ def test_quick_run_fans_out_to_reader_processes_beside_floor_and_polling(quick_r
         assert len(cpu) == 5 and all(m["stats"]["median"] >= 0 for m in cpu)
     notes = " ".join(figures["fanout.notified.4"]["notes"])
     assert "where the time goes" in notes
+    assert "each reader" in notes  # its CPU per version (issue 21)
 
 
 def test_quick_run_measures_disturbed_readers_beside_an_undisturbed_run(quick_run: Path) -> None:
