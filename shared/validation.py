@@ -89,7 +89,9 @@ def check_tensor_name(name: object) -> str:
         raise InvalidInputError(
             f"tensor name {name[:40]!r}... is longer than {MAX_TENSOR_NAME_BYTES} UTF-8 bytes"
         )
-    for char in name:
+    # ASCII is printable exactly where it holds no category-C character: the common case
+    # costs one C call, not a category lookup per character
+    for char in "" if name.isascii() and name.isprintable() else name:
         if unicodedata.category(char)[0] == "C":
             raise InvalidInputError(
                 f"tensor name {name!r:.80} contains control or invisible character {char!r}"
