@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType, NoneType
@@ -879,9 +880,27 @@ MAX_ENTRIES: Final = 1 + max(len(names) for names in _FIELD_NAMES.values())
 # -- bodies ----------------------------------------------------------------------------------
 
 
+class _Packers(threading.local):
+    """One msgpack Packer per thread, kept: ``msgpack.packb`` makes a Packer per call, and
+    each Packer allocates a 1 MiB buffer (its own mmap where the daemon fixes malloc's mmap
+    threshold, daemon/limits.py), which cost more than the encoding of a small frame."""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+_PACKERS: Final = _Packers()
+
+
 def encode_body(message: Message) -> bytes:
     """The msgpack body of ``message`` (without the length header)."""
-    packed: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)
+    wire = message.to_wire()
+    packer = _PACKERS.packer
+    try:
+        packed: bytes = packer.pack(wire)
+    except BaseException:
+        packer.reset()  # a failed pack may leave bytes behind in the kept buffer
+        raise
     return packed
 
 
