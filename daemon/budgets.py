@@ -10,6 +10,11 @@ never finishes must not fill the daemon's memory. So:
   :data:`ANSWERED_COST`. A peer out
   of units is simply not read until it has some again: its bytes wait in the
   kernel and its own sends block, which costs the daemon nothing.
+* :class:`UidBudgets`: one more bucket per uid, shared by all its peers, that only
+  answered frames draw from (``uid_rate`` units a second). Fifty peers of one uid
+  pinging at their own rate would make the loop encode and write 2,500 replies a
+  second; together they get the rate of two peers, and the acks and heartbeats of
+  that uid's readers never wait for it.
 * :class:`PartialPool`: the bytes of unfinished frames held for all peers
   together. A peer in the middle of a frame reads more only while the pool has
   room; otherwise it waits (its frame's deadline still runs).
@@ -20,6 +25,7 @@ Both only read the loop's clock and sleep; neither does I/O.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 
 from ctxstore.messages import DamageReport, Message, Ping, StatusRequest, Subscribe
@@ -42,9 +48,12 @@ def cost_of(message: Message) -> int:
 
 
 class RateBudget:
-    """One peer's token bucket: ``rate`` units per second, at most ``rate`` saved."""
+    """One peer's token bucket: ``rate`` units per second, at most ``rate`` saved.
 
-    __slots__ = ("_clock", "_rate", "_stamp", "_tokens", "waited")
+    Units taken past empty are owed (the bucket goes below zero), so peers sharing
+    a bucket queue up: each waits for what it and those before it took."""
+
+    __slots__ = ("__weakref__", "_clock", "_rate", "_stamp", "_tokens", "waited")
 
     def __init__(self, rate: int, clock: Callable[[], float]) -> None:
         self._rate = float(rate)
@@ -70,6 +79,32 @@ class RateBudget:
         delay = self.take(cost)
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class UidBudgets:
+    """The answered frames' buckets, one per uid with a peer connected (a bucket goes with
+    its uid's last peer)."""
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        #: units a second for each uid's bucket made from now on
+        self.rate = rate
+        self._clock = clock
+        self._buckets: weakref.WeakValueDictionary[int, RateBudget] = weakref.WeakValueDictionary()
+
+    def bucket(self, uid: int) -> RateBudget:
+        """The bucket ``uid``'s peers share; hold it as long as the peer is connected."""
+        bucket = self._buckets.get(uid)
+        if bucket is None:
+            bucket = self._buckets[uid] = RateBudget(self.rate, self._clock)
+        return bucket
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def answered(cost: int) -> bool:
+    """Whether a frame of this cost draws from its uid's bucket too."""
+    return cost >= ANSWERED_COST
 
 
 class PartialPool:

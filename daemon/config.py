@@ -332,8 +332,15 @@ class DaemonConfig:
     max_partial_bytes: int = 0
     #: budget units a peer may spend per second (a frame costs 1, one the daemon answers 20)
     peer_rate: int = 1000
+    #: budget units all peers of one uid together may spend a second on the frames the
+    #: daemon answers (ping, status_request, ...); 0: 2 x peer_rate
+    uid_rate: int = 0
     #: frames the daemon handles from one peer before it lets the others go
     peer_frames_per_turn: int = 32
+    #: bytes of one peer's input read at a time; with what its stream holds, the daemon
+    #: keeps at most twice this of a peer's input besides an unfinished frame (the rest
+    #: waits in the kernel): a flooder or a slow peer costs kilobytes, not its backlog
+    peer_read_buffer: int = 16 << 10
     #: hash each new version once after its commit, before announcing it, and record it
     #: verified, so readers adopting it need not hash it (ctxstore.integrity)
     verify_after_commit: bool = True
@@ -558,7 +565,9 @@ KEYS: tuple[Key, ...] = (
     _key("frame_timeout", "limits.frame_timeout", _seconds(3600), _env_float),
     _key("max_partial_bytes", "limits.partial_bytes", _int_in(0, 1 << 40), _env_int),
     _key("peer_rate", "limits.peer_rate", _int_in(10, 1 << 30), _env_int),
+    _key("uid_rate", "limits.uid_rate", _int_in(0, 1 << 30), _env_int),
     _key("peer_frames_per_turn", "limits.frames_per_turn", _int_in(1, 1 << 20), _env_int),
+    _key("peer_read_buffer", "limits.read_buffer", _int_in(1024, 1 << 24), _env_int, live=False),
     _key("verify_after_commit", "verify_after_commit", _bool, _env_bool),
     _key("reread_after_commit", "reread_after_commit", _bool, _env_bool),
     _key("damage_recheck_interval", "damage_recheck_interval", _seconds(86400), _env_float),

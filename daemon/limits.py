@@ -11,6 +11,7 @@ means "derive it"), with descriptors set aside first for the daemon's own work:
     connections     = max_connections         or min(usable - http, 4096)
     per_uid         = max_connections_per_uid or connections // 2
     partial_bytes   = max_partial_bytes       or 4 * max_frame_size
+    uid_rate        = uid_rate                or 2 * peer_rate
 
 The ceilings (1024, 4096) bound memory when the descriptor limit is large
 (systemd/ctxstore.service sets 65536): each peer may hold up to about 128 KiB
@@ -61,12 +62,15 @@ class Limits:
     http_connections: int
     event_streams: int
     partial_bytes: int
+    #: budget units a second the peers of one uid share for answered frames (budgets.py)
+    uid_rate: int = 2000
 
     def describe(self) -> str:
         return (
             f"{self.connections} socket peers ({self.per_uid} per uid), "
             f"{self.http_connections} HTTP connections ({self.event_streams} /events streams), "
-            f"{self.partial_bytes} bytes of unfinished frames; RLIMIT_NOFILE {self.nofile}"
+            f"{self.partial_bytes} bytes of unfinished frames, {self.uid_rate} answered-frame "
+            f"units a second per uid; RLIMIT_NOFILE {self.nofile}"
         )
 
 
@@ -105,6 +109,7 @@ def derive_limits(config: DaemonConfig, nofile: int | None = None) -> Limits:
         http_connections=max(1, http),
         event_streams=event_streams,
         partial_bytes=config.max_partial_bytes or 4 * config.max_frame_size,
+        uid_rate=config.uid_rate or 2 * config.peer_rate,
     )
 
 
@@ -123,6 +128,14 @@ def _capped(key: str, configured: int, derived: int, fits: int, nofile: int) -> 
         )
         return fits
     return configured
+
+
+def stream_sizes(read_buffer: int) -> tuple[int, int]:
+    """(the asyncio StreamReader's limit, the bytes its transport asks the kernel for per
+    read) for ``limits.read_buffer``. The stream stops reading a peer's socket past twice
+    its limit, so it holds at most ``read_buffer`` (half before the pause, half from the
+    read that crossed it); bytes the daemon is not ready for wait in the kernel."""
+    return max(1, read_buffer // 4), max(1, read_buffer // 2)
 
 
 def return_freed_memory() -> bool:

@@ -65,14 +65,14 @@ from ctxstore.records import Problem
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
-from .budgets import PartialPool
+from .budgets import PartialPool, UidBudgets
 from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
 from .integrity import DamageDesk, verify_current_versions
 from .jobs import JobQueue
-from .limits import UNIX_BACKLOG, Limits, derive_limits, return_freed_memory
+from .limits import UNIX_BACKLOG, Limits, derive_limits, return_freed_memory, stream_sizes
 from .listener import (
     BoundSocket,
     PeerCredentials,
@@ -97,11 +97,7 @@ log = logging.getLogger("ctxstore.daemon")
 JOB_STOP_TIMEOUT_S = 30.0
 #: extra start-up time asked of systemd while the store opens (recovery of a big store)
 STORE_OPEN_ALLOWANCE = 300.0
-#: the asyncio StreamReader's limit per peer: it stops reading a peer's socket past twice
-#: this, so bytes the daemon is not ready for wait in the kernel, not in the daemon
-STREAM_LIMIT = 32 << 10
-#: bytes the transport asks the kernel for per read (asyncio's default is 256 KiB)
-TRANSPORT_READ = 64 << 10
+
 #: how often counts of repeated log lines are reported once the events stopped
 LOG_FLUSH_INTERVAL = 10.0
 #: close reasons of a peer that left as it should; any other is a drop, counted apart
@@ -119,6 +115,7 @@ class Daemon:
         #: open socket connections per uid (refused ones are never counted)
         self.connections_by_uid: dict[int, int] = {}
         self.pool = PartialPool(0)
+        self.uid_budgets = UidBudgets(0, time.monotonic)
         self.limits: Limits
         self.budget: PeerBudget
         self._apply_policies(config)  # sets limits, the pool's limit and budget
@@ -227,7 +224,10 @@ class Daemon:
             self.fleet.on_ack = self.api.metrics.observe_ack
         self._bound = bind_socket(config.socket, group=config.socket_group, backlog=UNIX_BACKLOG)
         self._server = await asyncio.start_unix_server(
-            self._accept, sock=self._bound.sock, limit=STREAM_LIMIT, backlog=UNIX_BACKLOG
+            self._accept,
+            sock=self._bound.sock,
+            limit=stream_sizes(config.peer_read_buffer)[0],
+            backlog=UNIX_BACKLOG,
         )
         log.info("limits: %s", self.limits.describe())
         self._spawn(self._flush_logs())
@@ -335,6 +335,7 @@ class Daemon:
         self.publishers = PeerPolicy(config.publish_uids, config.publish_gids)
         self.limits = derive_limits(config)
         self.pool.limit = self.limits.partial_bytes
+        self.uid_budgets.rate = self.limits.uid_rate
         api = getattr(self, "api", None)  # None in __init__, before the API exists
         if api is not None:
             api.events.max_streams = self.limits.event_streams
@@ -343,6 +344,8 @@ class Daemon:
             rate=config.peer_rate,
             frames_per_turn=config.peer_frames_per_turn,
             pool=self.pool,
+            read_size=config.peer_read_buffer,
+            uids=self.uid_budgets,
         )
 
     async def _flush_logs(self) -> None:
@@ -431,7 +434,7 @@ class Daemon:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if hasattr(writer.transport, "max_size"):  # asyncio's selector transport
-            writer.transport.max_size = TRANSPORT_READ
+            writer.transport.max_size = stream_sizes(self.config.peer_read_buffer)[1]
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock)
         session = next(self._sessions)
@@ -483,6 +486,12 @@ class Daemon:
                 subscriber.name,
                 subscriber.close_reason,
             )
+
+    def input_held(self) -> dict[str, int]:
+        """What peers' input costs the daemon now: bytes of it held (complete frames waiting
+        for their peer's rate budget, unfinished frames) and the part in unfinished frames."""
+        held = sum(subscriber.input_bytes for subscriber in self.subscribers.values())
+        return {"input_bytes": held, "partial_bytes": self.pool.total}
 
     def _refusal(self, peer: PeerCredentials) -> Error | None:
         """The fatal error a new peer is refused with, or None to serve it."""
@@ -643,6 +652,7 @@ class Daemon:
             "socket": str(self.config.socket),
             "commits": self.committer.commits,
             "subscribers": len(self.subscribers) - 1,  # the others: not the asker
+            **self.input_held(),
             "version_table": segment_name(store.root),
         }
         fleet, max_frame_size = self.fleet, self.config.max_frame_size

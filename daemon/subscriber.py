@@ -30,13 +30,12 @@ from ctxstore.errors import CtxStoreError, RemoteProtocolError
 from ctxstore.messages import Announce, Error, Goodbye, Message
 from ctxstore.protocol import NEED_DATA, Connection, Role, Signal, error_frame_for
 
-from .budgets import PartialPool, RateBudget, cost_of
+from .budgets import PartialPool, RateBudget, UidBudgets, answered, cost_of
 from .listener import PeerCredentials
 from .logs import peer_events
 
 log = logging.getLogger("ctxstore.daemon")
 
-READ_CHUNK = 256 << 10
 #: what a peer between frames reads at a time while the partial pool is full (what it
 #: sends next may be one more unfinished frame)
 SMALL_READ = 4 << 10
@@ -54,6 +53,11 @@ class PeerBudget:
     rate: int = 1000
     frames_per_turn: int = 32
     pool: PartialPool | None = None
+    #: bytes of the peer's input read at a time (``limits.read_buffer``): complete frames
+    #: waiting for the rate budget are at most this, the rest waits in the kernel
+    read_size: int = 16 << 10
+    #: the buckets answered frames also draw from, one per uid (``limits.uid_rate``)
+    uids: UidBudgets | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +109,8 @@ class Subscriber:
         self.requests_in_flight = 0
         self._budget = budget or PeerBudget()
         self._rate = RateBudget(self._budget.rate, asyncio.get_running_loop().time)
+        uids = self._budget.uids
+        self._uid_rate = None if uids is None else uids.bucket(peer.uid)
         self._frame_started: float | None = None
 
     # -- outgoing ---------------------------------------------------------------------------
@@ -197,15 +203,17 @@ class Subscriber:
                 except ConnectionError:
                     self.close("connection reset")
                     return
+                ended = not data
                 try:
                     self._conn.receive_data(data)
+                    del data  # copied: this one must not wait out the rate budget too
                     await self._handle_events(handle)
                 except RemoteProtocolError as exc:
                     self._refuse(exc)
                     return
                 if pool is not None:
                     pool.hold(self.session, self._conn.buffered)
-                if not data:
+                if ended:
                     self.close("peer closed the connection")
                     return
         finally:
@@ -213,8 +221,9 @@ class Subscriber:
                 pool.release(self.session)
 
     async def _handle_events(self, handle: Handler) -> None:
-        """Every complete frame received so far, each paid for from the rate budget, with
-        a turn of the loop for everyone else every ``frames_per_turn`` frames."""
+        """Every complete frame received so far, each paid for from the rate budget (and
+        an answered one from its uid's too), with a turn of the loop for everyone else
+        every ``frames_per_turn`` frames."""
         handled = 0
         while not self._closed:
             event = self._conn.next_event()
@@ -223,9 +232,14 @@ class Subscriber:
             if isinstance(event, Signal):  # CLOSED
                 self.close("peer closed the connection")
                 return
-            await self._rate.spend(cost_of(event))
-            if self.closed:  # while it waited for its budget
-                return
+            cost = cost_of(event)
+            delay = self._rate.take(cost)
+            if self._uid_rate is not None and answered(cost):
+                delay = max(delay, self._uid_rate.take(cost))
+            if delay:
+                await asyncio.sleep(delay)
+                if self.closed:  # while it waited for its budget
+                    return
             await handle(self, event)
             handled += 1
             if handled % self._budget.frames_per_turn == 0:
@@ -238,12 +252,13 @@ class Subscriber:
         within ``frame_timeout`` (waiting for room in the partial pool included).
         """
         loop = asyncio.get_running_loop()
+        chunk = self._budget.read_size
         if not self._conn.buffered:
             self._frame_started = None
-            size = READ_CHUNK
+            size = chunk
             pool = self._budget.pool
             if pool is not None and not pool.room():
-                size = SMALL_READ
+                size = min(SMALL_READ, chunk)
             return await asyncio.wait_for(self._reader.read(size), self._silent_timeout)
         if self._frame_started is None:
             self._frame_started = loop.time()
@@ -253,7 +268,7 @@ class Subscriber:
             left = deadline - loop.time()
             if left <= 0:
                 raise self._unfinished()
-            room = READ_CHUNK if pool is None else pool.room()
+            room = chunk if pool is None else pool.room()
             if room:
                 break
             assert pool is not None
@@ -263,7 +278,7 @@ class Subscriber:
                 raise ConnectionResetError("peer hung up while its frame waited for room")
         try:
             return await asyncio.wait_for(
-                self._reader.read(min(READ_CHUNK, room)), min(left, self._silent_timeout)
+                self._reader.read(min(chunk, room)), min(left, self._silent_timeout)
             )
         except TimeoutError:
             if left <= self._silent_timeout:
@@ -331,3 +346,10 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of this peer's input the protocol holds: complete frames waiting for the
+        rate budget and the frame being received (what its stream holds is bounded apart,
+        by its limit)."""
+        return self._conn.buffered

@@ -456,3 +456,38 @@ def test_tcp_and_event_floods_leave_the_socket_its_descriptors(tmp_path: Path) -
         shm = Path("/dev/shm" + segment_name(store))
         if shm.exists():
             shm.unlink()
+
+
+def test_a_ping_flood_is_held_to_its_read_buffer_while_a_reader_is_served(
+    tmp_path: Path,
+) -> None:
+    """Peers that sent ~200 KiB of pings each: the daemon holds at most ``limits.read_buffer``
+    of each one's input (the rest waits in the kernel), by its own count in the status,
+    and a reader of the same uid gets its announcement meanwhile."""
+    count, read_buffer = 8, 4096
+    with limited_daemon(tmp_path, read_buffer=read_buffer) as live:
+        reader = RawPeer(live.socket, "reader")
+        reader.subscribe(slots=(1,))
+        client = Connection(Role.CLIENT)
+        client.send(Hello(role="reader", name="flood", pid=os.getpid()))
+        client.receive_data(_welcome_bytes())
+        client.next_event()
+        pings = b"".join(client.send(Ping(nonce=i)) for i in range(20_000))
+        flooders = []
+        for _ in range(count):
+            sock = _greeted(live.socket)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(pings)  # what the kernel takes
+            sock.setblocking(True)
+            flooders.append(sock)
+        for sock in flooders:  # a pong: the daemon has read this flooder's pings
+            assert sock.recv(65536)
+        with DaemonClient(live.socket, name="counter", role="admin") as admin:
+            held = admin.status().daemon["input_bytes"]
+        assert held <= count * (read_buffer + 64), f"{held} bytes of {count} floods held"
+        version = publish(1, Context({"w": np.zeros(2)}), socket=live.socket)
+        announce = reader.next()
+        assert isinstance(announce, Announce) and announce.version == version
+        for sock in flooders:
+            sock.close()

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import pytest
 
-from ctxstore.daemon.budgets import ANSWERED_COST, MIN_WAIT, PartialPool, RateBudget, cost_of
+from ctxstore.daemon.budgets import (
+    ANSWERED_COST,
+    MIN_WAIT,
+    PartialPool,
+    RateBudget,
+    UidBudgets,
+    answered,
+    cost_of,
+)
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.limits import RESERVED_FDS, derive_limits
 from ctxstore.daemon.logs import LogLimiter, RepeatFilter, limited_exception_handler
@@ -144,3 +153,20 @@ def test_the_loops_error_reports_are_a_few_per_kind(caplog: pytest.LogCaptureFix
     messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert sum("out of system resource" in m for m in messages) <= 5
     assert sum("_start_serving" in m for m in messages) <= 5
+
+
+def test_answered_frames_of_one_uid_share_a_bucket_and_queue_for_it() -> None:
+    """Each peer of a uid has its own bucket; the frames the daemon answers also draw from
+    one bucket per uid, and past it each waits for what those before it took."""
+    clock = Clock()
+    uids = UidBudgets(2 * ANSWERED_COST, clock)
+    first, second, other = uids.bucket(1000), uids.bucket(1000), uids.bucket(1001)
+    assert first is second and other is not first and len(uids) == 2
+    assert answered(cost_of(Ping(nonce=1))) and not answered(cost_of(Ack(slot=1, version=1)))
+    assert [first.take(ANSWERED_COST) for _ in range(2)] == [0.0, 0.0]  # a second's worth
+    assert first.take(ANSWERED_COST) == pytest.approx(0.5)  # owed: half a second
+    assert second.take(ANSWERED_COST) == pytest.approx(1.0)  # queued behind it
+    assert other.take(ANSWERED_COST) == 0.0  # another uid is not held up
+    del first, second
+    gc.collect()
+    assert len(uids) == 1  # the bucket went with its uid's last peer
