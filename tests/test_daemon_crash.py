@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dies_with_pytest, wal_leftovers
-from test_daemon import wait_for_socket
+from support.daemon import start_daemon, wait_for_socket
+from support.procs import dies_with_pytest
+from support.store import wal_leftovers
 
 from ctxstore import Context, CtxStoreError, layout
 from ctxstore.client import SHM_PREFIX, publish
@@ -166,14 +167,10 @@ class Rig:
             env |= {"CTXSTORE_CRASH_AT": crash_at, "CTXSTORE_CRASH_AFTER": str(after)}
         self.log.write(f"--- start {self.starts} crash_at={crash_at} after={after}\n".encode())
         self.log.flush()
-        self.daemon = subprocess.Popen(
-            dies_with_pytest(
-                [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(self.store),
-                 "--socket", str(self.sock), "--http", "off", "--retention", RETENTION,
-                 "--log-level", "WARNING"]
-            ),
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+        self.daemon = start_daemon(
+            self.root, self.store, self.sock, None, "--retention", RETENTION,
+            "--log-level", "WARNING", env=env, log=Path(self.log.name),
+        ).proc  # fmt: skip
         self.starts += 1
         wait_for_socket(self.sock, self.daemon, timeout=60)
 

@@ -37,7 +37,6 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
-from conftest import wal_leftovers
 from crash_writer import (
     WriterPlan,
     check_context,
@@ -45,6 +44,7 @@ from crash_writer import (
     expected_config,
     forked_writer,
 )
+from support.store import wal_leftovers
 
 from ctxstore import NotFoundError, layout
 from ctxstore.faults import COMMIT_POINTS
