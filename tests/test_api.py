@@ -13,89 +13,30 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from conftest import dies_with_pytest
+from support.daemon import start_daemon, wait_for_log
+from support.inprocess import TOKEN, FakeQueue, commit, ctx, error_of, replace_jobs, run, running
+from support.peers import AsyncPeer
 
-from ctxstore import Context
 from ctxstore.client import publish
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.events import EventBroadcaster
 from ctxstore.daemon.server import Daemon
-from ctxstore.errors import ConflictError, IntegrityError, NotFoundError
-from ctxstore.messages import Ack, Announce, Heartbeat, Hello, Subscribe, Subscribed, Welcome
-from ctxstore.protocol import NEED_DATA, Connection, Role
+from ctxstore.errors import IntegrityError
+from ctxstore.messages import Ack, Announce, Heartbeat, Subscribe, Subscribed
 from ctxstore.versiontable import segment_name
 
-TOKEN = "s3cret-token-0123456789abcdef"
-Scenario = Callable[[Daemon, httpx.AsyncClient], Awaitable[None]]
-
-
 # -- harness --------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Daemon]:
-    settings.setdefault("http", "127.0.0.1:0")
-    config = DaemonConfig(store=tmp_path / "store", socket=tmp_path / "ctx.sock", **settings)
-    daemon = Daemon(config)
-    try:
-        await daemon.start()
-        yield daemon
-    finally:
-        await daemon.stop("test over")
-
-
-def client(daemon: Daemon, **headers: str) -> httpx.AsyncClient:
-    """In-process client of the daemon's app (the Host is a loopback name, as the guard wants)."""
-    assert daemon.api is not None
-    transport = httpx.ASGITransport(app=daemon.api.app)
-    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", headers=headers)
-
-
-def run(tmp_path: Path, scenario: Scenario, **settings: Any) -> None:
-    async def main() -> None:
-        async with running(tmp_path, **settings) as daemon, client(daemon) as http:
-            await asyncio.wait_for(scenario(daemon, http), 60)
-
-    asyncio.run(main())
-
-
-def ctx(value: float = 1.0, extra: int = 0) -> Context:
-    weights = {"w": np.full(4, value, dtype=np.float32)}
-    if extra:
-        weights["x"] = np.arange(extra, dtype=np.int64)
-    return Context(weights, {"layers": 2}, {"loss": value})
-
-
-async def commit(daemon: Daemon, slot: int, value: float = 1.0, model_type: str = "llm") -> int:
-    assert daemon.committer is not None
-    return await daemon.committer.commit(slot, ctx(value), model_type=model_type)
-
-
-def error_of(response: httpx.Response, status: int, kind: str | None = None) -> str:
-    """Assert the JSON error shape; return the message."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
-    if kind is not None:
-        assert body["error"]["type"] == kind
-    message: str = body["error"]["message"]
-    assert "Traceback" not in message
-    return message
 
 
 # -- health, readiness ----------------------------------------------------------------------------
@@ -457,37 +398,6 @@ def test_group_endpoints_and_errors(tmp_path: Path) -> None:
 # -- readers, acks and metrics --------------------------------------------------------------------
 
 
-class AsyncPeer:
-    """A protocol client on the daemon's socket, driven from the test's loop."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = Connection(Role.CLIENT)
-
-    @classmethod
-    async def connect(cls, path: Path, name: str) -> AsyncPeer:
-        peer = cls(*await asyncio.open_unix_connection(str(path)))
-        await peer.send(Hello(role="reader", name=name, pid=os.getpid()))
-        assert isinstance(await peer.next(), Welcome)
-        return peer
-
-    async def send(self, message: Any) -> None:
-        self.writer.write(self.conn.send(message))
-        await self.writer.drain()
-
-    async def next(self) -> object:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event
-            self.conn.receive_data(await self.reader.read(65536))
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
 def test_readers_lag_memory_and_ack_latency(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
         await commit(daemon, 1)
@@ -561,73 +471,6 @@ def test_metrics_count_commits_and_bytes(tmp_path: Path) -> None:
 # -- jobs -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeJob:
-    id: int
-    slot: int
-    node_type: str
-    config: dict[str, Any]
-    priority: int
-    state: str = "pending"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "slot": self.slot,
-            "node_type": self.node_type,
-            "config": self.config,
-            "priority": self.priority,
-            "state": self.state,
-        }
-
-
-async def _replace_jobs(daemon: Daemon, stand_in: FakeQueue) -> None:
-    """Swap the daemon's real job queue (stopped first) for the stand-in."""
-    if daemon.jobs is not None:
-        await daemon.jobs.stop()
-    daemon.jobs = stand_in  # type: ignore[assignment]
-
-
-@dataclass
-class FakeQueue:
-    """The JobQueue surface the API uses (submit, get, list, cancel, depth, counts)."""
-
-    jobs: dict[int, FakeJob] = field(default_factory=dict)
-
-    async def stop(self, timeout: float | None = None) -> None:
-        """The daemon stops its queue at shutdown; the stand-in has nothing running."""
-
-    def submit(self, slot: int, node_type: str, config: Any, priority: int) -> FakeJob:
-        if node_type != "llm":
-            raise NotFoundError(f"unknown node type {node_type!r}")
-        job = FakeJob(len(self.jobs) + 1, slot, node_type, dict(config), priority)
-        self.jobs[job.id] = job
-        return job
-
-    def get(self, job_id: int) -> FakeJob:
-        if job_id not in self.jobs:
-            raise NotFoundError(f"job {job_id} does not exist")
-        return self.jobs[job_id]
-
-    def list(self, state: str | None = None, limit: int = 100) -> list[FakeJob]:
-        chosen = [j for j in self.jobs.values() if state is None or j.state == state]
-        return sorted(chosen, key=lambda j: -j.id)[:limit]
-
-    def cancel(self, job_id: int) -> FakeJob:
-        job = self.get(job_id)
-        if job.state != "pending":
-            raise ConflictError(f"job {job_id} is {job.state}, not pending")
-        job.state = "cancelled"
-        return job
-
-    def depth(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state == "pending")
-
-    def counts(self) -> dict[str, int]:
-        states = ("pending", "processing", "done", "failed", "cancelled")
-        return {s: sum(1 for j in self.jobs.values() if j.state == s) for s in states}
-
-
 def test_jobs_without_a_queue_are_503(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
         if daemon.jobs is not None:
@@ -647,7 +490,7 @@ def test_jobs_without_a_queue_are_503(tmp_path: Path) -> None:
 
 def test_jobs_submit_list_get_cancel(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon, http: httpx.AsyncClient) -> None:
-        await _replace_jobs(daemon, FakeQueue())
+        await replace_jobs(daemon, FakeQueue())
         created = await http.post(
             "/jobs", json={"slot": 4, "node_type": "llm", "config": {"n": 2}, "priority": 5}
         )
@@ -814,7 +657,7 @@ def test_token_guards_every_mutating_endpoint(tmp_path: Path) -> None:
                 assert response.headers["www-authenticate"].startswith("Bearer")
         assert (await http.get("/slots/1")).status_code == 200  # reads stay open
         assert (await http.get("/metrics")).status_code == 200
-        await _replace_jobs(daemon, FakeQueue())
+        await replace_jobs(daemon, FakeQueue())
         auth = {"authorization": f"Bearer {TOKEN}"}
         for method, path, body in mutating:
             response = await http.request(method, path, json=body, headers=auth)
@@ -1080,26 +923,8 @@ def test_stop_ends_open_event_streams(tmp_path: Path) -> None:
 
 
 def _start_process(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
-    log = tmp_path / f"daemon-{time.monotonic_ns()}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
-                              str(tmp_path / "store"), "--socket", str(tmp_path / "ctx.sock"),
-                              *extra]),
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return proc, log
-
-
-def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log.read_text(errors="replace"))
-        if match:
-            return match
-        assert proc.poll() is None, log.read_text(errors="replace")
-        time.sleep(0.02)
-    raise AssertionError(f"{pattern!r} never appeared in the log")
+    daemon = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", None, *extra)
+    return daemon.proc, daemon.log
 
 
 @pytest.fixture
@@ -1120,7 +945,7 @@ def test_daemon_process_serves_http_and_stops_cleanly(
 ) -> None:
     proc, log = _start_process(tmp_path, "--http", "127.0.0.1:0")
     cleanup_process.append(proc)
-    port = int(_wait_for_log(proc, log, r"http listening on 127\.0\.0\.1:(\d+)")[1])
+    port = int(wait_for_log(proc, log, r"http listening on 127\.0\.0\.1:(\d+)")[1])
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http:
         assert http.get("/health").json() == {"status": "ok"}
         assert http.get("/openapi.json").json()["info"]["title"] == "ctxstore admin API"
@@ -1144,7 +969,7 @@ def test_sighup_rotates_the_token_and_applies_retention(
     config.write_text(f'token_file = "{token_file}"\nretention = 5\n')
     proc, log = _start_process(tmp_path, "--http", "127.0.0.1:0", "--config", str(config))
     cleanup_process.append(proc)
-    port = int(_wait_for_log(proc, log, r"http listening on 127\.0\.0\.1:(\d+)")[1])
+    port = int(wait_for_log(proc, log, r"http listening on 127\.0\.0\.1:(\d+)")[1])
     old = {"authorization": f"Bearer {TOKEN}"}
     new_token = "another-token-abcdefghijklmnop"
     new = {"authorization": f"Bearer {new_token}"}
@@ -1172,7 +997,7 @@ def test_sighup_rotates_the_token_and_applies_retention(
         assert [v["version"] for v in versions] == [4, 5]  # retention 2 from now on
         token_file.chmod(0o644)  # others may read it: unsafe, so this reload is refused
         proc.send_signal(signal.SIGHUP)
-        _wait_for_log(proc, log, r"configuration not reloaded, the running one stays")
+        wait_for_log(proc, log, r"configuration not reloaded, the running one stays")
         assert mutate(http, new) == 200 and mutate(http, old) == 401
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_api import commit, error_of, run
+from support.inprocess import commit, error_of, run
 
 from ctxstore.daemon.server import Daemon
 

@@ -22,7 +22,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from test_api import TOKEN, FakeQueue
+from support.inprocess import TOKEN, FakeQueue
 
 from ctxstore import Context
 from ctxstore.daemon.config import DaemonConfig

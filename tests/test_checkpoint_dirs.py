@@ -14,14 +14,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-from test_daemon import DaemonProcess
-from test_security import guarded  # noqa: F401 (a fixture)
+from support.daemon import DaemonProcess, guarded_daemon
 
 from ctxstore import Context, IntegrityError, InvalidInputError, NotFoundError, PersistentStore
 from ctxstore.errors import ConflictError
@@ -29,6 +29,13 @@ from ctxstore.export import export_version
 from ctxstore.nodes import FileNode, ImportLimits, load_weights_file, open_import
 from ctxstore.schema import LATEST
 from ctxstore.verify import check_version_files
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[DaemonProcess]:
+    with guarded_daemon(tmp_path) as daemon:
+        yield daemon
+
 
 CONFIG = {"architectures": ["TinyModel"], "hidden_size": 8, "rms_norm_eps": 1e-06, "x": None}
 
@@ -394,8 +401,7 @@ def test_http_file_jobs_import_a_checkpoint_directory_within_the_daemons_limits(
     import asyncio
 
     import httpx
-    from test_api import error_of, run
-    from test_import_roots import _finished
+    from support.inprocess import error_of, job_finished, run
 
     from ctxstore.daemon.server import Daemon
 
@@ -407,14 +413,14 @@ def test_http_file_jobs_import_a_checkpoint_directory_within_the_daemons_limits(
         refused = {"slot": 1, "node_type": "file", "config": {"path": str(outside)}}
         error_of(await http.post("/jobs", json=refused), 403, "permission_denied")
         body = {"slot": 1, "node_type": "file", "config": {"path": str(ckpt)}}
-        done = await _finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
+        done = await job_finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
         assert (done["state"], done["version"]) == ("done", 1), done
         store = daemon.store
         assert store is not None
         assert store.read_file(1, 1, "tokenizer.json") == (ckpt / "tokenizer.json").read_bytes()
         assert store.get_metadata(1).config["hidden_size"] == 8
         daemon.config = daemon.config.replace(import_max_files=2)
-        failed = await _finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
+        failed = await job_finished(http, (await http.post("/jobs", json=body)).json()["job"]["id"])
         assert failed["state"] == "failed", failed
         assert "more than the limit of 2" in str(failed["error"]), failed
         assert await asyncio.to_thread(store.list_versions, 1) != []
@@ -479,7 +485,8 @@ def test_a_checkpoint_publish_reports_the_bytes_it_copied_and_its_hooks_see_them
     import threading
     import time
 
-    from test_publish_path import BOUND, digest, hooked_daemon, seen_by_hook
+    from support.contexts import digest
+    from support.hooks import BOUND, hooked_daemon, seen_by_hook
 
     from ctxstore.client import publish
     from ctxstore.messages import Progress
@@ -515,11 +522,11 @@ def test_a_checkpoint_publish_reports_the_bytes_it_copied_and_its_hooks_see_them
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another uid")
 def test_a_peer_imports_only_a_directory_whose_every_file_it_owns(
-    guarded: DaemonProcess,  # noqa: F811 (the fixture from test_security)
+    guarded: DaemonProcess,
 ) -> None:
     """Ownership is checked on the directory and on each file read from it: a peer's own
     checkpoint with one file of root's in it is refused, naming that file only."""
-    from test_security import PEER_UID, _as_uid
+    from support.procs import PEER_UID, as_uid
 
     from ctxstore import CtxStoreError
     from ctxstore.client import publish
@@ -541,7 +548,7 @@ def test_a_peer_imports_only_a_directory_whose_every_file_it_owns(
             secret.unlink(missing_ok=True)  # the peer owns the directory: it may
         return json.dumps(answers).encode()
 
-    received = _as_uid(PEER_UID, publish_twice)
+    received = as_uid(PEER_UID, publish_twice)
     answers = json.loads(received) if received.startswith(b"[") else [received.decode()]
     assert f"'notes.txt' belongs to uid 0, not to the requesting uid {PEER_UID}" in answers[0]
     assert "root's secret" not in answers[0]

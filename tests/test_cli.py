@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, running_daemon
+from support.daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context, PersistentStore, RemoteError, cli
 from ctxstore.cli import inspection, measure

@@ -136,7 +136,8 @@ def test_repair_beside_a_running_daemon_asks_it_and_its_readers_are_told(
 ) -> None:
     """`verify --repair --socket S` while the daemon holds the store: the daemon verifies,
     moves the pointer (announced like a rollback) and the command prints it, exit 0."""
-    from test_daemon import RawPeer, running_daemon
+    from support.daemon import running_daemon
+    from support.peers import RawPeer
 
     from ctxstore.cli import main
     from ctxstore.client import publish

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, start_daemon, wait_for_socket
-from test_notify import NotifySink
+from support.daemon import DaemonProcess, start_daemon, wait_for_socket
+from support.notify import NotifySink
 
 from ctxstore import Context, InvalidInputError
 from ctxstore.cli import build_parser

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -17,135 +16,37 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dies_with_pytest
-from test_notify import NotifySink
+from support.daemon import (
+    DaemonProcess,
+    assert_the_error_comes_first,
+    failed_start,
+    running_daemon,
+    start_daemon,
+    wait_for_socket,
+)
+from support.notify import NotifySink
+from support.peers import RawPeer
+from support.procs import free_port
 
 from ctxstore import Context, CtxStoreError, RemoteError
 from ctxstore.client import DaemonClient, build, publish
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.notify import Notifier
 from ctxstore.daemon.server import Daemon
-from ctxstore.messages import Announce, Error, Hello, Subscribe, Subscribed, Welcome
+from ctxstore.messages import Announce, Error, Hello, Welcome
 from ctxstore.protocol import NEED_DATA, Connection, Role
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, segment_name
-
-
-@dataclass
-class DaemonProcess:
-    proc: subprocess.Popen[bytes]
-    store: Path
-    socket: Path
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_daemon(
-    tmp: Path, store: Path, sock: Path, sink: NotifySink | None = None, *extra: str
-) -> DaemonProcess:
-    env = dict(os.environ)
-    if sink is not None:
-        env["NOTIFY_SOCKET"] = str(sink.address)
-    if not any(arg.startswith("--http") for arg in extra):
-        extra = (*extra, "--http", "off")  # test daemons never fight over the default port
-    log = tmp / f"daemon-{time.monotonic_ns()}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
-                              str(store), "--socket", str(sock), *extra]),
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    return DaemonProcess(proc, store, sock, log)
-
-
-def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "daemon exited during start"
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(sock))
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            probe.close()
-    raise AssertionError(f"daemon socket {sock} never accepted a connection")
-
-
-@contextlib.contextmanager
-def running_daemon(tmp_path: Path, *extra: str) -> Iterator[DaemonProcess]:
-    """A daemon on a store in ``tmp_path``, stopped (SIGTERM, then SIGKILL) and its
-    version-table segment removed when the block ends."""
-    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "run" / "ctx.sock", None, *extra)
-    try:
-        wait_for_socket(proc.socket, proc.proc)
-        yield proc
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     with running_daemon(tmp_path, "--silent-timeout", "2", "--stuck-timeout", "2") as proc:
         yield proc
-
-
-_OPEN_PEERS: list[RawPeer] = []
-
-
-class RawPeer:
-    """A protocol client over a blocking socket, for tests that need to see every frame."""
-
-    def __init__(self, path: Path, name: str = "raw") -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        _OPEN_PEERS.append(self)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self.conn = Connection(Role.CLIENT)
-        self.send(Hello(role="reader", name=name, pid=os.getpid()))
-        assert isinstance(self.next(), Welcome)
-
-    def send(self, message: object) -> None:
-        self.sock.sendall(self.conn.send(message))  # type: ignore[arg-type]
-
-    def next(self) -> object:
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                self.conn.receive_data(self.sock.recv(65536))
-                continue
-            return event
-
-    def subscribe(self, **what: object) -> Subscribed:
-        self.send(Subscribe(request_id=1, **what))  # type: ignore[arg-type]
-        reply = self.next()
-        assert isinstance(reply, Subscribed)
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_ready_only_when_socket_listens_and_clean_stop(tmp_path: Path) -> None:
@@ -279,25 +180,6 @@ def test_malformed_frames_get_an_error_and_others_are_served(daemon: DaemonProce
     announce = good.next()
     assert isinstance(announce, Announce)
     assert announce.version == 1
-
-
-def failed_start(tmp_path: Path, store: Path, sock: Path, *extra: str) -> list[str]:
-    """Start a daemon that must refuse to start; its log lines (it exits by itself)."""
-    refused = start_daemon(tmp_path, store, sock, None, *extra)
-    try:
-        assert refused.proc.wait(60) == 1, refused.log_text()[-2000:]
-    finally:
-        if refused.proc.poll() is None:
-            refused.proc.kill()
-            refused.proc.wait(10)
-    return refused.log_text().splitlines()
-
-
-def assert_the_error_comes_first(lines: list[str], why: str) -> None:
-    """The ERROR saying why is the last line, and nothing claims a daemon ran and stopped."""
-    assert lines and " ERROR ctxstore.daemon: " in lines[-1] and why in lines[-1], lines
-    assert not [line for line in lines if "stopped" in line], lines
-    assert [line for line in lines if " ERROR " in line or " WARNING " in line] == lines[-1:]
 
 
 def test_a_socket_group_the_user_cannot_use_is_refused_with_its_name(
@@ -715,13 +597,6 @@ def test_status_and_metrics_work_with_only_our_own_proc_entries(tmp_path: Path) 
             os.unlink(table)
     assert code == 0, log.read_text(errors="replace")[-3000:]
     assert "Traceback" not in log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize("reply", [b"", b"\x00\x00\x00\x05junk!"])

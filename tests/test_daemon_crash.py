@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dies_with_pytest, wal_leftovers
-from test_daemon import wait_for_socket
+from support.daemon import start_daemon, wait_for_socket
+from support.procs import dies_with_pytest
+from support.store import wal_leftovers
 
 from ctxstore import Context, CtxStoreError, layout
 from ctxstore.client import SHM_PREFIX, publish
@@ -166,14 +167,10 @@ class Rig:
             env |= {"CTXSTORE_CRASH_AT": crash_at, "CTXSTORE_CRASH_AFTER": str(after)}
         self.log.write(f"--- start {self.starts} crash_at={crash_at} after={after}\n".encode())
         self.log.flush()
-        self.daemon = subprocess.Popen(
-            dies_with_pytest(
-                [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(self.store),
-                 "--socket", str(self.sock), "--http", "off", "--retention", RETENTION,
-                 "--log-level", "WARNING"]
-            ),
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+        self.daemon = start_daemon(
+            self.root, self.store, self.sock, None, "--retention", RETENTION,
+            "--log-level", "WARNING", env=env, log=Path(self.log.name),
+        ).proc  # fmt: skip
         self.starts += 1
         wait_for_socket(self.sock, self.daemon, timeout=60)
 
@@ -310,9 +307,10 @@ def finish(rig: Rig) -> None:
     assert rig.publisher.reported, "nothing was committed"
 
 
-#: 60 in the default run (each kill restarts the daemon: ~1 s a cycle on 2 busy cores)
-KILLS = [pytest.param(60, id="60"), pytest.param(1000, marks=pytest.mark.slow, id="1000")]
-POINT_KILLS = [pytest.param(3, id="3"), pytest.param(20, marks=pytest.mark.slow, id="20")]
+#: 30 in the default run (each kill restarts the daemon: ~1 s a cycle on 2 busy cores; the
+#: commit steps get their own kills below), 1000 with --long
+KILLS = [pytest.param(30, id="30"), pytest.param(1000, marks=pytest.mark.slow, id="1000")]
+POINT_KILLS = [pytest.param(2, id="2"), pytest.param(20, marks=pytest.mark.slow, id="20")]
 
 
 @pytest.mark.parametrize("kills", KILLS)

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+from support.daemon import DaemonProcess, start_daemon, wait_for_socket
+from support.peers import RawPeer
 
 from ctxstore import Context, PersistentStore, RemoteError
 from ctxstore.client import publish

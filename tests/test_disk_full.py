@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wal_leftovers
-from test_daemon import wait_for_socket
+from support.daemon import CLI, start_daemon, wait_for_socket
+from support.store import wal_leftovers
 
 from ctxstore import Context, PersistentStore, RemoteError, StorageError
 from ctxstore.client import publish
@@ -71,13 +70,8 @@ LIMITED = (
 
 
 def _daemon(store: Path, sock: Path, log: Path, limit: bool) -> subprocess.Popen[bytes]:
-    launcher = ["-c", LIMITED] if limit else ["-m", "ctxstore.cli"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, *launcher, "daemon", "--store", str(store), "--socket", str(sock)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    launcher = ("-c", LIMITED) if limit else CLI
+    return start_daemon(log.parent, store, sock, None, launcher=launcher, log=log).proc
 
 
 @pytest.mark.parametrize("fault", ["file_too_large", "no_space"])

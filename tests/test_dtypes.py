@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
-from test_daemon import running_daemon
+from support.daemon import running_daemon
 
 from ctxstore import Context, IntegrityError, InvalidInputError, NotFoundError, RemoteError
 from ctxstore.client import publish
@@ -280,7 +280,7 @@ def test_a_file_job_with_a_huge_empty_shape_fails_once_as_invalid_input(
     store: PersistentStore, tmp_path: Path
 ) -> None:
     """It was an uncaught ValueError: kind "internal", a traceback, and three attempts."""
-    from test_jobs import FakeTime, make_queue, run_async
+    from support.jobs import FakeTime, make_queue, run_async
 
     from ctxstore.daemon.jobs import Job, JobQueue
     from ctxstore.daemon.pipeline import job_runner

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wal_leftovers
+from support.store import wal_leftovers
 
 import ctxstore.durable as durable
 import ctxstore.reaper as reaper_module

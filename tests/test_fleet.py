@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+from support.daemon import DaemonProcess, start_daemon, wait_for_socket
+from support.peers import RawPeer
 
 from ctxstore import Context
 from ctxstore.client import DaemonClient, publish
@@ -269,7 +270,7 @@ def test_retention_keeps_what_a_connected_reader_holds(tmp_path: Path) -> None:
         assert holder.stdout is not None
         assert holder.stdout.readline().split() == ["holding", "1"]
         # the ack may still be in flight: the daemon must have it before retention runs
-        _wait_for_log(daemon, f"ack slot {SLOT} version 1")
+        wait_for_log(daemon, f"ack slot {SLOT} version 1")
 
         def stored() -> list[int]:  # the index says at once what retention kept
             with PersistentStore(daemon.store, readonly=True) as store:
@@ -281,7 +282,7 @@ def test_retention_keeps_what_a_connected_reader_holds(tmp_path: Path) -> None:
             assert version_1.exists()
         out, err = holder.communicate("\n", timeout=30)
         assert out.split()[-2:] == ["still", "1.0"], err
-        _wait_for_log(daemon, "(holder (pid")  # its session closed
+        wait_for_log(daemon, "(holder (pid")  # its session closed
         publish(SLOT, stamped(6), socket=daemon.socket)  # nobody holds v1 any more
         assert 1 not in stored()
         deadline = time.monotonic() + 10  # its files go in the daemon's background thread
@@ -295,7 +296,7 @@ def test_retention_keeps_what_a_connected_reader_holds(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
-def _wait_for_log(daemon: DaemonProcess, text: str, timeout: float = 20) -> None:
+def wait_for_log(daemon: DaemonProcess, text: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while text not in daemon.log_text():
         assert time.monotonic() < deadline, daemon.log_text()[-2000:]
@@ -313,7 +314,7 @@ def test_a_sigstopped_reader_is_dropped_and_catches_up_after_sigcont(tmp_path: P
         try:
             for version in range(2, 21):
                 assert publish(SLOT, stamped(version), socket=daemon.socket) == version
-            _wait_for_log(daemon, "silent for 2s")  # dropped after the limit
+            wait_for_log(daemon, "silent for 2s")  # dropped after the limit
         finally:
             os.kill(stopped.pid, signal.SIGCONT)
         for version in range(21, 31):
@@ -387,8 +388,8 @@ def test_stopped_killed_and_never_reading_peers_hold_up_no_one(tmp_path: Path) -
             if version == 20:
                 killed.kill()  # the announcement is on its way: the reader is mapping it
         _wait_for(lambda: killed.pid not in _reader_pids(daemon), "the killed reader leaves")
-        _wait_for_log(daemon, f"(reader-0 (pid {stopped.pid})): closed: silent for 3s")
-        _wait_for_log(daemon, f"(mute (pid {os.getpid()})): closed: silent for 3s")
+        wait_for_log(daemon, f"(reader-0 (pid {stopped.pid})): closed: silent for 3s")
+        wait_for_log(daemon, f"(mute (pid {os.getpid()})): closed: silent for 3s")
         gone = f"(reader-1 (pid {killed.pid})): closed: "
         reason = next(line for line in daemon.log_text().splitlines() if gone in line)
         assert "silent" not in reason and "stuck" not in reason, reason  # at its EOF

@@ -17,7 +17,7 @@ TESTS = Path(__file__).parent
 PARENT = f"""
 import subprocess, sys, time
 sys.path.insert(0, {str(TESTS)!r})
-from conftest import dies_with_pytest
+from support.procs import dies_with_pytest
 program = "import time; print('running', flush=True); time.sleep(120)"
 child = subprocess.Popen(dies_with_pytest([sys.executable, "-c", program]),
                          stdout=subprocess.PIPE, text=True)

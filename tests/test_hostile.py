@@ -10,7 +10,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,9 +19,9 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
-from conftest import dies_with_pytest
-from test_daemon import DaemonProcess, RawPeer, free_port, start_daemon, wait_for_socket
-from test_security import _as_uid
+from support.daemon import CLI, DaemonProcess, start_daemon, wait_for_socket
+from support.peers import RawPeer
+from support.procs import as_uid, free_port
 
 from ctxstore import Context
 from ctxstore.client import DaemonClient, publish
@@ -262,7 +261,7 @@ def test_connections_per_uid_leave_room_for_other_uids(tmp_path: Path) -> None:
                 sock.sendall(_hello_frame("nobody"))
                 return type(_answer(sock)).__name__.encode()
 
-            assert _as_uid(65534, hello_as_other_uid) == b"Welcome"
+            assert as_uid(65534, hello_as_other_uid) == b"Welcome"
         for sock in (*served, extra):
             sock.close()
 
@@ -283,7 +282,7 @@ def test_an_unprivileged_slowloris_is_dropped_at_the_frame_deadline(tmp_path: Pa
                 received += chunk
             return received
 
-        received = _as_uid(65534, slowloris)
+        received = as_uid(65534, slowloris)
         assert b"frame not finished within frame_timeout 1s" in received, received
         assert publish(1, Context({"w": np.zeros(2)}), socket=live.socket) == 1
 
@@ -417,11 +416,9 @@ def test_tcp_and_event_floods_leave_the_socket_its_descriptors(tmp_path: Path) -
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
-    argv = [sys.executable, "-c", limited, "-m", "ctxstore.cli", "daemon", "--store", str(store),
-            "--socket", str(sock), "--http", f"127.0.0.1:{port}"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(dies_with_pytest(argv), stdout=out, stderr=subprocess.STDOUT)
-    live = DaemonProcess(proc, store, sock, log)
+    live = start_daemon(tmp_path, store, sock, None, "--http", f"127.0.0.1:{port}",
+                        launcher=("-c", limited, *CLI), log=log)  # fmt: skip
+    proc = live.proc
     flood: list[socket.socket] = []
     try:
         wait_for_socket(sock, proc)

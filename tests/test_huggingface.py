@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_daemon import running_daemon
+from support.daemon import running_daemon
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ctxstore import PersistentStore

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import running_daemon
+from support.daemon import running_daemon
 
 from ctxstore import PersistentStore, RemoteError
 from ctxstore.client import publish

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_api import error_of, run
-from test_daemon import start_daemon, wait_for_socket
+from support.daemon import start_daemon, wait_for_socket
+from support.inprocess import error_of, job_finished, run
 
 from ctxstore import InvalidInputError, RemoteError
 from ctxstore.client import build, publish
@@ -108,15 +108,6 @@ def test_the_socket_imports_only_from_the_roots(tree: Path) -> None:
         assert store.load_context(1)["a"].tolist() == [0.0, 1.0, 2.0]
 
 
-async def _finished(http: httpx.AsyncClient, job_id: int) -> dict[str, object]:
-    for _ in range(500):
-        job: dict[str, object] = (await http.get(f"/jobs/{job_id}")).json()["job"]
-        if job["state"] in ("done", "failed"):
-            return job
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def test_http_file_jobs_are_refused_outside_the_roots_when_queued_and_when_run(
     tree: Path,
 ) -> None:
@@ -131,13 +122,13 @@ def test_http_file_jobs_are_refused_outside_the_roots_when_queued_and_when_run(
         nul = {"slot": 1, "node_type": "file", "config": {"path": "/srv/\x00.npy"}}
         error_of(await http.post("/jobs", json=nul), 400, "invalid_input")
         inside = {"slot": 1, "node_type": "file", "config": {"path": str(tree / "models/a.npy")}}
-        done = await _finished(http, (await http.post("/jobs", json=inside)).json()["job"]["id"])
+        done = await job_finished(http, (await http.post("/jobs", json=inside)).json()["job"]["id"])
         assert (done["state"], done["version"]) == ("done", 1), done
         # the roots change (SIGHUP) while a job queued before waits (jobs outlive restarts too)
         daemon.config = daemon.config.replace(import_roots=(tree / "outside",))
         assert daemon.jobs is not None
         queued = await asyncio.to_thread(daemon.jobs.submit, 1, "file", inside["config"], 0)
-        failed = await _finished(http, queued.id)
+        failed = await job_finished(http, queued.id)
         assert failed["state"] == "failed" and failed["attempts"] == 1, failed
         assert "outside the daemon's import roots" in str(failed["error"]), failed
 

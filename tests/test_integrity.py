@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dies_with_pytest
-from test_daemon import DaemonProcess, RawPeer, free_port, running_daemon
+from support.daemon import DaemonProcess, running_daemon
+from support.peers import RawPeer
+from support.procs import dies_with_pytest, free_port
 
 import ctxstore.store
 from ctxstore import Context, IntegrityError, PersistentStore
@@ -374,13 +375,13 @@ def test_a_verified_version_whose_record_was_forged_since_is_still_refused(
 ) -> None:
     """The daemon's record vouches for the files' bytes; the index rows that say how to
     read them are checked against each file's .npy header even when the hash is skipped."""
-    from test_tampered import _store_with_one_version, _tamper
+    from support.contexts import store_with_one_version, tamper
 
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     with PersistentStore(store_dir) as writer:
         assert writer.record_check(1, 2) == []
-    _tamper(store_dir, {1: "'<i4'"}, {"dtype": "'<i4'"})  # same size: the files still match
+    tamper(store_dir, {1: "'<i4'"}, {"dtype": "'<i4'"})  # same size: the files still match
     with PersistentStore(store_dir, readonly=True) as reader:
         with pytest.raises(IntegrityError, match=r"\.npy header disagrees"):
             reader.load_context(1, verify=True, trust_verified=True)

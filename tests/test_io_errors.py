@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ensure_os_tool, wal_leftovers
+from support.procs import require_os_tool
+from support.store import wal_leftovers
 
 from ctxstore import Context, PersistentStore, layout
 
@@ -57,7 +58,7 @@ WRITER = textwrap.dedent(
 @pytest.mark.parametrize("mode", ["once", "persistent"])
 def test_commit_under_io_errors(tmp_path: Path, point: str, mode: str) -> None:
     for library in PRELOADS:
-        ensure_os_tool(library, "fiu-utils")
+        require_os_tool(library, "fiu-utils")
     env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
     store_path = tmp_path / "store"
     result = subprocess.run(
@@ -143,7 +144,7 @@ def test_sigkill_after_a_failed_index_commit(
     holder goes, a later opener's WAL recovery would replay them unless the first
     opener buried them before deleting the files."""
     for library in PRELOADS:
-        ensure_os_tool(library, "fiu-utils")
+        require_os_tool(library, "fiu-utils")
     env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
     if mode in ("unsettled", "held"):
         env["CTXSTORE_CRASH_AT"] = "commit_failed"
@@ -223,7 +224,7 @@ def test_sigkill_after_a_failed_pointer_move(
     frames are replayed and the move happens after all (a failed COMMIT's outcome is
     decided by what follows it, as in any database; the caller re-reads)."""
     for library in PRELOADS:
-        ensure_os_tool(library, "fiu-utils")
+        require_os_tool(library, "fiu-utils")
     env = {**os.environ, "LD_PRELOAD": " ".join(PRELOADS)}
     if mode == "unsettled":
         env["CTXSTORE_CRASH_AT"] = "commit_failed"

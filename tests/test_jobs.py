@@ -15,11 +15,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support.jobs import BOUND, FakeTime, make_queue, run_async
 
 from ctxstore.daemon.jobs import (
     JOB_STATES,
@@ -40,32 +41,7 @@ from ctxstore.nodes import create_node
 from ctxstore.schema import LATEST
 from ctxstore.store import PersistentStore
 
-T = TypeVar("T")
-BOUND = 30.0  # seconds; only a hung scenario gets near it
 LLM = {"vocab_size": 16, "d_model": 8, "n_heads": 2, "n_layers": 1}
-
-
-def run_async(scenario: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(scenario, BOUND)
-
-    return asyncio.run(bounded())
-
-
-class FakeTime:
-    """A clock that only moves when the queue sleeps: every sleep returns at once."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, delay: float) -> None:
-        self.sleeps.append(delay)
-        self.now += delay
-        await asyncio.sleep(0)
 
 
 class ManualTime(FakeTime):
@@ -124,14 +100,6 @@ class Script:
     @property
     def ran(self) -> list[int]:
         return [job.id for job in self.calls]
-
-
-def make_queue(
-    store: PersistentStore, run: Callable[[Job], Awaitable[int]], time: FakeTime, **options: Any
-) -> JobQueue:
-    options.setdefault("concurrency", 1)
-    options.setdefault("jitter", lambda: 1.0)
-    return JobQueue(store, run, clock=time.clock, sleep=time.sleep, **options)
 
 
 def raw_jobs(store: PersistentStore) -> dict[int, tuple[str, int, float]]:

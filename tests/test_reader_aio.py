@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from test_reader import WAIT, Env, make_env
+from support.fake_daemon import WAIT, Env, make_env
 
 from ctxstore.errors import WaitTimeoutError
 from ctxstore.messages import Subscribe, Unsubscribe

@@ -15,7 +15,9 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, RawPeer, start_daemon, wait_for_socket
+from support.daemon import DaemonProcess, guarded_daemon, start_daemon, wait_for_socket
+from support.peers import RawPeer
+from support.procs import PEER_UID, as_uid
 
 from ctxstore import Context, CtxStoreError, RemoteError
 from ctxstore.client import DaemonClient, build, publish
@@ -27,50 +29,12 @@ from ctxstore.versiontable import segment_name
 
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[DaemonProcess]:
-    # pytest's own temp root is 0700: the socket goes where a dropped-privilege child can reach
-    run = Path(tempfile.mkdtemp(prefix="ctxstore-sec-"))
-    run.chmod(0o755)
-    daemon = start_daemon(tmp_path, tmp_path / "store", run / "ctx.sock", None,
-                          "--allow-uid", "4242")  # fmt: skip
-    try:
-        wait_for_socket(daemon.socket, daemon.proc)
+    with guarded_daemon(tmp_path) as daemon:
         yield daemon
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(daemon.store))
-        if shm.exists():
-            shm.unlink()
 
 
 def test_socket_is_0660(guarded: DaemonProcess) -> None:
     assert guarded.socket.stat().st_mode & 0o777 == 0o660
-
-
-def _as_uid(uid: int, work: Callable[[], bytes], groups: tuple[int, ...] = ()) -> bytes:
-    """What ``work`` returns when run in a forked child that dropped to ``uid`` (keeping
-    group 0, the socket's, plus ``groups``), or the repr of what it raised. The child
-    imports nothing new: the interpreter's files may be unreadable to that uid."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.setgroups(list(groups))
-            os.setgid(0)
-            os.setuid(uid)
-            os.write(write_end, work())
-        except BaseException as exc:
-            os.write(write_end, repr(exc).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        received = pipe.read()
-    os.waitpid(pid, 0)
-    return received
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid in a child")
@@ -85,14 +49,13 @@ def test_a_peer_outside_the_allowlist_is_refused(guarded: DaemonProcess) -> None
             data += chunk
         return data[:4096]
 
-    received = _as_uid(65534, connect_and_read)
+    received = as_uid(65534, connect_and_read)
     assert b"forbidden" in received, received
     assert "uid 65534 is not allowed" in guarded.log_text()
     # the daemon's own uid (root here) is still served
     assert publish(1, Context({"w": np.zeros(1)}), socket=guarded.socket) == 1
 
 
-PEER_UID = 4242  # on the guarded daemon's allowlist
 PUBLISHERS_GID = 4343  # the group allowed to publish in the publisher-allowlist test
 
 
@@ -123,7 +86,7 @@ def test_a_peer_cannot_import_a_file_it_does_not_own(guarded: DaemonProcess) -> 
                 answers[what] = str(exc)
         return json.dumps(answers).encode()
 
-    received = _as_uid(PEER_UID, publish_each)
+    received = as_uid(PEER_UID, publish_each)
     got = json.loads(received) if received.startswith(b"{") else {"child": received.decode()}
     refusal = f"belongs to uid 0, not to the requesting uid {PEER_UID}"
     assert refusal in got.get("file", "") and refusal in got.get("build", ""), got
@@ -223,8 +186,8 @@ def test_only_listed_publishers_may_publish(tmp_path: Path) -> None:
 
     try:
         wait_for_socket(sock, daemon.proc)
-        outsider = json.loads(_as_uid(PEER_UID, try_both))
-        member = json.loads(_as_uid(PEER_UID, try_both, groups=(PUBLISHERS_GID,)))
+        outsider = json.loads(as_uid(PEER_UID, try_both))
+        member = json.loads(as_uid(PEER_UID, try_both, groups=(PUBLISHERS_GID,)))
     finally:
         shutil.rmtree(run, ignore_errors=True)
         daemon.stop()
@@ -255,7 +218,7 @@ def test_a_repair_is_allowed_only_to_the_peers_that_may_publish(tmp_path: Path) 
                 except RemoteError as exc:
                     return f"{exc.kind}: {exc.message}".encode()
 
-        answer = _as_uid(65534, ask_for_a_repair).decode()
+        answer = as_uid(65534, ask_for_a_repair).decode()
         assert answer.startswith("permission_denied: uid 65534 may not repair"), answer
         with DaemonClient(daemon.socket, name="root", role="admin", timeout=10) as client:
             assert client.repair().problems_total == 0  # the daemon's own uid may

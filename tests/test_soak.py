@@ -1,4 +1,5 @@
-"""``ctxstore soak``: one minute of continuous commits under 16 readers stays flat.
+"""``ctxstore soak``: continuous commits under many readers stay flat (half a minute under 8
+readers by default; the full minute under 16 with ``pytest --long``).
 
 The command samples the daemon's RSS and file descriptors, the readers' memory,
 shared memory and disk use over time and gives its own verdict; this test
@@ -13,28 +14,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ctxstore.cli.soak_samples import disk_usage
 
 MiB = 1 << 20
 
 
-def test_one_minute_soak_with_16_readers_stays_flat(tmp_path: Path) -> None:
+#: (minutes, readers, seconds per sample): the default run samples as often over half the
+#: time, so the trends compare as many samples; the slow one is the command's default
+RUNS = [
+    pytest.param(0.5, 8, 2.5, id="30s-8-readers"),
+    pytest.param(1.0, 16, 5.0, marks=pytest.mark.slow, id="1min-16-readers"),
+]
+
+
+@pytest.mark.parametrize(("minutes", "readers", "interval"), RUNS)
+def test_a_soak_under_many_readers_stays_flat(
+    tmp_path: Path, minutes: float, readers: int, interval: float
+) -> None:
     report = tmp_path / "soak.json"
     done = subprocess.run(
-        [sys.executable, "-m", "ctxstore.cli", "soak", "--minutes", "1", "--readers", "16",
-         "--json", str(report)],
+        [sys.executable, "-m", "ctxstore.cli", "soak", "--minutes", str(minutes),
+         "--readers", str(readers), "--interval", str(interval), "--json", str(report)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "soak: PASS: flat" in done.stdout
     run = json.loads(report.read_text())
     samples = run["samples"]
-    assert len(samples) >= 9  # every 5 s for a minute
+    assert len(samples) >= minutes * 60 / interval - 3  # one every interval, give or take
     assert samples[-1]["commits"] > samples[0]["commits"]
     assert run["flat"] and run["whole"] and run["ok"]
     assert {t["metric"] for t in run["trends"]} >= {"daemon_rss", "daemon_fds", "shm_bytes"}
     assert all(t["flat"] for t in run["trends"])
-    assert len(run["readers_reports"]) == 16
+    assert len(run["readers_reports"]) == readers
     assert all(r["torn"] == 0 and r["reads"] > 0 for r in run["readers_reports"])
     steady = samples[len(samples) // 5 :]
     assert abs(steady[-1]["daemon_fds"] - steady[0]["daemon_fds"]) <= 4

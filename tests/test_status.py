@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from test_daemon import DaemonProcess, running_daemon
+from support.daemon import DaemonProcess, running_daemon
 
 from ctxstore import Context
 from ctxstore.cli import main

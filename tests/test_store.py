@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import wal_leftovers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support.store import wal_leftovers
 
 from ctxstore import (
     ConflictError,
@@ -24,8 +24,19 @@ from ctxstore import (
     ReadOnlyError,
     StorageError,
 )
+from ctxstore import store as store_module
 from ctxstore.store import PersistentStore
 from ctxstore.validation import thaw_json
+
+
+@pytest.fixture(autouse=True)
+def _verify_reports_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No writer works beside these stores (each test's own chores are drained before
+    verify looks), so the damage a test makes is reported at once, not after
+    ``VERIFY_SETTLE_MAX_S`` of rechecks (10 s a test). Waiting out a busy writer's passing
+    states is proven in test_cli_verify.py, beside a real one."""
+    monkeypatch.setattr(store_module, "VERIFY_SETTLE_MAX_S", 0.0)
+
 
 DTYPES = st.one_of(
     hnp.boolean_dtypes(),

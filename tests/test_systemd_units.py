@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
-from conftest import ensure_os_tool
+from support.procs import require_os_tool
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 DAEMON_UNIT = "ctxstore.service"
@@ -29,7 +29,7 @@ Unit = dict[str, dict[str, list[str]]]
 
 
 def _tool(name: str) -> str:
-    return ensure_os_tool(name, "systemd")
+    return require_os_tool(name, "systemd")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

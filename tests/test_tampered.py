@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
-from test_daemon import assert_the_error_comes_first, failed_start, running_daemon
+from support.contexts import store_with_one_version, tamper
+from support.daemon import assert_the_error_comes_first, failed_start, running_daemon
 
 import ctxstore.store as store_module
 from ctxstore import Context, IntegrityError, PersistentStore, StorageError
@@ -110,33 +110,6 @@ def test_a_slots_directory_that_is_a_link_is_refused_and_left_alone(
 # -- item 4: every value from the index is checked before use -----------------------------------
 
 
-def _store_with_one_version(store_dir: Path) -> None:
-    with PersistentStore(store_dir) as store:
-        store.save_context(1, Context({"w": np.arange(10, dtype="<f4")}))
-        store.save_context(1, Context({"w": np.arange(10, dtype="<f4") + 1}))
-
-
-def _tamper(store_dir: Path, manifest: dict[int, Any], rows: dict[str, Any]) -> None:
-    """Change version 2 of slot 1: manifest entry fields by index, tensors row columns."""
-    conn = sqlite3.connect(store_dir / "index.db")
-    with conn:
-        (blob,) = conn.execute(
-            "SELECT manifest FROM versions WHERE slot = 1 AND version = 2"
-        ).fetchone()
-        entries = msgpack.unpackb(blob)
-        for index, value in manifest.items():
-            entries[0][index] = value
-        conn.execute(
-            "UPDATE versions SET manifest = ? WHERE slot = 1 AND version = 2",
-            (msgpack.packb(entries),),
-        )
-        for column, value in rows.items():
-            conn.execute(
-                f"UPDATE tensors SET {column} = ? WHERE slot = 1 AND version = 2", (value,)
-            )
-    conn.close()
-
-
 LOAD = """
 import sys
 from ctxstore import CtxStoreError, PersistentStore
@@ -167,8 +140,8 @@ def test_a_forged_manifest_never_crashes_or_fools_a_reader(tmp_path: Path) -> No
     stores = []
     for number, (manifest, _) in enumerate(FORGED_MANIFESTS):
         store_dir = tmp_path / f"store{number}"
-        _store_with_one_version(store_dir)
-        _tamper(store_dir, manifest, {})
+        store_with_one_version(store_dir)
+        tamper(store_dir, manifest, {})
         stores.append(str(store_dir))
     result = subprocess.run([sys.executable, "-c", LOAD, *stores],
                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -195,10 +168,10 @@ def test_a_record_that_reinterprets_the_bytes_is_caught_by_checksums_and_verify(
     """Same item size, same byte count: the checksum still matches the file, so the
     file's own .npy header must decide."""
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     field = {"dtype": 1, "shape": 2}[column]
     value: Any = forged if column == "dtype" else [2, 5]
-    _tamper(store_dir, {field: value}, {column: forged})
+    tamper(store_dir, {field: value}, {column: forged})
     with PersistentStore(store_dir, readonly=True) as store:
         with pytest.raises(IntegrityError, match=r"\.npy header disagrees"):
             store.load_context(1, verify=True)
@@ -213,7 +186,7 @@ def test_a_version_that_is_a_path_never_leads_outside_the_store(
 ) -> None:
     monkeypatch.setattr(store_module, "VERIFY_SETTLE_MAX_S", 0.0)  # nothing here is passing
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     outside = tmp_path / "outside" / "x"
     outside.mkdir(parents=True)
     shutil.copy(store_dir / "slots/1/2/0.npy", outside / "0.npy")
@@ -254,7 +227,7 @@ with PersistentStore(sys.argv[1], readonly=True) as store:
 
 def test_a_fifo_in_place_of_a_tensor_file_is_refused_at_once(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     os.unlink(store_dir / "slots/1/2/0.npy")
     os.mkfifo(store_dir / "slots/1/2/0.npy")
     result = subprocess.run([sys.executable, "-c", FIFO, str(store_dir)], capture_output=True,
@@ -268,7 +241,7 @@ def test_a_fifo_in_place_of_a_tensor_file_is_refused_at_once(tmp_path: Path) -> 
 
 def test_a_link_in_place_of_a_tensor_file_is_not_followed(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     victim = store_dir / "slots/1/2/0.npy"
     shutil.copy(victim, tmp_path / "same.npy")
     os.unlink(victim)
@@ -340,7 +313,7 @@ def test_stray_entries_are_reported_and_verify_and_the_daemon_carry_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store_dir = tmp_path / "store"
-    _store_with_one_version(store_dir)
+    store_with_one_version(store_dir)
     (store_dir / "slots/9").write_text("a stray file")
     os.mkfifo(store_dir / "slots/8")
     (store_dir / "slots/1/notes").write_text("someone's notes")

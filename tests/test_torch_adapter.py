@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from support.models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxstore import Context, InvalidInputError, npyfile
@@ -23,25 +24,6 @@ from ctxstore.readers import torch as ctx_torch
 from ctxstore.store import PersistentStore
 
 PAGE = mmap.PAGESIZE
-
-
-def tiny_llama(
-    seed: int, directory: Path | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[LlamaForCausalLM, Context]:
-    """A 2-layer Llama with random weights in ``dtype``, and the Context a publisher would
-    make of it. With ``directory``, the model is saved there with ``save_pretrained`` and
-    the reference returned is what ``from_pretrained(directory)`` loads."""
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=128,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    if directory is not None:
-        model.save_pretrained(directory)
-        model = LlamaForCausalLM.from_pretrained(directory).eval()
-    config_json = json.loads(model.config.to_json_string())
-    return model, Context(model.state_dict(), config=config_json)
 
 
 def stored(store: PersistentStore, ctx: Context, slot: int = 1) -> Context:

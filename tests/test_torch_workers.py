@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from conftest import dies_with_pytest
-from test_daemon import running_daemon
-from test_torch_adapter import tiny_llama
+from support.daemon import running_daemon
+from support.models import tiny_llama
+from support.procs import dies_with_pytest
 
 from ctxstore.client import publish
 from ctxstore.store import PersistentStore
