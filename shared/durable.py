@@ -7,7 +7,10 @@ the kernel may already have dropped the dirty pages).
 
 A commit writes all its files first and then syncs them together
 (:func:`fsync_all`): fsyncs issued at once share the filesystem's journal
-commits, where one after another each file pays for its own.
+commits, where one after another each file pays for its own. A large import
+starts each file's fsync as soon as the file is written (:class:`SyncQueue`),
+so the disk writes one tensor while the next is copied instead of all of them
+after the last; the commit waits for every one before its rename, as before.
 """
 
 from __future__ import annotations
@@ -102,6 +105,37 @@ def fsync_all(paths: Sequence[StrPath]) -> None:
     failures.extend(e for e in (f.exception() for f in futures) if e is not None)
     if failures:
         raise failures[0]
+
+
+class SyncQueue:
+    """fsyncs started one file at a time as the files are written, waited for together.
+
+    :meth:`wait` returns once every fsync has finished and raises the first
+    failure (a failed fsync is never retried: the caller abandons the commit).
+    :meth:`abandon` waits for them too and ignores what they found (the commit
+    failed anyway; its files are about to be removed).
+    """
+
+    def __init__(self) -> None:
+        self._futures: list[Future[None]] = []
+        #: the paths whose fsync was started, in order
+        self.paths: list[str] = []
+
+    def start(self, path: str) -> None:
+        """Start fsyncing ``path`` in the background."""
+        self._futures.append(_sync_pool().submit(fsync_path, path))
+        self.paths.append(path)
+
+    def wait(self) -> None:
+        futures, self._futures = self._futures, []
+        failures = [e for e in (f.exception() for f in futures) if e is not None]
+        if failures:
+            raise failures[0]
+
+    def abandon(self) -> None:
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.exception()
 
 
 class _SyncPool:

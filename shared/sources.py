@@ -10,6 +10,13 @@ process holds one chunk, never a tensor or a shard. Sources read with
 ``pread`` on a descriptor the importer opened (and checked): nothing of the
 caller's file is mapped, so a file truncated during the import is an error
 ("ended early"), never a SIGBUS.
+
+A tensor that lies in its file as it is stored (a safetensors span, a C-order
+``.npy``'s data: :func:`span_source`) is read into one buffer the store reuses
+for the whole commit (:meth:`TensorSource.chunks` with ``buffer``): each byte
+is read once, hashed while it is still in the CPU's cache, and written once,
+with no allocation per chunk (a fresh multi-MiB ``bytes`` per read costs page
+faults and zeroing on every chunk).
 """
 
 from __future__ import annotations
@@ -34,32 +41,53 @@ Chunks = Callable[[], Iterator[bytes]]
 
 
 class TensorSource:
-    """One tensor of an import: its dtype and shape, and its data read on demand."""
+    """One tensor of an import: its dtype and shape, and its data read on demand.
 
-    __slots__ = ("_read", "dtype", "nbytes", "shape", "where")
+    ``read`` yields the data in chunks; a tensor whose bytes lie as stored at
+    ``span`` (a descriptor and an offset) of an opened file can also be read
+    straight into the caller's buffer (:func:`span_source`).
+    """
+
+    __slots__ = ("_read", "dtype", "nbytes", "observe", "shape", "span", "where")
 
     def __init__(
-        self, dtype: np.dtype[Any], shape: tuple[int, ...], read: Chunks, where: str
+        self,
+        dtype: np.dtype[Any],
+        shape: tuple[int, ...],
+        read: Chunks,
+        where: str,
+        *,
+        span: tuple[int, int] | None = None,
     ) -> None:
         self.dtype = dtype
         self.shape = shape
         self.nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         self._read = read
+        #: (descriptor, offset) of the data in a file where it lies as stored
+        self.span = span
         #: names the tensor and its file in errors
         self.where = where
+        #: called with each chunk's length as it is read (the daemon's Progress frames)
+        self.observe: Callable[[int], None] | None = None
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self, buffer: memoryview | None = None) -> Iterator[memoryview | bytes]:
         """The data, exactly ``nbytes`` of it, at most :data:`CHUNK` bytes a piece.
 
+        With ``buffer`` (a writable byte view), a span source reads into it and
+        yields views of it, each valid until the next chunk is asked for.
         InvalidInputError when the file gives fewer or more bytes than its header
         declared (it changed since it was checked, or a zip member lied).
         """
         done = 0
+        observe = self.observe
+        read = self._read if buffer is None or self.span is None else self._into(buffer)
         try:
-            for chunk in self._read():
+            for chunk in read():
                 done += len(chunk)
                 if done > self.nbytes:
                     break
+                if observe is not None:
+                    observe(len(chunk))
                 yield chunk
         except CtxStoreError:
             raise
@@ -70,6 +98,35 @@ class TensorSource:
                 f"{self.where} does not hold the bytes its header declares "
                 "(the file changed while it was imported, or it lies)"
             )
+
+    def _into(self, buffer: memoryview) -> Callable[[], Iterator[memoryview]]:
+        """The span's data read into ``buffer``, a view of it per chunk."""
+        fd, offset = self.span or (-1, 0)
+        nbytes, size = self.nbytes, min(len(buffer), CHUNK)
+
+        def read() -> Iterator[memoryview]:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [buffer[: min(size, nbytes - done)]], offset + done)
+                if not got:
+                    return  # ended early: chunks() says so
+                done += got
+                yield buffer[:got]
+
+        return read
+
+
+def span_source(
+    dtype: np.dtype[Any], shape: tuple[int, ...], fd: int, offset: int, where: str
+) -> TensorSource:
+    """A tensor whose data lies as stored at ``offset`` of the open file ``fd``."""
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return TensorSource(dtype, shape, file_span(fd, offset, nbytes), where, span=(fd, offset))
+
+
+def copy_buffer() -> memoryview:
+    """The buffer one commit reads every span source through (:data:`CHUNK` bytes)."""
+    return memoryview(bytearray(CHUNK))
 
 
 def file_span(fd: int, offset: int, nbytes: int) -> Chunks:
@@ -123,24 +180,17 @@ def follow_progress(imported: Imported, advance: Callable[[int], None]) -> None:
     (the daemon's Progress frames for a long import)."""
     done = 0
 
-    def counted(read: Chunks) -> Chunks:
-        def chunks() -> Iterator[bytes]:
-            nonlocal done
-            for chunk in read():
-                done += len(chunk)
-                advance(done)
-                yield chunk
+    def counted(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        advance(done)
 
-        return chunks
-
-    for name, tensor in imported.tensors.items():
+    for tensor in imported.tensors.values():
         if isinstance(tensor, TensorSource):
-            imported.tensors[name] = TensorSource(
-                tensor.dtype, tensor.shape, counted(tensor._read), tensor.where
-            )
+            tensor.observe = counted
 
 
-def write_streamed(path: str, header: bytes, chunks: Iterator[bytes]) -> str:
+def write_streamed(path: str, header: bytes, chunks: Iterator[memoryview | bytes]) -> str:
     """Create ``path`` (it must not exist) from ``header`` and ``chunks``; its xxh3-128.
 
     The file is hashed as it is written and left read-only; the caller owes it

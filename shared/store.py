@@ -53,6 +53,7 @@ from .db import (
     translate_sqlite_error,
 )
 from .durable import (
+    SyncQueue,
     clear_scratch_dir,
     describe_entry,
     fsync_all,
@@ -104,7 +105,7 @@ from .npyfile import (
 from .reaper import Reaper
 from .records import ContextMetadata, FileInfo, Problem, SlotInfo, TensorInfo, VersionInfo
 from .schema import check_readable, migrate
-from .sources import Imported, TensorSource, same_file_bytes, write_streamed
+from .sources import Imported, TensorSource, copy_buffer, same_file_bytes, write_streamed
 from .validation import (
     MAX_TENSORS,
     check_alias,
@@ -627,11 +628,12 @@ class PersistentStore:
             staging = str(layout.wal_dir(self.root) / f"{os.getpid()}-{secrets.token_hex(6)}")
             make_dir(staging, durable=False)
         placed = reached_commit = False
+        early = SyncQueue()  # an import's files, each fsynced as soon as it is written
         try:
             with self._settling_transaction(conn, (new.slot, new.version)):
                 # Staged inside the transaction, so dedup's lookups share its snapshot
                 # instead of each opening one (only this writer takes the write lock).
-                tensors, written, linked = self._stage(staging, new)
+                tensors, written, linked = self._stage(staging, new, early)
                 written += self._stage_files(staging, new.files)
                 if new.sources is not None and self.pre_commit_hooks:
                     self._run_hooks_on_staged(staging, new, tensors)
@@ -640,6 +642,7 @@ class PersistentStore:
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
                 retired = self._insert_version(conn, new, tensors)
                 fsync_all(written)
+                early.wait()
                 if new.files:
                     fsync_dir(f"{staging}/{layout.FILES_DIR}")
                 # The directory's entries, after the files: their journal commit already
@@ -654,6 +657,7 @@ class PersistentStore:
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:
+            early.abandon()
             self._slot_dirs.discard(new.slot)  # the next commit makes sure it exists again
             if not reached_commit:  # no COMMIT ran: nothing of this version can come back
                 # Only what this call made: a directory of that number that it did not
@@ -709,19 +713,23 @@ class PersistentStore:
         return slot_dir
 
     def _stage(
-        self, staging: str, new: _NewVersion
+        self, staging: str, new: _NewVersion, early: SyncQueue
     ) -> tuple[list[TensorRow], list[str], list[int]]:
         """Write (or link) every tensor into ``staging``: the rows, the files still to
-        sync, and the positions hard-linked to a stored file."""
+        sync, and the positions hard-linked to a stored file. A streamed tensor's file
+        goes to ``early`` instead, its fsync started as soon as it is written."""
         rows: list[TensorRow] = []
         written: list[str] = []
         linked: list[int] = []
         staged: dict[str, str] = {}
         tensors = new.context.weights if new.sources is None else new.sources
+        buffer = copy_buffer() if new.sources is not None else None
         for position, (name, array) in enumerate(tensors.items()):
             if isinstance(array, TensorSource):
-                rows.append(self._stage_source(staging, position, name, array, staged=staged,
-                                               written=written, linked=linked))  # fmt: skip
+                assert buffer is not None
+                rows.append(self._stage_source(staging, position, name, array, buffer,
+                                               staged=staged, early=early,
+                                               linked=linked))  # fmt: skip
                 crash_point("staging")
                 continue
             header = npy_header(array.dtype, array.shape)
@@ -755,9 +763,10 @@ class PersistentStore:
         position: int,
         name: str,
         source: TensorSource,
+        buffer: memoryview,
         *,
         staged: dict[str, str],
-        written: list[str],
+        early: SyncQueue,
         linked: list[int],
     ) -> TensorRow:
         """Copy a streamed tensor into ``staging``, hashing it as it is written; then,
@@ -765,7 +774,7 @@ class PersistentStore:
         (the copy was needed to know the checksum without holding the tensor)."""
         header = npy_header(source.dtype, source.shape)
         path = f"{staging}/{layout.tensor_file_name(position)}"
-        checksum = write_streamed(path, header, source.chunks())
+        checksum = write_streamed(path, header, source.chunks(buffer))
         duplicate = staged.get(checksum)
         if duplicate is None or not same_file_bytes(duplicate, path):
             duplicate = self._stored_duplicate_file(checksum, path)
@@ -773,7 +782,7 @@ class PersistentStore:
             if checksum not in staged:
                 linked.append(position)
         else:
-            written.append(path)
+            early.start(path)
         staged.setdefault(checksum, path)
         dtype = dtype_to_text(source.dtype)
         return (position, name, dtype, shape_to_text(source.shape), len(header),

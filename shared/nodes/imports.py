@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from ..context import Array
 from ..errors import InvalidInputError, NotFoundError
-from ..sources import CHUNK, Imported, TensorSource, file_span
+from ..sources import CHUNK, Imported, TensorSource, span_source
 from .base import choice
 from .files import (
     FORMATS,
@@ -159,9 +159,8 @@ def _add_spans(imported: Imported, fd: int, spans: Any, start: int, where: str) 
     for span in spans:
         if span.name in imported.tensors:
             raise InvalidInputError(f"{where}: tensor {span.name!r} is already in another file")
-        read = file_span(fd, start + span.begin, span.end - span.begin)
-        imported.tensors[span.name] = TensorSource(
-            span.dtype, span.shape, read, f"{where} tensor {span.name!r:.80}"
+        imported.tensors[span.name] = span_source(
+            span.dtype, span.shape, fd, start + span.begin, f"{where} tensor {span.name!r:.80}"
         )
 
 
@@ -170,8 +169,7 @@ def _npy_source(stream: IO[bytes], fd: int, size: int, where: str) -> Array | Te
     if layout.fortran:  # the store writes C order: transpose in memory (within max_bytes)
         stream.seek(0)
         return _read_npy(stream, size, where)
-    return TensorSource(layout.dtype, layout.shape, file_span(fd, layout.start, layout.nbytes),
-                        where)  # fmt: skip
+    return span_source(layout.dtype, layout.shape, fd, layout.start, where)
 
 
 def _add_npz(stream: IO[bytes], size: int, where: str, max_bytes: int, imported: Imported) -> None:
