@@ -136,6 +136,16 @@ def _default_name() -> str:
     return f"reader-{os.getpid()}"
 
 
+class _PendingLoad:
+    """A version one thread is mapping; others asking for it wait on ``done``."""
+
+    __slots__ = ("ctx", "done")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ctx: Context | None = None  # None once done: the mapping failed
+
+
 @dataclass(frozen=True, slots=True)
 class ReaderStats:
     """Counters of one Reader (in this process)."""
@@ -226,6 +236,8 @@ class Reader:
         self._current_get = self._current.get
         self._adopted: dict[int, int] = {}
         self._keys: set[tuple[int, int]] = set()  # every key inserted in the cache, pruned lazily
+        #: versions being mapped now, by the thread that maps them for every thread asking
+        self._loading: dict[tuple[int, int], _PendingLoad] = {}
         self._explicit: set[tuple[int, int]] = set()
         self._followed: set[int] = set()
         self._subscriptions: list[Subscription] = []
@@ -365,13 +377,42 @@ class Reader:
         return self._store.read_file(slot, number, name)
 
     def _load(self, slot: int, version: int) -> Context:
+        """``version`` of ``slot`` from the cache, else mapped (and checked) once.
+
+        One mapping per version however many threads ask at once: a commit reaches
+        the version table before its announcement, so a thread in :meth:`wait_for`
+        or :meth:`get` and the socket thread adopting the announcement ask for the
+        same new version together. The later ones wait for the first one's mapping
+        instead of mapping and checking every file again; if it fails they try
+        themselves (its error belongs to its caller).
+        """
         key = (slot, version)
         ctx = self._cache.get_cached_context(key)
         if ctx is not None:
             self._hits += 1
             return ctx
+        with self._lock:
+            pending = self._loading.get(key)
+            mine = pending is None
+            if pending is None:
+                pending = self._loading[key] = _PendingLoad()
+        if not mine:
+            pending.done.wait()
+            if pending.ctx is not None:
+                self._hits += 1
+                return pending.ctx
+            return self._map_version(key)
+        try:
+            pending.ctx = self._map_version(key)
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+            pending.done.set()
+        return pending.ctx
+
+    def _map_version(self, key: tuple[int, int]) -> Context:
         ctx = self._store.load_context(
-            slot, version, verify=self._verify, trust_verified=self._verify and self._vouched()
+            *key, verify=self._verify, trust_verified=self._verify and self._vouched()
         )
         self._misses += 1
         self._insert(key, ctx)

@@ -1008,7 +1008,7 @@ class PersistentStore:
             return number, None
         if verify:
             if stats is not None and _same_identities(stats, recorded_files):
-                _check_mapped_headers(slot, number, manifest, weights)
+                _check_mapped_headers(slot, number, manifest, weights, stats)
                 self.versions_trusted += 1
             else:
                 self.versions_hashed += 1
@@ -1709,14 +1709,36 @@ def _verify_mapped(
         _check_mapped_header(slot, version, name, array, shape=shape, offset=offset)
 
 
+#: (file identity, dtype, shape, data offset) whose .npy header this process found to
+#: agree: a file keeps its header while it keeps its identity, so a file shared by many
+#: versions (deduplicated by hard links) or a version mapped again is checked once
+_HEADERS_AGREED: dict[tuple[Identity, np.dtype[Any], tuple[int, ...], int], None] = {}
+_HEADERS_AGREED_MAX = 1 << 16
+
+
 def _check_mapped_headers(
-    slot: int, version: int, manifest: Manifest, weights: Mapping[str, Array]
+    slot: int,
+    version: int,
+    manifest: Manifest,
+    weights: Mapping[str, Array],
+    stats: list[os.stat_result],
 ) -> None:
     """Only the .npy header check of :func:`_verify_mapped`: for a version served on a
     writer's verified record, whose bytes are vouched for but whose index rows may
-    have been changed since (the first page of each file; no hash)."""
-    for name, _, shape, offset, _, _ in manifest:
-        _check_mapped_header(slot, version, name, weights[name], shape=shape, offset=offset)
+    have been changed since (the first page of each file; no hash). ``stats``: each
+    mapped file's fstat, in manifest order; a file whose identity already passed the
+    same comparison in this process is not read again."""
+    agreed = _HEADERS_AGREED
+    for (name, _, shape, offset, _, _), st in zip(manifest, stats, strict=True):
+        array = weights[name]
+        key = (identity_of(st), array.dtype, shape, offset)
+        if key in agreed:
+            continue
+        _check_mapped_header(slot, version, name, array, shape=shape, offset=offset)
+        if len(agreed) >= _HEADERS_AGREED_MAX:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # other threads
+                del agreed[next(iter(agreed))]
+        agreed[key] = None
 
 
 def _check_mapped_header(
