@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+#: how long a served version's announcement may take to reach the callback thread
+ANNOUNCE_TIMEOUT_S = 30.0
 
 
 def _say(line: str) -> None:
@@ -81,10 +85,21 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
 
     reader_class = RehashingReader if rehash else Reader
     committed: dict[int, float] = {}  # version -> committed_at, from the announcement
+    announced = threading.Condition()
 
     def remember(event: Any) -> None:
         if event.committed_at is not None:
-            committed[event.version] = event.committed_at
+            with announced:
+                committed[event.version] = event.committed_at
+                announced.notify_all()
+
+    def committed_at(version: int) -> float:
+        """The announcement's committed_at for ``version``: its callback runs on the
+        reader's callback thread, which may not have run yet when the swap is done."""
+        with announced:
+            if not announced.wait_for(lambda: version in committed, ANNOUNCE_TIMEOUT_S):
+                raise RuntimeError(f"no announcement of version {version} reached the callback")
+            return committed[version]
 
     with reader_class(store=store, socket=sock, name="hf-worker") as reader:
         reader.subscribe(slot, callback=remember)
@@ -119,7 +134,7 @@ def run(store: str, sock: str, slot: int, rehash: bool) -> int:
             served = time.time()
             cpu = time.process_time() - cpu0
             _check(model)
-            start = committed.get(int(arg), 0.0) if how == "ctxstore" else 0.0
+            start = committed_at(int(arg)) if how == "ctxstore" else 0.0
             _say(f"served {served!r} {cpu!r} {start!r}")
     return 0
 
