@@ -586,6 +586,30 @@ def test_memory_sampler_reads_at_most_once_per_interval() -> None:
     assert calls == [0.0, 5.0]
 
 
+def test_memory_sampler_spaces_costly_readings_to_a_thousandth_of_a_core() -> None:
+    """A PSS reading of a process mapping a large model costs the kernel a walk of every
+    mapped page (about 0.2 s for 1 GiB): it must not come back every few heartbeats."""
+    now, cpu = [0.0], [0.0]
+    calls: list[float] = []
+
+    def probe() -> tuple[int, int]:
+        calls.append(now[0])
+        cpu[0] += 0.2  # CPU seconds this reading took
+        return len(calls), len(calls)
+
+    sampler = memory.MemorySampler(
+        5.0, clock=lambda: now[0], probe=probe, cost_clock=lambda: cpu[0]
+    )
+    assert sampler.sample() == (1, 1)
+    now[0] = 10.0
+    assert sampler.sample() == (1, 1)  # a 5 s interval would read again here
+    now[0] = 199.9
+    assert sampler.sample() == (1, 1)
+    now[0] = 200.0  # 0.2 s of CPU per 200 s: a thousandth of a core
+    assert sampler.sample() == (2, 2)
+    assert calls == [0.0, 200.0]
+
+
 def test_the_reader_package_never_imports_the_daemon() -> None:
     code = (
         "import sys, ctxstore.readers; "
