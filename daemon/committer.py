@@ -157,13 +157,15 @@ class Committer:
         alias: str | None = None,
         key: str | None = None,
         progress: PublishProgress | None = None,
+        as_version: int | None = None,
     ) -> int:
         """Commit ``context`` (or what a loader returns, called in the commit's worker
         thread under the commit lock) as the next version of ``slot``, then announce it.
 
         An :class:`~ctxstore.sources.Imported` (an importer's checked files) is
         streamed into the store during the commit, a chunk at a time, and closed.
-        ``key``: the publish key the index records with the version.
+        ``key``: the publish key the index records with the version. ``as_version``:
+        commit as exactly that number (a follower copying its origin, ctxstore.origin).
         """
         aliases = (alias,) if alias else ()
         progress = progress or PublishProgress()
@@ -172,7 +174,7 @@ class Committer:
             try:
                 version, committed, problems, served, published = await asyncio.to_thread(
                     self._load_and_save, slot, context, model_type, aliases, key=key,
-                    progress=progress, loop=loop,
+                    progress=progress, loop=loop, number=as_version,
                 )  # fmt: skip
             finally:
                 if isinstance(context, Imported):
@@ -218,6 +220,7 @@ class Committer:
         key: str | None,
         progress: PublishProgress,
         loop: asyncio.AbstractEventLoop | None = None,
+        number: int | None = None,
     ) -> tuple[int, Context, list[Problem], int | None, bool]:
         """In the commit's worker thread: read the source if it is a loader, commit, then
         (when enabled) the one hash of the new version. Returns the version, the context
@@ -250,7 +253,8 @@ class Committer:
                 progress.done = done
 
             follow_progress(source, advance)
-            version = self._save(slot, source, model_type, aliases, key, on_committed=on_committed)
+            version = self._save(slot, source, model_type, aliases, key, number,
+                               on_committed=on_committed)
             context = self.store.load_context(slot, version)
         else:
             if isinstance(source, Context):
@@ -259,7 +263,8 @@ class Committer:
                 progress.stage = "reading"
                 context = source()
             progress.stage = "committing"
-            version = self._save(slot, context, model_type, aliases, key, on_committed=on_committed)
+            version = self._save(slot, context, model_type, aliases, key, number,
+                               on_committed=on_committed)
         if not checked and self.verify_after_commit:  # on_committed failed (logged): check now
             checked.append(self._check_new(slot, version))
         problems, served = checked[0] if checked else ([], None)
@@ -272,6 +277,7 @@ class Committer:
         model_type: str | None,
         aliases: tuple[str, ...],
         key: str | None = None,
+        number: int | None = None,
         *,
         on_committed: Callable[[int], None] | None = None,
     ) -> int:
@@ -279,12 +285,12 @@ class Committer:
         if isinstance(context, Imported):
             version = self.store.save_import(
                 slot, context, model_type=model_type, aliases=aliases, publish_key=key,
-                on_committed=on_committed,
+                on_committed=on_committed, version=number,
             )  # fmt: skip
         else:
             version = self.store.save_context(
                 slot, context, model_type=model_type, aliases=aliases, publish_key=key,
-                on_committed=on_committed,
+                on_committed=on_committed, version=number,
             )  # fmt: skip
         observer = self.on_commit
         if observer is not None:

@@ -273,6 +273,28 @@ def _hooks(value: object) -> tuple[HookSpec, ...]:
     return tuple(hooks)
 
 
+def _s3_url(value: object) -> str:
+    """An origin: s3://BUCKET/PREFIX (checked by the origin package's parser)."""
+    text = _text(value)
+    from ctxstore.origin.layout import Origin  # sans-IO: no boto3 behind it
+
+    return str(Origin.parse(text))
+
+
+def _nats_url(value: object) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"(nats|tls)://[^\s/]+(:\d+)?/?", text):
+        raise InvalidInputError("a feed is nats://HOST:PORT (or tls://HOST:PORT)")
+    return text
+
+
+def _kv_bucket(value: object) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise InvalidInputError("a feed bucket name is 1-64 of A-Z a-z 0-9 _ -")
+    return text
+
+
 def default_max_publish_bytes() -> int:
     """Half the machine's memory: the daemon holds a private copy of a publish while it commits."""
     try:
@@ -371,6 +393,20 @@ class DaemonConfig:
     #: the metadata metric the built-in tracker follows to move alias "best"
     best_metric: str | None = None
     best_mode: str = "min"
+    #: s3://BUCKET/PREFIX this writer uploads every change to (docs/scale-out.md)
+    origin: str | None = None
+    #: s3://BUCKET/PREFIX this daemon follows: it then refuses local writes
+    follow: str | None = None
+    #: nats://HOST:PORT of the change feed (a hint: followers also poll the heads)
+    feed: str | None = None
+    feed_creds: Path | None = None
+    feed_bucket: str = "ctxstore"
+    #: seconds between a follower's polls of the origin's heads
+    follow_poll_interval: float = 2.0
+    #: objects from this size up are uploaded and downloaded in parts of this size
+    origin_part_size: int = 16 << 20
+    #: parts in flight at once per transfer
+    origin_concurrency: int = 8
     #: how to read this configuration again on SIGHUP (None: it was built in code)
     loader: ConfigLoader | None = field(default=None, compare=False, repr=False)
     _token: str | None = field(default=None, init=False, compare=False, repr=False)
@@ -386,6 +422,11 @@ class DaemonConfig:
         problem = _backoff_problem(self.jobs_backoff_initial, self.jobs_backoff_max)
         if problem:
             raise InvalidInputError(problem)
+        if self.origin and self.follow:
+            raise InvalidInputError(
+                f"origin = {self.origin!r} and follow = {self.follow!r}: a daemon either "
+                "writes to an origin or follows one, not both"
+            )
 
     def replace(self, **changes: object) -> DaemonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -592,6 +633,16 @@ KEYS: tuple[Key, ...] = (
     _key("check_finite", "hooks.check_finite", _bool, _env_bool),
     _key("best_metric", "hooks.best_metric", _text, optional=True),
     _key("best_mode", "hooks.best_mode", _choice(("min", "max"), str.lower)),
+    _key("origin", "cluster.origin", _s3_url, flag="--origin", live=False, optional=True),
+    _key("follow", "cluster.follow", _s3_url, flag="--follow", live=False, optional=True),
+    _key("feed", "cluster.feed", _nats_url, flag="--feed", live=False, optional=True),
+    _key("feed_creds", "cluster.feed_creds", _path, live=False, optional=True, is_path=True),
+    _key("feed_bucket", "cluster.feed_bucket", _kv_bucket, live=False),
+    _key("follow_poll_interval", "cluster.poll_interval", _seconds(3600), _env_float,
+         live=False),  # fmt: skip
+    _key("origin_part_size", "cluster.part_size", _int_in(5 << 20, 5 << 30), _env_int,
+         live=False),  # fmt: skip
+    _key("origin_concurrency", "cluster.concurrency", _int_in(1, 256), _env_int, live=False),
 )
 _BY_PATH = {key.path: key for key in KEYS}
 _TABLES = frozenset(path.split(".")[0] for path in _BY_PATH if "." in path)

@@ -66,6 +66,7 @@ from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
 from .budgets import PartialPool, UidBudgets
+from .cluster import Cluster, refuse_local_write
 from .committer import Committer, PublishProgress, PublishRequest, Requester
 from .config import DaemonConfig
 from .fleet import Fleet
@@ -131,6 +132,7 @@ class Daemon:
         self.hooks = Hooks()
         self.jobs: JobQueue | None = None
         self.api: ApiServer | None = None
+        self.cluster = Cluster()
         self.on_reload: list[Callable[[DaemonConfig, DaemonConfig], None]] = [self._reload_work]
         #: when this daemon was made, on the monotonic clock (its uptime needs no /proc/stat,
         #: which systemd's ProcSubset=pid hides)
@@ -234,6 +236,7 @@ class Daemon:
         if self.api is not None:
             await self.api.start()
         await self.jobs.start()
+        self.cluster = Cluster.start(config, self.store, self.committer)
         self._spawn(self._reclaim_segments_loop())
         log.info(
             "ctxstore daemon pid %d: store %s, socket %s, %d slots",
@@ -406,6 +409,7 @@ class Daemon:
             await self.api.stop()
         if self._server is not None:
             self._server.close()
+        await self.cluster.stop()  # before the committer drains: a pull commits through it
         if self.jobs is not None:
             await self.jobs.stop(timeout=JOB_STOP_TIMEOUT_S)
         if self.committer is not None:
@@ -631,6 +635,7 @@ class Daemon:
             )
 
     def _check_publisher(self, sub: Subscriber) -> None:
+        refuse_local_write(self.config, "publishes")
         if not self.publishers.permits(sub.peer):
             raise PermissionDeniedError(
                 f"uid {sub.peer.uid} may not publish to this daemon (see publish_uids and "
@@ -753,6 +758,7 @@ class Daemon:
                 told.append(subscriber.session)
         if self.api is not None:
             self.api.announced(announce, told)
+        self.cluster.changed(announce.slot)
 
 
 def repaired_answer(

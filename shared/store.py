@@ -489,6 +489,7 @@ class PersistentStore:
         publish_key: str | None = None,
         files: Mapping[str, bytes] | None = None,
         on_committed: Callable[[int], None] | None = None,
+        version: int | None = None,
     ) -> int:
         """Commit ``context`` as the next version of ``slot_id`` and make it current.
 
@@ -500,6 +501,9 @@ class PersistentStore:
         ``on_committed(version)``: called in this thread right after the COMMIT,
         before the chores that may follow it (warming, retention), so a daemon
         publishes the version first; what it raises is logged, never raised.
+        ``version``: commit as exactly this number rather than the next one (a
+        follower keeping its origin's numbering, docs/scale-out.md); a number below
+        the slot's next is a ConflictError, so a slot never moves backwards.
         """
         slot = check_slot(slot_id)
         if not isinstance(context, Context):
@@ -509,7 +513,8 @@ class PersistentStore:
             hook(slot, context)
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
                           publish_key=publish_key, files=checked, sources=None,
-                          on_committed=on_committed)  # fmt: skip
+                          on_committed=on_committed,
+                          number=version)  # fmt: skip
 
     def save_import(
         self,
@@ -521,6 +526,7 @@ class PersistentStore:
         pin: bool = False,
         publish_key: str | None = None,
         on_committed: Callable[[int], None] | None = None,
+        version: int | None = None,
     ) -> int:
         """Commit what an importer read (``ctxstore.nodes.open_import``) as the next version.
 
@@ -529,6 +535,7 @@ class PersistentStore:
         this takes does not grow with the checkpoint. The importer already
         checked the limits on its files; the names are checked again here.
         ``on_committed``: as for :meth:`save_context`.
+        ``version``: as in :meth:`save_context`.
         """
         slot = check_slot(slot_id)
         context = Context(None, imported.config, imported.metadata)
@@ -539,7 +546,8 @@ class PersistentStore:
             check_tensor_name(name)
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
                           publish_key=publish_key, files=checked,
-                          sources=imported.tensors, on_committed=on_committed)  # fmt: skip
+                          sources=imported.tensors, on_committed=on_committed,
+                          number=version)  # fmt: skip
 
     def _save(
         self,
@@ -553,7 +561,10 @@ class PersistentStore:
         files: Mapping[str, bytes],
         sources: Mapping[str, Array | TensorSource] | None,
         on_committed: Callable[[int], None] | None = None,
+        number: int | None = None,
     ) -> int:
+        if number is not None:
+            number = check_version(number)
         if model_type is not None:
             check_label(model_type, "model type")
         aliases = tuple(check_alias(a) for a in aliases)
@@ -564,6 +575,13 @@ class PersistentStore:
                 raise ConflictError(
                     f"slot {slot} holds model type {stored_type!r}, not {model_type!r}"
                 )
+            if number is not None:
+                if number < version:
+                    raise ConflictError(
+                        f"slot {slot} cannot take version {number}: its next version is "
+                        f"{version} (a slot's numbers only go up)"
+                    )
+                version = number
             new = _NewVersion(slot, version, context, model_type, aliases, pin, publish_key,
                               files, sources)  # fmt: skip
             # Forgotten until this commit returns: whatever interrupts it (a failed

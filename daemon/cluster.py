@@ -1,0 +1,117 @@
+"""Wiring of the scale-out roles into the daemon (``--origin``, ``--follow``, ``--feed``).
+
+A writer with ``origin`` runs an :class:`~ctxstore.origin.uploader.Uploader`,
+told of every announced change; a follower with ``follow`` runs a
+:class:`~ctxstore.origin.follower.Follower` that commits through the daemon's
+committer, and the daemon refuses local writes (:func:`refuse_local_write`).
+The origin package (boto3, nats-py: the ``cluster`` extra) is imported only here
+and only when one of the roles is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ctxstore.errors import PermissionDeniedError
+
+from .committer import Committer
+from .config import DaemonConfig
+
+if TYPE_CHECKING:
+    from ctxstore.origin.follower import Follower
+    from ctxstore.origin.uploader import Uploader
+    from ctxstore.store import PersistentStore
+
+log = logging.getLogger(__name__)
+
+#: where the writer's outbox and the follower's state live, inside the store directory
+#: (the store's own recovery and verify look only at slots/, wal/ and the index)
+STATE_DIR_NAME = "origin"
+
+
+def state_dir(config: DaemonConfig) -> Path:
+    return config.store / STATE_DIR_NAME
+
+
+def refuse_local_write(config: DaemonConfig, what: str) -> None:
+    """PermissionDeniedError naming the origin when this daemon is a follower."""
+    if config.follow:
+        raise PermissionDeniedError(
+            f"this daemon follows {config.follow}: it takes no local {what}; "
+            "publish on the writer daemon of that origin"
+        )
+
+
+class Cluster:
+    """The role this daemon plays beyond its host, and the task that plays it."""
+
+    def __init__(self) -> None:
+        self.uploader: Uploader | None = None
+        self.follower: Follower | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._feed: object | None = None
+
+    @classmethod
+    def start(cls, config: DaemonConfig, store: PersistentStore, committer: Committer) -> Cluster:
+        cluster = cls()
+        if not (config.origin or config.follow):
+            return cluster
+        from ctxstore.origin.feed import Feed
+        from ctxstore.origin.layout import Origin
+        from ctxstore.origin.s3 import OriginClient
+
+        url = config.origin or config.follow
+        assert url is not None
+        client = OriginClient(
+            Origin.parse(url),
+            part_size=config.origin_part_size,
+            concurrency=config.origin_concurrency,
+        )
+        feed = None
+        if config.feed:
+            feed = Feed(config.feed, bucket=config.feed_bucket,
+                        creds=str(config.feed_creds) if config.feed_creds else None)  # fmt: skip
+        cluster._feed = feed
+        if config.origin:
+            from ctxstore.origin.outbox import Outbox
+            from ctxstore.origin.uploader import Uploader
+
+            cluster.uploader = Uploader(store, client, Outbox(state_dir(config) / "outbox"), feed)
+            cluster._task = asyncio.ensure_future(cluster.uploader.run())
+            log.info("writer for origin %s (%s), feed %s", url, client.endpoint, config.feed)
+        else:
+            from ctxstore.origin.follower import Follower
+
+            cluster.follower = Follower(
+                store, committer, client, state_dir(config), feed,
+                poll_interval=config.follow_poll_interval,
+            )  # fmt: skip
+            cluster._task = asyncio.ensure_future(cluster.follower.run())
+            log.info("following origin %s (%s), feed %s", url, client.endpoint, config.feed)
+        cluster._task.add_done_callback(_report_end)
+        return cluster
+
+    def changed(self, slot: int) -> None:
+        """A slot's commit or pointer move was announced."""
+        if self.uploader is not None:
+            self.uploader.changed(slot)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        feed, self._feed = self._feed, None
+        close = getattr(feed, "close", None)
+        if close is not None:
+            await close()
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the scale-out task ended: %s", task.exception())

@@ -1,0 +1,347 @@
+"""The follower's side: adopt the versions the origin's heads name, whole and verified.
+
+A slot is checked when the feed hints that its head moved, and by a poll of all
+heads (a listing of ``heads/`` compared by ETag) every ``poll_interval`` seconds,
+which converges with the feed down. Checking a slot reads its head; a head whose
+``seq`` is not above the one last applied is ignored (never backwards, each
+entry applied once). A version the store lacks is pulled: each tensor the store
+already holds (same checksum) is mapped from the store, every other one is
+downloaded into ``incoming/`` and hashed; a file whose bytes do not hash to its
+name is refused (IntegrityError, logged, retried at the next check) and nothing
+is committed. The pulled version goes through the daemon's commit path
+(:class:`Adopter`, the committer), so local readers see an ordinary version.
+
+State (``follower.json`` in the state directory, replaced atomically): the
+``seq`` applied per slot and transfer counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import layout as store_layout
+from ..checksum import checksum_file, checksum_parts
+from ..context import Array
+from ..durable import clear_scratch_dir, fsync_dir, make_dir
+from ..errors import CtxStoreError, IntegrityError, NotFoundError
+from ..npyfile import check_npy_header, dtype_from_text, map_array
+from ..sources import Imported
+from ..store import PersistentStore
+from .feed import Feed
+from .layout import Head, Manifest, TensorEntry, set_aliases
+from .s3 import OriginClient
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "follower.json"
+INCOMING_NAME = "incoming"
+DEFAULT_POLL_INTERVAL = 2.0
+
+
+class Adopter(Protocol):
+    """What the follower needs of the daemon's committer (daemon/committer.py)."""
+
+    async def commit(
+        self, slot: int, context: Imported, *, model_type: str | None = ..., as_version: int | None
+    ) -> int: ...
+
+    async def move_pointer(self, slot: int, version: int | str | None) -> int: ...
+
+    def announce_aliases(self, slot: int, aliases: dict[str, int]) -> None: ...
+
+
+@dataclass
+class FollowStats:
+    versions_pulled: int = 0
+    objects_downloaded: int = 0
+    bytes_downloaded: int = 0
+    tensors_reused: int = 0
+    pointer_moves: int = 0
+    refused: int = 0
+    polls: int = 0
+    hints: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class FollowState:
+    """Applied head seq per slot, and the counters; saved after every applied head."""
+
+    heads: dict[int, int] = field(default_factory=dict)
+    stats: FollowStats = field(default_factory=FollowStats)
+
+    @classmethod
+    def load(cls, path: Path) -> FollowState:
+        try:
+            body = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{path} is unreadable ({exc}): remove it to re-sync") from None
+        stats = FollowStats(**{k: v for k, v in body.get("stats", {}).items()
+                               if k in FollowStats.__dataclass_fields__})  # fmt: skip
+        return cls({int(s): int(q) for s, q in body.get("heads", {}).items()}, stats)
+
+    def save(self, path: Path) -> None:
+        body = {"heads": {str(s): q for s, q in self.heads.items()}, "stats": asdict(self.stats)}
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "wb") as out:
+            out.write(json.dumps(body, sort_keys=True).encode())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        fsync_dir(path.parent)
+
+
+class Follower:
+    """Runs in the follower daemon's event loop; S3 reads and hashing run in threads."""
+
+    def __init__(
+        self,
+        store: PersistentStore,
+        adopter: Adopter,
+        client: OriginClient,
+        state_dir: str | os.PathLike[str],
+        feed: Feed | None = None,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        self.store = store
+        self.adopter = adopter
+        self.client = client
+        self.feed = feed
+        self.poll_interval = poll_interval
+        self.state_dir = Path(state_dir)
+        make_dir(self.state_dir)
+        self.incoming = self.state_dir / INCOMING_NAME
+        make_dir(self.incoming)
+        clear_scratch_dir(self.state_dir, INCOMING_NAME)  # a download a crash cut short
+        self.state_path = self.state_dir / STATE_NAME
+        self.state = FollowState.load(self.state_path)
+        self.stats = self.state.stats
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        self._queued: set[int] = set()
+        #: slot -> ETag of the head last applied (or found not newer)
+        self._etags: dict[int, str] = {}
+        #: slots whose last check failed (refused or unreachable): checked at every poll
+        self._failed: set[int] = set()
+
+    async def run(self) -> None:
+        """Forever: poll the heads, follow the feed, apply one slot at a time."""
+        tasks = [asyncio.ensure_future(self._poll_loop()), asyncio.ensure_future(self._apply_loop())]
+        if self.feed is not None:
+            tasks.append(asyncio.ensure_future(self._feed_loop()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _enqueue(self, slot: int) -> None:
+        if slot not in self._queued:
+            self._queued.add(slot)
+            self._queue.put_nowait(slot)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                etags = await asyncio.to_thread(self.client.list_etags, self.client.origin.heads_prefix)
+            except CtxStoreError as exc:
+                self.stats.last_error = str(exc)
+                log.warning("head poll failed (local reads go on): %s", exc)
+            else:
+                self.stats.polls += 1
+                for key, etag in etags.items():
+                    slot = self.client.origin.slot_of_head(key)
+                    if slot is not None and (self._etags.get(slot) != etag or slot in self._failed):
+                        self._enqueue(slot)
+            await asyncio.sleep(self.poll_interval)
+
+    async def _feed_loop(self) -> None:
+        assert self.feed is not None
+        async for hint in self.feed.hints():
+            self.stats.hints += 1
+            if hint.seq > self.state.heads.get(hint.slot, 0):
+                self._enqueue(hint.slot)
+
+    async def _apply_loop(self) -> None:
+        while True:
+            slot = await self._queue.get()
+            self._queued.discard(slot)
+            try:
+                await self.check_slot(slot)
+                self._failed.discard(slot)
+            except CtxStoreError as exc:
+                self._failed.add(slot)
+                self.stats.last_error = f"slot {slot}: {exc}"
+                if isinstance(exc, IntegrityError):
+                    self.stats.refused += 1
+                    log.error("slot %d: refused what the origin holds: %s", slot, exc)
+                else:
+                    log.warning("slot %d: not followed yet: %s", slot, exc)
+                self._save_state()
+
+    async def check_slot(self, slot: int) -> bool:
+        """Apply the slot's head if it is newer than the one applied; True if it was."""
+        key = self.client.origin.head_key(slot)
+        found = await asyncio.to_thread(self.client.get, key)
+        if found is None:
+            return False
+        head = Head.from_bytes(found.data, key)
+        if head.slot != slot:
+            raise IntegrityError(f"{key} names slot {head.slot}")
+        applied = self.state.heads.get(slot, 0)
+        if head.seq <= applied:
+            if head.seq < applied:
+                log.warning("slot %d: origin head %d is behind the %d applied: ignored",
+                            slot, head.seq, applied)  # fmt: skip
+            self._etags[slot] = found.etag
+            return False
+        await self._adopt(head)
+        self.state.heads[slot] = head.seq
+        self._etags[slot] = found.etag
+        self._save_state()
+        return True
+
+    def _save_state(self) -> None:
+        try:
+            self.state.save(self.state_path)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.state_path, exc)
+
+    async def _adopt(self, head: Head) -> None:
+        slot = head.slot
+        versions = set(await asyncio.to_thread(self._local_versions, slot))
+        if head.current not in versions:
+            following = await asyncio.to_thread(self._next_version, slot)
+            if head.current < following:
+                log.error("slot %d: version %d cannot be adopted: this store's numbers are "
+                          "past it (next %d)", slot, head.current, following)  # fmt: skip
+            else:
+                await self.pull(slot, head.current)
+                versions.add(head.current)
+        elif await asyncio.to_thread(self.store.current_version, slot) != head.current:
+            await self.adopter.move_pointer(slot, head.current)
+            self.stats.pointer_moves += 1
+        moved = await asyncio.to_thread(self._follow_aliases, slot, head.aliases, versions)
+        if moved:
+            self.adopter.announce_aliases(slot, moved)
+
+    def _local_versions(self, slot: int) -> list[int]:
+        return [row[0] for row in self.store.read_query(
+            "SELECT version FROM versions WHERE slot = ?", (slot,))]  # fmt: skip
+
+    def _next_version(self, slot: int) -> int:
+        rows = self.store.read_query("SELECT next_version FROM slots WHERE slot = ?", (slot,))
+        return int(rows[0][0]) if rows else 1
+
+    def _follow_aliases(
+        self, slot: int, aliases: Mapping[str, int], versions: set[int]
+    ) -> dict[str, int]:
+        local = set_aliases(self.store.get_aliases(slot))
+        moved: dict[str, int] = {}
+        for name, version in aliases.items():
+            if local.get(name) != version and version in versions:
+                self.store.set_alias(slot, name, version)
+                moved[name] = version
+        for name in set(local) - set(aliases):
+            with contextlib.suppress(NotFoundError):
+                self.store.delete_alias(slot, name)
+        return moved
+
+    async def pull(self, slot: int, version: int) -> int:
+        """Download (what the store lacks of) a version, verify it, commit it as ``version``."""
+        key = self.client.origin.manifest_key(slot, version)
+        found = await asyncio.to_thread(self.client.get, key)
+        if found is None:
+            raise IntegrityError(f"the origin's head names version {version}, with no {key}")
+        manifest = Manifest.from_bytes(found.data, key)
+        if (manifest.slot, manifest.version) != (slot, version):
+            raise IntegrityError(f"{key} describes slot {manifest.slot} version {manifest.version}")
+        imported = await asyncio.to_thread(self.fetch, manifest)
+        committed = await self.adopter.commit(
+            slot, imported, model_type=manifest.model_type, as_version=version
+        )
+        self.stats.versions_pulled += 1
+        log.info("slot %d: adopted version %d from %s", slot, committed, self.client.origin)
+        return committed
+
+    # -- in a worker thread ---------------------------------------------------------------
+
+    def fetch(self, manifest: Manifest) -> Imported:
+        """Every tensor of ``manifest`` mapped, from the store or downloaded and verified,
+        and its files; the downloads are removed when the Imported is closed."""
+        imported = Imported({}, manifest.config, manifest.metadata)
+        try:
+            for tensor in manifest.tensors:
+                imported.tensors[tensor.name] = self._tensor(tensor, imported)
+            for entry in manifest.files:
+                path = self._download(entry.checksum, imported)
+                with open(path, "rb") as source:
+                    data = source.read(entry.size + 1)
+                if len(data) != entry.size or checksum_parts((data,)) != entry.checksum:
+                    raise IntegrityError(f"file {entry.name}: not what the manifest records")
+                imported.files[entry.name] = data
+        except BaseException:
+            imported.close()
+            raise
+        return imported
+
+    def _tensor(self, tensor: TensorEntry, imported: Imported) -> Array:
+        dtype = dtype_from_text(tensor.dtype)
+        local = self._stored_copy(tensor)
+        if local is not None:
+            with contextlib.suppress(CtxStoreError, OSError):
+                array = map_array(local, dtype, tensor.shape, tensor.offset, tensor.nbytes)
+                self.stats.tensors_reused += 1
+                return array
+        path = self._download(tensor.checksum, imported)
+        with open(path, "rb") as source:
+            header = source.read(tensor.offset)
+        try:
+            check_npy_header(header, dtype, tensor.shape, tensor.offset)
+        except IntegrityError as exc:
+            raise IntegrityError(f"tensor {tensor.name}: {exc}") from None
+        return map_array(str(path), dtype, tensor.shape, tensor.offset, tensor.nbytes)
+
+    def _stored_copy(self, tensor: TensorEntry) -> str | None:
+        rows = self.store.read_query(
+            "SELECT slot, version, position FROM tensors WHERE checksum = ? AND nbytes = ? "
+            "AND data_offset = ? LIMIT 1",
+            (tensor.checksum, tensor.nbytes, tensor.offset),
+        )
+        if not rows:
+            return None
+        slot, version, position = rows[0]
+        return store_layout.tensor_path_str(str(self.store.root), slot, version, position)
+
+    def _download(self, checksum: str, imported: Imported) -> Path:
+        """Download an object, hash it; IntegrityError (file removed) unless it is named
+        by its own checksum."""
+        key = self.client.origin.object_key(checksum)
+        path = self.incoming / f"{checksum}-{os.getpid()}-{id(imported):x}"
+        self.client.download_file(key, str(path))
+        imported.closers.append(lambda: path.unlink(missing_ok=True))
+        actual = checksum_file(str(path))
+        if actual != checksum:
+            raise IntegrityError(
+                f"origin object {key} is corrupt: its bytes hash to {actual}, not to its name"
+            )
+        self.stats.objects_downloaded += 1
+        self.stats.bytes_downloaded += path.stat().st_size
+        return path
+
+
+def state_summary(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The follower's saved state as a dict (tests, status)."""
+    state = FollowState.load(Path(state_dir) / STATE_NAME)
+    return {"heads": state.heads, "stats": asdict(state.stats)}

@@ -1,0 +1,193 @@
+"""The writer's side: after each local commit or pointer move, bring the origin up to date.
+
+For a slot in the outbox the uploader (1) uploads every tensor file and extra
+file of the versions the slot's pointers name that the origin lacks (objects are
+named by checksum: what any version already uploaded is not sent again), (2)
+creates each such version's manifest if absent, (3) moves the slot's head by
+compare-and-swap, (4) puts a hint on the feed, then (5) takes the slot out of the
+outbox. A crash anywhere repeats the steps from the start, and each is
+idempotent; no step makes anything visible that a step before it did not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import layout as store_layout
+from ..errors import ConflictError, CtxStoreError, StorageError
+from ..store import PersistentStore
+from .feed import Feed, Hint
+from .layout import FileEntry, Head, Manifest, TensorEntry, set_aliases
+from .outbox import Outbox
+from .s3 import OriginClient
+
+log = logging.getLogger(__name__)
+
+_CAS_ATTEMPTS = 8
+_RETRY_MIN, _RETRY_MAX = 0.5, 30.0
+
+
+@dataclass
+class UploadStats:
+    objects_uploaded: int = 0
+    bytes_uploaded: int = 0
+    manifests_written: int = 0
+    heads_moved: int = 0
+    #: slot -> (seq, version) of the last head this writer moved
+    heads: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class Uploader:
+    """Runs in the writer daemon's event loop; the S3 calls run in worker threads."""
+
+    def __init__(
+        self,
+        store: PersistentStore,
+        client: OriginClient,
+        outbox: Outbox,
+        feed: Feed | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.outbox = outbox
+        self.feed = feed
+        self.stats = UploadStats()
+        self._wake = asyncio.Event()
+        self._clock = clock
+
+    def changed(self, slot: int) -> None:
+        """A commit or pointer move of ``slot`` is durable: note it, durably, and wake up."""
+        try:
+            self.outbox.add(slot)
+        except CtxStoreError as exc:  # the start-up pass still finds the slot behind
+            log.error("slot %d: cannot note it in the outbox: %s", slot, exc)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Forever: drain the outbox; on failure retry with a growing delay."""
+        await asyncio.to_thread(self.client.ensure_bucket)
+        for slot in self.store.current_versions():  # whatever a crash left behind
+            self.outbox.add(slot)
+        delay = _RETRY_MIN
+        while True:
+            self._wake.clear()
+            failed = False
+            for slot in self.outbox.pending():
+                try:
+                    head = await asyncio.to_thread(self.sync_slot, slot)
+                except CtxStoreError as exc:
+                    log.warning("slot %d: origin not updated yet: %s", slot, exc)
+                    failed = True
+                    continue
+                if head is not None:
+                    await self._announce(head)
+                self.outbox.done(slot)
+            if failed:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, _RETRY_MAX)
+            else:
+                delay = _RETRY_MIN
+                await self._wake.wait()
+
+    async def _announce(self, head: Head) -> None:
+        if self.feed is None:
+            return
+        try:
+            await self.feed.put(Hint(head.slot, head.current, head.seq))
+        except CtxStoreError as exc:
+            log.warning("slot %d: head moved, feed not told (%s): followers poll", head.slot, exc)
+
+    # -- in a worker thread ---------------------------------------------------------------
+
+    def sync_slot(self, slot: int) -> Head | None:
+        """Make the origin's head of ``slot`` name what the store serves; returns the new
+        head, or None when it already did. Raises StorageError while the origin is down."""
+        current = self.store.current_version(slot)
+        if current is None:
+            return None
+        aliases = set_aliases(self.store.get_aliases(slot))
+        model_type = None
+        for version in sorted({current, *aliases.values()}):
+            manifest = self.manifest_of(slot, version)
+            model_type = model_type or manifest.model_type
+            self.upload_version(manifest)
+        key = self.client.origin.head_key(slot)
+        for _ in range(_CAS_ATTEMPTS):
+            found = self.client.get(key)
+            old = Head.from_bytes(found.data, key) if found is not None else None
+            if old is not None and old.same_pointers(current, aliases):
+                return None
+            head = Head(slot, (old.seq if old else 0) + 1, current, aliases, model_type)
+            if self.client.put_if_match(key, head.to_bytes(), found.etag if found else None):
+                self.stats.heads_moved += 1
+                self.stats.heads[slot] = (head.seq, head.current)
+                log.info("origin %s: slot %d head %d -> version %d", self.client.origin,
+                         slot, head.seq, current)  # fmt: skip
+                return head
+        raise ConflictError(f"slot {slot}: head {key} kept moving under this writer")
+
+    def manifest_of(self, slot: int, version: int) -> Manifest:
+        """The manifest of a stored version, from the index's records."""
+        rows = self.store.read_query(
+            "SELECT name, dtype, shape, data_offset, nbytes, checksum FROM tensors "
+            "WHERE slot = ? AND version = ? ORDER BY position",
+            (slot, version),
+        )
+        meta = self.store.get_metadata(slot, version, tensors=False)
+        files = self.store.list_files(slot, version)
+        return Manifest(
+            slot,
+            version,
+            meta.model_type,
+            meta.config,
+            meta.metadata,
+            tuple(
+                TensorEntry(name, dtype, _shape(shape), offset, nbytes, checksum)
+                for name, dtype, shape, offset, nbytes, checksum in rows
+            ),
+            tuple(FileEntry(f.name, f.size, f.checksum) for f in files),
+        )
+
+    def upload_version(self, manifest: Manifest) -> None:
+        """Objects first, then the manifest (create-only): a manifest names only
+        objects that are whole at the origin."""
+        origin = self.client.origin
+        manifest_key = origin.manifest_key(manifest.slot, manifest.version)
+        if self.client.exists(manifest_key):
+            return
+        root = str(self.store.root)
+        for position, tensor in enumerate(manifest.tensors):
+            key = origin.object_key(tensor.checksum)
+            if self.client.exists(key):
+                continue
+            path = store_layout.tensor_path_str(root, manifest.slot, manifest.version, position)
+            self.client.upload_file(path, key)
+            self.stats.objects_uploaded += 1
+            self.stats.bytes_uploaded += tensor.size
+        for entry in manifest.files:
+            key = origin.object_key(entry.checksum)
+            if self.client.exists(key):
+                continue
+            data = self.store.read_file(manifest.slot, manifest.version, entry.name)
+            self.client.put_object(key, data)
+            self.stats.objects_uploaded += 1
+            self.stats.bytes_uploaded += len(data)
+        if self.client.put_if_absent(manifest_key, manifest.to_bytes()):
+            self.stats.manifests_written += 1
+
+
+def _shape(text: object) -> tuple[int, ...]:
+    from ..npyfile import shape_from_text
+
+    if not isinstance(text, str):
+        raise StorageError(f"a recorded shape is {text!r:.40}, not text")
+    return shape_from_text(text)
