@@ -192,7 +192,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        refusal = self._refusal(scope["method"], headers)
+        refusal = self._refusal(scope["method"], headers) or self._follower_refusal(scope)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -239,6 +239,16 @@ class Guard:
                 headers={"WWW-Authenticate": 'Bearer realm="ctxstore"'},
             )
         return None
+
+    def _follower_refusal(self, scope: Scope) -> JSONResponse | None:
+        """A follower's store changes only by what it pulls from its origin (verify stays)."""
+        follow = self.context.daemon.config.follow
+        if not follow or scope["method"] not in MUTATING or scope["path"].startswith("/verify"):
+            return None
+        return error_response(
+            403, "forbidden", f"this daemon follows {follow}: it takes no local writes; "
+            "make the change on the writer daemon of that origin",
+        )  # fmt: skip
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """Read a chunked body up to ``limit`` bytes, then hand it to the app in one piece."""

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import dies_with_pytest
-from test_daemon import DaemonProcess, start_daemon, wait_for_socket
+from test_daemon import DaemonProcess, free_port, wait_for_socket
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
-from ctxstore.errors import IntegrityError
 from ctxstore.origin.follower import state_summary
 from ctxstore.origin.layout import Head, Manifest, Origin
 from ctxstore.origin.s3 import OriginClient
@@ -28,7 +31,7 @@ from ctxstore.versiontable import segment_name
 
 pytest.importorskip("boto3")
 pytest.importorskip("nats")
-from cluster_servers import NatsServer, SeaweedServer, s3_env  # noqa: E402
+from cluster_servers import NatsServer, SeaweedServer, s3_env
 
 WAIT = 60.0  # a bound for the loops below, not a speed goal (bench/ measures speed)
 
@@ -76,26 +79,44 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> N
     raise AssertionError(f"never happened within {timeout:g}s: {what}")
 
 
-@contextlib.contextmanager
-def daemon_at(tmp: Path, name: str, *extra: str) -> Iterator[DaemonProcess]:
-    root = tmp / name
+def launch(root: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    """A daemon on ``root``/store, started (not waited for), with extra variables."""
     root.mkdir(exist_ok=True)
     (root / "run").mkdir(exist_ok=True)
-    proc = start_daemon(root, root / "store", root / "run" / "ctx.sock", None, *extra)
+    log = root / f"daemon-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
+                              str(root / "store"), "--socket", str(root / "run" / "ctx.sock"),
+                              "--http", "off", *extra]),
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+    return DaemonProcess(proc, root / "store", root / "run" / "ctx.sock", log)
+
+
+def stop(proc: DaemonProcess) -> None:
+    if proc.proc.poll() is None:
+        proc.proc.terminate()
+        try:
+            proc.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.proc.kill()
+            proc.proc.wait(10)
+    shm = Path("/dev/shm" + segment_name(proc.store))
+    if shm.exists():
+        shm.unlink()
+
+
+@contextlib.contextmanager
+def daemons(*procs: DaemonProcess) -> Iterator[tuple[DaemonProcess, ...]]:
+    """Daemons launched together (their starts overlap), each stopped when the block ends."""
     try:
-        wait_for_socket(proc.socket, proc.proc)
-        yield proc
+        for proc in procs:
+            wait_for_socket(proc.socket, proc.proc)
+        yield procs
     finally:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
+        for proc in procs:
+            stop(proc)
 
 
 def context(step: int, changed: int = 0, n: int = 10, size: int = 64 << 10) -> Context:
@@ -145,11 +166,11 @@ def test_a_writer_and_two_followers_converge_moving_only_changed_tensors(
 ) -> None:
     origin = new_origin()
     feed = ("--feed", nats_server.url)
-    with (
-        daemon_at(tmp_path, "writer", "--origin", origin, *feed) as writer,
-        daemon_at(tmp_path, "f1", "--follow", origin, *feed) as f1,
-        daemon_at(tmp_path, "f2", "--follow", origin, *feed) as f2,
-    ):
+    with daemons(
+        launch(tmp_path / "writer", "--origin", origin, *feed),
+        launch(tmp_path / "f1", "--follow", origin, *feed),
+        launch(tmp_path / "f2", "--follow", origin, *feed),
+    ) as (writer, f1, f2):
         readers = [Reader(f.store, f.socket) for f in (f1, f2)]
         try:
             v1 = publish(7, context(1), socket=writer.socket, model_type="mlp")
@@ -179,3 +200,210 @@ def test_a_writer_and_two_followers_converge_moving_only_changed_tensors(
         finally:
             for reader in readers:
                 reader.close()
+
+
+def test_feed_down_the_head_poll_converges_and_the_feed_resumes_when_back(
+    tmp_path: Path, s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """NATS killed: a polling follower still converges; NATS back: a follower that
+    only listens to the feed (its poll is an hour) converges again, with no restart."""
+    nats = NatsServer(tmp_path_factory.mktemp("nats-outage"))
+    nats.start(wrap=dies_with_pytest([]))
+    origin = new_origin()
+    feed = ("--feed", nats.url)
+    poll = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.3"}
+    deaf = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "3600"}
+    try:
+        with daemons(
+            launch(tmp_path / "writer", "--origin", origin, *feed),
+            launch(tmp_path / "polling", "--follow", origin, *feed, env=poll),
+            launch(tmp_path / "listening", "--follow", origin, *feed, env=deaf),
+        ) as (writer, polling, listening):
+            v1 = publish(3, context(1), socket=writer.socket)
+            for f in (polling, listening):
+                wait_until(f"{f.store} serves v{v1}", follower_serves(f, 3, v1))
+
+            nats.kill()
+            v2 = publish(3, context(2), socket=writer.socket)
+            wait_until("the polling follower serves v2", follower_serves(polling, 3, v2))
+            hints_before = stats(listening)["hints"]
+
+            nats.start(wrap=dies_with_pytest([]))
+            v3 = publish(3, context(3), socket=writer.socket)
+            wait_until("the listening follower serves v3", follower_serves(listening, 3, v3))
+            assert stats(listening)["hints"] > hints_before
+            assert follower_serves(listening, 3, v3)()
+    finally:
+        nats.stop()
+
+
+def test_a_writer_killed_mid_upload_shows_nothing_then_completes_on_restart(
+    tmp_path: Path, s3: SeaweedServer
+) -> None:
+    """SIGKILL after the first of ten objects: the origin's head and every follower stay
+    on v1 (no manifest names a missing object); the restarted writer finishes from its
+    outbox and the follower converges on v2."""
+    origin = new_origin()
+    poll = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+    with daemons(
+        launch(tmp_path / "writer", "--origin", origin),
+        launch(tmp_path / "f1", "--follow", origin, env=poll),
+    ) as (writer, f1):
+        v1 = publish(5, context(1), socket=writer.socket)
+        wait_until("follower serves v1", follower_serves(f1, 5, v1))
+    crash = {"CTXSTORE_CRASH_AT": "origin_object_uploaded", "CTXSTORE_CRASH_AFTER": "1"}
+    with daemons(launch(tmp_path / "writer", "--origin", origin, env=crash)) as (writer,):
+        # every tensor changes: ten objects to upload, the writer dies after the second
+        v2 = publish(5, _all_new(2), socket=writer.socket)
+        assert writer.proc.wait(WAIT) == -signal.SIGKILL
+    client = OriginClient(Origin.parse(origin))
+    head = client.get(client.origin.head_key(5))
+    assert head is not None and Head.from_bytes(head.data, "head").current == v1
+    assert not client.exists(client.origin.manifest_key(5, v2))
+    assert (tmp_path / "writer" / "store" / "origin" / "outbox" / "5").exists()
+
+    with daemons(
+        launch(tmp_path / "writer", "--origin", origin),
+        launch(tmp_path / "f1", "--follow", origin, env=poll),
+    ) as (writer, f1):
+        wait_until("follower serves v2", follower_serves(f1, 5, v2))
+        with Reader(f1.store, f1.socket) as reader:
+            wait_until("reader adopts v2", lambda: reader.get(5).version == v2)
+            got = reader.get(5)
+            assert [int(got.weights[f't{i}'][0]) for i in range(10)] == list(range(200, 210))
+        wait_until("the outbox is empty",
+                   lambda: not (tmp_path / "writer" / "store" / "origin" / "outbox" / "5").exists())
+
+
+def _all_new(step: int) -> Context:
+    """Ten tensors, all different (objects are content-addressed), all new for ``step``."""
+    return Context({f"t{i}": np.full(16 << 10, step * 100 + i, dtype=np.float32)
+                    for i in range(10)}, {"step": step}, {})  # fmt: skip
+
+
+def test_a_follower_killed_mid_download_leaves_no_partial_version(
+    tmp_path: Path, s3: SeaweedServer
+) -> None:
+    origin = new_origin()
+    crash = {"CTXSTORE_CRASH_AT": "origin_object_downloaded", "CTXSTORE_CRASH_AFTER": "3",
+             "CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+    with daemons(launch(tmp_path / "writer", "--origin", origin)) as (writer,):
+        v1 = publish(2, _all_new(1), socket=writer.socket)
+        follower = launch(tmp_path / "f1", "--follow", origin, env=crash)
+        try:
+            assert follower.proc.wait(WAIT) == -signal.SIGKILL
+        finally:
+            stop(follower)
+        with PersistentStore(follower.store, readonly=True) as store:
+            assert store.current_version(2) is None
+            assert store.list_slots() == []
+        with daemons(launch(tmp_path / "f1", "--follow", origin,
+                            env={"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"})) as (f1,):  # fmt: skip
+            wait_until("follower serves v1", follower_serves(f1, 2, v1))
+            assert not any((f1.store / "origin" / "incoming").iterdir())
+        verify = subprocess.run(
+            [sys.executable, "-m", "ctxstore.cli", "verify", "--store", str(f1.store)],
+            capture_output=True, text=True, timeout=WAIT,
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_corrupt_origin_object_is_refused_and_the_previous_version_kept(
+    tmp_path: Path, s3: SeaweedServer
+) -> None:
+    origin = new_origin()
+    poll = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+    client = OriginClient(Origin.parse(origin))
+    with daemons(launch(tmp_path / "writer", "--origin", origin)) as (writer,):
+        v1 = publish(4, context(1), socket=writer.socket)
+        with daemons(launch(tmp_path / "f1", "--follow", origin, env=poll)) as (f1,):
+            wait_until("follower serves v1", follower_serves(f1, 4, v1))
+        v2 = publish(4, context(2, changed=5), socket=writer.socket)
+        wait_until("the head names v2", lambda: _head(client, 4) == v2)
+    manifest = Manifest.from_bytes(_get(client, client.origin.manifest_key(4, v2)), "m")
+    changed = client.origin.object_key(manifest.tensors[5].checksum)
+    good = _get_object(client, changed)
+    bad = bytearray(good)
+    bad[-1] ^= 0x01  # a flipped bit in the data, the header intact
+    client.put_object(changed, bytes(bad))
+
+    with daemons(launch(tmp_path / "f1", "--follow", origin, env=poll)) as (f1,):
+        wait_until("the follower refused v2", lambda: stats(f1)["refused"] >= 2)
+        with Reader(f1.store, f1.socket) as reader:
+            got = reader.get(4)
+            assert got.version == v1 and stamp_of(got) == 1
+        assert not any((f1.store / "origin" / "incoming").iterdir())
+        client.put_object(changed, good)  # mended at the origin: the retry takes it
+        wait_until("follower serves v2", follower_serves(f1, 4, v2))
+    verify = subprocess.run(
+        [sys.executable, "-m", "ctxstore.cli", "verify", "--store", str(f1.store)],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_rollback_and_alias_moves_on_the_writer_reach_the_followers(
+    tmp_path: Path, s3: SeaweedServer
+) -> None:
+    origin = new_origin()
+    poll = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+    http, follower_http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    with daemons(
+        launch(tmp_path / "writer", "--origin", origin, "--http", http),
+        launch(tmp_path / "f1", "--follow", origin, "--http", follower_http, env=poll),
+    ) as (writer, f1):
+        v1 = publish(6, context(1), socket=writer.socket)
+        v2 = publish(6, context(2), socket=writer.socket, alias="stable")
+        wait_until("follower serves v2", follower_serves(f1, 6, v2))
+        assert _post(http, "/slots/6/rollback", {"version": v1}) == 200
+        wait_until("follower rolled back to v1", follower_serves(f1, 6, v1))
+        assert _put(http, "/slots/6/aliases/canary", {"version": v1}) == 200
+        wait_until("the alias reached the follower", lambda: _aliases(f1, 6).get("canary") == v1)
+        assert _aliases(f1, 6)["stable"] == v2
+        assert _post(follower_http, "/slots/6/rollback", {"version": v2}) == 403
+        assert follower_serves(f1, 6, v1)()
+
+
+def _aliases(proc: DaemonProcess, slot: int) -> dict[str, int]:
+    with PersistentStore(proc.store, readonly=True) as store:
+        return store.get_aliases(slot)
+
+
+def _post(address: str, path: str, body: object) -> int:
+    return _send("POST", address, path, body)
+
+
+def _put(address: str, path: str, body: object) -> int:
+    return _send("PUT", address, path, body)
+
+
+def _send(method: str, address: str, path: str, body: object) -> int:
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=json.dumps(body).encode(), method=method,
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _head(client: OriginClient, slot: int) -> int | None:
+    found = client.get(client.origin.head_key(slot))
+    return None if found is None else Head.from_bytes(found.data, "head").current
+
+
+def _get(client: OriginClient, key: str) -> bytes:
+    found = client.get(key)
+    assert found is not None
+    return found.data
+
+
+def _get_object(client: OriginClient, key: str, tmp: Path | None = None) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "object")
+        client.download_file(key, path)
+        return Path(path).read_bytes()

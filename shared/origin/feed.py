@@ -179,7 +179,7 @@ class Feed:
         while generation == self.generation:
             try:
                 entry = await watcher.updates(timeout=_WATCH_TICK)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 if self._nc is None or not self._nc.is_connected:
                     return
                 continue

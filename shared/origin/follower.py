@@ -32,6 +32,7 @@ from ..checksum import checksum_file, checksum_parts
 from ..context import Array
 from ..durable import clear_scratch_dir, fsync_dir, make_dir
 from ..errors import CtxStoreError, IntegrityError, NotFoundError
+from ..faults import crash_point
 from ..npyfile import check_npy_header, dtype_from_text, map_array
 from ..sources import Imported
 from ..store import PersistentStore
@@ -219,16 +220,22 @@ class Follower:
             log.error("cannot save %s: %s", self.state_path, exc)
 
     async def _adopt(self, head: Head) -> None:
+        """Pull the versions the head keeps that this store lacks, up to its current one,
+        oldest first (numbers only go up: a later rollback may name any of them), then
+        move the pointer and the aliases as the head says."""
         slot = head.slot
         versions = set(await asyncio.to_thread(self._local_versions, slot))
+        following = await asyncio.to_thread(self._next_version, slot)
+        wanted = sorted({v for v in head.versions if v <= head.current} | {head.current})
+        for version in wanted:
+            if version in versions or version < following:
+                continue
+            await self.pull(slot, version)
+            versions.add(version)
+            following = version + 1
         if head.current not in versions:
-            following = await asyncio.to_thread(self._next_version, slot)
-            if head.current < following:
-                log.error("slot %d: version %d cannot be adopted: this store's numbers are "
-                          "past it (next %d)", slot, head.current, following)  # fmt: skip
-            else:
-                await self.pull(slot, head.current)
-                versions.add(head.current)
+            log.error("slot %d: version %d cannot be adopted: this store's numbers are "
+                      "past it (next %d)", slot, head.current, following)  # fmt: skip
         elif await asyncio.to_thread(self.store.current_version, slot) != head.current:
             await self.adopter.move_pointer(slot, head.current)
             self.stats.pointer_moves += 1
@@ -338,6 +345,7 @@ class Follower:
             )
         self.stats.objects_downloaded += 1
         self.stats.bytes_downloaded += path.stat().st_size
+        crash_point("origin_object_downloaded")
         return path
 
 

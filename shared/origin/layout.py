@@ -200,16 +200,25 @@ class Manifest:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """A slot's head: what it serves and its aliases; ``seq`` goes up by one per move."""
+    """A slot's head: what it serves and its aliases; ``seq`` goes up by one per move.
+
+    ``versions``: every version the writer keeps (ascending), each with a manifest at
+    the origin, so a follower can hold the same ones (a rollback names one of them).
+    """
 
     slot: int
     seq: int
     current: int
     aliases: Mapping[str, int] = field(default_factory=dict)
     model_type: str | None = None
+    versions: tuple[int, ...] = ()
 
-    def same_pointers(self, current: int, aliases: Mapping[str, int]) -> bool:
-        return self.current == current and dict(self.aliases) == dict(aliases)
+    def same_pointers(
+        self, current: int, aliases: Mapping[str, int], versions: tuple[int, ...]
+    ) -> bool:
+        return (self.current, dict(self.aliases), self.versions) == (
+            current, dict(aliases), versions
+        )  # fmt: skip
 
     def to_bytes(self) -> bytes:
         body = {
@@ -219,6 +228,7 @@ class Head:
             "current": self.current,
             "aliases": dict(self.aliases),
             "model_type": self.model_type,
+            "versions": list(self.versions),
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -236,6 +246,7 @@ class Head:
                 check_version(body["current"]),
                 {check_alias(a): check_version(v) for a, v in aliases.items()},
                 None if model_type is None else _text(model_type),
+                tuple(sorted({check_version(v) for v in body.get("versions", ())})),
             )
         except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
             raise IntegrityError(f"{where} is no valid head: {exc}") from None

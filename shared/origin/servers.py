@@ -196,7 +196,7 @@ class NatsServer(_Server):
     def ready(self) -> bool:
         url = f"http://127.0.0.1:{self.monitor}/healthz?js-enabled-only=true"
         try:
-            with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 (loopback)
+            with urllib.request.urlopen(url, timeout=1) as answer:
                 return bool(answer.status == 200)
         except OSError:
             return False

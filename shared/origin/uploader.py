@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import layout as store_layout
 from ..errors import ConflictError, CtxStoreError, StorageError
+from ..faults import crash_point
 from ..store import PersistentStore
 from .feed import Feed, Hint
 from .layout import FileEntry, Head, Manifest, TensorEntry, set_aliases
@@ -50,8 +49,6 @@ class Uploader:
         client: OriginClient,
         outbox: Outbox,
         feed: Feed | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.client = client
@@ -59,10 +56,13 @@ class Uploader:
         self.feed = feed
         self.stats = UploadStats()
         self._wake = asyncio.Event()
-        self._clock = clock
+        #: slot -> changes noted so far: a slot leaves the outbox only if no change came
+        #: in while it was being synced (else that change would be lost)
+        self._changes: dict[int, int] = {}
 
     def changed(self, slot: int) -> None:
         """A commit or pointer move of ``slot`` is durable: note it, durably, and wake up."""
+        self._changes[slot] = self._changes.get(slot, 0) + 1
         try:
             self.outbox.add(slot)
         except CtxStoreError as exc:  # the start-up pass still finds the slot behind
@@ -79,6 +79,7 @@ class Uploader:
             self._wake.clear()
             failed = False
             for slot in self.outbox.pending():
+                seen = self._changes.get(slot, 0)
                 try:
                     head = await asyncio.to_thread(self.sync_slot, slot)
                 except CtxStoreError as exc:
@@ -87,7 +88,8 @@ class Uploader:
                     continue
                 if head is not None:
                     await self._announce(head)
-                self.outbox.done(slot)
+                if self._changes.get(slot, 0) == seen:
+                    self.outbox.done(slot)
             if failed:
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -115,8 +117,9 @@ class Uploader:
         if current is None:
             return None
         aliases = set_aliases(self.store.get_aliases(slot))
+        kept = tuple(sorted(info.version for info in self.store.list_versions(slot)))
         model_type = None
-        for version in sorted({current, *aliases.values()}):
+        for version in sorted({current, *aliases.values(), *kept}):
             manifest = self.manifest_of(slot, version)
             model_type = model_type or manifest.model_type
             self.upload_version(manifest)
@@ -124,9 +127,9 @@ class Uploader:
         for _ in range(_CAS_ATTEMPTS):
             found = self.client.get(key)
             old = Head.from_bytes(found.data, key) if found is not None else None
-            if old is not None and old.same_pointers(current, aliases):
+            if old is not None and old.same_pointers(current, aliases, kept):
                 return None
-            head = Head(slot, (old.seq if old else 0) + 1, current, aliases, model_type)
+            head = Head(slot, (old.seq if old else 0) + 1, current, aliases, model_type, kept)
             if self.client.put_if_match(key, head.to_bytes(), found.etag if found else None):
                 self.stats.heads_moved += 1
                 self.stats.heads[slot] = (head.seq, head.current)
@@ -173,6 +176,7 @@ class Uploader:
             self.client.upload_file(path, key)
             self.stats.objects_uploaded += 1
             self.stats.bytes_uploaded += tensor.size
+            crash_point("origin_object_uploaded")
         for entry in manifest.files:
             key = origin.object_key(entry.checksum)
             if self.client.exists(key):
