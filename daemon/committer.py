@@ -270,7 +270,7 @@ class Committer:
         problems, served = checked[0] if checked else ([], None)
         return version, context, problems, served, bool(published)
 
-    def _save(
+    def _save(  # noqa: PLR0917 (the commit's own arguments, passed through)
         self,
         slot: int,
         context: Context | Imported,

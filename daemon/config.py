@@ -567,6 +567,8 @@ def _key(field: str, path: str, check: Check, parse: Callable[[str], Any] = str,
 
 _FRAME_SIZE = _int_in(MIN_FRAME_SIZE, MAX_FRAME_SIZE)
 _CAPACITY = _power_of_two(MIN_CAPACITY, MAX_CAPACITY)
+_SECONDS_HOUR = _seconds(3600)
+_PART_SIZE = _int_in(5 << 20, 5 << 30)  # S3's bounds on a multipart upload's part
 
 KEYS: tuple[Key, ...] = (
     _key("store", "store", _path, env="CTXSTORE_HOME", flag="--store", live=False, is_path=True),
@@ -638,10 +640,8 @@ KEYS: tuple[Key, ...] = (
     _key("feed", "cluster.feed", _nats_url, flag="--feed", live=False, optional=True),
     _key("feed_creds", "cluster.feed_creds", _path, live=False, optional=True, is_path=True),
     _key("feed_bucket", "cluster.feed_bucket", _kv_bucket, live=False),
-    _key("follow_poll_interval", "cluster.poll_interval", _seconds(3600), _env_float,
-         live=False),  # fmt: skip
-    _key("origin_part_size", "cluster.part_size", _int_in(5 << 20, 5 << 30), _env_int,
-         live=False),  # fmt: skip
+    _key("follow_poll_interval", "cluster.poll_interval", _SECONDS_HOUR, _env_float, live=False),
+    _key("origin_part_size", "cluster.part_size", _PART_SIZE, _env_int, live=False),
     _key("origin_concurrency", "cluster.concurrency", _int_in(1, 256), _env_int, live=False),
 )
 _BY_PATH = {key.path: key for key in KEYS}

@@ -121,7 +121,7 @@ class Feed:
                         error_cb=self._on_error,
                     )
                 if not self._nc.is_connected:
-                    raise StorageError(f"feed {self.url} is not connected (reconnecting)")
+                    raise StorageError(f"feed {self.url} is not connected (reconnecting)")  # noqa: TRY301
                 js = self._nc.jetstream(timeout=self.connect_timeout)
                 try:
                     self._kv = await js.key_value(self.bucket)

@@ -137,7 +137,8 @@ class Follower:
 
     async def run(self) -> None:
         """Forever: poll the heads, follow the feed, apply one slot at a time."""
-        tasks = [asyncio.ensure_future(self._poll_loop()), asyncio.ensure_future(self._apply_loop())]
+        tasks = [asyncio.ensure_future(self._poll_loop()),
+                 asyncio.ensure_future(self._apply_loop())]  # fmt: skip
         if self.feed is not None:
             tasks.append(asyncio.ensure_future(self._feed_loop()))
         try:
@@ -155,7 +156,9 @@ class Follower:
     async def _poll_loop(self) -> None:
         while True:
             try:
-                etags = await asyncio.to_thread(self.client.list_etags, self.client.origin.heads_prefix)
+                etags = await asyncio.to_thread(
+                    self.client.list_etags, self.client.origin.heads_prefix
+                )
             except CtxStoreError as exc:
                 self.stats.last_error = str(exc)
                 log.warning("head poll failed (local reads go on): %s", exc)
@@ -295,8 +298,7 @@ class Follower:
                 path = self._download(entry.checksum, imported)
                 with open(path, "rb") as source:
                     data = source.read(entry.size + 1)
-                if len(data) != entry.size or checksum_parts((data,)) != entry.checksum:
-                    raise IntegrityError(f"file {entry.name}: not what the manifest records")
+                _check_file(entry.name, data, entry.size, entry.checksum)
                 imported.files[entry.name] = data
         except BaseException:
             imported.close()
@@ -347,6 +349,11 @@ class Follower:
         self.stats.bytes_downloaded += path.stat().st_size
         crash_point("origin_object_downloaded")
         return path
+
+
+def _check_file(name: str, data: bytes, size: int, checksum: str) -> None:
+    if len(data) != size or checksum_parts((data,)) != checksum:
+        raise IntegrityError(f"file {name}: not what the manifest records")
 
 
 def state_summary(state_dir: str | os.PathLike[str]) -> dict[str, Any]:

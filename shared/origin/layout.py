@@ -184,7 +184,7 @@ class Manifest:
                 model_type = _text(model_type)
             config, metadata = body["config"], body["metadata"]
             if not isinstance(config, dict) or not isinstance(metadata, dict):
-                raise InvalidInputError("config and metadata are JSON objects")
+                raise InvalidInputError("config and metadata are JSON objects")  # noqa: TRY301
             return cls(
                 check_slot(body["slot"]),
                 check_version(body["version"]),
@@ -238,7 +238,7 @@ class Head:
         try:
             aliases = body["aliases"]
             if not isinstance(aliases, dict):
-                raise InvalidInputError("aliases is a JSON object")
+                raise InvalidInputError("aliases is a JSON object")  # noqa: TRY301
             model_type = body.get("model_type")
             return cls(
                 check_slot(body["slot"]),

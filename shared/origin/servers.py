@@ -11,6 +11,7 @@ then SIGKILL after a grace period: ``weed`` may linger).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,27 +99,21 @@ class _Server:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(_STOP_GRACE)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(_STOP_GRACE)
 
     def kill(self) -> None:
         """SIGKILL at once (an outage, not a shutdown)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(_STOP_GRACE)
 
     def tail(self) -> str:

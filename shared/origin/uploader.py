@@ -12,6 +12,7 @@ idempotent; no step makes anything visible that a step before it did not finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -91,10 +92,8 @@ class Uploader:
                 if self._changes.get(slot, 0) == seen:
                     self.outbox.done(slot)
             if failed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
                 delay = min(delay * 2, _RETRY_MAX)
             else:
                 delay = _RETRY_MIN
