@@ -194,7 +194,7 @@ class Manifest:
                 tensors,
                 files,
             )
-        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+        except (KeyError, TypeError, ValueError, InvalidInputError, IntegrityError) as exc:
             raise IntegrityError(f"{where} is no valid manifest: {exc}") from None
 
 
@@ -248,7 +248,7 @@ class Head:
                 None if model_type is None else _text(model_type),
                 tuple(sorted({check_version(v) for v in body.get("versions", ())})),
             )
-        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+        except (KeyError, TypeError, ValueError, InvalidInputError, IntegrityError) as exc:
             raise IntegrityError(f"{where} is no valid head: {exc}") from None
 
 
