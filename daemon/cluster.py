@@ -57,16 +57,29 @@ class Cluster:
 
     @classmethod
     def start(cls, config: DaemonConfig, store: PersistentStore, committer: Committer) -> Cluster:
+        """The role ``config`` names, started in the background (no role: nothing runs).
+
+        boto3 takes seconds of CPU to build a client: that happens in a worker thread,
+        so the daemon serves its socket meanwhile. A change announced before the
+        uploader exists is found by its start-up pass over every slot.
+        """
         cluster = cls()
-        if not (config.origin or config.follow):
-            return cluster
+        if config.origin or config.follow:
+            cluster._task = asyncio.ensure_future(cluster._run(config, store, committer))
+            cluster._task.add_done_callback(_report_end)
+        return cluster
+
+    async def _run(
+        self, config: DaemonConfig, store: PersistentStore, committer: Committer
+    ) -> None:
         from ctxstore.origin.feed import Feed
         from ctxstore.origin.layout import Origin
         from ctxstore.origin.s3 import OriginClient
 
         url = config.origin or config.follow
         assert url is not None
-        client = OriginClient(
+        client = await asyncio.to_thread(
+            OriginClient,
             Origin.parse(url),
             part_size=config.origin_part_size,
             concurrency=config.origin_concurrency,
@@ -75,25 +88,23 @@ class Cluster:
         if config.feed:
             feed = Feed(config.feed, bucket=config.feed_bucket,
                         creds=str(config.feed_creds) if config.feed_creds else None)  # fmt: skip
-        cluster._feed = feed
+        self._feed = feed
         if config.origin:
             from ctxstore.origin.outbox import Outbox
             from ctxstore.origin.uploader import Uploader
 
-            cluster.uploader = Uploader(store, client, Outbox(state_dir(config) / "outbox"), feed)
-            cluster._task = asyncio.ensure_future(cluster.uploader.run())
+            self.uploader = Uploader(store, client, Outbox(state_dir(config) / "outbox"), feed)
             log.info("writer for origin %s (%s), feed %s", url, client.endpoint, config.feed)
+            await self.uploader.run()
         else:
             from ctxstore.origin.follower import Follower
 
-            cluster.follower = Follower(
+            self.follower = Follower(
                 store, committer, client, state_dir(config), feed,
                 poll_interval=config.follow_poll_interval,
             )  # fmt: skip
-            cluster._task = asyncio.ensure_future(cluster.follower.run())
             log.info("following origin %s (%s), feed %s", url, client.endpoint, config.feed)
-        cluster._task.add_done_callback(_report_end)
-        return cluster
+            await self.follower.run()
 
     def changed(self, slot: int) -> None:
         """A slot's commit or pointer move was announced."""

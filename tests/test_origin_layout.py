@@ -72,6 +72,6 @@ def test_a_commit_at_a_given_number_skips_ahead_and_never_goes_back(tmp_path: Pa
 def test_a_daemon_is_a_writer_or_a_follower_not_both() -> None:
     with pytest.raises(InvalidInputError, match="not both"):
         DaemonConfig(origin="s3://models/a", follow="s3://models/a")
-    with pytest.raises(InvalidInputError, match="cluster.feed"):
+    with pytest.raises(InvalidInputError, match=r"cluster\.feed"):
         DaemonConfig(feed="http://nats:4222")
     assert DaemonConfig(follow="s3://models/a/").follow == "s3://models/a"

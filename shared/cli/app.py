@@ -17,12 +17,23 @@ from collections.abc import Callable, Sequence
 
 from ctxstore.errors import CtxStoreError
 
-from . import daemon_commands, demo, inspection, measure, monitor, pointers, transfer, verify
+from . import (
+    cluster,
+    daemon_commands,
+    demo,
+    inspection,
+    measure,
+    monitor,
+    pointers,
+    transfer,
+    verify,
+)
 from .common import Commands, Handler, error_message
 
 #: every command group, in the order --help lists them
 GROUPS: tuple[Callable[[Commands], None], ...] = (
     demo.register,
+    cluster.register,
     measure.register,
     daemon_commands.register_daemon,
     transfer.register,

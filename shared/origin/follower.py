@@ -277,7 +277,13 @@ class Follower:
         manifest = Manifest.from_bytes(found.data, key)
         if (manifest.slot, manifest.version) != (slot, version):
             raise IntegrityError(f"{key} describes slot {manifest.slot} version {manifest.version}")
+        before = (self.stats.objects_downloaded, self.stats.bytes_downloaded,
+                  self.stats.tensors_reused)  # fmt: skip
         imported = await asyncio.to_thread(self.fetch, manifest)
+        log.info("slot %d version %d: %d objects (%d bytes) downloaded, %d tensors from the "
+                 "store", slot, version, self.stats.objects_downloaded - before[0],
+                 self.stats.bytes_downloaded - before[1],
+                 self.stats.tensors_reused - before[2])  # fmt: skip
         committed = await self.adopter.commit(
             slot, imported, model_type=manifest.model_type, as_version=version
         )
