@@ -28,6 +28,7 @@ from ctxstore.client import publish, wait_until_listening
 from ctxstore.errors import CtxStoreError, InvalidInputError
 from ctxstore.origin.follower import state_summary
 from ctxstore.origin.servers import NatsServer, SeaweedServer, s3_env
+
 from .table import print_table
 
 if TYPE_CHECKING:
