@@ -29,8 +29,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     scale.SCENARIO,
 )
 
-#: scenarios of issue 6 that are not registered yet, and what they wait for (none left)
-PENDING: dict[str, str] = {}
+#: scenarios that are not registered yet, and what they wait for
+PENDING: dict[str, str] = {
+    "scaleout": "issue 20: a 1 GiB context to 4 followers over SeaweedFS beside each follower "
+    "downloading the same files with boto3 (the anchor) and a local copy (the floor); bytes "
+    "moved per follower for 1 changed tensor of 10; commit-to-all-followers-serving p50/p99 "
+    "for 1, 4 and 8 followers. The origin, followers and their servers exist "
+    "(ctxstore.origin, docs/scale-out.md); this scenario is not written yet",
+}
 
 
 def by_name() -> dict[str, Scenario]:

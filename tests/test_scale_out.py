@@ -433,3 +433,38 @@ def test_the_cluster_demo_runs_and_stops_everything() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "host-2 serves ms" in run.stdout
     assert "downloaded in all: 11.0, 11.0" in run.stdout
+
+
+@pytest.mark.slow
+def test_origin_down_reads_go_on_and_publishes_reach_it_when_it_returns(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SeaweedFS killed: the follower keeps serving, the writer commits locally; the
+    writer restarted while the origin is still down keeps its outbox; the origin back,
+    the follower converges."""
+    seaweed = SeaweedServer(tmp_path_factory.mktemp("seaweed-outage"))
+    seaweed.start(wrap=dies_with_pytest([]))
+    env = {**s3_env(seaweed), "CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+    origin = new_origin()
+    try:
+        with daemons(
+            launch(tmp_path / "writer", "--origin", origin, env=env),
+            launch(tmp_path / "f1", "--follow", origin, env=env),
+        ) as (writer, f1):
+            v1 = publish(8, context(1), socket=writer.socket)
+            wait_until("follower serves v1", follower_serves(f1, 8, v1))
+            seaweed.kill()
+            v2 = publish(8, context(2), socket=writer.socket)
+            with Reader(f1.store, f1.socket) as reader:
+                assert reader.get(8).version == v1 and stamp_of(reader.get(8)) == 1
+            assert (tmp_path / "writer" / "store" / "origin" / "outbox" / "8").exists()
+            stop(writer)
+        with daemons(
+            launch(tmp_path / "writer", "--origin", origin, env=env),
+            launch(tmp_path / "f1", "--follow", origin, env=env),
+        ) as (writer, f1):
+            assert follower_serves(f1, 8, v1)()
+            seaweed.start(wrap=dies_with_pytest([]))
+            wait_until("follower serves v2", follower_serves(f1, 8, v2))
+    finally:
+        seaweed.stop()

@@ -72,9 +72,18 @@ class Uploader:
 
     async def run(self) -> None:
         """Forever: drain the outbox; on failure retry with a growing delay."""
-        await asyncio.to_thread(self.client.ensure_bucket)
         for slot in self.store.current_versions():  # whatever a crash left behind
             self.outbox.add(slot)
+        delay = _RETRY_MIN
+        while True:  # the origin may be down when the writer starts: commits go on locally
+            try:
+                await asyncio.to_thread(self.client.ensure_bucket)
+                break
+            except CtxStoreError as exc:
+                log.warning("origin %s not reachable yet (%s); retrying in %.1fs",
+                            self.client.origin, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
         delay = _RETRY_MIN
         while True:
             self._wake.clear()
