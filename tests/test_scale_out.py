@@ -184,6 +184,8 @@ def test_a_writer_and_two_followers_converge_moving_only_changed_tensors(
                 got = reader.get(7)
                 assert stamp_of(got) == 1 and got.config["step"] == 1
                 assert got.metadata["note"] == "v1"
+            for f in (f1, f2):  # the counters are saved a moment after the commit
+                wait_until("v1's pull is counted", lambda f=f: stats(f)["versions_pulled"] == 1)
             before = [stats(f)["bytes_downloaded"] for f in (f1, f2)]
             assert all(b >= 10 * (64 << 10) for b in before)
 
@@ -194,6 +196,8 @@ def test_a_writer_and_two_followers_converge_moving_only_changed_tensors(
                 wait_until("reader adopts v2", lambda r=reader: r.get(7).version == v2)
                 got = reader.get(7)
                 assert stamp_of(got, 3) == 2 and int(got.weights["t0"][0]) == -1
+            for f in (f1, f2):
+                wait_until("v2's pull is counted", lambda f=f: stats(f)["versions_pulled"] == 2)
             after = [stats(f)["bytes_downloaded"] for f in (f1, f2)]
             moved = [a - b for a, b in zip(after, before, strict=True)]
             one_tensor = (64 << 10) + 128  # the data and its .npy header

@@ -96,8 +96,7 @@ def run_cluster_demo(versions: int = 3, followers: int = 3) -> int:
                 rows.append((version, f"{committed * 1e3:.0f}", *shown))
             print_table(("version", "writer commit ms",
                          *(f"{h.name} serves ms" for h in hosts[1:])), rows)  # fmt: skip
-            moved = [state_summary(h / "store" / "origin")["stats"]["bytes_downloaded"]
-                     for h in hosts[1:]]  # fmt: skip
+            moved = [_downloaded(h / "store" / "origin", versions) for h in hosts[1:]]
             print(
                 f"each version after the first changes 1 of {N_TENSORS} tensors of "
                 f"{TENSOR_BYTES >> 20} MiB; MiB each follower downloaded in all: "
@@ -131,6 +130,17 @@ def _wait_served(readers: list[Reader], version: int, started: float) -> list[fl
 
 def _alive(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
     return lambda: proc.poll() is None
+
+
+def _downloaded(state_dir: Path, versions: int) -> int:
+    """Bytes a follower downloaded, once its saved counters show every pull (the reader
+    may serve a version a moment before the follower saves them)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        stats = state_summary(state_dir)["stats"]
+        if stats["versions_pulled"] >= versions or time.monotonic() > deadline:
+            return int(stats["bytes_downloaded"])
+        time.sleep(0.05)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:

@@ -288,6 +288,7 @@ class Follower:
             slot, imported, model_type=manifest.model_type, as_version=version
         )
         self.stats.versions_pulled += 1
+        self._save_state()
         log.info("slot %d: adopted version %d from %s", slot, committed, self.client.origin)
         return committed
 
