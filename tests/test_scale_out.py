@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dies_with_pytest
-from test_daemon import DaemonProcess, free_port, wait_for_socket
+from support.daemon import DaemonProcess, wait_for_socket
+from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
@@ -31,7 +31,7 @@ from ctxstore.versiontable import segment_name
 
 pytest.importorskip("boto3")
 pytest.importorskip("nats")
-from cluster_servers import NatsServer, SeaweedServer, s3_env
+from support.cluster_servers import NatsServer, SeaweedServer, s3_env
 
 WAIT = 120.0  # a bound for the loops below, not a speed goal (bench/ measures speed)
 # The default suite runs the conditional writes, the two-follower convergence and the
