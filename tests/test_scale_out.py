@@ -316,7 +316,8 @@ def test_a_follower_killed_mid_download_leaves_no_partial_version(
         with daemons(launch(tmp_path / "f1", "--follow", origin,
                             env={"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"})) as (f1,):  # fmt: skip
             wait_until("follower serves v1", follower_serves(f1, 2, v1))
-            assert not any((f1.store / "origin" / "incoming").iterdir())
+            incoming = f1.store / "origin" / "incoming"  # emptied once the commit returns
+            wait_until("the downloads are removed", lambda: not any(incoming.iterdir()))
         verify = subprocess.run(
             [sys.executable, "-m", "ctxstore.cli", "verify", "--store", str(f1.store)],
             check=False, capture_output=True, text=True, timeout=WAIT,
