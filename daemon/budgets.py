@@ -28,7 +28,7 @@ import asyncio
 import weakref
 from collections.abc import Callable
 
-from ctxstore.messages import DamageReport, Message, Ping, StatusRequest, Subscribe
+from ctxstore.wire import DamageReport, Message, Ping, StatusRequest, Subscribe
 
 #: units a frame the daemon answers at once costs (an ack or a heartbeat costs 1): it costs
 #: the daemon an encode and a write besides the decode, and no client sends them routinely;

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from ctxstore.context import Context
 from ctxstore.errors import CtxStoreError, IntegrityError, InvalidInputError
-from ctxstore.messages import Announce, PublishBuild, PublishFile, PublishShm
 from ctxstore.nodes import FileNode, ImportLimits, create_node, open_import
 from ctxstore.nodes.files import OpenedFile
 from ctxstore.records import Problem
 from ctxstore.sources import Imported, follow_progress
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTableWriter
+from ctxstore.wire import Announce, PublishBuild, PublishFile, PublishShm
 
 from .idempotency import PublishKeys
 from .import_roots import check_opened_file

@@ -26,16 +26,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+from ctxstore.checks import SETTING, boolean, integer
+from ctxstore.checks import kind as _kind
+from ctxstore.checks import optional as _optional
 from ctxstore.errors import InvalidInputError
 from ctxstore.nodes.files import DEFAULT_MAX_IMPORT_BYTES, ImportLimits
 from ctxstore.paths import default_socket_path, default_store_dir
-from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from ctxstore.store import DEFAULT_RETENTION
 from ctxstore.validation import freeze_mapping, thaw_json
 from ctxstore.versionfiles import MAX_FILE_BYTES, MAX_FILES
 from ctxstore.versiontable import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY
+from ctxstore.wire import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
 
 from .logs import LOG_FORMATS, LOG_LEVELS
 
@@ -67,26 +70,10 @@ Check = Callable[[Any], Any]
 
 
 # -- value checks: return the canonical value or raise InvalidInputError(reason) -----------------
-
-
-def _kind(value: object) -> str:
-    names = {bool: "a boolean", str: "a string", float: "a float", int: "an integer"}
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "a table"
-    return names.get(type(value), type(value).__name__)
-
+# (integers, booleans and optional values are ctxstore.checks' checks, in the settings' words)
 
 def _int_in(low: int, high: int) -> Check:
-    def check(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidInputError(f"must be an integer, not {_kind(value)}")
-        if not low <= value <= high:
-            raise InvalidInputError(f"must be between {low} and {high}")
-        return value
-
-    return check
+    return integer(low, high, SETTING)
 
 
 def _power_of_two(low: int, high: int) -> Check:
@@ -119,10 +106,7 @@ def _choice(options: tuple[str, ...], fold: Callable[[str], str]) -> Check:
     return check
 
 
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInputError(f"must be true or false, not {_kind(value)}")
-    return value
+_bool: Final = boolean(SETTING)
 
 
 def _text(value: object) -> str:
@@ -154,13 +138,6 @@ def _roots(value: object) -> tuple[Path, ...]:
 
 def _env_paths(text: str) -> list[str]:
     return [part for part in text.split(os.pathsep) if part]
-
-
-def _optional(check: Check) -> Check:
-    def optional(value: object) -> Any:
-        return None if value is None else check(value)
-
-    return optional
 
 
 def _ids(value: object) -> frozenset[int]:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from ctxstore.errors import DaemonUnavailableError
-from ctxstore.messages import Announce
+from ctxstore.wire import Announce
 
 DEFAULT_HEARTBEAT = 15.0
 #: slots a slow client may have pending before the oldest are dropped

@@ -26,8 +26,8 @@ from typing import Final
 
 from ctxstore.errors import CtxStoreError
 from ctxstore.integrity import DAMAGED
-from ctxstore.messages import DamageReport
 from ctxstore.store import PersistentStore
+from ctxstore.wire import DamageReport
 
 from .committer import Committer
 

@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ctxstore import layout
-from ctxstore.messages import Announce
+from ctxstore.wire import Announce
 
 from .status_rows import reader_rows
 

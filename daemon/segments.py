@@ -36,7 +36,7 @@ from ctxstore.dtypes import dtype_from_spec
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.faults import pause_point
 from ctxstore.lock import pid_alive
-from ctxstore.messages import TensorSpec
+from ctxstore.wire import TensorSpec
 
 log = logging.getLogger("ctxstore.daemon")
 

@@ -1,7 +1,7 @@
 """The daemon's answer to a status request: its peers and slots as rows, trimmed to one frame.
 
 Pure, so that tests need no daemon: the fleet snapshot and the store's slot
-listing become the rows of a :class:`~ctxstore.messages.Status` frame
+listing become the rows of a :class:`~ctxstore.wire.Status` frame
 (:func:`reader_rows`, :func:`slot_rows`), trimmed to fit one frame
 (:func:`build_status`). ``/metrics`` and ``/readers`` use the same reader rows.
 The command line prints them (``ctxstore.cli.status_text``).
@@ -20,9 +20,8 @@ from typing import Any, Final, Protocol
 import msgpack
 
 from ctxstore.errors import NotFoundError
-from ctxstore.messages import MAX_STATUS_ROWS, Status, encode_body
-from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE
 from ctxstore.store import PersistentStore
+from ctxstore.wire import DEFAULT_MAX_FRAME_SIZE, MAX_STATUS_ROWS, Status, encode_body
 
 #: bytes a msgpack array header may take (0xdd + 4-byte length)
 _ARRAY_HEADER: Final = 5

@@ -27,8 +27,17 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from ctxstore.errors import CtxStoreError, RemoteProtocolError
-from ctxstore.messages import Announce, Error, Goodbye, Message
-from ctxstore.protocol import NEED_DATA, Connection, Role, Signal, error_frame_for
+from ctxstore.wire import (
+    NEED_DATA,
+    Announce,
+    Connection,
+    Error,
+    Goodbye,
+    Message,
+    Role,
+    Signal,
+    error_frame_for,
+)
 
 from .budgets import PartialPool, RateBudget, UidBudgets, answered, cost_of
 from .listener import PeerCredentials

@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol, Self
 
 from ctxstore.errors import InvalidInputError
-from ctxstore.messages import Subscribe
 from ctxstore.validation import check_label, check_slot
+from ctxstore.wire import Subscribe
 
 if TYPE_CHECKING:
     from .reader import Reader

@@ -1,7 +1,7 @@
 """ctxstore: versioned model contexts from one writer to many zero-copy readers.
 
 The names below load on first use (PEP 562), so importing one part of the
-package costs only that part: ``import ctxstore.protocol`` (the sans-IO wire
+package costs only that part: ``import ctxstore.wire`` (the sans-IO wire
 protocol) does not open the store or load the importers, and
 ``import ctxstore.readers`` does not load the importers (``ctxstore.nodes``).
 """

@@ -40,7 +40,12 @@ from .errors import (
     WaitTimeoutError,
 )
 from .kept import KeptConnections
-from .messages import (
+from .npyfile import contiguous_bytes
+from .paths import default_socket_path
+from .validation import check_alias, check_label, check_slot, freeze_mapping
+from .wire import (
+    NEED_DATA,
+    Connection,
     Error,
     Goodbye,
     Hello,
@@ -53,15 +58,13 @@ from .messages import (
     PublishShm,
     Repaired,
     RepairRequest,
+    Role,
+    Signal,
     Status,
     StatusRequest,
     TensorSpec,
     Welcome,
 )
-from .npyfile import contiguous_bytes
-from .paths import default_socket_path
-from .protocol import NEED_DATA, Connection, Role, Signal
-from .validation import check_alias, check_label, check_slot, freeze_mapping
 
 SHM_PREFIX = "/ctxstore-pub-"
 _ALIGN = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .messages import Progress
+from .wire import Progress
 
 
 def _size(count: int) -> str:

@@ -34,6 +34,14 @@ def test_the_wire_protocol_loads_neither_sqlite_nor_the_store_nor_the_importers(
     assert loaded(modules, "sqlite3", "zipfile", "ctxstore.store", "ctxstore.nodes") == []
 
 
+def test_the_wire_package_loads_neither_sqlite_nor_the_store_nor_the_importers() -> None:
+    modules = modules_after("import ctxstore.wire")
+    assert "ctxstore.wire.connection" in modules
+    unwanted = ("sqlite3", "zipfile", "ctxstore.store", "ctxstore.nodes", "ctxstore.db",
+                "ctxstore.daemon", "ctxstore.readers")  # fmt: skip
+    assert loaded(modules, *unwanted) == []
+
+
 def test_the_readers_load_neither_the_importers_nor_the_daemon_nor_the_http_stack() -> None:
     modules = modules_after("import ctxstore.readers")
     assert "ctxstore.readers.reader" in modules

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 
 from ctxstore.errors import RemoteProtocolError
-from ctxstore.messages import (
+from ctxstore.wire import (
     MESSAGE_TYPES,
     Ack,
     Announce,

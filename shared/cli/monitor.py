@@ -18,8 +18,8 @@ from .common import Commands, error_message, positive, slot_arg, socket_path, st
 
 if TYPE_CHECKING:
     from ctxstore.client import DaemonClient
-    from ctxstore.messages import Status
     from ctxstore.readers import Reader, VersionEvent
+    from ctxstore.wire import Status
 
 
 def _status_text(args: argparse.Namespace, status: Status) -> str:

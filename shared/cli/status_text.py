@@ -1,6 +1,6 @@
 """What ``ctxstore status`` and ``ctxstore watch`` print, built without I/O.
 
-A :class:`~ctxstore.messages.Status` frame (its rows built by the daemon,
+A :class:`~ctxstore.wire.Status` frame (its rows built by the daemon,
 ``ctxstore.daemon.status_rows``) becomes text tables (:func:`format_status`);
 a version event becomes one line (:func:`format_event`) or one JSON object
 (:func:`event_json`). Pure, so that tests need no daemon.
@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from ctxstore.messages import Status
+from ctxstore.wire import Status
 
 from .table import format_table
 

@@ -1,0 +1,53 @@
+"""One set of argument checks, each surface keeping the words its users have always read."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctxstore.checks import SETTING, WIRE, Voice, boolean, integer, kind, optional
+from ctxstore.errors import InvalidInputError
+from ctxstore.wire import Hello
+
+
+@pytest.mark.parametrize(
+    ("voice", "value", "words"),
+    [
+        (WIRE, "7", "must be an integer, got str"),
+        (WIRE, True, "must be an integer, got bool"),
+        (WIRE, 10, "must be between 1 and 9, got 10"),
+        (SETTING, "7", "must be an integer, not a string"),
+        (SETTING, [7], "must be an integer, not an array"),
+        (SETTING, 10, "must be between 1 and 9"),
+    ],
+)
+def test_an_integer_is_refused_in_the_surfaces_words(
+    voice: Voice, value: object, words: str
+) -> None:
+    check = integer(1, 9, voice)
+    with pytest.raises(InvalidInputError) as caught:
+        check(value)
+    assert str(caught.value) == words
+    assert check(9) == 9
+
+
+def test_booleans_and_optional_values() -> None:
+    assert boolean(SETTING)(False) is False
+    with pytest.raises(InvalidInputError, match=r"^must be true or false, not an integer$"):
+        boolean(SETTING)(1)
+    with pytest.raises(InvalidInputError, match=r"^must be true or false, got int$"):
+        boolean(WIRE)(1)
+    assert optional(integer(0, 1))(None) is None
+    assert kind({"a": 1}) == "a table"
+
+
+def test_the_wire_and_the_settings_use_the_same_checks() -> None:
+    from ctxstore.daemon import config
+    from ctxstore.wire import fields
+
+    assert config._optional is optional
+    assert config._kind is kind
+    assert fields.optional is optional
+    with pytest.raises(InvalidInputError, match=r"hello\.pid: must be between 1 and \d+, got 0"):
+        Hello(role="reader", name="r", pid=0)
+    with pytest.raises(InvalidInputError, match=r"^must be an integer, not a float$"):
+        config._int_in(1, 3)(1.5)

@@ -1,0 +1,58 @@
+"""Each wire message declares its fields once; the checks, dumps and optional fields follow."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
+
+import pytest
+
+import ctxstore.wire
+from ctxstore.checks import integer
+from ctxstore.errors import InvalidInputError
+from ctxstore.wire import MESSAGE_TYPES, PublishBuild, PublishFile, PublishShm
+from ctxstore.wire.fields import Field
+from ctxstore.wire.record import Record, message
+
+
+def test_every_message_checks_exactly_its_declared_fields_in_declaration_order() -> None:
+    for cls in MESSAGE_TYPES.values():
+        assert list(cls.CHECKS) == [f.name for f in dataclasses.fields(cls)], cls.TYPE
+
+
+def test_only_the_fields_added_after_protocol_1_may_be_left_out() -> None:
+    later = {name: cls.LATER for name, cls in MESSAGE_TYPES.items() if cls.LATER}
+    publishes = (PublishFile, PublishBuild, PublishShm)
+    assert later == {cls.TYPE: frozenset({"key", "progress"}) for cls in publishes}
+
+
+def test_a_new_record_gets_its_checks_from_its_annotations() -> None:
+    @message
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Sample(Record):
+        TYPE: ClassVar[str] = "sample"
+        count: Annotated[int, Field(integer(1, 9), dump=str)]
+
+    assert Sample(count=3).to_wire() == {"type": "sample", "count": "3"}
+    with pytest.raises(InvalidInputError, match=r"sample\.count: must be between 1 and 9, got 0"):
+        Sample(count=0)
+
+
+def test_a_field_without_its_wire_declaration_is_refused_when_the_class_is_made() -> None:
+    with pytest.raises(TypeError, match=r"Loose\.count needs one Field"):
+
+        @message
+        @dataclass(frozen=True, slots=True, kw_only=True)
+        class Loose(Record):
+            TYPE: ClassVar[str] = "loose"
+            count: int
+
+
+@pytest.mark.parametrize("old", ["ctxstore.protocol", "ctxstore.messages"])
+def test_the_old_module_names_hand_out_the_wire_packages_objects(old: str) -> None:
+    module = importlib.import_module(old)
+    assert module.__all__
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(ctxstore.wire, name), name
