@@ -1,4 +1,4 @@
-"""Argument checks shared by the surfaces that take untrusted values: wire frames, settings.
+"""Argument checks shared by the surfaces that take untrusted values: frames, settings, nodes.
 
 A check takes a value and returns it normalized, or raises
 :class:`~ctxstore.errors.InvalidInputError` with the reason; the caller prefixes
@@ -6,14 +6,18 @@ what was checked (``hello.pid: ``, ``config file F: retention = 0: ``). The
 checks are the same everywhere; the words for a refused value are the ones each
 surface has always used, held by a :class:`Voice`: a frame names the value's
 Python type and value (``must be an integer, got str``), a setting its kind
-(``must be an integer, not a string``).
+(``must be an integer, not a string``), a node config the value itself
+(``layers must be an integer in [1, 64], got 'x'``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Final, TypeAlias
+
+import numpy as np
 
 from .errors import InvalidInputError
 
@@ -32,41 +36,64 @@ def kind(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Voice:
-    """How a refusal shows the value it refused: what follows "must be an integer" when the
-    type is wrong (``wrong``), and what follows "must be between 1 and 9" (``outside``)."""
+    """The reason a check gives for each refusal, in one surface's words: a value that is
+    not an integer, an integer outside ``[low, high]``, a value that is not a boolean."""
 
-    wrong: Callable[[object], str]
-    outside: Callable[[object], str]
+    not_integer: Callable[[object, int, int], str]
+    outside: Callable[[object, int, int], str]
+    not_boolean: Callable[[object], str]
 
 
 #: socket frames: the value's Python type, or the value itself
 WIRE: Final = Voice(
-    wrong=lambda value: f", got {type(value).__name__}", outside=lambda value: f", got {value}"
+    not_integer=lambda value, low, high: f"must be an integer, got {type(value).__name__}",
+    outside=lambda value, low, high: f"must be between {low} and {high}, got {value}",
+    not_boolean=lambda value: f"must be true or false, got {type(value).__name__}",
 )
 #: daemon settings (file, environment, flags): the value's kind; the caller shows the value
-SETTING: Final = Voice(wrong=lambda value: f", not {kind(value)}", outside=lambda value: "")
+SETTING: Final = Voice(
+    not_integer=lambda value, low, high: f"must be an integer, not {kind(value)}",
+    outside=lambda value, low, high: f"must be between {low} and {high}",
+    not_boolean=lambda value: f"must be true or false, not {kind(value)}",
+)
 
 
-def integer(low: int, high: int, voice: Voice = WIRE) -> Check:
-    """An int in [low, high]; bools are refused (``True`` is not a count)."""
+def _node_integer(value: object, low: int, high: int) -> str:
+    return f"must be an integer in [{low}, {high}], got {value!r:.60}"
+
+
+#: node configs (``ctxstore build``, publish_build, POST /jobs): the value, whatever went wrong
+NODE: Final = Voice(
+    not_integer=_node_integer,
+    outside=_node_integer,
+    not_boolean=lambda value: f"must be true or false, got {value!r:.60}",
+)
+
+
+def integer(low: int, high: int, voice: Voice = WIRE, *, numpy: bool = False) -> Check:
+    """An int in [low, high]; bools are refused (``True`` is not a count). ``numpy``: numpy
+    integers are accepted too, and returned as int (a node config may come from an array)."""
+    kinds = Integral if numpy else int
 
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidInputError(f"must be an integer{voice.wrong(value)}")
-        if not low <= value <= high:
-            raise InvalidInputError(f"must be between {low} and {high}{voice.outside(value)}")
-        return value
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise InvalidInputError(voice.not_integer(value, low, high))
+        number = int(value)
+        if not low <= number <= high:
+            raise InvalidInputError(voice.outside(value, low, high))
+        return number
 
     return check
 
 
-def boolean(voice: Voice = WIRE) -> Check:
-    """True or False, nothing else (not 0 or 1, not "yes")."""
+def boolean(voice: Voice = WIRE, *, numpy: bool = False) -> Check:
+    """True or False, nothing else (not 0 or 1, not "yes"); ``numpy``: numpy.bool_ too."""
+    kinds: tuple[type, ...] = (bool, np.bool_) if numpy else (bool,)
 
     def check(value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"must be true or false{voice.wrong(value)}")
-        return value
+        if not isinstance(value, kinds):
+            raise InvalidInputError(voice.not_boolean(value))
+        return bool(value)
 
     return check
 

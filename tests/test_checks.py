@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ctxstore.checks import SETTING, WIRE, Voice, boolean, integer, kind, optional
@@ -51,3 +52,20 @@ def test_the_wire_and_the_settings_use_the_same_checks() -> None:
         Hello(role="reader", name="r", pid=0)
     with pytest.raises(InvalidInputError, match=r"^must be an integer, not a float$"):
         config._int_in(1, 3)(1.5)
+
+
+def test_a_node_config_value_is_refused_naming_its_key_and_value() -> None:
+    from ctxstore.nodes.base import boolean as node_boolean
+    from ctxstore.nodes.base import integer as node_integer
+
+    layers = node_integer(1, 64)
+    assert layers("layers", np.int64(3)) == 3 and type(layers("layers", np.int64(3))) is int
+    for bad in ("x", 65, True):
+        with pytest.raises(InvalidInputError) as caught:
+            layers("layers", bad)
+        assert str(caught.value) == f"layers must be an integer in [1, 64], got {bad!r}"
+    assert node_boolean()("bias", np.bool_(True)) is True
+    with pytest.raises(InvalidInputError, match=r"^bias must be true or false, got 1$"):
+        node_boolean()("bias", 1)
+    with pytest.raises(InvalidInputError, match=r"^must be an integer, got int64$"):
+        integer(0, 9)(np.int64(3))  # the wire takes Python ints only, as msgpack gives

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import checks
 from ..context import Array, Context, freeze_array
 from ..errors import InvalidInputError
 from ..validation import check_slot, freeze_mapping, thaw_json
@@ -54,17 +55,21 @@ class Param:
 # -- checks for config values ---------------------------------------------------------------
 
 
-def integer(low: int, high: int) -> Check:
-    """An integer in [low, high] (bools refused)."""
+def _named(inner: checks.Check) -> Check:
+    """A ctxstore.checks check as a node check: its reason follows the key's name."""
 
-    def check(what: str, value: object) -> int:
-        if isinstance(value, int | np.integer) and not isinstance(value, bool):
-            result = int(value)
-            if low <= result <= high:
-                return result
-        raise InvalidInputError(f"{what} must be an integer in [{low}, {high}], got {value!r:.60}")
+    def check(what: str, value: object) -> Any:
+        try:
+            return inner(value)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{what} {exc}") from None
 
     return check
+
+
+def integer(low: int, high: int) -> Check:
+    """An integer in [low, high] (bools refused, numpy integers accepted)."""
+    return _named(checks.integer(low, high, checks.NODE, numpy=True))
 
 
 def number(
@@ -89,13 +94,7 @@ def number(
 
 def boolean() -> Check:
     """True or False (not 0 / 1)."""
-
-    def check(what: str, value: object) -> bool:
-        if not isinstance(value, bool | np.bool_):
-            raise InvalidInputError(f"{what} must be true or false, got {value!r:.60}")
-        return bool(value)
-
-    return check
+    return _named(checks.boolean(checks.NODE, numpy=True))
 
 
 def choice(*options: str) -> Check:
