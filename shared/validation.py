@@ -2,105 +2,60 @@
 
 The CLI, the socket, the HTTP API and the Python API all check their input
 here, so a slot id, tensor name, alias or config is refused the same way on
-every surface, with a message that says what was wrong.
+every surface, with a message that says what was wrong. The identifier checks
+(slot, version, label, alias, tensor name) live in :mod:`ctxstore.checks` and
+are re-exported here; this module holds the dtype, shape and JSON checks.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from .checks import (
+    MAX_SLOT,
+    MAX_TENSOR_NAME_BYTES,
+    MAX_VERSION,
+    RESERVED_ALIASES,
+    check_alias,
+    check_label,
+    check_slot,
+    check_tensor_name,
+    check_version,
+)
 from .dtypes import dtype_problem
 from .errors import InvalidInputError
 
-MAX_SLOT = 2**31 - 1
-MAX_VERSION = 2**63 - 1
-MAX_TENSOR_NAME_BYTES = 256
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_ITEMS",
+    "MAX_SLOT",
+    "MAX_TENSORS",
+    "MAX_TENSOR_NAME_BYTES",
+    "MAX_VERSION",
+    "RESERVED_ALIASES",
+    "check_alias",
+    "check_dtype",
+    "check_label",
+    "check_shape",
+    "check_slot",
+    "check_tensor_name",
+    "check_version",
+    "freeze_json",
+    "freeze_mapping",
+    "freeze_trusted_json",
+    "thaw_json",
+]
+
 MAX_TENSORS = 100_000
 MAX_JSON_DEPTH = 32
 MAX_JSON_ITEMS = 100_000
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
-
-_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
-RESERVED_ALIASES = frozenset({"latest", "current"})
-
-
-def check_slot(slot: object) -> int:
-    """Return ``slot`` as an int, or raise: slots are integers in [0, 2**31 - 1]."""
-    if isinstance(slot, bool) or not isinstance(slot, int | np.integer):
-        raise InvalidInputError(f"slot must be an integer, got {type(slot).__name__} {slot!r:.40}")
-    value = int(slot)
-    if not 0 <= value <= MAX_SLOT:
-        raise InvalidInputError(f"slot must be between 0 and {MAX_SLOT}, got {value}")
-    return value
-
-
-def check_version(version: object) -> int:
-    """Return ``version`` as an int, or raise: versions are integers >= 1."""
-    if isinstance(version, bool) or not isinstance(version, int | np.integer):
-        raise InvalidInputError(
-            f"version must be an integer, got {type(version).__name__} {version!r:.40}"
-        )
-    value = int(version)
-    if not 1 <= value <= MAX_VERSION:
-        raise InvalidInputError(f"version must be between 1 and {MAX_VERSION}, got {value}")
-    return value
-
-
-def check_label(value: object, what: str) -> str:
-    """Alias, group and model-type names: a letter, then up to 63 of [A-Za-z0-9_.-]."""
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
-    if not _LABEL.fullmatch(value) or ".." in value:
-        raise InvalidInputError(
-            f"{what} {value!r:.80} is not allowed: use a letter followed by up to 63 "
-            "letters, digits, '_', '-' or '.' (no '..')"
-        )
-    return value
-
-
-def check_alias(name: object) -> str:
-    """An alias a user may set: a label that is not reserved."""
-    alias = check_label(name, "alias")
-    if alias in RESERVED_ALIASES:
-        raise InvalidInputError(f"alias {alias!r} is reserved")
-    return alias
-
-
-def check_tensor_name(name: object) -> str:
-    """Tensor names: 1-256 UTF-8 bytes, no control characters, no path traversal.
-
-    Names never become paths (files are named by position), but they travel
-    through logs, HTTP and terminals, so anything that looks like traversal or
-    carries control or invisible format characters is refused.
-    """
-    if not isinstance(name, str):
-        raise InvalidInputError(f"tensor name must be a string, got {type(name).__name__}")
-    if not name:
-        raise InvalidInputError("tensor name must not be empty")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_TENSOR_NAME_BYTES:
-        raise InvalidInputError(
-            f"tensor name {name[:40]!r}... is longer than {MAX_TENSOR_NAME_BYTES} UTF-8 bytes"
-        )
-    # ASCII is printable exactly where it holds no category-C character: the common case
-    # costs one C call, not a category lookup per character
-    for char in "" if name.isascii() and name.isprintable() else name:
-        if unicodedata.category(char)[0] == "C":
-            raise InvalidInputError(
-                f"tensor name {name!r:.80} contains control or invisible character {char!r}"
-            )
-    if name.startswith(("/", "\\")) or "\\" in name:
-        raise InvalidInputError(f"tensor name {name!r:.80} must not start with '/' or contain '\\'")
-    if any(part in {".", ".."} for part in name.split("/")):
-        raise InvalidInputError(f"tensor name {name!r:.80} must not contain '.' or '..' segments")
-    return name
 
 
 def check_dtype(dtype: np.dtype[Any], name: str) -> None:

@@ -15,8 +15,9 @@ from typing import Any, Final, TypeAlias
 
 import msgpack
 
+from ..checks import check_label
 from ..errors import CtxStoreError, InvalidInputError, RemoteProtocolError
-from ..validation import MAX_JSON_DEPTH, check_label
+from ..validation import MAX_JSON_DEPTH
 from .fields import MAX_TEXT_BYTES, is_control
 from .messages import (
     PROTOCOL_VERSION,

@@ -19,16 +19,9 @@ from types import MappingProxyType
 from typing import Annotated, Any, Final, TypeAlias
 
 from .. import checks
-from ..checks import WIRE, integer, optional
+from ..checks import WIRE, check_alias, check_label, check_slot, check_version, integer, optional
 from ..errors import InvalidInputError
-from ..validation import (
-    check_alias,
-    check_label,
-    check_slot,
-    check_version,
-    freeze_mapping,
-    thaw_json,
-)
+from ..validation import freeze_mapping, thaw_json
 
 ROLES: Final = ("reader", "publisher", "admin")
 

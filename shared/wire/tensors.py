@@ -13,10 +13,10 @@ from typing import Annotated, Any, Final, TypeAlias
 
 import numpy as np
 
-from ..checks import integer
+from ..checks import check_tensor_name, integer
 from ..dtypes import ML_DTYPE_NAMES, ml_dtype, spec_text
 from ..errors import InvalidInputError
-from ..validation import MAX_TENSORS, check_dtype, check_shape, check_tensor_name
+from ..validation import MAX_TENSORS, check_dtype, check_shape
 from .fields import Check, Field, sequence, size, tuple_of
 
 MAX_NDIM: Final = 32
