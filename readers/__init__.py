@@ -5,7 +5,7 @@ its face for asyncio servers.
 """
 
 from .aio import AnnouncementStream, AsyncReader
-from .client import Backoff
+from .connection import Backoff
 from .memory import process_memory
 from .reader import Reader, ReaderStats
 from .subscriptions import Subscription, VersionEvent

@@ -27,7 +27,7 @@ from ctxstore.context import Context
 from ctxstore.errors import ClosedError, WaitTimeoutError
 from ctxstore.validation import check_slot, check_version
 
-from .reader import POLL_INTERVAL, Reader, _deadline
+from .reader import POLL_INTERVAL, Reader, deadline
 from .subscriptions import Subscription, VersionEvent
 
 
@@ -62,7 +62,7 @@ class AsyncReader:
     async def get(self, slot: int, version: int | str | None = None) -> Context:
         """Like Reader.get; a hit answers at once, a miss maps the files in a worker thread."""
         if version is None:
-            ctx = self._reader._peek(slot)
+            ctx = self._reader.peek(slot)
             if ctx is not None:
                 return ctx
         return await asyncio.to_thread(self._reader.get, slot, version)
@@ -74,7 +74,7 @@ class AsyncReader:
         """
         slot = check_slot(slot)
         version = check_version(version)
-        deadline = _deadline(timeout)
+        until = deadline(timeout)
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
@@ -84,16 +84,16 @@ class AsyncReader:
                     loop.call_soon_threadsafe(woken.set)
 
         reader = self._reader
-        reader._add_adoption_listener(adopted)
+        reader.add_adoption_listener(adopted)
         try:
             while True:
                 woken.clear()
-                ctx = reader._peek(slot)
+                ctx = reader.peek(slot)
                 if ctx is None or (ctx.version or 0) < version:
-                    ctx = await asyncio.to_thread(reader._reached, slot, version)
+                    ctx = await asyncio.to_thread(reader.reached, slot, version)
                 if ctx is not None:
                     return ctx
-                remaining = deadline - time.monotonic()
+                remaining = until - time.monotonic()
                 if remaining <= 0:
                     raise WaitTimeoutError(
                         f"slot {slot} did not reach version {version} within {timeout} s"
@@ -101,7 +101,7 @@ class AsyncReader:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(remaining, POLL_INTERVAL))
         finally:
-            reader._remove_adoption_listener(adopted)
+            reader.remove_adoption_listener(adopted)
 
     def announcements(
         self,
@@ -162,7 +162,7 @@ class AnnouncementStream:
             return
         self._loop = asyncio.get_running_loop()
         slots, groups, all_slots = self._spec
-        self._subscription = self._reader._subscribe(slots, groups, all_slots, None, self)
+        self._subscription = self._reader.subscribe(slots, groups, all=all_slots, sink=self)
 
     # EventSink: called on the reader's socket thread
 

@@ -5,7 +5,7 @@ A Reader opens the store read-only, maps contexts with
 page cache shared with every other reader), and learns of new versions two
 ways: the daemon's shared-memory version table, checked on every :meth:`get`
 in well under a microsecond, and announcements on the daemon's socket, read by
-a background thread (:mod:`ctxstore.readers.client`).
+a background thread (:mod:`ctxstore.readers.connection`).
 
 The hot path (``get(slot)``, context cached and still current) is a dict
 lookup and one seqlocked read of shared memory: no lock shared with other
@@ -38,6 +38,13 @@ frozen or stale); the client reconnects with backoff, re-attaches the table if
 a new daemon recreated it, resubscribes and resynchronises from the daemon's
 snapshot.
 
+Where the parts live: this module is the facade (and the hot path); the
+adoption rules, single-flight loads and held versions are in
+:mod:`ctxstore.readers.adoption` (damaged versions in
+:mod:`ctxstore.readers.damage`), what the reader does with each message from
+the daemon in :mod:`ctxstore.readers.handler`, the subscriptions and followed
+slots in :mod:`ctxstore.readers.book`.
+
 Fork: a child notices (a pid stamp compared on every ``get()``, kept current
 by an at-fork hook, so no syscall) and reopens its own store, table, cache and
 socket; the parent's subscriptions stay with the parent.
@@ -45,8 +52,6 @@ socket; the parent's subscriptions stay with the parent.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
 import os
@@ -55,7 +60,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Final, Self
 
 from ctxstore import layout
@@ -63,7 +68,6 @@ from ctxstore.cache import CacheStats, ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import (
     ClosedError,
-    CtxStoreError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -71,48 +75,23 @@ from ctxstore.errors import (
     WaitTimeoutError,
 )
 from ctxstore.lock import writer_may_be_running
-from ctxstore.messages import (
-    MAX_REASON_BYTES,
-    Ack,
-    Announce,
-    DamageReport,
-    Error,
-    Heartbeat,
-    Message,
-    Subscribe,
-    Subscribed,
-    Unsubscribe,
-    Welcome,
-)
+from ctxstore.messages import Heartbeat, Message, Welcome
 from ctxstore.paths import default_socket_path, default_store_dir
 from ctxstore.records import FileInfo
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_label, check_slot, check_version
 from ctxstore.versiontable import VersionTable, segment_name
 
-from .client import Backoff, DaemonClient
-from .memory import MemorySampler
-from .subscriptions import (
-    Callback,
-    Dispatcher,
-    EventSink,
-    Subscription,
-    VersionEvent,
-    group_set,
-    slot_set,
-)
+from .adoption import Adoption, version_of
+from .book import SubscriptionBook
+from .connection import Backoff, ReaderConnection
+from .handler import ReaderSessionHandler
+from .subscriptions import Callback, EventSink, Subscription, group_set, slot_set
 
 log = logging.getLogger("ctxstore.readers")
 
 POLL_INTERVAL: Final = 0.05  # wait_for re-checks the table/store this often between wake-ups
 CLOSE_TIMEOUT: Final = 2.0
-#: get() maps the current version again at most this often when each one is superseded
-#: while it is being mapped; the last is adopted regardless (it was current when chosen)
-ADOPT_TRIES: Final = 4
-#: damaged versions this reader remembers (it neither maps nor re-reports them)
-MAX_DAMAGED: Final = 1024
-#: characters of an IntegrityError's text sent in a damage report
-MAX_REPORT_CHARS: Final = 500
 
 _pid = os.getpid()
 _fork_lock = threading.Lock()
@@ -134,16 +113,6 @@ def _no_table(slot: int) -> int | None:
 
 def _default_name() -> str:
     return f"reader-{os.getpid()}"
-
-
-class _PendingLoad:
-    """A version one thread is mapping; others asking for it wait on ``done``."""
-
-    __slots__ = ("ctx", "done")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.ctx: Context | None = None  # None once done: the mapping failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,39 +199,41 @@ class Reader:
     def _open(self) -> None:
         """Everything that belongs to one process: made at start and again in a forked child."""
         self._lock = threading.RLock()
-        self._adopted_cond = threading.Condition(self._lock)
         self._cache = ContextCache(self._cache_items, self._cache_bytes)
-        self._current: dict[int, tuple[int, Context]] = {}
-        self._current_get = self._current.get
-        self._adopted: dict[int, int] = {}
-        self._keys: set[tuple[int, int]] = set()  # every key inserted in the cache, pruned lazily
-        #: versions being mapped now, by the thread that maps them for every thread asking
-        self._loading: dict[tuple[int, int], _PendingLoad] = {}
-        self._explicit: set[tuple[int, int]] = set()
-        self._followed: set[int] = set()
-        self._subscriptions: list[Subscription] = []
-        self._requests: dict[int, Subscription | None] = {}  # None: the follow subscription
-        self._request_ids = itertools.count(1)
-        self._adoption_listeners: list[Callable[[int, int], None]] = []
-        self._dispatcher: Dispatcher | None = None
-        self._memory = MemorySampler(max(5 * self._heartbeat_interval, 1.0))
-        self._hits = self._misses = self._adoptions = self._announcements = 0
-        #: (slot, version) -> what was wrong, for versions found damaged (oldest first)
-        self._damaged: dict[tuple[int, int], str] = {}
-        #: slot -> (damaged version, the version served instead of it)
-        self._instead: dict[int, tuple[int, int]] = {}
-        #: the pid of a daemon that refused damage_report (one from before the frame)
-        self._reports_refused_by: int | None = None
-        self._daemon_pid: int | None = None
+        self._hits = 0
         self._table_get: Callable[[int], int | None] = _no_table
         self._table: VersionTable | None = None
         self._store = PersistentStore(self._store_path, readonly=True)
-        self._client: DaemonClient | None = None
+        self._client: ReaderConnection | None = None
+        self._book = SubscriptionBook(
+            self._lock, self._name, outbox=lambda: self._client, groups_of=self._groups_of
+        )
+        self._adoption = Adoption(
+            self._store,
+            self._cache,
+            self._lock,
+            verify=self._verify,
+            table_get=self._table_version,
+            vouched=self._vouched,
+            follow=self._follow,
+            post=self._post,
+        )
+        self._adopted_cond = self._adoption.adopted_cond
+        self._current_get = self._adoption.current.get  # the hot path's own reference
+        self._loading = self._adoption.loading
+        self._handler = ReaderSessionHandler(
+            self._name,
+            self._adoption,
+            self._book,
+            attach_table=self._attach_table,
+            detach_table=self._detach_table,
+            heartbeat_interval=self._heartbeat_interval,
+        )
         if self._connect:
-            self._client = DaemonClient(
+            self._client = ReaderConnection(
                 self._socket_path,
                 name=self._name,
-                handler=self,
+                handler=self._handler,
                 heartbeat_interval=self._heartbeat_interval,
                 backoff=self._backoff,
             )
@@ -286,83 +257,24 @@ class Reader:
             if entry is not None and entry[0] == self._table_get(slot):
                 self._hits += 1
                 return entry[1]
-        return self._get_slow(slot, version)
+        self._check_open()
+        slot = check_slot(slot)
+        if version is None:
+            return self._adoption.current_context(slot)
+        return self._adoption.version(slot, version)
 
-    def _peek(self, slot: int) -> Context | None:
-        """The hot path alone: the current context if cached and fresh, else None (no I/O)."""
+    def peek(self, slot: int) -> Context | None:
+        """The current context of ``slot`` if it is in memory and still current, else None.
+
+        The hot path of :meth:`get` alone: no I/O, no lock, never blocks (what
+        :class:`~ctxstore.readers.AsyncReader` answers on the event loop).
+        """
         if type(slot) is int and self._pid == _pid and not self._closed:
             entry = self._current_get(slot)
             if entry is not None and entry[0] == self._table_get(slot):
                 self._hits += 1
                 return entry[1]
         return None
-
-    def _get_slow(self, slot: int, version: int | str | None) -> Context:
-        self._check_open()
-        slot = check_slot(slot)
-        if version is None:
-            return self._get_current(slot)
-        return self._get_version(slot, version)
-
-    def _get_current(self, slot: int) -> Context:
-        for attempt in range(ADOPT_TRIES):
-            floor = self._adopted.get(slot)
-            number = self._table_get(slot)
-            if number is None or (floor is not None and number < floor):
-                # No table, or one behind what this reader already adopted: a table lags
-                # the store from each commit until its publication, and freezes when its
-                # daemon dies. The store decides, and only the store moves a reader back.
-                number = self._store.current_version(slot)
-                if number is None:
-                    raise NotFoundError(f"slot {slot} has no versions")
-            entry = self._current.get(slot)
-            if entry is not None and entry[0] == number:
-                self._hits += 1
-                return entry[1]
-            if (slot, number) in self._damaged:
-                return self._serve_intact(slot, number)
-            try:
-                try:
-                    ctx = self._load(slot, number)
-                except NotFoundError:
-                    # The table named a version the store no longer has (retired, or a stale
-                    # table): serve what the store calls current rather than fail.
-                    current = self._store.current_version(slot)
-                    if current is None or current == number:
-                        raise
-                    number = current
-                    ctx = self._load(slot, current)
-            except IntegrityError as exc:
-                self._damage_found(slot, number, exc)
-                return self._serve_intact(slot, number)
-            if self._adopt(slot, ctx, trusted=attempt == ADOPT_TRIES - 1):
-                break
-            # superseded while we mapped it: take what is current now
-        else:  # another thread adopted a version meanwhile: serve its choice
-            entry = self._current.get(slot)
-            if entry is not None:
-                ctx = entry[1]
-        self._follow(slot)
-        return ctx
-
-    def _get_version(self, slot: int, version: int | str) -> Context:
-        if isinstance(version, str):
-            number = self._store.resolve(slot, version)
-        else:
-            number = check_version(version)
-        entry = self._current.get(slot)
-        if entry is not None and entry[0] == number:
-            self._hits += 1
-            return entry[1]
-        try:
-            ctx = self._load(slot, number)
-        except IntegrityError as exc:  # that version was asked for: no other will do
-            self._damage_found(slot, number, exc)
-            raise
-        with self._lock:
-            if (slot, number) in self._cache:
-                self._explicit.add((slot, number))
-        return ctx
 
     def files(self, slot: int, version: int | str | None = None) -> tuple[FileInfo, ...]:
         """The extra files (``config.json``, tokenizer files ...) of a version; by default of
@@ -376,47 +288,9 @@ class Reader:
         number = self.get(slot).version if version is None else self._store.resolve(slot, version)
         return self._store.read_file(slot, number, name)
 
-    def _load(self, slot: int, version: int) -> Context:
-        """``version`` of ``slot`` from the cache, else mapped (and checked) once.
-
-        One mapping per version however many threads ask at once: a commit reaches
-        the version table before its announcement, so a thread in :meth:`wait_for`
-        or :meth:`get` and the socket thread adopting the announcement ask for the
-        same new version together. The later ones wait for the first one's mapping
-        instead of mapping and checking every file again; if it fails they try
-        themselves (its error belongs to its caller).
-        """
-        key = (slot, version)
-        ctx = self._cache.get_cached_context(key)
-        if ctx is not None:
-            self._hits += 1
-            return ctx
-        with self._lock:
-            pending = self._loading.get(key)
-            mine = pending is None
-            if pending is None:
-                pending = self._loading[key] = _PendingLoad()
-        if not mine:
-            pending.done.wait()
-            if pending.ctx is not None:
-                self._hits += 1
-                return pending.ctx
-            return self._map_version(key)
-        try:
-            pending.ctx = self._map_version(key)
-        finally:
-            with self._lock:
-                self._loading.pop(key, None)
-            pending.done.set()
-        return pending.ctx
-
-    def _map_version(self, key: tuple[int, int]) -> Context:
-        ctx = self._store.load_context(
-            *key, verify=self._verify, trust_verified=self._verify and self._vouched()
-        )
-        self._misses += 1
-        self._insert(key, ctx)
-        return ctx
+    def _adopt(self, slot: int, ctx: Context, *, trusted: bool = False) -> bool:
+        """Move ``slot``'s current pointer to ``ctx`` if it is current (:meth:`Adoption.adopt`)."""
+        return self._adoption.adopt(slot, ctx, trusted=trusted)
 
     def _vouched(self) -> bool:
         """Whether a daemon runs now, so its verified records may spare us a hash.
@@ -426,168 +300,24 @@ class Reader:
         """
         return self.connected or writer_may_be_running(layout.lock_path(self._store.root))
 
-    # -- damage ----------------------------------------------------------------------------
-
-    def _damage_found(self, slot: int, version: int, exc: IntegrityError) -> None:
-        """Remember ``version`` as damaged, log it once and report it to the daemon."""
-        key = (slot, version)
-        detail = _report_detail(exc)
-        with self._lock:
-            if key in self._damaged or self._closed:
-                return
-            self._damaged[key] = detail
-            while len(self._damaged) > MAX_DAMAGED:
-                del self._damaged[next(iter(self._damaged))]
-            client = self._client if self._reports_welcome() else None
-        log.error(
-            "slot %d version %d is damaged (%s)%s; this reader serves the newest intact "
-            "version instead",
-            slot,
-            version,
-            detail,
-            "" if client is None else ": reported to the daemon",
-        )
-        if client is not None:
-            client.post(DamageReport(slot=slot, version=version, detail=detail))
-
-    def _reports_welcome(self) -> bool:
-        """Whether the daemon of this session understands damage_report (a daemon from
-        before the frame ends the session on it: such a daemon is not told again)."""
-        return self._reports_refused_by is None or self._reports_refused_by != self._daemon_pid
-
-    def _serve_intact(self, slot: int, damaged: int) -> Context:
-        """The newest intact version of ``slot`` older than ``damaged``: the one this reader
-        holds, or a newer one it can map (adopted, so the daemon hears where we are).
-
-        IntegrityError when there is none: no damaged array is ever returned.
-        """
-        entry = self._current.get(slot)
-        if entry is not None and self._instead.get(slot) == (damaged, entry[0]):
-            self._hits += 1
-            return entry[1]  # chosen before, and still served
-        held = None
-        if entry is not None and entry[0] < damaged and (slot, entry[0]) not in self._damaged:
-            held = entry[0]
-        for info in reversed(self._store.list_versions(slot)):
-            number = info.version
-            if number >= damaged or (slot, number) in self._damaged:
-                continue
-            if held is not None and number <= held:
-                break
-            try:
-                ctx = self._load(slot, number)
-            except IntegrityError as exc:
-                self._damage_found(slot, number, exc)
-                continue
-            except NotFoundError:  # retired meanwhile
-                continue
-            self._adopt(slot, ctx, trusted=True)
-            entry = self._current.get(slot)
-            if entry is not None and entry[0] == number:
-                self._instead[slot] = (damaged, number)
-            self._follow(slot)
-            return ctx
-        if entry is not None and held is not None:
-            self._instead[slot] = (damaged, held)
-            self._hits += 1
-            return entry[1]
-        raise IntegrityError(
-            f"slot {slot} version {damaged} is damaged and this reader has no intact older "
-            f"version to serve: {self._damaged.get((slot, damaged), 'see the daemon log')}"
-        )
-
-    def _insert(self, key: tuple[int, int], ctx: Context) -> None:
-        """Cache ``ctx``; current contexts are refreshed first, so older explicit ones go first."""
-        with self._lock:
-            if self._closed:
-                return
-            for slot, (number, _ctx) in self._current.items():
-                if (slot, number) != key:
-                    self._cache.get_cached_context((slot, number))
-            self._cache.cache_context(key, ctx)
-            self._keys.add(key)
-            self._prune()
-
-    def _prune(self) -> None:
-        """Forget keys the LRU evicted; a current pointer never outlives its cache entry."""
-        cache = self._cache
-        self._keys = {key for key in self._keys if key in cache}
-        self._explicit &= self._keys
-        for slot, (number, _ctx) in list(self._current.items()):
-            if (slot, number) not in self._keys:
-                del self._current[slot]
-
-    def _adopt(self, slot: int, ctx: Context, *, trusted: bool = False) -> bool:
-        """Move ``slot``'s current pointer to ``ctx`` if its version is current; True if it is.
-
-        A version is current when the table names it and it is not older than what
-        this reader adopted before, or else when the store names it (the table lags
-        the store and freezes with a dead daemon, so an older version is adopted only
-        on the store's word: a rollback). ``trusted``: the caller chose the version
-        from the table or store a moment ago; adopt it unless another adoption came
-        first. Acknowledges each newly adopted version to the daemon.
-        """
-        number = _version_of(ctx)
-        floor = self._adopted.get(slot)
-        current = trusted or self._is_current(slot, number, floor)
-        with self._lock:
-            if self._closed:
-                return False
-            if not current or self._adopted.get(slot) != floor:
-                # superseded while we mapped it, a late announcement, or another thread
-                # adopted meanwhile: never move back on a stale word. Nor keep it cached:
-                # a held version is one retention may not reclaim.
-                key = (slot, number)
-                pointer = self._current.get(slot)
-                if key not in self._explicit and (pointer is None or pointer[0] != number):
-                    self._cache.pop(key)
-                    self._keys.discard(key)
-                return self._adopted.get(slot) == number
-            old = self._current.get(slot)
-            if (slot, number) in self._cache:
-                self._current[slot] = (number, ctx)
-            else:
-                self._current.pop(slot, None)  # too large to cache: mapped again on each get()
-            if floor == number:
-                return True
-            self._adopted[slot] = number
-            self._adoptions += 1
-            if old is not None and old[0] != number and (slot, old[0]) not in self._explicit:
-                self._cache.pop((slot, old[0]))
-                self._keys.discard((slot, old[0]))
-            self._adopted_cond.notify_all()
-            listeners = list(self._adoption_listeners)
-        if self._client is not None:
-            self._client.post(Ack(slot=slot, version=number))
-        for listener in listeners:
-            try:
-                listener(slot, number)
-            except Exception:
-                log.exception("adoption listener failed")
-        return True
-
-    def _is_current(self, slot: int, number: int, floor: int | None) -> bool:
-        """Whether ``number`` may be adopted: the table's word going forward, else the store's."""
-        if self._table_get(slot) == number and (floor is None or number >= floor):
-            return True
-        try:
-            return self._store.current_version(slot) == number
-        except CtxStoreError:
-            return False
-
     def _follow(self, slot: int) -> None:
         """Subscribe to ``slot`` for our own use: its announcements are adopted at once."""
-        if not self._follow_enabled or slot in self._followed:
-            return
-        with self._lock:
-            if slot in self._followed or self._closed:
-                return
-            self._followed.add(slot)
-            client = self._client
-            if client is not None and client.connected:
-                request_id = next(self._request_ids)
-                self._requests[request_id] = None
-                client.post(Subscribe(request_id=request_id, slots=(slot,)))
+        if self._follow_enabled:
+            self._book.follow(slot)
+
+    def _post(self, message: Message) -> bool:
+        """Send ``message`` to the daemon; False when this reader has no connection."""
+        client = self._client
+        if client is None:
+            return False
+        client.post(message)
+        return True
+
+    def _groups_of(self, slot: int) -> Collection[str]:
+        try:
+            return self._store.hierarchy.get_groups(slot)
+        except (NotFoundError, StorageError, ClosedError):
+            return ()
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -601,39 +331,46 @@ class Reader:
         """
         slot = check_slot(slot)
         version = check_version(version)
-        deadline = _deadline(timeout)
+        until = deadline(timeout)
         while True:
-            ctx = self._reached(slot, version)
+            ctx = self.reached(slot, version)
             if ctx is not None:
                 return ctx
-            remaining = deadline - time.monotonic()
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeoutError(
                     f"slot {slot} did not reach version {version} within {timeout} s "
-                    f"(this reader is at {self._adopted.get(slot)})"
+                    f"(this reader is at {self._adoption.adopted.get(slot)})"
                 )
             with self._adopted_cond:
-                if self._adopted.get(slot, 0) < version and not self._closed:
+                if self._adoption.adopted.get(slot, 0) < version and not self._closed:
                     self._adopted_cond.wait(min(remaining, POLL_INTERVAL))
 
-    def _reached(self, slot: int, version: int) -> Context | None:
-        """The current context if it is at least ``version`` (adopting what is newer)."""
+    def reached(self, slot: int, version: int) -> Context | None:
+        """The current context of ``slot`` if it is at least ``version``, else None.
+
+        One check of :meth:`wait_for`, without the waiting: adopts what is newer
+        (it may map files) and follows ``slot`` from now on.
+        """
         self._check_open()
         self._follow(slot)
         try:
             ctx = self.get(slot)
         except NotFoundError:
             return None
-        return ctx if _version_of(ctx) >= version else None
+        return ctx if version_of(ctx) >= version else None
 
-    def _add_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
-        with self._lock:
-            self._adoption_listeners.append(listener)
+    def add_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Call ``listener(slot, version)`` after each adoption, on the adopting thread.
 
-    def _remove_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
-        with self._lock:
-            if listener in self._adoption_listeners:
-                self._adoption_listeners.remove(listener)
+        It must return quickly and not block (it runs on the socket thread for
+        announced versions); an exception it raises is logged and ignored.
+        """
+        self._adoption.add_listener(listener)
+
+    def remove_adoption_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Stop calling ``listener`` (idempotent)."""
+        self._adoption.remove_listener(listener)
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -643,28 +380,23 @@ class Reader:
         groups: str | Iterable[str] | None = None,
         callback: Callback | None = None,
         all: bool = False,
+        *,
+        sink: EventSink | None = None,
     ) -> Subscription:
         """Receive a :class:`VersionEvent` for each new current version of these slots.
 
         ``callback(event)`` runs on the reader's callback thread, never on the
         socket thread. The first events after subscribing (and after each
         reconnect) report versions this subscription has not seen yet.
+        ``sink``: also hand each event to ``sink.push`` on the socket thread
+        (it must not block; ``sink.close()`` is called when the subscription
+        ends), as the asyncio streams do.
         """
-        return self._subscribe(slots, groups, all, callback, None)
-
-    def _subscribe(
-        self,
-        slots: int | Iterable[int] | None,
-        groups: str | Iterable[str] | None,
-        all_slots: bool,
-        callback: Callback | None,
-        sink: EventSink | None,
-    ) -> Subscription:
         wanted_slots = slot_set(slots)
         wanted_groups = group_set(groups)
-        if not isinstance(all_slots, bool):
-            raise InvalidInputError(f"all must be True or False, got {all_slots!r:.40}")
-        if not (wanted_slots or wanted_groups or all_slots):
+        if not isinstance(all, bool):
+            raise InvalidInputError(f"all must be True or False, got {all!r:.40}")
+        if not (wanted_slots or wanted_groups or all):
             raise InvalidInputError("subscribe needs slots, groups or all=True")
         if callback is not None and not callable(callback):
             raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
@@ -672,110 +404,36 @@ class Reader:
             self,
             slots=wanted_slots,
             groups=wanted_groups,
-            all_slots=all_slots,
+            all_slots=all,
             callback=callback,
             sink=sink,
         )
         with self._lock:
             self._check_open()
-            self._subscriptions.append(subscription)
-            client = self._client
-            if client is not None and client.connected:
-                request_id = next(self._request_ids)
-                self._requests[request_id] = subscription
-                client.post(subscription.request(request_id))
+            self._book.add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """End ``subscription`` (idempotent); the daemon stops sending what nobody wants."""
-        with self._lock:
-            if subscription not in self._subscriptions:
-                return
-            self._subscriptions.remove(subscription)
-            subscription.active = False
-            client = self._client
-            if client is not None and client.connected:
-                for message in self._unsubscribe_messages(subscription):
-                    client.post(message)
-        if subscription._sink is not None:
-            subscription._sink.close()
+        self._book.remove(subscription)
 
-    def _unsubscribe_messages(self, gone: Subscription) -> list[Message]:
-        rest = self._subscriptions
-        slots = gone.slots - self._followed - {s for sub in rest for s in sub.slots}
-        groups = gone.groups - {g for sub in rest for g in sub.groups}
-        messages: list[Message] = []
-        if slots or groups:
-            messages.append(Unsubscribe(slots=tuple(sorted(slots)), groups=tuple(sorted(groups))))
-        if gone.all and not any(sub.all for sub in rest):
-            # Whether the daemon drops only the "all" flag or everything, restating the
-            # rest leaves it subscribed to exactly what is still wanted.
-            messages.append(Unsubscribe(all=True))
-            messages.extend(self._subscribe_messages())
-        return messages
-
-    def _subscribe_messages(self) -> list[Message]:
-        messages: list[Message] = []
-        if self._followed:
-            request_id = next(self._request_ids)
-            self._requests[request_id] = None
-            messages.append(Subscribe(request_id=request_id, slots=tuple(sorted(self._followed))))
-        for subscription in self._subscriptions:
-            request_id = next(self._request_ids)
-            self._requests[request_id] = subscription
-            messages.append(subscription.request(request_id))
-        return messages
-
-    # -- the client thread's side (SessionHandler) -------------------------------------------
+    # -- the connection's side (SessionHandler, implemented by readers/handler.py) ---------
 
     def session_started(self, welcome: Welcome) -> list[Message]:
-        with self._lock:
-            if self._closed:
-                return []
-            self._attach_table()
-            self._requests = {}
-            self._daemon_pid = welcome.daemon_pid
-            messages = self._subscribe_messages()
-            messages.extend(Ack(slot=s, version=v) for s, v in sorted(self._adopted.items()))
-            # reports posted while no daemon listened (the daemon ignores those it knows)
-            if self._reports_welcome():
-                messages.extend(
-                    DamageReport(slot=s, version=v, detail=detail)
-                    for (s, v), detail in self._damaged.items()
-                )
-        for slot, number in welcome.versions.items():
-            if slot in self._followed and self._adopted.get(slot) != number:
-                self._adopt_announced(slot, number)
-        return messages
+        """A daemon session began: what to tell the daemon (:class:`ReaderSessionHandler`)."""
+        return self._handler.session_started(welcome)
 
     def session_ended(self, reason: str) -> None:
-        if "damage_report" in reason:  # "unknown frame type": a daemon older than reports
-            log.warning("the ctxstore daemon does not take damage reports; not sending more")
-            self._reports_refused_by = self._daemon_pid
-        with self._lock:
-            # The table may freeze now: the store is the truth until we are back.
-            self._table_get = _no_table
-            self._requests = {}
-            self._adopted_cond.notify_all()
+        """The daemon session ended for ``reason``."""
+        self._handler.session_ended(reason)
 
     def message_received(self, message: Message) -> None:
-        match message:
-            case Announce():
-                self._on_announce(message)
-            case Subscribed():
-                self._on_subscribed(message)
-            case Error(request_id=request_id):
-                if request_id is not None:
-                    self._requests.pop(request_id, None)  # a refused subscribe gets no answer
-                log.warning("ctxstore daemon reported %s: %s", message.kind, message.message)
-            case _:
-                log.debug("reader ignores a %r message", message.TYPE)
+        """A message from the daemon (an announcement, an answer, an error)."""
+        self._handler.message_received(message)
 
     def heartbeat(self) -> Heartbeat:
-        uss, pss = self._memory.sample()
-        return Heartbeat(
-            pid=os.getpid(), name=self._name, held=tuple(self.versions_held()), uss=uss, pss=pss
-        )
+        """This process's heartbeat: every version held, and its memory."""
+        return self._handler.heartbeat()
 
     def _attach_table(self) -> None:
         """Use the daemon's version table, attaching it again if a new daemon recreated it."""
@@ -791,92 +449,12 @@ class Reader:
         self._table = table
         self._table_get = table.get if table is not None else _no_table
 
-    def _on_announce(self, announce: Announce) -> None:
-        self._announcements += 1
-        if announce.slot in self._followed:
-            self._adopt_announced(announce.slot, announce.version)
-        self._deliver(announce.slot, announce.version, "announce", announce)
+    def _detach_table(self) -> None:
+        self._table_get = _no_table
 
-    def _on_subscribed(self, answer: Subscribed) -> None:
-        subscription = self._requests.pop(answer.request_id, None)
-        for slot, number in answer.versions.items():
-            if slot in self._followed and self._adopted.get(slot) != number:
-                self._adopt_announced(slot, number)
-        if subscription is not None and subscription.active:
-            subscription._covered.update(answer.versions)
-            for slot, number in answer.versions.items():
-                self._deliver_to(subscription, slot, number, "snapshot", None)
-
-    def _adopt_announced(self, slot: int, version: int) -> None:
-        """Map and adopt an announced version now, so the next get() is a hit."""
-        if self._closed or (self._adopted.get(slot) == version and slot in self._current):
-            return
-        truth = self._table_get(slot)
-        if truth is not None and truth != version:
-            return  # something newer is current already; its announcement follows
-        if (slot, version) in self._damaged:
-            return
-        try:
-            ctx = self._load(slot, version)
-        except IntegrityError as exc:
-            self._damage_found(slot, version, exc)
-            with contextlib.suppress(CtxStoreError):  # get() tries again, and says why
-                self._serve_intact(slot, version)
-            return
-        except (NotFoundError, StorageError, ClosedError) as exc:
-            log.warning("cannot map announced slot %d version %d: %s", slot, version, exc)
-            return
-        self._adopt(slot, ctx)
-
-    def _deliver(self, slot: int, version: int, source: str, announce: Announce | None) -> None:
-        groups: list[Collection[str]] = []
-
-        def groups_of(s: int) -> Collection[str]:
-            if not groups:
-                try:
-                    groups.append(frozenset(self._store.hierarchy.get_groups(s)))
-                except (NotFoundError, StorageError, ClosedError):
-                    groups.append(frozenset())
-            return groups[0]
-
-        for subscription in list(self._subscriptions):
-            if subscription.matches(slot, groups_of):
-                self._deliver_to(subscription, slot, version, source, announce)
-
-    def _deliver_to(
-        self,
-        subscription: Subscription,
-        slot: int,
-        version: int,
-        source: str,
-        announce: Announce | None,
-    ) -> None:
-        previous = subscription._seen.get(slot)
-        if previous == version:
-            return
-        subscription._seen[slot] = version
-        event = VersionEvent(
-            slot=slot,
-            version=version,
-            previous=previous,
-            source=source,
-            committed_at=announce.committed_at if announce else None,
-            model_type=announce.model_type if announce else None,
-            aliases=announce.aliases if announce else MappingProxyType({}),
-        )
-        if subscription.callback is not None:
-            self._callbacks().submit(subscription.callback, event)
-        if subscription._sink is not None:
-            subscription._sink.push(event)
-
-    def _callbacks(self) -> Dispatcher:
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            with self._lock:
-                if self._dispatcher is None:
-                    self._dispatcher = Dispatcher(self._name)
-                dispatcher = self._dispatcher
-        return dispatcher
+    def _table_version(self, slot: int) -> int | None:
+        """The table's word on ``slot`` (looked up anew: the table attaches and detaches)."""
+        return self._table_get(slot)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -885,32 +463,28 @@ class Reader:
 
         The heartbeat reports this list; the daemon's retention keeps these versions.
         """
-        with self._lock:
-            self._prune()
-            return sorted(self._keys)
+        return self._adoption.held()
 
     def stats(self) -> ReaderStats:
         client = self._client
-        with self._lock:
-            following = len(self._followed)
-            subscriptions = len(self._subscriptions)
-            table = self._table_get is not _no_table
+        adoption = self._adoption
+        following, subscriptions = self._book.counts()
         return ReaderStats(
-            hits=self._hits,
-            misses=self._misses,
-            adoptions=self._adoptions,
-            announcements=self._announcements,
+            hits=self._hits + adoption.hits,
+            misses=adoption.misses,
+            adoptions=adoption.adoptions,
+            announcements=self._handler.announcements,
             sessions=client.sessions if client else 0,
             reconnects=client.reconnects if client else 0,
             connected=bool(client and client.connected),
-            version_table=table,
+            version_table=self._table_get is not _no_table,
             following=following,
             subscriptions=subscriptions,
             last_error=client.last_error if client else None,
             cache=self._cache.stats(),
             hashed=self._store.versions_hashed,
             trusted=self._store.versions_trusted,
-            damaged=len(self._damaged),
+            damaged=len(adoption.damage),
         )
 
     @property
@@ -971,17 +545,10 @@ class Reader:
                 return
             self._closed = True
             self._table_get = _no_table
-            self._current.clear()
-            self._adopted_cond.notify_all()
-            subscriptions, self._subscriptions = self._subscriptions, []
+            self._adoption.close()
         if self._client is not None:
             self._client.close(CLOSE_TIMEOUT)
-        for subscription in subscriptions:
-            subscription.active = False
-            if subscription._sink is not None:
-                subscription._sink.close()
-        if self._dispatcher is not None:
-            self._dispatcher.close(CLOSE_TIMEOUT)
+        self._book.close()
         self._cache.clear()
         self._store.close()
         if self._table is not None:
@@ -1003,20 +570,8 @@ class Reader:
         return f"<Reader {self._name} {self._store_path} {state}>"
 
 
-def _report_detail(exc: IntegrityError) -> str:
-    """What a damage report says: the error's text, printable, within the frame's limit."""
-    text = "".join(c if c.isprintable() else "?" for c in str(exc)[:MAX_REPORT_CHARS])
-    return text.encode("utf-8", "replace")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
-
-
-def _version_of(ctx: Context) -> int:
-    version = ctx.version
-    if version is None:  # pragma: no cover - the store always binds its contexts
-        raise IntegrityError("the store returned a context without a version")
-    return version
-
-
-def _deadline(timeout: float | None) -> float:
+def deadline(timeout: float | None) -> float:
+    """The monotonic time ``timeout`` seconds from now (None: never), the timeout checked."""
     if timeout is None:
         return math.inf
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):

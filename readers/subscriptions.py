@@ -90,6 +90,32 @@ class Subscription:
             return True
         return False
 
+    def cover(self, slots: Iterable[int]) -> None:
+        """The daemon said this subscription covers ``slots`` (group members it resolved)."""
+        self._covered.update(slots)
+
+    def offer(self, slot: int, version: int) -> tuple[bool, int | None]:
+        """Record ``version`` as seen for ``slot``: whether it is new to this subscription,
+        and the version it saw before (None: none). Called on the socket thread only."""
+        previous = self._seen.get(slot)
+        if previous == version:
+            return False, previous
+        self._seen[slot] = version
+        return True, previous
+
+    def emit(self, event: VersionEvent, callbacks: Callable[[], Dispatcher]) -> None:
+        """Hand ``event`` to the callback (on the dispatcher's thread) and to the sink."""
+        if self.callback is not None:
+            callbacks().submit(self.callback, event)
+        if self._sink is not None:
+            self._sink.push(event)
+
+    def end(self) -> None:
+        """Mark the subscription ended and tell its sink (the reader dropped it)."""
+        self.active = False
+        if self._sink is not None:
+            self._sink.close()
+
     def request(self, request_id: int) -> Subscribe:
         return Subscribe(
             request_id=request_id,

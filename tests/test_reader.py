@@ -519,14 +519,14 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
 
 def test_heartbeats_are_jittered_so_readers_started_together_drift_apart() -> None:
     """The next heartbeat is due after the interval times a factor in [0.75, 1], never later."""
-    from ctxstore.readers.client import HEARTBEAT_JITTER, DaemonClient, _Session
+    from ctxstore.readers.connection import HEARTBEAT_JITTER, ReaderConnection, _Session
 
     class Beats:
         def heartbeat(self) -> Heartbeat:
             return Heartbeat(pid=os.getpid(), name="t")
 
     draws = iter([0.0, 1.0, 0.5, 7.0])  # a bad rand() is clamped
-    client = DaemonClient("/nonexistent.sock", name="t", handler=Beats(),  # type: ignore[arg-type]
+    client = ReaderConnection("/nonexistent.sock", name="t", handler=Beats(),  # type: ignore[arg-type]
                           heartbeat_interval=2.0, rand=lambda: next(draws))  # fmt: skip
     daemon = Connection(Role.SERVER)
     a, b = socket.socketpair()
@@ -713,3 +713,31 @@ def test_a_rollback_in_the_table_moves_the_reader_back_on_the_stores_word(env: E
     env.writer.rollback(1, 1)  # now the store says 1 too
     assert reader.get(1).version == 1
     assert reader.versions_held() == [(1, 1)]
+
+
+def test_the_public_methods_asyncreader_builds_on(tmp_path: Path) -> None:
+    """peek (the hot path alone), reached (one check of wait_for), adoption listeners and a
+    subscription's sink: what AsyncReader uses, public on Reader."""
+    with _offline_reader_of_two_versions(tmp_path) as reader:
+        assert reader.peek(1) is None  # nothing mapped yet, and peek never maps
+        adopted: list[tuple[int, int]] = []
+        reader.add_adoption_listener(lambda slot, version: adopted.append((slot, version)))
+        assert reader.reached(1, 3) is None  # adopts version 2, which is not 3 yet
+        assert adopted == [(1, 2)]
+        ctx = reader.reached(1, 2)
+        assert ctx is not None and ctx.version == 2
+        assert reader.peek(1) is None  # no version table: only the store says what is current
+
+        class Sink:
+            closed = False
+
+            def push(self, event: VersionEvent) -> None:
+                raise AssertionError("no daemon, no events")
+
+            def close(self) -> None:
+                self.closed = True
+
+        sink = Sink()
+        subscription = reader.subscribe(slots=[1], sink=sink)
+        reader.unsubscribe(subscription)
+        assert sink.closed and not subscription.active

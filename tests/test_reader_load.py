@@ -49,7 +49,7 @@ def test_threads_asking_for_one_new_version_map_it_once(
             return real(*args, **kwargs)
 
         monkeypatch.setattr(reader._store, "load_context", blocking_load)
-        reader_module = __import__("ctxstore.readers.reader", fromlist=["_PendingLoad"])
+        reader_module = __import__("ctxstore.readers.adoption", fromlist=["_PendingLoad"])
         pending_class = getattr(reader_module, "_PendingLoad", None)
         if pending_class is not None:  # know when the second thread waits for the first
 

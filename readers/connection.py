@@ -6,7 +6,7 @@ sends heartbeats on time, and reconnects with exponential backoff and jitter
 when the daemon goes away (EOF, goodbye, fatal error, broken frames). What the
 messages mean is the :class:`SessionHandler`'s business (the Reader).
 
-Other threads never touch the socket: they :meth:`DaemonClient.post` messages
+Other threads never touch the socket: they :meth:`ReaderConnection.post` messages
 into an outbox and wake the loop through a pipe, so a caller never blocks on a
 slow or stopped daemon. Messages posted while disconnected are dropped; the
 handler restates what matters (subscriptions, adopted versions) when the next
@@ -101,7 +101,7 @@ class _SessionEndedError(Exception):
     """Ends one session; the message says why (logged, handed to the handler)."""
 
 
-class DaemonClient:
+class ReaderConnection:
     """Keeps one connection to the daemon alive from a background (daemon=True) thread."""
 
     def __init__(
@@ -286,7 +286,7 @@ class DaemonClient:
 class _Session:
     """One connection's loop: select on the socket and the wake pipe, until it ends."""
 
-    def __init__(self, client: DaemonClient, sock: socket.socket) -> None:
+    def __init__(self, client: ReaderConnection, sock: socket.socket) -> None:
         self.client = client
         self.sock = sock
         self.conn = Connection(Role.CLIENT)
