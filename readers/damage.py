@@ -1,8 +1,13 @@
 """The versions a Reader found damaged, and whether the daemon of this session hears of them.
 
+Integrity: each version is checked once in a reader process when it is first
+mapped: hashed against its recorded checksums, unless the daemon recorded it
+verified during this boot, a daemon runs, and every file still has the
+identity the daemon hashed (one fstat per file; docs/reliability.md).
 A version whose files do not match their record is never served: the reader
 remembers it (bounded, oldest forgotten first), logs it once, reports it to the
-daemon (``damage_report``) and serves the newest intact version instead. A
+daemon (``damage_report``) and serves the newest intact version instead, until
+the daemon moves the slot's pointer (back) to an intact one. A
 daemon from before that frame ends the session on it; that daemon is not told
 again, a new one is (docs/reliability.md).
 """

@@ -13,25 +13,12 @@ processes, no socket round trip, no SQL, no syscall. Everything else (a miss,
 an explicit version, an alias) goes through the store.
 
 Versions and adoption: the reader keeps, per slot, a *current pointer* to the
-context it serves. It *adopts* a version when that pointer moves there: on a
-``get()`` that finds a newer version in the table (or the store), or when the
-daemon announces a new version of a slot the reader serves (it maps it at
-once, so the next ``get()`` is a hit). Each adoption is acknowledged to the
-daemon; heartbeats report every version held and the process's USS/PSS.
-A superseded current version leaves the cache at once (the reader stops
-holding it, so retention may reclaim it); explicitly requested versions stay
-until the LRU evicts them. The pointer never moves back on the table's word
-alone: the table lags the store from each commit until its publication and
-freezes when its daemon dies, so an older version is adopted only when the
-store names it (a rollback).
-
-Integrity: each version is checked once in this process when it is first
-mapped: hashed against its recorded checksums, unless the daemon recorded it
-verified during this boot, a daemon runs, and every file still has the
-identity the daemon hashed (one fstat per file; docs/reliability.md). A
-version whose files do not match is never served: the reader reports it to the
-daemon (logged once), goes on serving the newest intact version it holds or
-can map, and follows the daemon when it moves the slot's pointer back.
+context it serves and moves it (adopts a version) on a ``get()`` that finds a
+newer version, or when the daemon announces one of a slot it serves; each
+adoption is acked, heartbeats report every version held (rules in
+:mod:`ctxstore.readers.adoption`). Each version is checked once in this
+process when first mapped; a damaged one is never served
+(:mod:`ctxstore.readers.damage`, docs/reliability.md).
 
 Daemon down: reads go on from the store, freshness from SQL (the table may be
 frozen or stale); the client reconnects with backoff, re-attaches the table if
@@ -86,7 +73,7 @@ from .adoption import Adoption, version_of
 from .book import SubscriptionBook
 from .connection import Backoff, ReaderConnection
 from .handler import ReaderSessionHandler
-from .subscriptions import Callback, EventSink, Subscription, group_set, slot_set
+from .subscriptions import Callback, EventSink, Subscription, checked_subscription
 
 log = logging.getLogger("ctxstore.readers")
 
@@ -392,22 +379,7 @@ class Reader:
         (it must not block; ``sink.close()`` is called when the subscription
         ends), as the asyncio streams do.
         """
-        wanted_slots = slot_set(slots)
-        wanted_groups = group_set(groups)
-        if not isinstance(all, bool):
-            raise InvalidInputError(f"all must be True or False, got {all!r:.40}")
-        if not (wanted_slots or wanted_groups or all):
-            raise InvalidInputError("subscribe needs slots, groups or all=True")
-        if callback is not None and not callable(callback):
-            raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
-        subscription = Subscription(
-            self,
-            slots=wanted_slots,
-            groups=wanted_groups,
-            all_slots=all,
-            callback=callback,
-            sink=sink,
-        )
+        subscription = checked_subscription(self, slots, groups, all, callback=callback, sink=sink)
         with self._lock:
             self._check_open()
             self._book.add(subscription)

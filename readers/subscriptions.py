@@ -193,3 +193,31 @@ def group_set(groups: str | Iterable[str] | None) -> frozenset[str]:
     if not isinstance(groups, Iterable):
         raise InvalidInputError(f"groups must be a name or names, got {type(groups).__name__}")
     return frozenset(check_label(g, "group") for g in groups)
+
+
+def checked_subscription(
+    reader: Reader,
+    slots: int | Iterable[int] | None,
+    groups: str | Iterable[str] | None,
+    all_slots: bool,
+    *,
+    callback: Callback | None,
+    sink: EventSink | None,
+) -> Subscription:
+    """A Subscription of ``reader`` to what :meth:`Reader.subscribe` was given, validated."""
+    wanted_slots = slot_set(slots)
+    wanted_groups = group_set(groups)
+    if not isinstance(all_slots, bool):
+        raise InvalidInputError(f"all must be True or False, got {all_slots!r:.40}")
+    if not (wanted_slots or wanted_groups or all_slots):
+        raise InvalidInputError("subscribe needs slots, groups or all=True")
+    if callback is not None and not callable(callback):
+        raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
+    return Subscription(
+        reader,
+        slots=wanted_slots,
+        groups=wanted_groups,
+        all_slots=all_slots,
+        callback=callback,
+        sink=sink,
+    )
