@@ -23,9 +23,9 @@ from typing import Final
 from ctxstore.cache import ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import ClosedError, CtxStoreError, IntegrityError, NotFoundError, StorageError
-from ctxstore.messages import Ack, DamageReport, Message
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_version
+from ctxstore.wire import Ack, DamageReport, Message
 
 from .damage import DamageLog
 

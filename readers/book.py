@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
-from ctxstore.messages import Announce, Message, Subscribe, Unsubscribe
+from ctxstore.wire import Announce, Message, Subscribe, Unsubscribe
 
 from .subscriptions import Dispatcher, Subscription, VersionEvent
 

@@ -18,7 +18,7 @@ import logging
 from typing import Final
 
 from ctxstore.errors import IntegrityError
-from ctxstore.messages import MAX_REASON_BYTES, DamageReport
+from ctxstore.wire import MAX_REASON_BYTES, DamageReport
 
 log = logging.getLogger("ctxstore.readers")
 

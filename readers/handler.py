@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 
-from ctxstore.messages import Announce, Error, Heartbeat, Message, Subscribed, Welcome
+from ctxstore.wire import Announce, Error, Heartbeat, Message, Subscribed, Welcome
 
 from .adoption import Adoption
 from .book import SubscriptionBook

@@ -62,12 +62,12 @@ from ctxstore.errors import (
     WaitTimeoutError,
 )
 from ctxstore.lock import writer_may_be_running
-from ctxstore.messages import Heartbeat, Message, Welcome
 from ctxstore.paths import default_socket_path, default_store_dir
 from ctxstore.records import FileInfo
 from ctxstore.store import PersistentStore
 from ctxstore.validation import check_label, check_slot, check_version
 from ctxstore.versiontable import VersionTable, segment_name
+from ctxstore.wire import Heartbeat, Message, Welcome
 
 from .adoption import Adoption, version_of
 from .book import SubscriptionBook
