@@ -90,7 +90,7 @@ from .status_rows import build_status, reader_rows, slot_rows
 from .subscriber import PeerBudget, Subscriber
 
 if TYPE_CHECKING:
-    from .api_server import ApiServer
+    from .http.serving import ApiServer
 
 log = logging.getLogger("ctxstore.daemon")
 
@@ -168,7 +168,7 @@ class Daemon:
         check_socket_path(config.socket, group=config.socket_group)
         address = config.http_address()
         if address is not None:  # a taken port; bound for good once the store is open
-            from .api_server import bind as bind_http
+            from .http.serving import bind as bind_http
 
             bind_http(*address).close()
 
@@ -218,7 +218,7 @@ class Daemon:
         )
         address = config.http_address()
         if address is not None:  # bound before the socket: a taken port stops us before peers
-            from .api_server import ApiServer  # the HTTP stack loads only when it is used
+            from .http.serving import ApiServer  # the HTTP stack loads only when it is used
 
             self.api = ApiServer(self, *address)
             self.api.bind()

@@ -42,17 +42,21 @@ class SlotInfo:
 
 @dataclass(frozen=True, slots=True)
 class ContextMetadata:
-    """Everything about one stored version except its tensor data."""
+    """Everything about one stored version except its tensor data.
+
+    Built by keyword; the field order is the key order of the HTTP API's body
+    (``daemon/http/schemas.py`` makes its model from these fields).
+    """
 
     slot: int
     version: int
     model_type: str | None
     current_version: int | None
     created_at: float
-    config: Mapping[str, Any]
-    metadata: Mapping[str, Any]
     pinned: bool
     aliases: tuple[str, ...]
+    config: Mapping[str, Any]
+    metadata: Mapping[str, Any]
     tensors: tuple[TensorInfo, ...] | None
 
 

@@ -78,6 +78,6 @@ def test_the_command_line_parser_reads_the_daemon_settings_without_the_server_st
     """Every ``ctxstore`` command builds the whole parser (the daemon's flags included)."""
     modules = modules_after("from ctxstore.cli import build_parser\nbuild_parser()")
     assert "ctxstore.daemon.config" in modules
-    unwanted = ("ctxstore.daemon.server", "ctxstore.daemon.api", "ctxstore.readers", "fastapi",
+    unwanted = ("ctxstore.daemon.server", "ctxstore.daemon.http", "ctxstore.readers", "fastapi",
                 "uvicorn")  # fmt: skip
     assert loaded(modules, *unwanted) == []

@@ -1,4 +1,4 @@
-"""Build-job endpoints over the daemon's job queue (``daemon.jobs``).
+"""Build-job endpoints over the daemon's job queue (``daemon.jobs`` package).
 
 The handlers are plain functions, so FastAPI runs them in its thread pool:
 submit and cancel wait for the store's write lock, which a commit holds while
@@ -21,9 +21,12 @@ from fastapi import APIRouter, Path, Query, Request, status
 from ctxstore.errors import ConflictError, DaemonUnavailableError, NotFoundError
 from ctxstore.nodes import FileNode, get_node_type
 
-from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute, authorized, errors
-from .api_models import MAX_API_ID, JobBody, JobOut, JobsOut
-from .import_roots import check_import_path
+from ...import_roots import check_import_path
+from ..context import ApiContext, Ctx
+from ..errors import COMMON_ERRORS, GuardedRoute, errors
+from ..fields import MAX_API_ID
+from ..guard import authorized
+from ..schemas import JobBody, JobOut, JobsOut
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "jobs"

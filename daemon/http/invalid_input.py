@@ -1,92 +1,19 @@
-"""What every admin API route shares: the daemon handle, errors as JSON, documented responses.
+"""What FastAPI refused in a request, in plain words, as the store's own InvalidInputError.
 
-Errors map to a status by exception class, in one place (:func:`status_for`);
-the body is always ``{"error": {"type": kind, "message": ...}}``. Messages of
-ctxstore's own errors are written for users and are sent as they are; any
-other exception is logged with its traceback and answered with a generic
-500, so no stack trace or internal detail reaches a client.
+So a refused request is a 400 like any other: the message names the field and
+what it must be, and shows the value it got. No pydantic type names, locations
+or URLs reach the client: those describe our code, not the request.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 
-from ctxstore.errors import (
-    ClosedError,
-    ConflictError,
-    CtxStoreError,
-    DaemonUnavailableError,
-    InvalidInputError,
-    NotFoundError,
-    PermissionDeniedError,
-    ReadOnlyError,
-    WaitTimeoutError,
-    WriterLockedError,
-)
-from ctxstore.store import PersistentStore
-
-from .api_models import ErrorBody
-from .events import EventBroadcaster
-from .logs import LogLimiter
-from .metrics import DaemonMetrics
-
-if TYPE_CHECKING:
-    from .committer import Committer
-    from .server import Daemon
-
-log = logging.getLogger("ctxstore.daemon.api")
-api_events = LogLimiter(log, burst=20)
-
-#: exception class -> HTTP status, most specific first; anything else is a 500
-STATUS_BY_CLASS: tuple[tuple[type[BaseException], int], ...] = (
-    (NotFoundError, 404),
-    (InvalidInputError, 400),
-    (ConflictError, 409),
-    (PermissionDeniedError, 403),
-    (ReadOnlyError, 409),
-    (WriterLockedError, 409),
-    (ClosedError, 503),
-    (DaemonUnavailableError, 503),
-    (WaitTimeoutError, 504),
-)
-
-
-def status_for(exc: BaseException) -> int:
-    for cls, status in STATUS_BY_CLASS:
-        if isinstance(exc, cls):
-            return status
-    return 500
-
-
-def error_response(
-    status: int, kind: str, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    body = {"error": {"type": kind, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def ctxstore_error_response(exc: CtxStoreError) -> JSONResponse:
-    status = status_for(exc)
-    if status == 500:
-        log.error("API request failed: %s: %s", exc.kind, exc)
-    elif status > 500:  # a flood of refused requests is a few lines and a count
-        api_events.log("API refused", logging.WARNING, "API request refused: %s: %s", exc.kind, exc)
-    return error_response(status, exc.kind, str(exc) or exc.kind)
-
-
-def internal_error_response() -> JSONResponse:
-    return error_response(500, "internal", "internal error; the daemon's log has the details")
+from ctxstore.errors import InvalidInputError
 
 
 def invalid_request(
@@ -286,98 +213,3 @@ def unreadable_body(cause: BaseException | None) -> InvalidInputError | None:
         f"request body is not valid JSON: it is not UTF-8 text "
         f"(byte 0x{byte} at offset {cause.start})"
     )
-
-
-class GuardedRoute(APIRoute):
-    """A route whose unexpected exceptions become a logged, generic 500 (never a traceback)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (HTTPException, RequestValidationError):
-                raise  # the app's handlers answer these in the same JSON shape
-            except CtxStoreError as exc:
-                return ctxstore_error_response(exc)
-            except Exception:
-                log.exception("API %s %s failed", request.method, request.url.path)
-                return internal_error_response()
-
-        return guarded
-
-
-@dataclass(frozen=True, slots=True)
-class ApiContext:
-    """The daemon behind one API app, and the app's metrics and event streams."""
-
-    daemon: Daemon
-    metrics: DaemonMetrics
-    events: EventBroadcaster
-
-    @property
-    def store(self) -> PersistentStore:
-        store = self.daemon.store
-        if store is None:
-            raise ClosedError("the store is not open")
-        return store
-
-    @property
-    def committer(self) -> Committer:
-        committer = self.daemon.committer
-        if committer is None:
-            raise ClosedError("the daemon is not committing (starting or stopped)")
-        return committer
-
-
-def bearer_matches(header: str | None, token: str) -> bool:
-    """Whether an Authorization header carries ``token`` (compared in constant time)."""
-    if header is None:
-        return False
-    scheme, _, given = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def authorized(request: Request, context: ApiContext) -> bool:
-    """Whether this caller may see what only token holders see: True when the daemon has
-    no token, or the request carries it; False too when the token file cannot be read."""
-    try:
-        token = context.daemon.config.token()
-    except (CtxStoreError, OSError):
-        return False
-    return token is None or bearer_matches(request.headers.get("authorization"), token)
-
-
-async def _api_context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.ctxstore
-    return context
-
-
-Ctx = Annotated[ApiContext, Depends(_api_context)]
-
-
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route can answer with."""
-    return {
-        status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses
-    }
-
-
-_DESCRIPTIONS = {
-    400: "invalid input: a path, query or body value the API or the store refuses, a body "
-    "that is not JSON or not sent as application/json; the message names the field",
-    401: "a token is configured and the request has no valid Bearer token",
-    403: "a cross-origin browser request to a mutating endpoint",
-    404: "no such slot, version, alias, node, group or job",
-    409: "conflicts with the store's state (cycle, job not pending, read-only)",
-    413: "request body larger than max_body_bytes",
-    500: "internal error (see the daemon's log) or an integrity problem",
-    503: "the store is not open, the daemon is stopping, the job queue is not running, or "
-    "a limit is reached (limits.event_streams for /events)",
-}
-
-#: every route can answer with these
-COMMON_ERRORS = errors(400, 500, 503)

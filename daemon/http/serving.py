@@ -34,14 +34,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ctxstore.errors import ConflictError, InvalidInputError
 from ctxstore.messages import Announce
 
-from .api import LOOPBACK_HOSTS, create_app
-from .events import DEFAULT_HEARTBEAT, EventBroadcaster
-from .limits import HTTP_BACKLOG
-from .logs import LogLimiter
-from .metrics import DaemonMetrics
+from ..events import DEFAULT_HEARTBEAT, EventBroadcaster
+from ..limits import HTTP_BACKLOG
+from ..logs import LogLimiter
+from ..metrics import DaemonMetrics
+from .app import create_app
+from .guard import LOOPBACK_HOSTS
 
 if TYPE_CHECKING:
-    from .server import Daemon
+    from ..server import Daemon
 
 log = logging.getLogger("ctxstore.daemon")
 

@@ -9,19 +9,21 @@ SQL never runs on the daemon's event loop.
 from __future__ import annotations
 
 from fastapi import APIRouter, status
+from pydantic import BaseModel
 
 from ctxstore.errors import NotFoundError
 from ctxstore.store import PersistentStore
 
-from .api_base import COMMON_ERRORS, Ctx, GuardedRoute, errors
-from .api_models import (
+from ..context import Ctx
+from ..errors import COMMON_ERRORS, GuardedRoute, errors
+from ..fields import GroupPath, SlotPath
+from ..schemas import (
     AncestorsOut,
     ChildrenOut,
     DescendantsOut,
     GroupBody,
     GroupMembershipOut,
     GroupOut,
-    GroupPath,
     GroupsOut,
     GroupSummary,
     HierarchyOut,
@@ -32,7 +34,7 @@ from .api_models import (
     ParentBody,
     ParentOut,
     RootOut,
-    SlotPath,
+    from_record,
 )
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
@@ -134,18 +136,9 @@ def get_root(slot: SlotPath, ctx: Ctx) -> RootOut:
     responses=errors(404),
     summary="A node's parent, children, ancestors, descendants, root and groups in one answer",
 )
-def get_node_hierarchy(slot: SlotPath, ctx: Ctx) -> NodeHierarchyOut:
+def get_node_hierarchy(slot: SlotPath, ctx: Ctx) -> BaseModel:
     require_node(ctx.store, slot)
-    info = ctx.store.hierarchy.info(slot)
-    return NodeHierarchyOut(
-        slot=info.slot,
-        parent=info.parent,
-        children=info.children,
-        ancestors=info.ancestors,
-        descendants=info.descendants,
-        root=info.root,
-        groups=info.groups,
-    )
+    return from_record(NodeHierarchyOut, ctx.store.hierarchy.info(slot))
 
 
 @router.get(
@@ -162,11 +155,8 @@ def get_hierarchy(ctx: Ctx) -> HierarchyOut:
     response_model=HierarchyStatsOut,
     summary="Node, root and group counts and the deepest level",
 )
-def get_hierarchy_stats(ctx: Ctx) -> HierarchyStatsOut:
-    stats = ctx.store.hierarchy.stats()
-    return HierarchyStatsOut(
-        nodes=stats.nodes, roots=stats.roots, max_depth=stats.max_depth, groups=stats.groups
-    )
+def get_hierarchy_stats(ctx: Ctx) -> BaseModel:
+    return from_record(HierarchyStatsOut, ctx.store.hierarchy.stats())
 
 
 # -- groups ---------------------------------------------------------------------------------------

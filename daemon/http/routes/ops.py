@@ -13,9 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ctxstore.validation import MAX_SLOT
 
-from .api_base import COMMON_ERRORS, ApiContext, Ctx, GuardedRoute
-from .api_models import HealthOut, ReadersOut, ReadyOut
-from .status_rows import reader_rows
+from ...status_rows import reader_rows
+from ..context import ApiContext, Ctx
+from ..errors import COMMON_ERRORS, GuardedRoute
+from ..schemas import HealthOut, ReadersOut, ReadyOut
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "operations"

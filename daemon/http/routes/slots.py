@@ -13,28 +13,29 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
+from pydantic import BaseModel
 
 from ctxstore.errors import NotFoundError
 from ctxstore.validation import MAX_SLOT
 
-from .api_base import COMMON_ERRORS, Ctx, GuardedRoute, errors
-from .api_models import (
+from ..context import Ctx
+from ..errors import COMMON_ERRORS, GuardedRoute, errors
+from ..fields import AliasPath, LabelQuery, SlotPath, VersionPath
+from ..schemas import (
     AliasBody,
     AliasOut,
-    AliasPath,
-    LabelQuery,
     PinOut,
     ProblemOut,
     RollbackBody,
     RollbackOut,
     SlotOut,
-    SlotPath,
     SlotsOut,
     VerifyOut,
     VersionDetailOut,
     VersionOut,
-    VersionPath,
     VersionsOut,
+    from_record,
+    version_detail,
 )
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
@@ -52,7 +53,7 @@ def list_slots(
 ) -> SlotsOut:
     slots = ctx.store.list_slots(model_type=model_type, group=group)
     page = slots[offset : offset + limit]
-    return SlotsOut(total=len(slots), slots=[SlotOut.of(info) for info in page])
+    return SlotsOut(total=len(slots), slots=[from_record(SlotOut, info) for info in page])
 
 
 @router.get(
@@ -62,8 +63,8 @@ def list_slots(
     responses=errors(404),
     summary="The current version's model type, config and metadata",
 )
-def get_slot(slot: SlotPath, ctx: Ctx) -> VersionDetailOut:
-    return VersionDetailOut.of(ctx.store.get_metadata(slot, None, tensors=False))
+def get_slot(slot: SlotPath, ctx: Ctx) -> BaseModel:
+    return version_detail(ctx.store.get_metadata(slot, None, tensors=False))
 
 
 @router.get(
@@ -75,7 +76,7 @@ def get_slot(slot: SlotPath, ctx: Ctx) -> VersionDetailOut:
 )
 def list_versions(slot: SlotPath, ctx: Ctx) -> VersionsOut:
     versions = ctx.store.list_versions(slot)
-    return VersionsOut(slot=slot, versions=[VersionOut.of(info) for info in versions])
+    return VersionsOut(slot=slot, versions=[from_record(VersionOut, info) for info in versions])
 
 
 @router.get(
@@ -85,8 +86,8 @@ def list_versions(slot: SlotPath, ctx: Ctx) -> VersionsOut:
     responses=errors(404),
     summary="One version's metadata and tensor table (a number, latest, current or an alias)",
 )
-def get_version(slot: SlotPath, version: VersionPath, ctx: Ctx) -> VersionDetailOut:
-    return VersionDetailOut.of(ctx.store.get_metadata(slot, version, tensors=True))
+def get_version(slot: SlotPath, version: VersionPath, ctx: Ctx) -> BaseModel:
+    return version_detail(ctx.store.get_metadata(slot, version, tensors=True))
 
 
 @router.put(
@@ -175,4 +176,4 @@ async def verify_slot(slot: SlotPath, ctx: Ctx, rehash: bool = True) -> VerifyOu
 async def _verify(ctx: Ctx, slot: int | None, rehash: bool) -> VerifyOut:
     problems = await asyncio.to_thread(ctx.store.verify, slot, rehash=rehash)
     ctx.metrics.observe_verify(len(problems))
-    return VerifyOut(ok=not problems, problems=[ProblemOut.of(p) for p in problems])
+    return VerifyOut(ok=not problems, problems=[from_record(ProblemOut, p) for p in problems])
