@@ -22,7 +22,6 @@ from ctxstore.errors import (
     ConflictError,
     CtxStoreError,
     InvalidInputError,
-    NotFoundError,
     WaitTimeoutError,
 )
 from ctxstore.nodes import get_node_type
@@ -35,8 +34,6 @@ from .records import (
     DEFAULT_STOP_TIMEOUT,
     JOB_STATES,
     MAX_LIST,
-    PROGRESS_INTERVAL,
-    PROGRESS_STEP,
     Job,
     Runner,
     check_count,
@@ -222,19 +219,8 @@ class JobQueue:
         build was cancelled, say): a build thread may take that as a signal to stop.
         """
         value = check_progress(progress)
-        with self._live.lock:
-            live = self._live.jobs.get(job_id)
-            if live is None:
-                raise NotFoundError(f"job {job_id!r:.40} is not being built by this queue")
-            live.progress = value
-            now = self._clock()
-            if value == live.written or not (
-                abs(value - live.written) >= PROGRESS_STEP
-                or value == 1.0
-                or now - live.written_at >= PROGRESS_INTERVAL
-            ):
-                return
-            live.written, live.written_at = value, now
+        if not self._live.update(job_id, value, self._clock()):
+            return
         if self._wakeups.on_loop():
             write = asyncio.ensure_future(asyncio.to_thread(self._write_progress, job_id, value))
             self._writes.add(write)

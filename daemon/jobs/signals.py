@@ -12,6 +12,10 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
+from ctxstore.errors import NotFoundError
+
+from .records import PROGRESS_INTERVAL, PROGRESS_STEP
+
 
 class Wakeups:
     """An asyncio.Event replaced at each change, so whoever took it before the change wakes.
@@ -69,18 +73,39 @@ class LiveBuilds:
     """The jobs being built now, by id, behind a lock (build threads report progress)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.jobs: dict[int, Live] = {}
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Live] = {}
 
     def begin(self, job_id: int, now: float) -> None:
-        with self.lock:
-            self.jobs[job_id] = Live(written_at=now)
+        with self._lock:
+            self._jobs[job_id] = Live(written_at=now)
 
     def end(self, job_id: int) -> None:
-        with self.lock:
-            self.jobs.pop(job_id, None)
+        with self._lock:
+            self._jobs.pop(job_id, None)
 
     def progress(self, job_id: int) -> float | None:
-        with self.lock:
-            live = self.jobs.get(job_id)
+        with self._lock:
+            live = self._jobs.get(job_id)
             return None if live is None else live.progress
+
+    def update(self, job_id: int, progress: float, now: float) -> bool:
+        """Take a build's newest progress; True when it is time to write it to the table.
+
+        Writes are coalesced: when the value moved by PROGRESS_STEP, after
+        PROGRESS_INTERVAL seconds, or on reaching 1. NotFoundError when the job
+        is not being built here (its build was cancelled, say).
+        """
+        with self._lock:
+            live = self._jobs.get(job_id)
+            if live is None:
+                raise NotFoundError(f"job {job_id!r:.40} is not being built by this queue")
+            live.progress = progress
+            if progress == live.written or not (
+                abs(progress - live.written) >= PROGRESS_STEP
+                or progress == 1.0
+                or now - live.written_at >= PROGRESS_INTERVAL
+            ):
+                return False
+            live.written, live.written_at = progress, now
+            return True
