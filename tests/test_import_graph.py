@@ -81,3 +81,10 @@ def test_the_command_line_parser_reads_the_daemon_settings_without_the_server_st
     unwanted = ("ctxstore.daemon.server", "ctxstore.daemon.http", "ctxstore.readers", "fastapi",
                 "uvicorn")  # fmt: skip
     assert loaded(modules, *unwanted) == []
+
+
+def test_a_daemon_without_http_loads_neither_the_http_package_nor_its_stack() -> None:
+    """docs/architecture.md: ``ctxstore.daemon.http`` is imported only when serving HTTP."""
+    modules = modules_after("import ctxstore.daemon.server, ctxstore.daemon.main")
+    assert "ctxstore.daemon.jobs" in modules
+    assert loaded(modules, "ctxstore.daemon.http", "fastapi", "uvicorn", "pydantic") == []
