@@ -14,55 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import itertools
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from ctxstore.context import Context
-from ctxstore.errors import (
-    CtxStoreError,
-    DaemonUnavailableError,
-    InvalidInputError,
-    PermissionDeniedError,
-)
+from ctxstore.errors import CtxStoreError
 from ctxstore.messages import (
-    MAX_STATUS_ROWS,
-    Ack,
     Announce,
     DamageReport,
-    Error,
-    Goodbye,
-    Heartbeat,
-    Hello,
     Message,
-    Ping,
-    Pong,
     Progress,
-    PublishBuild,
     Published,
-    PublishFile,
-    PublishShm,
-    Repaired,
     RepairRequest,
     Status,
     StatusRequest,
-    Subscribe,
-    Subscribed,
-    Unsubscribe,
-    Welcome,
     error_for,
 )
-from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body, encode_frame
-from ctxstore.records import Problem
-from ctxstore.store import PersistentStore, Repair
+from ctxstore.protocol import encode_frame
+from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
 from .budgets import PartialPool, UidBudgets
@@ -86,6 +61,18 @@ from .logs import flush_all, limit_repeats, limited_exception_handler, peer_even
 from .notify import Notifier, status_loop, watchdog_loop
 from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
 from .segments import reclaim_orphans
+from .session import (
+    Admin,
+    Catalog,
+    CheckDamage,
+    Close,
+    Effect,
+    Publish,
+    Send,
+    Session,
+    admission,
+    repaired_answer,
+)
 from .status_rows import build_status, reader_rows, slot_rows
 from .subscriber import PeerBudget, Subscriber
 
@@ -113,6 +100,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.fleet = Fleet()
         self.subscribers: dict[int, Subscriber] = {}
+        #: the sans-IO side of each connection in ``subscribers`` (daemon/session.py)
+        self.sessions: dict[int, Session] = {}
         #: open socket connections per uid (refused ones are never counted)
         self.connections_by_uid: dict[int, int] = {}
         self.pool = PartialPool(0)
@@ -461,7 +450,14 @@ class Daemon:
             silent_timeout=self.config.silent_timeout,
             budget=self.budget,
         )
-        refusal = self._refusal(peer)
+        refusal = admission(
+            peer,
+            stopping=self._stop.is_set(),
+            policy=self.policy,
+            limits=self.limits,
+            open_connections=len(self.subscribers),
+            open_by_uid=self.connections_by_uid,
+        )
         if refusal is not None:
             peer_events.log(
                 "refused", logging.WARNING, "session %d: refused: %s", session, refusal.message
@@ -469,6 +465,7 @@ class Daemon:
             subscriber.fail(refusal)
             return
         self.subscribers[session] = subscriber
+        self.sessions[session] = self._new_session(session, peer)
         self.connections_by_uid[peer.uid] = self.connections_by_uid.get(peer.uid, 0) + 1
         flusher = self._spawn(subscriber.flush_loop())
         try:
@@ -477,6 +474,7 @@ class Daemon:
             subscriber.close(subscriber.close_reason or "connection ended")
             flusher.cancel()
             self.subscribers.pop(session, None)
+            self.sessions.pop(session, None)
             left = self.connections_by_uid.pop(peer.uid, 1) - 1
             if left:
                 self.connections_by_uid[peer.uid] = left
@@ -497,87 +495,46 @@ class Daemon:
         held = sum(subscriber.input_bytes for subscriber in self.subscribers.values())
         return {"input_bytes": held, "partial_bytes": self.pool.total}
 
-    def _refusal(self, peer: PeerCredentials) -> Error | None:
-        """The fatal error a new peer is refused with, or None to serve it."""
-        if self._stop.is_set():
-            return Error(kind="forbidden", message="shutting down", fatal=True)
-        if not self.policy.permits(peer):
-            return Error(kind="forbidden", message=f"uid {peer.uid} is not allowed", fatal=True)
-        limits, busy = self.limits, DaemonUnavailableError.kind
-        if len(self.subscribers) >= limits.connections:
-            why = (
-                f"too many connections: {len(self.subscribers)} open, the limit is "
-                f"limits.connections = {limits.connections}; try again later"
-            )
-            return Error(kind=busy, message=why, fatal=True)
-        mine = self.connections_by_uid.get(peer.uid, 0)
-        if mine >= limits.per_uid:
-            why = (
-                f"too many connections from uid {peer.uid}: {mine} open, the limit is "
-                f"limits.connections_per_uid = {limits.per_uid}; try again later"
-            )
-            return Error(kind=busy, message=why, fatal=True)
-        return None
+    def _new_session(self, session: int, peer: PeerCredentials) -> Session:
+        assert self.store is not None
+        store = self.store
+        catalog = Catalog(store.current_versions, store.hierarchy.list_by_group)
+        return Session(
+            session,
+            peer,
+            fleet=self.fleet,
+            catalog=catalog,
+            publishers=lambda: self.publishers,
+            daemon_pid=os.getpid(),
+        )
 
     async def _handle(self, sub: Subscriber, message: Message) -> None:
-        self.fleet.seen(sub.session)
-        match message:
-            case Hello(name=name, pid=pid, role=role):
-                sub.name = f"{name or 'anonymous'} (pid {pid})"
-                peer_events.log(
-                    f"hello: pid {sub.peer.pid}",
-                    logging.INFO,
-                    "session %d: hello from %s as %s",
-                    sub.session,
-                    sub.name,
-                    role,
-                )
-                self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
-                assert self.store is not None
-                current = self.store.current_versions()
-                sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions=current))
-            case Subscribe() | Unsubscribe():
-                self._change_subscriptions(sub, message)
-            case Ack(slot=slot, version=version):
-                log.debug("session %d: ack slot %d version %d", sub.session, slot, version)
-                self.fleet.ack(sub.session, slot, version)
-            case Heartbeat(held=held, uss=uss, pss=pss):
-                self.fleet.heartbeat(sub.session, held, uss, pss)
-            case DamageReport():
-                self._damage_reported(sub, message)
-            case PublishFile() | PublishBuild() | PublishShm():
-                self._spawn(self._publish(sub, message))
-            case StatusRequest() | RepairRequest():
-                self._spawn(self._answer_admin(sub, message))
-            case Ping(nonce=nonce):
-                sub.send(Pong(nonce=nonce))
-            case Pong() | Error():
-                pass
-            case Goodbye(reason=reason):
-                sub.close(f"peer said goodbye: {reason}")
-            case _:
-                raise InvalidInputError(f"unexpected {type(message).__name__} from a client")
+        """Feed ``message`` to the connection's session and carry out what it asks for."""
+        session = self.sessions[sub.session]
+        for effect in session.handle(message):
+            self._carry_out(sub, effect)
+        sub.name = session.name  # its log lines name the peer as its hello did
 
-    def _change_subscriptions(self, sub: Subscriber, message: Subscribe | Unsubscribe) -> None:
-        if isinstance(message, Subscribe):
-            sub.subscriptions.slots.update(message.slots)
-            sub.subscriptions.groups.update(message.groups)
-            sub.subscriptions.everything |= message.all
-            versions = self._snapshot(message.slots, message.groups, message.all)
-            sub.send(Subscribed(request_id=message.request_id, versions=versions))
-        else:
-            sub.subscriptions.slots.difference_update(message.slots)
-            sub.subscriptions.groups.difference_update(message.groups)
-            if message.all:
-                sub.subscriptions.everything = False
+    def _carry_out(self, sub: Subscriber, effect: Effect) -> None:
+        match effect:
+            case Send(message=message):
+                sub.send(message)
+            case Close(reason=reason):
+                sub.close(reason)
+            case Publish(request=request):
+                self._spawn(self._publish(sub, request))
+            case Admin(request=request):
+                self._spawn(self._answer_admin(sub, request))
+            case CheckDamage(report=report, who=who):
+                self._damage_reported(report, who)
 
-    def _damage_reported(self, sub: Subscriber, report: DamageReport) -> None:
+    def _damage_reported(self, report: DamageReport, who: str) -> None:
         """Count the report; hash the version in the background if it needs checking."""
         assert self.damage is not None
         try:
-            key = self.damage.triage(report, f"session {sub.session} ({sub.name})")
+            key = self.damage.triage(report, who)
         except CtxStoreError as exc:  # the index's trouble: the report is lost, nothing else
-            log.error("session %d: damage report not checked: %s", sub.session, exc)
+            log.error("%s: damage report not checked: %s", who, exc)
             return
         if key is not None:
             self._spawn(self.damage.check(key))
@@ -594,7 +551,7 @@ class Daemon:
         if request.progress:
             ticker = self._spawn(self._send_progress(sub, request, progress))
         try:
-            self._check_publisher(sub)
+            refuse_local_write(self.config, "publishes")
             version = await self.committer.publish(request, who, progress)
         except CtxStoreError as exc:
             peer_events.log(
@@ -632,14 +589,6 @@ class Daemon:
                     total=progress.total,
                     elapsed=round(time.monotonic() - progress.started, 3),
                 )
-            )
-
-    def _check_publisher(self, sub: Subscriber) -> None:
-        refuse_local_write(self.config, "publishes")
-        if not self.publishers.permits(sub.peer):
-            raise PermissionDeniedError(
-                f"uid {sub.peer.uid} may not publish to this daemon (see publish_uids and "
-                "publish_gids in its configuration)"
             )
 
     async def _send_status(self, sub: Subscriber, request_id: int) -> None:
@@ -694,7 +643,6 @@ class Daemon:
         assert self.store is not None and self.committer is not None
         store, scope = self.store, "every slot" if request.slot is None else f"slot {request.slot}"
         try:
-            self._check_repairer(sub)
             problems = await asyncio.to_thread(store.verify, request.slot)
             if self.api is not None:
                 self.api.metrics.observe_verify(len(problems))
@@ -717,26 +665,6 @@ class Daemon:
             )
         )
 
-    def _check_repairer(self, sub: Subscriber) -> None:
-        if not self.publishers.permits(sub.peer):
-            raise PermissionDeniedError(
-                f"uid {sub.peer.uid} may not repair this daemon's store: repairs move "
-                "current versions, so they are allowed to the peers that may publish "
-                "(publish_uids and publish_gids in its configuration)"
-            )
-
-    def _snapshot(
-        self, slots: Iterable[int], groups: Iterable[str], everything: bool
-    ) -> dict[int, int]:
-        assert self.store is not None
-        current = self.store.current_versions()
-        if everything:
-            return current
-        wanted = set(slots)
-        for group in groups:
-            wanted.update(self.store.hierarchy.list_by_group(group))
-        return {slot: current[slot] for slot in wanted if slot in current}
-
     # -- announcing -------------------------------------------------------------------------
 
     def announce(self, announce: Announce) -> None:
@@ -745,8 +673,9 @@ class Daemon:
         groups_of = functools.cache(self.store.hierarchy.get_groups)
         frame: bytes | None = None
         told = []
-        for subscriber in list(self.subscribers.values()):
-            if subscriber.subscriptions.covers(announce.slot, groups_of):
+        for session in list(self.sessions.values()):
+            if session.subscriptions.covers(announce.slot, groups_of):
+                subscriber = self.subscribers[session.session]
                 if frame is None:  # encoded once, and only when someone wants it
                     try:
                         frame = encode_frame(announce, max_frame_size=self.config.max_frame_size)
@@ -759,30 +688,6 @@ class Daemon:
         if self.api is not None:
             self.api.announced(announce, told)
         self.cluster.changed(announce.slot)
-
-
-def repaired_answer(
-    request_id: int, problems: list[Problem], repairs: list[Repair], *, max_frame_size: int
-) -> Repaired:
-    """The Repaired frame: every repair, and as many problems as fit one frame (the
-    default bound too, which clients read with); ``problems_total`` counts them all."""
-    rows = [dataclasses.asdict(repair) for repair in repairs]
-    base = len(encode_body(Repaired(request_id=request_id, problems_total=len(problems),
-                                    repairs=tuple(rows))))  # fmt: skip
-    budget = min(max_frame_size, DEFAULT_MAX_FRAME_SIZE) - base - 16  # the array's header
-    shown: list[dict[str, Any]] = []
-    for problem in problems[:MAX_STATUS_ROWS]:
-        row = problem.as_dict()
-        budget -= len(msgpack.packb(row, use_bin_type=True))
-        if budget < 0:
-            break
-        shown.append(row)
-    return Repaired(
-        request_id=request_id,
-        problems=tuple(shown),
-        problems_total=len(problems),
-        repairs=tuple(rows),
-    )
 
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:
