@@ -59,7 +59,7 @@ from .listener import (
 )
 from .logs import flush_all, limit_repeats, limited_exception_handler, peer_events
 from .notify import Notifier, status_loop, watchdog_loop
-from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
+from .pipeline import apply_job_settings, hooks_changed, load_hooks
 from .segments import reclaim_orphans
 from .session import (
     Admin,
@@ -75,6 +75,7 @@ from .session import (
 )
 from .status_rows import build_status, reader_rows, slot_rows
 from .subscriber import PeerBudget, Subscriber
+from .wiring import build_writer
 
 if TYPE_CHECKING:
     from .api_server import ApiServer
@@ -98,7 +99,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.fleet = Fleet()
+        self.fleet = Fleet(on_ack=self._observe_ack)
         self.subscribers: dict[int, Subscriber] = {}
         #: the sans-IO side of each connection in ``subscribers`` (daemon/session.py)
         self.sessions: dict[int, Session] = {}
@@ -178,41 +179,22 @@ class Daemon:
             segment_name(self.store.root), capacity=config.table_capacity
         )
         self.table.set_many(self.store.current_versions())
-        self.committer = Committer(
-            self.store,
-            self.table,
-            self.announce,
-            max_publish_bytes=config.max_publish_bytes,
-            remembered_keys=config.publish_keys,
-        )
-        self.committer.verify_after_commit = config.verify_after_commit
-        self.committer.reread_after_commit = config.reread_after_commit
-        self.damage = DamageDesk(
-            self.store, self.committer, lambda: self.config.damage_recheck_interval
-        )
         self.store.pre_commit_hooks.append(self._pre_commit)
-        self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
-        self.jobs = JobQueue(
-            self.store,
-            job_runner(
-                self.committer,
-                lambda: self.jobs,
-                lambda: self.config.import_roots,
-                lambda: self.config.import_limits(),  # noqa: PLW0108 (reload replaces config)
-            ),
-            concurrency=config.jobs_concurrency,
-            max_attempts=config.jobs_max_attempts,
-            backoff_initial=config.jobs_backoff_initial,
-            backoff_max=config.jobs_backoff_max,
-        )
         address = config.http_address()
         if address is not None:  # bound before the socket: a taken port stops us before peers
             from .api_server import ApiServer  # the HTTP stack loads only when it is used
 
-            self.api = ApiServer(self, *address)
+            self.api = ApiServer(self, *address)  # its metrics observe the commits below
             self.api.bind()
-            self.committer.on_commit = self.api.metrics.observe_commit
-            self.fleet.on_ack = self.api.metrics.observe_ack
+        writer = build_writer(
+            self.store,
+            self.table,
+            config=lambda: self.config,  # a reload replaces it
+            announce=self.announce,
+            hooks=lambda: self.hooks,
+            on_commit=None if self.api is None else self.api.metrics.observe_commit,
+        )
+        self.committer, self.damage, self.jobs = writer.committer, writer.damage, writer.jobs
         self._bound = bind_socket(config.socket, group=config.socket_group, backlog=UNIX_BACKLOG)
         self._server = await asyncio.start_unix_server(
             self._accept,
@@ -345,6 +327,11 @@ class Daemon:
         while not self._stop.is_set():
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
             flush_all()
+
+    def _observe_ack(self, session: int, slot: int, version: int) -> None:
+        """A reader's ack, for the API's ack-latency metric (when the API runs)."""
+        if self.api is not None:
+            self.api.metrics.observe_ack(session, slot, version)
 
     def _pre_commit(self, slot: int, context: Context) -> None:
         """The hooks in force now (SIGHUP may have replaced them) vet each commit."""
