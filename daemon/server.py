@@ -29,20 +29,15 @@ from ctxstore.messages import (
     Announce,
     DamageReport,
     Message,
-    Progress,
-    Published,
-    RepairRequest,
-    Status,
-    StatusRequest,
-    error_for,
 )
 from ctxstore.protocol import encode_frame
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
+from .answers import Answers
 from .budgets import PartialPool, UidBudgets
-from .cluster import Cluster, refuse_local_write
-from .committer import Committer, PublishProgress, PublishRequest, Requester
+from .cluster import Cluster
+from .committer import Committer
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
@@ -71,9 +66,7 @@ from .session import (
     Send,
     Session,
     admission,
-    repaired_answer,
 )
-from .status_rows import build_status, reader_rows, slot_rows
 from .subscriber import PeerBudget, Subscriber
 from .wiring import build_writer
 
@@ -117,6 +110,7 @@ class Daemon:
         self.table: VersionTableWriter | None = None
         self.committer: Committer | None = None
         self.damage: DamageDesk | None = None
+        self.answers: Answers | None = None
         self._bound: BoundSocket | None = None
         self._server: asyncio.Server | None = None
         self.hooks = Hooks()
@@ -195,6 +189,15 @@ class Daemon:
             on_commit=None if self.api is None else self.api.metrics.observe_commit,
         )
         self.committer, self.damage, self.jobs = writer.committer, writer.damage, writer.jobs
+        self.answers = Answers(
+            self.store,
+            self.committer,
+            self.fleet,
+            config=lambda: self.config,
+            spawn=self._spawn,
+            daemon_row=self.status_row,
+            on_verify=None if self.api is None else self.api.metrics.observe_verify,
+        )
         self._bound = bind_socket(config.socket, group=config.socket_group, backlog=UNIX_BACKLOG)
         self._server = await asyncio.start_unix_server(
             self._accept,
@@ -476,6 +479,21 @@ class Daemon:
                 subscriber.close_reason,
             )
 
+    def status_row(self) -> dict[str, Any]:
+        """The daemon's own row of a status answer: the process, its store, its peers."""
+        assert self.store is not None and self.committer is not None
+        root = self.store.root
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
+            "store": str(root),
+            "socket": str(self.config.socket),
+            "commits": self.committer.commits,
+            "subscribers": len(self.subscribers),
+            **self.input_held(),
+            "version_table": segment_name(root),
+        }
+
     def input_held(self) -> dict[str, int]:
         """What peers' input costs the daemon now: bytes of it held (complete frames waiting
         for their peer's rate budget, unfinished frames) and the part in unfinished frames."""
@@ -509,9 +527,11 @@ class Daemon:
             case Close(reason=reason):
                 sub.close(reason)
             case Publish(request=request):
-                self._spawn(self._publish(sub, request))
+                assert self.answers is not None
+                self._spawn(self.answers.publish(sub, request))
             case Admin(request=request):
-                self._spawn(self._answer_admin(sub, request))
+                assert self.answers is not None
+                self._spawn(self.answers.admin(sub, request))
             case CheckDamage(report=report, who=who):
                 self._damage_reported(report, who)
 
@@ -525,132 +545,6 @@ class Daemon:
             return
         if key is not None:
             self._spawn(self.damage.check(key))
-
-    async def _publish(self, sub: Subscriber, request: PublishRequest) -> None:
-        """Commit one publish request and answer it. While it runs, the peer is not
-        dropped for silence (it is waiting for us), and is sent Progress frames if it
-        asked for them."""
-        assert self.committer is not None
-        who = Requester(sub.peer.uid, self.config.import_roots, self.config.import_limits())
-        progress = PublishProgress()
-        sub.requests_in_flight += 1
-        ticker = None
-        if request.progress:
-            ticker = self._spawn(self._send_progress(sub, request, progress))
-        try:
-            refuse_local_write(self.config, "publishes")
-            version = await self.committer.publish(request, who, progress)
-        except CtxStoreError as exc:
-            peer_events.log(
-                "publish refused",
-                logging.WARNING,
-                "session %d: publish to slot %d refused: %s",
-                sub.session,
-                request.slot,
-                exc,
-            )
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        except Exception as exc:
-            log.exception("session %d: publish to slot %d failed", sub.session, request.slot)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        finally:
-            sub.requests_in_flight -= 1
-            if ticker is not None:
-                ticker.cancel()
-        sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
-
-    async def _send_progress(
-        self, sub: Subscriber, request: PublishRequest, progress: PublishProgress
-    ) -> None:
-        """Every ``publish_progress_interval``: a Progress frame for ``request`` (cancelled
-        when it is answered)."""
-        while not sub.closed:
-            await asyncio.sleep(self.config.publish_progress_interval)
-            sub.send(
-                Progress(
-                    request_id=request.request_id,
-                    stage=progress.stage,
-                    done=progress.done,
-                    total=progress.total,
-                    elapsed=round(time.monotonic() - progress.started, 3),
-                )
-            )
-
-    async def _send_status(self, sub: Subscriber, request_id: int) -> None:
-        """Answer StatusRequest: the process, every other peer, every slot (SQL off the loop).
-
-        The asking connection is left out of the rows and the counts: it wants to
-        know who else is there, and its row would take a place another's could have.
-        """
-        assert self.store is not None and self.committer is not None
-        store = self.store
-        daemon = {
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
-            "store": str(store.root),
-            "socket": str(self.config.socket),
-            "commits": self.committer.commits,
-            "subscribers": len(self.subscribers) - 1,  # the others: not the asker
-            **self.input_held(),
-            "version_table": segment_name(store.root),
-        }
-        fleet, max_frame_size = self.fleet, self.config.max_frame_size
-
-        def build() -> Status:  # in a worker thread: SQL, and rows that may number 10,000
-            # Anything that fails in here is answered with an error frame: a status request
-            # is never left unanswered.
-            slots, total = slot_rows(store)
-            others = [peer for peer in fleet.snapshot() if peer.session != sub.session]
-            readers = reader_rows(others, store.current_versions(), time.time())
-            return build_status(
-                request_id, daemon, readers, slots, slots_total=total, max_frame_size=max_frame_size
-            )
-
-        try:
-            status = await asyncio.to_thread(build)
-        except Exception as exc:
-            log.exception("session %d: status failed", sub.session)
-            sub.send(error_for(exc, request_id=request_id, fatal=False))
-            return
-        sub.send(status)
-
-    async def _answer_admin(self, sub: Subscriber, request: StatusRequest | RepairRequest) -> None:
-        """The requests answered from a worker thread, beside the loop: status, repair."""
-        if isinstance(request, StatusRequest):
-            await self._send_status(sub, request.request_id)
-        else:
-            await self._repair(sub, request)
-
-    async def _repair(self, sub: Subscriber, request: RepairRequest) -> None:
-        """Answer RepairRequest: verify (off the loop, re-hashing), then move damaged current
-        versions back under the commit lock and announce the moves (``ctxstore verify
-        --repair`` beside a running daemon). Asked by the peers that may publish."""
-        assert self.store is not None and self.committer is not None
-        store, scope = self.store, "every slot" if request.slot is None else f"slot {request.slot}"
-        try:
-            problems = await asyncio.to_thread(store.verify, request.slot)
-            if self.api is not None:
-                self.api.metrics.observe_verify(len(problems))
-            repairs = await self.committer.repair(request.slot, problems)
-        except CtxStoreError as exc:
-            log.warning("session %d: repair of %s refused: %s", sub.session, scope, exc)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        except Exception as exc:
-            log.exception("session %d: repair of %s failed", sub.session, scope)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        log.info(
-            "session %d: repair of %s: %d problem(s); moved %s", sub.session, scope,
-            len(problems), [(r.slot, r.from_version, r.to_version) for r in repairs] or "nothing",
-        )  # fmt: skip
-        sub.send(
-            repaired_answer(
-                request.request_id, problems, repairs, max_frame_size=self.config.max_frame_size
-            )
-        )
 
     # -- announcing -------------------------------------------------------------------------
 
