@@ -36,7 +36,7 @@ class Writer:
 
 def build_writer(
     store: PersistentStore,
-    table: VersionTableWriter,
+    table: VersionTableWriter | None,
     *,
     config: Callable[[], DaemonConfig],
     announce: Announcer,
