@@ -17,7 +17,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ctxstore.errors import CtxStoreError
-from ctxstore.messages import (
+from ctxstore.store import PersistentStore
+from ctxstore.wire import (
     Progress,
     Published,
     RepairRequest,
@@ -25,7 +26,6 @@ from ctxstore.messages import (
     StatusRequest,
     error_for,
 )
-from ctxstore.store import PersistentStore
 
 from .cluster import refuse_local_write
 from .committer import Committer, PublishProgress, PublishRequest, Requester

@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from ctxstore.context import Context
 from ctxstore.errors import CtxStoreError
-from ctxstore.messages import (
+from ctxstore.store import PersistentStore
+from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
+from ctxstore.wire import (
     Announce,
     DamageReport,
     Message,
+    encode_frame,
 )
-from ctxstore.protocol import encode_frame
-from ctxstore.store import PersistentStore
-from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
 from .answers import Answers
 from .budgets import PartialPool, UidBudgets

@@ -25,7 +25,10 @@ from typing import Any, ClassVar, TypeAlias
 import msgpack
 
 from ctxstore.errors import DaemonUnavailableError, InvalidInputError, PermissionDeniedError
-from ctxstore.messages import (
+from ctxstore.records import Problem
+from ctxstore.store import Repair
+from ctxstore.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
     MAX_STATUS_ROWS,
     Ack,
     DamageReport,
@@ -46,11 +49,9 @@ from ctxstore.messages import (
     Subscribed,
     Unsubscribe,
     Welcome,
+    encode_body,
     error_for,
 )
-from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body
-from ctxstore.records import Problem
-from ctxstore.store import Repair
 
 from .fleet import Fleet
 from .limits import Limits

@@ -22,7 +22,7 @@ from ctxstore.daemon.session import (
     Session,
     admission,
 )
-from ctxstore.messages import (
+from ctxstore.wire import (
     Ack,
     DamageReport,
     Error,

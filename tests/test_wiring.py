@@ -7,8 +7,8 @@ from pathlib import Path
 from ctxstore.daemon.config import DaemonConfig
 from ctxstore.daemon.hooks import Hooks
 from ctxstore.daemon.wiring import build_writer
-from ctxstore.messages import Announce
 from ctxstore.store import PersistentStore
+from ctxstore.wire import Announce
 
 
 def test_build_writer_hands_each_part_its_settings_and_collaborators(tmp_path: Path) -> None:
