@@ -106,6 +106,10 @@ class Committer:
         *,
         max_publish_bytes: int = UNLIMITED,
         remembered_keys: int = 10_000,
+        verify_after_commit: bool = True,
+        reread_after_commit: bool = False,
+        post_commit: PostCommit | None = None,
+        on_commit: CommitObserver | None = None,
     ) -> None:
         self.store = store
         self.table = table
@@ -117,10 +121,10 @@ class Committer:
         #: (slot, version) of the newest commit since start, for status lines
         self.last_commit: tuple[int, int] | None = None
         #: metrics hook; its failures are logged and never fail a commit
-        self.on_commit: CommitObserver | None = None
+        self.on_commit = on_commit
         #: post-commit stage (hooks), run after the announcement, one commit at a time,
         #: outside the commit lock so a slow hook never delays the next commit
-        self.post_commit: PostCommit | None = None
+        self.post_commit = post_commit
         self._post_lock = asyncio.Lock()
         self._post_tasks: set[asyncio.Task[None]] = set()
         #: the most bytes one publish_shm may hand over (the daemon copies them)
@@ -130,10 +134,10 @@ class Committer:
         self.segments_in_use: set[str] = set()
         #: hash each new version before announcing it and record the outcome, so readers
         #: adopting it need not hash it (settings: verify_after_commit)
-        self.verify_after_commit = True
+        self.verify_after_commit = verify_after_commit
         #: read each new version back and hash it before recording it verified, instead of
         #: taking the checksums the commit computed as it wrote (settings: reread_after_commit)
-        self.reread_after_commit = False
+        self.reread_after_commit = reread_after_commit
         #: versions hashed after their commit, by outcome ("verified", "damaged")
         self.checked_after_commit = {"verified": 0, "damaged": 0}
 

@@ -35,12 +35,14 @@ AckObserver = Callable[[int, int, int], None]
 class Fleet:
     """The connected peers, keyed by session id."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, on_ack: AckObserver | None = None
+    ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._readers: dict[int, ReaderState] = {}
         #: metrics hook, called as (session, slot, version) for every ack of a known peer
-        self.on_ack: AckObserver | None = None
+        self.on_ack = on_ack
 
     def join(self, session: int, *, pid: int, name: str, uid: int, role: str) -> None:
         now = self._clock()

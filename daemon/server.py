@@ -14,60 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import itertools
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from ctxstore.context import Context
-from ctxstore.errors import (
-    CtxStoreError,
-    DaemonUnavailableError,
-    InvalidInputError,
-    PermissionDeniedError,
-)
-from ctxstore.messages import (
-    MAX_STATUS_ROWS,
-    Ack,
+from ctxstore.errors import CtxStoreError
+from ctxstore.store import PersistentStore
+from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
+from ctxstore.wire import (
     Announce,
     DamageReport,
-    Error,
-    Goodbye,
-    Heartbeat,
-    Hello,
     Message,
-    Ping,
-    Pong,
-    Progress,
-    PublishBuild,
-    Published,
-    PublishFile,
-    PublishShm,
-    Repaired,
-    RepairRequest,
-    Status,
-    StatusRequest,
-    Subscribe,
-    Subscribed,
-    Unsubscribe,
-    Welcome,
-    error_for,
+    encode_frame,
 )
-from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body, encode_frame
-from ctxstore.records import Problem
-from ctxstore.store import PersistentStore, Repair
-from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 
+from .answers import Answers
 from .budgets import PartialPool, UidBudgets
-from .cluster import Cluster, refuse_local_write
-from .committer import Committer, PublishProgress, PublishRequest, Requester
+from .cluster import Cluster
+from .committer import Committer
 from .config import DaemonConfig
 from .fleet import Fleet
 from .hooks import Hooks
@@ -84,10 +54,21 @@ from .listener import (
 )
 from .logs import flush_all, limit_repeats, limited_exception_handler, peer_events
 from .notify import Notifier, status_loop, watchdog_loop
-from .pipeline import apply_job_settings, hooks_changed, job_runner, load_hooks, post_commit_stage
+from .pipeline import apply_job_settings, hooks_changed, load_hooks
 from .segments import reclaim_orphans
-from .status_rows import build_status, reader_rows, slot_rows
+from .session import (
+    Admin,
+    Catalog,
+    CheckDamage,
+    Close,
+    Effect,
+    Publish,
+    Send,
+    Session,
+    admission,
+)
 from .subscriber import PeerBudget, Subscriber
+from .wiring import build_writer
 
 if TYPE_CHECKING:
     from .http.serving import ApiServer
@@ -111,8 +92,10 @@ class Daemon:
     def __init__(self, config: DaemonConfig, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.fleet = Fleet()
+        self.fleet = Fleet(on_ack=self._observe_ack)
         self.subscribers: dict[int, Subscriber] = {}
+        #: the sans-IO side of each connection in ``subscribers`` (daemon/session.py)
+        self.sessions: dict[int, Session] = {}
         #: open socket connections per uid (refused ones are never counted)
         self.connections_by_uid: dict[int, int] = {}
         self.pool = PartialPool(0)
@@ -127,6 +110,7 @@ class Daemon:
         self.table: VersionTableWriter | None = None
         self.committer: Committer | None = None
         self.damage: DamageDesk | None = None
+        self.answers: Answers | None = None
         self._bound: BoundSocket | None = None
         self._server: asyncio.Server | None = None
         self.hooks = Hooks()
@@ -189,41 +173,31 @@ class Daemon:
             segment_name(self.store.root), capacity=config.table_capacity
         )
         self.table.set_many(self.store.current_versions())
-        self.committer = Committer(
-            self.store,
-            self.table,
-            self.announce,
-            max_publish_bytes=config.max_publish_bytes,
-            remembered_keys=config.publish_keys,
-        )
-        self.committer.verify_after_commit = config.verify_after_commit
-        self.committer.reread_after_commit = config.reread_after_commit
-        self.damage = DamageDesk(
-            self.store, self.committer, lambda: self.config.damage_recheck_interval
-        )
         self.store.pre_commit_hooks.append(self._pre_commit)
-        self.committer.post_commit = post_commit_stage(lambda: self.hooks, self.store)
-        self.jobs = JobQueue(
-            self.store,
-            job_runner(
-                self.committer,
-                lambda: self.jobs,
-                lambda: self.config.import_roots,
-                lambda: self.config.import_limits(),  # noqa: PLW0108 (reload replaces config)
-            ),
-            concurrency=config.jobs_concurrency,
-            max_attempts=config.jobs_max_attempts,
-            backoff_initial=config.jobs_backoff_initial,
-            backoff_max=config.jobs_backoff_max,
-        )
         address = config.http_address()
         if address is not None:  # bound before the socket: a taken port stops us before peers
             from .http.serving import ApiServer  # the HTTP stack loads only when it is used
 
-            self.api = ApiServer(self, *address)
+            self.api = ApiServer(self, *address)  # its metrics observe the commits below
             self.api.bind()
-            self.committer.on_commit = self.api.metrics.observe_commit
-            self.fleet.on_ack = self.api.metrics.observe_ack
+        writer = build_writer(
+            self.store,
+            self.table,
+            config=lambda: self.config,  # a reload replaces it
+            announce=self.announce,
+            hooks=lambda: self.hooks,
+            on_commit=None if self.api is None else self.api.metrics.observe_commit,
+        )
+        self.committer, self.damage, self.jobs = writer.committer, writer.damage, writer.jobs
+        self.answers = Answers(
+            self.store,
+            self.committer,
+            self.fleet,
+            config=lambda: self.config,
+            spawn=self._spawn,
+            daemon_row=self.status_row,
+            on_verify=None if self.api is None else self.api.metrics.observe_verify,
+        )
         self._bound = bind_socket(config.socket, group=config.socket_group, backlog=UNIX_BACKLOG)
         self._server = await asyncio.start_unix_server(
             self._accept,
@@ -357,6 +331,11 @@ class Daemon:
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
             flush_all()
 
+    def _observe_ack(self, session: int, slot: int, version: int) -> None:
+        """A reader's ack, for the API's ack-latency metric (when the API runs)."""
+        if self.api is not None:
+            self.api.metrics.observe_ack(session, slot, version)
+
     def _pre_commit(self, slot: int, context: Context) -> None:
         """The hooks in force now (SIGHUP may have replaced them) vet each commit."""
         self.hooks.pre_commit(slot, context)
@@ -461,7 +440,14 @@ class Daemon:
             silent_timeout=self.config.silent_timeout,
             budget=self.budget,
         )
-        refusal = self._refusal(peer)
+        refusal = admission(
+            peer,
+            stopping=self._stop.is_set(),
+            policy=self.policy,
+            limits=self.limits,
+            open_connections=len(self.subscribers),
+            open_by_uid=self.connections_by_uid,
+        )
         if refusal is not None:
             peer_events.log(
                 "refused", logging.WARNING, "session %d: refused: %s", session, refusal.message
@@ -469,6 +455,7 @@ class Daemon:
             subscriber.fail(refusal)
             return
         self.subscribers[session] = subscriber
+        self.sessions[session] = self._new_session(session, peer)
         self.connections_by_uid[peer.uid] = self.connections_by_uid.get(peer.uid, 0) + 1
         flusher = self._spawn(subscriber.flush_loop())
         try:
@@ -477,6 +464,7 @@ class Daemon:
             subscriber.close(subscriber.close_reason or "connection ended")
             flusher.cancel()
             self.subscribers.pop(session, None)
+            self.sessions.pop(session, None)
             left = self.connections_by_uid.pop(peer.uid, 1) - 1
             if left:
                 self.connections_by_uid[peer.uid] = left
@@ -491,251 +479,72 @@ class Daemon:
                 subscriber.close_reason,
             )
 
+    def status_row(self) -> dict[str, Any]:
+        """The daemon's own row of a status answer: the process, its store, its peers."""
+        assert self.store is not None and self.committer is not None
+        root = self.store.root
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
+            "store": str(root),
+            "socket": str(self.config.socket),
+            "commits": self.committer.commits,
+            "subscribers": len(self.subscribers),
+            **self.input_held(),
+            "version_table": segment_name(root),
+        }
+
     def input_held(self) -> dict[str, int]:
         """What peers' input costs the daemon now: bytes of it held (complete frames waiting
         for their peer's rate budget, unfinished frames) and the part in unfinished frames."""
         held = sum(subscriber.input_bytes for subscriber in self.subscribers.values())
         return {"input_bytes": held, "partial_bytes": self.pool.total}
 
-    def _refusal(self, peer: PeerCredentials) -> Error | None:
-        """The fatal error a new peer is refused with, or None to serve it."""
-        if self._stop.is_set():
-            return Error(kind="forbidden", message="shutting down", fatal=True)
-        if not self.policy.permits(peer):
-            return Error(kind="forbidden", message=f"uid {peer.uid} is not allowed", fatal=True)
-        limits, busy = self.limits, DaemonUnavailableError.kind
-        if len(self.subscribers) >= limits.connections:
-            why = (
-                f"too many connections: {len(self.subscribers)} open, the limit is "
-                f"limits.connections = {limits.connections}; try again later"
-            )
-            return Error(kind=busy, message=why, fatal=True)
-        mine = self.connections_by_uid.get(peer.uid, 0)
-        if mine >= limits.per_uid:
-            why = (
-                f"too many connections from uid {peer.uid}: {mine} open, the limit is "
-                f"limits.connections_per_uid = {limits.per_uid}; try again later"
-            )
-            return Error(kind=busy, message=why, fatal=True)
-        return None
+    def _new_session(self, session: int, peer: PeerCredentials) -> Session:
+        assert self.store is not None
+        store = self.store
+        catalog = Catalog(store.current_versions, store.hierarchy.list_by_group)
+        return Session(
+            session,
+            peer,
+            fleet=self.fleet,
+            catalog=catalog,
+            publishers=lambda: self.publishers,
+            daemon_pid=os.getpid(),
+        )
 
     async def _handle(self, sub: Subscriber, message: Message) -> None:
-        self.fleet.seen(sub.session)
-        match message:
-            case Hello(name=name, pid=pid, role=role):
-                sub.name = f"{name or 'anonymous'} (pid {pid})"
-                peer_events.log(
-                    f"hello: pid {sub.peer.pid}",
-                    logging.INFO,
-                    "session %d: hello from %s as %s",
-                    sub.session,
-                    sub.name,
-                    role,
-                )
-                self.fleet.join(sub.session, pid=pid, name=name, uid=sub.peer.uid, role=role)
-                assert self.store is not None
-                current = self.store.current_versions()
-                sub.send(Welcome(session=sub.session, daemon_pid=os.getpid(), versions=current))
-            case Subscribe() | Unsubscribe():
-                self._change_subscriptions(sub, message)
-            case Ack(slot=slot, version=version):
-                log.debug("session %d: ack slot %d version %d", sub.session, slot, version)
-                self.fleet.ack(sub.session, slot, version)
-            case Heartbeat(held=held, uss=uss, pss=pss):
-                self.fleet.heartbeat(sub.session, held, uss, pss)
-            case DamageReport():
-                self._damage_reported(sub, message)
-            case PublishFile() | PublishBuild() | PublishShm():
-                self._spawn(self._publish(sub, message))
-            case StatusRequest() | RepairRequest():
-                self._spawn(self._answer_admin(sub, message))
-            case Ping(nonce=nonce):
-                sub.send(Pong(nonce=nonce))
-            case Pong() | Error():
-                pass
-            case Goodbye(reason=reason):
-                sub.close(f"peer said goodbye: {reason}")
-            case _:
-                raise InvalidInputError(f"unexpected {type(message).__name__} from a client")
+        """Feed ``message`` to the connection's session and carry out what it asks for."""
+        session = self.sessions[sub.session]
+        for effect in session.handle(message):
+            self._carry_out(sub, effect)
+        sub.name = session.name  # its log lines name the peer as its hello did
 
-    def _change_subscriptions(self, sub: Subscriber, message: Subscribe | Unsubscribe) -> None:
-        if isinstance(message, Subscribe):
-            sub.subscriptions.slots.update(message.slots)
-            sub.subscriptions.groups.update(message.groups)
-            sub.subscriptions.everything |= message.all
-            versions = self._snapshot(message.slots, message.groups, message.all)
-            sub.send(Subscribed(request_id=message.request_id, versions=versions))
-        else:
-            sub.subscriptions.slots.difference_update(message.slots)
-            sub.subscriptions.groups.difference_update(message.groups)
-            if message.all:
-                sub.subscriptions.everything = False
+    def _carry_out(self, sub: Subscriber, effect: Effect) -> None:
+        match effect:
+            case Send(message=message):
+                sub.send(message)
+            case Close(reason=reason):
+                sub.close(reason)
+            case Publish(request=request):
+                assert self.answers is not None
+                self._spawn(self.answers.publish(sub, request))
+            case Admin(request=request):
+                assert self.answers is not None
+                self._spawn(self.answers.admin(sub, request))
+            case CheckDamage(report=report, who=who):
+                self._damage_reported(report, who)
 
-    def _damage_reported(self, sub: Subscriber, report: DamageReport) -> None:
+    def _damage_reported(self, report: DamageReport, who: str) -> None:
         """Count the report; hash the version in the background if it needs checking."""
         assert self.damage is not None
         try:
-            key = self.damage.triage(report, f"session {sub.session} ({sub.name})")
+            key = self.damage.triage(report, who)
         except CtxStoreError as exc:  # the index's trouble: the report is lost, nothing else
-            log.error("session %d: damage report not checked: %s", sub.session, exc)
+            log.error("%s: damage report not checked: %s", who, exc)
             return
         if key is not None:
             self._spawn(self.damage.check(key))
-
-    async def _publish(self, sub: Subscriber, request: PublishRequest) -> None:
-        """Commit one publish request and answer it. While it runs, the peer is not
-        dropped for silence (it is waiting for us), and is sent Progress frames if it
-        asked for them."""
-        assert self.committer is not None
-        who = Requester(sub.peer.uid, self.config.import_roots, self.config.import_limits())
-        progress = PublishProgress()
-        sub.requests_in_flight += 1
-        ticker = None
-        if request.progress:
-            ticker = self._spawn(self._send_progress(sub, request, progress))
-        try:
-            self._check_publisher(sub)
-            version = await self.committer.publish(request, who, progress)
-        except CtxStoreError as exc:
-            peer_events.log(
-                "publish refused",
-                logging.WARNING,
-                "session %d: publish to slot %d refused: %s",
-                sub.session,
-                request.slot,
-                exc,
-            )
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        except Exception as exc:
-            log.exception("session %d: publish to slot %d failed", sub.session, request.slot)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        finally:
-            sub.requests_in_flight -= 1
-            if ticker is not None:
-                ticker.cancel()
-        sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
-
-    async def _send_progress(
-        self, sub: Subscriber, request: PublishRequest, progress: PublishProgress
-    ) -> None:
-        """Every ``publish_progress_interval``: a Progress frame for ``request`` (cancelled
-        when it is answered)."""
-        while not sub.closed:
-            await asyncio.sleep(self.config.publish_progress_interval)
-            sub.send(
-                Progress(
-                    request_id=request.request_id,
-                    stage=progress.stage,
-                    done=progress.done,
-                    total=progress.total,
-                    elapsed=round(time.monotonic() - progress.started, 3),
-                )
-            )
-
-    def _check_publisher(self, sub: Subscriber) -> None:
-        refuse_local_write(self.config, "publishes")
-        if not self.publishers.permits(sub.peer):
-            raise PermissionDeniedError(
-                f"uid {sub.peer.uid} may not publish to this daemon (see publish_uids and "
-                "publish_gids in its configuration)"
-            )
-
-    async def _send_status(self, sub: Subscriber, request_id: int) -> None:
-        """Answer StatusRequest: the process, every other peer, every slot (SQL off the loop).
-
-        The asking connection is left out of the rows and the counts: it wants to
-        know who else is there, and its row would take a place another's could have.
-        """
-        assert self.store is not None and self.committer is not None
-        store = self.store
-        daemon = {
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
-            "store": str(store.root),
-            "socket": str(self.config.socket),
-            "commits": self.committer.commits,
-            "subscribers": len(self.subscribers) - 1,  # the others: not the asker
-            **self.input_held(),
-            "version_table": segment_name(store.root),
-        }
-        fleet, max_frame_size = self.fleet, self.config.max_frame_size
-
-        def build() -> Status:  # in a worker thread: SQL, and rows that may number 10,000
-            # Anything that fails in here is answered with an error frame: a status request
-            # is never left unanswered.
-            slots, total = slot_rows(store)
-            others = [peer for peer in fleet.snapshot() if peer.session != sub.session]
-            readers = reader_rows(others, store.current_versions(), time.time())
-            return build_status(
-                request_id, daemon, readers, slots, slots_total=total, max_frame_size=max_frame_size
-            )
-
-        try:
-            status = await asyncio.to_thread(build)
-        except Exception as exc:
-            log.exception("session %d: status failed", sub.session)
-            sub.send(error_for(exc, request_id=request_id, fatal=False))
-            return
-        sub.send(status)
-
-    async def _answer_admin(self, sub: Subscriber, request: StatusRequest | RepairRequest) -> None:
-        """The requests answered from a worker thread, beside the loop: status, repair."""
-        if isinstance(request, StatusRequest):
-            await self._send_status(sub, request.request_id)
-        else:
-            await self._repair(sub, request)
-
-    async def _repair(self, sub: Subscriber, request: RepairRequest) -> None:
-        """Answer RepairRequest: verify (off the loop, re-hashing), then move damaged current
-        versions back under the commit lock and announce the moves (``ctxstore verify
-        --repair`` beside a running daemon). Asked by the peers that may publish."""
-        assert self.store is not None and self.committer is not None
-        store, scope = self.store, "every slot" if request.slot is None else f"slot {request.slot}"
-        try:
-            self._check_repairer(sub)
-            problems = await asyncio.to_thread(store.verify, request.slot)
-            if self.api is not None:
-                self.api.metrics.observe_verify(len(problems))
-            repairs = await self.committer.repair(request.slot, problems)
-        except CtxStoreError as exc:
-            log.warning("session %d: repair of %s refused: %s", sub.session, scope, exc)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        except Exception as exc:
-            log.exception("session %d: repair of %s failed", sub.session, scope)
-            sub.send(error_for(exc, request_id=request.request_id, fatal=False))
-            return
-        log.info(
-            "session %d: repair of %s: %d problem(s); moved %s", sub.session, scope,
-            len(problems), [(r.slot, r.from_version, r.to_version) for r in repairs] or "nothing",
-        )  # fmt: skip
-        sub.send(
-            repaired_answer(
-                request.request_id, problems, repairs, max_frame_size=self.config.max_frame_size
-            )
-        )
-
-    def _check_repairer(self, sub: Subscriber) -> None:
-        if not self.publishers.permits(sub.peer):
-            raise PermissionDeniedError(
-                f"uid {sub.peer.uid} may not repair this daemon's store: repairs move "
-                "current versions, so they are allowed to the peers that may publish "
-                "(publish_uids and publish_gids in its configuration)"
-            )
-
-    def _snapshot(
-        self, slots: Iterable[int], groups: Iterable[str], everything: bool
-    ) -> dict[int, int]:
-        assert self.store is not None
-        current = self.store.current_versions()
-        if everything:
-            return current
-        wanted = set(slots)
-        for group in groups:
-            wanted.update(self.store.hierarchy.list_by_group(group))
-        return {slot: current[slot] for slot in wanted if slot in current}
 
     # -- announcing -------------------------------------------------------------------------
 
@@ -745,8 +554,9 @@ class Daemon:
         groups_of = functools.cache(self.store.hierarchy.get_groups)
         frame: bytes | None = None
         told = []
-        for subscriber in list(self.subscribers.values()):
-            if subscriber.subscriptions.covers(announce.slot, groups_of):
+        for session in list(self.sessions.values()):
+            if session.subscriptions.covers(announce.slot, groups_of):
+                subscriber = self.subscribers[session.session]
                 if frame is None:  # encoded once, and only when someone wants it
                     try:
                         frame = encode_frame(announce, max_frame_size=self.config.max_frame_size)
@@ -759,30 +569,6 @@ class Daemon:
         if self.api is not None:
             self.api.announced(announce, told)
         self.cluster.changed(announce.slot)
-
-
-def repaired_answer(
-    request_id: int, problems: list[Problem], repairs: list[Repair], *, max_frame_size: int
-) -> Repaired:
-    """The Repaired frame: every repair, and as many problems as fit one frame (the
-    default bound too, which clients read with); ``problems_total`` counts them all."""
-    rows = [dataclasses.asdict(repair) for repair in repairs]
-    base = len(encode_body(Repaired(request_id=request_id, problems_total=len(problems),
-                                    repairs=tuple(rows))))  # fmt: skip
-    budget = min(max_frame_size, DEFAULT_MAX_FRAME_SIZE) - base - 16  # the array's header
-    shown: list[dict[str, Any]] = []
-    for problem in problems[:MAX_STATUS_ROWS]:
-        row = problem.as_dict()
-        budget -= len(msgpack.packb(row, use_bin_type=True))
-        if budget < 0:
-            break
-        shown.append(row)
-    return Repaired(
-        request_id=request_id,
-        problems=tuple(shown),
-        problems_total=len(problems),
-        repairs=tuple(rows),
-    )
 
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:

@@ -1,4 +1,7 @@
-"""One connected peer: its protocol state, its subscriptions and its outbox.
+"""One connected peer's I/O: its protocol state, its reads and its outbox.
+
+What the peer's messages mean (its subscriptions, its requests) is its
+session's business (daemon/session.py, sans-IO); this module moves the bytes.
 
 The daemon never waits on a reader. An announcement is written straight to
 the socket when nothing is queued for that reader; otherwise it replaces any
@@ -23,8 +26,8 @@ import contextlib
 import logging
 import select
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from ctxstore.errors import CtxStoreError, RemoteProtocolError
 from ctxstore.wire import (
@@ -69,19 +72,6 @@ class PeerBudget:
     uids: UidBudgets | None = None
 
 
-@dataclass(slots=True)
-class Subscriptions:
-    slots: set[int] = field(default_factory=set)
-    groups: set[str] = field(default_factory=set)
-    everything: bool = False
-
-    def covers(self, slot: int, groups_of: Callable[[int], Collection[str]]) -> bool:
-        """Whether ``slot`` is subscribed to; ``groups_of`` (a query) is asked only if need be."""
-        if self.everything or slot in self.slots:
-            return True
-        return bool(self.groups) and not self.groups.isdisjoint(groups_of(slot))
-
-
 Handler = Callable[["Subscriber", Message], Awaitable[None]]
 
 
@@ -103,7 +93,6 @@ class Subscriber:
         self.session = session
         self.peer = peer
         self.name = f"pid {peer.pid}"
-        self.subscriptions = Subscriptions()
         self._reader = reader
         self._writer = writer
         self._conn = Connection(Role.SERVER, max_frame_size=max_frame_size)

@@ -176,7 +176,7 @@ def test_repair_beside_a_running_daemon_asks_it_and_its_readers_are_told(
 
 
 def test_a_repair_answer_fits_one_frame_and_counts_what_it_leaves_out() -> None:
-    from ctxstore.daemon.server import repaired_answer
+    from ctxstore.daemon.session import repaired_answer
     from ctxstore.messages import decode_body
     from ctxstore.protocol import DEFAULT_MAX_FRAME_SIZE, encode_body
     from ctxstore.records import Problem
