@@ -72,11 +72,11 @@ from typing import Any
 import numpy as np
 
 from ctxstore import Context
-from ctxstore import layout as store_layout
 from ctxstore.cli.soak_samples import disk_usage
-from ctxstore.npyfile import npy_header
-from ctxstore.reaper import CHORE_DELAY
 from ctxstore.store import PersistentStore
+from ctxstore.store import layout as store_layout
+from ctxstore.store.npyfile import npy_header
+from ctxstore.store.reaper import CHORE_DELAY
 
 from . import plots
 from .data import GIB, KIB, MIB, drop_page_cache, recycle_guest_memory, stamp, unique_bytes

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ctxstore import Context
-from ctxstore import layout as store_layout
 from ctxstore.store import PersistentStore
+from ctxstore.store import layout as store_layout
 
 from .data import layer_weights
 from .harness import AtMost, Candidate, Figure, ScenarioResult

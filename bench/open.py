@@ -42,8 +42,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ctxstore import Context
-from ctxstore import layout as store_layout
 from ctxstore.store import PersistentStore
+from ctxstore.store import layout as store_layout
 
 from . import plots
 from .data import Array, drop_page_cache, layer_weights, resident_fraction, touch, weights_nbytes

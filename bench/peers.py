@@ -157,7 +157,7 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
     import ctxstore.cli as cli
     import ctxstore.daemon.fleet as fleet
     import ctxstore.daemon.server as server
-    import ctxstore.store as store_module
+    import ctxstore.store.commit as store_module
     import ctxstore.versiontable as versiontable
     from ctxstore.faults import crash_point
     from ctxstore.messages import Announce
@@ -219,7 +219,7 @@ def run_daemon(store: str, sock: str, stamps_dir: Path) -> int:
         if index is not None and stamps.get(ACKED, index, version) == 0.0:
             stamps.put(ACKED, index, version, received)
 
-    # store.py imports crash_point without re-exporting it; the probe replaces its binding there
+    # ctxstore.store.commit imports crash_point without re-exporting it: the probe rebinds it there
     store_module.crash_point = probed_crash_point  # type: ignore[attr-defined]
     server.Daemon.announce = probed_announce  # type: ignore[method-assign]
     versiontable.VersionTableWriter.set = probed_set  # type: ignore[method-assign]

@@ -4,7 +4,8 @@ A *pre-commit* hook is ``(slot, context) -> None`` and runs inside
 ``PersistentStore.save_context`` before anything is written (commit protocol
 step 1): raising rejects the commit, and nothing is stored. A *post-commit*
 hook is ``(CommitEvent) -> Mapping[str, int] | None`` and runs after the
-version is committed and announced (step 6): it may move aliases and return
+version is committed and announced (step 6): it reads the store through a
+read-only view, may move aliases (``CommitEvent.set_alias``) and returns
 the ones it moved. A post-commit hook that fails or runs too long is logged and
 reported, never raised: the commit it follows is already durable and stays.
 
@@ -33,8 +34,14 @@ import numpy as np
 
 from ctxstore.context import Array, Context
 from ctxstore.dtypes import is_ml_float, ml_dtype_name
-from ctxstore.errors import ConflictError, CtxStoreError, InvalidInputError, NotFoundError
-from ctxstore.store import PersistentStore
+from ctxstore.errors import (
+    ConflictError,
+    CtxStoreError,
+    InvalidInputError,
+    NotFoundError,
+    ReadOnlyError,
+)
+from ctxstore.store import PersistentStore, StoreView
 
 log = logging.getLogger("ctxstore.daemon.hooks")
 
@@ -49,13 +56,25 @@ PreCommitHook = Callable[[int, Context], None]
 
 @dataclass(frozen=True, slots=True)
 class CommitEvent:
-    """What a post-commit hook is told: the version just committed, and the store it is in."""
+    """What a post-commit hook is told: the version just committed, and the store it is in.
+
+    ``store`` is typed as the read-only view: a hook reads through it, and its one
+    write, moving an alias of this slot, goes through :meth:`set_alias`.
+    """
 
     slot: int
     version: int
     context: Context
     model_type: str | None
-    store: PersistentStore
+    store: StoreView
+
+    def set_alias(self, name: str, version: int | None = None) -> int:
+        """Point alias ``name`` of this slot at ``version`` (default: this event's version);
+        returns the version number. ReadOnlyError when the event's store is a view."""
+        if not isinstance(self.store, PersistentStore):
+            raise ReadOnlyError(f"store {self.store.root} is open read-only")
+        target = self.version if version is None else version
+        return self.store.set_alias(self.slot, name, target)
 
 
 PostCommitHook = Callable[[CommitEvent], Mapping[str, int] | None]
@@ -514,7 +533,7 @@ class BestVersionTracker:
             best = self._current_best(event.store, event.slot)
             if best is not None and not self._better(value, best):
                 return None
-            event.store.set_alias(event.slot, BEST_ALIAS, event.version)
+            event.set_alias(BEST_ALIAS)
         log.info(
             "slot %d: alias %r -> version %d (%s = %s)",
             event.slot,
@@ -528,7 +547,7 @@ class BestVersionTracker:
     def _better(self, value: float, best: float) -> bool:
         return value < best if self.mode == "min" else value > best
 
-    def _current_best(self, store: PersistentStore, slot: int) -> float | None:
+    def _current_best(self, store: StoreView, slot: int) -> float | None:
         try:
             info = store.get_metadata(slot, BEST_ALIAS, tensors=False)
         except NotFoundError:

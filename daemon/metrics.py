@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ctxstore import layout
+from ctxstore.store import layout
 from ctxstore.wire import Announce
 
 from .status_rows import reader_rows

@@ -35,7 +35,7 @@ from ctxstore.client import SHM_PREFIX, publish_segment_owner
 from ctxstore.dtypes import dtype_from_spec
 from ctxstore.errors import InvalidInputError, NotFoundError
 from ctxstore.faults import pause_point
-from ctxstore.lock import pid_alive
+from ctxstore.store.lock import pid_alive
 from ctxstore.wire import TensorSpec
 
 log = logging.getLogger("ctxstore.daemon")

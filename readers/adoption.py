@@ -23,7 +23,7 @@ from typing import Final
 from ctxstore.cache import ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import ClosedError, CtxStoreError, IntegrityError, NotFoundError, StorageError
-from ctxstore.store import PersistentStore
+from ctxstore.store import StoreView
 from ctxstore.validation import check_version
 from ctxstore.wire import Ack, DamageReport, Message
 
@@ -51,7 +51,7 @@ class Adoption:
 
     def __init__(
         self,
-        store: PersistentStore,
+        store: StoreView,
         cache: ContextCache,
         lock: threading.RLock,
         *,

@@ -50,7 +50,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from ctxstore import layout
 from ctxstore.cache import CacheStats, ContextCache
 from ctxstore.context import Context
 from ctxstore.errors import (
@@ -61,10 +60,10 @@ from ctxstore.errors import (
     StorageError,
     WaitTimeoutError,
 )
-from ctxstore.lock import writer_may_be_running
-from ctxstore.paths import default_socket_path, default_store_dir
+from ctxstore.locations import default_socket_path, default_store_dir
 from ctxstore.records import FileInfo
-from ctxstore.store import PersistentStore
+from ctxstore.store import StoreView, layout
+from ctxstore.store.lock import writer_may_be_running
 from ctxstore.validation import check_label, check_slot, check_version
 from ctxstore.versiontable import VersionTable, segment_name
 from ctxstore.wire import Heartbeat, Message, Welcome
@@ -190,7 +189,7 @@ class Reader:
         self._hits = 0
         self._table_get: Callable[[int], int | None] = _no_table
         self._table: VersionTable | None = None
-        self._store = PersistentStore(self._store_path, readonly=True)
+        self._store = StoreView(self._store_path)
         self._client: ReaderConnection | None = None
         self._book = SubscriptionBook(
             self._lock, self._name, outbox=lambda: self._client, groups_of=self._groups_of
@@ -466,7 +465,7 @@ class Reader:
         return bool(client and client.connected)
 
     @property
-    def store(self) -> PersistentStore:
+    def store(self) -> StoreView:
         """The read-only store (for listings, metadata, aliases)."""
         self._check_open()
         return self._store

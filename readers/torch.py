@@ -15,7 +15,7 @@ for a context mapped from the store (a Reader's or ``load_context``'s):
   every parameter of the live model at the new version's tensors (no rebuild).
 
 Writes: the store maps each tensor file copy-on-write (``MAP_PRIVATE``, see
-:mod:`ctxstore.npyfile`), and these tensors are writable views of that map. An
+:mod:`ctxstore.store.npyfile`), and these tensors are writable views of that map. An
 in-place write (``t.add_()``, an optimizer step, a LoRA merge) copies the pages
 it touches into this process: it costs those pages only, and never reaches the
 file or any other worker. It is visible in this process, though, to everything
@@ -41,7 +41,7 @@ import torch
 
 from ..context import Context
 from ..errors import InvalidInputError
-from ..npyfile import PrivateMap
+from ..store.npyfile import PrivateMap
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     )
     from .nodes import CNNNode, FileNode, LLMNode, Node, create_node, load_weights_file, node_types
     from .records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
-    from .store import PersistentStore
+    from .store import PersistentStore, StoreView
 
 __version__ = "0.1.0"
 
@@ -78,7 +78,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ("ContextMetadata", "Problem", "SlotInfo", "TensorInfo", "VersionInfo"), "records"
     ),
-    "PersistentStore": "store",
+    **dict.fromkeys(("PersistentStore", "StoreView"), "store"),
 }
 
 
@@ -125,6 +125,7 @@ __all__ = [
     "RemoteProtocolError",
     "SlotInfo",
     "StorageError",
+    "StoreView",
     "TensorInfo",
     "VersionInfo",
     "WaitTimeoutError",

@@ -40,8 +40,8 @@ from .errors import (
     WaitTimeoutError,
 )
 from .kept import KeptConnections
-from .npyfile import contiguous_bytes
-from .paths import default_socket_path
+from .locations import default_socket_path
+from .store.npyfile import contiguous_bytes
 from .validation import check_alias, check_label, check_slot, freeze_mapping
 from .wire import (
     NEED_DATA,

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from .errors import InvalidInputError
 from .foreign import as_numpy
-from .npyfile import PrivateMap
+from .store.npyfile import PrivateMap
 from .validation import (
     MAX_TENSORS,
     check_dtype,

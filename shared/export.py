@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .context import Array
-from .durable import remove_tree
 from .errors import ConflictError, InvalidInputError, StorageError
-from .store import PersistentStore, VersionRef
+from .store import StoreView, VersionRef
+from .store.durable import remove_tree
 from .validation import thaw_json
 
 #: shards are cut above this many bytes (``save_pretrained``'s default, "5GB")
@@ -50,7 +50,7 @@ def shard_groups(weights: Mapping[str, Array], max_shard_bytes: int) -> list[lis
 
 
 def export_version(
-    store: PersistentStore,
+    store: StoreView,
     slot: int,
     version: VersionRef,
     directory: str | os.PathLike[str],

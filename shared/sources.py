@@ -31,8 +31,8 @@ import numpy as np
 import xxhash
 
 from .context import Array
-from .durable import FILE_MODE, write_all
 from .errors import CtxStoreError, InvalidInputError, StorageError
+from .store.durable import FILE_MODE, write_all
 
 #: the most bytes of a tensor an import holds in memory at once
 CHUNK = 4 << 20

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import xxhash
 
-from . import layout
-from .durable import describe_entry
 from .errors import IntegrityError
-from .manifest import ManifestEntry, check_layout, unpack_manifest
-from .npyfile import MAX_HEADER_BYTES, check_npy_header, dtype_from_text, shape_from_text
 from .records import Problem
+from .store import layout
+from .store.durable import describe_entry
+from .store.manifest import ManifestEntry, check_layout, unpack_manifest
+from .store.npyfile import MAX_HEADER_BYTES, check_npy_header, dtype_from_text, shape_from_text
 from .validation import MAX_VERSION
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW

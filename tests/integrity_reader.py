@@ -2,7 +2,7 @@
 
 ``python tests/integrity_reader.py STORE SOCKET [--no-connect] [--follow]``
 opens a Reader, counts every call of the hashing function the store's read path
-uses (``ctxstore.store.checksum_parts``), prints ``ready``, then answers each
+uses (``ctxstore.store.decode.checksum_parts``), prints ``ready``, then answers each
 line of stdin with one JSON line:
 
 ``get SLOT``  -> ``{"version", "sum", "hashed", "trusted", "damaged", "hash_calls"}``
@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-import ctxstore.store
+import ctxstore.store.decode
 from ctxstore import CtxStoreError
 from ctxstore.readers import Reader
 
 hash_calls = 0
-_hash = ctxstore.store.checksum_parts
+_hash = ctxstore.store.decode.checksum_parts
 
 
 def _counting_hash(parts: Iterable[memoryview | bytes]) -> str:
@@ -35,7 +35,7 @@ def _counting_hash(parts: Iterable[memoryview | bytes]) -> str:
     return _hash(parts)
 
 
-ctxstore.store.checksum_parts = _counting_hash
+ctxstore.store.decode.checksum_parts = _counting_hash
 
 
 def counters(reader: Reader) -> dict[str, Any]:

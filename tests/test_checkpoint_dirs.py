@@ -27,7 +27,7 @@ from ctxstore import Context, IntegrityError, InvalidInputError, NotFoundError, 
 from ctxstore.errors import ConflictError
 from ctxstore.export import export_version
 from ctxstore.nodes import FileNode, ImportLimits, load_weights_file, open_import
-from ctxstore.schema import LATEST
+from ctxstore.store.schema import LATEST
 from ctxstore.verify import check_version_files
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ctxstore.store as store_module
+import ctxstore.store.checking as store_module
 from ctxstore import Context, PersistentStore
 
 
@@ -66,7 +66,7 @@ import sys, time
 import numpy as np
 import pytest
 
-import ctxstore.store as store_module
+import ctxstore.store.checking as store_module
 from ctxstore import Context, PersistentStore
 with PersistentStore(sys.argv[1], retention=1) as store:
     print("ready", flush=True)

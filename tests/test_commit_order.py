@@ -143,7 +143,7 @@ Breakage = Callable[[pytest.MonkeyPatch], object]
 
 
 def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctxstore.store as store_module
+    import ctxstore.store.commit as store_module
 
     real = store_module.fsync_all
     monkeypatch.setattr(
@@ -152,7 +152,7 @@ def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctxstore.store as store_module
+    import ctxstore.store.commit as store_module
 
     real = store_module.fsync_all
     monkeypatch.setattr(store_module, "fsync_dir", lambda path: None)
@@ -163,9 +163,9 @@ def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The staging directory fsynced when taken, before its files exist (and not after)."""
-    import ctxstore.store as store_module
+    import ctxstore.store.commit as store_module
 
-    real_take = store_module.PersistentStore._take_spare_staging
+    real_take = PersistentStore._take_spare_staging
     real_sync_dir = store_module.fsync_dir
     synced_early: list[str] = []
 
@@ -176,7 +176,7 @@ def _sync_staging_too_early(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             synced_early.append(staging)
         return staging
 
-    monkeypatch.setattr(store_module.PersistentStore, "_take_spare_staging", take)
+    monkeypatch.setattr(PersistentStore, "_take_spare_staging", take)
     monkeypatch.setattr(
         store_module,
         "fsync_dir",

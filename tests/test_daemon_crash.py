@@ -42,10 +42,10 @@ from support.daemon import start_daemon, wait_for_socket
 from support.procs import dies_with_pytest
 from support.store import wal_leftovers
 
-from ctxstore import Context, CtxStoreError, layout
+from ctxstore import Context, CtxStoreError
 from ctxstore.client import SHM_PREFIX, publish
 from ctxstore.faults import COMMIT_POINTS
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, layout
 from ctxstore.versiontable import VersionTable, segment_name
 
 SLOTS = (1, 2, 3)

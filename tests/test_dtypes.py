@@ -28,9 +28,9 @@ from ctxstore.daemon.hooks import finite_check
 from ctxstore.dtypes import ML_DTYPE_NAMES, SAFETENSORS_DTYPES
 from ctxstore.messages import TensorSpec
 from ctxstore.nodes import read_weights_file
-from ctxstore.npyfile import check_recorded_dtype, dtype_from_text, dtype_to_text
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore
+from ctxstore.store.npyfile import check_recorded_dtype, dtype_from_text, dtype_to_text
 
 Array = np.ndarray[Any, Any]
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from support.store import wal_leftovers
 
-import ctxstore.durable as durable
-import ctxstore.reaper as reaper_module
-from ctxstore import Context, NotFoundError, PersistentStore, StorageError, layout
+import ctxstore.store.durable as durable
+import ctxstore.store.reaper as reaper_module
+from ctxstore import Context, NotFoundError, PersistentStore, StorageError
+from ctxstore.store import layout
 
 
 def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all_finished(

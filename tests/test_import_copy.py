@@ -19,7 +19,7 @@ import pytest
 from test_checkpoint_dirs import SHARDS, tensors, write_checkpoint
 from test_commit_order import Recorder, check_commit_order, recorder  # noqa: F401 (a fixture)
 
-import ctxstore.store as store_module
+import ctxstore.store.staging as store_module
 from ctxstore import PersistentStore
 from ctxstore.daemon.committer import Committer
 from ctxstore.nodes import open_import

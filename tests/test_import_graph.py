@@ -37,7 +37,7 @@ def test_the_wire_protocol_loads_neither_sqlite_nor_the_store_nor_the_importers(
 def test_the_wire_package_loads_neither_sqlite_nor_the_store_nor_the_importers() -> None:
     modules = modules_after("import ctxstore.wire")
     assert "ctxstore.wire.connection" in modules
-    unwanted = ("sqlite3", "zipfile", "ctxstore.store", "ctxstore.nodes", "ctxstore.db",
+    unwanted = ("sqlite3", "zipfile", "ctxstore.store", "ctxstore.nodes", "ctxstore.store.db",
                 "ctxstore.daemon", "ctxstore.readers")  # fmt: skip
     assert loaded(modules, *unwanted) == []
 

@@ -28,7 +28,9 @@ from support.daemon import DaemonProcess, running_daemon
 from support.peers import RawPeer
 from support.procs import dies_with_pytest, free_port
 
-import ctxstore.store
+import ctxstore.store.checking
+import ctxstore.store.reads
+import ctxstore.store.staging
 from ctxstore import Context, IntegrityError, PersistentStore
 from ctxstore.client import publish
 from ctxstore.daemon.committer import Committer
@@ -284,7 +286,7 @@ def test_a_record_from_another_boot_or_none_is_not_trusted(
             assert (reader.versions_trusted, reader.versions_hashed) == (1, 1)
             reader.load_context(1, 2, verify=True)  # the caller knows of no daemon
             assert reader.versions_hashed == 2
-            monkeypatch.setattr(ctxstore.store, "boot_id", lambda: "another-boot")
+            monkeypatch.setattr(ctxstore.store.reads, "boot_id", lambda: "another-boot")
             reader.load_context(1, 2, verify=True, trust_verified=True)
             assert (reader.versions_trusted, reader.versions_hashed) == (1, 3)
 
@@ -310,13 +312,13 @@ def test_a_version_written_wrong_is_caught_before_it_is_announced(
     announced: list[Announce] = []
     committer = Committer(store, None, announced.append)
     committer.reread_after_commit = True
-    write = ctxstore.store.write_new_file
+    write = ctxstore.store.staging.write_new_file
 
     def write_then_rot(path: Any, chunks: Any, *, sync: bool = True) -> None:
         write(path, chunks, sync=sync)
         flip_byte(Path(path))
 
-    monkeypatch.setattr(ctxstore.store, "write_new_file", write_then_rot)
+    monkeypatch.setattr(ctxstore.store.staging, "write_new_file", write_then_rot)
     with store:
         with pytest.raises(IntegrityError, match="version 2 was committed but"):
             asyncio.run(committer.commit(1, context(2)))
@@ -398,13 +400,13 @@ def test_a_new_version_is_recorded_verified_from_its_commit_without_reading_it_b
     announced: list[Announce] = []
     committer = Committer(store, None, announced.append)
     hashed: list[str] = []
-    real_hash = ctxstore.store.hash_file
+    real_hash = ctxstore.store.checking.hash_file
 
     def counting(path: str) -> Any:
         hashed.append(path)
         return real_hash(path)
 
-    monkeypatch.setattr(ctxstore.store, "hash_file", counting)
+    monkeypatch.setattr(ctxstore.store.checking, "hash_file", counting)
     with store:
         assert asyncio.run(committer.commit(1, context(2))) == 2
         assert hashed == []
@@ -412,14 +414,14 @@ def test_a_new_version_is_recorded_verified_from_its_commit_without_reading_it_b
         assert [a.version for a in announced] == [2]
         problems, _ = store.check_version(1, 2)
         assert problems == []
-        write = ctxstore.store.write_new_file
+        write = ctxstore.store.staging.write_new_file
 
         def write_then_truncate(path: Any, chunks: Any, *, sync: bool = True) -> None:
             write(path, chunks, sync=sync)
             os.chmod(path, 0o600)
             os.truncate(path, 8)
 
-        monkeypatch.setattr(ctxstore.store, "write_new_file", write_then_truncate)
+        monkeypatch.setattr(ctxstore.store.staging, "write_new_file", write_then_truncate)
         with pytest.raises(IntegrityError, match="version 3 was committed but"):
             asyncio.run(committer.commit(1, context(3)))
         assert store.current_version(1) == 2

@@ -20,7 +20,8 @@ import pytest
 from support.procs import require_os_tool
 from support.store import wal_leftovers
 
-from ctxstore import Context, PersistentStore, layout
+from ctxstore import Context, PersistentStore
+from ctxstore.store import layout
 
 PRELOADS = ("/usr/lib/fiu/fiu_run_preload.so", "/usr/lib/fiu/fiu_posix_preload.so")
 

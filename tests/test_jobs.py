@@ -38,8 +38,8 @@ from ctxstore.errors import (
     WaitTimeoutError,
 )
 from ctxstore.nodes import create_node
-from ctxstore.schema import LATEST
 from ctxstore.store import PersistentStore
+from ctxstore.store.schema import LATEST
 
 LLM = {"vocab_size": 16, "d_model": 8, "n_heads": 2, "n_layers": 1}
 

@@ -16,8 +16,8 @@ import msgpack
 import numpy as np
 import pytest
 
-import ctxstore.npyfile
-import ctxstore.store
+import ctxstore.store.decode
+import ctxstore.store.npyfile
 from ctxstore import Context, IntegrityError, PersistentStore
 from ctxstore.errors import StorageError
 from ctxstore.readers import Reader
@@ -104,13 +104,13 @@ def test_a_failed_mapping_leaves_the_waiting_thread_to_try_itself(
 
 def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     parsed: list[bytes] = []
-    real = ctxstore.npyfile.parse_npy_header
+    real = ctxstore.store.npyfile.parse_npy_header
 
     def counting(header: bytes) -> Any:
         parsed.append(header)
         return real(header)
 
-    monkeypatch.setattr(ctxstore.npyfile, "parse_npy_header", counting)
+    monkeypatch.setattr(ctxstore.store.npyfile, "parse_npy_header", counting)
     return parsed
 
 
@@ -119,16 +119,16 @@ def test_a_header_as_ctxstore_writes_it_is_accepted_without_parsing(
 ) -> None:
     parsed = _count_parses(monkeypatch)
     for dtype, shape in ((np.dtype("f4"), (3, 4)), (np.dtype("<i8"), ()), (np.dtype("u1"), (0,))):
-        header = ctxstore.npyfile.npy_header(dtype, shape)
-        ctxstore.npyfile.check_npy_header(header, dtype, shape, len(header))
+        header = ctxstore.store.npyfile.npy_header(dtype, shape)
+        ctxstore.store.npyfile.check_npy_header(header, dtype, shape, len(header))
     assert parsed == []
-    header = ctxstore.npyfile.npy_header(np.dtype("f4"), (3, 4))
+    header = ctxstore.store.npyfile.npy_header(np.dtype("f4"), (3, 4))
     with pytest.raises(IntegrityError, match="shape"):  # a different record is still caught
-        ctxstore.npyfile.check_npy_header(header, np.dtype("f4"), (4, 3), len(header))
+        ctxstore.store.npyfile.check_npy_header(header, np.dtype("f4"), (4, 3), len(header))
     # the same header as another numpy may space it: parsed, and accepted
     spaced = header.replace(b", }", b",  }", 1)[: len(header) - 1] + b"\n"
     assert spaced != header and len(spaced) == len(header)
-    ctxstore.npyfile.check_npy_header(spaced, np.dtype("f4"), (3, 4), len(header))
+    ctxstore.store.npyfile.check_npy_header(spaced, np.dtype("f4"), (3, 4), len(header))
     assert len(parsed) == 2  # the reshaped record and the spaced header
 
 
@@ -138,15 +138,15 @@ def test_a_vouched_version_reads_each_files_header_once_per_identity(
     """Served on a writer's verified record, a version's headers are compared with its
     index rows; the same files (same identity and rows) are not read again, a changed
     index row is."""
-    monkeypatch.setattr(ctxstore.store, "_HEADERS_AGREED", {})
+    monkeypatch.setattr(ctxstore.store.decode, "_HEADERS_AGREED", {})
     checked: list[str] = []
-    real = ctxstore.store._check_mapped_header
+    real = ctxstore.store.decode._check_mapped_header
 
     def counting(slot: int, version: int, name: str, *args: Any, **kwargs: Any) -> None:
         checked.append(name)
         real(slot, version, name, *args, **kwargs)
 
-    monkeypatch.setattr(ctxstore.store, "_check_mapped_header", counting)
+    monkeypatch.setattr(ctxstore.store.decode, "_check_mapped_header", counting)
     with PersistentStore(tmp_path / "store") as writer:
         writer.save_context(1, context(1))
         assert writer.record_check(1, 1, rehash=False) == []

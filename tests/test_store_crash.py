@@ -46,9 +46,9 @@ from crash_writer import (
 )
 from support.store import wal_leftovers
 
-from ctxstore import NotFoundError, layout
+from ctxstore import NotFoundError
 from ctxstore.faults import COMMIT_POINTS
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, layout
 
 CHILD = Path(__file__).with_name("crash_writer.py")
 SLOTS = 3

@@ -16,7 +16,7 @@ import pytest
 from support.contexts import store_with_one_version, tamper
 from support.daemon import assert_the_error_comes_first, failed_start, running_daemon
 
-import ctxstore.store as store_module
+import ctxstore.store.checking as store_module
 from ctxstore import Context, IntegrityError, PersistentStore, StorageError
 from ctxstore.cli import main
 

@@ -19,9 +19,9 @@ import torch
 from support.models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxstore import Context, InvalidInputError, npyfile
+from ctxstore import Context, InvalidInputError
 from ctxstore.readers import torch as ctx_torch
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, npyfile
 
 PAGE = mmap.PAGESIZE
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from ctxstore.errors import ClosedError
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, StoreView
 
 from ..events import EventBroadcaster
 from ..metrics import DaemonMetrics
@@ -33,10 +33,16 @@ class ApiContext:
 
     @property
     def store(self) -> PersistentStore:
+        """The daemon's writer: for the routes that change the store."""
         store = self.daemon.store
         if store is None:
             raise ClosedError("the store is not open")
         return store
+
+    @property
+    def view(self) -> StoreView:
+        """The store as the read routes see it: the read-only view, no write to name."""
+        return self.store
 
     @property
     def committer(self) -> Committer:

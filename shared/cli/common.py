@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ctxstore.errors import CtxStoreError, InvalidInputError, RemoteError, WriterLockedError
-from ctxstore.paths import default_socket_path, default_store_dir
-from ctxstore.store import PersistentStore
+from ctxstore.locations import default_socket_path, default_store_dir
+from ctxstore.store import PersistentStore, StoreView
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -102,14 +102,20 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def open_store(args: argparse.Namespace, *, write: bool = False) -> PersistentStore:
-    return PersistentStore(store_dir(args), readonly=not write)
+def open_store(args: argparse.Namespace) -> StoreView:
+    """The store opened read-only: the view, which has no write method."""
+    return StoreView(store_dir(args))
+
+
+def open_writer(args: argparse.Namespace) -> PersistentStore:
+    """The store's writer (takes the writer lock: WriterLockedError while a daemon runs)."""
+    return PersistentStore(store_dir(args))
 
 
 def open_to_change(args: argparse.Namespace, api_call: str) -> PersistentStore:
     """The store opened for a change the daemon could make instead; while it runs, say how."""
     try:
-        return open_store(args, write=True)
+        return open_writer(args)
     except WriterLockedError as exc:
         raise WriterLockedError(
             f"{exc}. While the daemon runs, ask it on its admin API, so that its readers "

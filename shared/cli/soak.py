@@ -35,7 +35,7 @@ import numpy as np
 from ctxstore.client import publish, wait_until_listening
 from ctxstore.context import Context
 from ctxstore.errors import DaemonUnavailableError
-from ctxstore.store import PersistentStore
+from ctxstore.store import StoreView
 from ctxstore.versiontable import segment_name
 
 from .soak_samples import HEADERS, SHM_DIR, Sample, Trend, row, take_sample, trends
@@ -223,7 +223,7 @@ def run_soak(
             run.daemon_exit = _stop_daemon(daemon)
         run.leftovers = [str(p) for p in (sock, SHM_DIR / segment_name(store_dir)[1:])
                          if p.exists()]  # fmt: skip
-        with PersistentStore(store_dir, readonly=True) as check:
+        with StoreView(store_dir) as check:
             run.problems = [str(p) for p in check.verify()]
     run.trends = trends(run.samples, warmup=min(30.0, 0.2 * duration))
     _report(run)

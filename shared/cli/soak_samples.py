@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from ctxstore import layout
 from ctxstore.client import SHM_PREFIX
+from ctxstore.store import layout
 from ctxstore.versiontable import segment_name
 
 MiB = 1 << 20

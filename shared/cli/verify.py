@@ -15,7 +15,7 @@ from ctxstore.errors import DaemonUnavailableError, WriterLockedError
 from ctxstore.records import Problem
 from ctxstore.store import Repair
 
-from .common import Commands, open_store, slot_arg, socket_path
+from .common import Commands, open_store, open_writer, slot_arg, socket_path
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _repair(args: argparse.Namespace) -> int:
     """Roll damaged current versions back to intact ones: directly when no writer holds the
     store, else by asking the daemon that holds it (which announces the moves)."""
     try:
-        store = open_store(args, write=True)
+        store = open_writer(args)
     except WriterLockedError as locked:
         return _repair_through_daemon(args, locked)
     with store:

@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import layout as store_layout
 from ..checksum import checksum_file, checksum_parts
 from ..context import Array
-from ..durable import clear_scratch_dir, fsync_dir, make_dir
 from ..errors import CtxStoreError, IntegrityError, NotFoundError
 from ..faults import crash_point
-from ..npyfile import check_npy_header, dtype_from_text, map_array
 from ..sources import Imported
 from ..store import PersistentStore
+from ..store import layout as store_layout
+from ..store.durable import clear_scratch_dir, fsync_dir, make_dir
+from ..store.npyfile import check_npy_header, dtype_from_text, map_array
 from .feed import Feed
 from .layout import Head, Manifest, TensorEntry, set_aliases
 from .s3 import OriginClient

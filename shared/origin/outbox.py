@@ -12,8 +12,8 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..durable import fsync_dir, make_dir, write_new_file
 from ..errors import StorageError
+from ..store.durable import fsync_dir, make_dir, write_new_file
 
 
 class Outbox:

@@ -16,10 +16,10 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from .. import layout as store_layout
 from ..errors import ConflictError, CtxStoreError, StorageError
 from ..faults import crash_point
 from ..store import PersistentStore
+from ..store import layout as store_layout
 from .feed import Feed, Hint
 from .layout import FileEntry, Head, Manifest, TensorEntry, set_aliases
 from .outbox import Outbox
@@ -198,7 +198,7 @@ class Uploader:
 
 
 def _shape(text: object) -> tuple[int, ...]:
-    from ..npyfile import shape_from_text
+    from ..store.npyfile import shape_from_text
 
     if not isinstance(text, str):
         raise StorageError(f"a recorded shape is {text!r:.40}, not text")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctxstore import layout
+from ctxstore.store import layout
 
 
 def wal_leftovers(store_root: Path) -> list[str]:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel
 
 from ctxstore.errors import NotFoundError
-from ctxstore.store import PersistentStore
+from ctxstore.store import StoreView
 
 from ..context import Ctx
 from ..errors import COMMON_ERRORS, GuardedRoute, errors
@@ -42,7 +42,7 @@ NODE_TAG = "hierarchy"
 GROUP_TAG = "groups"
 
 
-def require_node(store: PersistentStore, slot: int) -> None:
+def require_node(store: StoreView, slot: int) -> None:
     """NotFoundError unless ``slot`` has a parent, children, groups, versions or a tree entry."""
     tree = store.hierarchy
     if tree.get_parent(slot) is not None or tree.get_children(slot) or tree.get_groups(slot):
@@ -77,8 +77,8 @@ def set_parent(slot: SlotPath, body: ParentBody, ctx: Ctx) -> ParentOut:
     summary="A node's parent (null for a root)",
 )
 def get_parent(slot: SlotPath, ctx: Ctx) -> ParentOut:
-    require_node(ctx.store, slot)
-    return ParentOut(slot=slot, parent=ctx.store.hierarchy.get_parent(slot))
+    require_node(ctx.view, slot)
+    return ParentOut(slot=slot, parent=ctx.view.hierarchy.get_parent(slot))
 
 
 @router.get(
@@ -89,8 +89,8 @@ def get_parent(slot: SlotPath, ctx: Ctx) -> ParentOut:
     summary="A node's direct children",
 )
 def get_children(slot: SlotPath, ctx: Ctx) -> ChildrenOut:
-    require_node(ctx.store, slot)
-    return ChildrenOut(slot=slot, children=ctx.store.hierarchy.get_children(slot))
+    require_node(ctx.view, slot)
+    return ChildrenOut(slot=slot, children=ctx.view.hierarchy.get_children(slot))
 
 
 @router.get(
@@ -101,8 +101,8 @@ def get_children(slot: SlotPath, ctx: Ctx) -> ChildrenOut:
     summary="A node's ancestors, root first",
 )
 def get_ancestors(slot: SlotPath, ctx: Ctx) -> AncestorsOut:
-    require_node(ctx.store, slot)
-    return AncestorsOut(slot=slot, ancestors=ctx.store.hierarchy.get_ancestors(slot))
+    require_node(ctx.view, slot)
+    return AncestorsOut(slot=slot, ancestors=ctx.view.hierarchy.get_ancestors(slot))
 
 
 @router.get(
@@ -113,8 +113,8 @@ def get_ancestors(slot: SlotPath, ctx: Ctx) -> AncestorsOut:
     summary="Every node below a node, breadth first",
 )
 def get_descendants(slot: SlotPath, ctx: Ctx) -> DescendantsOut:
-    require_node(ctx.store, slot)
-    return DescendantsOut(slot=slot, descendants=ctx.store.hierarchy.get_descendants(slot))
+    require_node(ctx.view, slot)
+    return DescendantsOut(slot=slot, descendants=ctx.view.hierarchy.get_descendants(slot))
 
 
 @router.get(
@@ -125,8 +125,8 @@ def get_descendants(slot: SlotPath, ctx: Ctx) -> DescendantsOut:
     summary="The root of a node's tree (itself for a root)",
 )
 def get_root(slot: SlotPath, ctx: Ctx) -> RootOut:
-    require_node(ctx.store, slot)
-    return RootOut(slot=slot, root=ctx.store.hierarchy.get_root(slot))
+    require_node(ctx.view, slot)
+    return RootOut(slot=slot, root=ctx.view.hierarchy.get_root(slot))
 
 
 @router.get(
@@ -137,15 +137,15 @@ def get_root(slot: SlotPath, ctx: Ctx) -> RootOut:
     summary="A node's parent, children, ancestors, descendants, root and groups in one answer",
 )
 def get_node_hierarchy(slot: SlotPath, ctx: Ctx) -> BaseModel:
-    require_node(ctx.store, slot)
-    return from_record(NodeHierarchyOut, ctx.store.hierarchy.info(slot))
+    require_node(ctx.view, slot)
+    return from_record(NodeHierarchyOut, ctx.view.hierarchy.info(slot))
 
 
 @router.get(
     "/hierarchy", tags=[NODE_TAG], response_model=HierarchyOut, summary="Every node and its parent"
 )
 def get_hierarchy(ctx: Ctx) -> HierarchyOut:
-    nodes = ctx.store.hierarchy.nodes()
+    nodes = ctx.view.hierarchy.nodes()
     return HierarchyOut(nodes=[NodeOut(slot=slot, parent=parent) for slot, parent in nodes.items()])
 
 
@@ -156,7 +156,7 @@ def get_hierarchy(ctx: Ctx) -> HierarchyOut:
     summary="Node, root and group counts and the deepest level",
 )
 def get_hierarchy_stats(ctx: Ctx) -> BaseModel:
-    return from_record(HierarchyStatsOut, ctx.store.hierarchy.stats())
+    return from_record(HierarchyStatsOut, ctx.view.hierarchy.stats())
 
 
 # -- groups ---------------------------------------------------------------------------------------
@@ -193,15 +193,15 @@ def remove_from_group(slot: SlotPath, name: GroupPath, ctx: Ctx) -> None:
     summary="The groups a slot belongs to",
 )
 def get_node_groups(slot: SlotPath, ctx: Ctx) -> NodeGroupsOut:
-    require_node(ctx.store, slot)
-    return NodeGroupsOut(slot=slot, groups=ctx.store.hierarchy.get_groups(slot))
+    require_node(ctx.view, slot)
+    return NodeGroupsOut(slot=slot, groups=ctx.view.hierarchy.get_groups(slot))
 
 
 @router.get(
     "/groups", tags=[GROUP_TAG], response_model=GroupsOut, summary="Every group and its size"
 )
 def list_groups(ctx: Ctx) -> GroupsOut:
-    groups = ctx.store.hierarchy.list_groups()
+    groups = ctx.view.hierarchy.list_groups()
     return GroupsOut(groups=[GroupSummary(name=n, members=c) for n, c in groups.items()])
 
 
@@ -213,7 +213,7 @@ def list_groups(ctx: Ctx) -> GroupsOut:
     summary="The slots of a group",
 )
 def get_group(name: GroupPath, ctx: Ctx) -> GroupOut:
-    slots = ctx.store.hierarchy.list_by_group(name)
+    slots = ctx.view.hierarchy.list_by_group(name)
     if not slots:
         raise NotFoundError(f"group {name!r} has no members")
     return GroupOut(name=name, slots=slots)

@@ -77,7 +77,7 @@ def readiness(ctx: ApiContext) -> tuple[list[str], int | None]:
     summary="Connected peers: pid, name, versions held, lag, USS and PSS",
 )
 def readers(ctx: Ctx) -> ReadersOut:
-    current = ctx.store.current_versions()
+    current = ctx.view.current_versions()
     rows = reader_rows(ctx.daemon.fleet.snapshot(), current, time.time())
     return ReadersOut.model_validate({"readers": rows})
 

@@ -51,7 +51,7 @@ def list_slots(
     offset: Annotated[int, Query(ge=0, le=MAX_SLOT)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
 ) -> SlotsOut:
-    slots = ctx.store.list_slots(model_type=model_type, group=group)
+    slots = ctx.view.list_slots(model_type=model_type, group=group)
     page = slots[offset : offset + limit]
     return SlotsOut(total=len(slots), slots=[from_record(SlotOut, info) for info in page])
 
@@ -64,7 +64,7 @@ def list_slots(
     summary="The current version's model type, config and metadata",
 )
 def get_slot(slot: SlotPath, ctx: Ctx) -> BaseModel:
-    return version_detail(ctx.store.get_metadata(slot, None, tensors=False))
+    return version_detail(ctx.view.get_metadata(slot, None, tensors=False))
 
 
 @router.get(
@@ -75,7 +75,7 @@ def get_slot(slot: SlotPath, ctx: Ctx) -> BaseModel:
     summary="The slot's stored versions, oldest first",
 )
 def list_versions(slot: SlotPath, ctx: Ctx) -> VersionsOut:
-    versions = ctx.store.list_versions(slot)
+    versions = ctx.view.list_versions(slot)
     return VersionsOut(slot=slot, versions=[from_record(VersionOut, info) for info in versions])
 
 
@@ -87,7 +87,7 @@ def list_versions(slot: SlotPath, ctx: Ctx) -> VersionsOut:
     summary="One version's metadata and tensor table (a number, latest, current or an alias)",
 )
 def get_version(slot: SlotPath, version: VersionPath, ctx: Ctx) -> BaseModel:
-    return version_detail(ctx.store.get_metadata(slot, version, tensors=True))
+    return version_detail(ctx.view.get_metadata(slot, version, tensors=True))
 
 
 @router.put(
@@ -168,12 +168,12 @@ async def verify_all(ctx: Ctx, rehash: bool = True) -> VerifyOut:
     summary="Check one slot's versions: files, sizes and checksums",
 )
 async def verify_slot(slot: SlotPath, ctx: Ctx, rehash: bool = True) -> VerifyOut:
-    if await asyncio.to_thread(ctx.store.current_version, slot) is None:
+    if await asyncio.to_thread(ctx.view.current_version, slot) is None:
         raise NotFoundError(f"slot {slot} has no versions")
     return await _verify(ctx, slot, rehash)
 
 
 async def _verify(ctx: Ctx, slot: int | None, rehash: bool) -> VerifyOut:
-    problems = await asyncio.to_thread(ctx.store.verify, slot, rehash=rehash)
+    problems = await asyncio.to_thread(ctx.view.verify, slot, rehash=rehash)
     ctx.metrics.observe_verify(len(problems))
     return VerifyOut(ok=not problems, problems=[from_record(ProblemOut, p) for p in problems])

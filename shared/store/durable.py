@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .errors import StorageError
+from ..errors import StorageError
 
 #: what every function here takes as a path: the commit path passes plain strings
 StrPath = str | os.PathLike[str]

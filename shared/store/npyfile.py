@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import ML_DTYPE_NAMES, ml_dtype, ml_dtype_name, storage_dtype
-from .errors import IntegrityError, NotFoundError
+from ..dtypes import ML_DTYPE_NAMES, ml_dtype, ml_dtype_name, storage_dtype
+from ..errors import IntegrityError, NotFoundError
 
 Array = npt.NDArray[Any]
 

@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import StorageError, WriterLockedError
+from ..errors import StorageError, WriterLockedError
 
 
 class WriterLock:

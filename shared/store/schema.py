@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..errors import IntegrityError
 from .db import transaction
-from .errors import IntegrityError
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import IntegrityError, NotFoundError, StorageError
+from ..errors import IntegrityError, NotFoundError, StorageError
 
 BUSY_TIMEOUT_MS = 10_000
 

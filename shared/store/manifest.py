@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
 from .npyfile import dtype_from_text, shape_from_text
 
 #: per tensor, in position order: name, dtype text, shape, data offset, data bytes, checksum

@@ -1,0 +1,235 @@
+"""Step 2 of the commit protocol: each tensor and extra file written into the staging
+directory (``wal/<txid>/``), or hard-linked to an identical stored file.
+
+Nothing here is durable or visible: the caller (``commit.py``) fsyncs, renames the
+directory into place and commits the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
+import numpy as np
+
+from ..checksum import checksum_parts
+from ..context import Array, Context
+from ..errors import (
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+)
+from ..faults import crash_point
+from ..sources import TensorSource, copy_buffer, same_file_bytes, write_streamed
+from . import layout
+from .durable import (
+    SyncQueue,
+    hard_link,
+    make_dir,
+    write_new_file,
+)
+from .npyfile import (
+    contiguous_bytes,
+    dtype_from_text,
+    dtype_to_text,
+    map_array,
+    npy_header,
+    shape_from_text,
+    shape_to_text,
+)
+from .repair import StoreRepair
+
+TensorRow = tuple[int, str, str, str, int, int, str]
+
+
+class NewVersion(NamedTuple):
+    """What one save_context call commits, once its version number is known."""
+
+    slot: int
+    version: int
+    context: Context
+    model_type: str | None
+    aliases: tuple[str, ...]
+    pin: bool
+    publish_key: str | None = None
+    #: extra files, by validated name
+    files: Mapping[str, bytes] = MappingProxyType({})
+    #: tensors streamed from an import's files (``context`` then holds none); the
+    #: pre-commit hooks see them mapped from the staging directory
+    sources: Mapping[str, Array | TensorSource] | None = None
+
+
+class StoreStaging(StoreRepair):
+    """Staging a version's files, deduplicated against what the store holds."""
+
+    def _stage(
+        self, staging: str, new: NewVersion, early: SyncQueue
+    ) -> tuple[list[TensorRow], list[str], list[int]]:
+        """Write (or link) every tensor into ``staging``: the rows, the files still to
+        sync, and the positions hard-linked to a stored file. A streamed tensor's file
+        goes to ``early`` instead, its fsync started as soon as it is written."""
+        rows: list[TensorRow] = []
+        written: list[str] = []
+        linked: list[int] = []
+        staged: dict[str, str] = {}
+        tensors = new.context.weights if new.sources is None else new.sources
+        buffer = copy_buffer() if new.sources is not None else None
+        for position, (name, array) in enumerate(tensors.items()):
+            if isinstance(array, TensorSource):
+                assert buffer is not None
+                rows.append(self._stage_source(staging, position, name, array, buffer,
+                                               staged=staged, early=early,
+                                               linked=linked))  # fmt: skip
+                crash_point("staging")
+                continue
+            header = npy_header(array.dtype, array.shape)
+            data = contiguous_bytes(array)
+            checksum = checksum_parts((header, data))
+            path = f"{staging}/{layout.tensor_file_name(position)}"
+            source = staged.get(checksum) or self._stored_duplicate(checksum, header, data)
+            if source is None or not hard_link(source, path):
+                write_new_file(path, (header, data), sync=False)
+                written.append(path)
+            elif checksum not in staged:  # linked to a stored file, not to one staged here
+                linked.append(position)
+            staged.setdefault(checksum, path)
+            rows.append(
+                (
+                    position,
+                    name,
+                    dtype_to_text(array.dtype),
+                    shape_to_text(array.shape),
+                    len(header),
+                    data.nbytes,
+                    checksum,
+                )
+            )
+            crash_point("staging")
+        return rows, written, linked
+
+    def _stage_source(
+        self,
+        staging: str,
+        position: int,
+        name: str,
+        source: TensorSource,
+        buffer: memoryview,
+        *,
+        staged: dict[str, str],
+        early: SyncQueue,
+        linked: list[int],
+    ) -> TensorRow:
+        """Copy a streamed tensor into ``staging``, hashing it as it is written; then,
+        when an identical file is staged or stored already, link that one instead
+        (the copy was needed to know the checksum without holding the tensor)."""
+        header = npy_header(source.dtype, source.shape)
+        path = f"{staging}/{layout.tensor_file_name(position)}"
+        checksum = write_streamed(path, header, source.chunks(buffer))
+        duplicate = staged.get(checksum)
+        if duplicate is None or not same_file_bytes(duplicate, path):
+            duplicate = self._stored_duplicate_file(checksum, path)
+        if duplicate is not None and replace_with_link(duplicate, path):
+            if checksum not in staged:
+                linked.append(position)
+        else:
+            early.start(path)
+        staged.setdefault(checksum, path)
+        dtype = dtype_to_text(source.dtype)
+        return (position, name, dtype, shape_to_text(source.shape), len(header),
+                source.nbytes, checksum)  # fmt: skip
+
+    def _stored_duplicate_file(self, checksum: str, path: str) -> str | None:
+        """A stored tensor file with the same bytes as the staged file at ``path``."""
+        candidates = self._writer_conn().execute(
+            "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
+        )
+        for slot, version, position in candidates:
+            stored = layout.tensor_path_str(self._root_str, slot, version, position)
+            if same_file_bytes(stored, path):
+                return stored
+        return None
+
+    def _stage_files(self, staging: str, files: Mapping[str, bytes]) -> list[str]:
+        """Write (or link an identical stored one) each extra file into ``staging/files``;
+        returns the paths written, which still need their fsync."""
+        if not files:
+            return []
+        make_dir(f"{staging}/{layout.FILES_DIR}", durable=False)
+        written: list[str] = []
+        for name, data in files.items():
+            path = f"{staging}/{layout.FILES_DIR}/{name}"
+            checksum = checksum_parts((data,))
+            source = self._stored_duplicate_extra(checksum, data)
+            if source is None or not hard_link(source, path):
+                write_new_file(path, (data,), sync=False)
+                written.append(path)
+        return written
+
+    def _stored_duplicate_extra(self, checksum: str, data: bytes) -> str | None:
+        rows = self._writer_conn().execute(
+            "SELECT slot, version, name FROM version_files WHERE checksum = ? LIMIT 4",
+            (checksum,),
+        )
+        for slot, version, name in rows:
+            path = layout.version_file_str(self._root_str, slot, version, name)
+            try:
+                with open(path, "rb") as f:
+                    if f.read(len(data) + 1) == data:
+                        return path
+            except OSError:
+                continue
+        return None
+
+    def _run_hooks_on_staged(self, staging: str, new: NewVersion, rows: list[TensorRow]) -> None:
+        """The pre-commit hooks, for an import: they see the staged files, mapped."""
+        weights = {
+            name: map_array(f"{staging}/{layout.tensor_file_name(position)}",
+                            dtype_from_text(dtype), shape_from_text(shape), offset, nbytes)
+            for position, name, dtype, shape, offset, nbytes, _ in rows
+        }  # fmt: skip
+        context = Context._trusted(MappingProxyType(weights), new.context.config,
+                                   new.context.metadata)  # fmt: skip
+        for hook in self.pre_commit_hooks:
+            hook(new.slot, context)
+
+    def _stored_duplicate(self, checksum: str, header: bytes, data: memoryview) -> str | None:
+        """A stored file with exactly these bytes, found by checksum and confirmed byte for byte."""
+        candidates = self._writer_conn().execute(
+            "SELECT slot, version, position FROM tensors WHERE checksum = ? LIMIT 4", (checksum,)
+        )
+        for slot, version, position in candidates:
+            if not type(slot) is type(version) is type(position) is int:
+                continue  # a tampered row names no file to link (verify reports it)
+            path = layout.tensor_path_str(self._root_str, slot, version, position)
+            if same_bytes(path, header, data):
+                return path
+        return None
+
+
+def replace_with_link(source: str, path: str) -> bool:
+    """Replace the staged file ``path`` by a hard link to ``source``; False if it cannot be."""
+    temporary = f"{path}.link"
+    if not hard_link(source, temporary):
+        return False
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise StorageError(exc.errno, f"cannot link {source} to {path}: {exc.strerror}") from exc
+    return True
+
+
+def same_bytes(path: str, header: bytes, data: memoryview) -> bool:
+    """True when the file at ``path`` holds exactly ``header`` + ``data``."""
+    try:
+        size = len(header) + data.nbytes
+        stored = map_array(path, np.dtype(np.uint8), (size,), 0, size)
+    except (NotFoundError, IntegrityError):
+        return False
+    if stored[: len(header)].tobytes() != header:
+        return False
+    return bool(np.array_equal(stored[len(header) :], np.frombuffer(data, dtype=np.uint8)))
