@@ -13,7 +13,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ctxstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
+from ctxstore.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ReadOnlyError,
+)
 from ctxstore.store import PersistentStore
 from ctxstore.validation import freeze_mapping
 
@@ -43,6 +49,8 @@ class JobTable:
     """
 
     def __init__(self, store: PersistentStore, clock: Callable[[], float]) -> None:
+        if not isinstance(store, PersistentStore):  # a read-only view has no transactions
+            raise ReadOnlyError(f"store {store.root} is open read-only: it holds no job queue")
         self.store = store
         self.clock = clock
 
