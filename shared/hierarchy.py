@@ -1,7 +1,8 @@
 """The parent/child hierarchy and groups of slots, persisted in the index.
 
 A node is any slot id that has been given a parent, a child or a group; it
-need not have versions yet. Writes take the store's write transaction; reads
+need not have versions yet. A read-only store has a :class:`HierarchyView` (no
+writes); a writer's :class:`NodeHierarchy` writes in the store's write transaction; reads
 use the calling thread's read connection, so the hierarchy is safe to use
 from several threads at once.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from .errors import ConflictError, NotFoundError, ReadOnlyError
+from .errors import ConflictError, NotFoundError
 from .validation import check_label, check_slot
 
 ReadConn = Callable[[], sqlite3.Connection]
@@ -78,45 +79,11 @@ class NodeInfo:
     groups: list[str]
 
 
-class NodeHierarchy:
-    """Parent/child links and group membership of slots."""
+class HierarchyView:
+    """Parent/child links and group membership of slots, read (what a read-only store has)."""
 
-    def __init__(self, read: ReadConn, write: WriteTxn | None) -> None:
+    def __init__(self, read: ReadConn) -> None:
         self._read = read
-        self._write = write
-
-    def _txn(self) -> AbstractContextManager[sqlite3.Connection]:
-        if self._write is None:
-            raise ReadOnlyError("the hierarchy of a read-only store cannot be changed")
-        return self._write()
-
-    # -- parent / child ---------------------------------------------------------------------
-
-    def set_parent(self, child: int, parent: int | None) -> None:
-        """Make ``parent`` the parent of ``child`` (None makes it a root); refuses cycles."""
-        child = check_slot(child)
-        if parent is not None:
-            parent = check_slot(parent)
-            if parent == child:
-                raise ConflictError(f"slot {child} cannot be its own parent")
-        with self._txn() as conn:
-            if parent is not None:
-                ancestors = [row[0] for row in conn.execute(_ANCESTORS, (parent,))]
-                if child in ancestors:
-                    raise ConflictError(
-                        f"making {parent} the parent of {child} would create a cycle "
-                        f"({' -> '.join(map(str, [*ancestors, child]))})"
-                    )
-                conn.execute(
-                    "INSERT OR IGNORE INTO hierarchy(slot, parent) VALUES (?, NULL)", (parent,)
-                )
-            conn.execute(
-                "INSERT INTO hierarchy(slot, parent) VALUES (?, ?) "
-                "ON CONFLICT(slot) DO UPDATE SET parent = excluded.parent",
-                (child, parent),
-            )
-
-    move_node = set_parent
 
     def get_parent(self, slot: int) -> int | None:
         row = (
@@ -171,31 +138,6 @@ class NodeHierarchy:
         rows = self._read().execute(_NODES + " ORDER BY slot")
         return {row[0]: row[1] for row in rows}
 
-    def remove_node(self, slot: int) -> None:
-        """Forget ``slot``'s place in the tree; its children become roots."""
-        slot = check_slot(slot)
-        with self._txn() as conn:
-            conn.execute("UPDATE hierarchy SET parent = NULL WHERE parent = ?", (slot,))
-            conn.execute("DELETE FROM hierarchy WHERE slot = ?", (slot,))
-
-    # -- groups -----------------------------------------------------------------------------
-
-    def add_to_group(self, slot: int, group: str) -> None:
-        slot, group = check_slot(slot), check_label(group, "group")
-        with self._txn() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO group_members(name, slot) VALUES (?, ?)", (group, slot)
-            )
-
-    def remove_from_group(self, slot: int, group: str) -> None:
-        slot, group = check_slot(slot), check_label(group, "group")
-        with self._txn() as conn:
-            cursor = conn.execute(
-                "DELETE FROM group_members WHERE name = ? AND slot = ?", (group, slot)
-            )
-            if cursor.rowcount == 0:
-                raise NotFoundError(f"slot {slot} is not in group {group!r}")
-
     def get_groups(self, slot: int) -> list[str]:
         rows = self._read().execute(
             "SELECT name FROM group_members WHERE slot = ? ORDER BY name", (check_slot(slot),)
@@ -224,3 +166,60 @@ class NodeHierarchy:
         groups = conn.execute("SELECT COUNT(DISTINCT name) FROM group_members").fetchone()[0]
         depth = conn.execute(_MAX_DEPTH).fetchone()[0]
         return HierarchyStats(nodes=nodes, roots=roots, max_depth=depth, groups=groups)
+
+
+class NodeHierarchy(HierarchyView):
+    """The hierarchy of a writer: the reads, and changes in the store's write transaction."""
+
+    def __init__(self, read: ReadConn, write: WriteTxn) -> None:
+        super().__init__(read)
+        self._txn = write
+
+    def set_parent(self, child: int, parent: int | None) -> None:
+        """Make ``parent`` the parent of ``child`` (None makes it a root); refuses cycles."""
+        child = check_slot(child)
+        if parent is not None:
+            parent = check_slot(parent)
+            if parent == child:
+                raise ConflictError(f"slot {child} cannot be its own parent")
+        with self._txn() as conn:
+            if parent is not None:
+                ancestors = [row[0] for row in conn.execute(_ANCESTORS, (parent,))]
+                if child in ancestors:
+                    raise ConflictError(
+                        f"making {parent} the parent of {child} would create a cycle "
+                        f"({' -> '.join(map(str, [*ancestors, child]))})"
+                    )
+                conn.execute(
+                    "INSERT OR IGNORE INTO hierarchy(slot, parent) VALUES (?, NULL)", (parent,)
+                )
+            conn.execute(
+                "INSERT INTO hierarchy(slot, parent) VALUES (?, ?) "
+                "ON CONFLICT(slot) DO UPDATE SET parent = excluded.parent",
+                (child, parent),
+            )
+
+    move_node = set_parent
+
+    def remove_node(self, slot: int) -> None:
+        """Forget ``slot``'s place in the tree; its children become roots."""
+        slot = check_slot(slot)
+        with self._txn() as conn:
+            conn.execute("UPDATE hierarchy SET parent = NULL WHERE parent = ?", (slot,))
+            conn.execute("DELETE FROM hierarchy WHERE slot = ?", (slot,))
+
+    def add_to_group(self, slot: int, group: str) -> None:
+        slot, group = check_slot(slot), check_label(group, "group")
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO group_members(name, slot) VALUES (?, ?)", (group, slot)
+            )
+
+    def remove_from_group(self, slot: int, group: str) -> None:
+        slot, group = check_slot(slot), check_label(group, "group")
+        with self._txn() as conn:
+            cursor = conn.execute(
+                "DELETE FROM group_members WHERE name = ? AND slot = ?", (group, slot)
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"slot {slot} is not in group {group!r}")

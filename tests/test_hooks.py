@@ -28,7 +28,7 @@ from ctxstore.daemon.hooks import (
     finite_check,
     load_hook,
 )
-from ctxstore.errors import ConflictError, InvalidInputError, NotFoundError
+from ctxstore.errors import ConflictError, InvalidInputError, NotFoundError, ReadOnlyError
 from ctxstore.store import PersistentStore
 
 
@@ -561,6 +561,22 @@ def test_tracker_through_hooks_reports_the_move(store: PersistentStore) -> None:
     (outcome,) = post(hooks, CommitEvent(1, version, ctx(loss=1.0), "llm", store))
     assert outcome.name == "builtin:best_version"
     assert outcome.ok and dict(outcome.aliases) == {"best": version}
+
+
+def test_a_hook_moves_an_alias_through_its_event_never_through_a_view(
+    store: PersistentStore,
+) -> None:
+    """CommitEvent.store is the read-only view's type; the event's set_alias is the one
+    write a post-commit hook makes, and it is refused when the store is a view."""
+    version = store.save_context(1, ctx())
+    assert event_for(store, 1, version).set_alias("fresh") == version
+    assert store.get_aliases(1)["fresh"] == version
+    with PersistentStore(store.root, readonly=True) as view:
+        event = CommitEvent(1, version, ctx(), None, view)
+        assert not hasattr(event.store, "set_alias")
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            event.set_alias("other")
+    assert "other" not in store.get_aliases(1)
 
 
 def test_tracker_arguments_are_checked() -> None:

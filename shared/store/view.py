@@ -15,7 +15,7 @@ from ..errors import (
     NotFoundError,
     StorageError,
 )
-from ..hierarchy import NodeHierarchy
+from ..hierarchy import HierarchyView
 from . import layout
 from .checking import StoreChecks
 from .db import (
@@ -32,6 +32,8 @@ class StoreView(StoreChecks):
     index read-only (``mode=ro``) and changes nothing in the store directory.
     """
 
+    hierarchy: HierarchyView
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -40,7 +42,7 @@ class StoreView(StoreChecks):
     ) -> None:
         super().__init__(path, readonly=True, clock=clock)
         self._open_readonly()
-        self.hierarchy = NodeHierarchy(self._reader, None)
+        self.hierarchy = HierarchyView(self._reader)
 
     def _open_readonly(self) -> None:
         if not layout.index_path(self.root).exists():

@@ -46,6 +46,8 @@ class PersistentStore(StoreRecovery):
     code that wants the view's type names ``StoreView(path)``.)
     """
 
+    hierarchy: NodeHierarchy
+
     @overload
     def __new__(
         cls,
