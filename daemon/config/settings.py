@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctxstore.errors import InvalidInputError
+from ctxstore.locations import default_socket_path, default_store_dir
 from ctxstore.nodes.files import DEFAULT_MAX_IMPORT_BYTES, ImportLimits
-from ctxstore.paths import default_socket_path, default_store_dir
 from ctxstore.store import DEFAULT_RETENTION
 from ctxstore.versionfiles import MAX_FILE_BYTES, MAX_FILES
 from ctxstore.versiontable import DEFAULT_CAPACITY
