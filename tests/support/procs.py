@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -60,15 +62,26 @@ def as_uid(uid: int, work: Callable[[], bytes], groups: tuple[int, ...] = ()) ->
 PEER_UID = 4242  # on the guarded daemon's allowlist
 
 
-def require_os_tool(path_or_binary: str, package: str) -> str:
-    """The path of an OS tool the tests need; the test fails, saying how to get it, when
-    the tool is missing. ``.ci/run`` installs these packages (the tests install nothing:
-    a test run never changes the machine it runs on), and a missing tool is never a
-    silent skip."""
+def _find_tool(path_or_binary: str) -> str | None:
     if os.path.isabs(path_or_binary):
-        found = path_or_binary if os.path.exists(path_or_binary) else None
-    else:
-        found = shutil.which(path_or_binary)
+        return path_or_binary if os.path.exists(path_or_binary) else None
+    return shutil.which(path_or_binary)
+
+
+def _install_os_packages() -> None:
+    script = Path(__file__).resolve().parents[2] / ".ci" / "os-packages"
+    subprocess.run([str(script)], check=False, capture_output=True, timeout=900)
+
+
+def require_os_tool(path_or_binary: str, package: str) -> str:
+    """The path of an OS tool the tests need. A missing one is installed by
+    ``.ci/os-packages`` (the script ``.ci/run`` uses; as root with apt-get), so the
+    README's plain ``pytest`` works on a fresh machine; where it cannot be installed the
+    test fails saying how to get it, never a silent skip."""
+    found = _find_tool(path_or_binary)
+    if found is None:
+        _install_os_packages()
+        found = _find_tool(path_or_binary)
     if found is None:
         pytest.fail(
             f"{path_or_binary} is missing: `.ci/run` installs it "
