@@ -69,3 +69,43 @@ def test_device_put_shares_the_mapped_memory_and_jnp_asarray_copies(tmp_path: Pa
         assert not fact["asarray"] and not fact["array"], f"{name}: jnp shared"  # copies
     assert facts["sum"] == float(WEIGHTS["w"].sum() + WEIGHTS["b"].sum())
     assert facts["alive"]
+
+
+# A JAX program publishing its parameters (bf16, fp8, f32 jax.Arrays) through the
+# daemon as they are: Context takes the jax.Arrays, publish sends it.
+PUBLISH = """
+import json, sys
+import jax.numpy as jnp, numpy as np
+from ctxstore import Context
+from ctxstore.client import publish
+
+params = {
+    "w_bf16": jnp.arange(96, dtype=jnp.float32).reshape(8, 12).astype(jnp.bfloat16) / 7,
+    "w_e4m3": (jnp.arange(32, dtype=jnp.float32) - 16).astype(jnp.float8_e4m3fn),
+    "w_e5m2": jnp.linspace(-3, 3, 16).astype(jnp.float8_e5m2),
+    "bias": jnp.ones(12, jnp.float32),
+}
+version = publish(1, Context(params), socket=sys.argv[1])
+raw = {name: np.asarray(a).view("u1").tobytes().hex() for name, a in params.items()}
+print(json.dumps({"version": version, "dtypes": {n: str(a.dtype) for n, a in params.items()},
+                  "bytes": raw}))
+"""
+
+
+def test_jax_arrays_published_from_python_reach_a_reader_bit_for_bit(tmp_path: Path) -> None:
+    from support.daemon import running_daemon
+
+    from ctxstore.readers import Reader
+
+    with running_daemon(tmp_path) as daemon:
+        out = subprocess.run(
+            [sys.executable, "-c", PUBLISH, str(daemon.socket)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        sent = json.loads(out.stdout)
+        with Reader(daemon.store, socket=daemon.socket, connect=False) as reader:
+            ctx = reader.get(1, sent["version"])
+            assert {n: str(ctx[n].dtype) for n in ctx.names} == sent["dtypes"]
+            for name, hexbytes in sent["bytes"].items():
+                assert ctx[name].view("u1").tobytes().hex() == hexbytes, name
