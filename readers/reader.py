@@ -219,7 +219,7 @@ class Reader:
             self._client = ReaderConnection(
                 self._socket_path,
                 name=self._name,
-                handler=self._handler,
+                handler=self,  # its own methods: the documented entry points
                 heartbeat_interval=self._heartbeat_interval,
                 backoff=self._backoff,
             )

@@ -42,16 +42,17 @@ def test_booleans_and_optional_values() -> None:
 
 
 def test_the_wire_and_the_settings_use_the_same_checks() -> None:
-    from ctxstore.daemon import config
+    from ctxstore.daemon.config import checks as setting_checks
+    from ctxstore.daemon.config import keys
     from ctxstore.wire import fields
 
-    assert config._optional is optional
-    assert config._kind is kind
+    assert keys._optional is optional
+    assert setting_checks._kind is kind
     assert fields.optional is optional
     with pytest.raises(InvalidInputError, match=r"hello\.pid: must be between 1 and \d+, got 0"):
         Hello(role="reader", name="r", pid=0)
     with pytest.raises(InvalidInputError, match=r"^must be an integer, not a float$"):
-        config._int_in(1, 3)(1.5)
+        setting_checks._int_in(1, 3)(1.5)
 
 
 def test_a_node_config_value_is_refused_naming_its_key_and_value() -> None:
