@@ -13,7 +13,7 @@ time budget, so it adapts to the time the others took.
 
 from __future__ import annotations
 
-from . import commit, disturbed, fanout, hfserve, hotget, memory, metadata, scale
+from . import commit, disturbed, fanout, hfserve, hotget, memory, metadata, scale, scaleout
 from . import open as open_context
 from .scenario import Scenario
 
@@ -26,17 +26,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     disturbed.SCENARIO,
     memory.SCENARIO,
     hfserve.SCENARIO,
+    scaleout.SCENARIO,
     scale.SCENARIO,
 )
 
 #: scenarios that are not registered yet, and what they wait for
-PENDING: dict[str, str] = {
-    "scaleout": "issue 20: a 1 GiB context to 4 followers over SeaweedFS beside each follower "
-    "downloading the same files with boto3 (the anchor) and a local copy (the floor); bytes "
-    "moved per follower for 1 changed tensor of 10; commit-to-all-followers-serving p50/p99 "
-    "for 1, 4 and 8 followers. The origin, followers and their servers exist "
-    "(ctxstore.origin, docs/scale-out.md); this scenario is not written yet",
-}
+PENDING: dict[str, str] = {}
 
 
 def by_name() -> dict[str, Scenario]:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ctxstore.errors import PermissionDeniedError
 
@@ -22,6 +22,7 @@ from .committer import Committer
 from .config import DaemonConfig
 
 if TYPE_CHECKING:
+    from ctxstore.origin.feed import Feed
     from ctxstore.origin.follower import Follower
     from ctxstore.origin.uploader import Uploader
     from ctxstore.store import PersistentStore
@@ -53,7 +54,11 @@ class Cluster:
         self.uploader: Uploader | None = None
         self.follower: Follower | None = None
         self._task: asyncio.Task[None] | None = None
-        self._feed: object | None = None
+        self._feed: Feed | None = None
+        #: "writer" or "follower" (None: this daemon serves its host alone)
+        self.role: str | None = None
+        self.origin: str | None = None
+        self.feed_url: str | None = None
 
     @classmethod
     def start(cls, config: DaemonConfig, store: PersistentStore, committer: Committer) -> Cluster:
@@ -64,6 +69,9 @@ class Cluster:
         uploader exists is found by its start-up pass over every slot.
         """
         cluster = cls()
+        cluster.role = "writer" if config.origin else "follower" if config.follow else None
+        cluster.origin = config.origin or config.follow
+        cluster.feed_url = config.feed
         if config.origin or config.follow:
             cluster._task = asyncio.ensure_future(cluster._run(config, store, committer))
             cluster._task.add_done_callback(_report_end)
@@ -97,14 +105,63 @@ class Cluster:
             log.info("writer for origin %s (%s), feed %s", url, client.endpoint, config.feed)
             await self.uploader.run()
         else:
-            from ctxstore.origin.follower import Follower
+            from ctxstore.origin.follower import Follower, PollPolicy
 
+            policy = PollPolicy(
+                config.follow_poll_interval,
+                config.follow_poll_jitter,
+                config.follow_poll_backoff_max,
+                config.follow_pull_jitter,
+            )
             self.follower = Follower(
-                store, committer, client, state_dir(config), feed,
-                poll_interval=config.follow_poll_interval,
+                store, committer, client, state_dir(config), feed, policy=policy
             )  # fmt: skip
             log.info("following origin %s (%s), feed %s", url, client.endpoint, config.feed)
             await self.follower.run()
+
+    def summary(self) -> dict[str, Any] | None:
+        """The role's state for ``ctxstore status``, /health and the metrics (None: no role).
+
+        In memory only (no I/O but the outbox's directory listing): cheap on the loop.
+        """
+        if self.role is None:
+            return None
+        feed = self._feed
+        body: dict[str, Any] = {
+            "role": self.role,
+            "origin": self.origin,
+            "feed": self.feed_url,
+            "feed_connected": None if feed is None else feed.connected,
+            "started": self.uploader is not None or self.follower is not None,
+        }
+        if self.uploader is not None:
+            up = self.uploader.stats
+            try:
+                outbox: int | None = len(self.uploader.outbox.pending())
+            except OSError:
+                outbox = None
+            body |= {
+                "outbox": outbox,
+                "heads": {str(slot): version for slot, (_, version) in sorted(up.heads.items())},
+                "objects_uploaded": up.objects_uploaded,
+                "bytes_uploaded": up.bytes_uploaded,
+                "manifests_written": up.manifests_written,
+                "heads_moved": up.heads_moved,
+                "last_error": up.last_error,
+            }
+        if self.follower is not None:
+            down = self.follower.stats
+            body |= {
+                "applied": {str(slot): v for slot, v in sorted(self.follower.applied.items())},
+                "versions_pulled": down.versions_pulled,
+                "objects_downloaded": down.objects_downloaded,
+                "bytes_downloaded": down.bytes_downloaded + down.record_bytes,
+                "tensors_reused": down.tensors_reused,
+                "refused": down.refused,
+                "poll_failures": self.follower.poll_failures,
+                "last_error": down.last_error,
+            }
+        return body
 
     def changed(self, slot: int) -> None:
         """A slot's commit or pointer move was announced."""
@@ -118,9 +175,8 @@ class Cluster:
             with contextlib.suppress(BaseException):
                 await task
         feed, self._feed = self._feed, None
-        close = getattr(feed, "close", None)
-        if close is not None:
-            await close()
+        if feed is not None:
+            await feed.close()
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

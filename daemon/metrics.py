@@ -173,6 +173,7 @@ class LiveCollector(Collector):
         yield from self._jobs()
         yield from self._integrity()
         yield from self._process()
+        yield from self._cluster()
 
     def _peers(self) -> Iterator[Metric]:
         daemon = self._daemon
@@ -264,6 +265,50 @@ class LiveCollector(Collector):
         for slot, version in damaged:
             each.add_metric([str(slot), str(version)], 1)
         yield each
+
+    def _cluster(self) -> Iterator[Metric]:
+        """The scale-out role (docs/scale-out.md), when the daemon has one."""
+        summary = self._daemon.cluster.summary()
+        if summary is None:
+            return
+        info = GaugeMetricFamily("ctxstore_cluster_info", "This daemon's scale-out role",
+                                 labels=["role", "origin", "feed"])  # fmt: skip
+        info.add_metric([summary["role"], summary["origin"] or "", summary["feed"] or ""], 1)
+        yield info
+        if summary["feed_connected"] is not None:
+            yield GaugeMetricFamily("ctxstore_cluster_feed_connected",
+                                    "1 while the NATS feed is connected",
+                                    value=int(bool(summary["feed_connected"])))  # fmt: skip
+        if "outbox" in summary:
+            if summary["outbox"] is not None:
+                yield GaugeMetricFamily("ctxstore_cluster_outbox_depth",
+                                        "Slots whose origin head is not up to date yet",
+                                        value=summary["outbox"])  # fmt: skip
+            yield CounterMetricFamily("ctxstore_cluster_uploaded_bytes",
+                                      "Bytes of objects uploaded to the origin",
+                                      value=summary["bytes_uploaded"])  # fmt: skip
+            heads = GaugeMetricFamily("ctxstore_cluster_head_version",
+                                      "Version the origin's head names, as this writer moved it",
+                                      labels=["slot"])  # fmt: skip
+            for slot, version in summary["heads"].items():
+                heads.add_metric([slot], version)
+            yield heads
+        if "applied" in summary:
+            yield CounterMetricFamily("ctxstore_cluster_downloaded_bytes",
+                                      "Bytes downloaded from the origin (objects and records)",
+                                      value=summary["bytes_downloaded"])  # fmt: skip
+            yield CounterMetricFamily("ctxstore_cluster_refused",
+                                      "Pulls refused (an object not what its name says)",
+                                      value=summary["refused"])  # fmt: skip
+            yield GaugeMetricFamily("ctxstore_cluster_poll_failures",
+                                    "Polls of the origin's heads failed in a row",
+                                    value=summary["poll_failures"])  # fmt: skip
+            applied = GaugeMetricFamily("ctxstore_cluster_applied_version",
+                                        "Version of the last origin head applied, per slot",
+                                        labels=["slot"])  # fmt: skip
+            for slot, version in summary["applied"].items():
+                applied.add_metric([slot], version)
+            yield applied
 
     def _process(self) -> Iterator[Metric]:
         # cpu_times and memory_info read /proc/self only: they work under ProcSubset=pid

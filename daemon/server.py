@@ -492,6 +492,7 @@ class Daemon:
             "subscribers": len(self.subscribers),
             **self.input_held(),
             "version_table": segment_name(root),
+            **({"cluster": cluster} if (cluster := self.cluster.summary()) else {}),
         }
 
     def input_held(self) -> dict[str, int]:

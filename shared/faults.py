@@ -29,8 +29,14 @@ COMMIT_POINTS = (
 )
 #: Scale-out points (ctxstore.origin): a writer after uploading one object of a version
 #: (before its manifest), a follower after downloading and hashing one object (before the
-#: version's commit).
-ORIGIN_POINTS = ("origin_object_uploaded", "origin_object_downloaded")
+#: version's commit); and inside one object's transfer, at each chunk of it (a multipart
+#: upload or ranged download with parts in flight).
+ORIGIN_POINTS = (
+    "origin_object_uploaded",
+    "origin_object_downloaded",
+    "origin_upload_progress",
+    "origin_download_progress",
+)
 # Reached only when a step fails, so not in COMMIT_POINTS (tests/test_io_errors.py arms it
 # under libfiu): "commit_failed", a COMMIT raised, before the write that settles its outcome.
 #: Pause points: "publish_read", the daemon copied one tensor of a publish_shm segment

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
-from ctxstore.origin.follower import state_summary
+from ctxstore.origin.follower import Follower, PollPolicy, state_summary
 from ctxstore.origin.layout import Head, Manifest, Origin
 from ctxstore.origin.s3 import OriginClient
 from ctxstore.readers import Reader
@@ -46,7 +48,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()  # its data is a temporary directory: no graceful stop needed
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def new_origin() -> str:
     return f"s3://ctx-test-{next(_BUCKETS)}-{time.monotonic_ns() % 10**9}/models"
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+def wait_until(what: str, check: Callable[[], bool], *, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -360,26 +362,96 @@ def test_a_corrupt_origin_object_is_refused_and_the_previous_version_kept(
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_rollback_and_alias_moves_on_the_writer_reach_the_followers(
+def test_rollback_alias_set_and_delete_reach_the_followers_and_a_stopped_one_catches_up(
     tmp_path: Path, s3: SeaweedServer
 ) -> None:
+    """Rollback, alias set and alias delete over the writer's HTTP API reach a running
+    follower; a follower stopped across 10 publishes catches up within 10 s of its
+    restart (the issue's bound), holding every version whole."""
     origin = new_origin()
     poll = {"CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
     http, follower_http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    with daemons(
-        launch(tmp_path / "writer", "--origin", origin, "--http", http),
-        launch(tmp_path / "f1", "--follow", origin, "--http", follower_http, env=poll),
-    ) as (writer, f1):
-        v1 = publish(6, context(1), socket=writer.socket)
-        v2 = publish(6, context(2), socket=writer.socket, alias="stable")
-        wait_until("follower serves v2", follower_serves(f1, 6, v2))
-        assert _post(http, "/slots/6/rollback", {"version": v1}) == 200
-        wait_until("follower rolled back to v1", follower_serves(f1, 6, v1))
-        assert _put(http, "/slots/6/aliases/canary", {"version": v1}) == 200
-        wait_until("the alias reached the follower", lambda: _aliases(f1, 6).get("canary") == v1)
-        assert _aliases(f1, 6)["stable"] == v2
-        assert _post(follower_http, "/slots/6/rollback", {"version": v2}) == 403
-        assert follower_serves(f1, 6, v1)()
+    follower = tmp_path / "f1"
+    with daemons(launch(tmp_path / "writer", "--origin", origin, "--http", http)) as (writer,):
+        with daemons(launch(follower, "--follow", origin, "--http", follower_http,
+                            env=poll)) as (f1,):  # fmt: skip
+            v1 = publish(6, context(1), socket=writer.socket)
+            v2 = publish(6, context(2), socket=writer.socket, alias="stable")
+            wait_until("follower serves v2", follower_serves(f1, 6, v2))
+            assert _post(http, "/slots/6/rollback", {"version": v1}) == 200
+            wait_until("follower rolled back to v1", follower_serves(f1, 6, v1))
+            assert _put(http, "/slots/6/aliases/canary", {"version": v1}) == 200
+            wait_until("the alias reached the follower",
+                       lambda: _aliases(f1, 6).get("canary") == v1)  # fmt: skip
+            assert _aliases(f1, 6)["stable"] == v2
+            assert _send("DELETE", http, "/slots/6/aliases/stable", None) == 204
+            wait_until("the alias deletion reached the follower",
+                       lambda: "stable" not in _aliases(f1, 6), timeout=30.0)  # fmt: skip
+            assert _aliases(f1, 6).get("canary") == v1
+            assert _post(follower_http, "/slots/6/rollback", {"version": v2}) == 403
+            assert follower_serves(f1, 6, v1)()
+            _check_cluster_state(http, writer, follower_http, f1, origin, slot=6, version=v1)
+
+        steps = range(3, 13)  # ten publishes while the follower is down
+        versions = [publish(6, context(step, changed=step % 10), socket=writer.socket)
+                    for step in steps]  # fmt: skip
+        with daemons(launch(follower, "--follow", origin, env=poll)) as (f1,):
+            wait_until("the restarted follower caught up", follower_serves(f1, 6, versions[-1]),
+                       timeout=10.0)  # fmt: skip
+            with PersistentStore(writer.store, readonly=True) as store:
+                kept = {info.version for info in store.list_versions(6)}
+            assert versions[-1] in kept
+            with PersistentStore(f1.store, readonly=True) as store:
+                assert kept <= {info.version for info in store.list_versions(6)}
+                for step, version in zip(steps, versions, strict=True):
+                    if version not in kept:  # retention removed it on the writer
+                        continue
+                    got = store.load_context(6, version, verify=True)
+                    assert int(got.weights[f"t{step % 10}"][0]) == step
+                    assert got.config["step"] == step
+            with Reader(f1.store, f1.socket) as reader:
+                got = reader.get(6)
+                assert got.version == versions[-1] and stamp_of(got, 12 % 10) == 12
+
+
+def _check_cluster_state(
+    http: str, writer: DaemonProcess, follower_http: str, follower: DaemonProcess,
+    origin: str, *, slot: int, version: int,
+) -> None:  # fmt: skip
+    """Each role shows in /health, /metrics and ``ctxstore status``: origin, feed,
+    the version applied or moved per slot, the outbox, the bytes moved."""
+    from ctxstore.cli.status_text import format_status
+    from ctxstore.client import DaemonClient
+
+    wait_until("the writer's outbox is empty", lambda: _health(http)["outbox"] == 0)
+    up, down = _health(http), _health(follower_http)
+    assert (up["role"], up["origin"], up["feed"], up["feed_connected"]) == (
+        "writer", origin, None, None
+    )  # fmt: skip
+    assert up["heads"] == {str(slot): version} and up["bytes_uploaded"] > 0
+    assert (down["role"], down["origin"]) == ("follower", origin)
+    assert down["applied"] == {str(slot): version} and down["bytes_downloaded"] > 0
+    metrics = _fetch(follower_http, "/metrics")
+    assert f'ctxstore_cluster_applied_version{{slot="{slot}"}} {float(version)}' in metrics
+    assert 'ctxstore_cluster_info{feed="",origin="' + origin + '",role="follower"} 1.0' in metrics
+    assert "ctxstore_cluster_downloaded_bytes_total" in metrics
+    assert "ctxstore_cluster_outbox_depth 0.0" in _fetch(http, "/metrics")
+    with DaemonClient(follower.socket) as client:
+        text = format_status(client.status())
+    assert f"follower from {origin}" in text and f"applied {slot}:v{version}" in text
+    with DaemonClient(writer.socket) as client:
+        assert "outbox 0 pending" in format_status(client.status())
+
+
+def _health(address: str) -> dict[str, Any]:
+    body = json.loads(_fetch(address, "/health"))
+    assert body["status"] == "ok"
+    return dict(body["cluster"])
+
+
+def _fetch(address: str, path: str) -> str:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=WAIT) as answer:
+        return str(answer.read().decode())
 
 
 def _aliases(proc: DaemonProcess, slot: int) -> dict[str, int]:
@@ -397,7 +469,8 @@ def _put(address: str, path: str, body: object) -> int:
 
 def _send(method: str, address: str, path: str, body: object) -> int:
     request = urllib.request.Request(
-        f"http://{address}{path}", data=json.dumps(body).encode(), method=method,
+        f"http://{address}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     try:
@@ -473,3 +546,124 @@ def test_origin_down_reads_go_on_and_publishes_reach_it_when_it_returns(
             wait_until("follower serves v2", follower_serves(f1, 8, v2))
     finally:
         seaweed.stop()
+
+
+def test_the_head_poll_is_spread_by_jitter_and_backs_off_bounded() -> None:
+    """1,000 followers started together must not poll in lockstep, and an origin in
+    trouble is polled less and less often, up to the configured bound."""
+    rng = random.Random(20)
+    policy = PollPolicy(2.0, jitter=0.2, backoff_max=30.0)
+    waits = [policy.wait(0, rng) for _ in range(1000)]
+    assert all(1.6 <= w <= 2.4 for w in waits)
+    assert len({round(w, 3) for w in waits}) > 500  # spread, not one shared period
+    steady = PollPolicy(2.0, jitter=0.0, backoff_max=30.0)
+    assert [steady.wait(f, rng) for f in range(7)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert steady.wait(10**9, rng) == 30.0
+    assert PollPolicy(5.0, jitter=0.0, backoff_max=1.0).wait(3, rng) == 5.0  # never below
+    assert PollPolicy(pull_jitter=0.0).hint_delay(rng) == 0.0
+    assert all(0.0 <= PollPolicy(pull_jitter=3.0).hint_delay(rng) <= 3.0 for _ in range(100))
+
+
+def test_a_follower_backs_off_while_the_origin_fails_and_resumes_its_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower's poll loop itself: waits grow while listing the heads fails, and
+    fall back to the interval once it works (the waits are recorded, not slept)."""
+    import asyncio
+
+    from ctxstore.errors import StorageError
+
+    class Origin503:
+        origin = Origin.parse("s3://bucket-x/p")
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def list_etags(self, prefix: str) -> dict[str, str]:
+            self.calls += 1
+            if self.calls <= 4:
+                raise StorageError("origin s3://bucket-x/p: 503 Slow Down")
+            return {}
+
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) >= 6:
+            raise asyncio.CancelledError
+        await real_sleep(0)
+
+    client = Origin503()
+    with PersistentStore(tmp_path / "store") as store:
+        follower = Follower(store, None, client, tmp_path / "state",  # type: ignore[arg-type]
+                            policy=PollPolicy(1.0, jitter=0.0, backoff_max=5.0))  # fmt: skip
+        monkeypatch.setattr(asyncio, "sleep", record)
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(follower._poll_loop())
+    assert waits == [2.0, 4.0, 5.0, 5.0, 1.0, 1.0]
+    assert follower.stats.polls == 2 and "503" in (follower.stats.last_error or "")
+
+
+PART = 5 << 20  # the smallest part S3 allows: a tensor over it travels in parts
+
+
+@pytest.mark.parametrize(
+    "tensor_bytes",
+    [
+        pytest.param(3 * PART + (1 << 20), id="16MiB"),
+        pytest.param(2 << 30, marks=pytest.mark.slow, id="2GiB"),
+    ],
+)
+def test_sigkill_mid_multipart_upload_and_mid_download_leave_no_partial_version(
+    tmp_path: Path, s3: SeaweedServer, tensor_bytes: int
+) -> None:
+    """The writer SIGKILLed with a multipart upload's parts in flight: the origin names
+    nothing (no head, no manifest, no object); restarted, it completes from its outbox.
+    A follower SIGKILLed in the middle of that object's ranged download: its store holds
+    no version; restarted, it discards the partial file and adopts the whole version."""
+    origin = new_origin()
+    parts = {"CTXSTORE_ORIGIN_PART_SIZE": str(PART)}
+    chunks = tensor_bytes // (256 << 10)  # progress callbacks come every few KiB at most
+    weights = {"big": np.arange(tensor_bytes // 4, dtype=np.float32),
+               "small": np.full(1024, 7, dtype=np.float32)}  # fmt: skip
+    crash = {**parts, "CTXSTORE_CRASH_AT": "origin_upload_progress",
+             "CTXSTORE_CRASH_AFTER": str(chunks // 2)}  # fmt: skip
+    writer_root = tmp_path / "writer"
+    with daemons(launch(writer_root, "--origin", origin, env=crash)) as (writer,):
+        v1 = publish(9, Context(weights, {"step": 1}), socket=writer.socket, timeout=WAIT)
+        del weights
+        assert writer.proc.wait(WAIT) == -signal.SIGKILL
+    client = OriginClient(Origin.parse(origin))
+    assert client.get(client.origin.head_key(9)) is None
+    assert not client.exists(client.origin.manifest_key(9, v1))
+    with PersistentStore(writer_root / "store", readonly=True) as store:
+        big = store.read_query("SELECT checksum FROM tensors WHERE name = 'big'")[0][0]
+    assert not client.exists(client.origin.object_key(big))  # parts never completed
+    assert (writer_root / "store" / "origin" / "outbox" / "9").exists()
+
+    follower = tmp_path / "f1"
+    crash_download = {**parts, "CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2",
+                      "CTXSTORE_CRASH_AT": "origin_download_progress",
+                      "CTXSTORE_CRASH_AFTER": str(chunks // 2)}  # fmt: skip
+    # the restarted writer and a follower that dies mid-download start together
+    f1 = launch(follower, "--follow", origin, env=crash_download)
+    with daemons(launch(writer_root, "--origin", origin, env=parts)) as (writer,):
+        try:
+            assert f1.proc.wait(WAIT) == -signal.SIGKILL
+        finally:
+            stop(f1)
+        assert _head(client, 9) == v1
+        with PersistentStore(f1.store, readonly=True) as store:
+            assert store.list_slots() == []
+        assert any((follower / "store" / "origin" / "incoming").iterdir())  # the partial file
+        env = {**parts, "CTXSTORE_FOLLOW_POLL_INTERVAL": "0.2"}
+        with daemons(launch(follower, "--follow", origin, env=env)) as (f1,):
+            wait_until("the restarted follower serves v1", follower_serves(f1, 9, v1))
+            incoming = f1.store / "origin" / "incoming"
+            wait_until("the downloads are removed", lambda: not any(incoming.iterdir()))
+    with PersistentStore(follower / "store", readonly=True) as store:
+        got = store.load_context(9, v1, verify=True)
+        assert got.weights["big"].nbytes == tensor_bytes and got.weights["big"][-1] == (
+            tensor_bytes // 4 - 1
+        )

@@ -52,6 +52,30 @@ def _seconds(high: float) -> Check:
     return check
 
 
+def _fraction(high: float) -> Check:
+    """A share: 0 (included) up to ``high`` (excluded)."""
+
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"must be a number, not {_kind(value)}")
+        if not 0 <= value < high:
+            raise InvalidInputError(f"must be at least 0 and below {high:g}")
+        return float(value)
+
+    return check
+
+
+def _seconds_or_zero(high: float) -> Check:
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"must be a number of seconds, not {_kind(value)}")
+        if not 0 <= value <= high:
+            raise InvalidInputError(f"must be at least 0 and at most {high:g} seconds")
+        return float(value)
+
+    return check
+
+
 def _choice(options: tuple[str, ...], fold: Callable[[str], str]) -> Check:
     def check(value: object) -> str:
         if not isinstance(value, str) or fold(value) not in options:

@@ -27,6 +27,7 @@ from .checks import (
     _env_ids,
     _env_int,
     _env_paths,
+    _fraction,
     _hooks,
     _http,
     _ids,
@@ -38,6 +39,7 @@ from .checks import (
     _roots,
     _s3_url,
     _seconds,
+    _seconds_or_zero,
     _text,
 )
 
@@ -159,6 +161,11 @@ KEYS: tuple[Key, ...] = (
     _key("feed_creds", "cluster.feed_creds", _path, live=False, optional=True, is_path=True),
     _key("feed_bucket", "cluster.feed_bucket", _kv_bucket, live=False),
     _key("follow_poll_interval", "cluster.poll_interval", _SECONDS_HOUR, _env_float, live=False),
+    _key("follow_poll_jitter", "cluster.poll_jitter", _fraction(1.0), _env_float, live=False),
+    _key("follow_poll_backoff_max", "cluster.poll_backoff_max", _SECONDS_HOUR, _env_float,
+         live=False),
+    _key("follow_pull_jitter", "cluster.pull_jitter", _seconds_or_zero(600), _env_float,
+         live=False),
     _key("origin_part_size", "cluster.part_size", _PART_SIZE, _env_int, live=False),
     _key("origin_concurrency", "cluster.concurrency", _int_in(1, 256), _env_int, live=False),
 )

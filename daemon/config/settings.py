@@ -141,6 +141,14 @@ class DaemonConfig:
     feed_bucket: str = "ctxstore"
     #: seconds between a follower's polls of the origin's heads
     follow_poll_interval: float = 2.0
+    #: each wait between polls is drawn from poll_interval x [1 - j, 1 + j], so a fleet's
+    #: followers do not poll in lockstep
+    follow_poll_jitter: float = 0.2
+    #: after failed polls the wait doubles from poll_interval up to this many seconds
+    follow_poll_backoff_max: float = 60.0
+    #: a follower waits a random 0 .. this many seconds before acting on a feed hint
+    #: (spreads a fleet's downloads of a new version; 0: at once)
+    follow_pull_jitter: float = 0.0
     #: objects from this size up are uploaded and downloaded in parts of this size
     origin_part_size: int = 16 << 20
     #: parts in flight at once per transfer

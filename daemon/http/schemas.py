@@ -237,6 +237,9 @@ class ReadersOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: str
+    cluster: dict[str, Any] | None = Field(
+        default=None, description="the scale-out role and its state (docs/scale-out.md)"
+    )
 
 
 class ReadyOut(BaseModel):

@@ -22,7 +22,6 @@ CLEAR_SCREEN: Final = "\x1b[H\x1b[2J"
 _HELD_SHOWN: Final = 4
 
 
-
 def format_status(status: Status) -> str:
     """The daemon line, the readers table and the slots table, as ``ctxstore status`` prints.
 
@@ -47,9 +46,47 @@ def _daemon_lines(daemon: Mapping[str, Any], others: Sequence[Mapping[str, Any]]
         f"  socket  {daemon.get('socket', '?')}",
         f"  table   {daemon.get('version_table', '?')}",
     ]
+    cluster = daemon.get("cluster")
+    if isinstance(cluster, Mapping):
+        lines += _cluster_lines(cluster)
     if peers:
         lines.append(f"  also connected: {peers}")
     return "\n".join(lines)
+
+
+def _cluster_lines(cluster: Mapping[str, Any]) -> list[str]:
+    """The scale-out role (docs/scale-out.md): origin, feed, what moved, what is pending."""
+    connected = cluster.get("feed_connected")
+    feed = cluster.get("feed") or "none (polling only)"
+    if connected is not None:
+        feed = f"{feed} ({'connected' if connected else 'DISCONNECTED: polling meanwhile'})"
+    role = cluster.get("role", "?")
+    lines = [
+        f"  {role:7} {'of' if role == 'writer' else 'from'} {cluster.get('origin', '?')}",
+        f"  feed    {feed}",
+    ]
+    if role == "writer":
+        heads = _pairs(cluster.get("heads"))
+        lines.append(
+            f"  origin  heads {heads}; outbox {cluster.get('outbox', '?')} pending; uploaded "
+            f"{mib(cluster.get('bytes_uploaded'))} MiB in {cluster.get('objects_uploaded', '?')}"
+            " objects"
+        )
+    else:
+        lines.append(
+            f"  applied {_pairs(cluster.get('applied'))}; downloaded "
+            f"{mib(cluster.get('bytes_downloaded'))} MiB, {cluster.get('refused', '?')} refused"
+        )
+    if cluster.get("last_error"):
+        lines.append(f"  last origin error: {cluster['last_error']}")
+    return lines
+
+
+def _pairs(value: object) -> str:
+    """``{"7": 12}`` as ``7:v12`` (slot: version), or ``none``."""
+    if not isinstance(value, Mapping) or not value:
+        return "none"
+    return ", ".join(f"{slot}:v{version}" for slot, version in value.items())
 
 
 def _counted(value: object, noun: str) -> str:

@@ -87,6 +87,11 @@ class Feed:
         self.hints_seen = 0
         self.watchers_started = 0
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the feed's server is up now."""
+        return self._nc is not None and bool(self._nc.is_connected)
+
     async def _on_reconnect(self) -> None:
         self.generation += 1
         self._kv = None

@@ -2,7 +2,8 @@
 
 A slot is checked when the feed hints that its head moved, and by a poll of all
 heads (a listing of ``heads/`` compared by ETag) every ``poll_interval`` seconds,
-which converges with the feed down. Checking a slot reads its head; a head whose
+jittered and backed off after failures (:class:`PollPolicy`), which converges with
+the feed down. Checking a slot reads its head; a head whose
 ``seq`` is not above the one last applied is ignored (never backwards, each
 entry applied once). A version the store lacks is pulled: each tensor the store
 already holds (same checksum) is mapped from the store, every other one is
@@ -22,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +49,35 @@ INCOMING_NAME = "incoming"
 DEFAULT_POLL_INTERVAL = 2.0
 
 
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    """How long a follower waits between polls of the origin's heads (sans-IO).
+
+    ``interval`` seconds after a poll that worked; after ``failures`` polls in a row
+    failed, ``interval * 2**failures`` up to ``backoff_max`` (an origin in trouble is
+    not hammered by a fleet). Each wait is then spread uniformly over
+    ``[1 - jitter, 1 + jitter]`` of itself, so followers started together (a fleet
+    rebooted at once) drift apart instead of polling in lockstep. ``pull_jitter``: a
+    feed hint is acted on after a random 0 to ``pull_jitter`` seconds, so a fleet
+    told of a new version at the same instant does not download it at the same one.
+    """
+
+    interval: float = DEFAULT_POLL_INTERVAL
+    jitter: float = 0.2
+    backoff_max: float = 60.0
+    pull_jitter: float = 0.0
+
+    def wait(self, failures: int, rng: random.Random) -> float:
+        base = self.interval
+        if failures > 0:
+            base = max(self.interval, min(self.interval * 2.0 ** min(failures, 32),
+                                          self.backoff_max))  # fmt: skip
+        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+    def hint_delay(self, rng: random.Random) -> float:
+        return rng.uniform(0.0, self.pull_jitter) if self.pull_jitter > 0 else 0.0
+
+
 class Adopter(Protocol):
     """What the follower needs of the daemon's committer (daemon/committer.py)."""
 
@@ -64,6 +95,8 @@ class FollowStats:
     versions_pulled: int = 0
     objects_downloaded: int = 0
     bytes_downloaded: int = 0
+    #: bytes of heads and manifests read (what moves besides the objects)
+    record_bytes: int = 0
     tensors_reused: int = 0
     pointer_moves: int = 0
     refused: int = 0
@@ -114,12 +147,19 @@ class Follower:
         feed: Feed | None = None,
         *,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        policy: PollPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.adopter = adopter
         self.client = client
         self.feed = feed
-        self.poll_interval = poll_interval
+        self.policy = policy if policy is not None else PollPolicy(poll_interval)
+        self._rng = rng if rng is not None else random.Random()  # spreading waits, not secrets
+        #: polls in a row that failed (the backoff's exponent)
+        self.poll_failures = 0
+        #: slot -> the version its last applied head names (status, metrics)
+        self.applied: dict[int, int] = {}
         self.state_dir = Path(state_dir)
         make_dir(self.state_dir)
         self.incoming = self.state_dir / INCOMING_NAME
@@ -160,22 +200,29 @@ class Follower:
                     self.client.list_etags, self.client.origin.heads_prefix
                 )
             except CtxStoreError as exc:
+                self.poll_failures += 1
                 self.stats.last_error = str(exc)
-                log.warning("head poll failed (local reads go on): %s", exc)
+                log.warning("head poll failed (local reads go on; next in %.1fs): %s",
+                            self.policy.wait(self.poll_failures, self._rng), exc)  # fmt: skip
             else:
+                self.poll_failures = 0
                 self.stats.polls += 1
                 for key, etag in etags.items():
                     slot = self.client.origin.slot_of_head(key)
                     if slot is not None and (self._etags.get(slot) != etag or slot in self._failed):
                         self._enqueue(slot)
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(self.policy.wait(self.poll_failures, self._rng))
 
     async def _feed_loop(self) -> None:
         assert self.feed is not None
         async for hint in self.feed.hints():
             self.stats.hints += 1
             if hint.seq > self.state.heads.get(hint.slot, 0):
-                self._enqueue(hint.slot)
+                delay = self.policy.hint_delay(self._rng)
+                if delay > 0:
+                    asyncio.get_running_loop().call_later(delay, self._enqueue, hint.slot)
+                else:
+                    self._enqueue(hint.slot)
 
     async def _apply_loop(self) -> None:
         while True:
@@ -200,6 +247,7 @@ class Follower:
         found = await asyncio.to_thread(self.client.get, key)
         if found is None:
             return False
+        self.stats.record_bytes += len(found.data)
         head = Head.from_bytes(found.data, key)
         if head.slot != slot:
             raise IntegrityError(f"{key} names slot {head.slot}")
@@ -209,8 +257,10 @@ class Follower:
                 log.warning("slot %d: origin head %d is behind the %d applied: ignored",
                             slot, head.seq, applied)  # fmt: skip
             self._etags[slot] = found.etag
+            self.applied.setdefault(slot, head.current)
             return False
         await self._adopt(head)
+        self.applied[slot] = head.current
         self.state.heads[slot] = head.seq
         self._etags[slot] = found.etag
         self._save_state()
@@ -274,6 +324,7 @@ class Follower:
         found = await asyncio.to_thread(self.client.get, key)
         if found is None:
             raise IntegrityError(f"the origin's head names version {version}, with no {key}")
+        self.stats.record_bytes += len(found.data)
         manifest = Manifest.from_bytes(found.data, key)
         if (manifest.slot, manifest.version) != (slot, version):
             raise IntegrityError(f"{key} describes slot {manifest.slot} version {manifest.version}")
@@ -302,7 +353,7 @@ class Follower:
             for tensor in manifest.tensors:
                 imported.tensors[tensor.name] = self._tensor(tensor, imported)
             for entry in manifest.files:
-                path = self._download(entry.checksum, imported)
+                path = self._download(entry.checksum, entry.size, imported)
                 with open(path, "rb") as source:
                     data = source.read(entry.size + 1)
                 _check_file(entry.name, data, entry.size, entry.checksum)
@@ -320,7 +371,7 @@ class Follower:
                 array = map_array(local, dtype, tensor.shape, tensor.offset, tensor.nbytes)
                 self.stats.tensors_reused += 1
                 return array
-        path = self._download(tensor.checksum, imported)
+        path = self._download(tensor.checksum, tensor.size, imported)
         with open(path, "rb") as source:
             header = source.read(tensor.offset)
         try:
@@ -340,12 +391,12 @@ class Follower:
         slot, version, position = rows[0]
         return store_layout.tensor_path_str(str(self.store.root), slot, version, position)
 
-    def _download(self, checksum: str, imported: Imported) -> Path:
+    def _download(self, checksum: str, size: int, imported: Imported) -> Path:
         """Download an object, hash it; IntegrityError (file removed) unless it is named
         by its own checksum."""
         key = self.client.origin.object_key(checksum)
         path = self.incoming / f"{checksum}-{os.getpid()}-{id(imported):x}"
-        self.client.download_file(key, str(path))
+        self.client.download_file(key, str(path), size)
         imported.closers.append(lambda: path.unlink(missing_ok=True))
         actual = checksum_file(str(path))
         if actual != checksum:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConflictError, NotFoundError, StorageError
+from ..faults import crash_point
 from .layout import MAX_RECORD_BYTES, Origin
 
 #: objects from this size up travel in parts, several at a time
@@ -54,6 +55,7 @@ class OriginClient:
         from botocore.config import Config
 
         self.origin = origin
+        self.part_size = part_size
         # Path-style addressing: S3-compatible servers (SeaweedFS, MinIO) on a bare host
         # name or IP serve it; AWS S3 serves it too.
         config = Config(
@@ -142,16 +144,35 @@ class OriginClient:
         with self._errors(key):
             self._s3.put_object(Bucket=self.origin.bucket, Key=key, Body=data)
 
-    def upload_file(self, path: str, key: str) -> None:
-        """Upload a file, in parts when large; the object appears whole or not at all."""
-        with self._errors(key):
-            self._s3.upload_file(path, self.origin.bucket, key, Config=self._transfer)
+    def upload_file(self, path: str, key: str, size: int | None = None) -> None:
+        """Upload a file, in parts when large; the object appears whole or not at all.
 
-    def download_file(self, key: str, path: str) -> None:
-        """Download ``key`` to ``path`` with parallel ranged GETs when large."""
+        ``size`` (the file's, when known): below the part size one PutObject, which
+        spares the transfer manager's threads for the many small tensors of a model."""
+        with self._errors(key):
+            if size is not None and size < self.part_size:
+                with open(path, "rb") as source:
+                    self._s3.put_object(Bucket=self.origin.bucket, Key=key, Body=source)
+                return
+            self._s3.upload_file(path, self.origin.bucket, key, Config=self._transfer,
+                                 Callback=_upload_progress)  # fmt: skip
+
+    def download_file(self, key: str, path: str, size: int | None = None) -> None:
+        """Download ``key`` to ``path`` with parallel ranged GETs when large.
+
+        ``size`` (the object's, as its manifest records it): below the part size one
+        GetObject streamed to the file, not the transfer manager's HEAD and threads."""
         with self._errors(key):
             try:
-                self._s3.download_file(self.origin.bucket, key, path, Config=self._transfer)
+                if size is not None and size < self.part_size:
+                    answer = self._s3.get_object(Bucket=self.origin.bucket, Key=key)
+                    with open(path, "wb") as out:
+                        for chunk in answer["Body"].iter_chunks(1 << 20):
+                            out.write(chunk)
+                            crash_point("origin_download_progress")
+                    return
+                self._s3.download_file(self.origin.bucket, key, path, Config=self._transfer,
+                                       Callback=_download_progress)  # fmt: skip
             except Exception as exc:
                 if _code(exc) in _MISSING:
                     raise NotFoundError(f"origin {self.origin} has no object {key}") from None
@@ -184,6 +205,14 @@ class OriginClient:
             if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer"):
                 raise
             raise StorageError(f"origin {self.origin} ({self.endpoint}): {what}: {exc}") from exc
+
+
+def _upload_progress(_nbytes: int) -> None:
+    crash_point("origin_upload_progress")
+
+
+def _download_progress(_nbytes: int) -> None:
+    crash_point("origin_download_progress")
 
 
 def _code(exc: BaseException) -> str:

@@ -37,6 +37,8 @@ class UploadStats:
     bytes_uploaded: int = 0
     manifests_written: int = 0
     heads_moved: int = 0
+    #: the last failure to bring the origin up to date (None once a pass succeeds)
+    last_error: str | None = None
     #: slot -> (seq, version) of the last head this writer moved
     heads: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -60,6 +62,11 @@ class Uploader:
         #: slot -> changes noted so far: a slot leaves the outbox only if no change came
         #: in while it was being synced (else that change would be lost)
         self._changes: dict[int, int] = {}
+        #: what this process knows the origin holds (manifests by slot and version, objects
+        #: by checksum): asked of the origin once, not at every sync of a slot that keeps
+        #: many versions (objects and manifests are never replaced or removed there)
+        self._manifests_known: set[tuple[int, int]] = set()
+        self._objects_known: set[str] = set()
 
     def changed(self, slot: int) -> None:
         """A commit or pointer move of ``slot`` is durable: note it, durably, and wake up."""
@@ -80,6 +87,7 @@ class Uploader:
                 await asyncio.to_thread(self.client.ensure_bucket)
                 break
             except CtxStoreError as exc:
+                self.stats.last_error = str(exc)
                 log.warning("origin %s not reachable yet (%s); retrying in %.1fs",
                             self.client.origin, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
@@ -94,6 +102,7 @@ class Uploader:
                     head = await asyncio.to_thread(self.sync_slot, slot)
                 except CtxStoreError as exc:
                     log.warning("slot %d: origin not updated yet: %s", slot, exc)
+                    self.stats.last_error = f"slot {slot}: {exc}"
                     failed = True
                     continue
                 if head is not None:
@@ -106,6 +115,7 @@ class Uploader:
                 delay = min(delay * 2, _RETRY_MAX)
             else:
                 delay = _RETRY_MIN
+                self.stats.last_error = None
                 await self._wake.wait()
 
     async def _announce(self, head: Head) -> None:
@@ -126,11 +136,10 @@ class Uploader:
             return None
         aliases = set_aliases(self.store.get_aliases(slot))
         kept = tuple(sorted(info.version for info in self.store.list_versions(slot)))
-        model_type = None
+        model_type = self.store.get_metadata(slot, current, tensors=False).model_type
         for version in sorted({current, *aliases.values(), *kept}):
-            manifest = self.manifest_of(slot, version)
-            model_type = model_type or manifest.model_type
-            self.upload_version(manifest)
+            if (slot, version) not in self._manifests_known:
+                self.upload_version(self.manifest_of(slot, version))
         key = self.client.origin.head_key(slot)
         for _ in range(_CAS_ATTEMPTS):
             found = self.client.get(key)
@@ -172,29 +181,42 @@ class Uploader:
         """Objects first, then the manifest (create-only): a manifest names only
         objects that are whole at the origin."""
         origin = self.client.origin
-        manifest_key = origin.manifest_key(manifest.slot, manifest.version)
+        which = (manifest.slot, manifest.version)
+        manifest_key = origin.manifest_key(*which)
+        if which in self._manifests_known:
+            return
         if self.client.exists(manifest_key):
+            self._manifests_known.add(which)
             return
         root = str(self.store.root)
         for position, tensor in enumerate(manifest.tensors):
-            key = origin.object_key(tensor.checksum)
-            if self.client.exists(key):
+            if self._has_object(tensor.checksum):
                 continue
             path = store_layout.tensor_path_str(root, manifest.slot, manifest.version, position)
-            self.client.upload_file(path, key)
+            self.client.upload_file(path, origin.object_key(tensor.checksum), tensor.size)
+            self._objects_known.add(tensor.checksum)
             self.stats.objects_uploaded += 1
             self.stats.bytes_uploaded += tensor.size
             crash_point("origin_object_uploaded")
         for entry in manifest.files:
-            key = origin.object_key(entry.checksum)
-            if self.client.exists(key):
+            if self._has_object(entry.checksum):
                 continue
             data = self.store.read_file(manifest.slot, manifest.version, entry.name)
-            self.client.put_object(key, data)
+            self.client.put_object(origin.object_key(entry.checksum), data)
+            self._objects_known.add(entry.checksum)
             self.stats.objects_uploaded += 1
             self.stats.bytes_uploaded += len(data)
         if self.client.put_if_absent(manifest_key, manifest.to_bytes()):
             self.stats.manifests_written += 1
+        self._manifests_known.add(which)
+
+    def _has_object(self, checksum: str) -> bool:
+        if checksum in self._objects_known:
+            return True
+        if self.client.exists(self.client.origin.object_key(checksum)):
+            self._objects_known.add(checksum)
+            return True
+        return False
 
 
 def _shape(text: object) -> tuple[int, ...]:

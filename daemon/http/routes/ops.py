@@ -24,8 +24,8 @@ MAX_EVENT_SLOTS = 1000
 
 
 @router.get("/health", tags=[TAG], response_model=HealthOut, summary="Liveness: the loop answers")
-async def health() -> HealthOut:
-    return HealthOut(status="ok")
+async def health(ctx: Ctx) -> HealthOut:
+    return HealthOut(status="ok", cluster=ctx.daemon.cluster.summary())
 
 
 @router.get(

@@ -111,8 +111,9 @@ async def set_alias(slot: SlotPath, name: AliasPath, body: AliasBody, ctx: Ctx) 
     responses=errors(404),
     summary="Delete an alias",
 )
-def delete_alias(slot: SlotPath, name: AliasPath, ctx: Ctx) -> None:
-    ctx.store.delete_alias(slot, name)
+async def delete_alias(slot: SlotPath, name: AliasPath, ctx: Ctx) -> None:
+    await asyncio.to_thread(ctx.store.delete_alias, slot, name)
+    ctx.daemon.cluster.changed(slot)  # a writer's origin drops it too (docs/scale-out.md)
 
 
 @router.post(
