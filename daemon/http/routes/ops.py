@@ -23,7 +23,13 @@ TAG = "operations"
 MAX_EVENT_SLOTS = 1000
 
 
-@router.get("/health", tags=[TAG], response_model=HealthOut, summary="Liveness: the loop answers")
+@router.get(
+    "/health",
+    tags=[TAG],
+    response_model=HealthOut,
+    response_model_exclude_none=True,  # no scale-out role: {"status": "ok"} as ever
+    summary="Liveness: the loop answers (and a scale-out role's state)",
+)
 async def health(ctx: Ctx) -> HealthOut:
     return HealthOut(status="ok", cluster=ctx.daemon.cluster.summary())
 
