@@ -139,6 +139,20 @@ def test_unit_verifies(name: str, tmp_path: Path) -> None:
     assert verify_problems((SYSTEMD_DIR / name).read_text(), name, tmp_path) == []
 
 
+def test_the_follower_drop_in_verifies_over_the_daemon_unit(tmp_path: Path) -> None:
+    """systemd/ctxstore-follower.conf (docs/scale-out.md) as installed: a drop-in of
+    ctxstore.service; an unknown key in it would be reported against the drop-in."""
+    drop_in = tmp_path / f"{DAEMON_UNIT}.d"
+    drop_in.mkdir()
+    text = (SYSTEMD_DIR / "ctxstore-follower.conf").read_text()
+    (drop_in / "follower.conf").write_text(text)
+    (drop_in / "follower.conf").chmod(0o644)
+    assert verify_problems((SYSTEMD_DIR / DAEMON_UNIT).read_text(), DAEMON_UNIT, tmp_path) == []
+    (drop_in / "follower.conf").write_text(text.replace("IPAddressAllow=", "IPAddresAllow="))
+    problems = verify_problems((SYSTEMD_DIR / DAEMON_UNIT).read_text(), DAEMON_UNIT, tmp_path)
+    assert problems and "follower.conf" in " ".join(problems)
+
+
 def test_reader_template_instance_verifies(tmp_path: Path) -> None:
     text = (SYSTEMD_DIR / READER_UNIT).read_text()
     assert verify_problems(text, "ctxstore-reader@7.service", tmp_path) == []
