@@ -105,7 +105,8 @@ class Cluster:
             log.info("writer for origin %s (%s), feed %s", url, client.endpoint, config.feed)
             await self.uploader.run()
         else:
-            from ctxstore.origin.follower import Follower, PollPolicy
+            from ctxstore.origin.follower import Follower
+            from ctxstore.origin.polling import PollPolicy
 
             policy = PollPolicy(
                 config.follow_poll_interval,

@@ -24,8 +24,9 @@ from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
-from ctxstore.origin.follower import Follower, PollPolicy, state_summary
+from ctxstore.origin.follower import Follower, state_summary
 from ctxstore.origin.layout import Head, Manifest, Origin
+from ctxstore.origin.polling import PollPolicy
 from ctxstore.origin.s3 import OriginClient
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore

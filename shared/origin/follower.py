@@ -40,42 +40,13 @@ from ..store.durable import clear_scratch_dir, fsync_dir, make_dir
 from ..store.npyfile import check_npy_header, dtype_from_text, map_array
 from .feed import Feed
 from .layout import Head, Manifest, TensorEntry, set_aliases
+from .polling import DEFAULT_POLL_INTERVAL, PollPolicy
 from .s3 import OriginClient
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "follower.json"
 INCOMING_NAME = "incoming"
-DEFAULT_POLL_INTERVAL = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class PollPolicy:
-    """How long a follower waits between polls of the origin's heads (sans-IO).
-
-    ``interval`` seconds after a poll that worked; after ``failures`` polls in a row
-    failed, ``interval * 2**failures`` up to ``backoff_max`` (an origin in trouble is
-    not hammered by a fleet). Each wait is then spread uniformly over
-    ``[1 - jitter, 1 + jitter]`` of itself, so followers started together (a fleet
-    rebooted at once) drift apart instead of polling in lockstep. ``pull_jitter``: a
-    feed hint is acted on after a random 0 to ``pull_jitter`` seconds, so a fleet
-    told of a new version at the same instant does not download it at the same one.
-    """
-
-    interval: float = DEFAULT_POLL_INTERVAL
-    jitter: float = 0.2
-    backoff_max: float = 60.0
-    pull_jitter: float = 0.0
-
-    def wait(self, failures: int, rng: random.Random) -> float:
-        base = self.interval
-        if failures > 0:
-            base = max(self.interval, min(self.interval * 2.0 ** min(failures, 32),
-                                          self.backoff_max))  # fmt: skip
-        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
-
-    def hint_delay(self, rng: random.Random) -> float:
-        return rng.uniform(0.0, self.pull_jitter) if self.pull_jitter > 0 else 0.0
 
 
 class Adopter(Protocol):
