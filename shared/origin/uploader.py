@@ -66,6 +66,10 @@ class Uploader:
         #: by checksum): asked of the origin once, not at every sync of a slot that keeps
         #: many versions (objects and manifests are never replaced or removed there)
         self._manifests_known: set[tuple[int, int]] = set()
+        #: slot -> the head moved last whose hint the feed did not take (it was down or
+        #: reconnecting): put again at each pass until it does, so a follower that relies
+        #: on the feed hears of it once the feed is back, not at the slot's next change
+        self._untold: dict[int, Head] = {}
         self._objects_known: set[str] = set()
 
     def changed(self, slot: int) -> None:
@@ -96,6 +100,8 @@ class Uploader:
         while True:
             self._wake.clear()
             failed = False
+            for head in list(self._untold.values()):
+                failed |= not await self._announce(head)
             for slot in self.outbox.pending():
                 seen = self._changes.get(slot, 0)
                 try:
@@ -106,7 +112,7 @@ class Uploader:
                     failed = True
                     continue
                 if head is not None:
-                    await self._announce(head)
+                    failed |= not await self._announce(head)
                 if self._changes.get(slot, 0) == seen:
                     self.outbox.done(slot)
             if failed:
@@ -118,13 +124,20 @@ class Uploader:
                 self.stats.last_error = None
                 await self._wake.wait()
 
-    async def _announce(self, head: Head) -> None:
+    async def _announce(self, head: Head) -> bool:
+        """Put ``head``'s hint on the feed; False (kept for a retry) when it cannot."""
         if self.feed is None:
-            return
+            return True
         try:
             await self.feed.put(Hint(head.slot, head.current, head.seq))
         except CtxStoreError as exc:
-            log.warning("slot %d: head moved, feed not told (%s): followers poll", head.slot, exc)
+            if head.slot not in self._untold:
+                log.warning("slot %d: head moved, feed not told (%s): followers poll; "
+                            "retrying", head.slot, exc)  # fmt: skip
+            self._untold[head.slot] = head
+            return False
+        self._untold.pop(head.slot, None)
+        return True
 
     # -- in a worker thread ---------------------------------------------------------------
 
