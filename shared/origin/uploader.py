@@ -100,8 +100,8 @@ class Uploader:
         while True:
             self._wake.clear()
             failed = False
-            for head in list(self._untold.values()):
-                failed |= not await self._announce(head)
+            for untold in list(self._untold.values()):
+                failed |= not await self._announce(untold)
             for slot in self.outbox.pending():
                 seen = self._changes.get(slot, 0)
                 try:
