@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -86,6 +86,9 @@ class Feed:
         self.puts = 0
         self.hints_seen = 0
         self.watchers_started = 0
+        #: called (on the loop) after every reconnect: the writer's uploader puts the
+        #: hints the feed could not take meanwhile at once, not at its next retry
+        self.on_reconnect: list[Callable[[], object]] = []
 
     @property
     def connected(self) -> bool:
@@ -96,6 +99,8 @@ class Feed:
         self.generation += 1
         self._kv = None
         log.info("feed %s: reconnected; the watcher is renewed", self.url)
+        for callback in self.on_reconnect:
+            callback()
 
     async def _on_disconnect(self) -> None:
         log.warning("feed %s: disconnected; followers rely on the head poll meanwhile", self.url)

@@ -70,6 +70,8 @@ class Uploader:
         #: reconnecting): put again at each pass until it does, so a follower that relies
         #: on the feed hears of it once the feed is back, not at the slot's next change
         self._untold: dict[int, Head] = {}
+        if feed is not None:
+            feed.on_reconnect.append(self._wake.set)
         self._objects_known: set[str] = set()
 
     def changed(self, slot: int) -> None:
