@@ -668,3 +668,23 @@ def test_sigkill_mid_multipart_upload_and_mid_download_leave_no_partial_version(
         assert got.weights["big"].nbytes == tensor_bytes and got.weights["big"][-1] == (
             tensor_bytes // 4 - 1
         )
+
+
+def test_status_shows_a_follower_whose_feed_is_down_and_its_last_origin_error() -> None:
+    """``ctxstore status`` text for a follower: origin, feed state, versions applied,
+    bytes moved, refusals and the last error (the daemon's row carries them)."""
+    from ctxstore.cli.status_text import format_status
+    from ctxstore.wire import Status
+
+    cluster = {
+        "role": "follower", "origin": "s3://models/prod", "feed": "nats://n:4222",
+        "feed_connected": False, "applied": {"3": 12, "7": 2}, "bytes_downloaded": 3 << 20,
+        "refused": 1, "last_error": "slot 7: origin object objects/ab is corrupt",
+    }  # fmt: skip
+    text = format_status(Status(request_id=1, daemon={"pid": 5, "cluster": cluster}))
+    assert "follower from s3://models/prod" in text
+    assert "nats://n:4222 (DISCONNECTED: polling meanwhile)" in text
+    assert "applied 3:v12, 7:v2; downloaded 3.0 MiB, 1 refused" in text
+    assert "last origin error: slot 7: origin object objects/ab is corrupt" in text
+    plain = format_status(Status(request_id=1, daemon={"pid": 5}))
+    assert "origin" not in plain and "feed" not in plain
