@@ -135,7 +135,7 @@ class Host:
         self.reader = Reader(self.store, self.socket)
 
     def follower_stats(self) -> dict[str, int]:
-        from ctxstore.origin.follower import state_summary
+        from ctxstore.origin.state import state_summary
 
         return dict(state_summary(self.store / "origin")["stats"])
 

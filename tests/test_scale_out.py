@@ -24,10 +24,11 @@ from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
-from ctxstore.origin.follower import Follower, state_summary
+from ctxstore.origin.follower import Follower
 from ctxstore.origin.layout import Head, Manifest, Origin
 from ctxstore.origin.polling import PollPolicy
 from ctxstore.origin.s3 import OriginClient
+from ctxstore.origin.state import state_summary
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import segment_name
@@ -688,3 +689,57 @@ def test_status_shows_a_follower_whose_feed_is_down_and_its_last_origin_error() 
     assert "last origin error: slot 7: origin object objects/ab is corrupt" in text
     plain = format_status(Status(request_id=1, daemon={"pid": 5}))
     assert "origin" not in plain and "feed" not in plain
+
+
+def test_a_refused_slot_is_retried_with_backoff_and_at_once_when_its_head_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot whose head cannot be applied (here a corrupt head record) is not read again
+    at every poll (each retry of a corrupt version may download it again): only once the
+    backoff's wait is over, or at once when the head at the origin changes."""
+    import asyncio
+
+    from ctxstore.origin.s3 import Versioned
+
+    class CorruptHead:
+        origin = Origin.parse("s3://bucket-x/p")
+
+        def __init__(self) -> None:
+            self.etag, self.reads = '"e1"', 0
+
+        def list_etags(self, prefix: str) -> dict[str, str]:
+            return {self.origin.head_key(3): self.etag}
+
+        def get(self, key: str) -> Versioned:
+            self.reads += 1
+            return Versioned(b"{not a head", self.etag)
+
+    client, now, polls = CorruptHead(), [100.0], [0]
+    real_sleep = asyncio.sleep
+
+    async def one_poll(delay: float) -> None:
+        polls[0] += 1
+        if polls[0] == 20:
+            assert client.reads == 1  # 20 polls, the clock still: read once
+            now[0] += 5.0  # the first wait (2 x 2 s, +-20 %) is over
+        elif polls[0] == 30:
+            assert client.reads == 2  # read again once, now waiting 8 s
+            client.etag = '"e2"'  # the head changed at the origin
+        elif polls[0] == 40:
+            assert client.reads == 3  # read at once, not after the 8 s
+            raise asyncio.CancelledError
+        for _ in range(5):  # let the apply loop run (its reads are in a thread)
+            await real_sleep(0.001)
+
+    with PersistentStore(tmp_path / "store") as store:
+        follower = Follower(store, None, client, tmp_path / "state",  # type: ignore[arg-type]
+                            policy=PollPolicy(2.0, jitter=0.2, backoff_max=60.0))  # fmt: skip
+        follower._clock = lambda: now[0]
+        monkeypatch.setattr(asyncio, "sleep", one_poll)
+
+        async def both() -> None:
+            await asyncio.gather(follower._poll_loop(), follower._apply_loop())
+
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(both())
+    assert follower.stats.refused == 3

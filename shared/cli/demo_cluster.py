@@ -26,8 +26,8 @@ import numpy as np
 from ctxstore import Context
 from ctxstore.client import publish, wait_until_listening
 from ctxstore.errors import CtxStoreError, InvalidInputError
-from ctxstore.origin.follower import state_summary
 from ctxstore.origin.servers import NatsServer, SeaweedServer, s3_env
+from ctxstore.origin.state import state_summary
 
 from .table import print_table
 

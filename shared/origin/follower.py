@@ -12,22 +12,21 @@ name is refused (IntegrityError, logged, retried at the next check) and nothing
 is committed. The pulled version goes through the daemon's commit path
 (:class:`Adopter`, the committer), so local readers see an ordinary version.
 
-State (``follower.json`` in the state directory, replaced atomically): the
-``seq`` applied per slot and transfer counters.
+State (``follower.json`` in the state directory, :mod:`.state`): the ``seq``
+applied per slot and transfer counters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..checksum import checksum_file, checksum_parts
 from ..context import Array
@@ -36,16 +35,16 @@ from ..faults import crash_point
 from ..sources import Imported
 from ..store import PersistentStore
 from ..store import layout as store_layout
-from ..store.durable import clear_scratch_dir, fsync_dir, make_dir
+from ..store.durable import clear_scratch_dir, make_dir
 from ..store.npyfile import check_npy_header, dtype_from_text, map_array
 from .feed import Feed
 from .layout import Head, Manifest, TensorEntry, set_aliases
 from .polling import DEFAULT_POLL_INTERVAL, PollPolicy
 from .s3 import OriginClient
+from .state import STATE_NAME, FollowState
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "follower.json"
 INCOMING_NAME = "incoming"
 
 
@@ -59,51 +58,6 @@ class Adopter(Protocol):
     async def move_pointer(self, slot: int, version: int | str | None) -> int: ...
 
     def announce_aliases(self, slot: int, aliases: dict[str, int]) -> None: ...
-
-
-@dataclass
-class FollowStats:
-    versions_pulled: int = 0
-    objects_downloaded: int = 0
-    bytes_downloaded: int = 0
-    #: bytes of heads and manifests read (what moves besides the objects)
-    record_bytes: int = 0
-    tensors_reused: int = 0
-    pointer_moves: int = 0
-    refused: int = 0
-    polls: int = 0
-    hints: int = 0
-    last_error: str | None = None
-
-
-@dataclass
-class FollowState:
-    """Applied head seq per slot, and the counters; saved after every applied head."""
-
-    heads: dict[int, int] = field(default_factory=dict)
-    stats: FollowStats = field(default_factory=FollowStats)
-
-    @classmethod
-    def load(cls, path: Path) -> FollowState:
-        try:
-            body = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return cls()
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{path} is unreadable ({exc}): remove it to re-sync") from None
-        stats = FollowStats(**{k: v for k, v in body.get("stats", {}).items()
-                               if k in FollowStats.__dataclass_fields__})  # fmt: skip
-        return cls({int(s): int(q) for s, q in body.get("heads", {}).items()}, stats)
-
-    def save(self, path: Path) -> None:
-        body = {"heads": {str(s): q for s, q in self.heads.items()}, "stats": asdict(self.stats)}
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "wb") as out:
-            out.write(json.dumps(body, sort_keys=True).encode())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-        fsync_dir(path.parent)
 
 
 class Follower:
@@ -143,8 +97,14 @@ class Follower:
         self._queued: set[int] = set()
         #: slot -> ETag of the head last applied (or found not newer)
         self._etags: dict[int, str] = {}
-        #: slots whose last check failed (refused or unreachable): checked at every poll
-        self._failed: set[int] = set()
+        #: slot -> (checks in a row that failed, when the next may run): a slot refused
+        #: (a corrupt object) or unreachable is retried by the poll with the same backoff
+        #: as a failed poll, not at every poll (each retry may download the version again)
+        self._failed: dict[int, tuple[int, float, str | None]] = {}
+        self._clock = time.monotonic
+        #: slot -> its head's ETag in the last listing; the slot being checked now
+        self._listed: dict[int, str] = {}
+        self._checking: int | None = None
 
     async def run(self) -> None:
         """Forever: poll the heads, follow the feed, apply one slot at a time."""
@@ -180,7 +140,7 @@ class Follower:
                 self.stats.polls += 1
                 for key, etag in etags.items():
                     slot = self.client.origin.slot_of_head(key)
-                    if slot is not None and (self._etags.get(slot) != etag or slot in self._failed):
+                    if slot is not None and self._due(slot, etag) and slot != self._checking:
                         self._enqueue(slot)
             await asyncio.sleep(self.policy.wait(self.poll_failures, self._rng))
 
@@ -199,11 +159,14 @@ class Follower:
         while True:
             slot = await self._queue.get()
             self._queued.discard(slot)
+            self._checking = slot
             try:
                 await self.check_slot(slot)
-                self._failed.discard(slot)
+                self._failed.pop(slot, None)
             except CtxStoreError as exc:
-                self._failed.add(slot)
+                failures = self._failed.get(slot, (0, 0.0, None))[0] + 1
+                retry = self._clock() + self.policy.wait(failures, self._rng)
+                self._failed[slot] = (failures, retry, self._listed.get(slot))
                 self.stats.last_error = f"slot {slot}: {exc}"
                 if isinstance(exc, IntegrityError):
                     self.stats.refused += 1
@@ -211,6 +174,18 @@ class Follower:
                 else:
                     log.warning("slot %d: not followed yet: %s", slot, exc)
                 self._save_state()
+            finally:
+                self._checking = None
+
+    def _due(self, slot: int, etag: str) -> bool:
+        """Whether the poll, listing ``slot``'s head with ``etag``, should check the slot:
+        its head changed since it was applied; or, after a failed check, its head changed
+        since (the origin was mended) or the backoff's wait is over."""
+        self._listed[slot] = etag
+        failed = self._failed.get(slot)
+        if failed is None:
+            return self._etags.get(slot) != etag
+        return etag != failed[2] or self._clock() >= failed[1]
 
     async def check_slot(self, slot: int) -> bool:
         """Apply the slot's head if it is newer than the one applied; True if it was."""
@@ -383,9 +358,3 @@ class Follower:
 def _check_file(name: str, data: bytes, size: int, checksum: str) -> None:
     if len(data) != size or checksum_parts((data,)) != checksum:
         raise IntegrityError(f"file {name}: not what the manifest records")
-
-
-def state_summary(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The follower's saved state as a dict (tests, status)."""
-    state = FollowState.load(Path(state_dir) / STATE_NAME)
-    return {"heads": state.heads, "stats": asdict(state.stats)}
