@@ -66,13 +66,13 @@ class Uploader:
         #: by checksum): asked of the origin once, not at every sync of a slot that keeps
         #: many versions (objects and manifests are never replaced or removed there)
         self._manifests_known: set[tuple[int, int]] = set()
+        self._objects_known: set[str] = set()
         #: slot -> the head moved last whose hint the feed did not take (it was down or
         #: reconnecting): put again at each pass until it does, so a follower that relies
         #: on the feed hears of it once the feed is back, not at the slot's next change
         self._untold: dict[int, Head] = {}
         if feed is not None:
             feed.on_reconnect.append(self._wake.set)
-        self._objects_known: set[str] = set()
 
     def changed(self, slot: int) -> None:
         """A commit or pointer move of ``slot`` is durable: note it, durably, and wake up."""
