@@ -743,3 +743,41 @@ def test_a_refused_slot_is_retried_with_backoff_and_at_once_when_its_head_change
         with contextlib.suppress(asyncio.CancelledError):
             asyncio.run(both())
     assert follower.stats.refused == 3
+
+
+def test_a_feed_hint_is_acted_on_after_the_pull_jitter(tmp_path: Path) -> None:
+    """With ``cluster.pull_jitter`` a fleet told of a version at one instant does not
+    download it at one instant: each follower checks the slot a random 0 to J s later
+    (without it, at once)."""
+    import asyncio
+
+    from ctxstore.origin.feed import Hint
+
+    class OneHint:
+        async def hints(self) -> Any:
+            yield Hint(5, 3, 1)
+            yield Hint(5, 3, 0)  # not newer than what is applied (none): ignored below
+
+    async def scenario(pull_jitter: float) -> tuple[list[float], list[int]]:
+        later: list[float] = []
+        loop = asyncio.get_running_loop()
+        real_call_later = loop.call_later
+
+        def record(delay: float, callback: Any, *args: Any) -> Any:
+            later.append(delay)
+            return real_call_later(0, callback, *args)
+
+        loop.call_later = record  # type: ignore[method-assign]
+        with PersistentStore(tmp_path / f"store-{pull_jitter}") as store:
+            follower = Follower(store, None, None, tmp_path / f"state-{pull_jitter}",  # type: ignore[arg-type]
+                                OneHint(), policy=PollPolicy(pull_jitter=pull_jitter))  # type: ignore[arg-type]  # fmt: skip
+            await follower._feed_loop()
+            loop.call_later = real_call_later  # type: ignore[method-assign]
+            await asyncio.sleep(0.01)  # the deferred enqueue runs
+            queued = [follower._queue.get_nowait() for _ in range(follower._queue.qsize())]
+        return later, queued
+
+    later, queued = asyncio.run(scenario(30.0))
+    assert len(later) == 1 and 0.0 <= later[0] <= 30.0 and queued == [5]
+    later, queued = asyncio.run(scenario(0.0))
+    assert later == [] and queued == [5]
