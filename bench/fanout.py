@@ -20,9 +20,9 @@ What is measured, per version, from the same clock in every process
 (``time.time()``, see ``bench/peers.py``):
 
 * commit: when the store's SQLite COMMIT returned in the daemon (a probe at the
-  ``committed`` crash point, right after it). Before the announcement the
-  daemon records the version verified, bumps the version table and hands the
-  announcement to its event loop, all from the commit thread; warming and
+  ``committed`` crash point, right after it). The version's verified record
+  went in with that COMMIT; the daemon then bumps the version table and hands
+  the announcement to its event loop, from the commit thread; warming and
   retention follow it (issue 21).
 * notified: the last of the N readers decoded the announcement (the frame
   handed to ``Reader.message_received``, stamped first thing there).
@@ -596,7 +596,7 @@ def _breakdown(stamps: Stamps, versions: Sequence[int], n: int) -> list[str]:
     commit, start, end = (stamps.plane(p)[0] for p in (COMMIT, ANNOUNCE_START, ANNOUNCE_END))
     received, acked = stamps.plane(RECEIVED), stamps.plane(ACKED)
     steps = (
-        "COMMIT -> announce begins (verified record, version table, thread to loop)",
+        "COMMIT -> announce begins (version table, thread to loop)",
         f"announce() itself ({n} subscribers)",
         "announce begins -> first reader decoded it",
         "announce begins -> last reader decoded it",

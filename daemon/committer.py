@@ -286,15 +286,17 @@ class Committer:
         on_committed: Callable[[int], None] | None = None,
     ) -> int:
         started = time.perf_counter()
+        # Without a reread, the verified record rides in the version's own COMMIT.
+        record = self.verify_after_commit and not self.reread_after_commit
         if isinstance(context, Imported):
             version = self.store.save_import(
                 slot, context, model_type=model_type, aliases=aliases, publish_key=key,
-                on_committed=on_committed, version=number,
+                on_committed=on_committed, version=number, record_verified=record,
             )  # fmt: skip
         else:
             version = self.store.save_context(
                 slot, context, model_type=model_type, aliases=aliases, publish_key=key,
-                on_committed=on_committed, version=number,
+                on_committed=on_committed, version=number, record_verified=record,
             )  # fmt: skip
         observer = self.on_commit
         if observer is not None:
@@ -311,6 +313,9 @@ class Committer:
         current pointer to the slot's newest intact version. Returns the problems and
         that version.
         """
+        if self.store.verified_by_commit(slot, version):  # recorded in its own transaction
+            self.checked_after_commit["verified"] += 1
+            return [], None
         try:
             problems = self.store.record_check(slot, version, rehash=self.reread_after_commit)
         except CtxStoreError as exc:  # unrecorded: readers hash it themselves, as before

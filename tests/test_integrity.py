@@ -426,3 +426,31 @@ def test_a_new_version_is_recorded_verified_from_its_commit_without_reading_it_b
             asyncio.run(committer.commit(1, context(3)))
         assert store.current_version(1) == 2
         assert hashed and all("/slots/1/2/" in path for path in hashed)  # the fallback's check
+
+
+def test_a_new_version_is_recorded_verified_in_its_own_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's verified record rides in the version's own COMMIT (issue 21): from the
+    moment a reader can see the version in the index, it is vouched for, so no reader
+    hashes it for want of a record written a transaction later."""
+    import ctxstore.store.commit
+    from ctxstore.faults import crash_point
+
+    store = _store_with(tmp_path, (1,))
+    committer = Committer(store, None, lambda _announce: None)
+    seen: list[tuple[int | None, int, int]] = []
+
+    def probe(name: str) -> None:
+        if name == "committed":  # right after the COMMIT, before anything else runs
+            with PersistentStore(store.root, readonly=True) as reader:
+                reader.load_context(1, verify=True, trust_verified=True)
+                seen.append((reader.current_version(1), reader.versions_trusted,
+                             reader.versions_hashed))  # fmt: skip
+        crash_point(name)
+
+    monkeypatch.setattr(ctxstore.store.commit, "crash_point", probe)
+    with store:
+        assert asyncio.run(committer.commit(1, context(2))) == 2
+        assert committer.checked_after_commit == {"verified": 1, "damaged": 0}
+    assert seen == [(2, 1, 0)]

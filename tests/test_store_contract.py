@@ -132,7 +132,8 @@ def test_what_is_not_there_is_named_the_same_way(
         call(view)  # type: ignore[operator]
 
 
-#: every public method the writer adds to the view: each one writes (or waits for writes)
+#: every public method the writer adds to the view: each one writes (or waits for writes, or
+#: says what its own last commit recorded)
 WRITES = {
     "apply_retention",
     "delete_alias",
@@ -146,6 +147,7 @@ WRITES = {
     "save_import",
     "set_alias",
     "unpin",
+    "verified_by_commit",
     "wait_background",
     "write_transaction",
 }

@@ -10,7 +10,8 @@ The commit protocol, in this order and only here (docs/reliability.md, "The comm
 4. one SQLite transaction inserts the version, its tensors and files and moves the
    slot's current pointer: its COMMIT is the commit point (its statements run
    right after staging, while the CPU is warm; nothing of them is visible or
-   durable before this COMMIT);
+   durable before this COMMIT). A daemon that records its new versions verified
+   has the record ride in the same transaction (``record_verified``);
 5. call the caller's ``on_committed`` (the daemon bumps its version table and
    announces there), then warm the files, apply retention (rows first, then unlink).
 
@@ -37,6 +38,7 @@ from ..errors import (
     StorageError,
 )
 from ..faults import crash_point
+from ..integrity import VERIFIED, Identity, boot_id, pack_identities, stat_file
 from ..sources import Imported, TensorSource
 from ..validation import (
     MAX_TENSORS,
@@ -80,6 +82,7 @@ class StoreCommit(StoreStaging):
         files: Mapping[str, bytes] | None = None,
         on_committed: Callable[[int], None] | None = None,
         version: int | None = None,
+        record_verified: bool = False,
     ) -> int:
         """Commit ``context`` as the next version of ``slot_id`` and make it current.
 
@@ -94,6 +97,12 @@ class StoreCommit(StoreStaging):
         ``version``: commit as exactly this number rather than the next one (a
         follower keeping its origin's numbering, docs/scale-out.md); a number below
         the slot's next is a ConflictError, so a slot never moves backwards.
+        ``record_verified``: record the version verified (its files' identities,
+        this boot) in its own transaction, as :meth:`record_check` with
+        ``rehash=False`` would after it: every file was hashed as it was written
+        or compared byte for byte with the stored file it links. Whether it was
+        (a file not as staged is left to the caller's check) is
+        :meth:`verified_by_commit`.
         """
         slot = check_slot(slot_id)
         if not isinstance(context, Context):
@@ -103,8 +112,8 @@ class StoreCommit(StoreStaging):
             hook(slot, context)
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
                           publish_key=publish_key, files=checked, sources=None,
-                          on_committed=on_committed,
-                          number=version)  # fmt: skip
+                          on_committed=on_committed, number=version,
+                          record_verified=record_verified)  # fmt: skip
 
     def save_import(
         self,
@@ -117,6 +126,7 @@ class StoreCommit(StoreStaging):
         publish_key: str | None = None,
         on_committed: Callable[[int], None] | None = None,
         version: int | None = None,
+        record_verified: bool = False,
     ) -> int:
         """Commit what an importer read (``ctxstore.nodes.open_import``) as the next version.
 
@@ -124,8 +134,7 @@ class StoreCommit(StoreStaging):
         directory a chunk at a time and hashed as they are written: the memory
         this takes does not grow with the checkpoint. The importer already
         checked the limits on its files; the names are checked again here.
-        ``on_committed``: as for :meth:`save_context`.
-        ``version``: as in :meth:`save_context`.
+        ``on_committed``, ``version``, ``record_verified``: as for :meth:`save_context`.
         """
         slot = check_slot(slot_id)
         context = Context(None, imported.config, imported.metadata)
@@ -137,7 +146,7 @@ class StoreCommit(StoreStaging):
         return self._save(slot, context, model_type=model_type, aliases=aliases, pin=pin,
                           publish_key=publish_key, files=checked,
                           sources=imported.tensors, on_committed=on_committed,
-                          number=version)  # fmt: skip
+                          number=version, record_verified=record_verified)  # fmt: skip
 
     def _save(
         self,
@@ -152,6 +161,7 @@ class StoreCommit(StoreStaging):
         sources: Mapping[str, Array | TensorSource] | None,
         on_committed: Callable[[int], None] | None = None,
         number: int | None = None,
+        record_verified: bool = False,
     ) -> int:
         if number is not None:
             number = check_version(number)
@@ -178,8 +188,11 @@ class StoreCommit(StoreStaging):
             # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
             # the next commit to read the number from the index.
             self._slot_heads.pop(slot, None)
-            retired, linked = self._commit(conn, new)
+            self._verified_by_commit = None
+            retired, linked, verified = self._commit(conn, new, record_verified)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
+            if verified:
+                self._verified_by_commit = (slot, version)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 if on_committed is not None:
@@ -192,6 +205,11 @@ class StoreCommit(StoreStaging):
             except Exception:
                 log.exception("slot %d version %d committed; a later chore failed", slot, version)
         return version
+
+    def verified_by_commit(self, slot: int, version: int) -> bool:
+        """Whether the last commit, ``version`` of ``slot``, recorded itself verified in its
+        own transaction (``record_verified``). Meant for its ``on_committed``."""
+        return self._verified_by_commit == (slot, version)
 
     def _slot_head(self, conn: sqlite3.Connection, slot: int) -> tuple[str | None, int]:
         """The slot's model type and the number its next version gets (1 for a new slot)."""
@@ -221,10 +239,11 @@ class StoreCommit(StoreStaging):
             self._spare_staging = spare
 
     def _commit(
-        self, conn: sqlite3.Connection, new: NewVersion
-    ) -> tuple[list[tuple[int, int]], list[int]]:
-        """Steps 2 to 4 of the commit protocol; returns the versions retention retired
-        and the positions of the tensors that were hard-linked rather than written.
+        self, conn: sqlite3.Connection, new: NewVersion, record_verified: bool = False
+    ) -> tuple[list[tuple[int, int]], list[int], bool]:
+        """Steps 2 to 4 of the commit protocol; returns the versions retention retired,
+        the positions of the tensors that were hard-linked rather than written, and
+        whether the version's verified record went in with it (``record_verified``).
 
         A failure before COMMIT leaves no directory behind and no row. A failed
         COMMIT leaves the version's files in place: its frames may sit in the WAL
@@ -262,6 +281,7 @@ class StoreCommit(StoreStaging):
                 placed = True
                 crash_point("renamed")
                 fsync_dir(slot_dir)  # the version directory's entry in it
+                verified = record_verified and self._record_verified(conn, new, tensors)
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:
@@ -273,7 +293,33 @@ class StoreCommit(StoreStaging):
                 remove_tree(layout.version_dir(self.root, new.slot, new.version)
                             if placed else staging)  # fmt: skip
             raise
-        return retired, linked
+        return retired, linked, verified
+
+    def _record_verified(
+        self, conn: sqlite3.Connection, new: NewVersion, tensors: list[TensorRow]
+    ) -> bool:
+        """Inside the version's transaction, once its files are in place: record it
+        verified with each tensor file's identity, as ``record_check(rehash=False)``
+        would after the COMMIT (one transaction fewer, and the record is durable with
+        the version). False, nothing recorded, when a file is not as staged: the
+        caller's own check after the COMMIT then says what is wrong."""
+        identities: list[Identity] = []
+        for position, _name, _dtype, _shape, offset, nbytes, _checksum in tensors:
+            path = layout.tensor_path_str(self._root_str, new.slot, new.version, position)
+            try:
+                identity = stat_file(path)
+            except OSError:
+                return False
+            if identity[0] != offset + nbytes:
+                return False
+            identities.append(identity)
+        conn.execute(
+            "INSERT OR REPLACE INTO version_checks(slot, version, state, checked_at, boot_id, "
+            "files, detail) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            (new.slot, new.version, VERIFIED, self._clock(), boot_id(),
+             pack_identities(identities)),
+        )  # fmt: skip
+        return True
 
     def _place(self, staging: str, slot: int, version: int) -> str:
         """Step 3: rename the staging directory (its files and entries already

@@ -74,6 +74,8 @@ class StoreWriting(StoreView):
         #: a COMMIT failed since the last durable write: its WAL frames may still be replayed
         self._frames_at_risk = False
         self._spare_staging: str | None = None
+        #: (slot, version) of the last commit when it recorded itself verified
+        self._verified_by_commit: tuple[int, int] | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
