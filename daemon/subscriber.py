@@ -174,7 +174,8 @@ class Subscriber:
                 for announce, frame in batch.values():
                     self._write(announce, frame)
                 try:
-                    await asyncio.wait_for(self._writer.drain(), self._stuck_timeout)
+                    async with asyncio.timeout(self._stuck_timeout):
+                        await self._writer.drain()
                 except TimeoutError:
                     self.close(f"stuck: its backlog did not drain in {self._stuck_timeout:g}s")
                 except (ConnectionError, RuntimeError):
@@ -257,7 +258,9 @@ class Subscriber:
             pool = self._budget.pool
             if pool is not None and not pool.room():
                 size = min(SMALL_READ, chunk)
-            return await asyncio.wait_for(self._reader.read(size), self._silent_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps every read in a Task
+            async with asyncio.timeout(self._silent_timeout):
+                return await self._reader.read(size)
         if self._frame_started is None:
             self._frame_started = loop.time()
         deadline = self._frame_started + self._budget.frame_timeout
@@ -275,9 +278,8 @@ class Subscriber:
             if self._hung_up():  # its bytes are not read meanwhile, so neither is its EOF
                 raise ConnectionResetError("peer hung up while its frame waited for room")
         try:
-            return await asyncio.wait_for(
-                self._reader.read(min(chunk, room)), min(left, self._silent_timeout)
-            )
+            async with asyncio.timeout(min(left, self._silent_timeout)):
+                return await self._reader.read(min(chunk, room))
         except TimeoutError:
             if left <= self._silent_timeout:
                 raise self._unfinished() from None
