@@ -56,3 +56,24 @@ def test_the_old_module_names_hand_out_the_wire_packages_objects(old: str) -> No
     assert module.__all__
     for name in module.__all__:
         assert getattr(module, name) is getattr(ctxstore.wire, name), name
+
+
+def test_a_descriptor_checks_each_field_the_same_after_its_dtype_was_accepted() -> None:
+    """The decoder remembers the dtype strings it accepted (issue 21: parsing one cost more
+    than the rest of a descriptor): a known dtype still gets every other check, a wrong
+    one is refused as before, and ever new strings from a peer do not grow the memo."""
+    from ctxstore.wire import tensors
+    from ctxstore.wire.tensors import TensorSpec
+
+    assert TensorSpec("w", "<f4", [2, 3], 0, 24).shape == (2, 3)
+    with pytest.raises(InvalidInputError, match=r"nbytes 25 != 4 x \(2, 3\)"):
+        TensorSpec("w", "<f4", [2, 3], 0, 25)
+    with pytest.raises(InvalidInputError, match="shape"):
+        TensorSpec("w", "<f4", [2, -3], 0, 24)
+    with pytest.raises(InvalidInputError, match="offset"):
+        TensorSpec("w", "<f4", [2, 3], True, 24)
+    with pytest.raises(InvalidInputError, match="not a plain numpy dtype"):
+        TensorSpec("w", "<f4 ", [2, 3], 0, 24)
+    for width in range(1, 200):  # valid, all different: 'S1', 'S2', ...
+        TensorSpec("w", f"S{width}", [1], 0, width)
+    assert len(tensors._ACCEPTED) <= tensors._ACCEPTED_MAX

@@ -17,7 +17,7 @@ from ..checks import check_tensor_name, integer
 from ..dtypes import ML_DTYPE_NAMES, ml_dtype, spec_text
 from ..errors import InvalidInputError
 from ..validation import MAX_TENSORS, check_dtype, check_shape
-from .fields import Check, Field, sequence, size, tuple_of
+from .fields import MAX_ID, Check, Field, sequence, size, tuple_of
 
 MAX_NDIM: Final = 32
 MAX_DIM: Final = 2**62
@@ -42,12 +42,14 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         name = check_tensor_name(self.name)
-        dtype = _dtype(self.dtype, name)
+        dtype, text = _accepted_dtype(self.dtype, name)
         shape = _spec_field(name, "shape", _shape, self.shape)
         check_shape(shape, dtype.itemsize, f"tensor {name!r}")
-        _spec_field(name, "offset", size, self.offset)
-        nbytes = _spec_field(name, "nbytes", size, self.nbytes)
-        text = spec_text(dtype)
+        offset, nbytes = self.offset, self.nbytes
+        if not (type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0
+                and offset <= MAX_ID and nbytes <= MAX_ID):  # fmt: skip
+            _spec_field(name, "offset", size, offset)  # says what is wrong
+            nbytes = _spec_field(name, "nbytes", size, nbytes)
         if nbytes != dtype.itemsize * math.prod(shape):
             raise InvalidInputError(
                 f"tensor {name!r}: nbytes {nbytes} != {dtype.itemsize} x {shape} for {text}"
@@ -67,10 +69,38 @@ def _spec_field(name: str, what: str, check: Check, value: Any) -> Any:
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    shape: tuple[int, ...] = tuple_of(integer(0, MAX_DIM))(value)
+    if (type(value) is list or type(value) is tuple) and all(
+        type(n) is int and 0 <= n <= MAX_DIM for n in value
+    ):  # the common case, in one pass; anything else is told by the checks below
+        shape: tuple[int, ...] = tuple(value)
+    else:
+        shape = _DIMS(value)
     if len(shape) > MAX_NDIM:
         raise InvalidInputError(f"has more than {MAX_NDIM} dimensions")
     return shape
+
+
+#: dtype strings accepted so far -> (dtype, spec text): a publish names the same few
+#: dtypes for every tensor of every version, and parsing one costs more than the rest of
+#: its descriptor's checks. Bounded: a peer sending ever new strings only misses it.
+_ACCEPTED: dict[str, tuple[np.dtype[Any], str]] = {}
+_ACCEPTED_MAX: Final = 64
+
+
+def _accepted_dtype(value: Any, name: str) -> tuple[np.dtype[Any], str]:
+    """:func:`_dtype` and its spec text, remembered for a string already accepted."""
+    if type(value) is str:
+        known = _ACCEPTED.get(value)
+        if known is not None:
+            return known
+    dtype = _dtype(value, name)
+    known = (dtype, spec_text(dtype))
+    if type(value) is str and len(_ACCEPTED) < _ACCEPTED_MAX:
+        _ACCEPTED[value] = known
+    return known
+
+
+_DIMS: Final = tuple_of(integer(0, MAX_DIM))
 
 
 def _dtype(value: Any, name: str) -> np.dtype[Any]:
