@@ -291,6 +291,10 @@ class _Session:
         self.sock = sock
         self.conn = Connection(Role.CLIENT)
         self.unsent = bytearray()
+        #: one receive buffer for the session: ``recv(RECV_SIZE)`` allocated (and the
+        #: allocator mapped, shrank and unmapped) 256 KiB per frame, and an munmap in a
+        #: process with several threads costs a TLB shootdown on every CPU they ran on
+        self.inbox = bytearray(RECV_SIZE)
         self.established = False
         self.next_heartbeat = math.inf
 
@@ -329,13 +333,13 @@ class _Session:
 
     def receive(self) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            received = self.sock.recv_into(self.inbox)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             raise _SessionEndedError(f"connection lost: {exc.strerror or exc}") from None
         try:
-            self.conn.receive_data(data)
+            self.conn.receive_data(bytes(memoryview(self.inbox)[:received]))
             while True:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
