@@ -389,7 +389,8 @@ class Bench:
             f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / stage_b.count * 1e9)} of "
             "CPU per version (publish request, commit, announce, acks, heartbeats); each "
             f"reader {format_ns(cpu_b.seconds / stage_b.count / n * 1e9)} (decode, map, "
-            "adopt, ack, callback)"
+            "adopt, ack, callback); subscribed only, each reader "
+            f"{format_ns(cpu_a.seconds / max(stage_a.count, 1) / n * 1e9)} (decode, callback)"
         )
         _note_missing(subscribed, f"N={n} ctxstore subscribed only")
         _note_missing(following, f"N={n} ctxstore following")
