@@ -71,9 +71,7 @@ class Answers:
         who = Requester(sub.peer.uid, config.import_roots, config.import_limits())
         progress = PublishProgress()
         sub.requests_in_flight += 1
-        ticker = None
-        if request.progress:
-            ticker = self._spawn(self._send_progress(sub, request, progress))
+        ticker = _ProgressTicker(sub, request, progress, self._config) if request.progress else None
         try:
             refuse_local_write(config, "publishes")  # a follower takes no local writes
             version = await self._committer.publish(request, who, progress)
@@ -97,23 +95,6 @@ class Answers:
             if ticker is not None:
                 ticker.cancel()
         sub.send(Published(request_id=request.request_id, slot=request.slot, version=version))
-
-    async def _send_progress(
-        self, sub: Subscriber, request: PublishRequest, progress: PublishProgress
-    ) -> None:
-        """Every ``publish_progress_interval``: a Progress frame for ``request`` (cancelled
-        when it is answered)."""
-        while not sub.closed:
-            await asyncio.sleep(self._config().publish_progress_interval)
-            sub.send(
-                Progress(
-                    request_id=request.request_id,
-                    stage=progress.stage,
-                    done=progress.done,
-                    total=progress.total,
-                    elapsed=round(time.monotonic() - progress.started, 3),
-                )
-            )
 
     async def admin(self, sub: Subscriber, request: StatusRequest | RepairRequest) -> None:
         """The requests answered from a worker thread, beside the loop: status, repair."""
@@ -177,3 +158,40 @@ class Answers:
         sub.send(
             repaired_answer(request.request_id, problems, repairs, max_frame_size=max_frame_size)
         )
+
+
+class _ProgressTicker:
+    """Every ``publish_progress_interval`` while a publish runs: a Progress frame for it.
+
+    A timer on the loop, not a task: a publish is usually answered before the
+    first tick, and a task per publish cost more than the rest of its answer.
+    """
+
+    def __init__(
+        self,
+        sub: Subscriber,
+        request: PublishRequest,
+        progress: PublishProgress,
+        config: Callable[[], DaemonConfig],
+    ) -> None:
+        self._sub, self._request, self._progress, self._config = sub, request, progress, config
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(config().publish_progress_interval, self._tick)
+
+    def _tick(self) -> None:
+        if self._sub.closed:
+            return
+        progress = self._progress
+        self._sub.send(
+            Progress(
+                request_id=self._request.request_id,
+                stage=progress.stage,
+                done=progress.done,
+                total=progress.total,
+                elapsed=round(time.monotonic() - progress.started, 3),
+            )
+        )
+        self._handle = self._loop.call_later(self._config().publish_progress_interval, self._tick)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
