@@ -38,7 +38,6 @@ from ..errors import (
     StorageError,
 )
 from ..faults import crash_point
-from ..integrity import VERIFIED, Identity, boot_id, pack_identities, stat_file
 from ..sources import Imported, TensorSource
 from ..validation import (
     MAX_TENSORS,
@@ -281,7 +280,9 @@ class StoreCommit(StoreStaging):
                 placed = True
                 crash_point("renamed")
                 fsync_dir(slot_dir)  # the version directory's entry in it
-                verified = record_verified and self._record_verified(conn, new, tensors)
+                verified = record_verified and self._insert_verified(
+                    conn, new.slot, new.version, [(row[0], row[4] + row[5]) for row in tensors]
+                )
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:
@@ -294,32 +295,6 @@ class StoreCommit(StoreStaging):
                             if placed else staging)  # fmt: skip
             raise
         return retired, linked, verified
-
-    def _record_verified(
-        self, conn: sqlite3.Connection, new: NewVersion, tensors: list[TensorRow]
-    ) -> bool:
-        """Inside the version's transaction, once its files are in place: record it
-        verified with each tensor file's identity, as ``record_check(rehash=False)``
-        would after the COMMIT (one transaction fewer, and the record is durable with
-        the version). False, nothing recorded, when a file is not as staged: the
-        caller's own check after the COMMIT then says what is wrong."""
-        identities: list[Identity] = []
-        for position, _name, _dtype, _shape, offset, nbytes, _checksum in tensors:
-            path = layout.tensor_path_str(self._root_str, new.slot, new.version, position)
-            try:
-                identity = stat_file(path)
-            except OSError:
-                return False
-            if identity[0] != offset + nbytes:
-                return False
-            identities.append(identity)
-        conn.execute(
-            "INSERT OR REPLACE INTO version_checks(slot, version, state, checked_at, boot_id, "
-            "files, detail) VALUES (?, ?, ?, ?, ?, ?, NULL)",
-            (new.slot, new.version, VERIFIED, self._clock(), boot_id(),
-             pack_identities(identities)),
-        )  # fmt: skip
-        return True
 
     def _place(self, staging: str, slot: int, version: int) -> str:
         """Step 3: rename the staging directory (its files and entries already

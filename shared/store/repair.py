@@ -6,6 +6,8 @@ whose current version is damaged moved back to its newest intact one.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import (
@@ -15,14 +17,17 @@ from ..errors import (
 from ..integrity import (
     DAMAGED,
     VERIFIED,
+    Identity,
     boot_id,
     pack_identities,
+    stat_file,
 )
 from ..records import Problem
 from ..validation import (
     check_slot,
     check_version,
 )
+from . import layout
 from .pointers import StorePointers
 
 log = logging.getLogger("ctxstore.store")
@@ -46,6 +51,32 @@ class StoreRepair(StorePointers):
             files = pack_identities(identities)
             self._write_check(check_slot(slot_id), version, VERIFIED, (boot_id(), files, None))
         return problems
+
+    def _insert_verified(
+        self, conn: sqlite3.Connection, slot: int, version: int, files: Sequence[tuple[int, int]]
+    ) -> bool:
+        """Inside a new version's transaction, once its files are in place: record it
+        verified with each tensor file's identity, as ``record_check(rehash=False)``
+        would after the COMMIT (one transaction fewer, and the record is durable with
+        the version). ``files``: (position, size) of each tensor file. False, nothing
+        recorded, when a file is not as staged: the check after the COMMIT then says
+        what is wrong."""
+        identities: list[Identity] = []
+        for position, size in files:
+            path = layout.tensor_path_str(self._root_str, slot, version, position)
+            try:
+                identity = stat_file(path)
+            except OSError:
+                return False
+            if identity[0] != size:
+                return False
+            identities.append(identity)
+        conn.execute(
+            "INSERT OR REPLACE INTO version_checks(slot, version, state, checked_at, boot_id, "
+            "files, detail) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            (slot, version, VERIFIED, self._clock(), boot_id(), pack_identities(identities)),
+        )
+        return True
 
     def mark_damaged(self, slot_id: int, version: int, detail: str) -> None:
         """Record ``version`` damaged: readers refuse it without hashing, verify names it.
