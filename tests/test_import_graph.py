@@ -88,3 +88,18 @@ def test_a_daemon_without_http_loads_neither_the_http_package_nor_its_stack() ->
     modules = modules_after("import ctxstore.daemon.server, ctxstore.daemon.main")
     assert "ctxstore.daemon.jobs" in modules
     assert loaded(modules, "ctxstore.daemon.http", "fastapi", "uvicorn", "pydantic") == []
+
+
+@pytest.mark.parametrize("old", ["ctxstore.messages", "ctxstore.protocol"])
+def test_the_old_import_paths_give_every_name_of_the_wire_package(old: str) -> None:
+    """``ctxstore.messages`` and ``ctxstore.protocol`` (kept for outside code) give each
+    name of ``ctxstore.wire``, the same object, from the wire's one export list."""
+    import importlib
+
+    import ctxstore.wire
+
+    module = importlib.import_module(old)
+    assert module.__all__ == ctxstore.wire.__all__
+    assert [
+        n for n in ctxstore.wire.__all__ if getattr(module, n) is not getattr(ctxstore.wire, n)
+    ] == []
