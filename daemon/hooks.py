@@ -58,8 +58,10 @@ PreCommitHook = Callable[[int, Context], None]
 class CommitEvent:
     """What a post-commit hook is told: the version just committed, and the store it is in.
 
-    ``store`` is typed as the read-only view: a hook reads through it, and its one
-    write, moving an alias of this slot, goes through :meth:`set_alias`.
+    ``store`` is a read-only view (:class:`StoreView`): a hook reads through it and
+    cannot even name a write on it. Made with the writer, the event keeps the writer
+    to itself and hands the hook the writer's view (``PersistentStore.view``); the
+    hook's one write, moving an alias of this slot, goes through :meth:`set_alias`.
     """
 
     slot: int
@@ -67,14 +69,20 @@ class CommitEvent:
     context: Context
     model_type: str | None
     store: StoreView
+    _writer: PersistentStore | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.store, PersistentStore):
+            object.__setattr__(self, "_writer", self.store)
+            object.__setattr__(self, "store", self.store.view)
 
     def set_alias(self, name: str, version: int | None = None) -> int:
         """Point alias ``name`` of this slot at ``version`` (default: this event's version);
-        returns the version number. ReadOnlyError when the event's store is a view."""
-        if not isinstance(self.store, PersistentStore):
+        returns the version number. ReadOnlyError when the event was made with a view."""
+        if self._writer is None:
             raise ReadOnlyError(f"store {self.store.root} is open read-only")
         target = self.version if version is None else version
-        return self.store.set_alias(self.slot, name, target)
+        return self._writer.set_alias(self.slot, name, target)
 
 
 PostCommitHook = Callable[[CommitEvent], Mapping[str, int] | None]

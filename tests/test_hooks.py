@@ -29,7 +29,7 @@ from ctxstore.daemon.hooks import (
     load_hook,
 )
 from ctxstore.errors import ConflictError, InvalidInputError, NotFoundError, ReadOnlyError
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, StoreView
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def test_slow_post_hook_times_out_and_later_hooks_still_run(
 
 def test_post_hook_returns_the_aliases_it_moved(store: PersistentStore) -> None:
     def promote(event: CommitEvent) -> Mapping[str, int]:
-        event.store.set_alias(event.slot, "stable", event.version)
+        event.set_alias("stable")
         return {"stable": event.version}
 
     hooks = Hooks(
@@ -288,7 +288,7 @@ class Tagger:
         self.alias = alias
 
     def __call__(self, event):
-        event.store.set_alias(event.slot, self.alias, event.version)
+        event.set_alias(self.alias)
         return {self.alias: event.version}
 
 class Holder:
@@ -577,6 +577,43 @@ def test_a_hook_moves_an_alias_through_its_event_never_through_a_view(
         with pytest.raises(ReadOnlyError, match="read-only"):
             event.set_alias("other")
     assert "other" not in store.get_aliases(1)
+
+
+def test_a_hook_given_the_writer_sees_only_a_view_with_no_write_to_name(
+    store: PersistentStore,
+) -> None:
+    """The daemon makes the event with its writer; the hook still gets a StoreView (the
+    writer's ``view``), so a write through ``event.store`` is an AttributeError, nothing
+    is written, and the commit stands. Its one write is ``event.set_alias``."""
+    seen: list[object] = []
+
+    def sneaky(event: CommitEvent) -> None:
+        seen.append(event.store)
+        event.store.save_context(event.slot, ctx(9.0))  # type: ignore[attr-defined]
+
+    def reader(event: CommitEvent) -> Mapping[str, int]:
+        assert event.store.current_version(event.slot) == event.version  # it reads
+        event.set_alias("read")
+        return {"read": event.version}
+
+    hooks = Hooks(post=[RegisteredHook("sneaky", 1, sneaky), RegisteredHook("reader", 0, reader)])
+    version = store.save_context(1, ctx())
+    sneaky_outcome, read_outcome = post(hooks, CommitEvent(1, version, ctx(), None, store))
+    (view,) = seen
+    assert isinstance(view, StoreView) and not isinstance(view, PersistentStore)
+    assert view is store.view and view.root == store.root
+    writes = _public(PersistentStore) - _public(StoreView)  # what the writer adds
+    assert {"save_context", "set_alias", "rollback", "pin", "repair"} <= writes
+    assert sorted(name for name in writes if hasattr(view, name)) == []
+    assert not sneaky_outcome.ok and sneaky_outcome.error is not None
+    assert "AttributeError" in sneaky_outcome.error and "save_context" in sneaky_outcome.error
+    assert read_outcome.ok and dict(read_outcome.aliases) == {"read": version}
+    assert store.current_version(1) == version and store.get_aliases(1)["read"] == version
+    assert [v.version for v in store.list_versions(1)] == [version]
+
+
+def _public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
 
 
 def test_tracker_arguments_are_checked() -> None:

@@ -41,8 +41,8 @@ class ApiContext:
 
     @property
     def view(self) -> StoreView:
-        """The store as the read routes see it: the read-only view, no write to name."""
-        return self.store
+        """The store as the read routes see it: the writer's read-only view, no write to name."""
+        return self.store.view
 
     @property
     def committer(self) -> Committer:

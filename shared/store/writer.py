@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal, overload
@@ -101,8 +102,22 @@ class PersistentStore(StoreRecovery):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(path, retention=retention, clock=clock)
+        self._view: StoreView | None = None
+        self._view_lock = threading.Lock()
         self._open_writer()
         self.hierarchy = NodeHierarchy(self._reader, self._transaction)
+
+    @property
+    def view(self) -> StoreView:
+        """This store as a :class:`StoreView` of its own, opened on first use and closed
+        with the writer: what the writer hands to code that may only read (post-commit
+        hooks, the HTTP API's read routes). Not the writer under a narrower type: the view
+        has no write method, so such code cannot even name one."""
+        with self._view_lock:
+            if self._view is None:
+                self._refuse_if_closed()
+                self._view = StoreView(self.root, clock=self._clock)
+            return self._view
 
     def _open_writer(self) -> None:
         try:
@@ -142,6 +157,10 @@ class PersistentStore(StoreRecovery):
             if spare is not None:
                 with contextlib.suppress(OSError):
                     os.rmdir(spare)
+        with self._view_lock:
+            view, self._view = self._view, None
+        if view is not None:
+            view.close()
         super().close()
         if os.getpid() == self._pid and self._conn is not None:
             # The index stays in WAL mode: switching journal modes at close and open
