@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="also run tests marked slow (full crash, fuzz and soak counts)",
     )
+
+
+#: the ``--basetemp`` this run chose for itself (None: the command line gave one)
+_OWN_BASETEMP: list[Path] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Each run gets a temporary root of its own unless ``--basetemp`` names one.
+
+    pytest's default root, ``/tmp/pytest-of-USER``, is shared by every run of that
+    user: runs at the same time (several checkouts on one machine) number their
+    directories in it and prune each other's. This run's root is removed when every
+    test passed and kept (its path printed) when one failed, as pytest keeps its own.
+    """
+    if config.option.basetemp is not None:
+        return
+    parent = Path(tempfile.gettempdir()) / f"ctxstore-pytest-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    own = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=parent))
+    config.option.basetemp = str(own)
+    _OWN_BASETEMP.append(own)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for own in _OWN_BASETEMP:
+        if exitstatus == 0:
+            shutil.rmtree(own, ignore_errors=True)
+        elif (reporter := session.config.pluginmanager.get_plugin("terminalreporter")) is not None:
+            reporter.write_line(f"temporary files kept in {own}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from support.daemon import DaemonProcess, start_daemon, wait_for_socket
 from support.peers import RawPeer
+from support.procs import dies_with_pytest
 
 from ctxstore import Context
 from ctxstore.client import DaemonClient, publish
@@ -75,17 +76,19 @@ def start_readers(
 ) -> list[subprocess.Popen[str]]:
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                READER,
-                str(daemon.store),
-                str(daemon.socket),
-                f"reader-{i}",
-                str(SLOT),
-                str(final),
-                str(deadline),
-            ],
+            dies_with_pytest(
+                [
+                    sys.executable,
+                    "-c",
+                    READER,
+                    str(daemon.store),
+                    str(daemon.socket),
+                    f"reader-{i}",
+                    str(SLOT),
+                    str(final),
+                    str(deadline),
+                ]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -197,14 +200,16 @@ def test_readers_share_one_copy_of_the_weights(fleet_daemon: DaemonProcess) -> N
     publish(SLOT, Context({"w": weights}), socket=fleet_daemon.socket)
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                MEMORY_READER,
-                str(fleet_daemon.store),
-                str(fleet_daemon.socket),
-                str(SLOT),
-            ],
+            dies_with_pytest(
+                [
+                    sys.executable,
+                    "-c",
+                    MEMORY_READER,
+                    str(fleet_daemon.store),
+                    str(fleet_daemon.socket),
+                    str(SLOT),
+                ]
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -264,7 +269,8 @@ def test_retention_keeps_what_a_connected_reader_holds(tmp_path: Path) -> None:
         wait_for_socket(daemon.socket, daemon.proc)
         publish(SLOT, stamped(1), socket=daemon.socket)
         holder = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(daemon.store), str(daemon.socket), str(SLOT)],
+            dies_with_pytest([sys.executable, "-c", HOLDER, str(daemon.store),
+                              str(daemon.socket), str(SLOT)]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert holder.stdout is not None
