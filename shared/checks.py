@@ -72,20 +72,33 @@ NODE: Final = Voice(
 )
 
 
-def integer(low: int, high: int, voice: Voice = WIRE, *, numpy: bool = False) -> Check:
-    """An int in [low, high]; bools are refused (``True`` is not a count). ``numpy``: numpy
-    integers are accepted too, and returned as int (a node config may come from an array)."""
-    kinds = Integral if numpy else int
+@dataclass(frozen=True, slots=True)
+class Integer:
+    """An int in [low, high], as a check (call it) and as a declaration (read its bounds).
 
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise InvalidInputError(voice.not_integer(value, low, high))
+    Bools are refused (``True`` is not a count). ``numpy``: numpy integers are
+    accepted too, and returned as int (a node config may come from an array). A
+    surface that states bounds rather than calling checks (the HTTP API's schema)
+    reads ``low`` and ``high`` from the same declaration the other surfaces call.
+    """
+
+    low: int
+    high: int
+    voice: Voice = WIRE
+    numpy: bool = False
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral if self.numpy else int):
+            raise InvalidInputError(self.voice.not_integer(value, self.low, self.high))
         number = int(value)
-        if not low <= number <= high:
-            raise InvalidInputError(voice.outside(value, low, high))
+        if not self.low <= number <= self.high:
+            raise InvalidInputError(self.voice.outside(value, self.low, self.high))
         return number
 
-    return check
+
+def integer(low: int, high: int, voice: Voice = WIRE, *, numpy: bool = False) -> Integer:
+    """An int in [low, high] (see :class:`Integer`)."""
+    return Integer(low, high, voice, numpy)
 
 
 def boolean(voice: Voice = WIRE, *, numpy: bool = False) -> Check:
@@ -110,8 +123,14 @@ def optional(check: Check) -> Check:
 MAX_SLOT = 2**31 - 1
 MAX_VERSION = 2**63 - 1
 MAX_TENSOR_NAME_BYTES = 256
+#: the slots and version numbers :func:`check_slot` and :func:`check_version` accept
+SLOTS: Final = Integer(0, MAX_SLOT)
+VERSIONS: Final = Integer(1, MAX_VERSION)
 
-_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: a label (alias, group, model type): a letter, then up to 63 of [A-Za-z0-9_.-]; and
+#: never ``..`` anywhere in it (:func:`check_label`)
+LABEL_PATTERN: Final = r"[A-Za-z][A-Za-z0-9_.-]{0,63}"
+_LABEL = re.compile(LABEL_PATTERN)
 RESERVED_ALIASES = frozenset({"latest", "current"})
 
 
@@ -120,8 +139,8 @@ def check_slot(slot: object) -> int:
     if isinstance(slot, bool) or not isinstance(slot, int | np.integer):
         raise InvalidInputError(f"slot must be an integer, got {type(slot).__name__} {slot!r:.40}")
     value = int(slot)
-    if not 0 <= value <= MAX_SLOT:
-        raise InvalidInputError(f"slot must be between 0 and {MAX_SLOT}, got {value}")
+    if not SLOTS.low <= value <= SLOTS.high:
+        raise InvalidInputError(f"slot must be between {SLOTS.low} and {SLOTS.high}, got {value}")
     return value
 
 
@@ -132,8 +151,10 @@ def check_version(version: object) -> int:
             f"version must be an integer, got {type(version).__name__} {version!r:.40}"
         )
     value = int(version)
-    if not 1 <= value <= MAX_VERSION:
-        raise InvalidInputError(f"version must be between 1 and {MAX_VERSION}, got {value}")
+    if not VERSIONS.low <= value <= VERSIONS.high:
+        raise InvalidInputError(
+            f"version must be between {VERSIONS.low} and {VERSIONS.high}, got {value}"
+        )
     return value
 
 

@@ -70,3 +70,38 @@ def test_a_node_config_value_is_refused_naming_its_key_and_value() -> None:
         node_boolean()("bias", 1)
     with pytest.raises(InvalidInputError, match=r"^must be an integer, got int64$"):
         integer(0, 9)(np.int64(3))  # the wire takes Python ints only, as msgpack gives
+
+
+def test_the_http_api_states_the_bounds_the_checks_declare() -> None:
+    """The API's pydantic bounds are read from ctxstore.checks declarations: what its schema
+    says a slot or a priority may be is what the store's checks accept, edge for edge."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ctxstore.checks import SLOTS, VERSIONS, Integer, check_slot, check_version
+    from ctxstore.daemon.http.fields import API_VERSIONS, SlotId, VersionNumber
+    from ctxstore.daemon.http.schemas import JobBody
+    from ctxstore.daemon.jobs.records import PRIORITIES, check_priority
+
+    assert isinstance(SLOTS, Integer) and (SLOTS.low, SLOTS.high) == (0, 2**31 - 1)
+    slot = TypeAdapter(SlotId)
+    assert slot.json_schema() == {"type": "integer", "minimum": SLOTS.low, "maximum": SLOTS.high}
+    for edge in (SLOTS.low, SLOTS.high):
+        assert slot.validate_python(edge) == check_slot(edge) == SLOTS(edge) == edge
+    for beyond in (SLOTS.low - 1, SLOTS.high + 1):
+        with pytest.raises(InvalidInputError):
+            check_slot(beyond)
+        with pytest.raises(ValidationError, match=r"(greater|less)_than_equal"):
+            slot.validate_python(beyond)
+    # an API version is a store version a JSON double holds exactly
+    assert VERSIONS.low == API_VERSIONS.low and API_VERSIONS.high < VERSIONS.high
+    version = TypeAdapter(VersionNumber)
+    assert check_version(API_VERSIONS.high) == version.validate_python(API_VERSIONS.high)
+    with pytest.raises(ValidationError, match="less_than_equal"):
+        version.validate_python(API_VERSIONS.high + 1)
+    priority = JobBody.model_json_schema()["properties"]["priority"]
+    assert (priority["minimum"], priority["maximum"]) == (PRIORITIES.low, PRIORITIES.high)
+    assert check_priority(PRIORITIES.high) == PRIORITIES.high
+    with pytest.raises(InvalidInputError, match="priority must be between"):
+        check_priority(PRIORITIES.high + 1)
+    with pytest.raises(ValidationError, match="less_than_equal"):
+        JobBody(slot=1, node_type="llm", priority=PRIORITIES.high + 1)

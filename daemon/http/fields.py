@@ -1,31 +1,43 @@
 """The typed pieces the admin API's bodies and parameters are made of, with their bounds.
 
-Identifiers carry the same bounds and patterns as ``ctxstore.validation``, so
-the schema tells clients what the store will accept; the store still checks
-everything itself. Either refusal is a 400 ``invalid_input`` whose message
-names the field (``invalid_input.invalid_request`` words pydantic's errors).
+The bounds and patterns are not declared here: each comes from a declaration
+of :mod:`ctxstore.checks` (an :class:`~ctxstore.checks.Integer`'s ``low`` and
+``high``, the label pattern, the reserved aliases), the one vocabulary the wire,
+the settings and the node configs check with, so the schema tells clients what
+the store will accept. The store still checks everything itself. Either refusal
+is a 400 ``invalid_input`` whose message names the field
+(``invalid_input.invalid_request`` words pydantic's errors).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Final
 
 from fastapi import Path, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticKnownError
 
-from ctxstore.validation import MAX_SLOT
+from ctxstore.checks import LABEL_PATTERN as LABEL
+from ctxstore.checks import RESERVED_ALIASES, SLOTS, Integer
 
-#: a label (group, alias, model type): a letter, then up to 63 of [A-Za-z0-9_.-], no ".."
-LABEL_PATTERN = r"^(?!.*\.\.)[A-Za-z][A-Za-z0-9_.-]{0,63}$"
-#: an alias a user may set: a label other than the reserved ``latest`` and ``current``
-ALIAS_PATTERN = r"^(?!(latest|current)$)(?!.*\.\.)[A-Za-z][A-Za-z0-9_.-]{0,63}$"
-#: a version reference: a number, ``latest``, ``current`` or an alias
-VERSION_REF_PATTERN = r"^([1-9][0-9]{0,14}|(?!.*\.\.)[A-Za-z][A-Za-z0-9_.-]{0,63})$"
 #: version numbers and ids the API takes: bounds a JSON double holds exactly, so that
 #: clients (and schema tools) that read numbers as doubles agree with the server
-MAX_API_VERSION = 10**15 - 1
-MAX_API_ID = 2**53 - 1
+API_VERSIONS: Final = Integer(1, 10**15 - 1)
+API_IDS: Final = Integer(1, 2**53 - 1)
+MAX_API_VERSION, MAX_API_ID = API_VERSIONS.high, API_IDS.high
+
+_NO_DOTS = r"(?!.*\.\.)"
+#: a label (group, alias, model type), as ctxstore.checks.check_label takes it
+LABEL_PATTERN = rf"^{_NO_DOTS}{LABEL}$"
+#: an alias a user may set: a label other than the reserved ones (``latest``, ``current``)
+ALIAS_PATTERN = rf"^(?!({'|'.join(sorted(RESERVED_ALIASES))})$){_NO_DOTS}{LABEL}$"
+#: a version reference: a number the API takes, ``latest``, ``current`` or an alias
+VERSION_REF_PATTERN = rf"^([1-9][0-9]{{0,{len(str(API_VERSIONS.high)) - 1}}}|{_NO_DOTS}{LABEL})$"
+
+
+def bounds(check: Integer) -> dict[str, Any]:
+    """pydantic's ``ge`` and ``le`` (a field's, a path's or a query's) for ``check``."""
+    return {"ge": check.low, "le": check.high}
 
 
 def _json_integer(value: object) -> object:
@@ -36,14 +48,18 @@ def _json_integer(value: object) -> object:
 
 
 JSON_INT = BeforeValidator(_json_integer)
-SlotId = Annotated[int, Field(ge=0, le=MAX_SLOT), JSON_INT]
-VersionNumber = Annotated[int, Field(ge=1, le=MAX_API_VERSION), JSON_INT]
+SlotId = Annotated[int, Field(**bounds(SLOTS)), JSON_INT]
+VersionNumber = Annotated[int, Field(**bounds(API_VERSIONS)), JSON_INT]
 # Names are checked by ctxstore.validation (a 400 with its message); the patterns only
 # document them in the schema (pydantic's regex engine has no look-ahead).
 Label = Annotated[str, Field(json_schema_extra={"pattern": LABEL_PATTERN})]
 VersionName = Annotated[str, Field(json_schema_extra={"pattern": VERSION_REF_PATTERN})]
 
-SlotPath = Annotated[int, Path(ge=0, le=MAX_SLOT, description="slot id, 0 to 2**31-1")]
+SlotPath = Annotated[
+    int, Path(**bounds(SLOTS), description=f"slot id, {SLOTS.low} to {SLOTS.high}")
+]
+#: a slot in a query (a page's offset, an event stream's filter)
+SlotQuery = Annotated[int, Query(**bounds(SLOTS))]
 VersionPath = Annotated[
     str,
     Path(

@@ -17,8 +17,9 @@ from ctxstore.hierarchy import HierarchyStats, NodeInfo
 from ctxstore.records import ContextMetadata, Problem, SlotInfo, TensorInfo, VersionInfo
 from ctxstore.validation import thaw_json
 
+from ..jobs.records import PRIORITIES
 from .derive import model_of, record_fields
-from .fields import JSON_INT, Body, Label, SlotId, VersionName, VersionNumber
+from .fields import JSON_INT, Body, Label, SlotId, VersionName, VersionNumber, bounds
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class JobBody(Body):
     slot: SlotId
     node_type: Label
     config: dict[str, Any] = Field(default_factory=dict)
-    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1), JSON_INT] = 0
+    priority: Annotated[int, Field(**bounds(PRIORITIES)), JSON_INT] = 0
 
 
 class JobOut(BaseModel):

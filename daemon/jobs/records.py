@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, TypeGuard, get_args
+from typing import Any, Final, Literal, TypeGuard, get_args
 
+from ctxstore.checks import Integer
 from ctxstore.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from ctxstore.validation import thaw_json
 
@@ -26,9 +27,13 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     PermissionDeniedError,
 )
 
-MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+#: a job's priority, and how many jobs one listing gives: ctxstore.checks declarations,
+#: whose bounds the HTTP API's schema states too
+PRIORITIES: Final = Integer(-(2**31), 2**31 - 1)
+LISTING: Final = Integer(1, 10_000)
+MIN_PRIORITY, MAX_PRIORITY = PRIORITIES.low, PRIORITIES.high
 MAX_JOB_ID = 2**63 - 1
-MAX_LIST = 10_000
+MAX_LIST = LISTING.high
 MAX_ERROR_CHARS = 2_000
 #: progress is written when it moved by this much, or after PROGRESS_INTERVAL seconds
 PROGRESS_STEP = 0.05

@@ -22,15 +22,16 @@ from ctxstore.errors import ConflictError, DaemonUnavailableError, NotFoundError
 from ctxstore.nodes import FileNode, get_node_type
 
 from ...import_roots import check_import_path
+from ...jobs.records import LISTING
 from ..context import ApiContext, Ctx
 from ..errors import COMMON_ERRORS, GuardedRoute, errors
-from ..fields import MAX_API_ID
+from ..fields import API_IDS, bounds
 from ..guard import authorized
 from ..schemas import JobBody, JobOut, JobsOut
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "jobs"
-JobId = Annotated[int, Path(ge=1, le=MAX_API_ID, description="job id")]
+JobId = Annotated[int, Path(**bounds(API_IDS), description="job id")]
 JobStateName = Literal["pending", "processing", "done", "failed", "cancelled"]
 
 
@@ -80,7 +81,7 @@ def list_jobs(
     request: Request,
     ctx: Ctx,
     state: JobStateName | None = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    limit: Annotated[int, Query(**bounds(LISTING))] = 100,
 ) -> JobsOut:
     jobs = _queue(ctx).list(state=state, limit=limit)
     reveal = authorized(request, ctx)

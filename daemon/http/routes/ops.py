@@ -11,11 +11,10 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ctxstore.validation import MAX_SLOT
-
 from ...status_rows import reader_rows
 from ..context import ApiContext, Ctx
 from ..errors import COMMON_ERRORS, GuardedRoute
+from ..fields import SlotQuery
 from ..schemas import HealthOut, ReadersOut, ReadyOut
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
@@ -111,7 +110,7 @@ async def metrics(ctx: Ctx) -> Response:
 async def events(
     ctx: Ctx,
     slot: Annotated[
-        list[Annotated[int, Query(ge=0, le=MAX_SLOT)]] | None,
+        list[SlotQuery] | None,
         Query(max_length=MAX_EVENT_SLOTS, description="only these slots (repeat the parameter)"),
     ] = None,
 ) -> StreamingResponse:

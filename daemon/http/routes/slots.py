@@ -15,12 +15,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from pydantic import BaseModel
 
+from ctxstore.checks import Integer
 from ctxstore.errors import NotFoundError
-from ctxstore.validation import MAX_SLOT
 
 from ..context import Ctx
 from ..errors import COMMON_ERRORS, GuardedRoute, errors
-from ..fields import AliasPath, LabelQuery, SlotPath, VersionPath
+from ..fields import AliasPath, LabelQuery, SlotPath, SlotQuery, VersionPath, bounds
 from ..schemas import (
     AliasBody,
     AliasOut,
@@ -40,7 +40,8 @@ from ..schemas import (
 
 router = APIRouter(route_class=GuardedRoute, responses=COMMON_ERRORS)
 TAG = "slots"
-MAX_PAGE = 10_000
+#: how many slots one page of GET /slots lists
+PAGE = Integer(1, 10_000)
 
 
 @router.get("/slots", tags=[TAG], response_model=SlotsOut, summary="List slots, filtered")
@@ -48,8 +49,8 @@ def list_slots(
     ctx: Ctx,
     model_type: LabelQuery = None,
     group: LabelQuery = None,
-    offset: Annotated[int, Query(ge=0, le=MAX_SLOT)] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
+    offset: SlotQuery = 0,
+    limit: Annotated[int, Query(**bounds(PAGE))] = 1000,
 ) -> SlotsOut:
     slots = ctx.view.list_slots(model_type=model_type, group=group)
     page = slots[offset : offset + limit]
