@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.commit_order import Recorder, record_commit_calls
 from support.peers import close_open_peers
 
 from ctxstore.store import PersistentStore
@@ -79,3 +80,9 @@ def store(store_dir: Path) -> Iterator[PersistentStore]:
     with PersistentStore(store_dir) as s:
         yield s
         assert s.verify() == [], "store left inconsistent by the test"
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """Every fsync, rename and link the test makes, in order (tests/support/commit_order.py)."""
+    return record_commit_calls(monkeypatch)

@@ -10,19 +10,16 @@ operation); ``pytest --long`` runs many more.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from support.inprocess import TOKEN, FakeQueue
+from support.inprocess import TOKEN, BackgroundDaemon, FakeQueue
 
 from ctxstore import Context
 from ctxstore.daemon.config import DaemonConfig
@@ -30,33 +27,6 @@ from ctxstore.daemon.server import Daemon
 
 MAX_EXAMPLES = 20
 LONG_EXAMPLES = 300
-T = TypeVar("T")
-
-
-class BackgroundDaemon:
-    """A Daemon on its own loop in a thread, as the real process runs it."""
-
-    def __init__(self, config: DaemonConfig) -> None:
-        self.daemon = Daemon(config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="daemon", daemon=True)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
-
-    def start(self) -> None:
-        self.thread.start()
-        self.call(self.daemon.start())
-
-    def stop(self) -> None:
-        try:
-            self.call(self.daemon.stop("test over"))
-            self.call(self.loop.shutdown_default_executor())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            self.loop.close()
 
 
 async def _seed(daemon: Daemon) -> None:

@@ -7,14 +7,12 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support.daemon import DaemonProcess, start_daemon, wait_for_socket
+from support.daemon import DaemonProcess, failed_start, start_daemon, wait_for_socket
 from support.notify import NotifySink
 
 from ctxstore import Context, InvalidInputError
@@ -541,13 +539,8 @@ def test_json_formatter_without_exception_has_exactly_the_documented_keys() -> N
 
 def test_the_daemon_exits_1_with_one_line_on_a_bad_config_file(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.toml", 'http = "off"\n[jobs]\nmax_attempts = 0\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "ctxstore.cli", "daemon", "--config", str(bad),
-         "--store", str(tmp_path / "store"), "--socket", str(tmp_path / "ctx.sock")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
+    lines = failed_start(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", "--config", str(bad))
+    assert lines == [
         f"ctxstore daemon: error: config file {bad}: jobs.max_attempts = 0: "
         "must be between 1 and 1000"
     ]
@@ -558,13 +551,8 @@ def test_the_daemon_refuses_to_start_with_a_readable_token_file(
     tmp_path: Path, token_file: Path
 ) -> None:
     token_file.chmod(0o644)
-    result = subprocess.run(
-        [sys.executable, "-m", "ctxstore.cli", "daemon", "--http", "off", "--token-file",
-         str(token_file), "--store", str(tmp_path / "store"), "--socket", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 1
-    [line] = result.stderr.splitlines()
+    [line] = failed_start(tmp_path, tmp_path / "store", tmp_path / "s",
+                          "--token-file", str(token_file))  # fmt: skip
     assert line.endswith(f"cannot start: token_file {token_file}: mode 0644 lets group or "
                          f"others use it; run: chmod 600 {token_file}")  # fmt: skip
 

@@ -10,8 +10,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,6 +26,7 @@ from support.daemon import (
     start_daemon,
     wait_for_socket,
 )
+from support.inprocess import running
 from support.notify import NotifySink
 from support.peers import RawPeer
 from support.procs import free_port
@@ -316,20 +315,17 @@ def test_an_orderly_stop_spares_the_interpreter_exit_its_garbage_collection(
         "from ctxstore.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "daemon", "--store", str(tmp_path / "store"),
-         "--socket", str(sock), "--http", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    daemon = start_daemon(tmp_path, tmp_path / "store", sock, None, "--http", "127.0.0.1:0",
+                          launcher=("-c", script))  # fmt: skip
     try:
-        wait_for_socket(sock, proc)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
+        wait_for_socket(sock, daemon.proc)
+        code = daemon.stop(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    assert proc.returncode == 0, output[-2000:]
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+    output = daemon.log_text()
+    assert code == 0, output[-2000:]
     assert "ctxstore daemon stopped: daemon shutting down" in output
     frozen = [line for line in output.splitlines() if line.startswith("frozen at exit:")]
     assert frozen and int(frozen[0].split(":")[1]) > 1000, output[-2000:]
@@ -464,10 +460,8 @@ def test_systemd_directories_are_used_and_sighup_keeps_peers(tmp_path: Path) -> 
         "XDG_RUNTIME_DIR": str(elsewhere["xdg-runtime"]),
     }
     sink = NotifySink()
-    env["NOTIFY_SOCKET"] = str(sink.address)
-    proc = subprocess.Popen([sys.executable, "-m", "ctxstore.cli", "daemon", "--http", "off"],
-                            env=env, cwd=elsewhere["cwd"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = start_daemon(tmp_path, state, runtime / "ctxstore.sock", sink, env=env,
+                        cwd=elsewhere["cwd"], locate=False).proc  # fmt: skip
     try:
         sink.wait_for("READY", timeout=30)
         sock = runtime / "ctxstore.sock"
@@ -499,12 +493,8 @@ def test_daemon_pings_the_watchdog_when_systemd_asks(tmp_path: Path) -> None:
     """WATCHDOG_USEC set: the daemon keeps pinging. Its cadence (half the period) is proven
     without a clock in test_notify.py; here only that pings keep coming from the real one."""
     sink = NotifySink()
-    env = dict(os.environ, NOTIFY_SOCKET=str(sink.address), WATCHDOG_USEC="1000000")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"),
-         "--socket", str(tmp_path / "ctx.sock"), "--http", "off"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_daemon(tmp_path, tmp_path / "store", tmp_path / "ctx.sock", sink,
+                        env=dict(os.environ, WATCHDOG_USEC="1000000")).proc  # fmt: skip
     try:
         sink.wait_for("READY", timeout=30)
         for _ in range(6):
@@ -533,13 +523,8 @@ def test_ready_is_sent_only_once_the_socket_accepts(tmp_path: Path) -> None:
             return super().ready(status)
 
     async def main() -> None:
-        config = DaemonConfig(store=tmp_path / "store", socket=sock, http="off")
-        daemon = Daemon(config, notifier=ProbingNotifier(environ={}))
-        await daemon.start()
-        try:
+        async with running(tmp_path, http="off", notifier=ProbingNotifier(environ={})):
             assert seen == ["accepting"]
-        finally:
-            await daemon.stop("test over")
 
     asyncio.run(main())
 
@@ -572,13 +557,9 @@ def test_status_and_metrics_work_with_only_our_own_proc_entries(tmp_path: Path) 
         'test ! -e /proc/stat && exec "$@"'
     )
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m",
-             "ctxstore.cli", "daemon", "--store", str(tmp_path / "store"), "--socket", str(sock),
-             "--http", f"127.0.0.1:{port}"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    unshared = ("unshare", "--mount", "sh", "-c", script, "sh")
+    proc = start_daemon(tmp_path, tmp_path / "store", sock, None, "--http", f"127.0.0.1:{port}",
+                        log=log, wrapper=unshared).proc  # fmt: skip
     try:
         wait_for_socket(sock, proc)
         assert publish(1, Context({"w": np.zeros(2)}), socket=sock) == 1

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_checkpoint_dirs import SHARDS, tensors, write_checkpoint
-from test_commit_order import Recorder, check_commit_order, recorder  # noqa: F401 (a fixture)
+from support.checkpoints import SHARDS, tensors, write_checkpoint
+from support.commit_order import Recorder, check_commit_order
 
 import ctxstore.store.staging as store_module
 from ctxstore import PersistentStore
@@ -62,7 +62,7 @@ def test_an_import_reads_each_tensor_byte_once_into_one_reused_buffer(
 def test_an_imports_files_are_fsynced_as_they_are_written_and_before_the_rename(
     store: PersistentStore,
     tmp_path: Path,
-    recorder: Recorder,  # noqa: F811 (the fixture from test_commit_order)
+    recorder: Recorder,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The fsync of the first tensor's staged file starts before the last tensor is

@@ -50,6 +50,9 @@ def start_daemon(
     launcher: tuple[str, ...] = CLI,
     env: dict[str, str] | None = None,
     log: Path | None = None,
+    locate: bool = True,
+    cwd: Path | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> DaemonProcess:
     """``ctxstore daemon --store STORE --socket SOCK EXTRA...`` as a process that dies with
     pytest, its output in ``log`` (appended to; default: a new file in ``tmp``).
@@ -57,21 +60,27 @@ def start_daemon(
     ``--http off`` unless ``extra`` names an address (test daemons never fight over the
     default port). ``sink``: the NOTIFY_SOCKET it reports to. ``launcher``: the Python
     arguments that run the CLI (a ``-c`` script that sets a resource limit first, say).
-    ``env``: the environment (default: this one). Does not wait: see ``wait_for_socket``
-    and ``running_daemon``.
+    ``env``: the environment (default: this one). ``locate=False``: no ``--store`` or
+    ``--socket``, the daemon finds its places itself (``store`` and ``sock`` say where
+    it will). ``cwd``: its working directory. ``wrapper``: a command the daemon runs
+    under (``unshare ... sh -c SCRIPT sh``, which ends by exec'ing its arguments).
+    Does not wait: see ``wait_for_socket`` and ``running_daemon``.
     """
     env = dict(os.environ if env is None else env)
     if sink is not None:
         env["NOTIFY_SOCKET"] = str(sink.address)
     if not any(arg.startswith("--http") for arg in extra):
         extra = (*extra, "--http", "off")
+    if locate:
+        extra = ("--store", str(store), "--socket", str(sock), *extra)
+    if wrapper:  # dies_with_pytest execs its first argument by path
+        wrapper = (shutil.which(wrapper[0]) or wrapper[0], *wrapper[1:])
     if log is None:
         log = tmp / f"daemon-{time.monotonic_ns()}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            dies_with_pytest([sys.executable, *launcher, "daemon", "--store", str(store),
-                              "--socket", str(sock), *extra]),
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            dies_with_pytest([*wrapper, sys.executable, *launcher, "daemon", *extra]),
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
         )  # fmt: skip
     return DaemonProcess(proc, store, sock, log)
 

@@ -5,35 +5,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 from ctxstore import Context
 from ctxstore.daemon.config import DaemonConfig
+from ctxstore.daemon.notify import Notifier
 from ctxstore.daemon.server import Daemon
 from ctxstore.errors import ConflictError, NotFoundError
 
 TOKEN = "s3cret-token-0123456789abcdef"
+T = TypeVar("T")
 
 
 Scenario = Callable[[Daemon, httpx.AsyncClient], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Daemon]:
+async def running(
+    tmp_path: Path, *, notifier: Notifier | None = None, **settings: Any
+) -> AsyncIterator[Daemon]:
+    """A Daemon with ``settings`` (HTTP on an ephemeral port unless told) on a store in
+    ``tmp_path``, started in this loop and stopped when the block ends."""
     settings.setdefault("http", "127.0.0.1:0")
     config = DaemonConfig(store=tmp_path / "store", socket=tmp_path / "ctx.sock", **settings)
-    daemon = Daemon(config)
+    daemon = Daemon(config, notifier=notifier)
     try:
         await daemon.start()
         yield daemon
     finally:
         await daemon.stop("test over")
+
+
+class BackgroundDaemon:
+    """A Daemon on its own loop in a thread, as the real process runs it: for tests that
+    reach it from outside (a real HTTP client, schemathesis) while they block."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.daemon = Daemon(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="daemon", daemon=True)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.call(self.daemon.start())
+
+    def stop(self) -> None:
+        try:
+            self.call(self.daemon.stop("test over"))
+            self.call(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
 
 
 def client(daemon: Daemon, **headers: str) -> httpx.AsyncClient:
