@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.daemon import DaemonProcess, start_daemon, wait_for_socket
+from support.daemon import DaemonProcess, start_daemon, stop_and_clean, wait_for_socket
 from support.peers import RawPeer
 from support.procs import dies_with_pytest
 
 from ctxstore import Context
 from ctxstore.client import DaemonClient, publish
 from ctxstore.store import PersistentStore
-from ctxstore.versiontable import segment_name
 
 SLOT = 7
 N_TENSORS = 4
@@ -117,12 +116,7 @@ def fleet_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         wait_for_socket(proc.socket, proc.proc)
         yield proc
     finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
+        stop_and_clean(proc, kill=True)
 
 
 def test_eight_readers_follow_200_versions_whole_and_in_order(fleet_daemon: DaemonProcess) -> None:

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
-from support.daemon import CLI, DaemonProcess, start_daemon, wait_for_socket
+from support.daemon import CLI, DaemonProcess, start_daemon, stop_and_clean, wait_for_socket
 from support.peers import RawPeer
 from support.procs import as_uid, free_port
 
@@ -45,12 +45,7 @@ def live(tmp_path: Path) -> Iterator[DaemonProcess]:
         wait_for_socket(daemon.socket, daemon.proc)
         yield daemon
     finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(daemon.store))
-        if shm.exists():
-            shm.unlink()
+        stop_and_clean(daemon, kill=True)
 
 
 def _valid_stream(rng: random.Random) -> bytes:
@@ -180,17 +175,8 @@ def limited_daemon(tmp_path: Path, **limits: object) -> Iterator[DaemonProcess]:
         wait_for_socket(daemon.socket, daemon.proc)
         yield daemon
     finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.terminate()
-            try:
-                daemon.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.proc.kill()
-                daemon.proc.wait(10)
+        stop_and_clean(daemon)
         shutil.rmtree(run, ignore_errors=True)
-        shm = Path("/dev/shm" + segment_name(daemon.store))
-        if shm.exists():
-            shm.unlink()
 
 
 def _hello_frame(name: str = "hostile") -> bytes:

@@ -100,6 +100,24 @@ def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise AssertionError(f"daemon socket {sock} never accepted a connection")
 
 
+def stop_and_clean(daemon: DaemonProcess, *, kill: bool = False) -> None:
+    """Stop ``daemon`` if it still runs (SIGTERM, then SIGKILL after 10 s; ``kill``: SIGKILL
+    at once) and remove the version-table segment it leaves behind."""
+    if daemon.proc.poll() is None:
+        if kill:
+            daemon.proc.kill()
+        else:
+            daemon.proc.terminate()
+        try:
+            daemon.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+    shm = Path("/dev/shm" + segment_name(daemon.store))
+    if shm.exists():
+        shm.unlink()
+
+
 @contextlib.contextmanager
 def running_daemon(tmp_path: Path, *extra: str) -> Iterator[DaemonProcess]:
     """A daemon on a store in ``tmp_path``, stopped (SIGTERM, then SIGKILL) and its
@@ -109,16 +127,7 @@ def running_daemon(tmp_path: Path, *extra: str) -> Iterator[DaemonProcess]:
         wait_for_socket(proc.socket, proc.proc)
         yield proc
     finally:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(proc.store))
-        if shm.exists():
-            shm.unlink()
+        stop_and_clean(proc)
 
 
 def failed_start(tmp_path: Path, store: Path, sock: Path, *extra: str) -> list[str]:
@@ -164,9 +173,4 @@ def guarded_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         yield daemon
     finally:
         shutil.rmtree(run, ignore_errors=True)
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
-        shm = Path("/dev/shm" + segment_name(daemon.store))
-        if shm.exists():
-            shm.unlink()
+        stop_and_clean(daemon, kill=True)
