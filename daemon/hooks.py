@@ -54,35 +54,43 @@ BEST_ALIAS = "best"
 PreCommitHook = Callable[[int, Context], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class CommitEvent:
     """What a post-commit hook is told: the version just committed, and the store it is in.
 
     ``store`` is a read-only view (:class:`StoreView`): a hook reads through it and
-    cannot even name a write on it. Made with the writer, the event keeps the writer
-    to itself and hands the hook the writer's view (``PersistentStore.view``); the
-    hook's one write, moving an alias of this slot, goes through :meth:`set_alias`.
+    cannot even name a write on it. Made with the writer (as the daemon makes it), the
+    event keeps the writer to itself and shows the hook the writer's view
+    (``PersistentStore.view``, opened when first asked for); the hook's one write,
+    moving an alias of this slot, goes through :meth:`set_alias`.
     """
 
     slot: int
     version: int
     context: Context
     model_type: str | None
-    store: StoreView
-    _writer: PersistentStore | None = field(default=None, init=False, repr=False, compare=False)
+    _store: StoreView = field(repr=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.store, PersistentStore):
-            object.__setattr__(self, "_writer", self.store)
-            object.__setattr__(self, "store", self.store.view)
+    def __init__(
+        self, slot: int, version: int, context: Context, model_type: str | None, store: StoreView
+    ) -> None:
+        for name, value in (("slot", slot), ("version", version), ("context", context),
+                            ("model_type", model_type), ("_store", store)):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    @property
+    def store(self) -> StoreView:
+        """The store, read-only: never the writer itself."""
+        store = self._store
+        return store.view if isinstance(store, PersistentStore) else store
 
     def set_alias(self, name: str, version: int | None = None) -> int:
         """Point alias ``name`` of this slot at ``version`` (default: this event's version);
         returns the version number. ReadOnlyError when the event was made with a view."""
-        if self._writer is None:
-            raise ReadOnlyError(f"store {self.store.root} is open read-only")
+        if not isinstance(self._store, PersistentStore):
+            raise ReadOnlyError(f"store {self._store.root} is open read-only")
         target = self.version if version is None else version
-        return self._writer.set_alias(self.slot, name, target)
+        return self._store.set_alias(self.slot, name, target)
 
 
 PostCommitHook = Callable[[CommitEvent], Mapping[str, int] | None]
