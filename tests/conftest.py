@@ -24,8 +24,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-#: the ``--basetemp`` this run chose for itself (None: the command line gave one)
+#: the ``--basetemp`` this run chose for itself (none: the command line gave one)
 _OWN_BASETEMP: list[Path] = []
+#: how many failed runs' roots are kept, newest first, as pytest keeps its last three
+KEPT_RUNS = 3
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -35,20 +37,30 @@ def pytest_configure(config: pytest.Config) -> None:
     pytest's default root, ``/tmp/pytest-of-USER``, is shared by every run of that
     user: runs at the same time (several checkouts on one machine) number their
     directories in it and prune each other's. This run's root is removed when every
-    test passed and kept (its path printed) when one failed, as pytest keeps its own.
+    test passed and kept (its path printed) when one failed; of the kept roots of runs
+    that have ended, the newest ``KEPT_RUNS`` stay, as pytest keeps its own.
     """
     if config.option.basetemp is not None:
         return
     parent = Path(tempfile.gettempdir()) / f"ctxstore-pytest-{os.getuid()}"
     parent.mkdir(mode=0o700, exist_ok=True)
+    ended = [run for run in parent.glob("run-*") if not _still_running(run)]
+    for run in sorted(ended, key=lambda p: p.stat().st_mtime, reverse=True)[KEPT_RUNS:]:
+        shutil.rmtree(run, ignore_errors=True)
     own = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=parent))
     config.option.basetemp = str(own)
     _OWN_BASETEMP.append(own)
 
 
+def _still_running(run: Path) -> bool:
+    """Whether the pytest that made ``run`` (``run-PID-...``) is alive."""
+    pid = run.name.split("-")[1]
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for own in _OWN_BASETEMP:
-        if exitstatus == 0:
+        if exitstatus == 0 or not any(own.iterdir()):
             shutil.rmtree(own, ignore_errors=True)
         elif (reporter := session.config.pluginmanager.get_plugin("terminalreporter")) is not None:
             reporter.write_line(f"temporary files kept in {own}")
