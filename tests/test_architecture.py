@@ -78,12 +78,6 @@ def test_import_contracts_hold() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-#: test modules that still start a daemon process by hand, each to move to the launcher (the
-#: module is being changed elsewhere at the time of writing); the test fails once one no
-#: longer does, so the list only shrinks
-LAUNCHING_BY_HAND = {"test_scale_out.py"}
-
-
 def test_no_test_module_imports_another_or_starts_a_daemon_its_own_way() -> None:
     """What test modules share lives in tests/support; a daemon process is started by its
     one launcher (support.daemon.start_daemon, which makes it die with pytest)."""
@@ -99,7 +93,7 @@ def test_no_test_module_imports_another_or_starts_a_daemon_its_own_way() -> None
             elif isinstance(node, ast.List) and _runs_the_daemon(node):
                 launching.add(path.name)
     assert importing == []
-    assert launching == LAUNCHING_BY_HAND
+    assert launching == set()
 
 
 def _runs_the_daemon(argv: ast.List) -> bool:

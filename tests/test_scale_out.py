@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support.daemon import DaemonProcess, wait_for_socket
+from support.daemon import DaemonProcess, start_daemon, stop_and_clean, wait_for_socket
 from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
@@ -31,7 +31,6 @@ from ctxstore.origin.s3 import OriginClient
 from ctxstore.origin.state import state_summary
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore
-from ctxstore.versiontable import segment_name
 
 pytest.importorskip("boto3")
 pytest.importorskip("nats")
@@ -88,30 +87,9 @@ def wait_until(what: str, check: Callable[[], bool], *, timeout: float = WAIT) -
 
 def launch(root: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
     """A daemon on ``root``/store, started (not waited for), with extra variables."""
-    root.mkdir(exist_ok=True)
-    (root / "run").mkdir(exist_ok=True)
-    log = root / f"daemon-{time.monotonic_ns()}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            dies_with_pytest([sys.executable, "-m", "ctxstore.cli", "daemon", "--store",
-                              str(root / "store"), "--socket", str(root / "run" / "ctx.sock"),
-                              "--http", "off", *extra]),
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-    return DaemonProcess(proc, root / "store", root / "run" / "ctx.sock", log)
-
-
-def stop(proc: DaemonProcess) -> None:
-    if proc.proc.poll() is None:
-        proc.proc.terminate()
-        try:
-            proc.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.proc.kill()
-            proc.proc.wait(10)
-    shm = Path("/dev/shm" + segment_name(proc.store))
-    if shm.exists():
-        shm.unlink()
+    (root / "run").mkdir(parents=True, exist_ok=True)
+    return start_daemon(root, root / "store", root / "run" / "ctx.sock", None, *extra,
+                        env={**os.environ, **(env or {})})  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -123,7 +101,7 @@ def daemons(*procs: DaemonProcess) -> Iterator[tuple[DaemonProcess, ...]]:
         yield procs
     finally:
         for proc in procs:
-            stop(proc)
+            stop_and_clean(proc)
 
 
 def context(step: int, changed: int = 0, n: int = 10, size: int = 64 << 10) -> Context:
@@ -313,7 +291,7 @@ def test_a_follower_killed_mid_download_leaves_no_partial_version(
         try:
             assert follower.proc.wait(WAIT) == -signal.SIGKILL
         finally:
-            stop(follower)
+            stop_and_clean(follower)
         with PersistentStore(follower.store, readonly=True) as store:
             assert store.current_version(2) is None
             assert store.list_slots() == []
@@ -538,7 +516,7 @@ def test_origin_down_reads_go_on_and_publishes_reach_it_when_it_returns(
             with Reader(f1.store, f1.socket) as reader:
                 assert reader.get(8).version == v1 and stamp_of(reader.get(8)) == 1
             assert (tmp_path / "writer" / "store" / "origin" / "outbox" / "8").exists()
-            stop(writer)
+            stop_and_clean(writer)
         with daemons(
             launch(tmp_path / "writer", "--origin", origin, env=env),
             launch(tmp_path / "f1", "--follow", origin, env=env),
@@ -654,7 +632,7 @@ def test_sigkill_mid_multipart_upload_and_mid_download_leave_no_partial_version(
         try:
             assert f1.proc.wait(WAIT) == -signal.SIGKILL
         finally:
-            stop(f1)
+            stop_and_clean(f1)
         assert _head(client, 9) == v1
         with PersistentStore(f1.store, readonly=True) as store:
             assert store.list_slots() == []
