@@ -91,6 +91,7 @@ class Cluster:
             Origin.parse(url),
             part_size=config.origin_part_size,
             concurrency=config.origin_concurrency,
+            objects_at_once=config.origin_upload_concurrency if config.origin else 1,
         )
         feed = None
         if config.feed:
@@ -101,7 +102,9 @@ class Cluster:
             from ctxstore.origin.outbox import Outbox
             from ctxstore.origin.uploader import Uploader
 
-            self.uploader = Uploader(store, client, Outbox(state_dir(config) / "outbox"), feed)
+            outbox = Outbox(state_dir(config) / "outbox")
+            width = config.origin_upload_concurrency
+            self.uploader = Uploader(store, client, outbox, feed, upload_concurrency=width)
             log.info("writer for origin %s (%s), feed %s", url, client.endpoint, config.feed)
             await self.uploader.run()
         else:

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,11 +25,14 @@ from support.procs import dies_with_pytest, free_port
 
 from ctxstore import Context, RemoteError
 from ctxstore.client import publish
+from ctxstore.errors import StorageError
 from ctxstore.origin.follower import Follower
 from ctxstore.origin.layout import Head, Manifest, Origin
+from ctxstore.origin.outbox import Outbox
 from ctxstore.origin.polling import PollPolicy
 from ctxstore.origin.s3 import OriginClient
 from ctxstore.origin.state import state_summary
+from ctxstore.origin.uploader import Uploader
 from ctxstore.readers import Reader
 from ctxstore.store import PersistentStore
 
@@ -759,3 +763,66 @@ def test_a_feed_hint_is_acted_on_after_the_pull_jitter(tmp_path: Path) -> None:
     assert len(later) == 1 and 0.0 <= later[0] <= 30.0 and queued == [5]
     later, queued = asyncio.run(scenario(0.0))
     assert later == [] and queued == [5]
+
+
+def test_a_version_s_objects_go_up_at_once_and_one_failing_shows_nothing(
+    s3: SeaweedServer, tmp_path: Path
+) -> None:
+    """The objects a version lacks at the origin go up ``upload_concurrency`` at once (the
+    first three uploads meet at a barrier: one at a time, they never would); one refused
+    leaves no manifest and no head, and the retry sends only what did not arrive."""
+    width = 3
+    client = OriginClient(Origin.parse(new_origin()))
+    client.ensure_bucket()
+    real_upload = client.upload_file
+    together = threading.Barrier(width, timeout=20)
+    lock = threading.Lock()
+    calls: list[str] = []
+    ended: list[str] = []
+    sent: list[str] = []
+    refused: set[str] = set()
+
+    def upload_file(path: str, key: str, size: int | None = None) -> None:
+        with lock:
+            calls.append(key)
+            first = len(calls) <= width
+        try:
+            if first:
+                together.wait()  # BrokenBarrierError unless `width` are in flight at once
+            if key in refused:
+                raise StorageError(f"origin refused {key}")
+            real_upload(path, key, size)
+            with lock:
+                sent.append(key)
+        finally:
+            with lock:
+                ended.append(key)
+
+    client.upload_file = upload_file  # type: ignore[method-assign]
+    weights = {f"t{i}": np.full(16 << 10, i, dtype=np.float32) for i in range(6)}
+    with PersistentStore(tmp_path / "store") as store:
+        version = store.save_context(1, Context(weights, {}, {}), files={"extra.txt": b"x"})
+        uploader = Uploader(store, client, Outbox(tmp_path / "outbox"), upload_concurrency=width)
+        manifest = uploader.manifest_of(1, version)
+        objects = {client.origin.object_key(t.checksum) for t in manifest.tensors}
+        refused.add(client.origin.object_key(manifest.tensors[1].checksum))
+        manifest_key = client.origin.manifest_key(1, version)
+        extra_key = client.origin.object_key(manifest.files[0].checksum)
+
+        with pytest.raises(StorageError, match="origin refused"):
+            uploader.sync_slot(1)
+        assert uploader.stats.most_in_flight == width
+        assert not client.exists(manifest_key)
+        assert client.get(client.origin.head_key(1)) is None
+        assert refused.isdisjoint(sent) and not any(client.exists(key) for key in refused)
+        assert len(sent) == len(set(sent)) and all(client.exists(key) for key in sent)
+        assert len(ended) == len(calls)  # no upload still in flight once it has failed
+        assert uploader.stats.objects_uploaded == len(sent) + client.exists(extra_key)
+
+        refused.clear()
+        head = uploader.sync_slot(1)
+        assert head is not None and head.current == version
+        assert client.exists(manifest_key)
+        assert sorted(sent) == sorted(objects)  # each tensor sent once over both passes
+        assert uploader.stats.objects_uploaded == len(objects) + 1  # and the extra file
+        assert uploader.stats.manifests_written == 1

@@ -168,6 +168,8 @@ KEYS: tuple[Key, ...] = (
          live=False),
     _key("origin_part_size", "cluster.part_size", _PART_SIZE, _env_int, live=False),
     _key("origin_concurrency", "cluster.concurrency", _int_in(1, 256), _env_int, live=False),
+    _key("origin_upload_concurrency", "cluster.upload_concurrency", _int_in(1, 64), _env_int,
+         live=False),
 )
 # fmt: on
 _BY_PATH = {key.path: key for key in KEYS}

@@ -153,6 +153,8 @@ class DaemonConfig:
     origin_part_size: int = 16 << 20
     #: parts in flight at once per transfer
     origin_concurrency: int = 8
+    #: objects of one version a writer uploads at once (each large one also in parts)
+    origin_upload_concurrency: int = 4
     #: how to read this configuration again on SIGHUP (None: it was built in code)
     loader: ConfigLoader | None = field(default=None, compare=False, repr=False)
     _token: str | None = field(default=None, init=False, compare=False, repr=False)

@@ -48,8 +48,11 @@ class OriginClient:
         *,
         part_size: int = DEFAULT_PART_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        objects_at_once: int = 1,
         timeout: float = 30.0,
     ) -> None:
+        """``concurrency``: parts in flight per object; ``objects_at_once``: objects a
+        caller moves at the same time (sizes the connection pool for all their parts)."""
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -63,7 +66,7 @@ class OriginClient:
             read_timeout=timeout,
             retries={"max_attempts": 3, "mode": "standard"},
             s3={"addressing_style": "path"},
-            max_pool_connections=max(10, concurrency * 2),
+            max_pool_connections=max(10, concurrency * max(2, objects_at_once)),
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

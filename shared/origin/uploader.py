@@ -1,12 +1,13 @@
 """The writer's side: after each local commit or pointer move, bring the origin up to date.
 
 For a slot in the outbox the uploader (1) uploads every tensor file and extra
-file of the versions the slot's pointers name that the origin lacks (objects are
-named by checksum: what any version already uploaded is not sent again), (2)
-creates each such version's manifest if absent, (3) moves the slot's head by
-compare-and-swap, (4) puts a hint on the feed, then (5) takes the slot out of the
-outbox. A crash anywhere repeats the steps from the start, and each is
-idempotent; no step makes anything visible that a step before it did not finish.
+file of the versions the slot's pointers name that the origin lacks, several at
+once (objects are named by checksum: what any version already uploaded is not
+sent again), (2) creates each such version's manifest if absent, once all its
+objects are there, (3) moves the slot's head by compare-and-swap, (4) puts a
+hint on the feed, then (5) takes the slot out of the outbox. A crash anywhere
+repeats the steps from the start, and each is idempotent; no step makes
+anything visible that a step before it did not finish.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 
-from ..errors import ConflictError, CtxStoreError, StorageError
+from ..errors import ConflictError, CtxStoreError, InvalidInputError, StorageError
 from ..faults import crash_point
 from ..store import PersistentStore
 from ..store import layout as store_layout
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 8
 _RETRY_MIN, _RETRY_MAX = 0.5, 30.0
+#: objects of one version uploaded at once (``cluster.upload_concurrency``)
+DEFAULT_UPLOAD_CONCURRENCY = 4
 
 
 @dataclass
@@ -37,6 +44,8 @@ class UploadStats:
     bytes_uploaded: int = 0
     manifests_written: int = 0
     heads_moved: int = 0
+    #: the most objects that were being uploaded at one time
+    most_in_flight: int = 0
     #: the last failure to bring the origin up to date (None once a pass succeeds)
     last_error: str | None = None
     #: slot -> (seq, version) of the last head this writer moved
@@ -44,7 +53,8 @@ class UploadStats:
 
 
 class Uploader:
-    """Runs in the writer daemon's event loop; the S3 calls run in worker threads."""
+    """Runs in the writer daemon's event loop; the S3 calls run in worker threads
+    (one per slot being synced, and a pool of ``upload_concurrency`` for its objects)."""
 
     def __init__(
         self,
@@ -52,12 +62,21 @@ class Uploader:
         client: OriginClient,
         outbox: Outbox,
         feed: Feed | None = None,
+        *,
+        upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
     ) -> None:
+        if upload_concurrency < 1:
+            raise InvalidInputError(f"upload_concurrency is {upload_concurrency}, not >= 1")
         self.store = store
         self.client = client
         self.outbox = outbox
         self.feed = feed
+        #: objects of one version in flight at once (each large one also in parts)
+        self.upload_concurrency = upload_concurrency
         self.stats = UploadStats()
+        #: guards the counters and the known objects, which the upload threads update
+        self._lock = threading.Lock()
+        self._in_flight = 0
         self._wake = asyncio.Event()
         #: slot -> changes noted so far: a slot leaves the outbox only if no change came
         #: in while it was being synced (else that change would be lost)
@@ -194,7 +213,13 @@ class Uploader:
 
     def upload_version(self, manifest: Manifest) -> None:
         """Objects first, then the manifest (create-only): a manifest names only
-        objects that are whole at the origin."""
+        objects that are whole at the origin.
+
+        The objects the origin lacks go up ``upload_concurrency`` at a time; the
+        manifest is written only once every one of them has arrived, and a failure
+        of any leaves it unwritten (the slot stays in the outbox for the next pass;
+        the objects that did arrive are content-addressed, harmless, and not sent
+        again)."""
         origin = self.client.origin
         which = (manifest.slot, manifest.version)
         manifest_key = origin.manifest_key(*which)
@@ -204,32 +229,71 @@ class Uploader:
             self._manifests_known.add(which)
             return
         root = str(self.store.root)
+        sends: dict[str, Callable[[], int]] = {}
         for position, tensor in enumerate(manifest.tensors):
-            if self._has_object(tensor.checksum):
-                continue
             path = store_layout.tensor_path_str(root, manifest.slot, manifest.version, position)
-            self.client.upload_file(path, origin.object_key(tensor.checksum), tensor.size)
-            self._objects_known.add(tensor.checksum)
-            self.stats.objects_uploaded += 1
-            self.stats.bytes_uploaded += tensor.size
-            crash_point("origin_object_uploaded")
+            sends.setdefault(tensor.checksum, partial(self._send_tensor, path, tensor))
         for entry in manifest.files:
-            if self._has_object(entry.checksum):
-                continue
-            data = self.store.read_file(manifest.slot, manifest.version, entry.name)
-            self.client.put_object(origin.object_key(entry.checksum), data)
-            self._objects_known.add(entry.checksum)
-            self.stats.objects_uploaded += 1
-            self.stats.bytes_uploaded += len(data)
+            sends.setdefault(entry.checksum, partial(self._send_file, *which, entry))
+        self._send_all(sends)
         if self.client.put_if_absent(manifest_key, manifest.to_bytes()):
             self.stats.manifests_written += 1
         self._manifests_known.add(which)
+
+    def _send_all(self, sends: dict[str, Callable[[], int]]) -> None:
+        """Upload each object the origin lacks (checksum -> its upload), up to
+        ``upload_concurrency`` at once; returns only once none is in flight. On a
+        failure those not yet begun are dropped, those in flight finish, and the
+        first failure is raised."""
+        missing = [(checksum, send) for checksum, send in sends.items()
+                   if checksum not in self._objects_known]  # fmt: skip
+        if self.upload_concurrency == 1 or len(missing) < 2:
+            for checksum, send in missing:
+                self._send_one(checksum, send)
+            return
+        width = min(self.upload_concurrency, len(missing))
+        with ThreadPoolExecutor(width, thread_name_prefix="ctxstore-upload") as pool:
+            futures = [pool.submit(self._send_one, checksum, send) for checksum, send in missing]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.cancel()  # those not begun; the pool's exit waits for the rest
+        for future in futures:
+            if not future.cancelled() and (exc := future.exception()) is not None:
+                raise exc
+
+    def _send_one(self, checksum: str, send: Callable[[], int]) -> None:
+        """One object, unless the origin has it: noted as known only once it is there."""
+        if self._has_object(checksum):
+            return
+        with self._lock:
+            self._in_flight += 1
+            self.stats.most_in_flight = max(self.stats.most_in_flight, self._in_flight)
+        try:
+            size = send()
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        with self._lock:
+            self._objects_known.add(checksum)
+            self.stats.objects_uploaded += 1
+            self.stats.bytes_uploaded += size
+        crash_point("origin_object_uploaded")
+
+    def _send_tensor(self, path: str, tensor: TensorEntry) -> int:
+        self.client.upload_file(path, self.client.origin.object_key(tensor.checksum), tensor.size)
+        return tensor.size
+
+    def _send_file(self, slot: int, version: int, entry: FileEntry) -> int:
+        data = self.store.read_file(slot, version, entry.name)
+        self.client.put_object(self.client.origin.object_key(entry.checksum), data)
+        return len(data)
 
     def _has_object(self, checksum: str) -> bool:
         if checksum in self._objects_known:
             return True
         if self.client.exists(self.client.origin.object_key(checksum)):
-            self._objects_known.add(checksum)
+            with self._lock:
+                self._objects_known.add(checksum)
             return True
         return False
 
