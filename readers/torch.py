@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,10 +77,14 @@ def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
 
 def _writable_view(array: Array) -> Array | None:
     """A writable view of ``array``'s memory when it is a stored file's private map, else None."""
-    root: Any = array
-    while isinstance(root, np.ndarray) and root.base is not None:
-        root = root.base
-    if not isinstance(root, PrivateMap) or not array.dtype.isnative:
+    root: Any = array.base
+    if type(root) is not PrivateMap:  # the store's arrays sit right on their map
+        root = array
+        while isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        if not isinstance(root, PrivateMap):
+            return None
+    if not array.dtype.isnative:
         return None
     if any(stride < 0 for stride in array.strides):  # a reversed view: torch has no such strides
         return None
@@ -91,10 +96,17 @@ def _writable_view(array: Array) -> Array | None:
     return view
 
 
+@lru_cache(maxsize=64)
+def _conversion(dtype: np.dtype[Any]) -> tuple[torch.dtype, type[np.unsignedinteger[Any]] | None]:
+    """The torch dtype of a native ``dtype`` and, for a small float (bf16, fp8), the unsigned
+    integer its bits travel to torch as (cached: hundreds of tensors, a few dtypes)."""
+    carrier = _CARRIER.get(dtype.itemsize) if dtype.name in _BY_NAME else None
+    return torch_dtype(dtype), carrier
+
+
 def _tensor(array: Array, name: str) -> torch.Tensor:
     """A tensor over ``array``'s memory (``array`` is writable and native-endian)."""
-    dtype = torch_dtype(array.dtype)
-    carrier = _CARRIER.get(array.dtype.itemsize) if array.dtype.name in _BY_NAME else None
+    dtype, carrier = _conversion(array.dtype)
     if carrier is not None:
         return torch.from_numpy(array.view(carrier)).view(dtype)
     try:
