@@ -61,7 +61,8 @@ _SMALL_FLOATS = (
 _BY_NAME: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in _SMALL_FLOATS if hasattr(torch, name)
 }
-_CARRIER = {1: np.uint8, 2: np.uint16}  # the integer a small float's bits travel as
+#: the integer a small float's bits travel as
+_CARRIER: dict[int, type[np.unsignedinteger[Any]]] = {1: np.uint8, 2: np.uint16}
 
 
 def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
