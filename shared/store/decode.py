@@ -14,7 +14,8 @@ import mmap
 import os
 import sqlite3
 import stat
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -30,7 +31,7 @@ from ..errors import (
 from ..integrity import (
     Identity,
     identity_of,
-    unpack_identities,
+    pack_identities,
 )
 from ..records import TensorInfo
 from ..validation import (
@@ -198,17 +199,17 @@ def check_mapped_headers(
     version: int,
     manifest: Manifest,
     weights: Mapping[str, Array],
-    stats: list[os.stat_result],
+    identities: Sequence[Identity],
 ) -> None:
     """Only the .npy header check of :func:`verify_mapped`: for a version served on a
     writer's verified record, whose bytes are vouched for but whose index rows may
-    have been changed since (the first page of each file; no hash). ``stats``: each
-    mapped file's fstat, in manifest order; a file whose identity already passed the
-    same comparison in this process is not read again."""
+    have been changed since (the first page of each file; no hash). ``identities``:
+    each mapped file's (:func:`mapped_identities`), in manifest order; a file whose
+    identity already passed the same comparison in this process is not read again."""
     agreed = _HEADERS_AGREED
-    for (name, _, shape, offset, _, _), st in zip(manifest, stats, strict=True):
+    for (name, _, shape, offset, _, _), identity in zip(manifest, identities, strict=True):
         array = weights[name]
-        key = (identity_of(st), array.dtype, shape, offset)
+        key = (identity, array.dtype, shape, offset)
         if key in agreed:
             continue
         _check_mapped_header(slot, version, name, array, shape=shape, offset=offset)
@@ -235,10 +236,22 @@ def _check_mapped_header(
         ) from None
 
 
-def same_identities(stats: list[os.stat_result], recorded: object) -> bool:
-    """Whether the mapped files are the ones a writer hashed: same size, mtime, inode, device."""
-    identities = unpack_identities(recorded)
-    return identities is not None and identities == tuple(identity_of(st) for st in stats)
+def mapped_identities(stats: list[os.stat_result]) -> list[Identity]:
+    """Each mapped file's identity (size, mtime, inode, device), from its fstat."""
+    return [identity_of(st) for st in stats]
+
+
+def same_identities(identities: Sequence[Identity], recorded: object) -> bool:
+    """Whether the mapped files are the ones a writer hashed: same size, mtime, inode, device.
+
+    Compared packed, as the index stores them (one bytes comparison, not a tuple per file).
+    """
+    if not isinstance(recorded, bytes):
+        return False
+    try:
+        return pack_identities(identities) == recorded
+    except struct.error:  # a value no recorded identity can hold
+        return False
 
 
 def dump_json(value: Mapping[str, Any]) -> str:

@@ -38,6 +38,7 @@ from .decode import (
     VersionRef,
     check_mapped_headers,
     load_json,
+    mapped_identities,
     read_extra_file,
     read_plan,
     require_slot,
@@ -129,8 +130,9 @@ class StoreReads(StoreConnections):
                 ) from None
             return number, None
         if verify:
-            if stats is not None and same_identities(stats, recorded_files):
-                check_mapped_headers(slot, number, manifest, weights, stats)
+            identities = None if stats is None else mapped_identities(stats)
+            if identities is not None and same_identities(identities, recorded_files):
+                check_mapped_headers(slot, number, manifest, weights, identities)
                 self.versions_trusted += 1
             else:
                 self.versions_hashed += 1
