@@ -17,6 +17,12 @@ for the whole commit (:meth:`TensorSource.chunks` with ``buffer``): each byte
 is read once, hashed while it is still in the CPU's cache, and written once,
 with no allocation per chunk (a fresh multi-MiB ``bytes`` per read costs page
 faults and zeroing on every chunk).
+
+A tensor whose whole file is already what the store would write (ctxstore's
+``.npy`` header, then the data) and whose bytes its caller hashed can carry that
+file and checksum (:class:`VerifiedFile`, :func:`verified_source`): the store
+then moves the file into the version instead of copying and hashing it again
+(a follower's download, ``ctxstore.origin.follower``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -40,6 +46,16 @@ CHUNK = 4 << 20
 Chunks = Callable[[], Iterator[bytes]]
 
 
+class VerifiedFile(NamedTuple):
+    """A file holding a tensor exactly as the store writes it, and the xxh3-128 of its
+    whole content as its owner verified it. The store moves such a file into a version
+    and records ``checksum`` without reading it (it checks only the size and header):
+    the owner guarantees the file is not written again and has no other name."""
+
+    path: str
+    checksum: str
+
+
 class TensorSource:
     """One tensor of an import: its dtype and shape, and its data read on demand.
 
@@ -48,7 +64,7 @@ class TensorSource:
     straight into the caller's buffer (:func:`span_source`).
     """
 
-    __slots__ = ("_read", "dtype", "nbytes", "observe", "shape", "span", "where")
+    __slots__ = ("_read", "dtype", "nbytes", "observe", "shape", "span", "verified", "where")
 
     def __init__(
         self,
@@ -69,6 +85,8 @@ class TensorSource:
         self.where = where
         #: called with each chunk's length as it is read (the daemon's Progress frames)
         self.observe: Callable[[int], None] | None = None
+        #: the file the store may move into the version instead of a copy, if any
+        self.verified: VerifiedFile | None = None
 
     def chunks(self, buffer: memoryview | None = None) -> Iterator[memoryview | bytes]:
         """The data, exactly ``nbytes`` of it, at most :data:`CHUNK` bytes a piece.
@@ -122,6 +140,16 @@ def span_source(
     """A tensor whose data lies as stored at ``offset`` of the open file ``fd``."""
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     return TensorSource(dtype, shape, file_span(fd, offset, nbytes), where, span=(fd, offset))
+
+
+def verified_source(
+    dtype: np.dtype[Any], shape: tuple[int, ...], fd: int, offset: int, verified: VerifiedFile
+) -> TensorSource:
+    """A tensor whose file ``verified`` the store may adopt; ``fd`` (that file, open, data
+    at ``offset``) is read only if it cannot be (another file system, another header)."""
+    source = span_source(dtype, shape, fd, offset, verified.path)
+    source.verified = verified
+    return source
 
 
 def copy_buffer() -> memoryview:

@@ -30,11 +30,13 @@ from ctxstore.origin.follower import Follower
 from ctxstore.origin.layout import Head, Manifest, Origin
 from ctxstore.origin.outbox import Outbox
 from ctxstore.origin.polling import PollPolicy
-from ctxstore.origin.s3 import OriginClient
+from ctxstore.origin.s3 import OriginClient, Versioned
 from ctxstore.origin.state import state_summary
 from ctxstore.origin.uploader import Uploader
 from ctxstore.readers import Reader
+from ctxstore.sources import Imported
 from ctxstore.store import PersistentStore
+from ctxstore.store.npyfile import npy_header
 
 pytest.importorskip("boto3")
 pytest.importorskip("nats")
@@ -681,8 +683,6 @@ def test_a_refused_slot_is_retried_with_backoff_and_at_once_when_its_head_change
     backoff's wait is over, or at once when the head at the origin changes."""
     import asyncio
 
-    from ctxstore.origin.s3 import Versioned
-
     class CorruptHead:
         origin = Origin.parse("s3://bucket-x/p")
 
@@ -826,3 +826,107 @@ def test_a_version_s_objects_go_up_at_once_and_one_failing_shows_nothing(
         assert sorted(sent) == sorted(objects)  # each tensor sent once over both passes
         assert uploader.stats.objects_uploaded == len(objects) + 1  # and the extra file
         assert uploader.stats.manifests_written == 1
+
+
+class _MemoryOrigin:
+    """An origin held in memory; each download noted with the inode of the file it wrote."""
+
+    origin = Origin.parse("s3://bucket-x/p")
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.inodes: dict[str, int] = {}
+
+    def get(self, key: str) -> Versioned | None:
+        data = self.objects.get(key)
+        return None if data is None else Versioned(data, '"e1"')
+
+    def download_file(self, key: str, path: str, size: int | None = None) -> None:
+        Path(path).write_bytes(self.objects[key])
+        self.inodes[key] = os.stat(path).st_ino
+
+
+class _StoreAdopter:
+    """The committer's part a pull uses: the store's save_import, as the daemon calls it."""
+
+    def __init__(self, store: PersistentStore) -> None:
+        self.store = store
+
+    async def commit(
+        self, slot: int, context: Imported, *, model_type: str | None = None, as_version: int | None
+    ) -> int:
+        import asyncio
+
+        try:
+            return await asyncio.to_thread(self.store.save_import, slot, context,
+                                           model_type=model_type, version=as_version,
+                                           record_verified=True)  # fmt: skip
+        finally:
+            context.close()
+
+
+def test_a_follower_moves_its_verified_downloads_into_the_store_without_copying(
+    tmp_path: Path,
+) -> None:
+    """A downloaded, verified object becomes the store's file itself (the same inode:
+    written once, hashed once), recorded with the checksum verified on download, read-only
+    and intact; a tensor twice in a version is one file; an object whose .npy header is
+    not the one this ctxstore writes is copied with the store's header instead."""
+    import asyncio
+    import dataclasses
+    import io
+    import stat
+
+    from ctxstore.checksum import checksum_parts
+    from ctxstore.origin.layout import TensorEntry
+    from ctxstore.store import layout as store_layout
+
+    client = _MemoryOrigin()
+    key = client.origin.object_key
+    a = np.arange(8192, dtype=np.float32)
+    weights = {"a": a, "b": np.full((64, 32), 7, dtype=np.int16), "same_as_a": a.copy()}
+    with PersistentStore(tmp_path / "writer") as writer:
+        version = writer.save_context(2, Context(weights, {"k": 1}, {}), model_type="m")
+        manifest = Uploader(writer, client, Outbox(tmp_path / "outbox")).manifest_of(2, version)  # type: ignore[arg-type]
+        for position, tensor in enumerate(manifest.tensors):
+            path = store_layout.tensor_path_str(str(writer.root), 2, version, position)
+            client.objects[key(tensor.checksum)] = Path(path).read_bytes()
+    odd = np.linspace(0, 1, 1000, dtype=np.float32)  # a valid .npy, in format 2.0
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": odd.shape}
+    )
+    odd_object = header.getvalue() + odd.tobytes()
+    odd_entry = TensorEntry("odd", manifest.tensors[0].dtype, odd.shape, len(header.getvalue()),
+                            odd.nbytes, checksum_parts((odd_object,)))  # fmt: skip
+    client.objects[key(odd_entry.checksum)] = odd_object
+    manifest = dataclasses.replace(manifest, tensors=(*manifest.tensors, odd_entry))
+    client.objects[client.origin.manifest_key(2, version)] = manifest.to_bytes()
+
+    with PersistentStore(tmp_path / "f1") as store:
+        state = tmp_path / "f1" / "origin"
+        follower = Follower(store, _StoreAdopter(store), client, state)  # type: ignore[arg-type]
+        assert asyncio.run(follower.pull(2, version)) == version
+        rows = store.read_query(
+            "SELECT name, position, checksum FROM tensors WHERE slot = 2 AND version = ?",
+            (version,),
+        )
+        files = {name: (store_layout.tensor_path_str(str(store.root), 2, version, position),
+                        checksum) for name, position, checksum in rows}  # fmt: skip
+        for tensor in manifest.tensors[:2]:
+            path, checksum = files[tensor.name]
+            assert os.stat(path).st_ino == client.inodes[key(tensor.checksum)]  # not a copy
+            assert checksum == tensor.checksum
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        assert os.stat(files["same_as_a"][0]).st_ino == os.stat(files["a"][0]).st_ino
+        odd_path, odd_checksum = files["odd"]
+        assert os.stat(odd_path).st_ino != client.inodes[key(odd_entry.checksum)]  # copied
+        stored_odd = Path(odd_path).read_bytes()
+        assert stored_odd.startswith(npy_header(odd.dtype, odd.shape))
+        assert odd_checksum == checksum_parts((stored_odd,)) != odd_entry.checksum
+        assert store.verified_by_commit(2, version)
+        assert store.verify(2) == []  # every file hashed again: as recorded
+        got = store.load_context(2, version)
+        assert all(np.array_equal(got.weights[n], w) for n, w in weights.items())
+        assert np.array_equal(got.weights["odd"], odd)
+        assert not any((state / "incoming").iterdir())

@@ -10,7 +10,10 @@ already holds (same checksum) is mapped from the store, every other one is
 downloaded into ``incoming/`` and hashed; a file whose bytes do not hash to its
 name is refused (IntegrityError, logged, retried at the next check) and nothing
 is committed. The pulled version goes through the daemon's commit path
-(:class:`Adopter`, the committer), so local readers see an ordinary version.
+(:class:`Adopter`, the committer), so local readers see an ordinary version;
+each verified download is handed to it as a
+:class:`~ctxstore.sources.VerifiedFile`, which the store's commit moves into
+the version (written and hashed once, not copied again).
 
 State (``follower.json`` in the state directory, :mod:`.state`): the ``seq``
 applied per slot and transfer counters.
@@ -32,7 +35,7 @@ from ..checksum import checksum_file, checksum_parts
 from ..context import Array
 from ..errors import CtxStoreError, IntegrityError, NotFoundError
 from ..faults import crash_point
-from ..sources import Imported
+from ..sources import Imported, TensorSource, VerifiedFile, verified_source
 from ..store import PersistentStore
 from ..store import layout as store_layout
 from ..store.durable import clear_scratch_dir, make_dir
@@ -309,7 +312,10 @@ class Follower:
             raise
         return imported
 
-    def _tensor(self, tensor: TensorEntry, imported: Imported) -> Array:
+    def _tensor(self, tensor: TensorEntry, imported: Imported) -> Array | TensorSource:
+        """The tensor mapped from the store, or downloaded, verified and handed to the
+        commit as a :class:`VerifiedFile`: the store moves that file into the version
+        (it is the writer's ``.npy`` file, byte-exact) rather than copy and hash it again."""
         dtype = dtype_from_text(tensor.dtype)
         local = self._stored_copy(tensor)
         if local is not None:
@@ -318,13 +324,14 @@ class Follower:
                 self.stats.tensors_reused += 1
                 return array
         path = self._download(tensor.checksum, tensor.size, imported)
-        with open(path, "rb") as source:
-            header = source.read(tensor.offset)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        imported.closers.append(lambda: os.close(fd))
         try:
-            check_npy_header(header, dtype, tensor.shape, tensor.offset)
+            check_npy_header(os.pread(fd, tensor.offset, 0), dtype, tensor.shape, tensor.offset)
         except IntegrityError as exc:
             raise IntegrityError(f"tensor {tensor.name}: {exc}") from None
-        return map_array(str(path), dtype, tensor.shape, tensor.offset, tensor.nbytes)
+        verified = VerifiedFile(str(path), tensor.checksum)
+        return verified_source(dtype, tensor.shape, fd, tensor.offset, verified)
 
     def _stored_copy(self, tensor: TensorEntry) -> str | None:
         rows = self.store.read_query(

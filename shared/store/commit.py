@@ -4,8 +4,9 @@ The commit protocol, in this order and only here (docs/reliability.md, "The comm
 
 1. validate the context;
 2. write each new tensor into ``wal/<txid>/`` (or hard-link an identical stored
-   one), and the version's extra files into ``wal/<txid>/files/``; fsync each
-   file and the directories (their entries);
+   one, or move in a file its caller verified, ``sources.VerifiedFile``), and the
+   version's extra files into ``wal/<txid>/files/``; fsync each file and the
+   directories (their entries);
 3. rename ``wal/<txid>`` to ``slots/<slot>/<version>``, fsync ``slots/<slot>``;
 4. one SQLite transaction inserts the version, its tensors and files and moves the
    slot's current pointer: its COMMIT is the commit point (its statements run
@@ -98,8 +99,9 @@ class StoreCommit(StoreStaging):
         the slot's next is a ConflictError, so a slot never moves backwards.
         ``record_verified``: record the version verified (its files' identities,
         this boot) in its own transaction, as :meth:`record_check` with
-        ``rehash=False`` would after it: every file was hashed as it was written
-        or compared byte for byte with the stored file it links. Whether it was
+        ``rehash=False`` would after it: every file was hashed as it was written,
+        compared byte for byte with the stored file it links, or moved in with the
+        checksum its owner verified (``save_import``'s verified files). Whether it was
         (a file not as staged is left to the caller's check) is
         :meth:`verified_by_commit`.
         """
@@ -131,8 +133,13 @@ class StoreCommit(StoreStaging):
 
         Tensors given as sources are copied from their files into the staging
         directory a chunk at a time and hashed as they are written: the memory
-        this takes does not grow with the checkpoint. The importer already
-        checked the limits on its files; the names are checked again here.
+        this takes does not grow with the checkpoint. A source that carries a
+        :class:`~ctxstore.sources.VerifiedFile` (a follower's checked download) is
+        moved into the version instead, when it is exactly the file the store would
+        write (size, ctxstore's header) and on this file system, and recorded with
+        the checksum its owner verified: neither copied nor hashed again. The
+        importer already checked the limits on its files; the names are checked
+        again here.
         ``on_committed``, ``version``, ``record_verified``: as for :meth:`save_context`.
         """
         slot = check_slot(slot_id)

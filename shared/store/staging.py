@@ -1,5 +1,6 @@
 """Step 2 of the commit protocol: each tensor and extra file written into the staging
-directory (``wal/<txid>/``), or hard-linked to an identical stored file.
+directory (``wal/<txid>/``), or hard-linked to an identical stored file, or (a
+:class:`~ctxstore.sources.VerifiedFile`, a follower's download) moved in as it is.
 
 Nothing here is durable or visible: the caller (``commit.py``) fsyncs, renames the
 directory into place and commits the rows.
@@ -8,7 +9,9 @@ directory into place and commits the rows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -23,9 +26,16 @@ from ..errors import (
     StorageError,
 )
 from ..faults import crash_point
-from ..sources import TensorSource, copy_buffer, same_file_bytes, write_streamed
+from ..sources import (
+    TensorSource,
+    VerifiedFile,
+    copy_buffer,
+    same_file_bytes,
+    write_streamed,
+)
 from . import layout
 from .durable import (
+    FILE_MODE,
     SyncQueue,
     hard_link,
     make_dir,
@@ -124,9 +134,17 @@ class StoreStaging(StoreRepair):
     ) -> TensorRow:
         """Copy a streamed tensor into ``staging``, hashing it as it is written; then,
         when an identical file is staged or stored already, link that one instead
-        (the copy was needed to know the checksum without holding the tensor)."""
+        (the copy was needed to know the checksum without holding the tensor). A source
+        with a verified file is moved in instead, with the checksum its owner verified."""
         header = npy_header(source.dtype, source.shape)
         path = f"{staging}/{layout.tensor_file_name(position)}"
+        adopted = source.verified
+        if adopted is not None and self._adopt(adopted, header, source, path, staged):
+            if adopted.checksum not in staged:
+                early.start(path)
+            staged.setdefault(adopted.checksum, path)
+            return (position, name, dtype_to_text(source.dtype), shape_to_text(source.shape),
+                    len(header), source.nbytes, adopted.checksum)  # fmt: skip
         checksum = write_streamed(path, header, source.chunks(buffer))
         duplicate = staged.get(checksum)
         if duplicate is None or not same_file_bytes(duplicate, path):
@@ -140,6 +158,27 @@ class StoreStaging(StoreRepair):
         dtype = dtype_to_text(source.dtype)
         return (position, name, dtype, shape_to_text(source.shape), len(header),
                 source.nbytes, checksum)  # fmt: skip
+
+    def _adopt(
+        self,
+        verified: VerifiedFile,
+        header: bytes,
+        source: TensorSource,
+        path: str,
+        staged: dict[str, str],
+    ) -> bool:
+        """Stage a verified file as ``path`` without copying it: a link to the file staged
+        already with the same checksum, else the file itself, moved. False, nothing staged,
+        when it is not the store's file for ``header`` and the source's data (the caller
+        then copies it) or cannot be moved here (another file system)."""
+        duplicate = staged.get(verified.checksum)
+        if duplicate is not None:
+            done = hard_link(duplicate, path)
+        else:
+            done = move_verified(verified.path, path, header, len(header) + source.nbytes)
+        if done and source.observe is not None:
+            source.observe(source.nbytes)
+        return done
 
     def _stored_duplicate_file(self, checksum: str, path: str) -> str | None:
         """A stored tensor file with the same bytes as the staged file at ``path``."""
@@ -207,6 +246,36 @@ class StoreStaging(StoreRepair):
             if same_bytes(path, header, data):
                 return path
         return None
+
+
+def move_verified(source: str, path: str, header: bytes, size: int) -> bool:
+    """Rename ``source`` to ``path`` (a staging file) and leave it read-only, if what lands
+    there is a regular file of ``size`` bytes starting with ``header``, with no other name.
+    False when it is not (it is then removed from ``path``) or cannot be renamed
+    (gone, another file system): the caller copies the tensor instead. Checked after the
+    rename, on the file that was moved, so nothing can swap it in between."""
+    try:
+        os.rename(source, path)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EACCES):
+            return False
+        raise StorageError(exc.errno, f"cannot move {source} to {path}: {exc.strerror}") from exc
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            fits = (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_size == size
+                    and os.pread(fd, len(header), 0) == header)  # fmt: skip
+            if fits:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+    except OSError:
+        fits = False
+    if not fits:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return fits
 
 
 def replace_with_link(source: str, path: str) -> bool:
