@@ -461,3 +461,26 @@ def test_ctxstore_bench_outside_a_checkout_says_where_to_run_it(tmp_path: Path) 
     (tmp_path / "bench").mkdir()  # a bench/ folder that is not our harness
     with pytest.raises(NotFoundError, match="source checkout"):
         find_bench_checkout([tmp_path, tmp_path.parent])
+
+
+def test_compare_sets_each_figure_beside_the_previous_run(bench: Any) -> None:
+    import bench.compare
+
+    def run(commit: str, figures: dict[str, float]) -> dict[str, Any]:
+        def measurement(role: str, median: float) -> dict[str, Any]:
+            return {"role": role, "unit": "ns", "stats": {"n": 3, "median": median}}
+
+        return {
+            "machine": {"ctxstore commit": commit},
+            "scenarios": {"s": {"figures": [
+                {"key": key, "title": f"figure {key}", "measurements": [
+                    measurement("floor", 1.0), measurement("ctxstore", median)]}
+                for key, median in figures.items()
+            ]}},
+        }  # fmt: skip
+
+    old, new = run("old1", {"a": 2_000, "gone": 5}), run("new2", {"a": 1_000, "b": 7})
+    lines = bench.compare.table(old, new).splitlines()
+    assert lines[0] == "| figure | old1 p50 | new2 p50 | new / old |"
+    # only figures in both runs, the ctxstore measurement (not the floor), new over old
+    assert lines[2:] == ["| figure a | 2 us | 1 us | 0.50x |"]
