@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -60,6 +61,9 @@ def run(
 
 def _run_one(scenario: Scenario, context: RunContext, out: Path, bars: Progress) -> ScenarioResult:
     context.data_dir.mkdir()
+    # The dirty pages the previous scenario left (scaleout writes some 5 GiB) are written
+    # back now, untimed: left to the kernel, they made the next scenario's fsyncs wait.
+    os.sync()
     if context.quick:
         # Every sample starts with a full collection (bench.harness), which walks every
         # object alive: with torch and matplotlib loaded that was 0.4 s a sample and most

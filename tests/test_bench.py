@@ -468,19 +468,23 @@ def test_compare_sets_each_figure_beside_the_previous_run(bench: Any) -> None:
 
     def run(commit: str, figures: dict[str, float]) -> dict[str, Any]:
         def measurement(role: str, median: float) -> dict[str, Any]:
-            return {"role": role, "unit": "ns", "stats": {"n": 3, "median": median}}
+            stats = {"n": 3, "median": median}
+            return {"label": role, "role": role, "unit": "ns", "stats": stats}
 
         return {
             "machine": {"ctxstore commit": commit},
             "scenarios": {"s": {"figures": [
-                {"key": key, "title": f"figure {key}", "measurements": [
-                    measurement("floor", 1.0), measurement("ctxstore", median)]}
+                {"key": key, "title": f"figure {key}", "reference": "floor", "measurements": [
+                    measurement("floor", 500.0), measurement("ctxstore", median)]}
                 for key, median in figures.items()
             ]}},
         }  # fmt: skip
 
     old, new = run("old1", {"a": 2_000, "gone": 5}), run("new2", {"a": 1_000, "b": 7})
     lines = bench.compare.table(old, new).splitlines()
-    assert lines[0] == "| figure | old1 p50 | new2 p50 | new / old |"
-    # only figures in both runs, the ctxstore measurement (not the floor), new over old
-    assert lines[2:] == ["| figure a | 2 us | 1 us | 0.50x |"]
+    assert lines[0] == (
+        "| figure | old1 p50 | new2 p50 | new / old | x reference, old1 | x reference, new2 |"
+    )
+    # only figures in both runs, the ctxstore measurement (not the floor), new over old,
+    # and each run's ctxstore over its reference
+    assert lines[2:] == ["| figure a | 2 us | 1 us | 0.50x | 4.00x | 2.00x |"]
