@@ -312,9 +312,9 @@ def finish(rig: Rig) -> None:
     assert rig.publisher.reported, "nothing was committed"
 
 
-#: 20 in the default run (each kill restarts the daemon: ~1 s a cycle on 2 busy cores; the
+#: 12 in the default run (each kill restarts the daemon: ~1 s a cycle on 2 busy cores; the
 #: commit steps get their own kills below; the suite's 10-minute budget), 1000 with --long
-KILLS = [pytest.param(20, id="20"), pytest.param(1000, marks=pytest.mark.slow, id="1000")]
+KILLS = [pytest.param(12, id="12"), pytest.param(1000, marks=pytest.mark.slow, id="1000")]
 POINT_KILLS = [pytest.param(2, id="2"), pytest.param(20, marks=pytest.mark.slow, id="20")]
 
 

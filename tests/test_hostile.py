@@ -29,7 +29,7 @@ from ctxstore.messages import Announce, Error, Heartbeat, Hello, Ping, Pong, Sub
 from ctxstore.protocol import NEED_DATA, Connection, Role
 from ctxstore.versiontable import segment_name
 
-FRAMES_DEFAULT, FRAMES_LONG = 10_000, 100_000
+FRAMES_DEFAULT, FRAMES_LONG = 5_000, 100_000
 CHURN_CYCLES = 1_000
 MiB = 1 << 20
 

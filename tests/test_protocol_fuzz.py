@@ -55,7 +55,7 @@ from ctxstore.protocol import (
     encode_frame,
 )
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 CLIENT_MESSAGES: list[Message] = [
     Hello(role="reader", name="worker-1", pid=4321),

@@ -1,5 +1,5 @@
-"""``ctxstore soak``: continuous commits under many readers stay flat (half a minute under 8
-readers by default; the full minute under 16 with ``pytest --long``).
+"""``ctxstore soak``: continuous commits under many readers stay flat (a quarter of a minute
+under 8 readers by default; the full minute under 16 with ``pytest --long``).
 
 The command samples the daemon's RSS and file descriptors, the readers' memory,
 shared memory and disk use over time and gives its own verdict; this test
@@ -21,10 +21,10 @@ from ctxstore.cli.soak_samples import disk_usage
 MiB = 1 << 20
 
 
-#: (minutes, readers, seconds per sample): the default run samples as often over half the
-#: time, so the trends compare as many samples; the slow one is the command's default
+#: (minutes, readers, seconds per sample): the default run samples as often over a quarter
+#: of the time, so the trends compare as many samples; the slow one is the command's default
 RUNS = [
-    pytest.param(0.5, 8, 2.5, id="30s-8-readers"),
+    pytest.param(0.25, 8, 1.25, id="15s-8-readers"),
     pytest.param(1.0, 16, 5.0, marks=pytest.mark.slow, id="1min-16-readers"),
 ]
 

@@ -67,7 +67,7 @@ def stored_arrays(draw: st.DrawFn) -> np.ndarray:
 def test_round_trip_every_npy_dtype_and_layout(store: PersistentStore) -> None:
     slot = iter(range(10_000))
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=75, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(stored_arrays(), min_size=1, max_size=4))
     def round_trip(arrays: list[np.ndarray]) -> None:
         ctx = Context(arrays, {"n": len(arrays)}, {"tag": "rt"})

@@ -35,7 +35,9 @@ from ctxstore.store.lock import writer_may_be_running
 CHILD = Path(__file__).with_name("crash_writer.py")
 TIMEOUT = 120.0  # seconds; a safety net for hung children, never reached when all is well
 SLOTS = 2
-COMMITS = 120
+#: commits the writer makes under the readers: 60 by default (the suite's 10-minute budget),
+#: 600 with --long
+COMMITS = [pytest.param(60, id="60"), pytest.param(600, marks=pytest.mark.slow, id="600")]
 READER_PROCESSES = 2
 READER_THREADS = 3
 
@@ -102,8 +104,9 @@ class ReaderThread(threading.Thread):
             self.ready.set()
 
 
+@pytest.mark.parametrize("commits", COMMITS)
 @pytest.mark.parametrize("retention", [1, 2])
-def test_readers_only_ever_see_whole_versions(tmp_path: Path, retention: int) -> None:
+def test_readers_only_ever_see_whole_versions(tmp_path: Path, retention: int, commits: int) -> None:
     store_dir, stop_file = tmp_path / "store", tmp_path / "stop"
     with PersistentStore(store_dir, retention=retention) as writer:
         for slot in range(SLOTS):
@@ -132,7 +135,7 @@ def test_readers_only_ever_see_whole_versions(tmp_path: Path, retention: int) ->
         # every reader has loaded version 1 of every slot before the first commit starts
         writer_err = tmp_path / "writer.err"
         argv = ["write", str(store_dir), str(tmp_path / "log"), "--slots", str(SLOTS)]
-        argv += ["--retention", str(retention), "--commits", str(COMMITS)]
+        argv += ["--retention", str(retention), "--commits", str(commits)]
         with child(*argv, stderr=writer_err) as writer_proc:
             finish(writer_proc, writer_err)
         stop_file.touch()
@@ -147,7 +150,7 @@ def test_readers_only_ever_see_whole_versions(tmp_path: Path, retention: int) ->
             if thread.error is not None:
                 raise thread.error
         final = own.current_versions()
-    assert sum(final.values()) == SLOTS + COMMITS
+    assert sum(final.values()) == SLOTS + commits
     views = [{int(k): v for k, v in seen.items()} for seen in seen_by_process]
     views += [thread.seen for thread in threads]
     for seen in views:

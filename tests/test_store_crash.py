@@ -258,10 +258,10 @@ def run_kills(
 
 # -- the tests --------------------------------------------------------------------------------
 
-#: each kill is a fresh writer process: 5 a step and 30 at random instants keep the default
+#: each kill is a fresh writer process: 5 a step and 20 at random instants keep the default
 #: run well under a minute on 2 cores (the suite's 10-minute budget); --long runs 100 and 600
 POINT_KILLS = [pytest.param(5, id="5"), pytest.param(100, marks=pytest.mark.slow, id="100")]
-RANDOM_KILLS = [pytest.param(30, id="30"), pytest.param(600, marks=pytest.mark.slow, id="600")]
+RANDOM_KILLS = [pytest.param(20, id="20"), pytest.param(600, marks=pytest.mark.slow, id="600")]
 
 
 @pytest.mark.parametrize("kills", POINT_KILLS)
