@@ -170,9 +170,7 @@ def register(commands: Commands) -> None:
     p = commands.add("watch", cmd_watch, "print announcements as they arrive")
     p.add_argument("slots", type=slot_arg, nargs="*", help="slots to watch (default: all)")
     p.add_argument("--group", action="append", default=[], help="watch a group (repeat)")
-    p.add_argument(
-        "--count", type=positive(int), default=None, help="exit 0 after N announcements"
-    )
+    p.add_argument("--count", type=positive(int), default=None, help="exit 0 after N announcements")
     p.add_argument(
         "--timeout",
         type=positive(float),

@@ -171,4 +171,3 @@ class PersistentStore(StoreRecovery):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
