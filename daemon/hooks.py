@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import importlib.metadata
 import inspect
 import logging
 import math
@@ -386,6 +385,8 @@ def _is_dotted_name(text: str) -> bool:
 
 
 def _load_entry_point(target: str, name: str) -> object:
+    import importlib.metadata  # only a hook named by entry point needs it
+
     found = [
         ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name
     ]

@@ -15,7 +15,6 @@ skipped: one broken package never takes the built-ins down with it.
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import logging
 import threading
@@ -81,6 +80,8 @@ def _plugin_types() -> Mapping[str, type[Node]]:
 
 
 def _scan_entry_points() -> dict[str, type[Node]]:
+    import importlib.metadata  # on first lookup of a plugin: it costs a daemon's start ~50 ms
+
     try:
         entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     except Exception:  # damaged distribution metadata must not break the built-ins
