@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 COMMIT_POINTS = (
@@ -46,6 +47,8 @@ PAUSE_LIMIT_S = 60.0
 
 _TARGET = os.environ.get("CTXSTORE_CRASH_AT") or None
 _passes = [int(os.environ.get("CTXSTORE_CRASH_AFTER", "0") or 0)]
+#: the uploader's and downloader's threads pass the origin points at once: each pass counts
+_passes_lock = threading.Lock()
 _PAUSE_AT = os.environ.get("CTXSTORE_PAUSE_AT") or None
 _PAUSE_FILE = os.environ.get("CTXSTORE_PAUSE_FILE") or None
 
@@ -54,9 +57,10 @@ def crash_point(name: str) -> None:
     """SIGKILL this process if the test armed ``name``."""
     if _TARGET is None or name != _TARGET:
         return
-    if _passes[0] > 0:
-        _passes[0] -= 1
-        return
+    with _passes_lock:
+        if _passes[0] > 0:
+            _passes[0] -= 1
+            return
     os.kill(os.getpid(), signal.SIGKILL)
 
 
