@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,14 @@ from ctxstore.records import Problem
 from ctxstore.sources import Imported, follow_progress
 from ctxstore.store import PersistentStore, Repair
 from ctxstore.versiontable import VersionTableWriter
-from ctxstore.wire import Announce, PublishBuild, PublishFile, PublishShm
+from ctxstore.wire import (
+    MAX_RECORD_TENSORS,
+    Announce,
+    PublishBuild,
+    PublishFile,
+    PublishShm,
+    VersionRecord,
+)
 
 from .idempotency import PublishKeys
 from .import_roots import check_opened_file
@@ -47,6 +55,10 @@ log = logging.getLogger("ctxstore.daemon")
 PublishRequest = PublishFile | PublishBuild | PublishShm
 #: the default of ``max_publish_bytes`` when a Committer is built without one
 UNLIMITED = 2**63 - 1
+#: the longest the commit thread waits for the loop to announce a new version before it
+#: goes on with its chores (seconds; the loop takes well under a millisecond, and it
+#: awaits this very commit, so only a loop that stopped would make it wait this long)
+HANDOFF_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +120,7 @@ class Committer:
         remembered_keys: int = 10_000,
         verify_after_commit: bool = True,
         reread_after_commit: bool = False,
+        announce_record_bytes: int = 64 << 10,
         post_commit: PostCommit | None = None,
         on_commit: CommitObserver | None = None,
     ) -> None:
@@ -138,6 +151,9 @@ class Committer:
         #: read each new version back and hash it before recording it verified, instead of
         #: taking the checksums the commit computed as it wrote (settings: reread_after_commit)
         self.reread_after_commit = reread_after_commit
+        #: the most bytes of a new version's record (config and metadata texts, 64 a tensor)
+        #: its announcement carries; 0: none (settings: announce_record_bytes)
+        self.announce_record_bytes = announce_record_bytes
         #: versions hashed after their commit, by outcome ("verified", "damaged")
         self.checked_after_commit = {"verified": 0, "damaged": 0}
 
@@ -257,8 +273,9 @@ class Committer:
                 progress.done = done
 
             follow_progress(source, advance)
-            version = self._save(slot, source, model_type, aliases, key, number,
-                               on_committed=on_committed)
+            version = self._save(
+                slot, source, model_type, aliases, key, number, on_committed=on_committed
+            )
             context = self.store.load_context(slot, version)
         else:
             if isinstance(source, Context):
@@ -267,8 +284,9 @@ class Committer:
                 progress.stage = "reading"
                 context = source()
             progress.stage = "committing"
-            version = self._save(slot, context, model_type, aliases, key, number,
-                               on_committed=on_committed)
+            version = self._save(
+                slot, context, model_type, aliases, key, number, on_committed=on_committed
+            )
         if not checked and self.verify_after_commit:  # on_committed failed (logged): check now
             checked.append(self._check_new(slot, version))
         problems, served = checked[0] if checked else ([], None)
@@ -414,17 +432,52 @@ class Committer:
         committed_at = self._clock()
         if self.table is not None:
             self.table.set(slot, version, committed_at_ns=int(committed_at * 1e9))
-        loop.call_soon_threadsafe(
-            self._announce_pointer, slot, version, committed_at, model_type, aliases
-        )
+        record = self._version_record(slot, version)
+        announced = threading.Event()
 
-    def _announce_pointer(
+        def announce() -> None:
+            try:
+                self._announce_pointer(slot, version, committed_at, model_type, aliases, record)
+            finally:
+                announced.set()
+
+        loop.call_soon_threadsafe(announce)
+        # The loop goes first: this thread's chores (warming, retention) would hold the
+        # GIL until the interpreter's switch interval made them let go (~0.5 ms a
+        # commit, measured), and the announcement waited for them. Blocked here, this
+        # thread lets the loop take the GIL at once. Bounded: a stopping loop runs
+        # nothing more, and this thread is never the loop's own.
+        announced.wait(HANDOFF_WAIT)
+
+    def _version_record(self, slot: int, version: int) -> VersionRecord | None:
+        """The record a new version's announcement carries so that readers map it without
+        reading the index (one read of it here instead of one in every reader), or None:
+        not recorded verified, larger than ``announce_record_bytes``, or unreadable."""
+        limit = self.announce_record_bytes
+        if limit <= 0:
+            return None
+        try:
+            found = self.store.announced_record(slot, version)
+        except CtxStoreError as exc:
+            log.debug("slot %d version %d is announced without its record: %s",
+                      slot, version, exc)  # fmt: skip
+            return None
+        if found is None:
+            return None
+        config, metadata, tensors, files = found
+        size = len(config) + len(metadata) + 64 * len(tensors)
+        if size > limit or len(tensors) > MAX_RECORD_TENSORS:
+            return None
+        return VersionRecord(config, metadata, tensors, files)
+
+    def _announce_pointer(  # noqa: PLR0917 (call_soon_threadsafe passes them positionally)
         self,
         slot: int,
         version: int,
         committed_at: float,
         model_type: str | None,
         aliases: dict[str, int],
+        record: VersionRecord | None = None,
     ) -> None:
         self._seq += 1
         self._announce(
@@ -435,6 +488,7 @@ class Committer:
                 committed_at=committed_at,
                 model_type=model_type,
                 aliases=aliases,
+                record=record,
             )
         )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -28,6 +29,7 @@ from ctxstore.errors import CtxStoreError
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 from ctxstore.wire import (
+    RECORD_PROTOCOL,
     Announce,
     DamageReport,
     Message,
@@ -355,6 +357,7 @@ class Daemon:
             self.committer.max_publish_bytes = new.max_publish_bytes
             self.committer.verify_after_commit = new.verify_after_commit
             self.committer.reread_after_commit = new.reread_after_commit
+            self.committer.announce_record_bytes = new.announce_record_bytes
 
     async def _reclaim_segments_loop(self) -> None:
         """At start and every ``shm_reclaim_interval``: unlink segments of dead publishers."""
@@ -550,26 +553,44 @@ class Daemon:
     # -- announcing -------------------------------------------------------------------------
 
     def announce(self, announce: Announce) -> None:
-        """Offer ``announce`` to every subscriber that covers its slot; never waits."""
+        """Offer ``announce`` to every subscriber that covers its slot; never waits.
+
+        Encoded at most twice whatever the number of subscribers: as it is, for the
+        peers that speak protocol 2 (its version record spares each one a read of the
+        index), and without its record for older peers.
+        """
         assert self.store is not None
         groups_of = functools.cache(self.store.hierarchy.get_groups)
-        frame: bytes | None = None
+        frames: dict[bool, tuple[Announce, bytes] | None] = {}
         told = []
         for session in list(self.sessions.values()):
             if session.subscriptions.covers(announce.slot, groups_of):
                 subscriber = self.subscribers[session.session]
-                if frame is None:  # encoded once, and only when someone wants it
-                    try:
-                        frame = encode_frame(announce, max_frame_size=self.config.max_frame_size)
-                    except CtxStoreError as exc:  # the version is committed all the same
-                        log.error("slot %d version %d is not announced: %s",
-                                  announce.slot, announce.version, exc)  # fmt: skip
-                        break
-                subscriber.offer(announce, frame)
+                full = announce.record is not None and session.protocol >= RECORD_PROTOCOL
+                if full not in frames:  # encoded once, and only when someone wants it
+                    frames[full] = self._announce_frame(announce, full)
+                encoded = frames[full]
+                if encoded is None:
+                    break
+                subscriber.offer(*encoded)
                 told.append(subscriber.session)
         if self.api is not None:
             self.api.announced(announce, told)
         self.cluster.changed(announce.slot)
+
+    def _announce_frame(self, announce: Announce, full: bool) -> tuple[Announce, bytes] | None:
+        """``announce`` (without its record unless ``full``) and its frame; None when it
+        cannot be encoded (logged: the version is committed all the same)."""
+        if not full and announce.record is not None:
+            announce = dataclasses.replace(announce, record=None)
+        try:
+            return announce, encode_frame(announce, max_frame_size=self.config.max_frame_size)
+        except CtxStoreError as exc:
+            if full:  # a record too large for the frame: announce without it
+                return self._announce_frame(announce, False)
+            log.error("slot %d version %d is not announced: %s",
+                      announce.slot, announce.version, exc)  # fmt: skip
+            return None
 
 
 async def run_daemon(config: DaemonConfig, notifier: Notifier | None = None) -> None:

@@ -30,6 +30,7 @@ from ctxstore.store import Repair
 from ctxstore.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_STATUS_ROWS,
+    PROTOCOL_VERSION,
     Ack,
     DamageReport,
     Error,
@@ -148,6 +149,8 @@ class Session:
         self.session = session
         self.peer = peer
         self.name = f"pid {peer.pid}"
+        #: the protocol the peer's hello asked for (announcements carry records from 2 on)
+        self.protocol = PROTOCOL_VERSION
         self.subscriptions = Subscriptions()
         self._fleet = fleet
         self._catalog = catalog
@@ -201,7 +204,13 @@ class Session:
             self.session, pid=hello.pid, name=hello.name, uid=self.peer.uid, role=hello.role
         )
         versions = dict(self._catalog.current_versions())
-        welcome = Welcome(session=self.session, daemon_pid=self._daemon_pid, versions=versions)
+        self.protocol = hello.protocol  # checked by the connection: one this daemon speaks
+        welcome = Welcome(
+            protocol=hello.protocol,
+            session=self.session,
+            daemon_pid=self._daemon_pid,
+            versions=versions,
+        )
         return [Send(welcome)]
 
     def _subscribe(self, message: Subscribe) -> list[Effect]:

@@ -53,6 +53,7 @@ def build_writer(
         remembered_keys=settings.publish_keys,
         verify_after_commit=settings.verify_after_commit,
         reread_after_commit=settings.reread_after_commit,
+        announce_record_bytes=settings.announce_record_bytes,
         post_commit=post_commit_stage(hooks, store),
         on_commit=on_commit,
     )

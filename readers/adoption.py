@@ -25,7 +25,7 @@ from ctxstore.context import Context
 from ctxstore.errors import ClosedError, CtxStoreError, IntegrityError, NotFoundError, StorageError
 from ctxstore.store import StoreView
 from ctxstore.validation import check_version
-from ctxstore.wire import Ack, DamageReport, Message
+from ctxstore.wire import Ack, DamageReport, Message, VersionRecord
 
 from .damage import DamageLog
 
@@ -84,6 +84,8 @@ class Adoption:
         self._listeners: list[Callable[[int, int], None]] = []
         self.damage = DamageLog()
         self.hits = self.misses = self.adoptions = 0
+        #: announced records the reader refused (it read the store instead)
+        self.records_refused = 0
         self.closed = False
 
     # -- what get() serves -----------------------------------------------------------------
@@ -150,8 +152,11 @@ class Adoption:
                 self._explicit.add((slot, number))
         return ctx
 
-    def adopt_announced(self, slot: int, version: int) -> None:
-        """Map and adopt an announced version now, so the next get() is a hit."""
+    def adopt_announced(self, slot: int, version: int, record: VersionRecord | None = None) -> None:
+        """Map and adopt an announced version now, so the next get() is a hit.
+
+        ``record``: the announcement's version record, which spares the read of the
+        index when it can (:meth:`StoreView.load_announced`)."""
         if self.closed or (self.adopted.get(slot) == version and slot in self.current):
             return
         truth = self._table_get(slot)
@@ -160,7 +165,7 @@ class Adoption:
         if (slot, version) in self.damage:
             return
         try:
-            ctx = self.load(slot, version)
+            ctx = self.load(slot, version, record)
         except IntegrityError as exc:
             self.damage_found(slot, version, exc)
             with contextlib.suppress(CtxStoreError):  # get() tries again, and says why
@@ -173,7 +178,7 @@ class Adoption:
 
     # -- mapping ---------------------------------------------------------------------------
 
-    def load(self, slot: int, version: int) -> Context:
+    def load(self, slot: int, version: int, record: VersionRecord | None = None) -> Context:
         """``version`` of ``slot`` from the cache, else mapped (and checked) once.
 
         One mapping per version however many threads ask at once: a commit reaches
@@ -181,7 +186,7 @@ class Adoption:
         or ``get`` and the socket thread adopting the announcement ask for the
         same new version together. The later ones wait for the first one's mapping
         instead of mapping and checking every file again; if it fails they try
-        themselves (its error belongs to its caller).
+        themselves (its error belongs to its caller). ``record``: an announcement's.
         """
         key = (slot, version)
         ctx = self._cache.get_cached_context(key)
@@ -200,20 +205,40 @@ class Adoption:
                 return pending.ctx
             return self._map_version(key)
         try:
-            pending.ctx = self._map_version(key)
+            pending.ctx = self._map_version(key, record)
         finally:
             with self._lock:
                 self.loading.pop(key, None)
             pending.done.set()
         return pending.ctx
 
-    def _map_version(self, key: tuple[int, int]) -> Context:
-        ctx = self._store.load_context(
-            *key, verify=self._verify, trust_verified=self._verify and self._vouched()
-        )
+    def _map_version(self, key: tuple[int, int], record: VersionRecord | None = None) -> Context:
+        trust = self._verify and self._vouched()
+        ctx = None if record is None else self._map_announced(key, record, trust)
+        if ctx is None:
+            ctx = self._store.load_context(*key, verify=self._verify, trust_verified=trust)
         self.misses += 1
         self._insert(key, ctx)
         return ctx
+
+    def _map_announced(
+        self, key: tuple[int, int], record: VersionRecord, trust: bool
+    ) -> Context | None:
+        """``key`` mapped from its announcement's record, or None: the index decides (a
+        record that cannot spare it, or one refused: logged, and the reader carries on)."""
+        try:
+            return self._store.load_announced(
+                *key, record, verify=self._verify, trust_verified=trust
+            )
+        except (IntegrityError, NotFoundError, StorageError) as exc:
+            self.records_refused += 1
+            log.warning(
+                "slot %d version %d: the daemon's announced record is not used (%s); "
+                "reading the store instead",
+                *key,
+                exc,
+            )
+            return None
 
     # -- damage ----------------------------------------------------------------------------
 

@@ -128,6 +128,7 @@ class ReaderConnection:
         self._stop = threading.Event()
         self._connected = False
         self._sock: socket.socket | None = None
+        self._session: _Session | None = None  # the one being served (its thread only)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -165,6 +166,17 @@ class ReaderConnection:
             self._outbox.append(message)
             if threading.get_ident() != self._thread.ident:
                 self._wake()  # the loop itself drains the outbox before it next waits
+
+    def send_now(self) -> None:
+        """On the socket thread, in a handler: write what was posted so far (one send,
+        without waiting), rather than when the handler returns. Elsewhere: nothing."""
+        session = self._session
+        if session is None or threading.get_ident() != self._thread.ident:
+            return
+        if session.established:
+            with contextlib.suppress(_SessionEndedError):  # the loop's next flush meets it
+                session.drain_outbox()
+                session.flush()
 
     def close(self, timeout: float = 2.0) -> bool:
         """Say goodbye, stop the thread and release the fds; True if the thread stopped in time."""
@@ -241,7 +253,7 @@ class ReaderConnection:
             self._connect_failed(exc)
             return False
         self._sock = sock
-        session = _Session(self, sock)
+        session = self._session = _Session(self, sock)
         reason = "closed"
         try:
             session.run()
@@ -249,6 +261,7 @@ class ReaderConnection:
             reason = str(over)
         finally:
             self._sock = None
+            self._session = None
             sock.close()
             if session.established:
                 self._end_session(reason)

@@ -37,14 +37,17 @@ class ReaderSessionHandler:
         attach_table: Callable[[], None],
         detach_table: Callable[[], None],
         heartbeat_interval: float,
+        send_now: Callable[[], None] = lambda: None,
     ) -> None:
         """``attach_table()``: use the daemon's version table (attached again if recreated);
-        ``detach_table()``: stop trusting it (the session is gone, the table may freeze)."""
+        ``detach_table()``: stop trusting it (the session is gone, the table may freeze);
+        ``send_now()``: write the messages posted so far (called on the socket thread)."""
         self._name = name
         self._adoption = adoption
         self._book = book
         self._attach_table = attach_table
         self._detach_table = detach_table
+        self._send_now = send_now
         self._memory = MemorySampler(max(5 * heartbeat_interval, 1.0))
         self.announcements = 0
 
@@ -74,7 +77,8 @@ class ReaderSessionHandler:
             case Announce():
                 self.announcements += 1
                 if self._book.follows(message.slot):
-                    self._adoption.adopt_announced(message.slot, message.version)
+                    self._adoption.adopt_announced(message.slot, message.version, message.record)
+                    self._send_now()  # the ack leaves before the callbacks are handed over
                 self._book.deliver(message)
             case Subscribed():
                 self._catch_up(message.versions)

@@ -214,6 +214,7 @@ class Reader:
             attach_table=self._attach_table,
             detach_table=self._detach_table,
             heartbeat_interval=self._heartbeat_interval,
+            send_now=self._send_now,
         )
         if self._connect:
             self._client = ReaderConnection(
@@ -290,6 +291,12 @@ class Reader:
         """Subscribe to ``slot`` for our own use: its announcements are adopted at once."""
         if self._follow_enabled:
             self._book.follow(slot)
+
+    def _send_now(self) -> None:
+        """On the socket thread: write what was posted (an ack) before going on."""
+        client = self._client
+        if client is not None:
+            client.send_now()
 
     def _post(self, message: Message) -> bool:
         """Send ``message`` to the daemon; False when this reader has no connection."""

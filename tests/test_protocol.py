@@ -55,6 +55,7 @@ from ctxstore.protocol import (
     Subscribed,
     TensorSpec,
     Unsubscribe,
+    VersionRecord,
     Welcome,
     decode_body,
     encode_body,
@@ -302,6 +303,14 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         committed_at=st.floats(0, 4e9),
         model_type=_optional_labels,
         aliases=st.dictionaries(_aliases, _versions, max_size=3),
+        record=st.none()
+        | st.builds(
+            VersionRecord,
+            config=st.just('{"a":1}'),
+            metadata=st.text(max_size=20),
+            tensors=st.just((("w", "<f4", (2, 3), 128, 24), ("b", "|u1", (), 64, 1))),
+            files=st.tuples(*[st.integers(-(2**63), 2**64 - 1)] * 8),
+        ),
     ),
     Ack: st.builds(Ack, slot=_slots, version=_versions),
     DamageReport: st.builds(
@@ -405,7 +414,9 @@ def test_round_trip(message: Message) -> None:
     assert decode_body(frame[HEADER.size :]) == message
     wire = msgpack.unpackb(body)
     assert wire["type"] == message.TYPE
-    assert set(wire) - {"type"} == {f.name for f in dataclasses.fields(message)}
+    sent = {f.name for f in dataclasses.fields(message)}
+    sent -= {name for name in message.OMIT_NONE if getattr(message, name) is None}
+    assert set(wire) - {"type"} == sent
 
 
 def test_a_publish_from_before_keys_and_progress_is_still_understood() -> None:
@@ -532,7 +543,12 @@ REMOTE_VIOLATIONS: list[tuple[str, Callable[[], Connection], bytes, str]] = [
     ("announce before welcome", client_waiting, frame(ANNOUNCE), "state SEND_WELCOME"),
     ("subscribe from the server", client_ready, frame(Subscribe(request_id=1)), "never"),
     ("second welcome", client_ready, frame(WELCOME), "state READY"),
-    ("old protocol in hello", server_fresh, frame(hello(protocol=2)), "protocol 2"),
+    (
+        "unknown protocol in hello",
+        server_fresh,
+        frame(hello(protocol=3)),
+        "client speaks protocol 3; this side speaks 1 and 2",
+    ),
     ("other protocol in welcome", client_waiting, bad(WELCOME, protocol=3), "protocol 3"),
     ("announce seq repeats", client_ready, bad(ANNOUNCE, seq=5), "seq must increase"),
     ("empty frame", server_fresh, b"\0\0\0\0", "empty frame"),
@@ -711,6 +727,50 @@ def client_fresh() -> Connection:
     return Connection(Role.CLIENT)
 
 
+def server_ready_protocol_1() -> Connection:
+    """A daemon's side of a session with a reader from before protocol 2."""
+    conn = server_fresh()
+    conn.receive_data(frame(hello(protocol=1)))
+    assert isinstance(conn.next_event(), Hello)
+    conn.send(Welcome(protocol=1, session=1, daemon_pid=1))
+    return conn
+
+
+RECORD = VersionRecord("{}", "{}", (("w", "<f4", (2,), 128, 8),), (136, 1, 2, 3))
+
+
+def test_a_daemon_answers_a_protocol_1_reader_in_protocol_1() -> None:
+    server = server_ready_protocol_1()
+    assert server.protocol == 1
+    plain = Announce(slot=1, version=2, seq=1, committed_at=0)
+    client = Connection(Role.CLIENT)
+    client.send(hello(protocol=1))
+    client.receive_data(frame(Welcome(protocol=1, session=1, daemon_pid=1)))
+    assert isinstance(client.next_event(), Welcome)
+    client.receive_data(server.send(plain))
+    assert client.next_event() == plain
+
+
+def test_a_protocol_1_reader_refuses_an_announced_record() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(hello(protocol=1))
+    client.receive_data(frame(Welcome(protocol=1, session=1, daemon_pid=1)))
+    assert isinstance(client.next_event(), Welcome)
+    client.receive_data(frame(Announce(slot=1, version=2, seq=1, committed_at=0, record=RECORD)))
+    with pytest.raises(RemoteProtocolError, match="records came with protocol 2"):
+        client.next_event()
+
+
+def test_a_protocol_2_pair_passes_the_record() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    announce = Announce(slot=1, version=2, seq=1, committed_at=0, record=RECORD)
+    pair.client.receive_data(pair.server.send(announce, frame=frame(announce)))
+    got = pair.client.next_event()
+    assert got == announce
+    assert isinstance(got, Announce) and got.record == RECORD
+
+
 def server_owing_welcome() -> Connection:
     conn = server_fresh()
     conn.receive_data(frame(HELLO))
@@ -740,15 +800,21 @@ LOCAL_VIOLATIONS: list[tuple[str, Callable[[], Connection], Message, str]] = [
     ("client subscribes before welcome", client_waiting, Subscribe(request_id=1), "AWAIT_WELCOME"),
     ("client non-fatal error", client_ready, Error(kind="x", message="y"), "never"),
     ("client after goodbye", client_done, ACK_MSG, "after its goodbye"),
-    ("client other protocol", client_fresh, hello(protocol=2), "protocol 2"),
+    ("client other protocol", client_fresh, hello(protocol=3), "protocol 3"),
     ("server welcome before hello", server_fresh, WELCOME, "state START"),
     ("server announces before welcome", server_fresh, ANNOUNCE, "state START"),
     ("server sends hello", server_ready, HELLO, "never"),
     (
         "server other protocol",
         server_owing_welcome,
-        Welcome(protocol=2, session=1, daemon_pid=1),
-        "2",
+        Welcome(protocol=1, session=1, daemon_pid=1),
+        "speaks protocol 1; the hello asked for 2",
+    ),
+    (
+        "server announces a record to a protocol-1 peer",
+        server_ready_protocol_1,
+        Announce(slot=1, version=2, seq=1, committed_at=0, record=RECORD),
+        "records came with protocol 2",
     ),
     ("oversized frame", small_server_ready, Error(kind="x", message="m" * 1000), "limit is 64"),
 ]

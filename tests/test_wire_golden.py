@@ -2,7 +2,9 @@
 and every malformed body is refused with the words it always was.
 
 ``tests/wire_golden.json`` was written by the code before the ``ctxstore.wire``
-package existed (``python tests/test_wire_golden.py --write`` on that commit).
+package existed (``python tests/test_wire_golden.py --write`` on that commit); the
+protocol-2 samples at the end (``hello-2``, ``announce-record``) were added when
+protocol 2 gave announce its version record, every entry before them unchanged.
 It holds the encoded body of each sample message below, and, for each field of
 each sample, what the decoder made of that field replaced by each of a few hostile
 values: the re-encoded body when it accepted it, the refusal text when it did not.
@@ -46,6 +48,7 @@ from ctxstore.wire import (
     Subscribed,
     TensorSpec,
     Unsubscribe,
+    VersionRecord,
     Welcome,
     decode_body,
     encode_body,
@@ -64,9 +67,10 @@ def samples() -> Iterator[tuple[str, Message]]:
     """One or more of each message kind: defaults and every optional field set."""
     spec = TensorSpec("layer.0/w", "<f4", (2, 3), 0, 24)
     bf16 = TensorSpec("b", "bfloat16", (4,), 64, 8)
-    yield "hello", Hello(role="reader", name="worker-1", pid=4242)
-    yield "welcome", Welcome(session=7, daemon_pid=99, versions={0: 3, 12: 1})
-    yield "welcome-empty", Welcome(session=1, daemon_pid=1)
+    # protocol 1's handshake, as it always was (a daemon still answers a protocol-1 peer)
+    yield "hello", Hello(protocol=1, role="reader", name="worker-1", pid=4242)
+    yield "welcome", Welcome(protocol=1, session=7, daemon_pid=99, versions={0: 3, 12: 1})
+    yield "welcome-empty", Welcome(protocol=1, session=1, daemon_pid=1)
     yield "subscribe", Subscribe(request_id=5, slots=(1, 2), groups=("llm",), all=False)
     yield "subscribe-all", Subscribe(request_id=0, all=True)
     yield "subscribed", Subscribed(request_id=5, versions={1: 4, 2: 9})
@@ -109,6 +113,11 @@ def samples() -> Iterator[tuple[str, Message]]:
     yield "goodbye-min", Goodbye()
     yield "ping", Ping(nonce=0)
     yield "pong", Pong(nonce=2**63 - 1)
+    # protocol 2 (added last, so the entries above keep their golden data): its hello and
+    # an announcement with a version record
+    yield "hello-2", Hello(role="reader", name="worker-1", pid=4242)
+    record = VersionRecord('{"layers":2}', "{}", (("w", "<f4", (2, 3), 128, 24),), (152, 1, 2, 3))
+    yield "announce-record", Announce(slot=1, version=2, seq=3, committed_at=1.5, record=record)
 
 
 def outcome(body: bytes) -> str:

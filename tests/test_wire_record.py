@@ -25,7 +25,10 @@ def test_every_message_checks_exactly_its_declared_fields_in_declaration_order()
 def test_only_the_fields_added_after_protocol_1_may_be_left_out() -> None:
     later = {name: cls.LATER for name, cls in MESSAGE_TYPES.items() if cls.LATER}
     publishes = (PublishFile, PublishBuild, PublishShm)
-    assert later == {cls.TYPE: frozenset({"key", "progress"}) for cls in publishes}
+    added = {cls.TYPE: frozenset({"key", "progress"}) for cls in publishes}
+    assert later == {**added, "announce": frozenset({"record"})}  # protocol 2's record
+    omitted = {name: cls.OMIT_NONE for name, cls in MESSAGE_TYPES.items() if cls.OMIT_NONE}
+    assert omitted == {"announce": frozenset({"record"})}  # an old peer's frame, byte for byte
 
 
 def test_a_new_record_gets_its_checks_from_its_annotations() -> None:

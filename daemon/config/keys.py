@@ -127,6 +127,7 @@ KEYS: tuple[Key, ...] = (
     _key("peer_read_buffer", "limits.read_buffer", _int_in(1024, 1 << 24), _env_int, live=False),
     _key("verify_after_commit", "verify_after_commit", _bool, _env_bool),
     _key("reread_after_commit", "reread_after_commit", _bool, _env_bool),
+    _key("announce_record_bytes", "announce_record_bytes", _int_in(0, 1 << 30), _env_int),
     _key("damage_recheck_interval", "damage_recheck_interval", _seconds(86400), _env_float),
     _key("log_level", "log_level", _choice(LOG_LEVELS, str.upper), flag="--log-level",
          flag_help="DEBUG, INFO (default), WARNING, ERROR"),

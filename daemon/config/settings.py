@@ -107,6 +107,10 @@ class DaemonConfig:
     #: read each new version back and hash it before announcing it, instead of recording
     #: the checksums its commit took of the bytes it wrote (costs ~0.1 s of CPU per GiB)
     reread_after_commit: bool = False
+    #: the most bytes of a new version's record (its config and metadata JSON texts plus
+    #: 64 a tensor) its announcement carries, so readers map it without reading the
+    #: index; 0: announcements carry none (docs/protocol.md, announce)
+    announce_record_bytes: int = 64 << 10
     #: a reader's damage report on a version the daemon found intact is checked again
     #: (hashed) at most this often per version: reports alone cannot keep it hashing
     damage_recheck_interval: float = 60.0

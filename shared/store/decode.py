@@ -42,7 +42,7 @@ from ..validation import (
 )
 from ..verify import recorded_version
 from . import layout
-from .manifest import Manifest, unpack_manifest
+from .manifest import Manifest, check_layout_entries, unpack_manifest
 from .npyfile import (
     check_npy_header,
     dtype_from_text,
@@ -137,6 +137,37 @@ def read_plan(blob: bytes) -> tuple[Manifest, ReadPlan]:
     if len(_manifest_bytes(blob)) > _MEMO_MAX_LEN:
         return _memo_read_plan.__wrapped__(blob)
     return _memo_read_plan(blob)
+
+
+@lru_cache(maxsize=_MEMO_ENTRIES)
+def _memo_announced_plan(tensors: tuple[tuple[Any, ...], ...]) -> tuple[Manifest, ReadPlan]:
+    entries = check_layout_entries(tensors)  # every value checked, once per distinct layout
+    manifest: Manifest = tuple((*entry, "") for entry in entries)
+    plan = ReadPlan(
+        tuple(entry[0] for entry in entries),
+        tuple(
+            (layout.tensor_file_name(position), dtype_from_text(dtype), shape, offset, nbytes)
+            for position, (_, dtype, shape, offset, nbytes) in enumerate(entries)
+        ),
+    )
+    return manifest, plan
+
+
+def announced_plan(tensors: tuple[tuple[Any, ...], ...]) -> tuple[Manifest, ReadPlan]:
+    """How to map a version from its announcement's tensors (name, dtype, shape, offset,
+    nbytes per tensor), checked as a stored manifest is (IntegrityError otherwise); the
+    manifest has no checksums. Memoized by the tensors themselves: successive versions
+    of one model have the same layout, whatever their values."""
+    try:
+        if len(tensors) <= _MEMO_ANNOUNCED_MAX:
+            return _memo_announced_plan(tensors)
+    except TypeError:  # a map somewhere in it (unhashable): not a layout
+        raise IntegrityError("the announced tensors are not a list of entries") from None
+    return _memo_announced_plan.__wrapped__(tensors)
+
+
+#: the most tensors of an announced layout that is memoized (larger ones are checked each time)
+_MEMO_ANNOUNCED_MAX = 1024
 
 
 @lru_cache(maxsize=_MEMO_ENTRIES)

@@ -77,6 +77,33 @@ def unpack_manifest(blob: bytes) -> Manifest:
     return manifest
 
 
+def layout_entries(blob: bytes) -> tuple[tuple[Any, ...], ...]:
+    """The writer's own stored manifest without its checksums: ``(name, dtype, shape,
+    offset, nbytes)`` per tensor, for its announcements. Not checked here: what reads
+    it checks it (:func:`check_layout_entries`)."""
+    manifest = msgpack.unpackb(blob, raw=False, use_list=False, **_LIMITS)
+    return tuple(entry[:5] for entry in manifest)
+
+
+def check_layout_entries(entries: object) -> tuple[tuple[Any, ...], ...]:
+    """Raise IntegrityError unless ``entries`` (an announcement's tensors) is a non-empty
+    tuple of ``(name, dtype, shape, offset, nbytes)`` that :func:`check_entry` would allow
+    with a checksum beside it, no name twice; returns it."""
+    if not isinstance(entries, tuple) or not entries:
+        raise IntegrityError("the announced tensors are not a list")
+    names: set[object] = set()
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, tuple) or len(entry) != 5:
+            raise IntegrityError(
+                f"announced tensor {position} is not [name, dtype, shape, offset, nbytes]"
+            )
+        check_entry((*entry, ""), f"announced tensor {position}")
+        names.add(entry[0])
+    if len(names) != len(entries):
+        raise IntegrityError("the announced tensors name a tensor twice")
+    return entries
+
+
 def check_entry(entry: object, where: str) -> None:
     """Raise IntegrityError unless ``entry`` is a manifest entry that can be right."""
     if not isinstance(entry, tuple) or len(entry) != 6:

@@ -7,6 +7,7 @@ alike; it writes nothing (docs/architecture.md, "What a reader may touch").
 from __future__ import annotations
 
 import os
+from itertools import chain
 from types import MappingProxyType
 from typing import Any
 
@@ -20,6 +21,8 @@ from ..integrity import (
     DAMAGED,
     VERIFIED,
     boot_id,
+    identity_of,
+    unpack_identities,
 )
 from ..records import ContextMetadata, FileInfo, SlotInfo, VersionInfo
 from ..validation import (
@@ -36,6 +39,7 @@ from .decode import (
     RECORD_SQL,
     ReadPlan,
     VersionRef,
+    announced_plan,
     check_mapped_headers,
     load_json,
     mapped_identities,
@@ -47,6 +51,7 @@ from .decode import (
     tensor_table,
     verify_mapped,
 )
+from .manifest import layout_entries
 from .npyfile import (
     map_arrays,
 )
@@ -143,6 +148,73 @@ class StoreReads(StoreConnections):
             load_json(record[1], "metadata"),
             slot,
             number,
+        )
+
+    def announced_record(
+        self, slot: int, version: int
+    ) -> tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]] | None:
+        """What the writer tells readers with its announcement of ``version`` so that they
+        map it without reading the index: its config and metadata texts, its tensors
+        ``(name, dtype, shape, offset, nbytes)`` and its files' identities, flat (four
+        integers each), as recorded verified during this boot; None unless so recorded."""
+        rows = self._query(RECORD_SQL + "?2", (slot, version))
+        if not rows:
+            return None
+        _, config, metadata, manifest, state, recorded_boot, files, _ = rows[0]
+        identities = unpack_identities(files)
+        if (
+            state != VERIFIED
+            or recorded_boot is None
+            or recorded_boot != boot_id()
+            or identities is None
+            or type(manifest) is not bytes
+        ):
+            return None
+        tensors = layout_entries(manifest)
+        if len(identities) != len(tensors):
+            return None
+        return config, metadata, tensors, tuple(n for identity in identities for n in identity)
+
+    def load_announced(
+        self,
+        slot: int,
+        version: int,
+        record: tuple[str, str, Any, Any],
+        *,
+        verify: bool = False,
+        trust_verified: bool = False,
+    ) -> Context | None:
+        """``version`` of ``slot`` mapped from its announcement's record (see
+        :meth:`announced_record`) without reading the index; None when the record
+        cannot spare the index (``verify`` without ``trust_verified`` must hash, or a
+        mapped file's identity is not the one the writer vouched for: the caller
+        loads it from the index, which hashes it).
+
+        The record is the daemon's word, checked as strictly as the index's: every
+        tensor entry as a stored manifest's (IntegrityError otherwise), the files
+        are the store's own (named by position under the version's directory, opened
+        as :meth:`load_context` opens them), each mapped file's ``fstat`` must be the
+        identity vouched for, and the .npy headers are compared with the entries.
+        NotFoundError when the version's files are gone (retired).
+        """
+        if verify and not trust_verified:
+            return None
+        config, metadata, tensors, files = record
+        manifest, plan = announced_plan(tensors)
+        stats: list[os.stat_result] | None = [] if verify else None
+        weights = self._map_tensors(slot, version, plan, stats)
+        if stats is not None:
+            identities = list(map(identity_of, stats))
+            if tuple(chain.from_iterable(identities)) != files:
+                return None
+            check_mapped_headers(slot, version, manifest, weights, identities)
+            self.versions_trusted += 1
+        return Context._trusted(
+            MappingProxyType(weights),
+            load_json(config, "config"),
+            load_json(metadata, "metadata"),
+            slot,
+            version,
         )
 
     def _map_tensors(

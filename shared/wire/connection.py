@@ -31,7 +31,14 @@ from typing import Final, NoReturn, TypeAlias
 
 from ..errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .codec import Message, decode_body, encode_body, error_for
-from .messages import PROTOCOL_VERSION, Announce, Hello, Welcome
+from .messages import (
+    PROTOCOL_VERSION,
+    RECORD_PROTOCOL,
+    SUPPORTED_PROTOCOLS,
+    Announce,
+    Hello,
+    Welcome,
+)
 from .states import (
     CLOSED,
     NEED_DATA,
@@ -79,6 +86,7 @@ class Connection:
         "_buffer",
         "_eof",
         "_error",
+        "_hello_protocol",
         "_last_seq",
         "_states",
         "max_buffer_size",
@@ -112,11 +120,17 @@ class Connection:
         self.max_buffer_size: Final = max_buffer_size
         #: the protocol version agreed by the handshake, None before it
         self.protocol: int | None = None
+        self._hello_protocol: int = PROTOCOL_VERSION
         self._states = {Role.CLIENT: State.START, Role.SERVER: State.START}
         self._buffer = bytearray()
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._last_seq = 0
+
+    def _spoken(self) -> str:
+        """The versions this side speaks, in words."""
+        *older, newest = SUPPORTED_PROTOCOLS
+        return f"{', '.join(map(str, older))} and {newest}" if older else str(newest)
 
     @property
     def their_role(self) -> Role:
@@ -209,6 +223,7 @@ class Connection:
             and TRANSITIONS.get((self.role, state), {}).get("announce") is state
             and announce.seq > self._last_seq
             and len(frame) - HEADER.size <= self.max_frame_size
+            and (announce.record is None or (self.protocol or 0) >= RECORD_PROTOCOL)
         )
 
     # -- internals ---------------------------------------------------------------------------
@@ -265,8 +280,18 @@ class Connection:
         """Rules that depend on the connection, not only on the message."""
         who = sender.value
         match message:
-            case Hello(protocol=version) | Welcome(protocol=version) if version != PROTOCOL_VERSION:
-                raise error(f"{who} speaks protocol {version}; this side speaks {PROTOCOL_VERSION}")
+            case Hello(protocol=version) if version not in SUPPORTED_PROTOCOLS:
+                raise error(f"{who} speaks protocol {version}; this side speaks {self._spoken()}")
+            case Welcome(protocol=version) if version != self._hello_protocol:
+                asked = self._hello_protocol
+                raise error(f"{who} speaks protocol {version}; the hello asked for {asked}")
+            case Announce(record=record) if (
+                record is not None and (self.protocol or 0) < RECORD_PROTOCOL
+            ):
+                raise error(
+                    f"{who} sent an announce with a version record on protocol "
+                    f"{self.protocol}; records came with protocol {RECORD_PROTOCOL}"
+                )
             case Announce(seq=seq) if seq <= self._last_seq:
                 raise error(
                     f"{who} sent announce seq {seq} after seq {self._last_seq}; seq must increase"
@@ -278,6 +303,8 @@ class Connection:
         for role, state in changes:
             self._states[role] = state
         match message:
+            case Hello(protocol=version):
+                self._hello_protocol = version
             case Welcome(protocol=version):
                 self.protocol = version
             case Announce(seq=seq):

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Annotated, Any, Final, TypeAlias
+from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 
 from .. import checks
 from ..checks import WIRE, check_alias, check_label, check_slot, check_version, integer, optional
@@ -50,12 +50,15 @@ class Field:
     ``check`` normalizes or raises InvalidInputError; ``dump`` gives the wire form of
     the normalized value (None: the value itself); ``later`` marks a field added after
     protocol 1 shipped, which a frame may leave out (its default applies) so that a
-    peer from an older ctxstore is still understood.
+    peer from an older ctxstore is still understood; ``omit_none``: a None value is
+    not written at all (the frame is then byte for byte what an older peer sent).
     """
 
     check: Check
     dump: Check | None = None
     later: bool = False
+    #: left out of the frame when None (a field only newer peers are sent, see ``later``)
+    omit_none: bool = False
 
 
 # -- checks: each takes an untrusted value and returns the normalized one --------------------
@@ -229,6 +232,62 @@ def dump_rows(rows: tuple[Mapping[str, Any], ...]) -> list[dict[str, Any]]:
     return [plain(row) for row in rows]
 
 
+#: the most tensors a version record in an announcement describes (larger versions are
+#: announced without one; readers then read the store)
+MAX_RECORD_TENSORS: Final = 4096
+#: the most UTF-8 bytes of config or metadata JSON text a version record carries
+MAX_RECORD_TEXT: Final = 1 << 20
+
+
+class VersionRecord(NamedTuple):
+    """What a reader needs to map one version without reading the index: the daemon's word.
+
+    ``config`` and ``metadata``: the stored JSON texts; ``tensors``: per tensor in
+    position order ``(name, dtype, shape, data offset, data bytes)``, as the index
+    records them; ``files``: each tensor file's identity (size, mtime_ns, inode,
+    device), four integers per tensor, as the daemon recorded them verified. Only
+    the structure and sizes are checked here (the wire knows no dtypes): the
+    reader checks each tensor entry before it maps anything, once per distinct
+    layout (``ctxstore.store.decode.announced_plan``).
+    """
+
+    config: str
+    metadata: str
+    tensors: tuple[tuple[Any, ...], ...]
+    files: tuple[int, ...]
+
+
+def _record_text(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_RECORD_TEXT:  # characters: at least as many bytes
+        raise InvalidInputError(f"{what} is longer than {MAX_RECORD_TEXT} bytes")
+    return value
+
+
+def version_record(value: Any) -> VersionRecord | None:
+    """An optional version record: [config, metadata, tensors, files], bounded."""
+    if value is None or type(value) is VersionRecord:
+        return value  # a record built by this process was checked when it was made
+    if not isinstance(value, tuple | list) or len(value) != 4:
+        raise InvalidInputError("must be nil or [config, metadata, tensors, files]")
+    config, metadata, tensors, files = value
+    if not isinstance(tensors, tuple | list) or not 0 < len(tensors) <= MAX_RECORD_TENSORS:
+        raise InvalidInputError(f"tensors must be an array of 1 to {MAX_RECORD_TENSORS} entries")
+    if (
+        not isinstance(files, tuple | list)
+        or len(files) != 4 * len(tensors)
+        or not set(map(type, files)) <= {int}
+    ):
+        raise InvalidInputError("files must be an array of 4 integers per tensor")
+    return VersionRecord(
+        _record_text(config, "config"),
+        _record_text(metadata, "metadata"),
+        tensors if type(tensors) is tuple else tuple(tensors),
+        files if type(files) is tuple else tuple(files),
+    )
+
+
 # -- the fields, each declared once: type, check and wire form ----------------------------------
 # (module-level names: a record's own field names, as slots, would shadow the checks)
 
@@ -265,3 +324,7 @@ RequestIdOrNone: TypeAlias = Annotated[int | None, Field(optional(integer(0, MAX
 #: the fields every publish request gained after protocol 1 (see docs/protocol.md)
 PublishKey: TypeAlias = Annotated[str | None, Field(optional(publish_key), later=True)]
 WantProgress: TypeAlias = Annotated[bool, Field(boolean, later=True)]
+#: protocol 2's addition to announce: sent only to peers that speak it, absent when None
+AnnouncedRecord: TypeAlias = Annotated[
+    VersionRecord | None, Field(version_record, later=True, omit_none=True)
+]

@@ -21,6 +21,7 @@ from .fields import (
     AbsolutePath,
     Alias,
     AliasVersions,
+    AnnouncedRecord,
     ErrorKind,
     ErrorText,
     Flag,
@@ -54,7 +55,12 @@ from .fields import (
 from .record import Record, message
 from .tensors import Manifest
 
-PROTOCOL_VERSION: Final = 1
+#: the protocol this side speaks; 2 added announce's ``record`` (docs/protocol.md)
+PROTOCOL_VERSION: Final = 2
+#: the versions a daemon answers in: a client's own, echoed in its welcome
+SUPPORTED_PROTOCOLS: Final = (1, 2)
+#: the first protocol whose announcements may carry a version record
+RECORD_PROTOCOL: Final = 2
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -126,7 +132,9 @@ class Announce(Record):
     """Daemon -> subscriber: ``slot`` now serves ``version`` (committed, warmed, in the table).
 
     ``seq`` strictly increases on a connection; ``aliases`` lists the aliases that
-    moved with this commit (alias -> version).
+    moved with this commit (alias -> version). ``record`` (protocol 2, sent only to
+    peers that speak it): what a reader needs to map the version without reading
+    the index, or None (pointer moves, large versions: the reader reads the store).
     """
 
     TYPE: ClassVar[str] = "announce"
@@ -136,6 +144,7 @@ class Announce(Record):
     committed_at: Seconds
     model_type: ModelType = None
     aliases: AliasVersions = field(default_factory=dict)
+    record: AnnouncedRecord = None
 
 
 @message

@@ -33,6 +33,8 @@ class Record:
     #: fields added after protocol 1 shipped: a frame may leave them out (their default
     #: applies), so a peer from an older ctxstore is still understood
     LATER: ClassVar[frozenset[str]] = frozenset()
+    #: fields left out of the frame when None (``Field.omit_none``)
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, check in self.CHECKS.items():
@@ -45,9 +47,12 @@ class Record:
     def to_wire(self) -> dict[str, Any]:
         """The frame body as a plain map (before msgpack)."""
         body: dict[str, Any] = {"type": self.TYPE}
+        omit = self.OMIT_NONE
         for name in self.CHECKS:
             dump = self.DUMPS.get(name)
             value = getattr(self, name)
+            if value is None and name in omit:
+                continue
             body[name] = value if dump is None else dump(value)
         return body
 
@@ -65,6 +70,7 @@ def message(cls: type[R]) -> type[R]:
     checks: dict[str, Check] = {}
     dumps: dict[str, Check] = {}
     later: set[str] = set()
+    omit: set[str] = set()
     for member in dataclasses.fields(cls):  # type: ignore[arg-type]
         spec = [m for m in getattr(hints[member.name], "__metadata__", ()) if isinstance(m, Field)]
         if len(spec) != 1:
@@ -74,7 +80,10 @@ def message(cls: type[R]) -> type[R]:
             dumps[member.name] = spec[0].dump
         if spec[0].later:
             later.add(member.name)
+        if spec[0].omit_none:
+            omit.add(member.name)
     cls.CHECKS = checks
     cls.DUMPS = dumps
     cls.LATER = frozenset(later)
+    cls.OMIT_NONE = frozenset(omit)
     return cls

@@ -1,0 +1,255 @@
+"""Protocol 2's version record: a new version's announcement carries what a reader needs to
+map it (config, metadata, tensor layout, file identities), so it reads no index.
+
+The daemon half runs an in-process daemon with raw peers of each protocol; the reader
+half runs a Reader against the fake daemon, which announces whatever record a test
+gives it. Waits are bounded; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support.fake_daemon import WAIT, Env, make_env
+from support.inprocess import commit, running
+from support.peers import AsyncPeer
+
+from ctxstore.integrity import identity_of
+from ctxstore.protocol import Announce, Connection, Hello, Role, Subscribe, Subscribed, Welcome
+from ctxstore.readers import Reader
+from ctxstore.readers.handler import ReaderSessionHandler
+from ctxstore.store import layout
+from ctxstore.store.npyfile import dtype_from_text
+from ctxstore.wire import VersionRecord
+
+# -- the daemon: who is sent a record, and what it says -----------------------------------
+
+
+async def _peer(path: Path, protocol: int) -> AsyncPeer:
+    peer = AsyncPeer(*await asyncio.open_unix_connection(str(path)))
+    peer.conn = Connection(Role.CLIENT)
+    await peer.send(Hello(protocol=protocol, role="reader", name=f"p{protocol}", pid=os.getpid()))
+    welcome = await peer.next()
+    assert isinstance(welcome, Welcome) and welcome.protocol == protocol
+    await peer.send(Subscribe(request_id=1, slots=(1,)))
+    assert isinstance(await peer.next(), Subscribed)
+    return peer
+
+
+async def _announce(peer: AsyncPeer) -> Announce:
+    message = await asyncio.wait_for(peer.next(), WAIT)
+    assert isinstance(message, Announce)
+    return message
+
+
+def test_a_new_version_carries_its_record_to_protocol_2_readers_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(tmp_path, http="off") as daemon:
+            assert daemon.store is not None and daemon.committer is not None
+            new, old = await _peer(daemon.config.socket, 2), await _peer(daemon.config.socket, 1)
+            version = await commit(daemon, 1, 2.0)
+            told, plain = await _announce(new), await _announce(old)
+            assert (told.version, plain.version) == (version, version)
+            assert plain.record is None  # a protocol-1 reader gets what it always got
+            record = told.record
+            assert record is not None
+            ((name, dtype, shape, offset, nbytes),) = record.tensors
+            assert (name, dtype_from_text(dtype), shape, nbytes) == ("w", np.float32, (4,), 16)
+            assert offset >= 64
+            assert (record.config, record.metadata) == ('{"layers":2}', '{"loss":2.0}')
+            path = layout.tensor_path_str(str(daemon.store.root), 1, version, 0)
+            assert record.files == identity_of(os.stat(path))
+            # a pointer move carries none: readers read the store for it
+            await daemon.committer.move_pointer(1, version - 1 if version > 1 else version)
+            assert (await _announce(new)).record is None
+            await new.close()
+            await old.close()
+
+    asyncio.run(main())
+
+
+def test_records_can_be_turned_off(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(tmp_path, http="off", announce_record_bytes=0) as daemon:
+            peer = await _peer(daemon.config.socket, 2)
+            await commit(daemon, 1)
+            assert (await _announce(peer)).record is None
+            await peer.close()
+
+    asyncio.run(main())
+
+
+def test_the_commit_thread_lets_the_loop_announce_before_its_chores(tmp_path: Path) -> None:
+    """Warming and retention follow the announcement: the commit thread waits for it."""
+
+    async def main() -> None:
+        async with running(tmp_path, http="off") as daemon:
+            assert daemon.store is not None
+            peer = await _peer(daemon.config.socket, 2)
+            announced: list[int] = []
+            order: list[str] = []
+            real_announce, real_warm = daemon.announce, daemon.store._warm
+
+            def announce(message: Announce) -> None:
+                announced.append(message.version)
+                real_announce(message)
+
+            def warm(*args: Any, **kwargs: Any) -> Any:
+                order.append("announced" if announced else "not announced")
+                return real_warm(*args, **kwargs)
+
+            daemon.store._warm = warm  # type: ignore[method-assign]
+            assert daemon.committer is not None
+            daemon.committer._announce = announce
+            await commit(daemon, 1)
+            await _announce(peer)
+            assert order == ["announced"]
+            await peer.close()
+
+    asyncio.run(main())
+
+
+# -- the reader: mapped from the record, or refused and read from the store -----------------
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    with make_env(tmp_path) as environment:
+        yield environment
+
+
+def _eventually(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        pause.wait(0.002)
+
+
+def _following(env: Env) -> tuple[Any, Reader]:
+    daemon = env.daemon()
+    reader = env.reader()
+    reader.get(1)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 1 in m.slots, "follow of slot 1")
+    return daemon, reader
+
+
+def _count_index_reads(reader: Reader, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every read connection the reader's store hands out (each SQLite read takes one)."""
+    store = reader._store
+    reads: list[str] = []
+    real = store._reader
+
+    def counting() -> Any:
+        reads.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(store, "_reader", counting)
+    return reads
+
+
+def _record(env: Env, version: int, **changes: Any) -> VersionRecord:
+    found = env.writer.announced_record(1, version)
+    assert found is not None, "published without its verified record"
+    return VersionRecord(*found)._replace(**changes)
+
+
+def test_an_announced_record_is_mapped_without_reading_the_index(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, reader = _following(env)
+    version = env.publish(1, 2.0, record_verified=True)
+    trusted = reader.stats().trusted
+    reads = _count_index_reads(reader, monkeypatch)
+    daemon.announce(1, version, record=_record(env, version))
+    daemon.wait_ack(1, version)
+    assert reads == []
+    assert reader.stats().trusted == trusted + 1  # each file's fstat matched the record
+    ctx = reader.get(1)
+    assert (ctx.version, float(ctx["w"][0]), ctx.config["value"]) == (version, 2.0, 2.0)
+
+
+def _dtype(record: VersionRecord) -> str:
+    return str(record.tensors[0][1])  # as the index writes it
+
+
+MALFORMED: list[tuple[Callable[[VersionRecord], dict[str, Any]], str]] = [
+    (lambda r: {"tensors": (("w", "<x9", (8,), 128, 32),)}, "dtype"),
+    (lambda r: {"tensors": (("w", _dtype(r), (9,), 128, 32),)}, "which takes 36"),
+    (lambda r: {"tensors": (("w", _dtype(r), (8,), 0, 32),)}, "data offset"),
+    (lambda r: {"tensors": (("w", _dtype(r), {"8": 8}, 128, 32),)}, "not a list of entries"),
+    (lambda r: {"tensors": (r.tensors[0], r.tensors[0]), "files": r.files * 2}, "twice"),
+    (lambda r: {"config": "[1, 2]"}, "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("changes", "why"), MALFORMED, ids=[why for _, why in MALFORMED])
+def test_a_malformed_record_is_refused_and_the_store_decides(
+    env: Env,
+    caplog: pytest.LogCaptureFixture,
+    changes: Callable[[VersionRecord], dict[str, Any]],
+    why: str,
+) -> None:
+    daemon, reader = _following(env)
+    version = env.publish(1, 3.0, record_verified=True)
+    record = _record(env, version)
+    with caplog.at_level(logging.WARNING, "ctxstore.readers"):
+        daemon.announce(1, version, record=record._replace(**changes(record)))
+        daemon.wait_ack(1, version)  # adopted all the same, from the store
+    refusals = [r.getMessage() for r in caplog.records if "announced record" in r.getMessage()]
+    assert len(refusals) == 1 and why in refusals[0], refusals
+    assert reader._adoption.records_refused == 1
+    assert float(reader.get(1)["w"][0]) == 3.0
+    assert reader.stats().connected  # the session goes on
+
+
+def test_files_other_than_the_vouched_ones_send_the_reader_to_the_store(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, reader = _following(env)
+    version = env.publish(1, 4.0, record_verified=True)
+    record = _record(env, version)
+    other = (record.files[0], record.files[1] + 1, *record.files[2:])  # another mtime
+    reads = _count_index_reads(reader, monkeypatch)
+    daemon.announce(1, version, record=record._replace(files=other))
+    daemon.wait_ack(1, version)
+    assert reads  # the index decided (and its own verified record matched the files)
+    assert reader._adoption.records_refused == 0  # not malformed: only not these files
+    assert float(reader.get(1)["w"][0]) == 4.0
+
+
+def test_the_ack_is_written_before_the_callbacks_are_handed_over() -> None:
+    order: list[str] = []
+
+    class Adoption:
+        def adopt_announced(self, slot: int, version: int, record: object) -> None:
+            order.append("adopted, ack posted")
+
+    class Book:
+        def follows(self, slot: int) -> bool:
+            return True
+
+        def deliver(self, message: object) -> None:
+            order.append("callbacks handed over")
+
+    handler = ReaderSessionHandler(
+        "r",
+        Adoption(),  # type: ignore[arg-type]
+        Book(),  # type: ignore[arg-type]
+        attach_table=lambda: None,
+        detach_table=lambda: None,
+        heartbeat_interval=1.0,
+        send_now=lambda: order.append("ack written"),
+    )
+    handler.message_received(Announce(slot=1, version=2, seq=1, committed_at=0))
+    assert order == ["adopted, ack posted", "ack written", "callbacks handed over"]
