@@ -29,6 +29,7 @@ from ctxstore.errors import CtxStoreError
 from ctxstore.store import PersistentStore
 from ctxstore.versiontable import VersionTable, VersionTableWriter, segment_name
 from ctxstore.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
     RECORD_PROTOCOL,
     Announce,
     DamageReport,
@@ -583,8 +584,11 @@ class Daemon:
         cannot be encoded (logged: the version is committed all the same)."""
         if not full and announce.record is not None:
             announce = dataclasses.replace(announce, record=None)
+        limit = self.config.max_frame_size
+        if full:  # what every reader accepts, whatever this daemon's own limit
+            limit = min(limit, DEFAULT_MAX_FRAME_SIZE)
         try:
-            return announce, encode_frame(announce, max_frame_size=self.config.max_frame_size)
+            return announce, encode_frame(announce, max_frame_size=limit)
         except CtxStoreError as exc:
             if full:  # a record too large for the frame: announce without it
                 return self._announce_frame(announce, False)

@@ -139,7 +139,7 @@ def read_plan(blob: bytes) -> tuple[Manifest, ReadPlan]:
     return _memo_read_plan(blob)
 
 
-@lru_cache(maxsize=_MEMO_ENTRIES)
+@lru_cache(maxsize=64)  # a reader follows a few models; each layout is at most 1024 tensors
 def _memo_announced_plan(tensors: tuple[tuple[Any, ...], ...]) -> tuple[Manifest, ReadPlan]:
     entries = check_layout_entries(tensors)  # every value checked, once per distinct layout
     manifest: Manifest = tuple((*entry, "") for entry in entries)
