@@ -29,7 +29,7 @@ from ctxstore.readers import Reader
 from ctxstore.readers.handler import ReaderSessionHandler
 from ctxstore.store import layout
 from ctxstore.store.npyfile import dtype_from_text
-from ctxstore.wire import VersionRecord
+from ctxstore.wire import DEFAULT_MAX_FRAME_SIZE, VersionRecord
 
 # -- the daemon: who is sent a record, and what it says -----------------------------------
 
@@ -84,6 +84,18 @@ def test_records_can_be_turned_off(tmp_path: Path) -> None:
             await commit(daemon, 1)
             assert (await _announce(peer)).record is None
             await peer.close()
+
+    asyncio.run(main())
+
+
+def test_a_record_too_large_for_a_readers_frame_is_left_out(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(tmp_path, http="off", max_frame_size=4 << 20) as daemon:
+            big = VersionRecord("x" * (1 << 20), "{}", (("w", "<f4", (4,), 128, 16),), (1,) * 4)
+            announce = Announce(slot=1, version=2, seq=1, committed_at=0, record=big)
+            encoded = daemon._announce_frame(announce, True)
+            assert encoded is not None
+            assert encoded[0].record is None and len(encoded[1]) <= DEFAULT_MAX_FRAME_SIZE
 
     asyncio.run(main())
 
