@@ -169,11 +169,13 @@ class ReaderConnection:
 
     def send_now(self) -> None:
         """On the socket thread, in a handler: write what was posted so far (one send,
-        without waiting), rather than when the handler returns. Elsewhere: nothing."""
+        without waiting), rather than when the handler returns. Elsewhere: nothing. While
+        more received frames wait to be handled (a backlog of announcements), the acks
+        wait for the last of them and leave together, in one send."""
         session = self._session
         if session is None or threading.get_ident() != self._thread.ident:
             return
-        if session.established:
+        if session.established and not session.conn.buffered:
             with contextlib.suppress(_SessionEndedError):  # the loop's next flush meets it
                 session.drain_outbox()
                 session.flush()

@@ -24,8 +24,19 @@ from support.inprocess import commit, running
 from support.peers import AsyncPeer
 
 from ctxstore.integrity import identity_of
-from ctxstore.protocol import Announce, Connection, Hello, Role, Subscribe, Subscribed, Welcome
+from ctxstore.protocol import (
+    Ack,
+    Announce,
+    Connection,
+    Hello,
+    Role,
+    Subscribe,
+    Subscribed,
+    Welcome,
+    encode_frame,
+)
 from ctxstore.readers import Reader
+from ctxstore.readers.connection import _Session
 from ctxstore.readers.handler import ReaderSessionHandler
 from ctxstore.store import layout
 from ctxstore.store.npyfile import dtype_from_text
@@ -265,3 +276,36 @@ def test_the_ack_is_written_before_the_callbacks_are_handed_over() -> None:
     )
     handler.message_received(Announce(slot=1, version=2, seq=1, committed_at=0))
     assert order == ["adopted, ack posted", "ack written", "callbacks handed over"]
+
+
+def test_acks_of_announcements_received_together_leave_in_one_send(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.publish(2, 1.0)
+    daemon = env.daemon()
+    reader = env.reader(heartbeat_interval=60.0)
+    reader.get(1)
+    reader.get(2)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 2 in m.slots, "follow of slot 2")
+    first, second = env.publish(1, 2.0), env.publish(2, 2.0)
+    written: list[bytes] = []
+    real_flush = _Session.flush
+
+    def flush(self: _Session) -> None:
+        if self.unsent:
+            written.append(bytes(self.unsent))
+        real_flush(self)
+
+    monkeypatch.setattr(_Session, "flush", flush)
+    (session,) = daemon.live_sessions()
+    with session.lock:  # both frames in one write: the reader receives them together
+        frames = b""
+        for slot, version in ((1, first), (2, second)):
+            session.seq += 1
+            announce = Announce(slot=slot, version=version, seq=session.seq, committed_at=0)
+            frames += session.conn.send(announce)
+        session.sock.sendall(frames)
+    daemon.wait_ack(1, first)
+    daemon.wait_ack(2, second)
+    acks = [encode_frame(Ack(slot=1, version=first)), encode_frame(Ack(slot=2, version=second))]
+    assert [chunk for chunk in written if acks[0] in chunk or acks[1] in chunk] == [b"".join(acks)]
