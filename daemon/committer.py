@@ -458,8 +458,8 @@ class Committer:
             return None
         try:
             found = self.store.announced_record(slot, version)
-        except CtxStoreError as exc:
-            log.debug("slot %d version %d is announced without its record: %s",
+        except Exception as exc:  # the announcement goes, without it; readers read the index
+            log.warning("slot %d version %d is announced without its record: %s",
                       slot, version, exc)  # fmt: skip
             return None
         if found is None:

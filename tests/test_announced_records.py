@@ -99,6 +99,41 @@ def test_records_can_be_turned_off(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_record_that_cannot_be_read_back_never_delays_the_announcement(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with running(tmp_path, http="off") as daemon:
+            assert daemon.store is not None and daemon.committer is not None
+            peer = await _peer(daemon.config.socket, 2)
+            announced: list[Announce] = []
+            real_announce, real_warm = daemon.committer._announce, daemon.store._warm
+
+            def unreadable(slot: int, version: int) -> None:
+                raise ValueError("a manifest msgpack cannot read")
+
+            warmed_after: list[int] = []
+
+            def warm(*args: Any, **kwargs: Any) -> Any:
+                warmed_after.append(len(announced))  # the store logs a chore's exception
+                return real_warm(*args, **kwargs)
+
+            def announce(message: Announce) -> None:
+                announced.append(message)
+                real_announce(message)
+
+            daemon.store.announced_record = unreadable  # type: ignore[method-assign,assignment]
+            daemon.store._warm = warm  # type: ignore[method-assign]
+            daemon.committer._announce = announce
+            version = await commit(daemon, 1)
+            assert [(a.version, a.record) for a in announced] == [(version, None)]
+            assert warmed_after == [1]  # announced from the commit thread, before its chores
+            assert (await _announce(peer)).version == version
+            await peer.close()
+
+    asyncio.run(main())
+
+
 def test_a_record_too_large_for_a_readers_frame_is_left_out(tmp_path: Path) -> None:
     async def main() -> None:
         async with running(tmp_path, http="off", max_frame_size=4 << 20) as daemon:

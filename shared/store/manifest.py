@@ -81,8 +81,11 @@ def layout_entries(blob: bytes) -> tuple[tuple[Any, ...], ...]:
     """The writer's own stored manifest without its checksums: ``(name, dtype, shape,
     offset, nbytes)`` per tensor, for its announcements. Not checked here: what reads
     it checks it (:func:`check_layout_entries`)."""
-    manifest = msgpack.unpackb(blob, raw=False, use_list=False, **_LIMITS)
-    return tuple(entry[:5] for entry in manifest)
+    try:
+        manifest = msgpack.unpackb(blob, raw=False, use_list=False, **_LIMITS)
+        return tuple(tuple(entry[:5]) for entry in manifest)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"stored tensor manifest is unreadable: {exc}") from exc
 
 
 def check_layout_entries(entries: object) -> tuple[tuple[Any, ...], ...]:
