@@ -72,7 +72,7 @@ def _skip_file_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = store_module.fsync_all
     monkeypatch.setattr(
-        store_module, "fsync_all", lambda paths: real([p for p in paths if os.path.isdir(p)])
+        store_module, "fsync_all", lambda paths, **kw: real([p for p in paths if os.path.isdir(p)])
     )
 
 
@@ -82,7 +82,9 @@ def _skip_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     real = store_module.fsync_all
     monkeypatch.setattr(store_module, "fsync_dir", lambda path: None)
     monkeypatch.setattr(
-        store_module, "fsync_all", lambda paths: real([p for p in paths if not os.path.isdir(p)])
+        store_module,
+        "fsync_all",
+        lambda paths, **kw: real([p for p in paths if not os.path.isdir(p)]),
     )
 
 

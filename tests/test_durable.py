@@ -41,6 +41,45 @@ def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all_finished(
     durable.fsync_all([])  # nothing to do is not an error
 
 
+def test_a_small_version_is_synced_in_the_callers_thread_after_its_writeback_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small commit's files: writeback started as each is written, then each fsynced
+    in the committing thread (a pool hand-off cost more CPU than the fsync); a failed
+    fsync still does not cut the others short. A large batch still goes to the pool."""
+    started: list[int] = []
+    real_start = durable.start_writeback
+    monkeypatch.setattr(durable, "start_writeback", lambda fd: (started.append(fd), real_start(fd)))
+    small = [str(tmp_path / f"s{i}") for i in range(4)]
+    for path in small:
+        durable.write_new_file(path, (b"x" * 4096,), sync=False)
+    assert len(started) == 4
+    durable.write_new_file(str(tmp_path / "big"), (b"x" * (durable.SERIAL_SYNC_BYTES + 1),),
+                           sync=False)  # fmt: skip
+    assert len(started) == 4  # a large file is synced by the pool, with no head start
+
+    threads: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        threads[name] = threading.get_ident()
+        if name.endswith("/s1"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError, match=r"cannot fsync .*/s1: Input/output error"):
+        durable.fsync_all(small, nbytes=4 * 4096)
+    assert set(threads) == set(small)
+    assert set(threads.values()) == {threading.get_ident()}
+    threads.clear()
+    with pytest.raises(StorageError, match="/s1"):
+        durable.fsync_all(small, nbytes=durable.SERIAL_SYNC_BYTES + 1)
+    assert set(threads) == set(small)
+    assert set(threads.values()) - {threading.get_ident()}  # the pool synced some
+
+
 def test_a_retired_version_is_deleted_in_the_background(
     store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -151,7 +151,7 @@ def test_version_numbers_and_model_type_follow_the_index_across_failures_and_reo
         with pytest.raises(ConflictError, match="holds model type 'llm'"):
             store.save_context(3, ctx, model_type="cnn")
 
-        def failing_fsync(paths: object) -> None:
+        def failing_fsync(paths: object, **kw: object) -> None:
             raise StorageError(5, "fsync failed (injected)")
 
         with monkeypatch.context() as patch:

@@ -274,7 +274,7 @@ class StoreCommit(StoreStaging):
                 # fsync's sleep the same statements took several times longer); none
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
                 retired = self._insert_version(conn, new, tensors)
-                fsync_all(written)
+                fsync_all(written, nbytes=staged_bytes(new, tensors))
                 early.wait()
                 if new.files:
                     fsync_dir(f"{staging}/{layout.FILES_DIR}")
@@ -397,3 +397,9 @@ class StoreCommit(StoreStaging):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
+
+
+def staged_bytes(new: NewVersion, tensors: list[TensorRow]) -> int:
+    """The bytes a version's staged files hold (tensors with their headers, extra files):
+    what :func:`~.durable.fsync_all` weighs to sync them in this thread or on its pool."""
+    return sum(row[4] + row[5] for row in tensors) + sum(len(d) for d in new.files.values())

@@ -7,7 +7,13 @@ the kernel may already have dropped the dirty pages).
 
 A commit writes all its files first and then syncs them together
 (:func:`fsync_all`): fsyncs issued at once share the filesystem's journal
-commits, where one after another each file pays for its own. A large import
+commits, where one after another each file pays for its own. A small version's
+files (:data:`SERIAL_SYNC_BYTES` in all) are the exception: handing each fsync
+to a pool thread cost more CPU than the fsync itself, so each small file's
+writeback is started as it is written (:func:`start_writeback`, the kernel's
+``sync_file_range``) and the fsyncs then run one after another in the caller's
+thread, each mostly waiting for I/O already under way. Every file still gets
+its own fsync before anything depends on it. A large import
 starts each file's fsync as soon as the file is written (:class:`SyncQueue`),
 so the disk writes one tensor while the next is copied instead of all of them
 after the last; the commit waits for every one before its rename, as before.
@@ -21,7 +27,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import StorageError
@@ -34,6 +40,9 @@ DIR_MODE = 0o755
 WRITE_CHUNK = 64 << 20
 #: fsyncs in flight at once beside the caller's own
 SYNC_THREADS = 8
+#: files of at most this many bytes in all are fsynced in the caller's thread, one
+#: after another (their writeback started as each was written), not by the pool
+SERIAL_SYNC_BYTES = 1 << 20
 
 
 def write_all(fd: int, data: memoryview | bytes) -> None:
@@ -50,17 +59,22 @@ def write_new_file(
     """Create ``path`` (it must not exist), write ``chunks``, leave it read-only.
 
     With ``sync=False`` the caller owes the file an fsync (:func:`fsync_all`)
-    before anything that depends on its contents becomes durable.
+    before anything that depends on its contents becomes durable; a small file's
+    writeback is started here (:func:`start_writeback`), so that fsync mostly waits.
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot create {path}: {exc.strerror}") from exc
     try:
+        written = 0
         for chunk in chunks:
             write_all(fd, chunk)
+            written += memoryview(chunk).nbytes
         if sync:
             os.fsync(fd)
+        elif written <= SERIAL_SYNC_BYTES:
+            start_writeback(fd)
     except OSError as exc:
         os.close(fd)
         _unlink_quietly(path)
@@ -85,26 +99,62 @@ def fsync_path(path: StrPath) -> None:
         raise StorageError(exc.errno, f"cannot fsync {path}: {exc.strerror}") from exc
 
 
-def fsync_all(paths: Sequence[StrPath]) -> None:
-    """fsync every path, at once; raises the first failure after all have finished.
+def fsync_all(paths: Sequence[StrPath], *, nbytes: int | None = None) -> None:
+    """fsync every path; raises the first failure after all have been tried.
 
-    Nothing is retried: a path whose fsync failed is reported even if the
-    others succeeded, and the caller abandons what depended on it.
+    Concurrently on the pool, or, when the caller says they hold ``nbytes`` <=
+    :data:`SERIAL_SYNC_BYTES` in all (or there is one path), one after another in
+    this thread. Nothing is retried: a path whose fsync failed is reported even if
+    the others succeeded, and the caller abandons what depended on it.
     """
-    if len(paths) <= 1:
-        for path in paths:
-            fsync_path(path)
-        return
-    pool = _sync_pool()
-    futures: list[Future[None]] = [pool.submit(fsync_path, path) for path in paths[1:]]
     failures: list[BaseException] = []
-    try:
-        fsync_path(paths[0])
-    except StorageError as exc:
-        failures.append(exc)
-    failures.extend(e for e in (f.exception() for f in futures) if e is not None)
+    if len(paths) <= 1 or (nbytes is not None and nbytes <= SERIAL_SYNC_BYTES):
+        for path in paths:
+            try:
+                fsync_path(path)
+            except StorageError as exc:
+                failures.append(exc)
+    else:
+        pool = _sync_pool()
+        futures: list[Future[None]] = [pool.submit(fsync_path, path) for path in paths[1:]]
+        try:
+            fsync_path(paths[0])
+        except StorageError as exc:
+            failures.append(exc)
+        failures.extend(e for e in (f.exception() for f in futures) if e is not None)
     if failures:
         raise failures[0]
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Only a head start for the
+    fsync that must still follow: it makes nothing durable, and where the call is
+    missing or fails nothing happens."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_SyncFileRange = Callable[[int, int, int, int], int]
+_sync_file_range_fn: list[_SyncFileRange | None] = []
+
+
+def _sync_file_range() -> _SyncFileRange | None:
+    """libc's sync_file_range, looked up once (None off Linux or without it)."""
+    if not _sync_file_range_fn:
+        import ctypes  # only a writer needs it, once
+
+        function: _SyncFileRange | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            found = libc.sync_file_range
+            found.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            found.restype = ctypes.c_int
+            function = found
+        _sync_file_range_fn.append(function)
+    return _sync_file_range_fn[0]
 
 
 class SyncQueue:
