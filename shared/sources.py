@@ -50,10 +50,18 @@ class VerifiedFile(NamedTuple):
     """A file holding a tensor exactly as the store writes it, and the xxh3-128 of its
     whole content as its owner verified it. The store moves such a file into a version
     and records ``checksum`` without reading it (it checks only the size and header):
-    the owner guarantees the file is not written again and has no other name."""
+    the owner guarantees the file is not written again and has no other name.
+
+    With ``identity`` (size, mtime, inode, device) it is a stored version's file
+    instead, whose checksum its reuser knows (the index vouches for that identity
+    during this boot, or the reuser hashed the file): the store links it, never
+    moves it, and only when the link is that very file unchanged. Copied instead
+    (the link failed), its bytes must hash to ``checksum``.
+    """
 
     path: str
     checksum: str
+    identity: tuple[int, int, int, int] | None = None
 
 
 class TensorSource:

@@ -930,3 +930,83 @@ def test_a_follower_moves_its_verified_downloads_into_the_store_without_copying(
         assert all(np.array_equal(got.weights[n], w) for n, w in weights.items())
         assert np.array_equal(got.weights["odd"], odd)
         assert not any((state / "incoming").iterdir())
+
+
+def test_a_follower_links_what_it_holds_unread_and_never_reuses_a_damaged_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor a follower holds already is linked into the pulled version without a byte
+    of it read, when its version was recorded verified this boot and the file is unchanged;
+    a changed file is hashed first and linked only if intact; a damaged one is downloaded
+    again, so the follower serves what its writer published (before, a held copy was read,
+    hashed and byte-compared on every pull, and a damaged one was committed as it was)."""
+    import asyncio
+
+    from ctxstore.integrity import hash_file as real_hash
+    from ctxstore.origin import reuse as reuse_module
+    from ctxstore.store import layout as store_layout
+    from ctxstore.store import staging
+
+    client = _MemoryOrigin()
+    rng = np.random.default_rng(5)
+    b, c = rng.standard_normal(4096, dtype=np.float32), np.arange(512, dtype=np.int64)
+
+    def publish_to_origin(writer: PersistentStore, step: int) -> Manifest:
+        weights = {"a": np.full(2048, step, dtype=np.float32), "b": b, "c": c}
+        version = writer.save_context(3, Context(weights, {"step": step}, {}))
+        manifest = Uploader(writer, client, Outbox(tmp_path / "outbox")).manifest_of(3, version)  # type: ignore[arg-type]
+        for position, tensor in enumerate(manifest.tensors):
+            path = store_layout.tensor_path_str(str(writer.root), 3, version, position)
+            client.objects[client.origin.object_key(tensor.checksum)] = Path(path).read_bytes()
+        client.objects[client.origin.manifest_key(3, version)] = manifest.to_bytes()
+        return manifest
+
+    hashed: list[str] = []
+    compared: list[str] = []
+    real_same = staging.same_bytes
+    monkeypatch.setattr(reuse_module, "hash_file", lambda p: hashed.append(p) or real_hash(p))
+    ours = str(tmp_path / "f")  # the writer compares its own stored copies: not counted
+    monkeypatch.setattr(staging, "same_bytes",
+                        lambda p, *a: (p.startswith(ours) and compared.append(p)) or
+                        real_same(p, *a))  # fmt: skip
+
+    with PersistentStore(tmp_path / "writer") as writer, PersistentStore(tmp_path / "f") as store:
+        follower = Follower(store, _StoreAdopter(store), client, tmp_path / "f" / "origin")  # type: ignore[arg-type]
+
+        def pull(manifest: Manifest) -> dict[str, Path]:
+            assert asyncio.run(follower.pull(3, manifest.version)) == manifest.version
+            got = store.load_context(3, manifest.version)
+            assert all(np.array_equal(got[n], w) for n, w in (("b", b), ("c", c)))
+            assert int(got["a"][0]) == manifest.config["step"]
+            rows = store.read_query(
+                "SELECT name, position FROM tensors WHERE slot = 3 AND version = ?",
+                (manifest.version,),
+            )
+            root = str(store.root)
+            return {n: Path(store_layout.tensor_path_str(root, 3, manifest.version, p))
+                    for n, p in rows}  # fmt: skip
+
+        first = pull(publish_to_origin(writer, 1))
+        downloaded = follower.stats.objects_downloaded
+        second = pull(publish_to_origin(writer, 2))
+        assert follower.stats.objects_downloaded == downloaded + 1  # "a" alone
+        for name in ("b", "c"):  # linked: the same file, not one byte of it read
+            assert second[name].stat().st_ino == first[name].stat().st_ino
+        assert hashed == [] and compared == []
+
+        os.utime(second["c"], ns=(1, 1))  # intact, but no longer the file the record names
+        third = pull(publish_to_origin(writer, 3))
+        assert len(hashed) == 1 and Path(hashed[0]).stat().st_ino == first["c"].stat().st_ino
+        assert third["c"].stat().st_ino == first["c"].stat().st_ino  # hashed, then linked
+        assert follower.stats.objects_downloaded == downloaded + 2
+
+        damaged = third["b"]
+        damaged.chmod(0o644)
+        with open(damaged, "r+b") as f:  # one flipped byte in every version holding it
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+        fourth = pull(publish_to_origin(writer, 4))  # checks b's bytes: the writer's
+        assert fourth["b"].stat().st_ino != damaged.stat().st_ino  # downloaded again
+        assert follower.stats.objects_downloaded == downloaded + 4  # "a" and "b"

@@ -32,17 +32,16 @@ from pathlib import Path
 from typing import Protocol
 
 from ..checksum import checksum_file, checksum_parts
-from ..context import Array
 from ..errors import CtxStoreError, IntegrityError, NotFoundError
 from ..faults import crash_point
 from ..sources import Imported, TensorSource, VerifiedFile, verified_source
 from ..store import PersistentStore
-from ..store import layout as store_layout
 from ..store.durable import clear_scratch_dir, make_dir
-from ..store.npyfile import check_npy_header, dtype_from_text, map_array
+from ..store.npyfile import check_npy_header, dtype_from_text
 from .feed import Feed
 from .layout import Head, Manifest, TensorEntry, set_aliases
 from .polling import DEFAULT_POLL_INTERVAL, PollPolicy
+from .reuse import reusable_copy
 from .s3 import OriginClient
 from .state import STATE_NAME, FollowState
 
@@ -312,17 +311,15 @@ class Follower:
             raise
         return imported
 
-    def _tensor(self, tensor: TensorEntry, imported: Imported) -> Array | TensorSource:
-        """The tensor mapped from the store, or downloaded, verified and handed to the
-        commit as a :class:`VerifiedFile`: the store moves that file into the version
-        (it is the writer's ``.npy`` file, byte-exact) rather than copy and hash it again."""
+    def _tensor(self, tensor: TensorEntry, imported: Imported) -> TensorSource:
+        """The tensor as a :class:`VerifiedFile` the commit takes without copying or hashing
+        it again: a stored copy it links, or a download, verified, that it moves into the
+        version (it is the writer's ``.npy`` file, byte-exact)."""
         dtype = dtype_from_text(tensor.dtype)
-        local = self._stored_copy(tensor)
-        if local is not None:
-            with contextlib.suppress(CtxStoreError, OSError):
-                array = map_array(local, dtype, tensor.shape, tensor.offset, tensor.nbytes)
-                self.stats.tensors_reused += 1
-                return array
+        reused = reusable_copy(self.store, tensor, dtype, imported)
+        if reused is not None:
+            self.stats.tensors_reused += 1
+            return reused
         path = self._download(tensor.checksum, tensor.size, imported)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         imported.closers.append(lambda: os.close(fd))
@@ -332,17 +329,6 @@ class Follower:
             raise IntegrityError(f"tensor {tensor.name}: {exc}") from None
         verified = VerifiedFile(str(path), tensor.checksum)
         return verified_source(dtype, tensor.shape, fd, tensor.offset, verified)
-
-    def _stored_copy(self, tensor: TensorEntry) -> str | None:
-        rows = self.store.read_query(
-            "SELECT slot, version, position FROM tensors WHERE checksum = ? AND nbytes = ? "
-            "AND data_offset = ? LIMIT 1",
-            (tensor.checksum, tensor.nbytes, tensor.offset),
-        )
-        if not rows:
-            return None
-        slot, version, position = rows[0]
-        return store_layout.tensor_path_str(str(self.store.root), slot, version, position)
 
     def _download(self, checksum: str, size: int, imported: Imported) -> Path:
         """Download an object, hash it; IntegrityError (file removed) unless it is named

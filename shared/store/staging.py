@@ -26,6 +26,7 @@ from ..errors import (
     StorageError,
 )
 from ..faults import crash_point
+from ..integrity import identity_of
 from ..sources import (
     TensorSource,
     VerifiedFile,
@@ -141,11 +142,19 @@ class StoreStaging(StoreRepair):
         adopted = source.verified
         if adopted is not None and self._adopt(adopted, header, source, path, staged):
             if adopted.checksum not in staged:
-                early.start(path)
+                if adopted.identity is None:
+                    early.start(path)
+                else:  # a stored file, durable already
+                    linked.append(position)
             staged.setdefault(adopted.checksum, path)
             return (position, name, dtype_to_text(source.dtype), shape_to_text(source.shape),
                     len(header), source.nbytes, adopted.checksum)  # fmt: skip
         checksum = write_streamed(path, header, source.chunks(buffer))
+        if adopted is not None and adopted.identity is not None and checksum != adopted.checksum:
+            raise IntegrityError(
+                f"{source.where} changed while it was reused: its bytes hash to {checksum}, "
+                f"not {adopted.checksum}"
+            )
         duplicate = staged.get(checksum)
         if duplicate is None or not same_file_bytes(duplicate, path):
             duplicate = self._stored_duplicate_file(checksum, path)
@@ -172,10 +181,13 @@ class StoreStaging(StoreRepair):
         when it is not the store's file for ``header`` and the source's data (the caller
         then copies it) or cannot be moved here (another file system)."""
         duplicate = staged.get(verified.checksum)
+        size = len(header) + source.nbytes
         if duplicate is not None:
             done = hard_link(duplicate, path)
+        elif verified.identity is not None:
+            done = link_verified(verified.path, path, header, size, verified.identity)
         else:
-            done = move_verified(verified.path, path, header, len(header) + source.nbytes)
+            done = move_verified(verified.path, path, header, size)
         if done and source.observe is not None:
             source.observe(source.nbytes)
         return done
@@ -268,6 +280,36 @@ def move_verified(source: str, path: str, header: bytes, size: int) -> bool:
                     and os.pread(fd, len(header), 0) == header)  # fmt: skip
             if fits:
                 os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+    except OSError:
+        fits = False
+    if not fits:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return fits
+
+
+def link_verified(
+    source: str, path: str, header: bytes, size: int, identity: tuple[int, int, int, int]
+) -> bool:
+    """Link the stored file ``source`` as ``path`` (a staging file) if what lands there is
+    the very file its reuser vouched for: a regular file with that ``identity`` (so
+    unchanged since), ``size`` bytes, starting with ``header``. False when it is not
+    (nothing is left at ``path``) or cannot be linked: the caller copies it instead.
+    Checked after the link, on the file linked, so nothing can swap it in between."""
+    if not hard_link(source, path):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            fits = (
+                stat.S_ISREG(info.st_mode)
+                and identity_of(info) == identity
+                and info.st_size == size
+                and os.pread(fd, len(header), 0) == header
+            )
         finally:
             os.close(fd)
     except OSError:
