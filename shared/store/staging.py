@@ -22,7 +22,6 @@ from ..checksum import checksum_parts
 from ..context import Array, Context
 from ..errors import (
     IntegrityError,
-    NotFoundError,
     StorageError,
 )
 from ..faults import crash_point
@@ -260,6 +259,10 @@ class StoreStaging(StoreRepair):
         return None
 
 
+#: bytes compared at a time: a chunk and its match stay in the CPU's cache
+COMPARE_CHUNK = 1 << 20
+
+
 def move_verified(source: str, path: str, header: bytes, size: int) -> bool:
     """Rename ``source`` to ``path`` (a staging file) and leave it read-only, if what lands
     there is a regular file of ``size`` bytes starting with ``header``, with no other name.
@@ -335,12 +338,39 @@ def replace_with_link(source: str, path: str) -> bool:
 
 
 def same_bytes(path: str, header: bytes, data: memoryview) -> bool:
-    """True when the file at ``path`` holds exactly ``header`` + ``data``."""
+    """True when the regular file at ``path`` holds exactly ``header`` + ``data``.
+
+    Read a chunk at a time with ``pread`` into one buffer, not through a map: the
+    map's page faults cost several times the comparison (2 s a GiB on a first
+    comparison against 0.3 s, measured), and a stored file truncated meanwhile (a
+    tampered store) ends the read early rather than fault the daemon (SIGBUS).
+    """
     try:
-        size = len(header) + data.nbytes
-        stored = map_array(path, np.dtype(np.uint8), (size,), 0, size)
-    except (NotFoundError, IntegrityError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return False
-    if stored[: len(header)].tobytes() != header:
+    try:
+        return _holds(fd, header, data)
+    except OSError:
         return False
-    return bool(np.array_equal(stored[len(header) :], np.frombuffer(data, dtype=np.uint8)))
+    finally:
+        os.close(fd)
+
+
+def _holds(fd: int, header: bytes, data: memoryview) -> bool:
+    info = os.fstat(fd)
+    total = data.nbytes
+    if not stat.S_ISREG(info.st_mode) or info.st_size != len(header) + total:
+        return False
+    if os.pread(fd, len(header), 0) != header:
+        return False
+    wanted = np.frombuffer(data, dtype=np.uint8)
+    chunk = bytearray(min(COMPARE_CHUNK, total))
+    buffer, view = np.frombuffer(chunk, dtype=np.uint8), memoryview(chunk)
+    done = 0
+    while done < total:
+        got = os.preadv(fd, [view[: min(COMPARE_CHUNK, total - done)]], len(header) + done)
+        if got <= 0 or not np.array_equal(buffer[:got], wanted[done : done + got]):
+            return False
+        done += got
+    return True
