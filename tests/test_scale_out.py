@@ -175,7 +175,9 @@ def test_a_writer_and_two_followers_converge_moving_only_changed_tensors(
             for f in (f1, f2):  # the counters are saved a moment after the commit
                 wait_until("v1's pull is counted", lambda f=f: stats(f)["versions_pulled"] == 1)
             before = [stats(f)["bytes_downloaded"] for f in (f1, f2)]
-            assert all(b >= 10 * (64 << 10) for b in before)
+            # two distinct objects: t0, and the one the nine others share (fetched once)
+            assert all(stats(f)["objects_downloaded"] == 2 for f in (f1, f2))
+            assert all(b >= 2 * (64 << 10) for b in before)
 
             v2 = publish(7, context(2, changed=3), socket=writer.socket)
             assert v2 == v1 + 1
@@ -836,12 +838,14 @@ class _MemoryOrigin:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
         self.inodes: dict[str, int] = {}
+        self.downloads: list[str] = []
 
     def get(self, key: str) -> Versioned | None:
         data = self.objects.get(key)
         return None if data is None else Versioned(data, '"e1"')
 
     def download_file(self, key: str, path: str, size: int | None = None) -> None:
+        self.downloads.append(key)
         Path(path).write_bytes(self.objects[key])
         self.inodes[key] = os.stat(path).st_ino
 
@@ -1010,3 +1014,65 @@ def test_a_follower_links_what_it_holds_unread_and_never_reuses_a_damaged_copy(
         fourth = pull(publish_to_origin(writer, 4))  # checks b's bytes: the writer's
         assert fourth["b"].stat().st_ino != damaged.stat().st_ino  # downloaded again
         assert follower.stats.objects_downloaded == downloaded + 4  # "a" and "b"
+
+
+def test_a_refused_pull_keeps_its_verified_downloads_and_the_retry_fetches_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A pull refused for one corrupt object leaves the objects it verified in incoming/;
+    the retry, once the origin is mended, downloads the corrupt one alone (before, each
+    retry downloaded the whole version again). A pull of another version drops what was
+    kept, so incoming/ holds one version's objects at most."""
+    import asyncio
+
+    from ctxstore.errors import IntegrityError
+    from ctxstore.store import layout as store_layout
+
+    client = _MemoryOrigin()
+    key = client.origin.object_key
+    rng = np.random.default_rng(11)
+
+    def to_origin(writer: PersistentStore) -> tuple[Manifest, dict[str, np.ndarray]]:
+        weights = {f"t{i}": rng.standard_normal(2048, dtype=np.float32) for i in range(4)}
+        version = writer.save_context(4, Context(weights, {}, {}))
+        manifest = Uploader(writer, client, Outbox(tmp_path / "outbox")).manifest_of(4, version)  # type: ignore[arg-type]
+        for position, tensor in enumerate(manifest.tensors):
+            path = store_layout.tensor_path_str(str(writer.root), 4, version, position)
+            client.objects[key(tensor.checksum)] = Path(path).read_bytes()
+        client.objects[client.origin.manifest_key(4, version)] = manifest.to_bytes()
+        return manifest, weights
+
+    def corrupt(manifest: Manifest) -> tuple[str, bytes]:
+        name = key(manifest.tensors[2].checksum)
+        intact = client.objects[name]
+        client.objects[name] = intact[:-1] + bytes([intact[-1] ^ 1])
+        return name, intact
+
+    incoming = tmp_path / "f" / "origin" / "incoming"
+    with PersistentStore(tmp_path / "writer") as writer, PersistentStore(tmp_path / "f") as store:
+        follower = Follower(store, _StoreAdopter(store), client, tmp_path / "f" / "origin")  # type: ignore[arg-type]
+        first, weights = to_origin(writer)
+        name, intact = corrupt(first)
+        with pytest.raises(IntegrityError, match="corrupt"):
+            asyncio.run(follower.pull(4, first.version))
+        assert len(client.downloads) == 3  # t0, t1, then the corrupt t2
+        assert store.current_version(4) is None  # nothing committed
+        assert len(list(incoming.iterdir())) == 2  # the two verified ones, kept
+        client.objects[name] = intact
+        client.downloads.clear()
+        assert asyncio.run(follower.pull(4, first.version)) == first.version
+        assert client.downloads == [name, key(first.tensors[3].checksum)]
+        got = store.load_context(4, first.version, verify=True)
+        assert all(np.array_equal(got[n], w) for n, w in weights.items())
+        assert not any(incoming.iterdir())  # each one moved into the version
+
+        second, _ = to_origin(writer)
+        corrupt(second)
+        with pytest.raises(IntegrityError, match="corrupt"):
+            asyncio.run(follower.pull(4, second.version))
+        assert len(list(incoming.iterdir())) == 2
+        third, weights = to_origin(writer)
+        assert asyncio.run(follower.pull(4, third.version)) == third.version
+        assert not any(incoming.iterdir())  # the second's kept objects went too
+        got = store.load_context(4, third.version, verify=True)
+        assert all(np.array_equal(got[n], w) for n, w in weights.items())

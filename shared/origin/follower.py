@@ -34,6 +34,7 @@ from typing import Protocol
 from ..checksum import checksum_file, checksum_parts
 from ..errors import CtxStoreError, IntegrityError, NotFoundError
 from ..faults import crash_point
+from ..integrity import Identity, stat_file
 from ..sources import Imported, TensorSource, VerifiedFile, verified_source
 from ..store import PersistentStore
 from ..store.durable import clear_scratch_dir, make_dir
@@ -107,6 +108,10 @@ class Follower:
         #: slot -> its head's ETag in the last listing; the slot being checked now
         self._listed: dict[int, str] = {}
         self._checking: int | None = None
+        #: checksum -> identity of a verified download left in incoming/ by the last pull
+        self._kept: dict[str, Identity] = {}
+        #: checksum -> its file in incoming/, for the pull in progress
+        self._fetched: dict[str, Path] = {}
 
     async def run(self) -> None:
         """Forever: poll the heads, follow the feed, apply one slot at a time."""
@@ -295,7 +300,16 @@ class Follower:
 
     def fetch(self, manifest: Manifest) -> Imported:
         """Every tensor of ``manifest`` mapped, from the store or downloaded and verified,
-        and its files; the downloads are removed when the Imported is closed."""
+        and its files. A download the commit did not take (the pull failed) stays in
+        ``incoming/`` for the next pull, which takes it instead of downloading it again:
+        a pull refused for one corrupt object fetches that object alone the next time.
+        What was kept for another version is removed first (one version's at most)."""
+        wanted = {t.checksum for t in manifest.tensors} | {f.checksum for f in manifest.files}
+        for checksum in [c for c in self._kept if c not in wanted]:
+            del self._kept[checksum]
+            with contextlib.suppress(OSError):
+                (self.incoming / checksum).unlink()
+        self._fetched = {}
         imported = Imported({}, manifest.config, manifest.metadata)
         try:
             for tensor in manifest.tensors:
@@ -331,14 +345,24 @@ class Follower:
         return verified_source(dtype, tensor.shape, fd, tensor.offset, verified)
 
     def _download(self, checksum: str, size: int, imported: Imported) -> Path:
-        """Download an object, hash it; IntegrityError (file removed) unless it is named
-        by its own checksum."""
+        """``incoming/<checksum>``: kept from a failed pull, downloaded once per pull, or
+        downloaded now and hashed; IntegrityError (file removed) unless it is named by its
+        own checksum."""
+        path = self._fetched.get(checksum)
+        if path is not None:
+            return path  # a second tensor with the same bytes: the commit links them
         key = self.client.origin.object_key(checksum)
-        path = self.incoming / f"{checksum}-{os.getpid()}-{id(imported):x}"
+        path = self.incoming / checksum  # 32 hex digits, checked when the manifest was read
+        self._fetched[checksum] = path
+        imported.closers.append(lambda: self._keep(checksum, path))
+        kept = self._kept.pop(checksum, None)
+        with contextlib.suppress(OSError):
+            if kept is not None and stat_file(str(path)) == kept:
+                return path  # hashed by this process, untouched since (ours alone)
         self.client.download_file(key, str(path), size)
-        imported.closers.append(lambda: path.unlink(missing_ok=True))
         actual = checksum_file(str(path))
         if actual != checksum:
+            path.unlink(missing_ok=True)
             raise IntegrityError(
                 f"origin object {key} is corrupt: its bytes hash to {actual}, not to its name"
             )
@@ -346,6 +370,14 @@ class Follower:
         self.stats.bytes_downloaded += path.stat().st_size
         crash_point("origin_object_downloaded")
         return path
+
+    def _keep(self, checksum: str, path: Path) -> None:
+        """When a pull is over: a verified download still in ``incoming/`` (its commit
+        failed, or copied it) is kept, by identity, for the next pull."""
+        try:
+            self._kept[checksum] = stat_file(str(path))
+        except OSError:
+            self._kept.pop(checksum, None)
 
 
 def _check_file(name: str, data: bytes, size: int, checksum: str) -> None:
