@@ -466,8 +466,8 @@ class Committer:
             return None
         config, metadata, tensors, files = found
         size = len(config) + len(metadata) + 64 * len(tensors)
-        if size > limit or len(tensors) > MAX_RECORD_TENSORS:
-            return None
+        if not tensors or size > limit or len(tensors) > MAX_RECORD_TENSORS:
+            return None  # a record holds 1 to MAX_RECORD_TENSORS tensors (the wire's bound)
         return VersionRecord(config, metadata, tensors, files)
 
     def _announce_pointer(  # noqa: PLR0917 (call_soon_threadsafe passes them positionally)

@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import posix_ipc
 
@@ -93,6 +93,10 @@ def new_publish_key() -> str:
     return secrets.token_urlsafe(18)
 
 
+#: the protocol this client's hello asks for: the oldest with everything it uses
+CLIENT_PROTOCOL: Final = 1
+
+
 class DaemonClient:
     """One connection to the daemon that sends requests and waits for their answers."""
 
@@ -124,7 +128,9 @@ class DaemonClient:
         self.daemon_pid = welcome.daemon_pid
 
     def _handshake(self, role: str, name: str) -> Welcome:
-        self._send(Hello(role=role, name=name, pid=os.getpid()))
+        # Protocol 1 has all a publisher, a watcher or an admin tool uses (2 added the
+        # record readers map from), so an upgraded client still reaches an older daemon.
+        self._send(Hello(role=role, name=name, pid=os.getpid(), protocol=CLIENT_PROTOCOL))
         welcome = self._receive()
         if isinstance(welcome, Error):  # e.g. a uid the daemon does not allow
             raise DaemonUnavailableError(

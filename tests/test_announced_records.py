@@ -88,6 +88,25 @@ def test_a_new_version_carries_its_record_to_protocol_2_readers_only(tmp_path: P
     asyncio.run(main())
 
 
+def test_a_version_with_no_tensors_is_announced_without_a_record(tmp_path: Path) -> None:
+    """A record holds 1 to 4096 tensors on the wire; a version with none was sent one,
+    and every protocol-2 peer refused the frame and lost its session."""
+    from ctxstore import Context
+
+    async def main() -> None:
+        async with running(tmp_path, http="off") as daemon:
+            assert daemon.committer is not None
+            peer = await _peer(daemon.config.socket, 2)
+            version = await daemon.committer.commit(1, Context({}, {"empty": True}, {}))
+            told = await _announce(peer)
+            assert (told.version, told.record) == (version, None)
+            after = await commit(daemon, 1, 2.0)  # the session is still up
+            assert (await _announce(peer)).version == after
+            await peer.close()
+
+    asyncio.run(main())
+
+
 def test_records_can_be_turned_off(tmp_path: Path) -> None:
     async def main() -> None:
         async with running(tmp_path, http="off", announce_record_bytes=0) as daemon:
@@ -248,6 +267,9 @@ MALFORMED: list[tuple[Callable[[VersionRecord], dict[str, Any]], str]] = [
     (lambda r: {"tensors": (("w", _dtype(r), {"8": 8}, 128, 32),)}, "not a list of entries"),
     (lambda r: {"tensors": (r.tensors[0], r.tensors[0]), "files": r.files * 2}, "twice"),
     (lambda r: {"config": "[1, 2]"}, "not a JSON object"),
+    (lambda r: {"config": "[" * 100_000 + "]" * 100_000}, "unreadable"),  # RecursionError
+    (lambda r: {"tensors": (("w", "()", (8,), 128, 32),)}, "dtype"),  # an IndexError
+    (lambda r: {"tensors": (("w", "<f4" + " " * 5000, (8,), 128, 32),)}, "characters"),
 ]
 
 
@@ -269,6 +291,22 @@ def test_a_malformed_record_is_refused_and_the_store_decides(
     assert reader._adoption.records_refused == 1
     assert float(reader.get(1)["w"][0]) == 3.0
     assert reader.stats().connected  # the session goes on
+
+
+def test_a_reader_that_does_not_verify_never_takes_the_records_word(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify_checksums=False: the record is nobody's word (no identity is checked), so the
+    index decides; before, such a reader served a record's config and dtypes unchecked."""
+    daemon = env.daemon()
+    reader = env.reader(verify_checksums=False)
+    reader.get(1)
+    daemon.wait(lambda s, m: isinstance(m, Subscribe) and 1 in m.slots, "follow of slot 1")
+    version = env.publish(1, 6.0, record_verified=True)
+    forged = _record(env, version, config='{"value": 99}')
+    daemon.announce(1, version, record=forged)
+    daemon.wait_ack(1, version)
+    assert reader.get(1).config["value"] == 6.0  # the index's, not the record's
 
 
 def test_files_other_than_the_vouched_ones_send_the_reader_to_the_store(
@@ -344,3 +382,55 @@ def test_acks_of_announcements_received_together_leave_in_one_send(
     daemon.wait_ack(2, second)
     acks = [encode_frame(Ack(slot=1, version=first)), encode_frame(Ack(slot=2, version=second))]
     assert [chunk for chunk in written if acks[0] in chunk or acks[1] in chunk] == [b"".join(acks)]
+
+
+def test_publishers_and_tools_still_reach_a_daemon_that_speaks_protocol_1_only(
+    tmp_path: Path,
+) -> None:
+    """Only readers use what protocol 2 added: a publisher's, watcher's or admin tool's hello
+    asks for protocol 1, so upgrading them before the daemon is restarted breaks nothing."""
+    import socket
+
+    from ctxstore.client import DaemonClient
+    from ctxstore.protocol import Error
+    from ctxstore.wire import NEED_DATA
+
+    path = Path(tempfile_dir()) / "old.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    asked: list[int] = []
+
+    def old_daemon() -> None:  # answers one hello as a protocol-1 daemon does
+        peer, _ = server.accept()
+        with peer:
+            conn = Connection(Role.SERVER)
+            event: Any = NEED_DATA
+            while event is NEED_DATA:
+                conn.receive_data(peer.recv(65536))
+                event = conn.next_event()
+            assert isinstance(event, Hello)
+            asked.append(event.protocol)
+            answer = (Welcome(protocol=1, session=1, daemon_pid=os.getpid())
+                      if event.protocol == 1 else
+                      Error(kind="protocol", message=f"client speaks protocol {event.protocol}; "
+                            "this side speaks 1", fatal=True))  # fmt: skip
+            peer.sendall(encode_frame(answer))
+            peer.recv(1)  # until the client hangs up
+
+    thread = threading.Thread(target=old_daemon, daemon=True)
+    thread.start()
+    try:
+        with DaemonClient(path, timeout=WAIT) as client:
+            assert client.daemon_pid == os.getpid()
+    finally:
+        server.close()
+        thread.join(WAIT)
+        path.unlink(missing_ok=True)
+    assert asked == [1]
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ctxo-", dir="/tmp")  # AF_UNIX paths are short

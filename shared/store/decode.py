@@ -139,7 +139,13 @@ def read_plan(blob: bytes) -> tuple[Manifest, ReadPlan]:
     return _memo_read_plan(blob)
 
 
-@lru_cache(maxsize=64)  # a reader follows a few models; each layout is at most 1024 tensors
+#: the longest config or metadata text of an announcement's record the memo keeps
+RECORD_MEMO_MAX_LEN = 4 << 10
+
+
+# A reader follows a few models. A layout holds up to 1024 tensors, ~2 MB at worst (long
+# names, 64 dimensions): 16 of them bound a hostile daemon's cost to ~32 MB.
+@lru_cache(maxsize=16)
 def _memo_announced_plan(tensors: tuple[tuple[Any, ...], ...]) -> tuple[Manifest, ReadPlan]:
     entries = check_layout_entries(tensors)  # every value checked, once per distinct layout
     manifest: Manifest = tuple((*entry, "") for entry in entries)
@@ -289,9 +295,11 @@ def dump_json(value: Mapping[str, Any]) -> str:
     return _ENCODER.encode(thaw_json(value)) if value else "{}"
 
 
-def load_json(text: str, what: str) -> Mapping[str, Any]:
-    """A stored config or metadata document, frozen, memoized by its text."""
-    if len(text) > _MEMO_MAX_LEN:
+def load_json(text: str, what: str, memo_max: int = _MEMO_MAX_LEN) -> Mapping[str, Any]:
+    """A stored config or metadata document, frozen, memoized by its text (up to
+    ``memo_max`` characters: an announcement's record keeps its texts out of the memo
+    past a few KiB, as a hostile peer's could cost ~40 bytes of objects a character)."""
+    if len(text) > memo_max:
         return _decode_json(text, what)
     return _memo_json(text, what)
 
@@ -300,7 +308,7 @@ def _decode_json(text: str, what: str) -> Mapping[str, Any]:
     """Decode and freeze a stored document (it was validated when it was committed)."""
     try:
         value = _DECODER.decode(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise IntegrityError(f"stored {what} is unreadable: {exc}") from exc
     if value is None:
         return _EMPTY

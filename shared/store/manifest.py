@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import numpy as np
@@ -88,6 +88,11 @@ def layout_entries(blob: bytes) -> tuple[tuple[Any, ...], ...]:
         raise IntegrityError(f"stored tensor manifest is unreadable: {exc}") from exc
 
 
+#: the longest dtype text an announcement's record may carry (what the store writes is
+#: far shorter; a longer one sends the reader to the index)
+MAX_ANNOUNCED_DTYPE_TEXT: Final = 4096
+
+
 def check_layout_entries(entries: object) -> tuple[tuple[Any, ...], ...]:
     """Raise IntegrityError unless ``entries`` (an announcement's tensors) is a non-empty
     tuple of ``(name, dtype, shape, offset, nbytes)`` that :func:`check_entry` would allow
@@ -99,6 +104,11 @@ def check_layout_entries(entries: object) -> tuple[tuple[Any, ...], ...]:
         if not isinstance(entry, tuple) or len(entry) != 5:
             raise IntegrityError(
                 f"announced tensor {position} is not [name, dtype, shape, offset, nbytes]"
+            )
+        if isinstance(entry[1], str) and len(entry[1]) > MAX_ANNOUNCED_DTYPE_TEXT:
+            raise IntegrityError(  # parsed, a dtype text costs time and memory per byte
+                f"announced tensor {position}: a dtype text of {len(entry[1])} characters "
+                f"(at most {MAX_ANNOUNCED_DTYPE_TEXT})"
             )
         check_entry((*entry, ""), f"announced tensor {position}")
         names.add(entry[0])

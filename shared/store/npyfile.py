@@ -104,7 +104,7 @@ def dtype_from_text(text: str) -> np.dtype[Any]:
     try:
         descr = ast.literal_eval(text)
         dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
-    except (ValueError, SyntaxError, TypeError) as exc:
+    except (ValueError, SyntaxError, TypeError, IndexError, KeyError, RecursionError) as exc:
         raise IntegrityError(f"index records an unreadable dtype {text!r:.80}") from exc
     check_recorded_dtype(dtype, f"index records dtype {text!r:.80}")
     return dtype

@@ -36,6 +36,7 @@ from . import layout
 from .connections import StoreConnections
 from .decode import (
     METADATA_SQL,
+    RECORD_MEMO_MAX_LEN,
     RECORD_SQL,
     ReadPlan,
     VersionRef,
@@ -186,9 +187,10 @@ class StoreReads(StoreConnections):
     ) -> Context | None:
         """``version`` of ``slot`` mapped from its announcement's record (see
         :meth:`announced_record`) without reading the index; None when the record
-        cannot spare the index (``verify`` without ``trust_verified`` must hash, or a
-        mapped file's identity is not the one the writer vouched for: the caller
-        loads it from the index, which hashes it).
+        cannot spare the index (unless the caller verifies and a daemon vouches,
+        ``verify`` and ``trust_verified``, the record is nobody's word; or a mapped
+        file's identity is not the one the writer vouched for): the caller loads it
+        from the index, which hashes what it must.
 
         The record is the daemon's word, checked as strictly as the index's: every
         tensor entry as a stored manifest's (IntegrityError otherwise), the files
@@ -197,22 +199,21 @@ class StoreReads(StoreConnections):
         identity vouched for, and the .npy headers are compared with the entries.
         NotFoundError when the version's files are gone (retired).
         """
-        if verify and not trust_verified:
-            return None
+        if not (verify and trust_verified):
+            return None  # unvouched, the record's texts and layout would be nobody's word
         config, metadata, tensors, files = record
         manifest, plan = announced_plan(tensors)
-        stats: list[os.stat_result] | None = [] if verify else None
+        stats: list[os.stat_result] = []
         weights = self._map_tensors(slot, version, plan, stats)
-        if stats is not None:
-            identities = list(map(identity_of, stats))
-            if tuple(chain.from_iterable(identities)) != files:
-                return None
-            check_mapped_headers(slot, version, manifest, weights, identities)
-            self.versions_trusted += 1
+        identities = list(map(identity_of, stats))
+        if tuple(chain.from_iterable(identities)) != files:
+            return None
+        check_mapped_headers(slot, version, manifest, weights, identities)
+        self.versions_trusted += 1
         return Context._trusted(
             MappingProxyType(weights),
-            load_json(config, "config"),
-            load_json(metadata, "metadata"),
+            load_json(config, "config", RECORD_MEMO_MAX_LEN),
+            load_json(metadata, "metadata", RECORD_MEMO_MAX_LEN),
             slot,
             version,
         )
