@@ -36,13 +36,33 @@ log = logging.getLogger("ctxstore.readers")
 ADOPT_TRIES: Final = 4
 
 
+class _Gate:
+    """A one-shot event on a bare lock, held until :meth:`set`: a load makes one, and
+    ``threading.Event`` costs a Condition and Python-level notifying on every load."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """Open the gate (once)."""
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the gate is open (at most ``timeout`` seconds); True if it is."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()
+        return True
+
+
 class _PendingLoad:
     """A version one thread is mapping; others asking for it wait on ``done``."""
 
     __slots__ = ("ctx", "done")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = _Gate()
         self.ctx: Context | None = None  # None once done: the mapping failed
 
 
@@ -69,6 +89,9 @@ class Adoption:
         self._cache = cache
         self._lock = lock
         self.adopted_cond = threading.Condition(lock)
+        #: threads waiting on ``adopted_cond`` for an adoption (under the lock): an adoption
+        #: with none notifies nobody (Condition.notify_all is Python work on every adoption)
+        self.waiters = 0
         self._verify = verify
         self._table_get = table_get
         self._vouched = vouched
@@ -321,7 +344,8 @@ class Adoption:
                     self._cache.get_cached_context((slot, number))
             self._cache.cache_context(key, ctx)
             self._keys.add(key)
-            self._prune()
+            if len(self._cache) < len(self._keys):  # only this class inserts into the cache
+                self._prune()
 
     def _prune(self) -> None:
         """Forget keys the LRU evicted; a current pointer never outlives its cache entry."""
@@ -372,14 +396,16 @@ class Adoption:
             if old is not None and old[0] != number and (slot, old[0]) not in self._explicit:
                 self._cache.pop((slot, old[0]))
                 self._keys.discard((slot, old[0]))
-            self.adopted_cond.notify_all()
-            listeners = list(self._listeners)
+            if self.waiters:
+                self.adopted_cond.notify_all()
+            listeners = list(self._listeners) if self._listeners else None
         self._post(Ack(slot=slot, version=number))
-        for listener in listeners:
-            try:
-                listener(slot, number)
-            except Exception:
-                log.exception("adoption listener failed")
+        if listeners:
+            for listener in listeners:
+                try:
+                    listener(slot, number)
+                except Exception:
+                    log.exception("adoption listener failed")
         return True
 
     def _is_current(self, slot: int, number: int, floor: int | None) -> bool:

@@ -140,6 +140,8 @@ class ReaderConnection:
         self._thread = threading.Thread(
             target=self._run, name=f"ctxstore-reader-{name}", daemon=True
         )
+        #: the socket thread's ident once it runs (``Thread.ident`` is a Python property)
+        self._ident: int | None = None
 
     # -- used by other threads -----------------------------------------------------------
 
@@ -164,7 +166,7 @@ class ReaderConnection:
         """Queue ``message`` for the daemon; dropped when not connected. Never blocks."""
         if self._connected:
             self._outbox.append(message)
-            if threading.get_ident() != self._thread.ident:
+            if threading.get_ident() != self._ident:
                 self._wake()  # the loop itself drains the outbox before it next waits
 
     def send_now(self) -> None:
@@ -173,12 +175,16 @@ class ReaderConnection:
         more received frames wait to be handled (a backlog of announcements), the acks
         wait for the last of them and leave together, in one send."""
         session = self._session
-        if session is None or threading.get_ident() != self._thread.ident:
+        if session is None or threading.get_ident() != self._ident:
             return
         if session.established and not session.conn.buffered:
-            with contextlib.suppress(_SessionEndedError):  # the loop's next flush meets it
-                session.drain_outbox()
-                session.flush()
+            try:
+                if self._outbox:
+                    session.drain_outbox()
+                if session.unsent:
+                    session.flush()
+            except _SessionEndedError:
+                pass  # the loop's next flush meets it
 
     def close(self, timeout: float = 2.0) -> bool:
         """Say goodbye, stop the thread and release the fds; True if the thread stopped in time."""
@@ -215,6 +221,7 @@ class ReaderConnection:
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._ident = threading.get_ident()
         attempt = 0
         while not self._stop.is_set():
             try:
@@ -326,9 +333,10 @@ class _Session:
                 if client._stop.is_set():
                     self.say_goodbye()
                     return
-                if self.established:
+                if self.established and client._outbox:
                     self.drain_outbox()
-                self.flush()
+                if self.unsent:
+                    self.flush()
                 wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.unsent else 0)
                 if wanted != mask:
                     mask = wanted

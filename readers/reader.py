@@ -336,8 +336,13 @@ class Reader:
                     f"(this reader is at {self._adoption.adopted.get(slot)})"
                 )
             with self._adopted_cond:
-                if self._adoption.adopted.get(slot, 0) < version and not self._closed:
-                    self._adopted_cond.wait(min(remaining, POLL_INTERVAL))
+                adoption = self._adoption
+                if adoption.adopted.get(slot, 0) < version and not self._closed:
+                    adoption.waiters += 1
+                    try:
+                        self._adopted_cond.wait(min(remaining, POLL_INTERVAL))
+                    finally:
+                        adoption.waiters -= 1
 
     def reached(self, slot: int, version: int) -> Context | None:
         """The current context of ``slot`` if it is at least ``version``, else None.

@@ -94,13 +94,6 @@ class _IdleLRU(TTLCache[Hashable, _Entry, float]):
         return gone
 
 
-def _check_hashable(key: object) -> None:
-    try:
-        hash(key)
-    except TypeError:
-        raise InvalidInputError(f"cache key {key!r:.60} is not hashable") from None
-
-
 class ContextCache:
     """Thread-safe LRU of contexts, bounded by count and tensor bytes, with optional idle expiry."""
 
@@ -137,6 +130,9 @@ class ContextCache:
         else:
             self._cache = _IdleLRU(limit, ttl, timer=timer, getsizeof=_entry_size)
         self._idle = ttl is not None
+        #: the cache again when it expires entries (an isinstance test on these ABCs is
+        #: Python work on every operation)
+        self._expiring: _IdleLRU | None = self._cache if isinstance(self._cache, _IdleLRU) else None
         self._lock = threading.Lock()  # never re-entered; cheaper than an RLock on the hit path
         self._hits = 0
         self._misses = 0
@@ -146,8 +142,11 @@ class ContextCache:
         """The context cached under ``key`` (now the most recently used), or None."""
         with self._lock:
             try:
+                if key not in self._cache:  # a miss (each new version) raises no KeyError
+                    self._misses += 1
+                    return None
                 entry = self._cache[key]
-            except KeyError:
+            except KeyError:  # expired since the test above
                 self._misses += 1
                 return None
             except TypeError:
@@ -161,7 +160,10 @@ class ContextCache:
         """Cache ``context`` under ``key``, replacing any entry there, evicting LRU ones to fit."""
         if not isinstance(context, Context):
             raise InvalidInputError(f"only a Context can be cached, got {type(context).__name__}")
-        _check_hashable(key)
+        try:
+            hash(key)
+        except TypeError:
+            raise InvalidInputError(f"cache key {key!r:.60} is not hashable") from None
         entry = _Entry(context)
         with self._lock:
             cache = self._cache
@@ -177,10 +179,12 @@ class ContextCache:
 
     def pop(self, key: Hashable) -> Context | None:
         """Remove and return the context cached under ``key`` (None if there is none)."""
-        _check_hashable(key)
         with self._lock:
             self._expire()
-            entry = self._cache.pop(key, None)
+            try:
+                entry = self._cache.pop(key, None)
+            except TypeError:
+                raise InvalidInputError(f"cache key {key!r:.60} is not hashable") from None
             return None if entry is None else entry.context
 
     def clear(self) -> None:
@@ -226,15 +230,16 @@ class ContextCache:
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is cached and live; does not count as a use."""
-        _check_hashable(key)
         with self._lock:
-            return key in self._cache
+            try:
+                return key in self._cache
+            except TypeError:
+                raise InvalidInputError(f"cache key {key!r:.60} is not hashable") from None
 
     def __repr__(self) -> str:
         s = self.stats()
         return f"<ContextCache items={s.items}/{s.max_items} bytes={s.bytes} hits={s.hits}>"
 
     def _expire(self) -> None:
-        cache = self._cache
-        if isinstance(cache, _IdleLRU):
-            cache.expire()
+        if self._expiring is not None:
+            self._expiring.expire()

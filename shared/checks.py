@@ -88,6 +88,8 @@ class Integer:
     numpy: bool = False
 
     def __call__(self, value: Any) -> int:
+        if type(value) is int and self.low <= value <= self.high:
+            return value  # the common case, decided without the isinstance chain
         if isinstance(value, bool) or not isinstance(value, Integral if self.numpy else int):
             raise InvalidInputError(self.voice.not_integer(value, self.low, self.high))
         number = int(value)
@@ -136,6 +138,8 @@ RESERVED_ALIASES = frozenset({"latest", "current"})
 
 def check_slot(slot: object) -> int:
     """Return ``slot`` as an int, or raise: slots are integers in [0, 2**31 - 1]."""
+    if type(slot) is int and 0 <= slot <= MAX_SLOT:
+        return slot  # the common case (every frame has one), without the isinstance chain
     if isinstance(slot, bool) or not isinstance(slot, int | np.integer):
         raise InvalidInputError(f"slot must be an integer, got {type(slot).__name__} {slot!r:.40}")
     value = int(slot)
@@ -146,6 +150,8 @@ def check_slot(slot: object) -> int:
 
 def check_version(version: object) -> int:
     """Return ``version`` as an int, or raise: versions are integers >= 1."""
+    if type(version) is int and 1 <= version <= MAX_VERSION:
+        return version  # as check_slot's
     if isinstance(version, bool) or not isinstance(version, int | np.integer):
         raise InvalidInputError(
             f"version must be an integer, got {type(version).__name__} {version!r:.40}"

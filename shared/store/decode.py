@@ -262,8 +262,7 @@ def _check_mapped_header(
     mapped: object = array.base
     header = b""
     if isinstance(mapped, mmap.mmap):
-        with memoryview(mapped) as view:
-            header = bytes(view[:offset])  # offset: checked to lie within the map
+        header = mapped[:offset]  # bytes; offset: checked to lie within the map
     try:
         check_npy_header(header, array.dtype, shape, offset)
     except IntegrityError as exc:

@@ -57,6 +57,8 @@ MAX_FRAME_SIZE: Final = 1 << 30
 HEADER: Final = struct.Struct(">I")
 
 Event: TypeAlias = Message | Signal
+#: the messages :meth:`Connection._check_content` has rules for (the others skip its match)
+_CONTENT_RULED: Final = frozenset({Hello, Welcome, Announce})
 
 
 def encode_frame(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
@@ -182,7 +184,11 @@ class Connection:
             if body is None:
                 return CLOSED if self._eof else NEED_DATA
             message = decode_body(body)
-            self._apply(self._plan(self.their_role, message, RemoteProtocolError), message)
+            sender = self.their_role
+            if type(message) is Announce and self._may_announce(message, sender):
+                self._last_seq = message.seq  # all that _plan and _apply would do
+            else:
+                self._apply(self._plan(sender, message, RemoteProtocolError), message)
         except RemoteProtocolError as exc:
             self._fail(exc)
         return message
@@ -194,7 +200,12 @@ class Connection:
         connections (one announcement to every subscriber); it is checked
         against this connection's state and frame limit like any other.
         """
-        if frame is not None and type(message) is Announce and self._may_announce(message, frame):
+        if (
+            frame is not None
+            and type(message) is Announce
+            and len(frame) - HEADER.size <= self.max_frame_size
+            and self._may_announce(message, self.role)
+        ):
             self._last_seq = message.seq  # what _apply does for an announcement, nothing else
             return frame
         if self._error is not None:
@@ -212,17 +223,17 @@ class Connection:
         self._apply(plan, message)
         return frame
 
-    def _may_announce(self, announce: Announce, frame: bytes) -> bool:
-        """The fan-out's fast path (one shared frame to many connections): True when
-        :meth:`send` would accept ``announce`` and change nothing but the seq. Anything
-        else (a state that forbids it, a seq that does not increase, a frame over
-        the limit) takes the full path, which says what is wrong."""
-        state = self._states[self.role]
+    def _may_announce(self, announce: Announce, sender: Role) -> bool:
+        """The announcement's fast path, both ways (one shared frame sent to many
+        connections; each one received by a reader): True when ``sender`` may send
+        ``announce`` now and it changes nothing but the seq. Anything else (a state
+        that forbids it, a seq that does not increase, a record before protocol 2)
+        takes the full path, which says what is wrong."""
+        state = self._states[sender]
         return (
             self._error is None
-            and TRANSITIONS.get((self.role, state), {}).get("announce") is state
+            and TRANSITIONS.get((sender, state), {}).get("announce") is state
             and announce.seq > self._last_seq
-            and len(frame) - HEADER.size <= self.max_frame_size
             and (announce.record is None or (self.protocol or 0) >= RECORD_PROTOCOL)
         )
 
@@ -278,6 +289,8 @@ class Connection:
 
     def _check_content(self, sender: Role, message: Message, error: type[ProtocolError]) -> None:
         """Rules that depend on the connection, not only on the message."""
+        if type(message) not in _CONTENT_RULED:
+            return
         who = sender.value
         match message:
             case Hello(protocol=version) if version not in SUPPORTED_PROTOCOLS:

@@ -70,6 +70,8 @@ boolean: Final = checks.boolean(WIRE)
 
 
 def timestamp(value: Any) -> float:
+    if type(value) is float and 0 <= value < math.inf:
+        return value  # the common case, without the isinstance chain (NaN fails the test)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError(f"must be a number of seconds, got {type(value).__name__}")
     if not (math.isfinite(value) and value >= 0):
@@ -178,7 +180,7 @@ def version_map(value: Any) -> Mapping[int, int]:
 
 
 def alias_map(value: Any) -> Mapping[str, int]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # dict: no ABC check
         raise InvalidInputError(f"must be a map of alias -> version, got {type(value).__name__}")
     return MappingProxyType({check_alias(k): check_version(v) for k, v in value.items()})
 

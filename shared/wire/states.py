@@ -23,6 +23,9 @@ class Role(enum.Enum):
 
     CLIENT = "client"
     SERVER = "server"
+    #: members are singletons compared by identity: hash them so, in C (Enum's own
+    #: ``__hash__`` is a Python call, and every frame looks states up by role)
+    __hash__ = object.__hash__
 
 
 class State(enum.Enum):
@@ -34,6 +37,7 @@ class State(enum.Enum):
     READY = "READY"  # handshake done
     DONE = "DONE"  # this side sent Goodbye or a fatal Error: it sends nothing more
     ERROR = "ERROR"  # this side broke the protocol; the connection must be closed
+    __hash__ = object.__hash__  # as Role's
 
 
 class Signal(enum.Enum):
