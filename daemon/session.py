@@ -159,8 +159,10 @@ class Session:
 
     def handle(self, message: Message) -> list[Effect]:
         """The effects of one message from the peer, in order."""
-        self._fleet.seen(self.session)
-        answer = self._ANSWERS.get(type(message))
+        kind = type(message)
+        if kind is not Ack and kind is not Heartbeat:  # those two stamp last_seen themselves
+            self._fleet.seen(self.session)
+        answer = self._ANSWERS.get(kind)
         if answer is None:  # the protocol's state table lets no other message through
             why = f"unexpected {type(message).__name__} from a client"
             return [Send(error_for(InvalidInputError(why))), Close(why)]
