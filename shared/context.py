@@ -10,6 +10,7 @@ process sees; the file and other processes never see it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -97,6 +98,9 @@ def normalize_weights(weights: WeightsLike | None) -> dict[str, Array]:
     return out
 
 
+_NBYTES = attrgetter("nbytes")
+
+
 class Context:
     """Named read-only tensors plus config and metadata; bound to (slot, version) once stored."""
 
@@ -168,7 +172,8 @@ class Context:
     @property
     def nbytes(self) -> int:
         """Total bytes of tensor data."""
-        return sum(int(a.nbytes) for a in self._weights.values())
+        total: int = sum(map(_NBYTES, self._weights.values()))  # ndarray.nbytes: an int
+        return total
 
     def __len__(self) -> int:
         return len(self._weights)
