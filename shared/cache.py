@@ -142,11 +142,8 @@ class ContextCache:
         """The context cached under ``key`` (now the most recently used), or None."""
         with self._lock:
             try:
-                if key not in self._cache:  # a miss (each new version) raises no KeyError
-                    self._misses += 1
-                    return None
-                entry = self._cache[key]
-            except KeyError:  # expired since the test above
+                entry = self._cache[key]  # one lookup on the hit path: a miss is rarer
+            except KeyError:
                 self._misses += 1
                 return None
             except TypeError:
