@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,15 +201,6 @@ def test_the_commit_thread_lets_the_loop_announce_before_its_chores(tmp_path: Pa
 def env(tmp_path: Path) -> Iterator[Env]:
     with make_env(tmp_path) as environment:
         yield environment
-
-
-def _eventually(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        pause.wait(0.002)
 
 
 def _following(env: Env) -> tuple[Any, Reader]:

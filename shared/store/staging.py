@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -275,22 +275,15 @@ def move_verified(source: str, path: str, header: bytes, size: int) -> bool:
         if exc.errno in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EACCES):
             return False
         raise StorageError(exc.errno, f"cannot move {source} to {path}: {exc.strerror}") from exc
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            info = os.fstat(fd)
-            fits = (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_size == size
-                    and os.pread(fd, len(header), 0) == header)  # fmt: skip
-            if fits:
-                os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
-    except OSError:
-        fits = False
-    if not fits:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    return fits
+
+    def fits(fd: int, info: os.stat_result) -> bool:
+        if not (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_size == size
+                and os.pread(fd, len(header), 0) == header):  # fmt: skip
+            return False
+        os.fchmod(fd, FILE_MODE)
+        return True
+
+    return _kept_if(path, fits)
 
 
 def link_verified(
@@ -303,24 +296,32 @@ def link_verified(
     Checked after the link, on the file linked, so nothing can swap it in between."""
     if not hard_link(source, path):
         return False
+    return _kept_if(
+        path,
+        lambda fd, info: (
+            stat.S_ISREG(info.st_mode)
+            and identity_of(info) == identity
+            and info.st_size == size
+            and os.pread(fd, len(header), 0) == header
+        ),
+    )
+
+
+def _kept_if(path: str, fits: Callable[[int, os.stat_result], bool]) -> bool:
+    """Whether the file just placed at ``path`` ``fits`` (asked on its descriptor, opened
+    without following a link); removed when it does not or cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            info = os.fstat(fd)
-            fits = (
-                stat.S_ISREG(info.st_mode)
-                and identity_of(info) == identity
-                and info.st_size == size
-                and os.pread(fd, len(header), 0) == header
-            )
+            kept = fits(fd, os.fstat(fd))
         finally:
             os.close(fd)
     except OSError:
-        fits = False
-    if not fits:
+        kept = False
+    if not kept:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    return fits
+    return kept
 
 
 def replace_with_link(source: str, path: str) -> bool:
