@@ -22,6 +22,7 @@ from support.fake_daemon import WAIT, Env, make_env
 from support.inprocess import commit, running
 from support.peers import AsyncPeer
 
+from ctxstore import Context
 from ctxstore.integrity import identity_of
 from ctxstore.protocol import (
     Ack,
@@ -90,7 +91,6 @@ def test_a_new_version_carries_its_record_to_protocol_2_readers_only(tmp_path: P
 def test_a_version_with_no_tensors_is_announced_without_a_record(tmp_path: Path) -> None:
     """A record holds 1 to 4096 tensors on the wire; a version with none was sent one,
     and every protocol-2 peer refused the frame and lost its session."""
-    from ctxstore import Context
 
     async def main() -> None:
         async with running(tmp_path, http="off") as daemon:
@@ -312,6 +312,62 @@ def test_files_other_than_the_vouched_ones_send_the_reader_to_the_store(
     assert reads  # the index decided (and its own verified record matched the files)
     assert reader._adoption.records_refused == 0  # not malformed: only not these files
     assert float(reader.get(1)["w"][0]) == 4.0
+
+
+def _publish_pair(env: Env, value: float, *, table: bool = True) -> int:
+    """A version of slot 1 whose tensor ``a`` is new and ``b`` is the same every time (the
+    writer links it to the previous version's file instead of writing it again)."""
+    ctx = Context({"a": np.full(8, value, np.float32), "b": np.arange(16, dtype=np.float32)})
+    version = env.writer.save_context(1, ctx, record_verified=True)
+    if table:
+        env.table.set(1, version)
+    return version
+
+
+def _follow_pair(env: Env) -> tuple[Any, Reader, Context]:
+    """A reader following slot 1 that adopted a two-tensor version from its record."""
+    daemon, reader = _following(env)
+    version = _publish_pair(env, 2.0)
+    daemon.announce(1, version, record=_record(env, version))
+    daemon.wait_ack(1, version)
+    held = reader.get(1)
+    assert held.version == version
+    return daemon, reader, held
+
+
+def test_a_file_the_next_version_shares_is_served_from_the_map_already_held(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, reader, before = _follow_pair(env)
+    reused = reader._store.maps_reused
+    version = _publish_pair(env, 3.0)
+    reads = _count_index_reads(reader, monkeypatch)
+    daemon.announce(1, version, record=_record(env, version))
+    daemon.wait_ack(1, version)
+    after = reader.get(1)
+    assert (after.version, reads) == (version, [])
+    assert after["b"] is before["b"]  # the same map: no open, no second mapping
+    assert after["a"] is not before["a"] and float(after["a"][0]) == 3.0
+    assert reader._store.maps_reused == reused + 1
+
+
+def test_a_held_map_is_not_reused_once_its_path_names_another_file(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, reader, before = _follow_pair(env)
+    reused = reader._store.maps_reused
+    version = _publish_pair(env, 5.0)
+    path = layout.tensor_path_str(str(env.store_dir), 1, version, 1)  # b, linked to the last
+    copy = path + ".copy"
+    with open(path, "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    os.replace(copy, path)  # the same bytes in another file: not the one the reader mapped
+    daemon.announce(1, version, record=_record(env, version))
+    daemon.wait_ack(1, version)
+    after = reader.get(1)
+    assert after.version == version and after["b"] is not before["b"]
+    assert reader._store.maps_reused == reused
+    assert np.array_equal(after["b"], before["b"])
 
 
 def test_the_ack_is_written_before_the_callbacks_are_handed_over() -> None:

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -224,10 +224,13 @@ def verify_mapped(
         _check_mapped_header(slot, version, name, array, shape=shape, offset=offset)
 
 
+#: one mapped array's file and place in it: (file identity, dtype, shape, data offset)
+MappedKey: TypeAlias = tuple[Identity, np.dtype[Any], tuple[int, ...], int]
+
 #: (file identity, dtype, shape, data offset) whose .npy header this process found to
 #: agree: a file keeps its header while it keeps its identity, so a file shared by many
 #: versions (deduplicated by hard links) or a version mapped again is checked once
-_HEADERS_AGREED: dict[tuple[Identity, np.dtype[Any], tuple[int, ...], int], None] = {}
+_HEADERS_AGREED: dict[MappedKey, None] = {}
 _HEADERS_AGREED_MAX = 1 << 16
 
 
