@@ -327,12 +327,17 @@ def _publish_pair(env: Env, value: float, *, table: bool = True) -> int:
 def _follow_pair(env: Env) -> tuple[Any, Reader, Context]:
     """A reader following slot 1 that adopted a two-tensor version from its record."""
     daemon, reader = _following(env)
-    version = _publish_pair(env, 2.0)
+    held = _announce_and_get(env, daemon, reader, _publish_pair(env, 2.0))
+    return daemon, reader, held
+
+
+def _announce_and_get(env: Env, daemon: Any, reader: Reader, version: int) -> Context:
+    """Announce ``version`` with its record, wait for the reader's ack, and get it."""
     daemon.announce(1, version, record=_record(env, version))
     daemon.wait_ack(1, version)
-    held = reader.get(1)
-    assert held.version == version
-    return daemon, reader, held
+    ctx = reader.get(1)
+    assert ctx.version == version
+    return ctx
 
 
 def test_a_file_the_next_version_shares_is_served_from_the_map_already_held(
@@ -342,18 +347,14 @@ def test_a_file_the_next_version_shares_is_served_from_the_map_already_held(
     reused = reader._store.maps_reused
     version = _publish_pair(env, 3.0)
     reads = _count_index_reads(reader, monkeypatch)
-    daemon.announce(1, version, record=_record(env, version))
-    daemon.wait_ack(1, version)
-    after = reader.get(1)
-    assert (after.version, reads) == (version, [])
+    after = _announce_and_get(env, daemon, reader, version)
+    assert reads == []
     assert after["b"] is before["b"]  # the same map: no open, no second mapping
     assert after["a"] is not before["a"] and float(after["a"][0]) == 3.0
     assert reader._store.maps_reused == reused + 1
 
 
-def test_a_held_map_is_not_reused_once_its_path_names_another_file(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_held_map_is_not_reused_once_its_path_names_another_file(env: Env) -> None:
     daemon, reader, before = _follow_pair(env)
     reused = reader._store.maps_reused
     version = _publish_pair(env, 5.0)
@@ -362,10 +363,8 @@ def test_a_held_map_is_not_reused_once_its_path_names_another_file(
     with open(path, "rb") as src, open(copy, "wb") as dst:
         dst.write(src.read())
     os.replace(copy, path)  # the same bytes in another file: not the one the reader mapped
-    daemon.announce(1, version, record=_record(env, version))
-    daemon.wait_ack(1, version)
-    after = reader.get(1)
-    assert after.version == version and after["b"] is not before["b"]
+    after = _announce_and_get(env, daemon, reader, version)
+    assert after["b"] is not before["b"]
     assert reader._store.maps_reused == reused
     assert np.array_equal(after["b"], before["b"])
 
