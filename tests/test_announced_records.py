@@ -344,19 +344,19 @@ def test_a_file_the_next_version_shares_is_served_from_the_map_already_held(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     daemon, reader, before = _follow_pair(env)
-    reused = reader._store.maps_reused
+    reused = reader._store.held_maps.reused
     version = _publish_pair(env, 3.0)
     reads = _count_index_reads(reader, monkeypatch)
     after = _announce_and_get(env, daemon, reader, version)
     assert reads == []
     assert after["b"] is before["b"]  # the same map: no open, no second mapping
     assert after["a"] is not before["a"] and float(after["a"][0]) == 3.0
-    assert reader._store.maps_reused == reused + 1
+    assert reader._store.held_maps.reused == reused + 1
 
 
 def test_a_held_map_is_not_reused_once_its_path_names_another_file(env: Env) -> None:
     daemon, reader, before = _follow_pair(env)
-    reused = reader._store.maps_reused
+    reused = reader._store.held_maps.reused
     version = _publish_pair(env, 5.0)
     path = layout.tensor_path_str(str(env.store_dir), 1, version, 1)  # b, linked to the last
     copy = path + ".copy"
@@ -365,7 +365,7 @@ def test_a_held_map_is_not_reused_once_its_path_names_another_file(env: Env) -> 
     os.replace(copy, path)  # the same bytes in another file: not the one the reader mapped
     after = _announce_and_get(env, daemon, reader, version)
     assert after["b"] is not before["b"]
-    assert reader._store.maps_reused == reused
+    assert reader._store.held_maps.reused == reused
     assert np.array_equal(after["b"], before["b"])
 
 

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from ..errors import (
     ClosedError,
@@ -26,10 +26,7 @@ from .db import (
     connect,
     translate_sqlite_error,
 )
-
-if TYPE_CHECKING:
-    from ..context import Array
-    from .decode import MappedKey
+from .held import HeldMaps
 
 
 class StoreConnections:
@@ -58,14 +55,9 @@ class StoreConnections:
         #: on a writer's record without hashing (ctxstore.integrity)
         self.versions_hashed = 0
         self.versions_trusted = 0
-        #: the arrays this process has mapped from announcements and still holds, by
-        #: (file identity, dtype, shape, data offset): a file the next version shares
-        #: (deduplicated by a hard link) is served from the map already made
-        self.held_maps: weakref.WeakValueDictionary[MappedKey, Array] = (
-            weakref.WeakValueDictionary()
-        )
-        #: files of announced versions served from a map already held, not mapped again
-        self.maps_reused = 0
+        #: the arrays this process mapped from announcements, for the versions that
+        #: share their files (``StoreReads.load_announced``)
+        self.held_maps = HeldMaps()
 
     def close(self) -> None:
         """Close this store's read connections; idempotent. In a forked child they are

@@ -19,9 +19,7 @@ from ..errors import (
 from ..integrity import (
     DAMAGED,
     VERIFIED,
-    Identity,
     boot_id,
-    identity_of,
     unpack_identities,
 )
 from ..records import ContextMetadata, FileInfo, SlotInfo, VersionInfo
@@ -38,7 +36,6 @@ from .decode import (
     METADATA_SQL,
     RECORD_MEMO_MAX_LEN,
     RECORD_SQL,
-    MappedKey,
     ReadPlan,
     VersionRef,
     announced_plan,
@@ -204,14 +201,16 @@ class StoreReads(StoreConnections):
             return None  # unvouched, the record's texts and layout would be nobody's word
         config, metadata, tensors, files = record
         manifest, plan = announced_plan(tensors)
-        mapped = self._map_vouched(slot, version, plan, files)
+        prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
+        held = self.held_maps
+        mapped = held.map_vouched(prefix, plan.specs, files)
         if mapped is None:
             return None
-        weights, identities, new_keys = mapped
+        arrays, identities, new = mapped
+        weights = dict(zip(plan.names, arrays, strict=True))
         check_mapped_headers(slot, version, manifest, weights, identities)
-        held = self.held_maps
-        for key, name in new_keys:
-            held[key] = weights[name]
+        for key, index in new:
+            held.keep(key, arrays[index])
         self.versions_trusted += 1
         return Context._trusted(
             MappingProxyType(weights),
@@ -220,55 +219,6 @@ class StoreReads(StoreConnections):
             slot,
             version,
         )
-
-    def _map_vouched(
-        self, slot: int, version: int, plan: ReadPlan, files: tuple[int, ...]
-    ) -> tuple[dict[str, Array], list[Identity], list[tuple[MappedKey, str]]] | None:
-        """Each tensor of ``plan`` mapped, or served from a map this process already
-        holds of the very file (same identity, dtype, shape and offset); with each
-        file's identity and the keys of the maps made here. None when a file is not
-        the one ``files`` (the writer's record) vouches for.
-
-        A held map is reused only if the path still names that file unchanged (one
-        ``lstat``: identity as the record says and as it was when mapped), the check
-        a fresh map gets from its ``fstat``; its header passed when it was mapped.
-        A version that shares most files with the one before (deduplicated by hard
-        links) then costs one stat per shared file instead of an open, a map and an
-        unmap, and adds no memory.
-        """
-        prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
-        specs = plan.specs
-        held, lstat = self.held_maps, os.lstat
-        arrays: list[Array | None] = [None] * len(specs)
-        identities: list[Identity] = []
-        missing: list[int] = []
-        for index, (file_name, dtype, shape, offset, _) in enumerate(specs):
-            identity = files[4 * index : 4 * index + 4]
-            identities.append(identity)  # type: ignore[arg-type]  # four ints, checked on the wire
-            array = held.get((identity, dtype, shape, offset))  # type: ignore[arg-type]
-            if array is not None:
-                try:
-                    same = identity_of(lstat(prefix + file_name)) == identity
-                except OSError:
-                    same = False
-                if same:
-                    arrays[index] = array
-                    continue
-            missing.append(index)
-        new_keys: list[tuple[MappedKey, str]] = []
-        if missing:
-            stats: list[os.stat_result] = []
-            fresh = map_arrays(prefix, [specs[i] for i in missing], stats)
-            for index, array, st in zip(missing, fresh, stats, strict=True):
-                identity = identity_of(st)
-                if identity != identities[index]:
-                    return None
-                arrays[index] = array
-                spec = specs[index]
-                new_keys.append(((identity, spec[1], spec[2], spec[3]), plan.names[index]))
-        self.maps_reused += len(specs) - len(missing)
-        weights = dict(zip(plan.names, arrays, strict=True))
-        return weights, identities, new_keys  # type: ignore[return-value]  # none left None
 
     def _map_tensors(
         self,
