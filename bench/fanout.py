@@ -44,12 +44,31 @@ Alternatives, same run and same daemon commits: N processes polling
 connection) with a 1 ms and a 10 ms sleep between polls.
 
 Readers' CPU: the scheduler's account of the N reader processes (every
-thread, ns resolution) over the measured versions, per second of wall time:
-what keeping up costs each approach at this publication rate (the notes say
-how many versions a second that was, and the CPU of the daemon and of each
-reader per version). Approaches run in a rotated order for
-each N. Goals (issue 3): N=16 p99 <= 1 ms, N=64 p99 <= 3 ms, and p50 within
-1.3x of the floor, judged on notified and acknowledged alike.
+thread, ns resolution) over a stage (its warm-up versions included), per
+second of the stage's wall time: what keeping up costs each approach at this
+publication rate (the notes say how many versions a second that was, and the
+CPU of the daemon and of each reader per version published). Approaches run
+in a rotated order for each N. Goals (issue 3): N=16 p99 <= 1 ms, N=64 p99 <=
+3 ms, and p50 within 1.3x of the floor, judged on notified and acknowledged
+alike.
+
+CPU floors, same run (issue 21's CPU goals: the daemon <= 1 ms per version at
+N=16, a following reader <= 80 us; ``bench/floors.py``). Each N's notes set
+each goal beside the bare work under it on this machine:
+
+* durable-commit floor, measured once before the first N: the CPU of
+  committing this same version the bare way (a new directory, its .npy files
+  created with O_EXCL and fsynced, the directory and its parent fsynced, one
+  SQLite COMMIT with the store's settings, WAL and synchronous=FULL, the
+  version 3 back removed), in a child process that counts only its commits,
+  with the same 3-10 ms pauses between them; two kinds alternate: all 4 files
+  written, and (as the store commits this version) the changed tensor written
+  and the 3 others hard-linked. Beside the daemon's CPU per version.
+* the bare fan-out server's CPU per version (this process's thread clock
+  around each version: N sends, N answers read, its selector's waits and its
+  stamps), also beside the daemon's.
+* each floor client's CPU per version (recv 8 bytes, stamp, send 8 bytes
+  back), beside a following reader's.
 """
 
 from __future__ import annotations
@@ -78,7 +97,7 @@ from ctxstore import Context
 from ctxstore.client import publish, wait_until_listening
 from ctxstore.versiontable import segment_name
 
-from . import plots
+from . import floors, plots
 from .harness import (
     AllOf,
     AtMost,
@@ -122,6 +141,10 @@ TENSORS, TENSOR_BYTES = 4, 16 << 10
 #: p99 goals of issue 3 by N
 P99_GOALS_NS = {16: 1e6, 64: 3e6}
 FLOOR_FACTOR = 1.3
+#: issue 21's CPU goals: the daemon's per version at DAEMON_CPU_GOAL_N, a following reader's
+DAEMON_CPU_GOAL_S, DAEMON_CPU_GOAL_N, READER_CPU_GOAL_S = 1e-3, 16, 80e-6
+#: bare durable commits of each kind measured for the commit floor (bench.floors)
+FULL_FLOOR_COMMITS, QUICK_FLOOR_COMMITS = 150, 10
 
 CTX_NOTIFIED = "ctxstore: every Reader received the announcement"
 CTX_CALLBACK = "ctxstore: every subscribe() callback ran (mapped + acked first)"
@@ -151,6 +174,9 @@ class Phase:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     cpu_ns_per_s: float = 0.0
     versions_per_s: float = 0.0
+    #: CPU seconds per published version: of each reader, and of the daemon or bare server
+    reader_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
     missing: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -159,8 +185,10 @@ def run(ctx: RunContext) -> ScenarioResult:
     readers = QUICK_READERS if ctx.quick else FULL_READERS
     result = ScenarioResult()
     skew_before = time.time() - time.monotonic()
-    ctx.progress.expect(len(readers) * (2 + len(POLL)))
+    ctx.progress.expect(1 + len(readers) * (2 + len(POLL)))
     with Bench(ctx) as bench:
+        ctx.progress.step("fan-out: durable-commit floor")
+        commit_floor = bench.commit_floor()
         for i, n in enumerate(readers):
             phases: list[tuple[str, Callable[[int], dict[str, Phase]]]] = [
                 ("ctxstore", bench.ctxstore),
@@ -171,7 +199,8 @@ def run(ctx: RunContext) -> ScenarioResult:
             for name, measure in phases[i % len(phases) :] + phases[: i % len(phases)]:
                 ctx.progress.step(f"fan-out N={n}: {name}")
                 done.update(measure(n))
-            result.figures += figures(n, done)
+            result.figures += figures(n, done, commit_floor)
+        result.notes.append(floors.describe_commit_floor(commit_floor, TENSORS, _format_s))
         result.notes += bench.notes
     skew = (time.time() - time.monotonic()) - skew_before
     if abs(skew) > 1e-3:
@@ -189,7 +218,9 @@ def _poll_phase(bench: Bench, interval: float) -> Callable[[int], dict[str, Phas
 # -- figures -----------------------------------------------------------------------------------
 
 
-def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
+def figures(
+    n: int, phases: dict[str, Phase], commit_floor: dict[str, floors.CommitCpu]
+) -> list[Figure]:
     ours, subscribed, floor = phases["ctxstore"], phases["subscribed"], phases["floor"]
     notified = Figure(
         f"fanout.notified.{n}",
@@ -208,6 +239,7 @@ def figures(n: int, phases: dict[str, Phase]) -> list[Figure]:
     notified.notes += ours.notes + subscribed.notes + floor.notes
     for label in POLL.values():
         notified.notes += phases[label].notes
+    notified.notes.append(cpu_goals_note(n, ours, floor, commit_floor))
     acked = Figure(
         f"fanout.acked.{n}",
         f"commit to all {n} readers acknowledged",
@@ -246,6 +278,27 @@ def _add(figure: Figure, label: str, role: Role, phase: Phase, what: str) -> Non
         figure.add(label, role, Stats.of(samples))
 
 
+def cpu_goals_note(
+    n: int, ours: Phase, floor: Phase, commit_floor: dict[str, floors.CommitCpu]
+) -> str:
+    """Issue 21's two CPU goals, each beside what this machine's bare work costs."""
+    linked, written = commit_floor[floors.ONE_WRITTEN], commit_floor[floors.ALL_WRITTEN]
+    return (
+        f"N={n}, issue 21's CPU goals beside this machine's floors: the daemon "
+        f"{_format_s(ours.server_cpu_s)} a version (goal <= {_format_s(DAEMON_CPU_GOAL_S)} "
+        f"at N={DAEMON_CPU_GOAL_N}; a bare durable commit of this version alone "
+        f"{_format_s(linked.per_commit_s)} with the unchanged tensors hard-linked, "
+        f"{_format_s(written.per_commit_s)} with all written; the bare fan-out server "
+        f"{_format_s(floor.server_cpu_s)}); each following reader "
+        f"{_format_s(ours.reader_cpu_s)} a version (goal <= {_format_s(READER_CPU_GOAL_S)}; "
+        f"a bare floor client {_format_s(floor.reader_cpu_s)})"
+    )
+
+
+def _format_s(seconds: float) -> str:
+    return format_ns(seconds * 1e9)
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -268,6 +321,17 @@ class Bench:
             for i in range(TENSORS)
         }
         self._slots = iter(range(1, 1_000_000))
+
+    def commit_floor(self) -> dict[str, floors.CommitCpu]:
+        """The durable-commit floor (``bench.floors``), on the store's filesystem."""
+        return floors.measure_commit_floor(
+            self.ctx.data_dir / "commit-floor",
+            QUICK_FLOOR_COMMITS if self.ctx.quick else FULL_FLOOR_COMMITS,
+            seed=self.ctx.seed,
+            gap_s=GAP_S,
+            tensors=TENSORS,
+            tensor_bytes=TENSOR_BYTES,
+        )
 
     def next_slot(self) -> int:
         """A slot no phase has used yet (each phase publishes to its own)."""
@@ -384,13 +448,14 @@ class Bench:
             ("acked", ACKED),
         )
         following.latencies["visible"] = _visible(stamps, stage_b.measured)
+        following.server_cpu_s = daemon_cpu.seconds / stage_b.published
         following.notes += _breakdown(stamps, stage_b.measured, n)
         following.notes.append(
-            f"N={n}: the daemon used {format_ns(daemon_cpu.seconds / stage_b.count * 1e9)} of "
-            "CPU per version (publish request, commit, announce, acks, heartbeats); each "
-            f"reader {format_ns(cpu_b.seconds / stage_b.count / n * 1e9)} (decode, map, "
-            "adopt, ack, callback); subscribed only, each reader "
-            f"{format_ns(cpu_a.seconds / max(stage_a.count, 1) / n * 1e9)} (decode, callback)"
+            f"N={n}: the daemon used {_format_s(following.server_cpu_s)} of CPU per version "
+            "(publish request, commit, announce, acks, heartbeats); each reader "
+            f"{_format_s(following.reader_cpu_s)} (decode, map, adopt, ack, callback); "
+            f"subscribed only, each reader {_format_s(subscribed.reader_cpu_s)} "
+            "(decode, callback)"
         )
         _note_missing(subscribed, f"N={n} ctxstore subscribed only")
         _note_missing(following, f"N={n} ctxstore following")
@@ -436,7 +501,7 @@ class Bench:
                     conn.settimeout(START_TIMEOUT_S)
                     conns.append((conn, int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")))
                 with _cpu(procs) as readers_cpu:
-                    stage = self._floor_versions(stamps, conns)
+                    stage, server_cpu_s = self._floor_versions(stamps, conns)
             finally:
                 for conn, _index in conns:
                     conn.close()
@@ -445,10 +510,14 @@ class Bench:
             stamps, stage, readers_cpu.seconds, ("notified", RECEIVED), ("acked", ACKED)
         )
         _note_missing(phase, f"N={n} floor")
+        phase.server_cpu_s = server_cpu_s / stage.published
         sends = [stamps.get(ANNOUNCE_END, 0, k) - stamps.get(COMMIT, 0, k) for k in stage.measured]
         phase.notes.append(
             f"N={n} floor: the server's {n} sends take {format_ns(statistics.median(sends) * 1e9)}"
-            " (p50)"
+            f" (p50); the bare server spends {_format_s(phase.server_cpu_s)} of CPU per version "
+            f"({n} sends, {n} answers read, its selector's waits and its stamps: its own "
+            f"thread's CPU clock); each floor client {_format_s(phase.reader_cpu_s)} (recv 8 "
+            "bytes, stamp, send 8 bytes back)"
         )
         stamps.close()
         return phase
@@ -474,6 +543,7 @@ class Bench:
         With ``min_seconds`` the stage goes on for at least that long, however many versions.
         """
         stage = Stage(measured=[], next=first)
+        began = time.perf_counter()
         for _ in range(self.warmup):
             send(stage.next)
             stage.next += 1
@@ -491,7 +561,8 @@ class Bench:
             stage.measured.append(stage.next)
             stage.next += 1
             time.sleep(self.rng.uniform(*GAP_S))
-        stage.wall_s = time.perf_counter() - started
+        stage.wall_s = time.perf_counter() - began
+        stage.published = stage.next - first
         return stage
 
     def _publish_versions(self, slot: int, first: int, done: Callable[[int], bool]) -> Stage:
@@ -503,21 +574,30 @@ class Bench:
 
         return self.versions_until(first, send)
 
-    def _floor_versions(self, stamps: Stamps, conns: list[tuple[socket.socket, int]]) -> Stage:
+    def _floor_versions(
+        self, stamps: Stamps, conns: list[tuple[socket.socket, int]]
+    ) -> tuple[Stage, float]:
+        """The floor's stage, and the CPU seconds this thread spent serving its versions
+        (each send and its answers, not the pauses between versions)."""
+        cpu_s = 0.0
         with selectors.DefaultSelector() as sel:
             for conn, index in conns:
                 conn.setblocking(False)
                 sel.register(conn, selectors.EVENT_READ, index)
 
             def send(k: int) -> bool:
+                nonlocal cpu_s
+                began = time.thread_time()
                 frame = k.to_bytes(8, "little")
                 stamps.put(COMMIT, 0, k, time.time())
                 for conn, _index in conns:
                     conn.send(frame)
                 stamps.put(ANNOUNCE_END, 0, k, time.time())
-                return _read_answers(sel, stamps, k, len(conns))
+                answered = _read_answers(sel, stamps, k, len(conns))
+                cpu_s += time.thread_time() - began
+                return answered
 
-            return self.versions_until(2, send)
+            return self.versions_until(2, send), cpu_s
 
 
 @dataclass
@@ -526,7 +606,10 @@ class Stage:
 
     measured: list[int]
     next: int
+    #: from the first warm-up version on, as the CPU windows around a stage are
     wall_s: float = 0.0
+    #: versions published, warm-up included
+    published: int = 0
     missing: int = 0
 
     @property
@@ -559,7 +642,9 @@ def phase_of(
         phase.latencies[what] = samples
     if stage.wall_s > 0:
         phase.cpu_ns_per_s = cpu_s / stage.wall_s * 1e9
-        phase.versions_per_s = stage.count / stage.wall_s
+        phase.versions_per_s = stage.published / stage.wall_s
+    if stage.published:
+        phase.reader_cpu_s = cpu_s / stage.published / stamps.readers
     return phase
 
 

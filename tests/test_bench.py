@@ -149,6 +149,14 @@ def test_quick_run_fans_out_to_reader_processes_beside_floor_and_polling(quick_r
     notes = " ".join(figures["fanout.notified.4"]["notes"])
     assert "where the time goes" in notes
     assert "each reader" in notes  # its CPU per version (issue 21)
+    # issue 21's CPU goals, each beside the bare work under it, measured in this run
+    assert "the bare server spends" in notes and "each floor client" in notes
+    goals = next(n for n in figures["fanout.notified.4"]["notes"] if "CPU goals" in n)
+    assert "goal <= 1 ms at N=16" in goals and "goal <= 80 us" in goals
+    assert "bare durable commit of this version alone" in goals
+    assert "bare fan-out server" in goals and "bare floor client" in goals
+    scenario_notes = results["scenarios"]["fanout"]["notes"]
+    assert any(n.startswith("durable-commit floor:") for n in scenario_notes)
 
 
 def test_quick_run_measures_disturbed_readers_beside_an_undisturbed_run(quick_run: Path) -> None:
@@ -393,6 +401,36 @@ def test_fanout_goal_needs_every_part(bench: Any) -> None:
     assert verdict is not None and not verdict.met
     assert "p99 <= 1 ms" in both.text and "1.3x" in both.text
     assert both.judge(Figure("e", "empty")) is None
+
+
+def test_commit_floor_commits_durably_and_keeps_three_versions(bench: Any, tmp_path: Path) -> None:
+    """The bare commit does the work the floor claims: files, links, rows, removal."""
+    from bench.floors import KEEP_BACK, BareCommits
+    from ctxstore.store.db import connect
+
+    conn = connect(tmp_path / "index.db", readonly=False)
+    conn.execute("CREATE TABLE versions(slot, version, manifest, PRIMARY KEY (slot, version))")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        payloads = [bytes([i]) * 100 for i in range(4)]
+        linked = BareCommits(tmp_path / "linked", conn, 1, payloads)
+        written = BareCommits(tmp_path / "written", conn, 2, payloads)
+        for version in range(1, 6):
+            linked.commit(version, link=True)
+            written.commit(version, link=False)
+        kept = [str(v) for v in range(6 - KEEP_BACK, 6)]
+        for commits, slot in ((linked, 1), (written, 2)):
+            assert sorted(p.name for p in commits.dir.iterdir()) == kept
+            rows = conn.execute("SELECT version FROM versions WHERE slot = ?", (slot,))
+            assert [r[0] for r in rows] == [int(v) for v in kept]
+            for i, payload in enumerate(payloads):
+                assert (commits.dir / "5" / f"{i}.npy").read_bytes() == payload
+        inodes = [[(linked.dir / v / f"{i}.npy").stat().st_ino for i in range(4)] for v in "45"]
+        assert [a == b for a, b in zip(*inodes, strict=True)] == [False, True, True, True]
+        assert all((written.dir / "5" / f"{i}.npy").stat().st_nlink == 1 for i in range(4))
+    finally:
+        conn.close()
 
 
 def test_dropped_file_is_not_resident(bench: Any, tmp_path: Path) -> None:
