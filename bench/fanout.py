@@ -561,7 +561,8 @@ class Bench:
             stage.measured.append(stage.next)
             stage.next += 1
             time.sleep(self.rng.uniform(*GAP_S))
-        stage.wall_s = time.perf_counter() - began
+        stage.wall_s = time.perf_counter() - started
+        stage.span_s = time.perf_counter() - began
         stage.published = stage.next - first
         return stage
 
@@ -597,7 +598,8 @@ class Bench:
                 cpu_s += time.thread_time() - began
                 return answered
 
-            return self.versions_until(2, send), cpu_s
+            stage = self.versions_until(2, send)
+        return stage, cpu_s
 
 
 @dataclass
@@ -606,9 +608,10 @@ class Stage:
 
     measured: list[int]
     next: int
-    #: from the first warm-up version on, as the CPU windows around a stage are
+    #: the measured versions' time
     wall_s: float = 0.0
-    #: versions published, warm-up included
+    #: warm-up included, as the CPU windows around a stage are, and the versions in it
+    span_s: float = 0.0
     published: int = 0
     missing: int = 0
 
@@ -640,9 +643,9 @@ def phase_of(
             if commit[k] and all(times):
                 samples.append((max(times) - commit[k]) * 1e9)
         phase.latencies[what] = samples
-    if stage.wall_s > 0:
-        phase.cpu_ns_per_s = cpu_s / stage.wall_s * 1e9
-        phase.versions_per_s = stage.published / stage.wall_s
+    if stage.span_s > 0:
+        phase.cpu_ns_per_s = cpu_s / stage.span_s * 1e9
+        phase.versions_per_s = stage.published / stage.span_s
     if stage.published:
         phase.reader_cpu_s = cpu_s / stage.published / stamps.readers
     return phase

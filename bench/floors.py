@@ -59,6 +59,9 @@ ALL_WRITTEN, ONE_WRITTEN = "all written", "one written, the others hard-linked"
 WARMUP = 3
 KEEP_BACK = 3
 RUN_TIMEOUT_S = 300.0
+#: Linux splits CPU time into user and system by timer ticks (4 ms at HZ=250): below this
+#: much CPU in all, a kind's split rests on too few ticks to be stated
+SPLIT_MIN_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,16 @@ def describe_commit_floor(
         ONE_WRITTEN: "as the store commits it: the changed tensor's file written and fsynced, "
         f"the {tensors - 1} others hard-linked from the previous version",
     }
-    parts = [
-        f"{format_s(cpu.per_commit_s)} ({what[kind]}; user {format_s(cpu.user_s / cpu.commits)}, "
-        f"system {format_s(cpu.system_s / cpu.commits)})"
-        for kind, cpu in floor.items()
-    ]
+    parts = []
+    for kind, cpu in floor.items():
+        if cpu.user_s + cpu.system_s >= SPLIT_MIN_S:
+            split = (
+                f"user {format_s(cpu.user_s / cpu.commits)}, "
+                f"system {format_s(cpu.system_s / cpu.commits)}"
+            )
+        else:
+            split = "too few commits for a user/system split"
+        parts.append(f"{format_s(cpu.per_commit_s)} ({what[kind]}; {split})")
     return (
         "durable-commit floor: a bare commit of this version (a new directory and its files "
         "created with O_EXCL, the directory and its parent fsynced, one SQLite COMMIT in WAL "
