@@ -94,6 +94,7 @@ def _writable_view(array: Array) -> Array | None:
         view.setflags(write=True)
     except ValueError:  # mapped read-only (strict overcommit refused the private map)
         return None
+    root.lent = True  # its pages may take this process's edits: never served to a later version
     return view
 
 

@@ -28,6 +28,7 @@ from ctxstore.protocol import (
     Ack,
     Announce,
     Connection,
+    DamageReport,
     Hello,
     Role,
     Subscribe,
@@ -367,6 +368,47 @@ def test_a_held_map_is_not_reused_once_its_path_names_another_file(env: Env) -> 
     assert after["b"] is not before["b"]
     assert reader._store.held_maps.reused == reused
     assert np.array_equal(after["b"], before["b"])
+
+
+def test_a_map_lent_writable_is_never_served_to_a_later_version(env: Env) -> None:
+    """A torch tensor over a held map takes this process's edits (a LoRA merge): the next
+    version maps that file afresh and sees the file's bytes, not the edit."""
+    from ctxstore.readers import torch as ctx_torch
+
+    daemon, reader, before = _follow_pair(env)
+    ctx_torch.state_dict(before)["b"].add_(100.0)  # private copy-on-write pages
+    assert float(before["b"][1]) == 101.0
+    after = _announce_and_get(env, daemon, reader, _publish_pair(env, 3.0))
+    assert after["b"] is not before["b"]
+    assert np.array_equal(after["b"], np.arange(16, dtype=np.float32))
+
+
+def test_two_names_on_one_file_stay_two_arrays_in_the_next_version(env: Env) -> None:
+    """The writer links identical tensors of a version to one file; the reader mapped them
+    as two arrays, and a version that shares that file must not make them one object."""
+    daemon, reader = _following(env)
+    same = np.arange(16, dtype=np.float32)
+    for value in (2.0, 3.0):
+        ctx = Context({"a": np.full(8, value, np.float32), "b": same, "c": same})
+        version = env.writer.save_context(1, ctx, record_verified=True)
+        env.table.set(1, version)
+        after = _announce_and_get(env, daemon, reader, version)
+    assert after["b"] is not after["c"]
+    assert np.array_equal(after["b"], after["c"])
+
+
+def test_a_link_to_the_held_file_in_place_of_a_tensor_file_is_refused(env: Env) -> None:
+    """The same inode reached through a symbolic link is not a stored file: the reader
+    must not be served its held map (an lstat, not a stat, compares the identity)."""
+    daemon, reader, before = _follow_pair(env)
+    version = _publish_pair(env, 5.0)
+    path = layout.tensor_path_str(str(env.store_dir), 1, version, 1)
+    os.rename(path, path + ".real")
+    os.symlink(path + ".real", path)
+    daemon.announce(1, version, record=_record(env, version))
+    daemon.wait(lambda s, m: isinstance(m, DamageReport) and m.version == version, "report")
+    assert reader._store.held_maps.reused == 0
+    assert reader.get(1) is before  # the newest intact version, as it was
 
 
 def test_the_ack_is_written_before_the_callbacks_are_handed_over() -> None:

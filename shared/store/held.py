@@ -6,13 +6,15 @@ of it already. :class:`HeldMaps` remembers, weakly, each array mapped from an
 announcement by (file identity, dtype, shape, data offset): an entry lasts as
 long as some version still holds the array, so it adds no memory and needs no
 bound. Reusing one costs an ``lstat`` instead of an open, a map and an unmap.
+A map lent out writable (the torch adapter) is never reused: a version must not
+see edits made to another.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -42,19 +44,27 @@ class HeldMaps:
         the one ``files`` (the writer's record, four integers per file) vouches for.
 
         A held map is served only if the path still names that file unchanged (one
-        ``lstat``: identity as the record says and as it was when mapped): the check
-        a fresh map gets from its ``fstat``. Its header was checked when it was mapped.
+        ``lstat``: identity as the record says and as it was when mapped), the check
+        a fresh map gets from its ``fstat``, and only if no writable view of it was
+        lent out (``PrivateMap.lent``: this process's edits stay with their version).
+        Its header was checked when it was mapped.
         """
         held, lstat = self._arrays, os.lstat
         arrays: list[Array | None] = [None] * len(specs)
         identities: list[Identity] = []
         missing: list[int] = []
+        served: set[int] = set()  # each held array once: two names are two maps, as mapped
         for index, (file_name, dtype, shape, offset, _) in enumerate(specs):
             size, mtime, inode, device = files[4 * index : 4 * index + 4]
             identity = (size, mtime, inode, device)
             identities.append(identity)
             array = held.get((identity, dtype, shape, offset))
-            if array is not None:
+            if (
+                array is not None
+                and id(array) not in served
+                and not getattr(array.base, "lent", False)
+            ):
+                served.add(id(array))
                 try:
                     same = identity_of(lstat(prefix + file_name)) == identity
                 except OSError:
@@ -75,7 +85,7 @@ class HeldMaps:
                 _, dtype, shape, offset, _ = specs[index]
                 new.append(((identity, dtype, shape, offset), index))
         self.reused += len(specs) - len(missing)
-        return [a for a in arrays if a is not None], identities, new
+        return cast("list[Array]", arrays), identities, new  # every index filled above
 
     def keep(self, key: MappedKey, array: Array) -> None:
         """Remember ``array`` (checked) for the versions that will share its file."""

@@ -161,9 +161,14 @@ class PrivateMap(mmap.mmap):
     deliberately writable view such as the torch adapter's writes) from any
     other writable buffer, and the torch adapter can find the map to build a
     writable tensor over it.
+
+    ``lent``: set (True) once a writable view of it was handed out, whose writes
+    this process may have made: a version that shares the file maps it afresh
+    instead of being served this map (:mod:`.held`).
     """
 
-    __slots__ = ()
+    __slots__ = ("lent",)
+    lent: bool
 
 
 def contiguous_bytes(array: Array) -> memoryview:

@@ -193,8 +193,9 @@ class StoreReads(StoreConnections):
         The record is the daemon's word, checked as strictly as the index's: every
         tensor entry as a stored manifest's (IntegrityError otherwise), the files
         are the store's own (named by position under the version's directory, opened
-        as :meth:`load_context` opens them), each mapped file's ``fstat`` must be the
-        identity vouched for, and the .npy headers are compared with the entries.
+        as :meth:`load_context` opens them), each mapped file's ``fstat`` (or, for a
+        file served from a map already held, its path's ``lstat``: :mod:`.held`) must
+        be the identity vouched for, and the .npy headers are compared with the entries.
         NotFoundError when the version's files are gone (retired).
         """
         if not (verify and trust_verified):
