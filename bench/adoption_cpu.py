@@ -15,7 +15,6 @@ wrote them), as they are for workers on the publishing host.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import numpy as np
 
 from ctxstore import Context
 from ctxstore.client import publish
+
+from .fanout import cpu_seconds
 
 _READER = """
 import sys, time
@@ -40,11 +41,6 @@ with Reader(sys.argv[1], sys.argv[2], follow=False) as reader:
         stats = reader.stats()
         print(ctx.version, spent, stats.hashed, stats.trusted, flush=True)
 """
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _context(mib: int, seed: int) -> Context:
@@ -76,9 +72,9 @@ def run(mode: str, mib: int, rounds: int) -> tuple[float, float]:
             readers, daemons = [], []
             for round_ in range(rounds):
                 context = _context(mib, round_ + 1)
-                before = _cpu_seconds(daemon.pid)
+                before = cpu_seconds(daemon.pid)
                 version = publish(1, context, socket=sock)
-                daemons.append(_cpu_seconds(daemon.pid) - before)
+                daemons.append(cpu_seconds(daemon.pid) - before)
                 del context
                 reader.stdin.write("get\n")
                 reader.stdin.flush()

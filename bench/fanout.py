@@ -286,7 +286,7 @@ def cpu_goals_note(
     return (
         f"N={n}, issue 21's CPU goals beside this machine's floors: the daemon "
         f"{_format_s(ours.server_cpu_s)} a version (goal <= {_format_s(DAEMON_CPU_GOAL_S)} "
-        f"at N={DAEMON_CPU_GOAL_N}; a bare durable commit of this version alone "
+        f"at N={DAEMON_CPU_GOAL_N}; a bare durable commit of this version (an old one retired) "
         f"{_format_s(linked.per_commit_s)} with the unchanged tensors hard-linked, "
         f"{_format_s(written.per_commit_s)} with all written; the bare fan-out server "
         f"{_format_s(floor.server_cpu_s)}); each following reader "
@@ -732,22 +732,20 @@ def _cpu(procs: Sequence[subprocess.Popen[bytes]]) -> Iterator[_CpuWindow]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far, summed over its threads, in ns resolution where possible.
+    """A process's CPU time so far (every thread, those that ended included), in ns.
 
     psutil's ``cpu_times`` counts clock ticks (10 ms here): too coarse for a
-    reader that spends tens of microseconds per version. The scheduler's own
-    account (``/proc/<pid>/task/<tid>/schedstat``, first field: ns on CPU) is
-    exact; psutil is the fallback where it is missing.
+    reader that spends tens of microseconds per version. Linux gives any
+    process's scheduler clock as a CPU-time clock (``clock_gettime`` on
+    ``MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)``), exact and inclusive of
+    threads that exited (summing ``/proc/<pid>/task/*/schedstat`` would lose
+    them); psutil is the fallback where it is refused.
     """
-    total = 0
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += int((task / "schedstat").read_text().split()[0])
+        return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9
     except OSError:
         times = psutil.Process(pid).cpu_times()
         return float(times.user + times.system)
-    return total / 1e9
 
 
 def reap(procs: Sequence[subprocess.Popen[bytes]]) -> None:
