@@ -153,7 +153,7 @@ def test_quick_run_fans_out_to_reader_processes_beside_floor_and_polling(quick_r
     assert "the bare server spends" in notes and "each floor client" in notes
     goals = next(n for n in figures["fanout.notified.4"]["notes"] if "CPU goals" in n)
     assert "goal <= 1 ms at N=16" in goals and "goal <= 80 us" in goals
-    assert "bare durable commit of this version alone" in goals
+    assert "bare durable commit of this version (an old one retired)" in goals
     assert "bare fan-out server" in goals and "bare floor client" in goals
     scenario_notes = results["scenarios"]["fanout"]["notes"]
     assert any(n.startswith("durable-commit floor:") for n in scenario_notes)
