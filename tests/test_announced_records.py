@@ -39,7 +39,7 @@ from ctxstore.protocol import (
 from ctxstore.readers import Reader
 from ctxstore.readers.connection import _Session
 from ctxstore.readers.handler import ReaderSessionHandler
-from ctxstore.store import layout
+from ctxstore.store import PersistentStore, layout
 from ctxstore.store.npyfile import dtype_from_text
 from ctxstore.wire import DEFAULT_MAX_FRAME_SIZE, VersionRecord
 
@@ -87,6 +87,31 @@ def test_a_new_version_carries_its_record_to_protocol_2_readers_only(tmp_path: P
             await old.close()
 
     asyncio.run(main())
+
+
+def test_the_commit_keeps_the_record_it_wrote_for_its_announcement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committer announces the record its commit's transaction wrote, read from no
+    index: the very record a read of the index gives; an older version is read back."""
+    with PersistentStore(tmp_path / "store") as store:
+        weights = {"a": np.arange(4, dtype=np.float32), "b": np.ones((2, 3), np.int64)}
+        context = Context(weights, {"layers": 2}, {"loss": 0.5})
+        first = store.save_context(1, context, record_verified=True)
+        second = store.save_context(1, context, record_verified=True)
+        read_back = store.announced_record(1, second)
+        older = store.announced_record(1, first)
+        assert read_back is not None and older is not None
+
+        def no_reads(*args: Any) -> Any:
+            raise AssertionError("the index was read")
+
+        monkeypatch.setattr(store, "_query", no_reads)
+        assert store.committed_record(1, second) == read_back
+        monkeypatch.undo()
+        assert store.committed_record(1, first) == older  # not the last commit: the index
+        assert store.save_context(2, context) == 1  # not recorded verified: none kept
+        assert store.committed_record(2, 1) is None
 
 
 def test_a_version_with_no_tensors_is_announced_without_a_record(tmp_path: Path) -> None:
@@ -141,7 +166,7 @@ def test_a_record_that_cannot_be_read_back_never_delays_the_announcement(
                 announced.append(message)
                 real_announce(message)
 
-            daemon.store.announced_record = unreadable  # type: ignore[method-assign,assignment]
+            daemon.store.committed_record = unreadable  # type: ignore[method-assign,assignment]
             daemon.store._warm = warm  # type: ignore[method-assign]
             daemon.committer._announce = announce
             version = await commit(daemon, 1)

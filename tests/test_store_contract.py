@@ -136,6 +136,7 @@ def test_what_is_not_there_is_named_the_same_way(
 #: says what its own last commit recorded)
 WRITES = {
     "apply_retention",
+    "committed_record",
     "delete_alias",
     "mark_damaged",
     "newest_intact",

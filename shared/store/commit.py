@@ -39,6 +39,7 @@ from ..errors import (
     StorageError,
 )
 from ..faults import crash_point
+from ..integrity import Identity
 from ..sources import Imported, TensorSource
 from ..validation import (
     MAX_TENSORS,
@@ -60,7 +61,8 @@ from .durable import (
     remove_tree,
     rename_dir,
 )
-from .manifest import pack_manifest
+from .manifest import layout_entries, pack_manifest
+from .reads import AnnouncedRecord
 from .retention import DELETE_VERSION_SQL
 from .staging import NewVersion, StoreStaging, TensorRow
 
@@ -194,11 +196,12 @@ class StoreCommit(StoreStaging):
             # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
             # the next commit to read the number from the index.
             self._slot_heads.pop(slot, None)
-            self._verified_by_commit = None
-            retired, linked, verified = self._commit(conn, new, record_verified)
+            self._verified_by_commit = self._record_by_commit = None
+            retired, linked, verified, record = self._commit(conn, new, record_verified)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
             if verified:
                 self._verified_by_commit = (slot, version)
+                self._record_by_commit = record
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 if on_committed is not None:
@@ -216,6 +219,14 @@ class StoreCommit(StoreStaging):
         """Whether the last commit, ``version`` of ``slot``, recorded itself verified in its
         own transaction (``record_verified``). Meant for its ``on_committed``."""
         return self._verified_by_commit == (slot, version)
+
+    def committed_record(self, slot: int, version: int) -> AnnouncedRecord | None:
+        """:meth:`announced_record` for ``version`` of ``slot``, from what the last commit's
+        own transaction wrote when that is the version (no read of the index), else
+        read from the index. Meant for its ``on_committed``, which announces it."""
+        if self._verified_by_commit == (slot, version):
+            return self._record_by_commit
+        return self.announced_record(slot, version)
 
     def _slot_head(self, conn: sqlite3.Connection, slot: int) -> tuple[str | None, int]:
         """The slot's model type and the number its next version gets (1 for a new slot)."""
@@ -246,10 +257,12 @@ class StoreCommit(StoreStaging):
 
     def _commit(
         self, conn: sqlite3.Connection, new: NewVersion, record_verified: bool = False
-    ) -> tuple[list[tuple[int, int]], list[int], bool]:
+    ) -> tuple[list[tuple[int, int]], list[int], bool, AnnouncedRecord | None]:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired,
-        the positions of the tensors that were hard-linked rather than written, and
-        whether the version's verified record went in with it (``record_verified``).
+        the positions of the tensors that were hard-linked rather than written,
+        whether the version's verified record went in with it (``record_verified``)
+        and if so the record its announcement carries, as :meth:`announced_record`
+        would read it back (None without a boot id, which that record needs).
 
         A failure before COMMIT leaves no directory behind and no row. A failed
         COMMIT leaves the version's files in place: its frames may sit in the WAL
@@ -273,7 +286,7 @@ class StoreCommit(StoreStaging):
                 # The rows go in while the CPU is still warm from staging (after an
                 # fsync's sleep the same statements took several times longer); none
                 # of them is visible, or durable, before the COMMIT after the fsyncs.
-                retired = self._insert_version(conn, new, tensors)
+                retired, texts = self._insert_version(conn, new, tensors)
                 fsync_all(written, nbytes=staged_bytes(new, tensors))
                 early.wait()
                 if new.files:
@@ -287,9 +300,11 @@ class StoreCommit(StoreStaging):
                 placed = True
                 crash_point("renamed")
                 fsync_dir(slot_dir)  # the version directory's entry in it
-                verified = record_verified and self._insert_verified(
+                recorded = record_verified and self._insert_verified(
                     conn, new.slot, new.version, [(row[0], row[4] + row[5]) for row in tensors]
                 )
+                verified = bool(recorded)
+                record = _announced_record(texts, *recorded) if recorded else None
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:
@@ -301,7 +316,7 @@ class StoreCommit(StoreStaging):
                 remove_tree(layout.version_dir(self.root, new.slot, new.version)
                             if placed else staging)  # fmt: skip
             raise
-        return retired, linked, verified
+        return retired, linked, verified, record
 
     def _place(self, staging: str, slot: int, version: int) -> str:
         """Step 3: rename the staging directory (its files and entries already
@@ -330,10 +345,11 @@ class StoreCommit(StoreStaging):
 
     def _insert_version(
         self, conn: sqlite3.Connection, new: NewVersion, tensors: list[TensorRow]
-    ) -> list[tuple[int, int]]:
+    ) -> tuple[list[tuple[int, int]], tuple[str, str, bytes]]:
         """Step 4's rows, inside the caller's transaction: the version, its tensors, the
         slot's current pointer and aliases, and retention's deletions (one synchronous
-        COMMIT per commit; their files are unlinked after it). Returns those retired.
+        COMMIT per commit; their files are unlinked after it). Returns those retired,
+        and the config text, metadata text and manifest the version's row holds.
         """
         slot, version, context, model_type, aliases, pin, publish_key, files, _ = new
         now = self._clock()
@@ -344,6 +360,7 @@ class StoreCommit(StoreStaging):
             "model_type = COALESCE(?2, model_type), updated_at = ?4",
             (slot, model_type, version, now),
         )
+        texts = (dump_json(context.config), dump_json(context.metadata), pack_manifest(tensors))
         conn.execute(
             "INSERT INTO versions(slot, version, created_at, config, metadata, "
             "n_tensors, nbytes, pinned, manifest, publish_key) "
@@ -352,12 +369,12 @@ class StoreCommit(StoreStaging):
                 slot,
                 version,
                 now,
-                dump_json(context.config),
-                dump_json(context.metadata),
+                texts[0],
+                texts[1],
                 len(tensors),
                 sum(row[5] for row in tensors),
                 int(pin),
-                pack_manifest(tensors),
+                texts[2],
                 publish_key,
             ),
         )
@@ -381,7 +398,7 @@ class StoreCommit(StoreStaging):
         retired = self._retain(slot)
         if retired:
             conn.executemany(DELETE_VERSION_SQL, retired)
-        return retired
+        return retired, texts
 
     def _warm(self, slot: int, version: int, positions: list[int]) -> None:
         """Ask the kernel to read these files of the new version ahead, so readers map warm
@@ -397,6 +414,18 @@ class StoreCommit(StoreStaging):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
+
+
+def _announced_record(
+    texts: tuple[str, str, bytes], identities: list[Identity], boot: str | None
+) -> AnnouncedRecord | None:
+    """What :meth:`~.reads.StoreReads.announced_record` reads back for a version whose row
+    holds ``texts`` (config, metadata, manifest) and whose verified record holds
+    ``identities`` and ``boot``, made from them without a read of the index."""
+    if boot is None:
+        return None
+    config, metadata, manifest = texts
+    return config, metadata, layout_entries(manifest), tuple(n for i in identities for n in i)
 
 
 def staged_bytes(new: NewVersion, tensors: list[TensorRow]) -> int:

@@ -61,6 +61,11 @@ _LOAD_ATTEMPTS = 8
 PUBLISH_KEY_SQL = "SELECT slot, version FROM versions WHERE publish_key = ?"
 
 
+#: an announcement's version record as the store gives it: config and metadata texts, the
+#: tensors' ``(name, dtype, shape, offset, nbytes)`` and their files' identities, flat
+AnnouncedRecord = tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]]
+
+
 class StoreReads(StoreConnections):
     """Reads of one store: versions, their contexts, metadata, files and listings."""
 
@@ -149,9 +154,7 @@ class StoreReads(StoreConnections):
             number,
         )
 
-    def announced_record(
-        self, slot: int, version: int
-    ) -> tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]] | None:
+    def announced_record(self, slot: int, version: int) -> AnnouncedRecord | None:
         """What the writer tells readers with its announcement of ``version`` so that they
         map it without reading the index: its config and metadata texts, its tensors
         ``(name, dtype, shape, offset, nbytes)`` and its files' identities, flat (four

@@ -54,29 +54,30 @@ class StoreRepair(StorePointers):
 
     def _insert_verified(
         self, conn: sqlite3.Connection, slot: int, version: int, files: Sequence[tuple[int, int]]
-    ) -> bool:
+    ) -> tuple[list[Identity], str | None] | None:
         """Inside a new version's transaction, once its files are in place: record it
         verified with each tensor file's identity, as ``record_check(rehash=False)``
         would after the COMMIT (one transaction fewer, and the record is durable with
-        the version). ``files``: (position, size) of each tensor file. False, nothing
-        recorded, when a file is not as staged: the check after the COMMIT then says
-        what is wrong."""
+        the version). ``files``: (position, size) of each tensor file. Returns the
+        identities and the boot id recorded; None, nothing recorded, when a file is
+        not as staged: the check after the COMMIT then says what is wrong."""
         identities: list[Identity] = []
         for position, size in files:
             path = layout.tensor_path_str(self._root_str, slot, version, position)
             try:
                 identity = stat_file(path)
             except OSError:
-                return False
+                return None
             if identity[0] != size:
-                return False
+                return None
             identities.append(identity)
+        boot = boot_id()
         conn.execute(
             "INSERT OR REPLACE INTO version_checks(slot, version, state, checked_at, boot_id, "
             "files, detail) VALUES (?, ?, ?, ?, ?, ?, NULL)",
-            (slot, version, VERIFIED, self._clock(), boot_id(), pack_identities(identities)),
+            (slot, version, VERIFIED, self._clock(), boot, pack_identities(identities)),
         )
-        return True
+        return identities, boot
 
     def mark_damaged(self, slot_id: int, version: int, detail: str) -> None:
         """Record ``version`` damaged: readers refuse it without hashing, verify names it.

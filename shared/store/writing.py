@@ -37,7 +37,7 @@ from .durable import (
     remove_beneath,
 )
 from .lock import WriterLock
-from .reads import PUBLISH_KEY_SQL
+from .reads import PUBLISH_KEY_SQL, AnnouncedRecord
 from .reaper import Reaper
 from .view import StoreView
 
@@ -76,6 +76,8 @@ class StoreWriting(StoreView):
         self._spare_staging: str | None = None
         #: (slot, version) of the last commit when it recorded itself verified
         self._verified_by_commit: tuple[int, int] | None = None
+        #: that commit's announced record, as its transaction wrote it (None: no boot id)
+        self._record_by_commit: AnnouncedRecord | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
