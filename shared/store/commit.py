@@ -51,7 +51,7 @@ from ..validation import (
 )
 from ..versionfiles import check_file_name, check_files
 from . import layout
-from .decode import dump_json
+from .decode import AnnouncedRecord, dump_json
 from .durable import (
     SyncQueue,
     describe_entry,
@@ -62,7 +62,6 @@ from .durable import (
     rename_dir,
 )
 from .manifest import layout_entries, pack_manifest
-from .reads import AnnouncedRecord
 from .retention import DELETE_VERSION_SQL
 from .staging import NewVersion, StoreStaging, TensorRow
 

@@ -59,6 +59,9 @@ RECORD_SQL = (
     "FROM slots s JOIN versions v ON v.slot = s.slot LEFT JOIN version_checks c "
     "ON c.slot = v.slot AND c.version = v.version WHERE s.slot = ?1 AND v.version = "
 )
+#: an announcement's version record as the store gives it: config and metadata texts, the
+#: tensors' ``(name, dtype, shape, offset, nbytes)`` and their files' identities, flat
+AnnouncedRecord = tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]]
 #: one version's record, its slot's pointer and its aliases; completed by the version clause
 METADATA_SQL = (
     "SELECT v.version, s.model_type, s.current_version, v.created_at, v.config, v.metadata, "

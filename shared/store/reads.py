@@ -36,6 +36,7 @@ from .decode import (
     METADATA_SQL,
     RECORD_MEMO_MAX_LEN,
     RECORD_SQL,
+    AnnouncedRecord,
     ReadPlan,
     VersionRef,
     announced_plan,
@@ -59,11 +60,6 @@ from .npyfile import (
 _LOAD_ATTEMPTS = 8
 #: the version committed with a publish key (the writer asks on its own connection)
 PUBLISH_KEY_SQL = "SELECT slot, version FROM versions WHERE publish_key = ?"
-
-
-#: an announcement's version record as the store gives it: config and metadata texts, the
-#: tensors' ``(name, dtype, shape, offset, nbytes)`` and their files' identities, flat
-AnnouncedRecord = tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]]
 
 
 class StoreReads(StoreConnections):

@@ -33,11 +33,12 @@ from .db import (
     transaction,
     translate_sqlite_error,
 )
+from .decode import AnnouncedRecord
 from .durable import (
     remove_beneath,
 )
 from .lock import WriterLock
-from .reads import PUBLISH_KEY_SQL, AnnouncedRecord
+from .reads import PUBLISH_KEY_SQL
 from .reaper import Reaper
 from .view import StoreView
 
