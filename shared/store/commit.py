@@ -198,9 +198,9 @@ class StoreCommit(StoreStaging):
             self._verified_by_commit = self._record_by_commit = None
             retired, linked, verified, record = self._commit(conn, new, record_verified)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
-            if verified:
-                self._verified_by_commit = (slot, version)
+            if verified:  # the record first: committed_record pairs it with the version
                 self._record_by_commit = record
+                self._verified_by_commit = (slot, version)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 if on_committed is not None:
