@@ -24,7 +24,7 @@ def describe(bench_dir: Path, repo: Path) -> dict[str, str]:
         "cores": cores(),
         "memory": memory(),
         "bench directory filesystem": filesystem(bench_dir),
-        "kernel": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "kernel": f"{platform.system()} {platform.release()} ({platform.machine()}){scheduler()}",
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "SQLite": sqlite3.sqlite_version,
     }
@@ -111,6 +111,17 @@ def _journal(fstype: str, device: str) -> str:
     name = os.path.basename(device)
     journaled = any(entry.startswith(f"{name}-") for entry in os.listdir("/proc/fs/jbd2"))
     return "" if journaled else ", no journal"
+
+
+def scheduler() -> str:
+    """A non-standard scheduler setting some VM kernels carry: ``kernel.sched_vcpu_pack``
+    places woken tasks on a busy vCPU, so a process that wakes another (the daemon's send
+    to a reader) is often preempted by it at once: the fan-out's per-step times show it."""
+    try:
+        value = Path("/proc/sys/kernel/sched_vcpu_pack").read_text().strip()
+    except OSError:
+        return ""
+    return f", kernel.sched_vcpu_pack = {value} (woken tasks packed onto busy vCPUs)"
 
 
 def git_commit(repo: Path) -> str:
