@@ -226,8 +226,10 @@ def test_readers_share_one_copy_of_the_weights(fleet_daemon: DaemonProcess) -> N
     for report in reports:
         assert report["sum"] == size // 4
         assert report["readonly"]
-    added_uss = sum(r["after"][0] - r["before"][0] for r in reports)
-    assert added_uss < size  # the weights are not private to any reader
+    added_uss = [r["after"][0] - r["before"][0] for r in reports]
+    # no reader holds a private copy (that would be >= 64 MiB in one of them); the sum
+    # had no room for the readers' own growth under load (it failed 1 run in 15)
+    assert max(added_uss) < size // 2, [n >> 20 for n in added_uss]
     baseline = sum(r["before"][1] for r in reports)
     added_pss = sum(pss_now) - baseline
     assert added_pss < 2 * size, f"readers added {added_pss >> 20} MiB PSS for a 64 MiB context"
