@@ -200,7 +200,11 @@ class ReaderConnection:
         return stopped
 
     def abandon(self) -> None:
-        """In a forked child: drop the parent's socket and pipe without a word on the wire."""
+        """In a forked child: drop the parent's socket and pipe without a word on the wire.
+
+        Nothing here takes a lock: one the parent's socket thread held at the fork
+        would never be released in the child."""
+        self._stop = threading.Event()  # the parent's may be mid-set(); nothing waits on ours
         self._stop.set()
         self._connected = False
         sock, self._sock = self._sock, None

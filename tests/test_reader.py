@@ -51,6 +51,7 @@ from ctxstore.protocol import (
 )
 from ctxstore.readers import Backoff, Reader, VersionEvent, memory, process_memory
 from ctxstore.store import PersistentStore
+from ctxstore.store.forksafe import FORK_GUARD
 
 # -- the fake daemon -------------------------------------------------------------------------
 
@@ -487,6 +488,71 @@ def test_forked_child_reopens_its_own_store_table_and_socket(env: Env) -> None:
     before = len(daemon.messages(Heartbeat))
     eventually(lambda: len(daemon.messages(Heartbeat)) > before, "parent heartbeats")
     assert reader.connected and reader.get(1).version == 1
+
+
+@pytest.mark.parametrize("held", ["store connections", "socket thread's stop flag"])
+def test_a_forked_child_reopens_although_a_parent_thread_held_a_lock_at_the_fork(
+    env: Env, held: str
+) -> None:
+    """A lock another thread of the parent held at the instant of the fork stays held in
+    the child for good: reopening after a fork must not take any of the parent's."""
+    daemon = env.daemon()
+    reader = env.reader()
+    assert reader.get(1).version == 1
+    daemon.wait_ack(1, 1, pid=os.getpid())
+    assert reader._client is not None
+    lock = reader._store._conns_lock if held == "store connections" else reader._client._stop._cond
+    taken, forked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            forked.wait(WAIT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(WAIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if reader.get(1).version == 1:
+                reader.close()
+                code = 0
+        finally:
+            os._exit(code)
+    forked.set()
+    holder.join(WAIT)
+    assert os.waitstatus_to_exitcode(_wait_child(pid)) == 0
+    assert reader.connected and reader.get(1).version == 1
+
+
+def test_a_fork_waits_for_a_thread_inside_sqlite_to_leave_it() -> None:
+    """SQLite's mutexes are plain pthread mutexes: a child forked while another thread
+    was inside SQLite would hang at its first SQLite call. The fork waits instead."""
+    inside, leave, order = threading.Event(), threading.Event(), []
+
+    def query() -> None:
+        with FORK_GUARD:
+            inside.set()
+            leave.wait(WAIT)
+            order.append("left SQLite")
+
+    worker = threading.Thread(target=query)
+    worker.start()
+    assert inside.wait(WAIT)
+    threading.Timer(0.2, leave.set).start()  # the fork below starts long before this
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    order.append("forked")
+    worker.join(WAIT)
+    assert os.waitstatus_to_exitcode(_wait_child(pid)) == 0
+    assert order == ["left SQLite", "forked"]
 
 
 def _wait_child(pid: int) -> int:

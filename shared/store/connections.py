@@ -63,12 +63,16 @@ class StoreConnections:
         """Close this store's read connections; idempotent. In a forked child they are
         only forgotten: closing the parent's SQLite connections could release its locks."""
         self._closed = True
+        if os.getpid() != self._pid:
+            # A forked child: the parent's threads are not here, and a lock one of them
+            # held at the fork stays held forever; their connections are the parent's.
+            self._read_conns = []
+            return
         with self._conns_lock:
             conns = list(self._read_conns)
             self._read_conns.clear()  # in place: the threads' finalizers see it
-        if os.getpid() == self._pid:
-            for conn in conns:
-                conn.close()
+        for conn in conns:
+            conn.close()
 
     def __enter__(self) -> Self:
         return self

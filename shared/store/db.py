@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import IntegrityError, NotFoundError, StorageError
+from .forksafe import FORK_GUARD, ForkSafeConnection
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -27,18 +28,20 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     else:
         uri = f"file:{path}?mode=rwc"
     try:
-        conn = sqlite3.connect(
-            uri,
-            uri=True,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-        )
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+        with FORK_GUARD:  # a read connection's statements are guarded by its class
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                factory=ForkSafeConnection if readonly else sqlite3.Connection,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
     except sqlite3.OperationalError as exc:
         raise IntegrityError(f"cannot open store index {path}: {exc}") from exc
     except sqlite3.DatabaseError as exc:
