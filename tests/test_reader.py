@@ -51,7 +51,7 @@ from ctxstore.protocol import (
 )
 from ctxstore.readers import Backoff, Reader, VersionEvent, memory, process_memory
 from ctxstore.store import PersistentStore
-from ctxstore.store.forksafe import FORK_GUARD
+from ctxstore.store.forksafe import FORK_GUARD, ForkSafeConnection
 
 # -- the fake daemon -------------------------------------------------------------------------
 
@@ -529,9 +529,11 @@ def test_a_forked_child_reopens_although_a_parent_thread_held_a_lock_at_the_fork
     assert reader.connected and reader.get(1).version == 1
 
 
-def test_a_fork_waits_for_a_thread_inside_sqlite_to_leave_it() -> None:
+def test_a_fork_waits_for_a_thread_inside_sqlite_to_leave_it(env: Env) -> None:
     """SQLite's mutexes are plain pthread mutexes: a child forked while another thread
     was inside SQLite would hang at its first SQLite call. The fork waits instead."""
+    view = PersistentStore(env.store_dir, readonly=True)
+    assert isinstance(view._reader(), ForkSafeConnection)  # every read statement is guarded
     inside, leave, order = threading.Event(), threading.Event(), []
 
     def query() -> None:
@@ -551,8 +553,54 @@ def test_a_fork_waits_for_a_thread_inside_sqlite_to_leave_it() -> None:
         os._exit(0)
     order.append("forked")
     worker.join(WAIT)
+    view.close()
     assert os.waitstatus_to_exitcode(_wait_child(pid)) == 0
     assert order == ["left SQLite", "forked"]
+
+
+FORK_BESIDE_READS = """
+import os, sys, threading, warnings
+from ctxstore.store import PersistentStore
+warnings.simplefilter("ignore", DeprecationWarning)
+view = PersistentStore(sys.argv[1], readonly=True)
+stop, reading = threading.Event(), threading.Event()
+def read():
+    view.resolve(1, "latest")  # its connection first: the lock below is then taken for good
+    reading.set()
+    while not stop.is_set():
+        view.resolve(1, "latest")
+threading.Thread(target=read).start()
+reading.wait()
+held = threading.Event()
+def hold():  # the view's connection lock held by another thread at every fork
+    with view._conns_lock:
+        held.set()
+        stop.wait()
+threading.Thread(target=hold).start()
+held.wait()
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:  # the child reads on the same view: its own connection, not the parent's lock
+        os._exit(0 if view.resolve(1) == 1 else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+stop.set()
+print("forked 5 times")
+"""
+
+
+def test_forks_go_through_beside_a_thread_reading_in_a_loop(env: Env) -> None:
+    """A thread that reads the index without pause must not keep a fork waiting (each new
+    statement waits for the fork instead), and a bare read-only view used in the child
+    opens its own connection although a parent thread held the view's lock."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_BESIDE_READS, str(env.store_dir)],
+        capture_output=True,
+        text=True,
+        timeout=6 * WAIT,  # a hang detector: five forks take milliseconds
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "forked 5 times"), done.stderr
 
 
 def _wait_child(pid: int) -> int:

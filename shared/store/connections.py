@@ -51,6 +51,7 @@ class StoreConnections:
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._conns_pid = self._pid  # whose connections and lock those are
         #: load_context(verify=True) in this process: versions hashed, and versions served
         #: on a writer's record without hashing (ctxstore.integrity)
         self.versions_hashed = 0
@@ -63,10 +64,8 @@ class StoreConnections:
         """Close this store's read connections; idempotent. In a forked child they are
         only forgotten: closing the parent's SQLite connections could release its locks."""
         self._closed = True
-        if os.getpid() != self._pid:
-            # A forked child: the parent's threads are not here, and a lock one of them
-            # held at the fork stays held forever; their connections are the parent's.
-            self._read_conns = []
+        if os.getpid() != self._conns_pid:  # a forked child that never read: nothing of ours
+            self._forget_parent()
             return
         with self._conns_lock:
             conns = list(self._read_conns)
@@ -90,6 +89,8 @@ class StoreConnections:
         if held is not None and held.pid == os.getpid():
             return held.conn
         self._refuse_if_closed()
+        if os.getpid() != self._conns_pid:
+            self._forget_parent()
         conn = connect(layout.index_path(self.root), readonly=True)
         with self._conns_lock:
             try:
@@ -104,6 +105,13 @@ class StoreConnections:
                                      self._read_conns, self._conns_lock)  # fmt: skip
         finalizer.atexit = False  # at exit a live thread may still be using it
         return conn
+
+    def _forget_parent(self) -> None:
+        """In a forked child: the parent's connections and lock are not ours (another
+        thread of the parent may have held the lock at the fork, for good)."""
+        self._conns_lock = threading.Lock()
+        self._read_conns = []
+        self._conns_pid = os.getpid()
 
     def _refuse_if_closed(self) -> None:
         if self._closed:

@@ -5,9 +5,9 @@ a process that forks while one of its threads is inside SQLite hands the child
 that mutex locked for good, and the child's first SQLite call (a forked worker
 reopening its Reader, ``readers/reader.py``) hangs forever. So every statement
 on a read connection runs whole (executed and fetched) inside
-:data:`FORK_GUARD`, and a fork waits, in its ``before`` handler, until no thread
-is inside; statements started meanwhile wait for the fork. The writer's own
-connection is not guarded: the daemon never forks.
+:data:`FORK_GUARD`, and a fork waits, in its ``before`` handler, until no other
+thread is inside; statements other threads start meanwhile wait for the fork to
+be made. The writer's own connection is not guarded: the daemon never forks.
 """
 
 from __future__ import annotations
@@ -15,39 +15,76 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Any
+import time
+import warnings
+from typing import Any, Final
+
+#: the longest a fork waits for other threads to leave SQLite; then it warns and goes on
+#: (a statement may hold it for SQLite's busy timeout, 10 s, or a count may be stale)
+FORK_WAIT_S: Final = 20.0
 
 
 class ForkGuard:
-    """A count of threads inside SQLite, and a fork that waits for it to reach zero."""
+    """Which threads are inside SQLite, and a fork that waits until no other thread is.
+
+    Per thread (statements nest: opening a connection runs PRAGMAs). While a
+    fork is under way a thread's new outermost statement waits for it; the
+    forking thread itself never waits on its own count (a finalizer or a signal
+    handler may run a statement inside the fork's window, or an interrupted
+    statement may have left its count behind).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._quiet = threading.Condition(self._lock)
-        self._inside = 0
+        self._changed = threading.Condition(self._lock)
+        self._depth: dict[int, int] = {}
+        self._forker: int | None = None
 
     def __enter__(self) -> None:
-        with self._lock:  # held by a fork under way: wait for it
-            self._inside += 1
+        me = threading.get_ident()
+        with self._lock:
+            depth = self._depth.get(me, 0)
+            while not depth and self._forker not in (None, me):
+                self._changed.wait()
+            self._depth[me] = depth + 1
 
     def __exit__(self, *exc: object) -> None:
+        me = threading.get_ident()
         with self._lock:
-            self._inside -= 1
-            if not self._inside:
-                self._quiet.notify_all()
+            depth = self._depth.pop(me, 1) - 1
+            if depth:
+                self._depth[me] = depth
+            self._changed.notify_all()
 
     def before_fork(self) -> None:
-        """Hold the guard through the fork, once no thread is inside SQLite."""
-        self._lock.acquire()
-        while self._inside:
-            self._quiet.wait()
+        """Mark the fork under way once no other thread is inside SQLite (or after
+        :data:`FORK_WAIT_S`, with a warning)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + FORK_WAIT_S
+        with self._lock:
+            while self._forker not in (None, me):  # another thread's fork goes first
+                self._changed.wait()
+            self._forker = me
+            while any(thread != me for thread in self._depth):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    warnings.warn(
+                        f"forking while another thread has been inside SQLite for "
+                        f"{FORK_WAIT_S:g} s: the child may hang at its first query",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    return
+                self._changed.wait(left)
 
     def after_fork_in_parent(self) -> None:
-        self._lock.release()
+        with self._lock:
+            self._forker = None
+            self._changed.notify_all()
 
     def after_fork_in_child(self) -> None:
         """The child's only thread is the one that forked: nobody is inside."""
-        self.__init__()  # type: ignore[misc]  # fresh locks, not the parent's held one
+        self.__init__()  # type: ignore[misc]  # fresh locks, not the parent's
 
 
 FORK_GUARD = ForkGuard()
