@@ -50,8 +50,9 @@ from ..validation import (
     check_version,
 )
 from ..versionfiles import check_file_name, check_files
+from ..wire.fields import MAX_RECORD_TENSORS
 from . import layout
-from .decode import AnnouncedRecord, dump_json
+from .decode import AnnouncedRecord, RecordParts, dump_json
 from .durable import (
     SyncQueue,
     describe_entry,
@@ -195,12 +196,11 @@ class StoreCommit(StoreStaging):
             # COMMIT that was durable after all, a KeyboardInterrupt after it) leaves
             # the next commit to read the number from the index.
             self._slot_heads.pop(slot, None)
-            self._verified_by_commit = self._record_by_commit = None
+            self._committed = None
             retired, linked, verified, record = self._commit(conn, new, record_verified)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
-            if verified:  # the record first: committed_record pairs it with the version
-                self._record_by_commit = record
-                self._verified_by_commit = (slot, version)
+            if verified:  # one attribute: another thread never pairs a version with another's
+                self._committed = (slot, version, record)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
                 if on_committed is not None:
@@ -217,15 +217,23 @@ class StoreCommit(StoreStaging):
     def verified_by_commit(self, slot: int, version: int) -> bool:
         """Whether the last commit, ``version`` of ``slot``, recorded itself verified in its
         own transaction (``record_verified``). Meant for its ``on_committed``."""
-        return self._verified_by_commit == (slot, version)
+        committed = self._committed
+        return committed is not None and committed[:2] == (slot, version)
 
     def committed_record(self, slot: int, version: int) -> AnnouncedRecord | None:
         """:meth:`announced_record` for ``version`` of ``slot``, from what the last commit's
         own transaction wrote when that is the version (no read of the index), else
-        read from the index. Meant for its ``on_committed``, which announces it."""
-        if self._verified_by_commit == (slot, version):
-            return self._record_by_commit
-        return self.announced_record(slot, version)
+        read from the index. Meant for its ``on_committed``, which announces it.
+
+        None for a version of more tensors than an announcement's record may describe
+        (``MAX_RECORD_TENSORS``): its layout is not decoded only to be dropped."""
+        committed = self._committed
+        if committed is None or committed[:2] != (slot, version):
+            return self.announced_record(slot, version)
+        parts = committed[2]
+        if parts is None or len(parts[1]) > MAX_RECORD_TENSORS:
+            return None
+        return _announced_record(*parts)
 
     def _slot_head(self, conn: sqlite3.Connection, slot: int) -> tuple[str | None, int]:
         """The slot's model type and the number its next version gets (1 for a new slot)."""
@@ -256,7 +264,7 @@ class StoreCommit(StoreStaging):
 
     def _commit(
         self, conn: sqlite3.Connection, new: NewVersion, record_verified: bool = False
-    ) -> tuple[list[tuple[int, int]], list[int], bool, AnnouncedRecord | None]:
+    ) -> tuple[list[tuple[int, int]], list[int], bool, RecordParts | None]:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired,
         the positions of the tensors that were hard-linked rather than written,
         whether the version's verified record went in with it (``record_verified``)
@@ -303,7 +311,7 @@ class StoreCommit(StoreStaging):
                     conn, new.slot, new.version, [(row[0], row[4] + row[5]) for row in tensors]
                 )
                 verified = bool(recorded)
-                record = _announced_record(texts, *recorded) if recorded else None
+                record = (texts, *recorded) if recorded else None
                 crash_point("in_transaction")
                 reached_commit = True
         except BaseException:

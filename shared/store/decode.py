@@ -62,6 +62,9 @@ RECORD_SQL = (
 #: an announcement's version record as the store gives it: config and metadata texts, the
 #: tensors' ``(name, dtype, shape, offset, nbytes)`` and their files' identities, flat
 AnnouncedRecord = tuple[str, str, tuple[tuple[Any, ...], ...], tuple[int, ...]]
+#: what a commit keeps to make its version's record on demand: the config, metadata and
+#: manifest texts its transaction wrote, its files' identities and the boot id
+RecordParts = tuple[tuple[str, str, bytes], list[Identity], str | None]
 #: one version's record, its slot's pointer and its aliases; completed by the version clause
 METADATA_SQL = (
     "SELECT v.version, s.model_type, s.current_version, v.created_at, v.config, v.metadata, "

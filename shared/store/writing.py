@@ -33,7 +33,7 @@ from .db import (
     transaction,
     translate_sqlite_error,
 )
-from .decode import AnnouncedRecord
+from .decode import RecordParts
 from .durable import (
     remove_beneath,
 )
@@ -75,10 +75,10 @@ class StoreWriting(StoreView):
         #: a COMMIT failed since the last durable write: its WAL frames may still be replayed
         self._frames_at_risk = False
         self._spare_staging: str | None = None
-        #: (slot, version) of the last commit when it recorded itself verified
-        self._verified_by_commit: tuple[int, int] | None = None
-        #: that commit's announced record, as its transaction wrote it (None: no boot id)
-        self._record_by_commit: AnnouncedRecord | None = None
+        #: (slot, version, what its announced record is made of) of the last commit when
+        #: it recorded itself verified: the config, metadata and manifest texts its
+        #: transaction wrote, its files' identities and the boot id (None: no boot id)
+        self._committed: tuple[int, int, RecordParts | None] | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
