@@ -28,6 +28,17 @@ from .db import (
 )
 from .held import HeldMaps
 
+#: taken while a forked child forgets a store's parent connections; new in each child
+_forget_lock = threading.Lock()
+
+
+def _new_forget_lock() -> None:
+    global _forget_lock  # noqa: PLW0603 - per-process state, made again in the child
+    _forget_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_forget_lock)
+
 
 class StoreConnections:
     """One store directory's read connections; the base of the view and the writer."""
@@ -109,9 +120,12 @@ class StoreConnections:
     def _forget_parent(self) -> None:
         """In a forked child: the parent's connections and lock are not ours (another
         thread of the parent may have held the lock at the fork, for good)."""
-        self._conns_lock = threading.Lock()
-        self._read_conns = []
-        self._conns_pid = os.getpid()
+        with _forget_lock:  # the child's threads may get here together: one resets
+            if self._conns_pid == os.getpid():
+                return
+            self._conns_lock = threading.Lock()
+            self._read_conns = []
+            self._conns_pid = os.getpid()
 
     def _refuse_if_closed(self) -> None:
         if self._closed:

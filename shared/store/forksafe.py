@@ -35,18 +35,27 @@ class ForkGuard:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler or a garbage collector's finalizer may run a
+        # statement in a thread that holds the lock (inside one of these methods).
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._depth: dict[int, int] = {}
         self._forker: int | None = None
 
     def __enter__(self) -> None:
         me = threading.get_ident()
-        with self._lock:
-            depth = self._depth.get(me, 0)
-            while not depth and self._forker not in (None, me):
-                self._changed.wait()
-            self._depth[me] = depth + 1
+        entered = False
+        try:
+            with self._lock:
+                depth = self._depth.get(me, 0)
+                while not depth and self._forker not in (None, me):
+                    self._changed.wait()
+                entered = True
+                self._depth[me] = depth + 1
+        except BaseException:  # an interrupt must not leave this thread counted inside
+            if entered:
+                self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         me = threading.get_ident()
@@ -57,17 +66,19 @@ class ForkGuard:
             self._changed.notify_all()
 
     def before_fork(self) -> None:
-        """Mark the fork under way once no other thread is inside SQLite (or after
-        :data:`FORK_WAIT_S`, with a warning)."""
+        """Mark the fork under way once no other thread is inside SQLite; after
+        :data:`FORK_WAIT_S` warn, forget the threads still counted (an interrupt can
+        leave a count behind, and it must not cost every later fork) and go on."""
         me = threading.get_ident()
-        deadline = time.monotonic() + FORK_WAIT_S
         with self._lock:
             while self._forker not in (None, me):  # another thread's fork goes first
                 self._changed.wait()
             self._forker = me
+            deadline = time.monotonic() + FORK_WAIT_S
             while any(thread != me for thread in self._depth):
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._depth = {t: d for t, d in self._depth.items() if t == me}
                     warnings.warn(
                         f"forking while another thread has been inside SQLite for "
                         f"{FORK_WAIT_S:g} s: the child may hang at its first query",
