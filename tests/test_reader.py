@@ -50,7 +50,7 @@ from ctxstore.protocol import (
     Welcome,
 )
 from ctxstore.readers import Backoff, Reader, VersionEvent, memory, process_memory
-from ctxstore.store import PersistentStore
+from ctxstore.store import PersistentStore, forksafe
 from ctxstore.store.forksafe import FORK_GUARD, ForkSafeConnection
 
 # -- the fake daemon -------------------------------------------------------------------------
@@ -601,6 +601,46 @@ def test_forks_go_through_beside_a_thread_reading_in_a_loop(env: Env) -> None:
         check=False,
     )
     assert (done.returncode, done.stdout.strip()) == (0, "forked 5 times"), done.stderr
+
+
+REENTER_GUARD = """
+import threading
+from ctxstore.store.forksafe import FORK_GUARD
+with FORK_GUARD._lock:  # as a signal handler or a finalizer running inside the guard's methods
+    with FORK_GUARD:
+        pass
+print("reentered")
+"""
+
+
+def test_a_statement_run_inside_the_guards_own_lock_does_not_deadlock() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", REENTER_GUARD],
+        capture_output=True,
+        text=True,
+        timeout=6 * WAIT,  # a hang detector: a deadlock never returns
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "reentered"), done.stderr
+
+
+def test_a_count_left_behind_costs_one_fork_its_wait_not_every_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An interrupt at the wrong instant can leave a thread counted inside SQLite: the
+    fork that waits it out forgets it, so the next fork does not wait again."""
+    monkeypatch.setattr(forksafe, "FORK_WAIT_S", 0.2)
+    monkeypatch.setitem(FORK_GUARD._depth, -1, 1)  # no thread has this ident
+    warned = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+        assert os.waitstatus_to_exitcode(_wait_child(pid)) == 0
+        warned.append(sum(issubclass(w.category, RuntimeWarning) for w in caught))
+    assert warned == [1, 0]
 
 
 def _wait_child(pid: int) -> int:
