@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -593,14 +594,8 @@ def test_forks_go_through_beside_a_thread_reading_in_a_loop(env: Env) -> None:
     """A thread that reads the index without pause must not keep a fork waiting (each new
     statement waits for the fork instead), and a bare read-only view used in the child
     opens its own connection although a parent thread held the view's lock."""
-    done = subprocess.run(
-        [sys.executable, "-c", FORK_BESIDE_READS, str(env.store_dir)],
-        capture_output=True,
-        text=True,
-        timeout=6 * WAIT,  # a hang detector: five forks take milliseconds
-        check=False,
-    )
-    assert (done.returncode, done.stdout.strip()) == (0, "forked 5 times"), done.stderr
+    code, out, err = _run_script(FORK_BESIDE_READS, str(env.store_dir))
+    assert (code, out) == (0, "forked 5 times"), err
 
 
 REENTER_GUARD = """
@@ -614,14 +609,27 @@ print("reentered")
 
 
 def test_a_statement_run_inside_the_guards_own_lock_does_not_deadlock() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", REENTER_GUARD],
-        capture_output=True,
+    code, out, err = _run_script(REENTER_GUARD)
+    assert (code, out) == (0, "reentered"), err
+
+
+def _run_script(script: str, *args: str) -> tuple[int, str, str]:
+    """Run ``script`` in its own process group; a hang (a deadlock never returns) kills the
+    group, forked children included, and reads as exit code -9."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=6 * WAIT,  # a hang detector: a deadlock never returns
-        check=False,
+        start_new_session=True,
     )
-    assert (done.returncode, done.stdout.strip()) == (0, "reentered"), done.stderr
+    try:
+        out, err = proc.communicate(timeout=6 * WAIT)  # these scripts take milliseconds
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return -9, out.strip(), err
+    return proc.returncode, out.strip(), err
 
 
 def test_a_count_left_behind_costs_one_fork_its_wait_not_every_fork(
