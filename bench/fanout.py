@@ -325,12 +325,14 @@ class Bench:
     def commit_floor(self) -> dict[str, floors.CommitCpu]:
         """The durable-commit floor (``bench.floors``), on the store's filesystem."""
         return floors.measure_commit_floor(
-            self.ctx.data_dir / "commit-floor",
-            QUICK_FLOOR_COMMITS if self.ctx.quick else FULL_FLOOR_COMMITS,
-            seed=self.ctx.seed,
-            gap_s=GAP_S,
-            tensors=TENSORS,
-            tensor_bytes=TENSOR_BYTES,
+            floors.FloorRun(
+                self.ctx.data_dir / "commit-floor",
+                QUICK_FLOOR_COMMITS if self.ctx.quick else FULL_FLOOR_COMMITS,
+                seed=self.ctx.seed,
+                gap_s=GAP_S,
+                tensors=TENSORS,
+                tensor_bytes=TENSOR_BYTES,
+            )
         )
 
     def next_slot(self) -> int:

@@ -77,21 +77,31 @@ class CommitCpu:
         return (self.user_s + self.system_s) / max(self.commits, 1)
 
 
-def measure_commit_floor(
-    root: Path,
-    commits: int,
-    *,
-    seed: int,
-    gap_s: tuple[float, float],
-    tensors: int,
-    tensor_bytes: int,
-) -> dict[str, CommitCpu]:
-    """Run ``commits`` bare commits of each kind in a child process under ``root``.
+@dataclass(frozen=True)
+class FloorRun:
+    """One commit-floor measurement: where, how many commits of each kind, of what.
 
     ``root`` must be on the store's filesystem (an fsync's cost is the filesystem's)
-    and must not exist yet; the child removes it.
+    and must not exist yet; the run removes it.
     """
-    argv = [str(root), str(commits), str(seed), *map(str, gap_s), str(tensors), str(tensor_bytes)]
+
+    root: Path
+    commits: int
+    seed: int
+    gap_s: tuple[float, float]
+    tensors: int
+    tensor_bytes: int
+
+    def argv(self) -> list[str]:
+        """The child's command-line arguments (:func:`main` reads them back)."""
+        lo, hi = self.gap_s
+        return [str(self.root), str(self.commits), str(self.seed), str(lo), str(hi),
+                str(self.tensors), str(self.tensor_bytes)]  # fmt: skip
+
+
+def measure_commit_floor(run: FloorRun) -> dict[str, CommitCpu]:
+    """Run ``run``'s bare commits of each kind in a child process."""
+    argv = run.argv()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.floors", *argv],
         cwd=Path(__file__).resolve().parent.parent,
@@ -183,15 +193,8 @@ class BareCommits:
         shutil.rmtree(self.dir / str(version - KEEP_BACK), ignore_errors=True)
 
 
-def run_commits(
-    root: Path,
-    commits: int,
-    seed: int,
-    gap_s: tuple[float, float],
-    tensors: int,
-    tensor_bytes: int,
-) -> dict[str, dict[str, float]]:
-    """Alternate the two kinds of commit, ``commits`` counted of each; their CPU, pauses
+def run_commits(run: FloorRun) -> dict[str, dict[str, float]]:
+    """Alternate the two kinds of commit, ``run.commits`` counted of each; their CPU, pauses
     excluded.
 
     Each kind commits in a thread of its own, started for it: the total is the
@@ -201,43 +204,43 @@ def run_commits(
     kernel mode since the thread began, so deltas of a process's own split
     would carry the interpreter's start-up along.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(run.seed)
     payloads = []
-    for _ in range(tensors):
-        data = rng.standard_normal(tensor_bytes // 4, dtype=np.float32)
+    for _ in range(run.tensors):
+        data = rng.standard_normal(run.tensor_bytes // 4, dtype=np.float32)
         payloads.append(npy_header(data.dtype, data.shape) + data.tobytes())
-    root.mkdir()
+    run.root.mkdir()
     try:
-        conn = connect(root / "index.db", readonly=False)  # the store's own settings
+        conn = connect(run.root / "index.db", readonly=False)  # the store's own settings
         try:
             conn.execute(
                 "CREATE TABLE versions(slot INTEGER, version INTEGER, manifest BLOB, "
                 "PRIMARY KEY (slot, version))"
             )
             kinds = {
-                ALL_WRITTEN: BareCommits(root / "all", conn, 1, payloads),
-                ONE_WRITTEN: BareCommits(root / "linked", conn, 2, payloads),
+                ALL_WRITTEN: BareCommits(run.root / "all", conn, 1, payloads),
+                ONE_WRITTEN: BareCommits(run.root / "linked", conn, 2, payloads),
             }
             cpu = dict.fromkeys(kinds, 0.0)
             threads = {kind: ThreadPoolExecutor(1) for kind in kinds}
-            pause = random.Random(seed)
-            for version in range(1, WARMUP + commits + 1):
+            pause = random.Random(run.seed)
+            for version in range(1, WARMUP + run.commits + 1):
                 for kind, slot in kinds.items():
                     spent = threads[kind].submit(_timed, slot.commit, version, kind == ONE_WRITTEN)
                     if version > WARMUP:
                         cpu[kind] += spent.result()
                     spent.result()
-                    time.sleep(pause.uniform(*gap_s))
+                    time.sleep(pause.uniform(*run.gap_s))
             shares = {kind: threads[kind].submit(_user_share).result() for kind in kinds}
             for thread in threads.values():
                 thread.shutdown()
         finally:
             conn.close()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(run.root, ignore_errors=True)
     return {
         kind: {
-            "commits": commits,
+            "commits": run.commits,
             "user_s": cpu[kind] * shares[kind],
             "system_s": cpu[kind] * (1 - shares[kind]),
         }
@@ -268,14 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("tensors", type=int)
     parser.add_argument("tensor_bytes", type=int)
     args = parser.parse_args(argv)
-    cpu = run_commits(
-        args.root,
-        args.commits,
-        args.seed,
-        (args.gap_lo, args.gap_hi),
-        args.tensors,
-        args.tensor_bytes,
-    )
+    gap_s = (args.gap_lo, args.gap_hi)
+    run = FloorRun(args.root, args.commits, args.seed, gap_s, args.tensors, args.tensor_bytes)
+    cpu = run_commits(run)
     print(json.dumps(cpu))
     return 0
 
