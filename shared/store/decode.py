@@ -44,6 +44,7 @@ from ..verify import recorded_version
 from . import layout
 from .manifest import Manifest, check_layout_entries, unpack_manifest
 from .npyfile import (
+    MapSpec,
     check_npy_header,
     dtype_from_text,
     dtype_name,
@@ -114,7 +115,7 @@ class ReadPlan(NamedTuple):
 
     names: tuple[str, ...]
     #: per tensor: file name, dtype, shape, data offset, data bytes (map_arrays' specs)
-    specs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]
+    specs: tuple[MapSpec, ...]
 
 
 # Stored documents are immutable and the same few versions are read over and

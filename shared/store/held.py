@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, cast
-
-import numpy as np
+from typing import cast
 
 from ..context import Array
 from ..integrity import Identity, identity_of
 from .decode import MappedKey
-from .npyfile import map_arrays
-
-#: one tensor of a read plan: file name, dtype, shape, data offset, data bytes
-Spec = tuple[str, np.dtype[Any], tuple[int, ...], int, int]
+from .npyfile import MapSpec, map_arrays
 
 
 class HeldMaps:
@@ -36,7 +31,7 @@ class HeldMaps:
         self.reused = 0
 
     def map_vouched(
-        self, prefix: str, specs: tuple[Spec, ...], files: tuple[int, ...]
+        self, prefix: str, specs: tuple[MapSpec, ...], files: tuple[int, ...]
     ) -> tuple[list[Array], list[Identity], list[tuple[MappedKey, int]]] | None:
         """Each of ``specs`` (files under ``prefix``) mapped, or served from a held map
         of the very file; with each file's identity and the keys of the maps made here

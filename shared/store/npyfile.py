@@ -31,7 +31,7 @@ import os
 import struct
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -178,6 +178,10 @@ def contiguous_bytes(array: Array) -> memoryview:
 
 
 NPY_MAGIC = b"\x93NUMPY"
+
+#: one tensor of a read plan, as :func:`map_arrays` maps it: file name (under the
+#: version's directory), dtype, shape, data offset, data bytes
+MapSpec: TypeAlias = tuple[str, np.dtype[Any], tuple[int, ...], int, int]
 #: the largest .npy header verify reads (numpy's own reader stops at 10,000 bytes unless told)
 MAX_HEADER_BYTES = 16 << 20
 
@@ -283,7 +287,7 @@ def _map_refused(fd: int, path: str, exc: OSError) -> PrivateMap:
 
 def map_arrays(
     prefix: str,
-    specs: Iterable[tuple[str, np.dtype[Any], tuple[int, ...], int, int]],
+    specs: Iterable[MapSpec],
     stats: list[os.stat_result] | None = None,
 ) -> list[Array]:
     """:func:`map_array` for each (file name, dtype, shape, offset, nbytes) under ``prefix``.
