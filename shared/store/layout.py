@@ -77,6 +77,11 @@ def tensor_path_str(root: str, slot: int, version: int, position: int) -> str:
     return f"{root}/{SLOTS_DIR}/{slot}/{version}/{position}.npy"
 
 
+def version_prefix_str(root: str, slot: int, version: int) -> str:
+    """What a version's tensor file names (``<position>.npy``) follow, as a string."""
+    return f"{root}/{SLOTS_DIR}/{slot}/{version}/"
+
+
 def parse_int_name(name: str) -> int | None:
     """The integer a slot or version directory is named by, or None for anything else."""
     if not name.isdigit() or (len(name) > 1 and name[0] == "0"):

@@ -201,7 +201,7 @@ class StoreReads(StoreConnections):
             return None  # unvouched, the record's texts and layout would be nobody's word
         config, metadata, tensors, files = record
         manifest, plan = announced_plan(tensors)
-        prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
+        prefix = layout.version_prefix_str(self._root_str, slot, version)
         held = self.held_maps
         mapped = held.map_vouched(prefix, plan.specs, files)
         if mapped is None:
@@ -227,7 +227,7 @@ class StoreReads(StoreConnections):
         plan: ReadPlan,
         stats: list[os.stat_result] | None = None,
     ) -> dict[str, Array]:
-        prefix = layout.tensor_path_str(self._root_str, slot, version, 0)[: -len("0.npy")]
+        prefix = layout.version_prefix_str(self._root_str, slot, version)
         return dict(zip(plan.names, map_arrays(prefix, plan.specs, stats), strict=True))
 
     def _version_exists(self, slot: int, version: int) -> bool:
