@@ -197,9 +197,9 @@ class StoreCommit(StoreStaging):
             # the next commit to read the number from the index.
             self._slot_heads.pop(slot, None)
             self._committed = None
-            retired, linked, verified, record = self._commit(conn, new, record_verified)
+            retired, linked, record = self._commit(conn, new, record_verified)
             self._slot_heads[slot] = (model_type or stored_type, version + 1)
-            if verified:  # one attribute: another thread never pairs a version with another's
+            if record is not None:  # one attribute: no thread pairs a version with another's
                 self._committed = (slot, version, record)
             crash_point("committed")
             try:  # the version is committed: what follows must not make this call fail
@@ -231,9 +231,7 @@ class StoreCommit(StoreStaging):
         if committed is None or committed[:2] != (slot, version):
             return self.announced_record(slot, version)
         parts = committed[2]
-        if parts is None or len(parts[1]) > MAX_RECORD_TENSORS:
-            return None
-        return _announced_record(*parts)
+        return None if len(parts[1]) > MAX_RECORD_TENSORS else _announced_record(*parts)
 
     def _slot_head(self, conn: sqlite3.Connection, slot: int) -> tuple[str | None, int]:
         """The slot's model type and the number its next version gets (1 for a new slot)."""
@@ -264,12 +262,11 @@ class StoreCommit(StoreStaging):
 
     def _commit(
         self, conn: sqlite3.Connection, new: NewVersion, record_verified: bool = False
-    ) -> tuple[list[tuple[int, int]], list[int], bool, RecordParts | None]:
+    ) -> tuple[list[tuple[int, int]], list[int], RecordParts | None]:
         """Steps 2 to 4 of the commit protocol; returns the versions retention retired,
-        the positions of the tensors that were hard-linked rather than written,
-        whether the version's verified record went in with it (``record_verified``)
-        and if so the record its announcement carries, as :meth:`announced_record`
-        would read it back (None without a boot id, which that record needs).
+        the positions of the tensors that were hard-linked rather than written, and,
+        when the version's verified record went in with it (``record_verified``), what
+        its announcement's record is made of (None otherwise).
 
         A failure before COMMIT leaves no directory behind and no row. A failed
         COMMIT leaves the version's files in place: its frames may sit in the WAL
@@ -310,7 +307,6 @@ class StoreCommit(StoreStaging):
                 recorded = record_verified and self._insert_verified(
                     conn, new.slot, new.version, [(row[0], row[4] + row[5]) for row in tensors]
                 )
-                verified = bool(recorded)
                 record = (texts, *recorded) if recorded else None
                 crash_point("in_transaction")
                 reached_commit = True
@@ -323,7 +319,7 @@ class StoreCommit(StoreStaging):
                 remove_tree(layout.version_dir(self.root, new.slot, new.version)
                             if placed else staging)  # fmt: skip
             raise
-        return retired, linked, verified, record
+        return retired, linked, record
 
     def _place(self, staging: str, slot: int, version: int) -> str:
         """Step 3: rename the staging directory (its files and entries already

@@ -77,8 +77,8 @@ class StoreWriting(StoreView):
         self._spare_staging: str | None = None
         #: (slot, version, what its announced record is made of) of the last commit when
         #: it recorded itself verified: the config, metadata and manifest texts its
-        #: transaction wrote, its files' identities and the boot id (None: no boot id)
-        self._committed: tuple[int, int, RecordParts | None] | None = None
+        #: transaction wrote, its files' identities and the boot id (None: none was read)
+        self._committed: tuple[int, int, RecordParts] | None = None
         self._spare_lock = threading.Lock()
         #: checks run before every commit; each raises to reject (issue: hooks)
         self.pre_commit_hooks: list[PreCommitHook] = []
